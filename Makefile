@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/tiny
+# The CPU torch wheel: pip finds it through the machine's find-links (/opt/wheels); never an unpinned torch.
+PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml constraints.txt
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP_INSTALL) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m iomm_jax.main --config=configs/tiny.py --workdir=$(WORKDIR)
+	$(BIN)/python -m iomm_jax.sample --workdir=$(WORKDIR) --prompt="a red circle" \
+	  --prompt="a blue square above a green triangle" --num=8 --out=$(WORKDIR)/samples/final
+	$(BIN)/python -m iomm_jax.eval_recon --workdir=$(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python bench/step.py --config=configs/tiny.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,219 @@
+"""The configuration schema: every field with its default and meaning, and the start-up validation.
+
+configs/*.py start from `base_config()` and override; `validate(config)` runs at start and fails naming the field.
+Model architecture sub-dicts (`model.dit.arch`, `model.mllm.arch`, `model.rqa`) are passed to the module config
+dataclasses, whose own field names are the reference implementations' (diffusers / transformers) names.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+C = ml_collections.ConfigDict
+
+# Logical axis → mesh axis (or None = replicated). Parameters carry the logical names (models/layers.py);
+# batches are sharded over ('data', 'fsdp'). FSDP shards the model width; tensor parallelism shards heads/MLP.
+DEFAULT_RULES = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("layers", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields, with defaults for IOMM-B pre-training (DESIGN.md §1)."""
+  c = C()
+  c.seed = 0                       # master seed: params init, per-step rng (fold_in(step)), data order
+
+  c.model = C()
+  c.model.dtype = "bfloat16"       # compute dtype of DiT/RQA matmuls; params and optimizer state stay fp32
+  c.model.frozen_dtype = "bfloat16"  # storage dtype of the frozen MLLM (and VAE) weights
+  c.model.attention = "xla"        # attention implementation: 'xla' or 'cudnn' (GPU, bf16)
+  c.model.condition = "query"      # DiT condition: 'query' = LLM last hidden at the RQA query positions, 'all' = every position
+  c.model.dit = C()
+  c.model.dit.kind = "mmdit"       # 'mmdit' (FLUX MM-DiT, IOMM-B/L) or 's3dit' (Z-Image single-stream, IOMM-XL)
+  c.model.dit.arch = C()           # fields of MMDiTConfig / S3DiTConfig (diffusers config names); empty = full-size defaults
+  c.model.rqa = C()
+  c.model.rqa.num_queries = 256    # learned queries (paper: 256)
+  c.model.rqa.num_heads = 12       # cross-attention heads (width / 128)
+  c.model.rqa.mlp_ratio = 4.0      # MLP hidden = ratio × width (4× gives the paper's ≈29M)
+  c.model.rqa.num_layers = 1       # query blocks (paper: one)
+  c.model.mllm = C()
+  c.model.mllm.path = ""           # local InternVL3-2B-hf directory (config.json + safetensors + tokenizer); '' = random init from arch
+  c.model.mllm.arch = C()          # InternVLConfig overrides when path is '' (tiny config); ignored when path is set
+  c.model.mllm.aux_prompt = "Generate an image that is identical to the reference image:"
+  c.model.mllm.remat = "full"      # LLM remat policy: 'none', 'full', 'dots_saveable' (the LLM runs fwd+bwd every step)
+  c.model.autoencoder = C()
+  c.model.autoencoder.kind = "flux_vae"  # 'flux_vae' or 'identity' (pixel space, tiny)
+  c.model.autoencoder.path = ""    # diffusers AutoencoderKL folder (FLUX VAE); '' = random init (tests, dry runs)
+  c.model.autoencoder.scale = 1.0  # identity only: latent = image × scale
+
+  c.init = C()                     # optional starting weights, Orbax dirs written by `python -m iomm_jax.convert to-jax`
+  c.init.transformer = ""
+  c.init.rqa = ""
+
+  c.train = C()
+  c.train.stage = "pretrain"       # 'pretrain' or 'finetune' (documentation; the recipe is data.recipe)
+  c.train.num_steps = 100_000      # total optimizer updates
+  c.train.global_batch = 1024      # images per update, over all processes
+  c.train.mask_ratio = 0.85        # r: probability that each ViT image token is zeroed (one Bernoulli per token)
+  c.train.p_uncond = 0.1           # condition dropout for CFG: the sample's condition becomes the empty-prompt template
+  c.train.t_sampling = "uniform"   # 'uniform' (paper), 'logit_normal'
+  c.train.logit_mean = 0.0         # logit-normal location
+  c.train.logit_std = 1.0          # logit-normal scale
+  c.train.time_shift = 1.0         # resolution shift s: t ← s·t / (1 + (s−1)·t); 1 = none
+  c.train.optimizer = "adamw"      # 'adamw' or 'muon' (IOMM-XL; Muon on 2-D weights, AdamW on the rest)
+  c.train.lr = 1e-4
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0          # global-norm clip
+  c.train.warmup_steps = 1000      # linear warm-up from 0, then constant
+  c.train.ema_decay = 0.999        # 0 disables EMA
+  c.train.log_every = 50           # steps between metrics.jsonl / TensorBoard entries
+  c.train.ckpt_every = 2000        # steps between checkpoints (the last step is always saved)
+  c.train.keep_checkpoints = 3     # checkpoints kept on disk
+  c.train.sample_every = 5000      # steps between training-time sample grids (0 = never)
+  c.train.peak_flops = 989e12      # per-device peak for MFU (H100 bf16 dense)
+
+  c.data = C()
+  c.data.source = "arrayrecord"    # 'shapes', 'folder', 'arrayrecord', 'tfds', 'jsonl', 'csv'
+  c.data.path = ""                 # dataset location (shapes: '' renders on the fly)
+  c.data.num_images = 10_000       # shapes only: dataset size
+  c.data.resolution = 512          # training image size (short-side resize + centre crop)
+  c.data.vit_size = 448            # ViT input size (one tile, ImageNet mean/std)
+  c.data.recipe = "image"          # 'image' (image-only), 'pair' (text-image pairs), 'mix' (λ image-only)
+  c.data.mix_lambda = 0.5          # mix: probability that a sample is image-only
+  c.data.max_text_tokens = 128     # caption template length (tokens, after the chat template)
+  c.data.skip_uncaptioned = False  # pair/mix: count and skip caption-less records instead of failing at start
+  c.data.num_workers = 0           # Grain worker processes (0 = in the training process)
+  c.data.prefetch_buffer = 2       # batches prefetched per worker
+  c.data.seed = 0                  # data order (global shuffle) and mix draws
+  c.data.cached = False            # read cached ViT tokens + latents (python -m iomm_jax.cache) instead of images
+  c.data.cache_path = ""           # where the feature cache lives
+
+  c.sample = C()
+  c.sample.steps = 50              # Euler steps from t=1 to t=0
+  c.sample.cfg_scale = 4.5         # w in v = v_u + w (v_c − v_u)
+  c.sample.num = 8                 # images per training-time grid
+  c.sample.prompts = ("a red circle above a blue square",)  # training-time text prompts (grids)
+  c.sample.use_ema = True          # sample with EMA weights when present
+
+  c.mesh = C()
+  c.mesh.data = -1                 # mesh axis sizes; one may be −1 (filled from the device count)
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = DEFAULT_RULES     # logical axis → mesh axis
+
+  c.distributed = C()
+  c.distributed.coordinator = ""   # host:port of process 0 ('' = single process, or automatic under SLURM)
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.local_device_ids = ""  # e.g. '0,1,2,3' ('' = all visible)
+  c.distributed.init_timeout_s = 300   # give up joining the job after this long
+  c.distributed.heartbeat_timeout_s = 100  # a dead peer is detected within about this long
+  return c
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.frozen_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn"),
+    "model.condition": ("query", "all"),
+    "model.dit.kind": ("mmdit", "s3dit"),
+    "model.mllm.remat": ("none", "full", "dots_saveable"),
+    "model.autoencoder.kind": ("identity", "flux_vae"),
+    "train.stage": ("pretrain", "finetune"),
+    "train.t_sampling": ("uniform", "logit_normal"),
+    "train.optimizer": ("adamw", "muon"),
+    "data.source": ("shapes", "folder", "arrayrecord", "tfds", "jsonl", "csv"),
+    "data.recipe": ("image", "pair", "mix"),
+}
+
+
+class ConfigError(ValueError):
+  """A config field is missing, unknown or inconsistent; the message names it."""
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fail at start, naming the field, on any inconsistent or out-of-range setting."""
+  for field, choices in _CHOICES.items():
+    value = _get(config, field)
+    if value not in choices:
+      raise ConfigError(f"config.{field}={value!r} is not one of {choices}")
+  t = config.train
+  if not 0.0 <= t.mask_ratio < 1.0:
+    raise ConfigError(f"config.train.mask_ratio={t.mask_ratio} must be in [0, 1)")
+  if not 0.0 <= t.p_uncond < 1.0:
+    raise ConfigError(f"config.train.p_uncond={t.p_uncond} must be in [0, 1)")
+  if not 0.0 <= config.data.mix_lambda <= 1.0:
+    raise ConfigError(f"config.data.mix_lambda={config.data.mix_lambda} must be in [0, 1]")
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
+  for name in ("num_steps", "global_batch", "log_every", "ckpt_every", "keep_checkpoints"):
+    if t[name] <= 0:
+      raise ConfigError(f"config.train.{name}={t[name]} must be positive")
+  if t.warmup_steps < 0 or t.sample_every < 0:
+    raise ConfigError("config.train.warmup_steps and config.train.sample_every must be >= 0")
+  if config.data.resolution % 16 and config.model.autoencoder.kind == "flux_vae":
+    raise ConfigError(f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)")
+  if config.data.resolution % 2:
+    raise ConfigError(f"config.data.resolution={config.data.resolution} must be even (2×2 patches)")
+  if config.data.cached and not config.data.cache_path:
+    raise ConfigError("config.data.cached=True needs config.data.cache_path (write it with python -m iomm_jax.cache)")
+  if config.data.source != "shapes" and not config.data.cached and not config.data.path:
+    raise ConfigError(f"config.data.path is empty but config.data.source={config.data.source!r} needs a dataset path")
+  if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
+    raise ConfigError(
+        f"config.model.mllm.path={config.model.mllm.path!r} is not a directory. Point it at a local copy of "
+        "InternVL3-2B-hf: a folder with config.json, model*.safetensors (+ model.safetensors.index.json when sharded) "
+        "and the tokenizer files (tokenizer.json, tokenizer_config.json).")
+  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  if sum(1 for s in sizes if s == -1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"config.mesh sizes {sizes}: each must be positive, and at most one may be -1")
+  logical = {name for name, _ in config.mesh.rules}
+  for name in ("embed", "mlp", "heads", "kv", "vocab"):
+    if name not in logical:
+      raise ConfigError(f"config.mesh.rules has no entry for logical axis {name!r}")
+  for name, axis in config.mesh.rules:
+    if axis not in (None, "data", "fsdp", "tensor"):
+      raise ConfigError(f"config.mesh.rules maps {name!r} to {axis!r}; mesh axes are 'data', 'fsdp', 'tensor' or None")
+  if not config.sample.prompts:
+    raise ConfigError("config.sample.prompts must list at least one prompt")
+
+
+VARIANTS = {
+    # arg: (stage, recipe) — the paper's six recipes are {pretrain, pair_pretrain} followed by one of the finetunes.
+    "": ("pretrain", "image"),
+    "pretrain": ("pretrain", "image"),
+    "pair_pretrain": ("pretrain", "pair"),
+    "finetune": ("finetune", "mix"),
+    "finetune_mix": ("finetune", "mix"),
+    "finetune_pair": ("finetune", "pair"),
+    "finetune_image": ("finetune", "image"),
+}
+
+
+def parse_variant(arg: str | None) -> tuple[str, str, set[str]]:
+  """'finetune,1024' → ('finetune', 'mix', {'1024'}): the recipe word plus free-form flags."""
+  words = [w for w in (arg or "").split(",") if w]
+  recipe_words = [w for w in words if w in VARIANTS]
+  if len(recipe_words) > 1:
+    raise ConfigError(f"config variant {arg!r} names more than one recipe: {recipe_words}")
+  stage, recipe = VARIANTS[recipe_words[0] if recipe_words else ""]
+  return stage, recipe, set(words) - set(recipe_words)

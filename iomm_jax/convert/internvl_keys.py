@@ -1,0 +1,138 @@
+"""Key table and config mapping for the MLLM (InternVL3 ↔ transformers.InternVLModel).
+
+Our `InternVL` follows the transformers module tree exactly, so the default rule of `keymap` is the whole
+mapping (Linear/Conv transposes, `embedding`↔`weight`). What remains here:
+
+- `normalize_torch_key`: checkpoint files use the llava layout (`vision_tower.…`, `multi_modal_projector.…`,
+  `language_model.model.…`, `language_model.lm_head.weight`: the published `-hf` checkpoints, and what
+  transformers 5 `save_pretrained` writes), while the in-memory InternVLForConditionalGeneration state dict is
+  `model.vision_tower.…`, `model.language_model.…`, `lm_head.weight`. Both map onto InternVLModel keys.
+- `config_from_torch` / `config_to_torch`: transformers InternVLConfig dict ↔ our `InternVLConfig`. Missing
+  fields take *transformers'* defaults (save_pretrained may omit defaults), not ours.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from iomm_jax.convert.keymap import KeyTable
+
+LM_HEAD = "lm_head.weight"
+
+
+def key_table(with_lm_head: bool = False) -> KeyTable:
+  """The MLLM KeyTable; without an lm_head in the model, a checkpoint's lm_head.weight is ignored."""
+  return KeyTable(component="mllm", rules=[], ignore_torch=[] if with_lm_head else [re.escape(LM_HEAD)])
+
+
+KEY_TABLE = key_table(with_lm_head=False)
+
+_LAYOUT_RENAMES = (
+    (re.compile(r"^model\."), ""),                                   # InternVLForConditionalGeneration
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),         # llava-style -hf checkpoints
+    (re.compile(r"^language_model\.model\."), "language_model."),
+)
+
+
+def normalize_torch_key(key: str) -> str:
+  """Any InternVL checkpoint key → the transformers InternVLModel key (plus `lm_head.weight`)."""
+  for pattern, repl in _LAYOUT_RENAMES:
+    key = pattern.sub(repl, key, count=1)
+  return key
+
+
+def to_checkpoint_key(key: str) -> str:
+  """An InternVLModel key (or lm_head.weight) → the key of the file layout save_pretrained writes."""
+  if key == LM_HEAD:
+    return "language_model.lm_head.weight"
+  return re.sub(r"^language_model\.", "language_model.model.", key)
+
+
+# transformers 5.24 defaults for the fields we read (used when config.json omits them).
+_HF_VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, attention_bias=False,
+                  use_qk_norm=False, intermediate_size=4096, hidden_act="gelu", norm_type="layer_norm",
+                  layer_norm_eps=1e-6, image_size=(448, 448), patch_size=(14, 14), num_channels=3,
+                  use_mask_token=False, use_absolute_position_embeddings=True, layer_scale_init_value=0.1,
+                  use_mean_pooling=True)
+_HF_TEXT = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=None, hidden_act="silu", max_position_embeddings=32768,
+                rms_norm_eps=1e-6, head_dim=None, use_sliding_window=False, rope_theta=10000.0)
+_HF_TOP = dict(image_token_id=151667, downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+               vision_feature_select_strategy="default")
+
+
+def _square(name: str, value) -> int:
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise ValueError(f"config.json vision_config.{name}={value}: only square sizes are supported")
+    return int(value[0])
+  return int(value)
+
+
+def _rope_theta(text: Mapping[str, Any]) -> float:
+  rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+  rtype = rope.get("rope_type", rope.get("type", "default"))
+  if rtype != "default":
+    raise ValueError(f"config.json text_config rope type {rtype!r} is not supported (only 'default' RoPE)")
+  return float(rope.get("rope_theta", text.get("rope_theta", _HF_TEXT["rope_theta"])))
+
+
+def config_from_torch(config: Mapping[str, Any], **overrides):
+  """A transformers InternVLConfig dict → `InternVLConfig` (`overrides` set top-level fields, e.g. remat)."""
+  from iomm_jax.models.internvit import InternViTConfig
+  from iomm_jax.models.internvl import InternVLConfig
+  from iomm_jax.models.qwen2 import Qwen2Config
+
+  if config.get("model_type", "internvl") != "internvl":
+    raise ValueError(f"config.json model_type={config.get('model_type')!r}; expected 'internvl' (a transformers "
+                     "'-hf' checkpoint such as OpenGVLab/InternVL3-2B-hf, not the trust_remote_code one)")
+  top = {**_HF_TOP, **{k: config[k] for k in _HF_TOP if k in config}}
+  if top["vision_feature_layer"] != -1 or top["vision_feature_select_strategy"] != "default":
+    raise ValueError("config.json: only vision_feature_layer=-1 with vision_feature_select_strategy='default' "
+                     f"is supported (got {top['vision_feature_layer']}, {top['vision_feature_select_strategy']!r})")
+  v = {**_HF_VISION, **{k: val for k, val in (config.get("vision_config") or {}).items() if k in _HF_VISION}}
+  t_raw = config.get("text_config") or {}
+  if t_raw.get("model_type", "qwen2") != "qwen2":
+    raise ValueError(f"config.json text_config.model_type={t_raw.get('model_type')!r}; only 'qwen2' is supported")
+  if t_raw.get("use_sliding_window", False):
+    raise ValueError("config.json text_config.use_sliding_window=true is not supported")
+  t = {**_HF_TEXT, **{k: val for k, val in t_raw.items() if k in _HF_TEXT}}
+  vision = InternViTConfig(
+      image_size=_square("image_size", v["image_size"]), patch_size=_square("patch_size", v["patch_size"]),
+      num_channels=v["num_channels"], hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+      num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+      norm_type=v["norm_type"], use_qk_norm=bool(v["use_qk_norm"]),
+      layer_scale_init_value=float(v["layer_scale_init_value"]), layer_norm_eps=float(v["layer_norm_eps"]),
+      attention_bias=bool(v["attention_bias"]), hidden_act=v["hidden_act"],
+      use_mean_pooling=bool(v["use_mean_pooling"]), use_mask_token=bool(v["use_mask_token"]),
+      use_absolute_position_embeddings=bool(v["use_absolute_position_embeddings"]))
+  text = Qwen2Config(
+      vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+      num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+      num_key_value_heads=t["num_key_value_heads"] or t["num_attention_heads"], head_dim=t["head_dim"],
+      rope_theta=_rope_theta(t_raw), rms_norm_eps=float(t["rms_norm_eps"]),
+      max_position_embeddings=t["max_position_embeddings"], hidden_act=t["hidden_act"])
+  return InternVLConfig(vision=vision, text=text, downsample_ratio=float(top["downsample_ratio"]),
+                        projector_hidden_act=top["projector_hidden_act"], image_token_id=int(top["image_token_id"]),
+                        **overrides)
+
+
+def config_to_torch(cfg) -> dict:
+  """`InternVLConfig` → a transformers InternVLConfig dict (loadable with `InternVLConfig(**d)`)."""
+  v, t = cfg.vision, cfg.text
+  vision = {k: getattr(v, k) for k in _HF_VISION if k not in ("image_size", "patch_size")}
+  vision.update(image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2, model_type="internvl_vision")
+  text = dict(model_type="qwen2", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+              num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+              hidden_act=t.hidden_act, max_position_embeddings=t.max_position_embeddings,
+              rms_norm_eps=t.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+              tie_word_embeddings=False)
+  if t.head_dim is not None:
+    text["head_dim"] = t.head_dim
+  return dict(model_type="internvl", architectures=["InternVLForConditionalGeneration"], vision_config=vision,
+              text_config=text, image_token_id=cfg.image_token_id, image_seq_length=cfg.num_image_tokens,
+              downsample_ratio=cfg.downsample_ratio, projector_hidden_act=cfg.projector_hidden_act,
+              vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+

@@ -1,0 +1,26 @@
+"""FLUX VAE ↔ diffusers AutoencoderKL key table and config mapping.
+
+Our module tree is diffusers' (models/flux_vae.py), so the default rule covers every parameter: convolution
+kernels HWIO↔OIHW, the mid-block attention Linears transposed, GroupNorm weights/biases as they are.
+Checkpoints in BFL's original `ae.safetensors` naming (`encoder.down.0.block.0...`) must first be loaded
+through diffusers (`AutoencoderKL.from_single_file`) and saved in diffusers layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from iomm_jax.convert.keymap import KeyTable
+from iomm_jax.models.flux_vae import FluxVAEConfig
+
+KEY_TABLE = KeyTable(component="vae", rules=[])
+
+
+def config_from_diffusers(config: Mapping[str, Any], **overrides) -> FluxVAEConfig:
+  """diffusers AutoencoderKL config → FluxVAEConfig (`overrides` set our extra fields, e.g. attn_implementation)."""
+  return FluxVAEConfig.from_diffusers(config, **overrides)
+
+
+def config_to_diffusers(cfg: FluxVAEConfig) -> dict[str, Any]:
+  """FluxVAEConfig → keyword arguments of diffusers.AutoencoderKL."""
+  return cfg.to_diffusers()

@@ -1,0 +1,359 @@
+"""Ingest an image corpus into ArrayRecord shards: ``python -m iomm_jax.data.prepare --src PATH --dst DIR --shards N``.
+
+Sources (``--src``): a folder of images (recursive; captions from sidecar ``.txt`` or ``captions.jsonl``), a
+``.jsonl``/``.csv``/``.tsv``/``.parquet`` table of (image path, caption) (``--image_key``/``--caption_key``;
+relative paths are relative to the table), webdataset-style uncompressed ``.tar`` shards (a file, a glob or a folder
+of them; ``KEY.jpg|png|webp`` + ``KEY.txt``, the img2dataset layout) or a TFDS builder directory (``--split``).
+
+Output: ``DIR/data-00000-of-000NN.array_record`` holding ``records.encode_image_record`` records (encoded bytes
+unchanged, caption, width, height, id = sha1 of the source path/key). Items are sorted by key and cut into N
+contiguous blocks, so the assignment is deterministic. Each shard is written under a hidden temporary name and
+renamed when complete (the pipeline only reads ``*.array_record``), so an interrupted run leaves nothing half
+written that would be read, and a rerun skips finished shards. Images are validated with PIL (``verify`` plus size,
+no full decode unless ``--full_decode``); unreadable ones and those with a short side under ``--min_size`` are
+skipped and counted. The last stdout line is a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import functools
+import glob
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from iomm_jax.data import records, sources
+
+SHARD_PATTERN = "data-{:05d}-of-{:05d}.array_record"
+STATE_DIR = ".prepare"  # plan + per-shard stats; hidden so shard globs never see it
+WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1 for random access; images are already compressed
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input image: a stable ``key`` (its id is sha1(key)) and a picklable ``loader() -> (bytes, caption)``."""
+    key: str
+    loader: Callable[[], tuple[bytes, str | None]]
+
+
+# ---------------------------------------------------------------------------------------------- loaders (picklable)
+def _load_file(path: str, caption: str | None = None, sidecar: str | None = None) -> tuple[bytes, str | None]:
+    with open(path, "rb") as f:
+        data = f.read()
+    if sidecar is not None:
+        caption = sources._decode_text(Path(sidecar).read_text(encoding="utf-8"))  # pylint: disable=protected-access
+    return data, caption
+
+
+def _load_range(path: str, offset: int, size: int, caption: str | None) -> tuple[bytes, str | None]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{path}: member at offset {offset} is truncated ({len(data)} of {size} bytes)")
+    return data, caption
+
+
+@functools.lru_cache(maxsize=4)
+def _tfds(builder_dir: str, split: str, image_key: str, caption_key: str | None) -> sources.TfdsSource:
+    return sources.TfdsSource(builder_dir, split, image_key, caption_key)
+
+
+def _load_tfds(builder_dir: str, split: str, index: int, image_key: str,
+               caption_key: str | None) -> tuple[bytes, str | None]:
+    rec = _tfds(builder_dir, split, image_key, caption_key)[index]
+    if "image_bytes" in rec:
+        return rec["image_bytes"], rec["caption"]
+    buf = io.BytesIO()
+    Image.fromarray(rec["image"]).save(buf, format="PNG")  # decoded in TFDS: store losslessly
+    return buf.getvalue(), rec["caption"]
+
+
+# -------------------------------------------------------------------------------------------------- enumeration
+def _folder_items(root: Path) -> list[Item]:
+    jsonl = root / sources.CAPTIONS_FILE
+    captions = sources.read_captions_jsonl(jsonl) if jsonl.exists() else {}
+    items = []
+    for path, sidecar in sources.list_images(root):
+        rel = path.relative_to(root).as_posix()
+        items.append(Item(rel, functools.partial(_load_file, str(path), captions.get(rel),
+                                                 None if sidecar is None else str(sidecar))))
+    return items
+
+
+def _table_items(path: Path, image_key: str, caption_key: str | None) -> list[Item]:
+    return [Item(img, functools.partial(_load_file, str(path.parent / img), cap))
+            for img, cap in sources.read_table(path, image_key, caption_key)]
+
+
+_TAR_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
+
+
+def _tar_items(tars: Sequence[str]) -> list[Item]:
+    items = []
+    for tar in tars:
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(tar, "r:") as tf:  # uncompressed only: members are read by offset
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    d, base = os.path.split(m.name)
+                    if "." not in base or base.startswith("."):
+                        continue
+                    stem, ext = base.split(".", 1)  # webdataset: the key ends at the first dot of the basename
+                    groups.setdefault(f"{d}/{stem}" if d else stem, {})[ext.lower()] = m
+                captions = {}
+                for key, members in groups.items():
+                    if "txt" in members:
+                        captions[key] = sources._decode_text(  # pylint: disable=protected-access
+                            tf.extractfile(members["txt"]).read())
+        except tarfile.ReadError as e:
+            raise ValueError(f"{tar}: not an uncompressed tar ({e}); decompress .tar.gz shards first") from e
+        name = os.path.basename(tar)
+        for key in sorted(groups):
+            ext = next((e for e in _TAR_IMAGE_EXT if e in groups[key]), None)
+            if ext is None:
+                continue
+            m = groups[key][ext]
+            items.append(Item(f"{name}/{key}", functools.partial(_load_range, tar, m.offset_data, m.size,
+                                                                 captions.get(key))))
+    return items
+
+
+def _tfds_items(builder_dir: str, split: str, image_key: str, caption_key: str | None) -> list[Item]:
+    n = len(_tfds(builder_dir, split, image_key, caption_key))
+    return [Item(f"tfds:{Path(builder_dir).name}/{split}/{i:09d}",
+                 functools.partial(_load_tfds, builder_dir, split, i, image_key, caption_key)) for i in range(n)]
+
+
+def enumerate_items(src: str, image_key: str = "image", caption_key: str | None = "caption",
+                    split: str = "train") -> list[Item]:
+    """Items of ``src`` (kind detected from the path; see the module docstring), sorted by key."""
+    p = Path(os.path.expanduser(src))
+    if any(c in src for c in "*?["):
+        tars = sorted(glob.glob(os.path.expanduser(src)))
+        if not tars or not all(t.endswith(".tar") for t in tars):
+            raise ValueError(f"--src {src}: the glob must match .tar shards (matched {len(tars)} files)")
+        items = _tar_items(tars)
+    elif not p.exists():
+        raise ValueError(f"--src {src} does not exist; give a folder of images, a .jsonl/.csv/.parquet table, "
+                         ".tar shards or a TFDS builder directory")
+    elif p.is_dir() and (p / "dataset_info.json").exists():
+        items = _tfds_items(str(p), split, image_key, caption_key)
+    elif p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        has_images = any(True for _ in sources.list_images(p)[:1])
+        items = _tar_items(tars) if tars and not has_images else _folder_items(p)
+    elif p.suffix == ".tar":
+        items = _tar_items([str(p)])
+    else:
+        items = _table_items(p, image_key, caption_key)
+    if not items:
+        raise ValueError(f"--src {src} holds no images ({', '.join(sources.IMAGE_EXTENSIONS)}); check the path")
+    items.sort(key=lambda it: it.key)
+    return items
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def probe_image(data: bytes, full_decode: bool = False) -> tuple[int, int]:
+    """(width, height) of encoded image bytes; raises on empty/corrupt data (``verify`` unless ``full_decode``)."""
+    if not data:
+        raise ValueError("zero-byte image")
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        if full_decode:
+            im.load()
+        else:
+            im.verify()  # checks structure/CRCs without decoding pixels (catches truncated PNGs, not all JPEGs)
+    return w, h
+
+
+def record_id(key: str) -> str:
+    """The stable id of an item: sha1 of its source path/key."""
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()
+
+
+_counter = None  # progress counter: a shared multiprocessing.Value in pool workers, _LocalCounter in-process
+
+
+class _LocalCounter:
+    def __init__(self):
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def get_lock(self):
+        return self._lock
+
+
+def _init_worker(counter) -> None:
+    global _counter
+    _counter = counter
+
+
+def _tick() -> None:
+    if _counter is not None:
+        with _counter.get_lock():
+            _counter.value += 1
+
+
+def write_shard(dst: str, name: str, items: Sequence[Item], min_size: int, full_decode: bool) -> dict:
+    """Writes one shard (temp name → rename) and its stats file; returns the stats."""
+    from array_record.python import array_record_module as ar
+
+    final, state = Path(dst) / name, Path(dst) / STATE_DIR
+    tmp = Path(dst) / f".{name}.tmp-{os.getpid()}"
+    stats = {"written": 0, "skipped_unreadable": 0, "skipped_too_small": 0}
+    writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    try:
+        for item in items:
+            try:
+                data, caption = item.loader()
+                w, h = probe_image(data, full_decode)
+            except Exception:  # unreadable: counted, never fatal
+                stats["skipped_unreadable"] += 1
+                _tick()
+                continue
+            if min(w, h) < min_size:
+                stats["skipped_too_small"] += 1
+            else:
+                writer.write(records.encode_image_record(image_bytes=data, caption=caption, width=w, height=h,
+                                                         id=record_id(item.key)))
+                stats["written"] += 1
+            _tick()
+        writer.close()
+        stats_tmp = state / f".{name}.json.tmp-{os.getpid()}"
+        stats_tmp.write_text(json.dumps(stats))
+        os.replace(stats_tmp, state / f"{name}.json")  # stats first: a finished shard always has its stats
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return stats
+
+
+def _plan(items: Sequence[Item], shards: int, min_size: int, fingerprint: dict | None) -> dict:
+    h = hashlib.sha1()
+    for it in items:
+        h.update(it.key.encode("utf-8") + b"\0")
+    return {"num_items": len(items), "shards": shards, "min_size": min_size, "keys_sha1": h.hexdigest(),
+            "fingerprint": fingerprint or {}}
+
+
+def write_shards(items: Sequence[Item], dst: str | os.PathLike, shards: int, *, workers: int = 0,
+                 min_size: int = 64, full_decode: bool = False, fingerprint: dict | None = None,
+                 progress: bool = True) -> dict:
+    """Writes ``items`` into ``shards`` ArrayRecord shards under ``dst`` (resumable); returns the summary dict.
+
+    ``workers`` <= 1 writes in this process; more uses that many spawned processes, one shard per task.
+    """
+    if shards <= 0:
+        raise ValueError(f"--shards={shards} must be positive")
+    if not items:
+        raise ValueError("nothing to write: the source holds no items")
+    dst = Path(dst)
+    (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    plan = _plan(items, shards, min_size, fingerprint)
+    plan_file = dst / STATE_DIR / "plan.json"
+    names = [SHARD_PATTERN.format(s, shards) for s in range(shards)]
+    foreign = sorted(p.name for p in dst.glob("*.array_record") if p.name not in names)
+    old = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    if foreign or (old not in (None, plan) and any((dst / n).exists() for n in names)):
+        raise ValueError(f"{dst} already holds shards of a different input or shard count "
+                         f"({foreign[:3] or old}); use a new --dst or delete the old shards")
+    plan_file.write_text(json.dumps(plan, sort_keys=True))
+    for stale in dst.glob(".data-*.tmp-*"):  # leftovers of an interrupted run: never read, safe to drop
+        stale.unlink(missing_ok=True)
+
+    bounds = [len(items) * s // shards for s in range(shards + 1)]
+    todo, summary = [], {"written": 0, "skipped_unreadable": 0, "skipped_too_small": 0}
+    done = 0
+    for s, name in enumerate(names):
+        stats_file = dst / STATE_DIR / f"{name}.json"
+        if (dst / name).exists() and stats_file.exists():
+            for k, v in json.loads(stats_file.read_text()).items():
+                summary[k] += v
+            done += 1
+        else:
+            todo.append((name, items[bounds[s]:bounds[s + 1]]))
+    total = sum(len(t[1]) for t in todo)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="img", desc=f"prepare -> {dst}", disable=not progress, file=sys.stderr)
+    in_process = workers <= 1 or len(todo) <= 1
+    ctx = mp.get_context("spawn")  # never fork a process that may hold JAX or threads
+    counter = _LocalCounter() if in_process else ctx.Value("q", 0)
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(0.2):
+            bar.update(counter.value - bar.n)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        if in_process:
+            _init_worker(counter)
+            results = [write_shard(str(dst), name, chunk, min_size, full_decode) for name, chunk in todo]
+        else:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
+                                                        initializer=_init_worker, initargs=(counter,)) as pool:
+                futs = [pool.submit(write_shard, str(dst), name, chunk, min_size, full_decode)
+                        for name, chunk in todo]
+                results = [f.result() for f in futs]
+    finally:
+        stop.set()
+        poller.join()
+        _init_worker(None)
+    bar.update(total - bar.n)
+    bar.close()
+    for r in results:
+        for k, v in r.items():
+            summary[k] += v
+    summary.update(shards=shards, shards_written=len(todo), shards_already_done=done, dst=str(dst))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m iomm_jax.data.prepare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--src", required=True, help="folder, .jsonl/.csv/.tsv/.parquet, .tar / glob / folder of .tar, "
+                                                 "or TFDS builder dir")
+    ap.add_argument("--dst", required=True, help="output folder for data-*.array_record shards")
+    ap.add_argument("--shards", type=int, required=True, help="number of shards")
+    ap.add_argument("--min_size", type=int, default=64, help="skip images whose short side is smaller")
+    ap.add_argument("--workers", type=int, default=0, help="writer processes (0/1 = this process)")
+    ap.add_argument("--image_key", default="image", help="image column/field of a table or TFDS feature")
+    ap.add_argument("--caption_key", default="caption", help="caption column/field ('' for none)")
+    ap.add_argument("--split", default="train", help="TFDS split")
+    ap.add_argument("--full_decode", action="store_true", help="fully decode each image to validate it")
+    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    try:
+        items = enumerate_items(a.src, a.image_key, a.caption_key or None, a.split)
+        summary = write_shards(items, a.dst, a.shards, workers=a.workers, min_size=a.min_size,
+                               full_decode=a.full_decode, progress=not a.no_progress,
+                               fingerprint={"src": os.path.abspath(os.path.expanduser(a.src))})
+    except ValueError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    summary["seconds"] = round(time.time() - t0, 2)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

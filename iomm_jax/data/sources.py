@@ -1,0 +1,334 @@
+"""Random-access data sources returning raw records.
+
+A record is ``{'image_bytes': bytes}`` (encoded file) or ``{'image': uint8 HWC array}``, plus ``'caption': str|None``
+and ``'id': str``. Cached-feature shards return their feature dicts instead (see ``records.py``). Sources only read:
+decoding, resizing and the handling of unreadable images live in ``pipeline.py``, which treats any exception raised
+by ``source[i]`` as an unreadable record.
+
+Sources are picklable (Grain ships them to worker processes): file handles and readers are opened lazily and
+dropped on pickling.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTIONS_FILE = "captions.jsonl"
+_FILE_KEYS = ("file", "image", "path", "file_name")
+_CAPTION_KEYS = ("caption", "text")
+
+
+def _decode_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    value = str(value)
+    return value if value.strip() else None  # an empty caption is no caption
+
+
+def list_images(root: str | os.PathLike) -> list[tuple[Path, Path | None]]:
+    """Image files under ``root`` (recursive, sorted, hidden entries skipped) with their sidecar ``.txt`` if any."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names = set(filenames)
+        for name in sorted(filenames):
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            txt = Path(name).stem + ".txt"
+            found.append((Path(dirpath) / name, Path(dirpath) / txt if txt in names else None))
+    found.sort(key=lambda p: p[0].relative_to(root).as_posix())
+    return found
+
+
+def read_captions_jsonl(path: Path) -> dict[str, str | None]:
+    """``captions.jsonl`` lines ``{"file": relative path, "caption": text}`` → {relative path: caption}."""
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            key = next((row[k] for k in _FILE_KEYS if k in row), None)
+            if key is None:
+                raise ValueError(f"{path}:{n}: no image field (one of {_FILE_KEYS}); each line must be "
+                                 '{"file": "relative/path.png", "caption": "..."}')
+            out[Path(key).as_posix()] = _decode_text(next((row[k] for k in _CAPTION_KEYS if k in row), None))
+    return out
+
+
+def read_table(path: str | os.PathLike, image_key: str = "image",
+               caption_key: str | None = "caption") -> list[tuple[str, str | None]]:
+    """Rows (image path as written, caption) of a .jsonl/.json, .csv/.tsv or .parquet table."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif suffix in (".csv", ".tsv"):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq  # optional dependency, only for parquet input
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"{path}: unknown table type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+    out = []
+    for n, row in enumerate(rows, 1):
+        if image_key not in row or not row[image_key]:
+            raise ValueError(f"{path}: row {n} has no {image_key!r} column/field (columns: {sorted(row)}); "
+                             "pass the right name with --image_key / data.image_key")
+        out.append((str(row[image_key]), _decode_text(row.get(caption_key)) if caption_key else None))
+    return out
+
+
+class ShapesSource:
+    """Procedural shapes rendered on the fly (no files): ``num`` images at ``resolution`` from ``seed``."""
+
+    def __init__(self, num: int, resolution: int, seed: int = 0):
+        if num <= 0:
+            raise ValueError(f"ShapesSource: num={num}; set data.num_images to a positive number")
+        self.num, self.resolution, self.seed = int(num), int(resolution), int(seed)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> dict:
+        from iomm_jax.data import shapes
+
+        image, caption = shapes.render(int(i), self.resolution, self.seed)
+        return {"image": image, "caption": caption, "id": f"shapes-s{self.seed}/{int(i):08d}"}
+
+    def caption(self, i: int) -> str | None:
+        from iomm_jax.data import shapes
+
+        return shapes.scene(int(i), self.seed)["caption"]
+
+
+class FolderSource:
+    """Images under a folder (recursive; png/jpg/jpeg/webp). Captions: sidecar ``<stem>.txt``, else
+    ``captions.jsonl`` at the root (``{"file": relative path, "caption": ...}`` per line), else None."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        if not self.root.exists():
+            raise ValueError(f"image folder {self.root} does not exist; set data.path to a folder of images "
+                             f"({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}, searched recursively) or use "
+                             "data.source='shapes'")
+        if not self.root.is_dir():
+            raise ValueError(f"data.path {self.root} is a file, not a folder; for a table of image paths use "
+                             "data.source='jsonl' or 'csv', for shards 'arrayrecord'")
+        found = list_images(self.root)
+        if not found:
+            raise ValueError(f"image folder {self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)}, "
+                             "searched recursively); put images there or point data.path at the right folder")
+        self.files = [str(p) for p, _ in found]
+        self.sidecars = [None if t is None else str(t) for _, t in found]
+        self.ids = [p.relative_to(self.root).as_posix() for p, _ in found]
+        jsonl = self.root / CAPTIONS_FILE
+        self.jsonl_captions = read_captions_jsonl(jsonl) if jsonl.exists() else {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, i: int) -> str | None:
+        if self.sidecars[i] is not None:
+            return _decode_text(Path(self.sidecars[i]).read_text(encoding="utf-8"))
+        return self.jsonl_captions.get(self.ids[i])
+
+    def __getitem__(self, i: int) -> dict:
+        with open(self.files[i], "rb") as f:
+            data = f.read()
+        return {"image_bytes": data, "caption": self.caption(i), "id": self.ids[i]}
+
+
+class _TableSource:
+    """Rows of (image path, caption) from a table file; relative image paths are relative to the table's folder."""
+
+    def __init__(self, path: str | os.PathLike, image_key: str = "image", caption_key: str | None = "caption"):
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"table {path} does not exist; set data.path to a {type(self).__name__[:-6].lower()} "
+                             f"file with {image_key!r} and {caption_key!r} columns")
+        rows = read_table(path, image_key, caption_key)
+        if not rows:
+            raise ValueError(f"table {path} has no rows; add (image, caption) rows or point data.path elsewhere")
+        self.ids = [r[0] for r in rows]
+        self.files = [str(path.parent / r[0]) for r in rows]
+        self.captions = [r[1] for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, i: int) -> str | None:
+        return self.captions[i]
+
+    def __getitem__(self, i: int) -> dict:
+        with open(self.files[i], "rb") as f:
+            data = f.read()
+        return {"image_bytes": data, "caption": self.captions[i], "id": self.ids[i]}
+
+
+class JsonlSource(_TableSource):
+    """JSON-lines file of ``{image_key: path, caption_key: text}``."""
+
+
+class CsvSource(_TableSource):
+    """CSV/TSV file with ``image_key`` and ``caption_key`` columns."""
+
+
+class ParquetSource(_TableSource):
+    """Parquet file with ``image_key`` and ``caption_key`` columns."""
+
+
+def shard_paths(dir_or_glob: str | os.PathLike) -> list[str]:
+    """ArrayRecord shard files of a directory (``*.array_record``), a glob pattern or a single file, sorted."""
+    p = str(dir_or_glob)
+    if os.path.isdir(p):
+        files = sorted(glob.glob(os.path.join(p, "*.array_record")))
+    elif any(c in p for c in "*?["):
+        files = sorted(glob.glob(p))
+    else:
+        files = [p] if os.path.isfile(p) else []
+    if not files:
+        raise ValueError(f"no ArrayRecord shards at {p!r}; write them with `python -m iomm_jax.data.prepare --src ... "
+                         f"--dst {p}` (or the feature cache), or fix data.path / data.cache_path")
+    return files
+
+
+class ArrayRecordSource:
+    """Records of ArrayRecord shards written by ``prepare`` (images) or the feature cache (features)."""
+
+    def __init__(self, dir_or_glob: str | os.PathLike):
+        self.paths = shard_paths(dir_or_glob)
+        self._ds = None
+        self._len = len(self._reader())
+        if self._len == 0:
+            raise ValueError(f"ArrayRecord shards at {dir_or_glob} hold no records; re-run prepare")
+
+    def _reader(self):
+        if self._ds is None:
+            import grain
+
+            self._ds = grain.sources.ArrayRecordDataSource(self.paths)
+        return self._ds
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ds": None}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict:
+        from iomm_jax.data import records
+
+        rec = records.decode_record(self._reader()[int(i)])
+        rec.setdefault("caption", None)
+        return rec
+
+    def caption(self, i: int) -> str | None:
+        return self[i]["caption"]
+
+
+class TfdsSource:
+    """A TFDS dataset prepared in ``array_record`` format, read with ``tfds`` data sources (no TensorFlow).
+
+    ``image_key`` may hold encoded bytes or a decoded uint8 array; ``caption_key`` (optional) text or bytes.
+    """
+
+    def __init__(self, builder_dir: str | os.PathLike, split: str = "train", image_key: str = "image",
+                 caption_key: str | None = None):
+        self.builder_dir, self.split = str(builder_dir), split
+        self.image_key, self.caption_key = image_key, caption_key
+        if not os.path.isfile(os.path.join(self.builder_dir, "dataset_info.json")):
+            raise ValueError(f"{self.builder_dir} is not a TFDS builder directory (no dataset_info.json); point "
+                             "data.path at the versioned folder, e.g. ~/tensorflow_datasets/NAME/1.0.0")
+        self._ds = None
+        self._len = len(self._source())
+
+    def _source(self):
+        if self._ds is None:
+            import tensorflow_datasets as tfds
+
+            builder = tfds.builder_from_directory(self.builder_dir)
+            if self.split not in builder.info.splits:
+                raise ValueError(f"TFDS dataset {self.builder_dir} has no split {self.split!r} "
+                                 f"(splits: {list(builder.info.splits)}); set data.split")
+            self._ds = builder.as_data_source(self.split)
+        return self._ds
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ds": None}
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict:
+        import numpy as np
+
+        rec = self._source()[int(i)]
+        if self.image_key not in rec:
+            raise KeyError(f"TFDS record has no {self.image_key!r} (keys {sorted(rec)}); set data.image_key")
+        img = rec[self.image_key]
+        out = {"image_bytes": img} if isinstance(img, bytes) else {"image": np.asarray(img, np.uint8)}
+        out["caption"] = _decode_text(rec.get(self.caption_key)) if self.caption_key else None
+        out["id"] = f"{self.split}/{int(i)}"
+        return out
+
+    def caption(self, i: int) -> str | None:
+        return self[i]["caption"]
+
+
+SOURCES = ("shapes", "folder", "arrayrecord", "tfds", "jsonl", "csv", "parquet")
+
+
+def _resolve(path: str, workdir: str | os.PathLike | None) -> Path:
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() or workdir is None else Path(workdir) / p
+
+
+def make_source(data_cfg: Any, workdir: str | os.PathLike | None = None):
+    """The source named by ``data_cfg.source`` at ``data_cfg.path`` (see the module docstring for records).
+
+    ``cached=True`` reads feature shards at ``data_cfg.cache_path``. For ``shapes`` an empty path renders on the fly;
+    a non-empty path (relative paths are taken relative to ``workdir``) is written once with
+    :func:`shapes.write_folder` and read as a folder. Other relative paths are relative to the current directory.
+    Optional fields: ``shapes_seed`` (default 0, the content of the procedural set, independent of ``seed`` which
+    orders it), ``split``/``image_key``/``caption_key`` for tfds and tables.
+    """
+    if getattr(data_cfg, "cached", False):
+        if not getattr(data_cfg, "cache_path", ""):
+            raise ValueError("data.cached=True needs data.cache_path (the --dst of `python -m iomm_jax.cache`)")
+        return ArrayRecordSource(data_cfg.cache_path)
+    kind, path = data_cfg.source, str(getattr(data_cfg, "path", "") or "")
+    if kind not in SOURCES:
+        raise ValueError(f"data.source={kind!r} is not one of {SOURCES}")
+    if kind == "shapes":
+        seed = int(getattr(data_cfg, "shapes_seed", 0))
+        if not path:
+            return ShapesSource(data_cfg.num_images, data_cfg.resolution, seed)
+        from iomm_jax.data import shapes
+
+        folder = shapes.write_folder(_resolve(path, workdir), data_cfg.num_images, data_cfg.resolution, seed)
+        return FolderSource(folder)
+    if not path:
+        raise ValueError(f"data.source={kind!r} needs data.path (where the data lives)")
+    path = os.path.expanduser(path)
+    image_key = getattr(data_cfg, "image_key", "image") or "image"
+    caption_key = getattr(data_cfg, "caption_key", "caption") or None
+    if kind == "folder":
+        return FolderSource(path)
+    if kind == "arrayrecord":
+        return ArrayRecordSource(path)
+    if kind == "tfds":
+        return TfdsSource(path, getattr(data_cfg, "split", "train") or "train", image_key, caption_key)
+    cls = {"jsonl": JsonlSource, "csv": CsvSource, "parquet": ParquetSource}[kind]
+    return cls(path, image_key, caption_key)

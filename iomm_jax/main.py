@@ -1,0 +1,54 @@
+"""Training entry point.
+
+  python -m iomm_jax.main --config=configs/tiny.py[:ARG] [--config.train.num_steps=100 ...] --workdir=runs/tiny
+
+Rerunning the same command in the same workdir resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "compile the step for the configured mesh without allocating the "
+                             "model; print per-device memory and FLOPs, then exit")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop after this many updates in this invocation")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override config fields")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  from iomm_jax import distributed
+  distributed.initialize_from_config(_CONFIG.value)  # first thing: every process must join before touching devices
+  from iomm_jax.config import ConfigError, validate
+  try:
+    validate(_CONFIG.value)
+  except ConfigError as e:
+    raise SystemExit(f"config error: {e}") from e
+  if _DRY_RUN.value:
+    from iomm_jax.train import dry_run
+    print(json.dumps(dry_run.report(_CONFIG.value)))
+    return 0
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  from iomm_jax.train import loop
+  summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps({"done": summary}))
+  return 0
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())

@@ -1,0 +1,102 @@
+"""Metrics: metrics.jsonl + TensorBoard scalars/images (process 0 only), throughput and MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars/images to TensorBoard."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    row.update({k: _py(v) for k, v in values.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(tag, image_hwc_uint8, step, dataformats="HWC")
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _py(v):
+  v = np.asarray(v)
+  return v.item() if v.ndim == 0 else v.tolist()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All rows of `<workdir>/metrics.jsonl` (empty list if none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Throughput:
+  """Wall time per logging window, split into time waiting for data and the rest."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.start = time.perf_counter()
+    self.data_wait = 0.0
+    self.steps = 0
+
+  def add_wait(self, seconds: float):
+    self.data_wait += seconds
+
+  def summary(self, global_batch: int, num_devices: int, tokens_per_image: int, flops_per_step: float,
+              peak_flops: float) -> dict:
+    elapsed = max(time.perf_counter() - self.start, 1e-9)
+    steps = max(self.steps, 1)
+    step_time = elapsed / steps
+    return {
+        "step_time_s": step_time,
+        "images_per_s": global_batch / step_time,
+        "tokens_per_s_per_device": global_batch * tokens_per_image / step_time / num_devices,
+        "data_wait_fraction": self.data_wait / elapsed,
+        "mfu": flops_per_step / step_time / (peak_flops * num_devices),
+    }
+
+
+def train_flops_per_image(*, dit_params: int, rqa_params: int, llm_params: int, vit_params: int,
+                          image_tokens: int, cond_tokens: int, llm_tokens: int, vit_tokens: int,
+                          llm_remat: bool, vit_in_step: bool) -> float:
+  """Analytic matmul FLOPs for one training image (2 FLOPs per multiply-add, attention scores ignored).
+
+  DiT + RQA: forward + backward = 6·N·tokens. Frozen LLM: forward (2·N·T) + activation-only backward (2·N·T)
+  + a recomputed forward with remat. ViT: forward only, and only when features are not cached.
+  """
+  dit = 6.0 * dit_params * (image_tokens + cond_tokens)
+  rqa = 6.0 * rqa_params * llm_tokens
+  llm = (4.0 + (2.0 if llm_remat else 0.0)) * llm_params * llm_tokens
+  vit = 2.0 * vit_params * vit_tokens if vit_in_step else 0.0
+  return dit + rqa + llm + vit

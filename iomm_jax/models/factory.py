@@ -1,0 +1,110 @@
+"""Build the IOMM modules (trainable generator, frozen MLLM, autoencoder, processor) from the config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from iomm_jax.models.autoencoder import make_autoencoder
+from iomm_jax.models.internvit import InternViTConfig
+from iomm_jax.models.internvl import InternVL, InternVLConfig
+from iomm_jax.models.iomm import Generator
+from iomm_jax.models.processor import Processor
+from iomm_jax.models.qwen2 import Qwen2Config
+from iomm_jax.models.rqa import RQAConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _known(cls, fields: dict, where: str) -> dict:
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - names)
+  if unknown:
+    raise ValueError(f"{where} has unknown field(s) {unknown}; {cls.__name__} fields are {sorted(names)}")
+  return fields
+
+
+def mllm_config(config) -> InternVLConfig:
+  """The InternVL config: from the checkpoint's config.json when model.mllm.path is set, else from model.mllm.arch.
+
+  A random MLLM (no path) uses the built-in tiny tokenizer, so its vocabulary size and image-token id are taken
+  from that tokenizer.
+  """
+  if config.model.mllm.path:
+    import json
+    import os
+    with open(os.path.join(config.model.mllm.path, "config.json")) as f:
+      cfg = InternVLConfig.from_hf(json.load(f))
+  else:
+    arch = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) if k in ("vision", "text") else v
+            for k, v in dict(config.model.mllm.arch).items()}
+    vision = InternViTConfig(**_known(InternViTConfig, arch.pop("vision", {}), "config.model.mllm.arch.vision"))
+    text = arch.pop("text", {})
+    _known(Qwen2Config, text, "config.model.mllm.arch.text")
+    cfg = InternVLConfig(vision=vision, **_known(InternVLConfig, arch, "config.model.mllm.arch"))
+    tok = Processor.tiny(num_image_tokens=cfg.num_image_tokens, image_size=vision.image_size)
+    text = dict(text, vocab_size=tok.vocab_size)
+    cfg = dataclasses.replace(cfg, text=Qwen2Config(**text), image_token_id=tok.image_token_id)
+  return dataclasses.replace(cfg, remat=config.model.mllm.remat, attention_impl=config.model.attention)
+
+
+def mllm_width(cfg: InternVLConfig) -> int:
+  return cfg.text.hidden_size
+
+
+def dit_config(config, width: int):
+  """MMDiTConfig / S3DiTConfig from model.dit.arch; the condition width must equal the MLLM width."""
+  arch = dict(config.model.dit.arch)
+  if config.model.dit.kind == "mmdit":
+    from iomm_jax.models.mmdit import MMDiTConfig
+    cfg = MMDiTConfig(**_known(MMDiTConfig, arch, "config.model.dit.arch"))
+    for name in ("joint_attention_dim", "pooled_projection_dim"):
+      if getattr(cfg, name) != width:
+        raise ValueError(f"config.model.dit.arch.{name}={getattr(cfg, name)} must equal the MLLM width {width}")
+    return cfg
+  from iomm_jax.models.s3dit import S3DiTConfig
+  cfg = S3DiTConfig(**_known(S3DiTConfig, arch, "config.model.dit.arch"))
+  if cfg.cap_feat_dim != width:
+    raise ValueError(f"config.model.dit.arch.cap_feat_dim={cfg.cap_feat_dim} must equal the MLLM width {width}")
+  return cfg
+
+
+def rqa_config(config, width: int) -> RQAConfig:
+  r = config.model.rqa
+  if width % r.num_heads:
+    raise ValueError(f"config.model.rqa.num_heads={r.num_heads} does not divide the MLLM width {width}")
+  return RQAConfig(dim=width, num_queries=r.num_queries, num_heads=r.num_heads, mlp_ratio=r.mlp_ratio,
+                   num_layers=r.num_layers)
+
+
+def make_generator(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -> Generator:
+  """The trainable DiT + RQA (fp32 params, compute in config.model.dtype)."""
+  mcfg = mcfg or mllm_config(config)
+  width = mllm_width(mcfg)
+  return Generator(config.model.dit.kind, dit_config(config, width), rqa_config(config, width),
+                   dtype=DTYPES[config.model.dtype], param_dtype=jnp.float32, rngs=rngs)
+
+
+def make_mllm(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -> InternVL:
+  """The frozen InternVL, randomly initialised (tiny / dry runs); real weights come from load_internvl."""
+  mcfg = mcfg or mllm_config(config)
+  dtype = DTYPES[config.model.frozen_dtype]
+  return InternVL(mcfg, dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def make_ae(config, rngs: nnx.Rngs):
+  a = config.model.autoencoder
+  if a.kind == "identity":
+    return make_autoencoder("identity", scale=a.scale, channels=3)
+  dtype = DTYPES[config.model.frozen_dtype]
+  return make_autoencoder("flux_vae", dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
+  """Tokenizer + templates: from the MLLM directory, or the built-in tiny tokenizer for random MLLMs."""
+  mcfg = mcfg or mllm_config(config)
+  if config.model.mllm.path:
+    return Processor.from_pretrained(config.model.mllm.path)
+  return Processor.tiny(num_image_tokens=mcfg.num_image_tokens, image_size=mcfg.vision.image_size)

@@ -1,0 +1,321 @@
+"""The FLUX autoencoder: a port of `diffusers.AutoencoderKL` (Encoder/Decoder of ResnetBlock2D, GroupNorm, SiLU).
+
+NHWC throughout. Attribute names follow diffusers' module tree, so our parameter paths equal the
+AutoencoderKL state-dict keys up to `kernel`↔`weight` (`encoder.down_blocks.0.resnets.0.norm1.weight`,
+`encoder.mid_block.attentions.0.to_q.kernel`, ...); `iomm_jax.convert.vae_keys` holds the table.
+GroupNorm statistics and the attention softmax are fp32; convolutions run in `dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from iomm_jax.models.layers import Conv2d, DType, Linear, attention
+
+_CONV_AXES = (None, None, "conv_in", "conv_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxVAEConfig:
+  """Mirrors diffusers' AutoencoderKL config; defaults are the FLUX.1 VAE (≈83.8M parameters)."""
+  in_channels: int = 3
+  out_channels: int = 3
+  down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
+  up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
+  block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+  layers_per_block: int = 2
+  act_fn: str = "silu"
+  latent_channels: int = 16
+  norm_num_groups: int = 32
+  sample_size: int = 1024          # carried for the round trip; unused by us
+  scaling_factor: float = 0.3611
+  shift_factor: float | None = 0.1159
+  force_upcast: bool = True        # carried for the round trip; unused by us
+  use_quant_conv: bool = False
+  use_post_quant_conv: bool = False
+  mid_block_add_attention: bool = True
+  attn_implementation: str | None = None  # ours, not diffusers': None/'xla' or 'cudnn'
+
+  def __post_init__(self):
+    n = len(self.block_out_channels)
+    if len(self.down_block_types) != n or len(self.up_block_types) != n:
+      raise ValueError(f"FluxVAEConfig: down_block_types ({len(self.down_block_types)}), up_block_types "
+                       f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length")
+    bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
+    bad += [t for t in self.up_block_types if t != "UpDecoderBlock2D"]
+    if bad:
+      raise ValueError(f"FluxVAEConfig: unsupported block types {bad}; only DownEncoderBlock2D / UpDecoderBlock2D "
+                       "(the FLUX/SD VAE layout) are ported")
+    if self.act_fn not in ("silu", "swish"):
+      raise ValueError(f"FluxVAEConfig.act_fn={self.act_fn!r} is not supported; the port implements 'silu'")
+    bad_groups = [c for c in self.block_out_channels if c % self.norm_num_groups]
+    if bad_groups:
+      raise ValueError(f"FluxVAEConfig: block_out_channels {bad_groups} are not divisible by "
+                       f"norm_num_groups={self.norm_num_groups}")
+
+  @property
+  def downsample(self) -> int:
+    return 2 ** (len(self.block_out_channels) - 1)
+
+  # Fields of diffusers' AutoencoderKL.__init__ that we carry (everything but attn_implementation).
+  _DIFFUSERS_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                       "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
+                       "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv", "use_post_quant_conv",
+                       "mid_block_add_attention")
+
+  @classmethod
+  def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "FluxVAEConfig":
+    """diffusers AutoencoderKL config dict (config.json or `vae.config`) → FluxVAEConfig."""
+    d = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    for k in ("latents_mean", "latents_std"):
+      if d.pop(k, None) is not None:
+        raise ValueError(f"vae config: {k} is set; per-channel latent statistics are not supported "
+                         "(the FLUX VAE uses scaling_factor/shift_factor)")
+    unknown = sorted(set(d) - set(cls._DIFFUSERS_FIELDS))
+    if unknown:
+      raise ValueError(f"vae config: unknown field(s) {unknown}; expected AutoencoderKL fields "
+                       f"{list(cls._DIFFUSERS_FIELDS)}")
+    for k in ("down_block_types", "up_block_types", "block_out_channels"):
+      if k in d:
+        d[k] = tuple(d[k])
+    if isinstance(d.get("sample_size"), (list, tuple)):
+      d["sample_size"] = int(d["sample_size"][0])
+    return cls(**{**d, **overrides})
+
+  def to_diffusers(self) -> dict[str, Any]:
+    """Keyword arguments for `diffusers.AutoencoderKL(**...)`."""
+    d = {k: getattr(self, k) for k in self._DIFFUSERS_FIELDS}
+    for k in ("down_block_types", "up_block_types", "block_out_channels"):
+      d[k] = list(d[k])
+    return d
+
+
+class GroupNorm(nnx.Module):
+  """torch.nn.GroupNorm (affine) over the channel (last) axis of NHWC input, fp32 statistics."""
+
+  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-6, param_dtype: DType = jnp.float32):
+    if num_channels % num_groups:
+      raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by {num_groups} groups")
+    self.num_groups, self.eps = num_groups, eps
+    self.weight = nnx.Param(jnp.ones((num_channels,), param_dtype), axes=(None,))
+    self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype), axes=(None,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    *lead, c = x.shape
+    xf = x.astype(jnp.float32).reshape(*lead, self.num_groups, c // self.num_groups)
+    axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)  # every spatial axis and the channels of a group
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+    y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+    y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _conv(cin: int, cout: int, k: int, *, padding: int, stride: int = 1, dtype, param_dtype, rngs) -> Conv2d:
+  return Conv2d(cin, cout, k, stride=stride, padding=padding, axes=_CONV_AXES, dtype=dtype, param_dtype=param_dtype,
+                rngs=rngs)
+
+
+class ResnetBlock2D(nnx.Module):
+  """norm1 → SiLU → conv1 → norm2 → SiLU → conv2, plus the (1×1 `conv_shortcut` when widths differ) skip."""
+
+  def __init__(self, cin: int, cout: int, groups: int, *, eps: float = 1e-6, dtype: DType = None,
+               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = GroupNorm(groups, cin, eps=eps, param_dtype=param_dtype)
+    self.conv1 = _conv(cin, cout, 3, padding=1, **kw)
+    self.norm2 = GroupNorm(groups, cout, eps=eps, param_dtype=param_dtype)
+    self.conv2 = _conv(cout, cout, 3, padding=1, **kw)
+    self.conv_shortcut = _conv(cin, cout, 1, padding=0, **kw) if cin != cout else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+    return skip.astype(h.dtype) + h
+
+
+class Downsample2D(nnx.Module):
+  """Zero-pad one row/column at the bottom/right, then a 3×3 stride-2 conv (diffusers' padding=0 path)."""
+
+  def __init__(self, channels: int, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    self.conv = _conv(channels, channels, 3, padding=0, stride=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+
+
+class Upsample2D(nnx.Module):
+  """Nearest-neighbour 2× upsampling, then a 3×3 conv."""
+
+  def __init__(self, channels: int, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    self.conv = _conv(channels, channels, 3, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+class SpatialSelfAttention(nnx.Module):
+  """diffusers' mid-block Attention: GroupNorm, one head over all H·W positions, residual."""
+
+  def __init__(self, channels: int, groups: int, *, eps: float = 1e-6, attn_implementation: str | None = None,
+               dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    self.attn_implementation = attn_implementation
+    kw = dict(axes=("conv_in", "conv_out"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.group_norm = GroupNorm(groups, channels, eps=eps, param_dtype=param_dtype)
+    self.to_q = Linear(channels, channels, **kw)
+    self.to_k = Linear(channels, channels, **kw)
+    self.to_v = Linear(channels, channels, **kw)
+    self.to_out = nnx.List([Linear(channels, channels, **kw)])  # torch: to_out = [Linear, Dropout]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    t = self.group_norm(x).reshape(b, h * w, 1, c)
+    o = attention(self.to_q(t), self.to_k(t), self.to_v(t), implementation=self.attn_implementation)
+    return x + self.to_out[0](o.reshape(b, h, w, c)).astype(x.dtype)
+
+
+class UNetMidBlock2D(nnx.Module):
+  """resnet → (attention) → resnet at the lowest resolution."""
+
+  def __init__(self, channels: int, groups: int, *, add_attention: bool, attn_implementation: str | None,
+               dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
+    # diffusers keeps `attentions = [None]` without attention; we keep no attribute for it then.
+    self.attentions = nnx.List([SpatialSelfAttention(channels, groups, attn_implementation=attn_implementation,
+                                                     **kw)]) if add_attention else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.resnets[0](x)
+    if self.attentions is not None:
+      x = self.attentions[0](x)
+    return self.resnets[1](x)
+
+
+class DownEncoderBlock2D(nnx.Module):
+  def __init__(self, cin: int, cout: int, num_layers: int, groups: int, *, add_downsample: bool, dtype: DType = None,
+               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
+    self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for resnet in self.resnets:
+      x = resnet(x)
+    return self.downsamplers[0](x) if self.downsamplers is not None else x
+
+
+class UpDecoderBlock2D(nnx.Module):
+  def __init__(self, cin: int, cout: int, num_layers: int, groups: int, *, add_upsample: bool, dtype: DType = None,
+               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
+    self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for resnet in self.resnets:
+      x = resnet(x)
+    return self.upsamplers[0](x) if self.upsamplers is not None else x
+
+
+class Encoder(nnx.Module):
+  """Image (B,H,W,in) → posterior moments (B,H/f,W/f,2·latent): [mean | logvar] on the channel axis."""
+
+  def __init__(self, cfg: FluxVAEConfig, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    ch, g = cfg.block_out_channels, cfg.norm_num_groups
+    self.conv_in = _conv(cfg.in_channels, ch[0], 3, padding=1, **kw)
+    self.down_blocks = nnx.List([
+        DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, add_downsample=i < len(ch) - 1, **kw)
+        for i in range(len(ch))])
+    self.mid_block = UNetMidBlock2D(ch[-1], g, add_attention=cfg.mid_block_add_attention,
+                                    attn_implementation=cfg.attn_implementation, **kw)
+    self.conv_norm_out = GroupNorm(g, ch[-1], param_dtype=param_dtype)
+    self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels, 3, padding=1, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.conv_in(x)
+    for block in self.down_blocks:
+      x = block(x)
+    x = self.mid_block(x)
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nnx.Module):
+  """Latent (B,h,w,latent) → image (B,h·f,w·f,out)."""
+
+  def __init__(self, cfg: FluxVAEConfig, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+    self.conv_in = _conv(cfg.latent_channels, ch[0], 3, padding=1, **kw)
+    self.mid_block = UNetMidBlock2D(ch[0], g, add_attention=cfg.mid_block_add_attention,
+                                    attn_implementation=cfg.attn_implementation, **kw)
+    self.up_blocks = nnx.List([
+        UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1, **kw)
+        for i in range(len(ch))])
+    self.conv_norm_out = GroupNorm(g, ch[-1], param_dtype=param_dtype)
+    self.conv_out = _conv(ch[-1], cfg.out_channels, 3, padding=1, **kw)
+
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = self.mid_block(self.conv_in(z))
+    for block in self.up_blocks:
+      x = block(x)
+    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+
+
+class FluxVAE(nnx.Module):
+  """AutoencoderKL with the `Autoencoder` interface (see models/autoencoder.py); latents are normalised.
+
+  `encode` returns (z − shift_factor)·scaling_factor in fp32, z the posterior mean (rng None) or a sample;
+  `decode` undoes the normalisation and returns fp32 images, nominally in [-1, 1] (not clipped).
+  """
+
+  def __init__(self, cfg: FluxVAEConfig = FluxVAEConfig(), *, dtype: DType = jnp.float32,
+               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+    self.cfg, self.dtype = cfg, dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.encoder = Encoder(cfg, **kw)
+    self.decoder = Decoder(cfg, **kw)
+    lc = cfg.latent_channels
+    self.quant_conv = _conv(2 * lc, 2 * lc, 1, padding=0, **kw) if cfg.use_quant_conv else None
+    self.post_quant_conv = _conv(lc, lc, 1, padding=0, **kw) if cfg.use_post_quant_conv else None
+
+  @property
+  def latent_channels(self) -> int:
+    return self.cfg.latent_channels
+
+  @property
+  def downsample(self) -> int:
+    return self.cfg.downsample
+
+  def moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Posterior (mean, logvar) of raw (un-normalised) latents, fp32; logvar clipped to [-30, 20] like diffusers."""
+    if images.ndim != 4 or images.shape[-1] != self.cfg.in_channels:
+      raise ValueError(f"FluxVAE.encode expects NHWC images (B, H, W, {self.cfg.in_channels}), got {images.shape}")
+    h = self.encoder(images.astype(self.dtype))
+    if self.quant_conv is not None:
+      h = self.quant_conv(h)
+    mean, logvar = jnp.split(h.astype(jnp.float32), 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+  def encode(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    """Images (B,H,W,3) in [-1,1] → normalised latents (B,H/f,W/f,C); the mean if rng is None, else a sample."""
+    mean, logvar = self.moments(images)
+    z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+    return (z - (self.cfg.shift_factor or 0.0)) * self.cfg.scaling_factor
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """Normalised latents (B,h,w,C) → images (B,h·f,w·f,3), fp32, nominally in [-1, 1]."""
+    if latents.ndim != 4 or latents.shape[-1] != self.cfg.latent_channels:
+      raise ValueError(f"FluxVAE.decode expects latents (B, h, w, {self.cfg.latent_channels}), got {latents.shape}")
+    z = latents.astype(jnp.float32) / self.cfg.scaling_factor + (self.cfg.shift_factor or 0.0)
+    z = z.astype(self.dtype)
+    if self.post_quant_conv is not None:
+      z = self.post_quant_conv(z)
+    return self.decoder(z).astype(jnp.float32)

@@ -1,0 +1,158 @@
+"""Generation: text-to-image, image-conditioned (self-conditioning, no mask) and zero-shot editing.
+
+CLI:
+  python -m iomm_jax.sample --workdir=runs/tiny --prompt="a red circle" --num=8 --out=DIR
+  python -m iomm_jax.sample --workdir=runs/tiny --image=PATH [--edit="make it blue"] --num=4 --out=DIR
+Writes PNG grids (one row per prompt/image) into --out (default <workdir>/samples).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from iomm_jax import sampling
+from iomm_jax.models import iomm
+
+
+def text_condition(tpl: iomm.Templates, tokenize, prompts):
+  """Left-aligned template ids/valid (B, L) for text prompts."""
+  ids = np.zeros((len(prompts), tpl.length), np.int32)
+  lens = np.zeros((len(prompts),), np.int32)
+  for i, p in enumerate(prompts):
+    t = tokenize(p)
+    ids[i, :len(t)] = t
+    lens[i] = len(t)
+  b = len(prompts)
+  cid, valid, use = iomm.condition_ids(tpl, jnp.asarray(ids), jnp.asarray(lens), jnp.zeros((b,), bool),
+                                       jnp.zeros((b,), bool))
+  return cid, valid, use
+
+
+def image_condition(tpl: iomm.Templates, batch: int):
+  """The image template (aux prompt or edit instruction + image tokens) for `batch` samples."""
+  ids = jnp.broadcast_to(jnp.asarray(tpl.image_ids), (batch, tpl.length))
+  valid = jnp.broadcast_to(jnp.asarray(tpl.image_valid), (batch, tpl.length))
+  return ids, valid, jnp.ones((batch,), bool)
+
+
+@functools.partial(jax.jit, static_argnames=("statics", "latent_shape", "steps", "cfg_scale", "condition", "tpl"))
+def _generate(params, frozen, ids, valid, use_image, vit_pixels, rng, *, statics, tpl, latent_shape, steps, cfg_scale,
+              condition):
+  gen = nnx.merge(statics.gen_def, params)
+  mllm = nnx.merge(statics.mllm_def, frozen["mllm"])
+  ae = nnx.merge(statics.ae_def, frozen["ae"])
+  tokens = mllm.encode_image_tokens(vit_pixels) if vit_pixels is not None else None
+  return sampling.generate(gen, mllm, ae, tpl, ids, valid, tokens, use_image, rng, latent_shape=latent_shape,
+                           steps=steps, cfg_scale=cfg_scale, condition=condition)
+
+
+def generate(run, params, *, prompts=None, vit_pixels=None, tpl=None, rng, steps=None, cfg_scale=None):
+  """Images (B, H, W, 3) in [-1, 1], from text prompts or from preprocessed ViT views (B, S, S, 3)."""
+  cfg = run.config
+  tpl = tpl or run.templates
+  if prompts is not None:
+    ids, valid, use = text_condition(tpl, run.tokenize, prompts)
+    vit_pixels = None
+  else:
+    ids, valid, use = image_condition(tpl, vit_pixels.shape[0])
+    vit_pixels = jnp.asarray(vit_pixels)
+  return _generate(params, run.frozen, ids, valid, use, vit_pixels, rng, statics=run.statics, tpl=tpl,
+                   latent_shape=run.latent_shape, steps=steps or cfg.sample.steps,
+                   cfg_scale=float(cfg.sample.cfg_scale if cfg_scale is None else cfg_scale),
+                   condition=cfg.model.condition)
+
+
+def to_uint8(images) -> np.ndarray:
+  return np.asarray(jnp.round((jnp.asarray(images, jnp.float32) + 1.0) * 127.5).clip(0, 255)).astype(np.uint8)
+
+
+def grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+  """Rows of uint8 images (n, H, W, 3) → one uint8 image with white padding."""
+  h, w = rows[0].shape[1:3]
+  cols = max(len(r) for r in rows)
+  out = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+  for i, row in enumerate(rows):
+    for j, img in enumerate(row):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      out[y:y + h, x:x + w] = img
+  return out
+
+
+def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img = Image.fromarray(image)
+  if upscale > 1:
+    img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+  img.save(path)
+
+
+def load_image_views(path: str, resolution: int, processor) -> tuple[np.ndarray, np.ndarray]:
+  """(pixels in [-1,1] at the training resolution, ViT view) of one image file: short-side resize + centre crop."""
+  try:
+    img = Image.open(path).convert("RGB")
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"--image={path!r} cannot be read as an image ({e}); give a PNG/JPEG/WebP file") from e
+  w, h = img.size
+  s = resolution / min(w, h)
+  img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+  left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+  arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)), np.uint8)
+  return arr.astype(np.float32) / 127.5 - 1.0, np.asarray(processor.preprocess_image(arr), np.float32)
+
+
+def main(argv=None) -> int:
+  import argparse
+  ap = argparse.ArgumentParser(prog="python -m iomm_jax.sample", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints/)")
+  ap.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
+  ap.add_argument("--image", action="append", default=[], help="condition on this image (repeatable)")
+  ap.add_argument("--edit", default=None, help="with --image: an edit instruction instead of the aux prompt")
+  ap.add_argument("--num", type=int, default=8, help="samples per prompt/image")
+  ap.add_argument("--out", default=None, help="output folder (default <workdir>/samples)")
+  ap.add_argument("--steps", type=int, default=None, help="Euler steps (default config.sample.steps)")
+  ap.add_argument("--cfg", type=float, default=None, help="guidance scale w (default config.sample.cfg_scale)")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  ap.add_argument("--no-ema", dest="use_ema", action="store_false", help="use raw params even if EMA exists")
+  args = ap.parse_args(argv)
+  if not args.prompt and not args.image:
+    ap.error("give at least one --prompt or --image")
+
+  from iomm_jax.train import restore
+  run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
+  out = args.out or os.path.join(args.workdir, "samples")
+  rng = jax.random.key(args.seed)
+  written = []
+  for i, prompt in enumerate(args.prompt):
+    imgs = generate(run, params, prompts=[prompt] * args.num, rng=jax.random.fold_in(rng, i),
+                    steps=args.steps, cfg_scale=args.cfg)
+    path = os.path.join(out, f"prompt_{i:02d}.png")
+    save_png(path, grid([to_uint8(imgs)]), upscale=max(1, 128 // imgs.shape[1]))
+    written.append({"prompt": prompt, "path": path})
+  tpl = run.templates
+  if args.edit:
+    tpl = iomm.make_templates(run.processor, args.edit, run.config.data.max_text_tokens)
+  for i, image_path in enumerate(args.image):
+    pixels, vit = load_image_views(image_path, run.config.data.resolution, run.processor)
+    imgs = generate(run, params, vit_pixels=np.repeat(vit[None], args.num, 0), tpl=tpl,
+                    rng=jax.random.fold_in(rng, 1000 + i), steps=args.steps, cfg_scale=args.cfg)
+    path = os.path.join(out, f"image_{i:02d}.png")
+    ref = to_uint8(pixels[None])
+    save_png(path, grid([np.concatenate([ref, to_uint8(imgs)])]), upscale=max(1, 128 // imgs.shape[1]))
+    written.append({"image": image_path, "edit": args.edit, "path": path})
+  print(json.dumps({"checkpoint_step": step, "written": written}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

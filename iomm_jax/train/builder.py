@@ -1,0 +1,141 @@
+"""Build everything a run needs, already sharded: mesh, modules, frozen weights, train state, jitted step.
+
+Parameters are born sharded: shapes come from `nnx.eval_shape`, shardings from the logical-axis rules, and
+`jax.jit(init, out_shardings=...)` creates each array directly on its devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from iomm_jax import parallel
+from iomm_jax.models import factory, iomm
+from iomm_jax.models.layers import count_params
+from iomm_jax.train import optimizers
+from iomm_jax.train import state as state_lib
+from iomm_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """The built pieces of one training run (see `build`)."""
+  config: Any
+  mesh: Any
+  mcfg: Any
+  processor: Any
+  templates: iomm.Templates
+  tokenize: Any
+  statics: step_lib.StepStatics
+  optimizer: optax.GradientTransformation
+  lr_fn: Any
+  param_shardings: Any
+  state_shardings: Any
+  frozen_shardings: Any
+  abstract_state: Any
+  latent_shape: tuple = ()     # (h, w, c) of one latent at the training resolution
+  frozen: Any = None           # {'mllm': pure dict, 'ae': pure dict}, sharded
+  param_counts: dict = dataclasses.field(default_factory=dict)
+
+  def init_state(self):
+    """A fresh TrainState at step 0, created directly with its shardings."""
+    seed = self.config.seed
+
+    def init():
+      gen = factory.make_generator(self.config, nnx.Rngs(seed), self.mcfg)
+      params = nnx.to_pure_dict(nnx.state(gen, nnx.Param))
+      rng = jax.random.fold_in(jax.random.key(seed), 1)
+      return state_lib.create(params, self.optimizer, ema=self.config.train.ema_decay > 0, rng=rng)
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  @functools.cached_property
+  def train_step(self):
+    """jit(train_step) with explicit shardings; donates the incoming state."""
+    fn = functools.partial(step_lib.train_step, self.statics, self.optimizer, self.lr_fn)
+    batch_sh = parallel.batch_sharding(self.mesh)
+    return jax.jit(fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh),
+                   out_shardings=(self.state_shardings, parallel.replicated(self.mesh)), donate_argnums=(0,))
+
+
+def _split_pure(module):
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  if jax.tree_util.tree_leaves(rest):
+    raise ValueError(f"{type(module).__name__} holds non-parameter state {list(nnx.to_flat_state(rest))[:3]}; "
+                     "IOMM modules must be stateless besides their parameters")
+  return graphdef, params
+
+
+def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
+  """Mesh, processor, templates, graph definitions, shardings and (optionally) the frozen weights."""
+  mesh = mesh or parallel.make_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  mcfg = factory.mllm_config(config)
+  processor = factory.make_processor(config, mcfg)
+  templates = iomm.make_templates(processor, config.model.mllm.aux_prompt, config.data.max_text_tokens)
+  tokenize = iomm.Tokenize(processor, config.data.max_text_tokens)
+
+  gen_def, gen_abs = _split_pure(nnx.eval_shape(lambda: factory.make_generator(config, nnx.Rngs(0), mcfg)))
+  mllm_def, mllm_abs = _split_pure(nnx.eval_shape(lambda: factory.make_mllm(config, nnx.Rngs(0), mcfg)))
+  ae_module = nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0)))
+  ae_def, ae_abs = _split_pure(ae_module)
+  if config.data.resolution % ae_module.downsample:
+    raise ValueError(f"config.data.resolution={config.data.resolution} is not divisible by the autoencoder's "
+                     f"downsampling factor {ae_module.downsample}")
+  side = config.data.resolution // ae_module.downsample
+
+  param_sh = parallel.param_shardings(gen_abs, mesh, rules)
+  frozen_sh = {"mllm": parallel.param_shardings(mllm_abs, mesh, rules),
+               "ae": parallel.param_shardings(ae_abs, mesh, rules)}
+  optimizer = optimizers.make_optimizer(config.train)
+  lr_fn = optimizers.lr_schedule(config.train)
+
+  gen_pure = nnx.to_pure_dict(gen_abs)
+  abstract_state = jax.eval_shape(
+      lambda p: state_lib.create(p, optimizer, ema=config.train.ema_decay > 0, rng=jax.random.key(0)), gen_pure)
+  rep = parallel.replicated(mesh)
+  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_sh,
+                                 transform_non_params=lambda _: rep)
+  state_sh = state_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh,
+                                  ema_params=param_sh if config.train.ema_decay > 0 else {}, rng=rep)
+
+  t = config.train
+  statics = step_lib.StepStatics(
+      gen_def=gen_def, mllm_def=mllm_def, ae_def=ae_def, templates=templates, mask_ratio=t.mask_ratio,
+      p_uncond=t.p_uncond, condition=config.model.condition,
+      t_kwargs=dict(kind=t.t_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.time_shift),
+      ema_decay=t.ema_decay, needs_vit=config.data.recipe != "pair", cached=bool(config.data.cached))
+  counts = {"dit": count_params(gen_abs["dit"]), "rqa": count_params(gen_abs["rqa"]),
+            "mllm": count_params(mllm_abs), "autoencoder": count_params(ae_abs)}
+  run = Run(config=config, mesh=mesh, mcfg=mcfg, processor=processor, templates=templates, tokenize=tokenize,
+            statics=statics, optimizer=optimizer, lr_fn=lr_fn, param_shardings=param_sh, state_shardings=state_sh,
+            frozen_shardings=frozen_sh, abstract_state=abstract_state, param_counts=counts,
+            latent_shape=(side, side, ae_module.latent_channels))
+  if load_frozen:
+    run.frozen = load_frozen_weights(config, run)
+  return run
+
+
+def load_frozen_weights(config, run: Run) -> dict:
+  """The frozen MLLM and autoencoder weights, sharded: loaded from disk when paths are set, else random (seeded)."""
+  seed = config.seed + 7919  # frozen random weights never share a stream with the trainable init
+  if config.model.mllm.path:
+    from iomm_jax.models.load_internvl import load_internvl
+    mllm = load_internvl(config.model.mllm.path, dtype=factory.DTYPES[config.model.frozen_dtype],
+                         shardings=run.frozen_shardings["mllm"], remat=config.model.mllm.remat)
+  else:
+    mllm = jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(seed), run.mcfg), nnx.Param)),
+                   out_shardings=run.frozen_shardings["mllm"])()
+  if config.model.autoencoder.kind == "flux_vae" and config.model.autoencoder.path:
+    from iomm_jax.models.autoencoder import load_flux_vae
+    ae = load_flux_vae(config.model.autoencoder.path, dtype=factory.DTYPES[config.model.frozen_dtype],
+                       shardings=run.frozen_shardings["ae"])
+  else:
+    ae = jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory.make_ae(config, nnx.Rngs(seed + 1)), nnx.Param)),
+                 out_shardings=run.frozen_shardings["ae"])()
+  return {"mllm": mllm, "ae": ae}

@@ -1,0 +1,41 @@
+"""Load a training workdir for inference: its resolved config, the frozen weights and the latest parameters."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from iomm_jax.train import builder, checkpoint
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved at start (`<workdir>/config.json`)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise SystemExit(f"{path} not found: --workdir must be a training workdir written by python -m iomm_jax.main")
+  import json
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def _tuples(node):
+  """JSON lists back to tuples (configs use tuples for sequences such as mesh.rules and sample.prompts)."""
+  if isinstance(node, dict):
+    return {k: _tuples(v) for k, v in node.items()}
+  if isinstance(node, list):
+    return tuple(_tuples(v) for v in node)
+  return node
+
+
+def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool = True):
+  """(run, params, step): the run built from the saved config and the checkpoint's (EMA) generator params."""
+  config = load_config(workdir)
+  run = builder.build(config)
+  ckpt = checkpoint.Checkpointer(workdir, with_data=False)
+  if ckpt.latest_step() is None:
+    raise SystemExit(f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main --workdir={workdir})")
+  state, step = ckpt.restore(checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings), step=step)
+  ckpt.close()
+  params = state.ema_params if (use_ema and state.ema_params) else state.params
+  return run, params, step

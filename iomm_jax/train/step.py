@@ -1,0 +1,86 @@
+"""The pure training step: masked self-conditioning → RQA → frozen LLM → DiT velocity → flow-matching loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from iomm_jax.models import iomm
+from iomm_jax.train import loss as loss_lib
+from iomm_jax.train.optimizers import ema_update
+from iomm_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
+class StepStatics:
+  """Everything static the step closes over: graph definitions, templates and the relevant config values."""
+  gen_def: Any
+  mllm_def: Any
+  ae_def: Any
+  templates: iomm.Templates
+  mask_ratio: float
+  p_uncond: float
+  condition: str
+  t_kwargs: dict
+  ema_decay: float
+  needs_vit: bool      # False for text-only recipes: skip the ViT entirely
+  cached: bool         # batch carries 'vit_tokens' and 'latent' instead of pixels
+
+
+def condition_inputs(st: StepStatics, mllm, ae, batch, rng):
+  """Latents x, per-sample condition ids/validity, image tokens and the token keep-mask for one batch."""
+  r_mask, r_drop = jax.random.split(rng)
+  if st.cached:
+    x = batch["latent"].astype(jnp.float32)
+    tokens = batch["vit_tokens"] if st.needs_vit else None
+  else:
+    x = ae.encode(batch["pixels"])
+    tokens = mllm.encode_image_tokens(batch["vit_pixels"]) if st.needs_vit else None
+  x = jax.lax.stop_gradient(x)
+  if tokens is not None:
+    tokens = jax.lax.stop_gradient(tokens)
+  b = x.shape[0]
+  drop = jax.random.bernoulli(r_drop, st.p_uncond, (b,))
+  ids, valid, use_image = iomm.condition_ids(st.templates, batch["caption_ids"], batch["caption_len"],
+                                             batch["is_image_only"], drop)
+  keep = iomm.sample_keep_mask(r_mask, (b, len(st.templates.image_positions)), st.mask_ratio)
+  return x, ids, valid, tokens, keep, use_image
+
+
+def compute_loss(st: StepStatics, params, frozen, batch, rng):
+  """(loss, aux) of the generator params on one batch; frozen = {'mllm': ..., 'ae': ...} pure dicts."""
+  r_cond, r_loss = jax.random.split(rng)
+  mllm = nnx.merge(st.mllm_def, frozen["mllm"])
+  ae = nnx.merge(st.ae_def, frozen["ae"])
+  x, ids, valid, tokens, keep, use_image = condition_inputs(st, mllm, ae, batch, r_cond)
+  gen = nnx.merge(st.gen_def, params)
+  h, h_mask = iomm.encode_condition(gen.rqa, mllm, st.templates, ids, valid, tokens, keep, use_image,
+                                    mode=st.condition)
+
+  def velocity(x_t, t):
+    return gen.velocity(x_t, t, h, h_mask, masked=st.condition == "all")
+
+  loss, aux = loss_lib.flow_matching_loss(velocity, x, r_loss, t_kwargs=st.t_kwargs)
+  aux["kept_fraction"] = keep.mean()
+  return loss, aux
+
+
+def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, state: TrainState, frozen, batch):
+  """One update. Pure: the same state, frozen weights and batch give the same result on any mesh."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  (loss, aux), grads = jax.value_and_grad(lambda p: compute_loss(st, p, frozen, batch, rng), has_aux=True)(
+      state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = ema_update(state.ema_params, params, st.ema_decay) if st.ema_decay > 0 else state.ema_params
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step),
+             "kept_fraction": aux["kept_fraction"]}
+  if "skipped" in batch:
+    metrics["skipped"] = jnp.sum(batch["skipped"])
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  return new_state, metrics

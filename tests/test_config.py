@@ -1,0 +1,89 @@
+"""Config schema: the shipped configs load and validate; bad fields fail naming the field."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from iomm_jax import config as schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["tiny", "iomm_b", "iomm_l", "iomm_xl"])
+@pytest.mark.parametrize("arg", ["", "pair_pretrain", "finetune", "finetune_pair", "finetune_image"])
+def test_six_recipes_validate(name, arg):
+  c = load(name, arg)
+  if name != "tiny":
+    c.data.path = "/data/x"
+  schema.validate(c)
+  stage, recipe = schema.VARIANTS[arg]
+  assert (c.train.stage, c.data.recipe) == (stage, recipe)
+
+
+def test_paper_settings():
+  b, l, xl = load("iomm_b"), load("iomm_l"), load("iomm_xl")
+  assert (b.train.global_batch, l.train.global_batch, xl.train.global_batch) == (1024, 512, 4096)
+  assert (b.train.mask_ratio, l.train.mask_ratio, xl.train.mask_ratio) == (0.85, 0.85, 0.45)
+  assert (b.train.ema_decay, l.train.ema_decay, xl.train.ema_decay) == (0.999, 0.0, 0.0)
+  assert xl.train.optimizer == "muon" and b.train.optimizer == "adamw"
+  assert load("iomm_b", "finetune").train.global_batch == 256
+  assert load("iomm_b", "finetune,1024").train.global_batch == 96
+  assert load("iomm_b", "finetune").data.mix_lambda == 0.5
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("train.mask_ratio", 1.5, "train.mask_ratio"),
+    ("data.recipe", "captions", "data.recipe"),
+    ("mesh.fsdp", 0, "config.mesh"),
+    ("train.global_batch", 0, "train.global_batch"),
+])
+def test_bad_values_name_the_field(field, value, needle):
+  c = load("tiny")
+  section, key = field.split(".")
+  c[section][key] = value
+  with pytest.raises(schema.ConfigError, match=needle.replace(".", r"\.")):
+    schema.validate(c)
+
+
+def test_missing_mllm_dir_explains_layout(tmp_path):
+  c = load("iomm_b")
+  c.data.path = "/data/x"
+  c.model.mllm.path = str(tmp_path / "nope")
+  with pytest.raises(schema.ConfigError, match="config.json"):
+    schema.validate(c)
+
+
+def _main(*args, cwd=ROOT):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "iomm_jax.main", *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_cli_unknown_config_key_fails(tmp_path):
+  r = _main("--config=configs/tiny.py", "--config.train.no_such_field=3", f"--workdir={tmp_path}")
+  assert r.returncode != 0
+  assert "no_such_field" in r.stderr
+
+
+def test_cli_unwritable_workdir_fails(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  r = _main("--config=configs/tiny.py", f"--workdir={blocker}/sub")
+  assert r.returncode != 0
+  assert "not writable" in (r.stderr + r.stdout)
+
+
+def test_cli_missing_data_dir_fails(tmp_path):
+  r = _main("--config=configs/tiny.py", "--config.data.source=folder",
+            f"--config.data.path={tmp_path}/missing", f"--workdir={tmp_path}/w")
+  assert r.returncode != 0
+  assert "missing" in (r.stderr + r.stdout)
