@@ -62,14 +62,20 @@ def _torch_to_ours_shape(tname: str, shape) -> tuple[int, ...]:
 
 
 def _sharding_lookup(shardings) -> Callable[[str, tuple[int, ...]], Any]:
+  """Normalise the `shardings` argument to a function (dotted path, shape) → sharding or None."""
   if shardings is None:
     return lambda path, shape: None
-  if callable(shardings) and not isinstance(shardings, (Mapping, nnx.State)):
+  if callable(shardings) and not isinstance(shardings, Mapping):
     return shardings
-  flat = flatten_state(shardings) if isinstance(shardings, nnx.State) else dict(shardings)
-  if flat and "." not in next(iter(flat)) and isinstance(next(iter(flat.values())), Mapping):
-    flat = flatten_state(shardings)                      # a nested dict
-  return lambda path, shape: flat[path]
+  # nnx.State, a nested dict, or a flat {dotted path: sharding} dict
+  flat = flatten_state(shardings)
+
+  def lookup(path, shape):
+    if path not in flat:
+      raise KeyError(f"load_internvl: no sharding given for parameter {path!r}")
+    return flat[path]
+
+  return lookup
 
 
 def load_internvl(path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None, shardings=None,

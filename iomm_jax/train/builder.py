@@ -43,16 +43,27 @@ class Run:
   param_counts: dict = dataclasses.field(default_factory=dict)
 
   def init_state(self):
-    """A fresh TrainState at step 0, created directly with its shardings."""
+    """A fresh TrainState at step 0, created directly with its shardings.
+
+    Generator weights start random (seeded) unless config.init.transformer / config.init.rqa name Orbax
+    directories written by `python -m iomm_jax.convert to-jax`; those replace the matching subtrees.
+    """
     seed = self.config.seed
 
-    def init():
+    def init_params():
       gen = factory.make_generator(self.config, nnx.Rngs(seed), self.mcfg)
-      params = nnx.to_pure_dict(nnx.state(gen, nnx.Param))
+      return nnx.to_pure_dict(nnx.state(gen, nnx.Param))
+
+    params = jax.jit(init_params, out_shardings=self.param_shardings)()
+    if self.config.init.transformer or self.config.init.rqa:
+      from iomm_jax.convert import init_weights
+      params = init_weights.apply(self.config, params, self.param_shardings)
+
+    def create(params):
       rng = jax.random.fold_in(jax.random.key(seed), 1)
       return state_lib.create(params, self.optimizer, ema=self.config.train.ema_decay > 0, rng=rng)
 
-    return jax.jit(init, out_shardings=self.state_shardings)()
+    return jax.jit(create, out_shardings=self.state_shardings)(params)
 
   @functools.cached_property
   def train_step(self):
