@@ -14,8 +14,8 @@ def get_config(arg: str | None = None):
   c.model.dtype = "float32"
   c.model.frozen_dtype = "float32"
   c.model.dit.kind = "mmdit"
-  # diffusers FluxTransformer2DModel field names; in_channels = 3 pixel channels × 2×2 patch.
-  c.model.dit.arch = dict(in_channels=12, num_layers=2, num_single_layers=2, attention_head_dim=16,
+  # diffusers FluxTransformer2DModel field names; in_channels = 12 latent channels × 2×2 patch.
+  c.model.dit.arch = dict(in_channels=48, num_layers=2, num_single_layers=2, attention_head_dim=16,
                           num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
                           axes_dims_rope=(4, 6, 6), remat="none")
   c.model.rqa.num_queries = 16
@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
                 intermediate_size=128, max_position_embeddings=512))
   c.model.autoencoder.kind = "identity"
   c.model.autoencoder.scale = 1.0
+  c.model.autoencoder.factor = 2   # 32² RGB → 16²×12 latent → 64 DiT tokens (2×2 patches of 48 values)
 
   c.train.stage = stage
   c.train.num_steps = 1200

@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.autoencoder.kind = "flux_vae"  # 'flux_vae' or 'identity' (pixel space, tiny)
   c.model.autoencoder.path = ""    # diffusers AutoencoderKL folder (FLUX VAE); '' = random init (tests, dry runs)
   c.model.autoencoder.scale = 1.0  # identity only: latent = image × scale
+  c.model.autoencoder.factor = 1   # identity only: space-to-depth factor (latent = factor² × 3 channels)
 
   c.init = C()                     # optional starting weights, Orbax dirs written by `python -m iomm_jax.convert to-jax`
   c.init.transformer = ""

@@ -32,6 +32,17 @@ class MetricsWriter:
       if k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)
 
+  def truncate_after(self, step: int) -> int:
+    """Drop rows logged after `step` (a resumed run re-logs them); returns how many were dropped."""
+    if not self.enabled or not os.path.exists(self.path):
+      return 0
+    rows = read_metrics(os.path.dirname(self.path))
+    keep = [r for r in rows if r["step"] <= step]
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(self.path + ".tmp", self.path)
+    return len(rows) - len(keep)
+
   def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
     if self.enabled:
       self._tb.add_image(tag, image_hwc_uint8, step, dataformats="HWC")

@@ -202,6 +202,13 @@ def test_identity_and_factory():
   np.testing.assert_array_equal(np.asarray(ae.encode(x, rng=jax.random.key(0))), np.asarray(x) * 2.0)
   np.testing.assert_allclose(np.asarray(ae.decode(ae.encode(x))), np.asarray(x), rtol=0, atol=1e-7)
   assert nnx.state(ae, nnx.Param) == nnx.state(IdentityAutoencoder(), nnx.Param)  # no parameters
+  s2d = make_autoencoder("identity", factor=2)
+  assert s2d.downsample == 2 and s2d.latent_channels == 12
+  z = s2d.encode(x)
+  assert z.shape == (x.shape[0], x.shape[1] // 2, x.shape[2] // 2, 12)
+  np.testing.assert_array_equal(np.asarray(z[:, 0, 0, :3]), np.asarray(x[:, 0, 0]))     # block (0,0) pixel (0,0)
+  np.testing.assert_array_equal(np.asarray(z[:, 0, 0, 3:6]), np.asarray(x[:, 0, 1]))    # pixel (0,1) next
+  np.testing.assert_array_equal(np.asarray(s2d.decode(z)), np.asarray(x))               # exactly invertible
   vae = nnx.eval_shape(lambda: make_autoencoder("flux_vae", cfg=TINY["flux_like"], rngs=nnx.Rngs(0)))
   assert isinstance(vae, FluxVAE) and isinstance(vae, Autoencoder) and vae.downsample == 4
   with pytest.raises(ValueError, match="unknown autoencoder kind"):

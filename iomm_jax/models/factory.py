@@ -97,7 +97,7 @@ def make_mllm(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -> Int
 def make_ae(config, rngs: nnx.Rngs):
   a = config.model.autoencoder
   if a.kind == "identity":
-    return make_autoencoder("identity", scale=a.scale, channels=3)
+    return make_autoencoder("identity", scale=a.scale, channels=3, factor=a.factor)
   dtype = DTYPES[config.model.frozen_dtype]
   return make_autoencoder("flux_vae", dtype=dtype, param_dtype=dtype, rngs=rngs)
 

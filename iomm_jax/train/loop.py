@@ -108,10 +108,14 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   if ckpt.latest_step() is not None:
     state, start = ckpt.restore(abstract_with_shardings(run.abstract_state, run.state_shardings), data_iter)
+    dropped = writer.truncate_after(start)
     if is_main:
-      print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+      print(f"resumed from {ckpt.directory} at step {start} (dropped {dropped} metrics rows logged after it)",
+            flush=True)
   else:
     state, start = run.init_state(), 0
+  previous = metrics_lib.read_metrics(workdir) if is_main else []
+  skipped_total = int(previous[-1].get("skipped_total", 0)) if previous else 0  # carried across resumes
   t = config.train
   end = t.num_steps if max_steps is None else min(t.num_steps, start + max_steps)
   grids = SampleGrids(run, workdir) if (t.sample_every and config.data.source == "shapes") else None
@@ -119,7 +123,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   tokens_per_image = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
   step_fn = run.train_step
   timer = metrics_lib.Throughput()
-  window, skipped_total, last = [], 0, {}
+  window, last = [], {}
   bar = tqdm(total=end, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
   step = start
   while step < end:
