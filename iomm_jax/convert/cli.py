@@ -1,0 +1,151 @@
+"""python -m iomm_jax.convert {to-jax,to-torch,verify}: move checkpoints between PyTorch and iomm_jax.
+
+  to-jax   --component {transformer,vae,rqa,mllm} --src PATH --dst DIR [--config JSON] [--dtype bf16|fp32]
+  to-torch --component {transformer,vae,rqa,mllm} --src DIR --dst OUT [--dtype bf16|fp32]
+  to-torch --src WORKDIR [--use-ema|--no-ema] [--step N] --dst OUT     (a training workdir → pipeline folder)
+  verify   --component {transformer,vae,rqa,mllm} --src PATH [--jax DIR] [--config JSON] [--seed 0]
+
+Exit codes: 0 ok; 1 verify above tolerance; 2 user error (the message names what is wrong and the fix).
+See iomm_jax/convert/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from iomm_jax.convert import components, io, keymap
+from iomm_jax.convert.components import COMPONENTS, ConvertError
+
+USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="python -m iomm_jax.convert", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="command", required=True)
+  tj = sub.add_parser("to-jax", help="PyTorch checkpoint → component directory (Orbax + component.json)")
+  tj.add_argument("--component", required=True, choices=COMPONENTS)
+  tj.add_argument("--src", required=True, help="diffusers/transformers folder, .safetensors, or .pt/.bin")
+  tj.add_argument("--dst", required=True, help="output component directory")
+  tj.add_argument("--config", default=None, help="JSON config (needed for a bare .safetensors/.pt/.bin)")
+  tj.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast weights (default: keep)")
+  tj.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+
+  tt = sub.add_parser("to-torch", help="component directory (or training workdir) → PyTorch folder")
+  tt.add_argument("--component", choices=COMPONENTS, default=None, help="required unless --src is a workdir")
+  tt.add_argument("--src", required=True, help="component directory from to-jax, or a training workdir")
+  tt.add_argument("--dst", required=True, help="output folder")
+  tt.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast weights (default: keep)")
+  tt.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
+                  help="workdir: export the EMA weights when the run keeps them (default)")
+  tt.add_argument("--no-ema", dest="use_ema", action="store_false", help="workdir: export the raw parameters")
+  tt.add_argument("--step", type=int, default=None, help="workdir: checkpoint step (default: latest)")
+  tt.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+
+  vf = sub.add_parser("verify", help="our model vs the PyTorch reference on random inputs")
+  vf.add_argument("--component", required=True, choices=COMPONENTS)
+  vf.add_argument("--src", required=True, help="PyTorch checkpoint (or a component directory)")
+  vf.add_argument("--jax", default=None, help="a component directory converted from --src, to check it")
+  vf.add_argument("--config", default=None, help="JSON config for a bare .safetensors/.pt/.bin")
+  vf.add_argument("--seed", type=int, default=0)
+  vf.add_argument("--tol", type=float, default=1e-4, help="max relative difference (default 1e-4)")
+  return ap
+
+
+def _require_exists(path: str, flag: str) -> None:
+  if not Path(path).exists():
+    raise ConvertError(f"{flag}={path} does not exist; check the path")
+
+
+def to_jax(args) -> dict:
+  """PyTorch checkpoint → component directory."""
+  from iomm_jax.convert import orbax_io, transfer
+  _require_exists(args.src, "--src")
+  raw_cfg = transfer.read_torch_config(args.src, args.config)
+  if raw_cfg is None:
+    raise ConvertError(f"--src={args.src} has no config.json beside it; pass --config CONFIG.json (the "
+                       "diffusers/transformers config of this checkpoint)")
+  file_specs = io.tensor_specs(args.src)
+  kind = components.resolve_kind(args.component, raw_cfg, file_specs)
+  spec = components.spec(kind)
+  extra = {}
+  if kind == "mllm":  # keep lm_head when the checkpoint has one, so the round trip is exact
+    extra["with_lm_head"] = any(spec.from_file_key(k) == "lm_head.weight" for k in file_specs)
+  try:
+    cfg = spec.config_from_torch(raw_cfg, **extra) if extra else spec.config_from_torch(raw_cfg)
+  except (TypeError, ValueError) as e:
+    raise ConvertError(f"--component {args.component}: the config does not describe a {spec.torch_class} ({e})") from e
+  flat = transfer.torch_to_ours(spec, cfg, args.src, dtype=transfer.DTYPES.get(args.dtype))
+  dst = orbax_io.save(args.dst, component=spec.component, kind=kind, config=spec.config_to_json(cfg),
+                      params=flat, torch_config=raw_cfg, source=str(Path(args.src).absolute()),
+                      overwrite=args.overwrite)
+  return {"wrote": str(dst), "component": spec.component, "kind": kind, "tensors": len(flat),
+          "dtypes": sorted({str(v.dtype) for v in flat.values()})}
+
+
+def to_torch(args) -> dict:
+  """Component directory → PyTorch folder, or a training workdir → pipeline folder."""
+  from iomm_jax.convert import export, orbax_io, transfer
+  _require_exists(args.src, "--src")
+  dtype = transfer.DTYPES.get(args.dtype)
+  if export.is_workdir(args.src):
+    try:
+      info = export.export_workdir(args.src, args.dst, use_ema=args.use_ema, step=args.step, dtype=dtype,
+                                   overwrite=args.overwrite)
+    except SystemExit as e:  # train.restore reports a workdir without checkpoints this way
+      if isinstance(e.code, str):
+        raise ConvertError(e.code) from e
+      raise
+    return {"wrote": str(Path(args.dst).absolute()), "pipeline": info}
+  if args.component is None:
+    raise ConvertError(f"--src={args.src} is not a training workdir (config.json + checkpoints/); for a component "
+                       "directory pass --component {transformer,vae,rqa,mllm}")
+  meta, flat = orbax_io.load(args.src)
+  if meta["component"] != args.component:
+    raise ConvertError(f"--src={args.src} holds a {meta['component']!r} component, not {args.component!r}; "
+                       f"pass --component {meta['component']}")
+  dst = Path(args.dst)
+  if dst.exists() and any(dst.iterdir()):
+    if not args.overwrite:
+      raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
+    import shutil
+    shutil.rmtree(dst)
+  spec = components.spec(meta["kind"])
+  cfg = spec.config_from_json(meta["config"])
+  # The source's own config.json is written back when it came from PyTorch (keeps every field it had).
+  files = transfer.write_torch_folder(spec, cfg, flat, dst, torch_config=meta.get("torch_config"), dtype=dtype)
+  return {"wrote": str(dst.absolute()), "component": spec.component, "kind": spec.kind,
+          "files": [f.name for f in files]}
+
+
+def verify_cmd(args) -> dict:
+  from iomm_jax.convert import verify
+  _require_exists(args.src, "--src")
+  if args.jax:
+    _require_exists(args.jax, "--jax")
+  return verify.verify(args.component, args.src, jax_dir=args.jax, config_path=args.config, seed=args.seed,
+                       tol=args.tol)
+
+
+def main(argv=None) -> int:
+  """Entry point; returns the exit code (argparse usage errors exit 2 by themselves)."""
+  args = _parser().parse_args(argv)
+  from iomm_jax.models.load_internvl import MLLMCheckpointError
+  try:
+    if args.command == "to-jax":
+      out = to_jax(args)
+    elif args.command == "to-torch":
+      out = to_torch(args)
+    else:
+      out = verify_cmd(args)
+  except (ConvertError, keymap.KeyMismatchError, io.CheckpointNotFoundError, MLLMCheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return USER_ERROR
+  print(json.dumps(out, indent=2, default=str))
+  if args.command == "verify" and not out["passed"]:
+    print(f"verify FAILED: a difference exceeds {args.tol} relative", file=sys.stderr)
+    return 1
+  return 0

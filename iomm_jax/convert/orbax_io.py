@@ -1,0 +1,120 @@
+"""One component's weights as a directory: an Orbax checkpoint of its parameters plus `component.json`.
+
+    DIR/component.json   {"format": "iomm_jax.component", "version": 1, "component": "transformer",
+                          "kind": "mmdit", "config": {our config dataclass as JSON}, "torch_config": {...} | null,
+                          "source": "...", "dtypes": [...]}
+    DIR/params/          Orbax (StandardCheckpointer) of a nested dict: our dotted parameter path split on '.'
+
+`python -m iomm_jax.convert to-jax` writes it; `--config.init.transformer=DIR` / `--config.init.rqa=DIR`
+(convert/init_weights.py) and `to-torch` read it. Arrays keep their dtype (bf16 stays bf16).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from iomm_jax.convert.components import ConvertError
+
+FORMAT = "iomm_jax.component"
+VERSION = 1
+META_FILE = "component.json"
+PARAMS_DIR = "params"
+
+
+def is_component_dir(path: str | Path) -> bool:
+  return (Path(path) / META_FILE).is_file()
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    parts = path.split(".")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = value
+  return out
+
+
+def _flatten(tree, prefix=()) -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (str(k),)))
+    else:
+      out[".".join(prefix + (str(k),))] = v
+  return out
+
+
+def save(dst: str | Path, *, component: str, kind: str, config: dict, params: Mapping[str, Any],
+         torch_config: dict | None = None, source: str | None = None, overwrite: bool = False) -> Path:
+  """Write `params` ({our dotted path: array}) and component.json to DST; returns DST."""
+  import orbax.checkpoint as ocp
+  dst = Path(dst).absolute()
+  if dst.exists() and any(dst.iterdir()):
+    if not overwrite:
+      raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
+    import shutil
+    shutil.rmtree(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  # Host numpy arrays (bf16 via ml_dtypes) are written as they are: no device copy of the whole model.
+  tree = _nest({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(dst / PARAMS_DIR, tree)
+  meta = {"format": FORMAT, "version": VERSION, "component": component, "kind": kind, "config": config,
+          "torch_config": torch_config, "source": source,
+          "dtypes": sorted({str(np.dtype(getattr(v, "dtype", np.float32))) for v in params.values()})}
+  (dst / META_FILE).write_text(json.dumps(meta, indent=2))
+  return dst
+
+
+def read_meta(src: str | Path, *, what: str = "--src") -> dict:
+  """component.json of a component directory, validated."""
+  p = Path(src)
+  if not p.is_dir():
+    raise ConvertError(f"{what}={p} is not a directory; expected a component directory written by "
+                       "`python -m iomm_jax.convert to-jax` (component.json + params/)")
+  f = p / META_FILE
+  if not f.is_file() or not (p / PARAMS_DIR).is_dir():
+    raise ConvertError(f"{what}={p} has no {META_FILE} and {PARAMS_DIR}/; it is not a component directory. "
+                       "Convert the PyTorch checkpoint first: python -m iomm_jax.convert to-jax --component ... "
+                       f"--src TORCH_PATH --dst {p}")
+  try:
+    meta = json.loads(f.read_text())
+  except json.JSONDecodeError as e:
+    raise ConvertError(f"{f} is not valid JSON ({e}); rewrite the directory with to-jax") from e
+  if meta.get("format") != FORMAT:
+    raise ConvertError(f"{f} is not an iomm_jax component file (format={meta.get('format')!r})")
+  return meta
+
+
+def shapes(src: str | Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{dotted path: (shape, dtype)} from the Orbax metadata (no data read)."""
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(Path(src).absolute() / PARAMS_DIR).item_metadata.tree
+  return {k: (tuple(m.shape), m.dtype) for k, m in _flatten(tree).items()}
+
+
+def load(src: str | Path, *, target: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, Any]]:
+  """(component.json dict, {dotted path: array}).
+
+  target: optional {dotted path: jax.ShapeDtypeStruct carrying a sharding}; arrays are then restored directly onto
+  those shardings and cast to those dtypes (keys must equal the stored ones; see init_weights). Without it,
+  numpy arrays in the stored dtypes come back.
+  """
+  import orbax.checkpoint as ocp
+  meta = read_meta(src)
+  path = Path(src).absolute() / PARAMS_DIR
+  with ocp.StandardCheckpointer() as ckptr:
+    if target is None:
+      tree = ckptr.restore(path)
+      flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(tree).items()}
+    else:
+      flat = _flatten(ckptr.restore(path, _nest(dict(target))))
+  return meta, flat
