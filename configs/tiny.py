@@ -56,7 +56,7 @@ def get_config(arg: str | None = None):
   c.data.num_workers = 0
 
   c.sample.steps = 25
-  c.sample.cfg_scale = 2.0
+  c.sample.cfg_scale = 4.5
   c.sample.num = 8
   c.sample.prompts = ("a red circle", "a blue square above a green triangle")
 

@@ -41,12 +41,27 @@ def make_data_iter(run, workdir: str):
   ds = pipeline.make_dataset(run.config.data, global_batch=run.config.train.global_batch,
                              process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir,
                              tokenize=run.tokenize)
-  return iter(ds)
+  it = iter(ds)
+  if run.config.data.cached:
+    check_cached_shapes(run, ds)
+  return it
+
+
+def check_cached_shapes(run, ds) -> None:
+  """A cache built for another resolution or model fails here, naming the cache, not deep inside jit."""
+  first = next(iter(ds))
+  want = {"latent": tuple(run.latent_shape),
+          "vit_tokens": (run.mcfg.num_image_tokens, run.mcfg.text.hidden_size)}
+  for key, shape in want.items():
+    got = tuple(first[key].shape[1:])
+    if got != shape:
+      raise SystemExit(f"config.data.cache_path={run.config.data.cache_path!r}: cached {key} has shape {got} but "
+                       f"this run needs {shape}; rebuild the cache with python -m iomm_jax.cache for this config")
 
 
 def model_batch(batch: dict, cached: bool) -> dict:
   """The arrays the step consumes (drops ids and other host-only fields)."""
-  keys = ["caption_ids", "caption_len", "is_image_only", "skipped"]
+  keys = ["caption_ids", "caption_len", "is_image_only", "skipped", "skipped_uncaptioned"]
   keys += ["latent", "vit_tokens"] if cached else ["pixels", "vit_pixels"]
   return {k: batch[k] for k in keys if k in batch}
 
@@ -115,7 +130,9 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   else:
     state, start = run.init_state(), 0
   previous = metrics_lib.read_metrics(workdir) if is_main else []
-  skipped_total = int(previous[-1].get("skipped_total", 0)) if previous else 0  # carried across resumes
+  # Skip counts are carried across resumes.
+  skipped_total = int(previous[-1].get("skipped_total", 0)) if previous else 0
+  uncaptioned_total = int(previous[-1].get("skipped_uncaptioned_total", 0)) if previous else 0
   t = config.train
   end = t.num_steps if max_steps is None else min(t.num_steps, start + max_steps)
   grids = SampleGrids(run, workdir) if (t.sample_every and config.data.source == "shapes") else None
@@ -139,9 +156,11 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     if step % t.log_every == 0 or step == end:
       host = jax.device_get(window)
       skipped_total += int(sum(x.get("skipped", 0) for x in host))
+      uncaptioned_total += int(sum(x.get("skipped_uncaptioned", 0) for x in host))
       last = {k: float(np.mean([x[k] for x in host])) for k in ("loss", "grad_norm", "kept_fraction")}
       last["lr"] = float(host[-1]["lr"])
       last["skipped_total"] = skipped_total
+      last["skipped_uncaptioned_total"] = uncaptioned_total
       last.update(timer.summary(t.global_batch, jax.device_count(), tokens_per_image, flops, t.peak_flops))
       writer.scalars(step, last)
       bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")

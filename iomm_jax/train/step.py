@@ -80,7 +80,8 @@ def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, 
   ema = ema_update(state.ema_params, params, st.ema_decay) if st.ema_decay > 0 else state.ema_params
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step),
              "kept_fraction": aux["kept_fraction"]}
-  if "skipped" in batch:
-    metrics["skipped"] = jnp.sum(batch["skipped"])
+  for key in ("skipped", "skipped_uncaptioned"):
+    if key in batch:
+      metrics[key] = jnp.sum(batch[key])
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
   return new_state, metrics
