@@ -121,7 +121,8 @@ def test_cached_batches_have_the_keys_and_shapes_the_step_expects(data, cached_r
     assert b["vit_tokens"].shape == (c.train.global_batch, n, d) and b["vit_tokens"].dtype == np.float16
     assert "pixels" not in b and "vit_pixels" not in b
     mb = loop.model_batch(b, cached=True)
-    assert set(mb) == {"caption_ids", "caption_len", "is_image_only", "skipped", "latent", "vit_tokens"}
+    assert set(mb) == {"caption_ids", "caption_len", "is_image_only", "skipped", "skipped_uncaptioned", "latent",
+                       "vit_tokens"}
 
 
 def _losses(workdir):
