@@ -141,7 +141,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   step_fn = run.train_step
   timer = metrics_lib.Throughput()
   window, last = [], {}
-  bar = tqdm(total=end, initial=start, desc="train", disable=not is_main, dynamic_ncols=True)
+  bar = tqdm(total=end, initial=start, desc="train", disable=not is_main, dynamic_ncols=True, mininterval=5.0)
   step = start
   while step < end:
     t0 = time.perf_counter()
