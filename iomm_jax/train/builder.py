@@ -110,8 +110,11 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   abstract_state = jax.eval_shape(
       lambda p: state_lib.create(p, optimizer, ema=config.train.ema_decay > 0, rng=jax.random.key(0)), gen_pure)
   rep = parallel.replicated(mesh)
-  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_sh,
-                                 transform_non_params=lambda _: rep)
+  # Masked optimizers (Muon: AdamW on non-2-D leaves) hold MaskedNode placeholders; they keep no array, so they
+  # stay MaskedNode in the sharding tree too.
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  opt_sh = optax.tree_map_params(optimizer, lambda x, s: x if masked(x) else s, abstract_state.opt_state, param_sh,
+                                 transform_non_params=lambda _: rep, is_leaf=masked)
   state_sh = state_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh,
                                   ema_params=param_sh if config.train.ema_decay > 0 else {}, rng=rep)
 

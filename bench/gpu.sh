@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Time IOMM-B's training step on one GPU: random weights, cached-feature batch shapes (ViT tokens + 64×64×16
+# latents of 512² images), global batch 8. Prints bench/step.py's JSON line, then images/s and MFU.
+#
+#   bench/gpu.sh [extra --config.* / bench flags...]        e.g. bench/gpu.sh --config.model.attention=cudnn
+#
+# Needs the JAX already installed on the CUDA machine (jax + its CUDA plugin); it is never reinstalled or
+# upgraded. Python packages the step imports that are missing are installed from ./wheels (pip --no-index) when
+# that folder has them, else from PyPI, pinned to constraints.txt where it names them. Environment knobs:
+#   IOMM_BENCH_CONFIG     config file (default configs/iomm_b.py)
+#   IOMM_BENCH_BATCH      global batch (default 8)
+#   IOMM_BENCH_STEPS      timed steps (default 20)
+#   IOMM_BENCH_ALLOW_CPU  1: run even without a GPU (smoke test of this script; figures are then meaningless)
+#   PYTHON                interpreter (default python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+CONFIG=${IOMM_BENCH_CONFIG:-configs/iomm_b.py}
+BATCH=${IOMM_BENCH_BATCH:-8}
+STEPS=${IOMM_BENCH_STEPS:-20}
+
+"$PY" -c "import jax" 2>/dev/null || {
+  echo "gpu.sh: jax is not importable by $PY; install jax with its CUDA plugin first (pip install 'jax[cuda12]')" >&2
+  exit 2; }
+
+# module:pip-name of everything the step imports besides jax/numpy.
+NEEDED="grain:grain ml_collections:ml_collections array_record:array_record tensorboardX:tensorboardX
+flax:flax optax:optax orbax.checkpoint:orbax-checkpoint chex:chex absl:absl-py tqdm:tqdm PIL:pillow
+msgpack:msgpack tokenizers:tokenizers transformers:transformers"
+MISSING=()
+for pair in $NEEDED; do
+  mod=${pair%%:*}; pkg=${pair##*:}
+  "$PY" -c "import $mod" 2>/dev/null || MISSING+=("$pkg")
+done
+if (( ${#MISSING[@]} )); then
+  echo "gpu.sh: installing missing packages: ${MISSING[*]}" >&2
+  # Pin what constraints.txt pins, except jax/jaxlib and their plugins: keep the machine's own JAX.
+  CONS=$(mktemp)
+  trap 'rm -f "$CONS"' EXIT
+  if [[ -f constraints.txt ]]; then grep -viE '^(jax|jaxlib|jax-cuda|jax_cuda|torch|nvidia-)' constraints.txt > "$CONS"; fi
+  "$PY" - >> "$CONS" <<'PYEOF'
+import importlib.metadata as md
+for name in ("jax", "jaxlib"):
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        pass
+PYEOF
+  if [[ -d wheels ]] && "$PY" -m pip install -q --no-index --find-links wheels -c "$CONS" "${MISSING[@]}"; then
+    :
+  else
+    [[ -d wheels ]] && echo "gpu.sh: ./wheels lacks some of them; trying PyPI" >&2
+    "$PY" -m pip install -q -c "$CONS" "${MISSING[@]}"
+  fi
+fi
+
+PLATFORM=$("$PY" -c "import jax; print(jax.devices()[0].platform)")
+if [[ "$PLATFORM" != "gpu" && "${IOMM_BENCH_ALLOW_CPU:-0}" != "1" ]]; then
+  echo "gpu.sh: JAX sees no GPU (platform '$PLATFORM'); check the CUDA plugin (python -c 'import jax; print(jax.devices())')," \
+       "or set IOMM_BENCH_ALLOW_CPU=1 for a smoke test" >&2
+  exit 3
+fi
+
+OUT=$(mktemp)
+"$PY" bench/step.py --config="$CONFIG" --synthetic --steps="$STEPS" --warmup=3 \
+  --config.data.cached=True --config.data.cache_path=unused --config.train.global_batch="$BATCH" \
+  --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 "$@" | tee "$OUT"
+"$PY" - "$OUT" <<'PYEOF'
+import json, sys
+line = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
+r = json.loads(line)
+print(f"{r['device_kind']} x{r['devices']}: {r['images_per_s']} images/s, MFU {100 * r['mfu']:.1f}% "
+      f"(step {1000 * r['step_s_median']:.1f} ms, batch {r['global_batch']} @ {r['resolution']}², "
+      f"compile {r['compile_s']} s)")
+PYEOF
+rm -f "$OUT"
