@@ -117,25 +117,12 @@ def test_two_processes_train_and_checkpoint(runs):
   assert "2" in ckpts, ckpts
 
 
-# Known gaps outside this helper's files (see the report of issue 5), each pinned by a strict xfail so that the
-# fix makes it XPASS and the marker must then be removed:
-# 1. The pipeline gives process p the examples p, p+P, p+2P, … of the global stream, so a global batch assembled
-#    from 2 processes holds the 1-process batch's examples in another row order, and the per-row random draws
-#    (mask, t, noise) differ. Equal losses need each process's slice to be a contiguous block of every global batch.
-# 2. Grain's checkpoint handler stores one iterator state per process (process_I-of-P.json) and the 1-process
-#    restore looks for process_0-of-1.json; restoring onto another process count needs the iterator position
-#    translated (×P for the block slicing of point 1).
-_ORDER = pytest.mark.xfail(strict=True, reason="pipeline slices processes by interleaving, not by contiguous block")
-_ITER = pytest.mark.xfail(strict=True, reason="Grain iterator state is not restorable onto another process count")
-
-
-@_ORDER
 def test_two_processes_match_one_process(runs):
+  """Each process reads a contiguous block of every global batch, so 2 × 4 devices equal 1 × 8 devices."""
   for step in (1, 2):
     assert runs["two"][step] == pytest.approx(runs["ref"][step], rel=RTOL), (step, runs["two"], runs["ref"])
 
 
-@_ITER
 def test_resume_two_processes_onto_one_on_another_mesh(runs):
   """Checkpoint of 2 processes × 4 devices on (2,2,2) → 1 process × 8 devices on (1,4,2): continues at step 3
   with the uninterrupted run's loss."""

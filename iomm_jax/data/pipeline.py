@@ -60,6 +60,34 @@ class _Spec:
     where: str  # data path, for error messages
 
 
+class ProcessBlocks(grain.MapDataset):
+    """This process's rows of every global batch: a contiguous block, so batches are independent of process count.
+
+    Local item j is global item (j // b)·G + p·b + j % b (b = per-process batch, G = global batch). Process p's
+    devices hold global rows [p·b, (p+1)·b) of each batch (`jax.make_array_from_process_local_data`), so the global
+    batch — and every per-row random draw of the step — is the same on 1 process or many.
+    """
+
+    def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, per_process: int):
+        super().__init__(parent)
+        self._p, self._n, self._b = int(process_index), int(process_count), int(per_process)
+        self._length = len(parent) // self._n
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global(self, j: int) -> int:
+        return (j // self._b) * self._b * self._n + self._p * self._b + j % self._b
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessBlocks(process {self._p} of {self._n}, {self._b} per batch)"
+
+
 def _with_position(pos: int, idx: int) -> tuple[int, int]:
     return int(pos), int(idx)
 
@@ -216,7 +244,7 @@ def make_dataset(data_cfg: Any, *, global_batch: int, process_index: int = 0, pr
     ds = grain.MapDataset.range(len(source))
     ds = ds.seed(spec.seed).shuffle().repeat()
     ds = ds.map_with_index(_with_position)  # position in the global stream (before the per-process slice)
-    ds = ds[process_index::process_count]
+    ds = ProcessBlocks(ds, process_index, process_count, global_batch // process_count)
     ds = ds.map(load)
     ds = ds.batch(global_batch // process_count, drop_remainder=True)
     prefetch = int(getattr(data_cfg, "prefetch_buffer", 2) or 0)

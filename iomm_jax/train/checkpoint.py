@@ -7,7 +7,9 @@ directory and renames), so an interrupted save never leaves a checkpoint that re
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Any
 
 import grain
@@ -47,9 +49,16 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    data_dir = os.path.join(self.directory, str(step), "data")
+    resharded = False
     if self.with_data and data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+      resharded = os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir, mine))
+      if not resharded:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if resharded:
+      data_iter.set_state(iterator_state_from_other_process_count(data_dir, jax.process_count()))
     return restored["state"], step
 
   def restore_config(self, step: int | None = None) -> dict:
@@ -67,3 +76,23 @@ class Checkpointer:
 def abstract_with_shardings(tree, shardings) -> Any:
   """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) placed on `shardings` (same structure)."""
   return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def iterator_state_from_other_process_count(data_dir: str, new_count: int) -> dict:
+  """The data-iterator state for `new_count` processes from one written by another process count.
+
+  Each process reads a contiguous block of every global batch (data/pipeline.py ProcessBlocks) and Grain's
+  position counts *batches*, so after N steps every process, whatever the count, is at position N: the state of
+  process 0 is valid for all processes of the new layout.
+  """
+  names = [n for n in os.listdir(data_dir) if re.fullmatch(r"process_\d+-of-\d+\.json", n)]
+  if not names:
+    raise FileNotFoundError(f"{data_dir} holds no data-iterator state")
+  old_count = int(re.fullmatch(r"process_\d+-of-(\d+)\.json", names[0]).group(1))
+  with open(os.path.join(data_dir, f"process_0-of-{old_count}.json")) as f:
+    state = json.load(f)
+  if set(state) != {"next_index"}:
+    raise ValueError(f"cannot move the data iterator state in {data_dir} from {old_count} to {new_count} processes: "
+                     f"it is not a plain batch position ({sorted(state)}); resume with {old_count} processes or "
+                     "config.data.num_workers=0")
+  return {"next_index": int(state["next_index"])}
