@@ -38,7 +38,8 @@ def _final_params(workdir, step):
   ck = checkpoint.Checkpointer(str(workdir), with_data=False)
   restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   ck.close()
-  return restored["state"]
+  state = restored["state"]
+  return {"params": state["params"], "ema_params": state["ema_params"], "opt_state": state["opt_state"]}
 
 
 def test_sigkill_resume_is_exact(tmp_path):
