@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/python -m iomm_jax.eval_recon --workdir=$(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest tests
 
 bench: install
 	$(BIN)/python bench/step.py --config=configs/tiny.py
