@@ -99,7 +99,23 @@ def make_ae(config, rngs: nnx.Rngs):
   if a.kind == "identity":
     return make_autoencoder("identity", scale=a.scale, channels=3, factor=a.factor)
   dtype = DTYPES[config.model.frozen_dtype]
-  return make_autoencoder("flux_vae", dtype=dtype, param_dtype=dtype, rngs=rngs)
+  return make_autoencoder("flux_vae", cfg=vae_config(config), dtype=dtype, param_dtype=dtype, rngs=rngs)
+
+
+def vae_config(config):
+  """The FLUX VAE config: from the diffusers folder's config.json when model.autoencoder.path is set, else FLUX.1's."""
+  from iomm_jax.models.flux_vae import FluxVAEConfig
+  path = config.model.autoencoder.path
+  if not path:
+    return FluxVAEConfig()
+  import json
+  import os
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_file):
+    raise ValueError(f"config.model.autoencoder.path={path!r} has no config.json; expected a diffusers AutoencoderKL "
+                     "folder (config.json + diffusion_pytorch_model.safetensors), e.g. the FLUX.1 'vae' subfolder")
+  with open(cfg_file) as f:
+    return FluxVAEConfig.from_diffusers(json.load(f))
 
 
 def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:

@@ -146,10 +146,29 @@ def load_frozen_weights(config, run: Run) -> dict:
     mllm = jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(seed), run.mcfg), nnx.Param)),
                    out_shardings=run.frozen_shardings["mllm"])()
   if config.model.autoencoder.kind == "flux_vae" and config.model.autoencoder.path:
-    from iomm_jax.models.autoencoder import load_flux_vae
-    ae = load_flux_vae(config.model.autoencoder.path, dtype=factory.DTYPES[config.model.frozen_dtype],
-                       shardings=run.frozen_shardings["ae"])
+    ae = load_vae_weights(config, run.frozen_shardings["ae"], factory.DTYPES[config.model.frozen_dtype])
   else:
     ae = jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory.make_ae(config, nnx.Rngs(seed + 1)), nnx.Param)),
                  out_shardings=run.frozen_shardings["ae"])()
   return {"mllm": mllm, "ae": ae}
+
+
+def load_vae_weights(config, shardings, dtype) -> dict:
+  """The diffusers AutoencoderKL folder config.model.autoencoder.path as our pure dict, each tensor placed on its
+  sharding. Strict: missing, unexpected or mis-shaped keys raise convert.keymap.KeyMismatchError listing them."""
+  import numpy as np
+  from iomm_jax.convert import io as convert_io
+  from iomm_jax.convert import keymap, vae_keys
+  _, abstract = _split_pure(nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0))))
+  flat_abs = keymap.flatten_state(abstract)
+  flat_sh = keymap.flatten_state(shardings)
+  theirs = dict(convert_io.iter_tensors(config.model.autoencoder.path))
+  ours = keymap.to_jax(theirs, vae_keys.KEY_TABLE, {k: tuple(v.shape) for k, v in flat_abs.items()})
+  out: dict = {}
+  for dotted, value in ours.items():
+    node = out
+    parts = [int(p) if p.isdigit() else p for p in dotted.split(".")]
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = jax.device_put(np.asarray(value).astype(dtype), flat_sh[dotted])
+  return out
