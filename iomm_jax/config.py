@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mllm.arch = C()          # InternVLConfig overrides when path is '' (tiny config); ignored when path is set
   c.model.mllm.aux_prompt = "Generate an image that is identical to the reference image:"
   c.model.mllm.remat = "full"      # LLM remat policy: 'none', 'full', 'dots_saveable' (the LLM runs fwd+bwd every step)
+  c.model.mllm.scan_layers = False  # LLM decoder layers as one lax.scan: compiles one layer instead of all (DiT: arch.scan_layers)
   c.model.autoencoder = C()
   c.model.autoencoder.kind = "flux_vae"  # 'flux_vae' or 'identity' (pixel space, tiny)
   c.model.autoencoder.path = ""    # diffusers AutoencoderKL folder (FLUX VAE); '' = random init (tests, dry runs)

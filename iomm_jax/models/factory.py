@@ -47,7 +47,8 @@ def mllm_config(config) -> InternVLConfig:
     tok = Processor.tiny(num_image_tokens=cfg.num_image_tokens, image_size=vision.image_size)
     text = dict(text, vocab_size=tok.vocab_size)
     cfg = dataclasses.replace(cfg, text=Qwen2Config(**text), image_token_id=tok.image_token_id)
-  return dataclasses.replace(cfg, remat=config.model.mllm.remat, attention_impl=config.model.attention)
+  return dataclasses.replace(cfg, remat=config.model.mllm.remat, scan_layers=bool(config.model.mllm.scan_layers),
+                             attention_impl=config.model.attention)
 
 
 def mllm_width(cfg: InternVLConfig) -> int:

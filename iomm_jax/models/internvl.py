@@ -31,6 +31,7 @@ class InternVLConfig:
   projector_layer_norm_eps: float = 1e-5     # torch nn.LayerNorm default, as transformers builds it
   image_token_id: int = 151667
   remat: str = "none"                        # LLM layers: 'none' | 'full' | 'dots_saveable'
+  scan_layers: bool = False                  # LLM layers as one lax.scan (compile one layer, not N)
   attention_impl: str | None = None          # None/'xla' | 'cudnn' (layers.attention)
   with_lm_head: bool = False                 # build/load lm_head.weight (IOMM only needs hidden states)
 
@@ -110,7 +111,7 @@ class InternVL(nnx.Module):
     kw = dict(attention_impl=cfg.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vision_tower = InternViT(cfg.vision, **kw)
     self.multi_modal_projector = InternVLMultiModalProjector(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.language_model = Qwen2Model(cfg.text, remat=cfg.remat, **kw)
+    self.language_model = Qwen2Model(cfg.text, remat=cfg.remat, scan_layers=cfg.scan_layers, **kw)
     self.lm_head = (layers.Linear(cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False,
                                   axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                     if cfg.with_lm_head else None)

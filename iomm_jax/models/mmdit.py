@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iomm_jax.models import layers
+from iomm_jax.models import layer_stack, layers
 from iomm_jax.models.mmdit_blocks import (AdaLayerNormContinuous, CombinedTimestepTextProjEmbeddings,
                                           FluxSingleTransformerBlock, FluxTransformerBlock)
 from iomm_jax.models.rope import rope_frequencies
 
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_POLICIES = tuple(layer_stack.REMAT_POLICIES)
 # diffusers config keys that carry no architecture information.
 _DIFFUSERS_META = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 _DIFFUSERS_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
@@ -45,6 +45,7 @@ class MMDiTConfig:
   rope_theta: float = 10000.0         # diffusers hard-codes 10000
   # Ours (not in the diffusers config):
   remat: str = "none"                 # per-block rematerialisation: 'none' | 'full' | 'dots_saveable'
+  scan_layers: bool = False           # run each block stack as one lax.scan (compile one block, not N)
   zero_init: bool = True              # zero adaLN modulation + final projection (adaLN-Zero); False = torch init
   attention_impl: str | None = None   # layers.attention implementation: None/'xla' | 'cudnn'
 
@@ -91,14 +92,6 @@ class MMDiTConfig:
     return out
 
 
-def _remat(fn, policy: str):
-  if policy == "none":
-    return fn
-  pol = (jax.checkpoint_policies.dots_saveable if policy == "dots_saveable"
-         else jax.checkpoint_policies.nothing_saveable)
-  return nnx.remat(fn, policy=pol)
-
-
 class _KeyStream:
   """Stands in for nnx.Rngs when creating parameters: key i = fold_in(base, i), counted in Python.
 
@@ -115,7 +108,8 @@ class _KeyStream:
     return jax.random.fold_in(self.base, self.count)
 
 
-def _run_block(block, hidden, context, temb, cos, sin, key_mask):
+def _run_block(block, carry, temb, cos, sin, key_mask):
+  context, hidden = carry
   return block(hidden, context, temb, cos, sin, key_mask)
 
 
@@ -175,11 +169,11 @@ class MMDiT(nnx.Module):
       image_keys = jnp.ones((hidden.shape[0], n), bool)
       key_mask = jnp.concatenate([encoder_attention_mask.astype(bool), image_keys], axis=1)
 
-    run = _remat(_run_block, cfg.remat)
-    for block in self.transformer_blocks:
-      context, hidden = run(block, hidden, context, temb, cos, sin, key_mask)
-    for block in self.single_transformer_blocks:
-      context, hidden = run(block, hidden, context, temb, cos, sin, key_mask)
+    carry = (context, hidden)
+    for stack in (self.transformer_blocks, self.single_transformer_blocks):
+      carry = layer_stack.run_blocks(stack, carry, temb, cos, sin, key_mask, call=_run_block,
+                                     remat=cfg.remat, scan=cfg.scan_layers)
+    context, hidden = carry
 
     out = self.norm_out(hidden, temb)
     return self.proj_out(out if self.dtype is None else out.astype(self.dtype)).astype(jnp.float32)

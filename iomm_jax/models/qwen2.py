@@ -17,13 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iomm_jax.models import layers
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-}
+from iomm_jax.models import layer_stack, layers
+from iomm_jax.models.layer_stack import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +125,12 @@ class Qwen2DecoderLayer(nnx.Module):
 class Qwen2Model(nnx.Module):
   """transformers.Qwen2Model without KV cache: inputs_embeds → last hidden state after the final norm."""
 
-  def __init__(self, cfg: Qwen2Config, *, remat: str = "none", attention_impl: str | None = None,
+  def __init__(self, cfg: Qwen2Config, *, remat: str = "none", scan_layers: bool = False,
+               attention_impl: str | None = None,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-    self.cfg, self.remat, self.dtype = cfg, remat, dtype
+    self.cfg, self.remat, self.scan_layers, self.dtype = cfg, remat, scan_layers, dtype
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                      rngs=rngs)
     self.layers = nnx.List([
@@ -158,19 +154,7 @@ class Qwen2Model(nnx.Module):
       # cuDNN fused attention takes a full (B, 1, Lq, Lk) mask, not the (B, Lk) key-padding shorthand.
       mask = jnp.broadcast_to(mask[:, None, None, :], (b, 1, l, l))
     h = inputs_embeds.astype(self.dtype)
-    for layer in self.layers:
-      h = self._run_layer(layer, h, cos, sin, mask)
+    # Frozen weights enter the (optionally rematerialised) per-layer function as inputs, not residuals; the
+    # activations inside a layer are recomputed in the backward pass that carries gradients to the RQA.
+    h = layer_stack.run_blocks(self.layers, h, cos, sin, mask, remat=self.remat, scan=self.scan_layers)
     return self.norm(h)
-
-  def _run_layer(self, layer, h, cos, sin, mask):
-    policy = REMAT_POLICIES[self.remat]
-    if self.remat == "none":
-      return layer(h, cos, sin, mask)
-    # jax.checkpoint over a pure function of the layer's state: the frozen weights are inputs, not
-    # residuals, and activations inside the layer are recomputed in the backward pass.
-    graphdef, state = nnx.split(layer)
-
-    def pure(state, h, cos, sin, mask):
-      return nnx.merge(graphdef, state)(h, cos, sin, mask)
-
-    return jax.checkpoint(pure, policy=policy)(state, h, cos, sin, mask)

@@ -34,12 +34,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iomm_jax.models import layer_stack
 from iomm_jax.models.layers import Linear, RMSNorm
 from iomm_jax.models.s3dit_blocks import (ADALN_EMBED_DIM, SEQ_MULTI_OF, FinalLayer, TimestepEmbedder,
                                           ZImageTransformerBlock, init_pad_token, rope_lookup, rope_tables,
                                           round_up)
 
-REMAT_MODES = ("none", "full", "dots_saveable")
+REMAT_MODES = tuple(layer_stack.REMAT_POLICIES)
 
 # diffusers.ZImageTransformer2DModel's constructor defaults: a config dict that omits a field gets these
 # (what diffusers itself would do with that dict). Note cap_feat_dim 2560 here vs our 1536 default.
@@ -70,6 +71,7 @@ class S3DiTConfig:
   axes_lens: tuple[int, ...] = (1024, 512, 512)  # RoPE table lengths per axis
   # --- ours, not in diffusers ---
   remat: str = "none"                # per block: 'none' | 'full' | 'dots_saveable'
+  scan_layers: bool = False          # run each block stack as one lax.scan (compile one block, not N)
   attn_implementation: str | None = None  # layers.attention: None/'xla' | 'cudnn'
 
   def __post_init__(self):
@@ -118,10 +120,6 @@ class S3DiTConfig:
     return out
 
 
-def _call_block(block, *args):
-  return block(*args)
-
-
 class S3DiT(nnx.Module):
   """Z-Image single-stream DiT with a batched, static-shape interface in OUR flow convention (module doc)."""
 
@@ -154,12 +152,9 @@ class S3DiT(nnx.Module):
 
   # ------------------------------------------------------------------------------------------- helpers
 
-  def _block(self, block, *args):
-    """Run one block, rematerialised according to cfg.remat."""
-    if self.cfg.remat == "none":
-      return block(*args)
-    policy = None if self.cfg.remat == "full" else jax.checkpoint_policies.dots_saveable
-    return nnx.remat(_call_block, policy=policy)(block, *args)
+  def _blocks(self, blocks, x, *consts):
+    """Run a block stack (unrolled or scanned, rematerialised) according to cfg.remat / cfg.scan_layers."""
+    return layer_stack.run_blocks(blocks, x, *consts, remat=self.cfg.remat, scan=self.cfg.scan_layers)
 
   def _check_shapes(self, latents, cap_feats, p: int):
     cfg = self.cfg
@@ -237,16 +232,13 @@ class S3DiT(nnx.Module):
     cos_x, sin_x = rope_lookup(tables, img_pos)
     cos_c, sin_c = rope_lookup(tables, cap_pos)
 
-    for block in self.noise_refiner:
-      x = self._block(block, x, None, cos_x, sin_x, adaln)
-    for block in self.context_refiner:
-      cap = self._block(block, cap, live, cos_c, sin_c, None)
+    x = self._blocks(self.noise_refiner, x, None, cos_x, sin_x, adaln)
+    cap = self._blocks(self.context_refiner, cap, live, cos_c, sin_c, None)
 
     u = jnp.concatenate([x, cap], axis=1)
     mask = jnp.concatenate([jnp.ones((b, nx), bool), live], axis=1)
     cos_u, sin_u = jnp.concatenate([cos_x, cos_c], axis=1), jnp.concatenate([sin_x, sin_c], axis=1)
-    for block in self.layers:
-      u = self._block(block, u, mask, cos_u, sin_u, adaln)
+    u = self._blocks(self.layers, u, mask, cos_u, sin_u, adaln)
 
     # The final layer is per token: only the real image tokens are needed.
     out = self.all_final_layer[key](u[:, :n], adaln)
