@@ -17,7 +17,8 @@ def get_config(arg: str | None = None):
   # diffusers FluxTransformer2DModel field names; in_channels = 12 latent channels × 2×2 patch.
   c.model.dit.arch = dict(in_channels=48, num_layers=2, num_single_layers=2, attention_head_dim=16,
                           num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
-                          axes_dims_rope=(4, 6, 6), remat="none")
+                          axes_dims_rope=(4, 6, 6), remat="none",
+                          scan_layers=False)
   c.model.rqa.num_queries = 16
   c.model.rqa.num_heads = 4
   c.model.rqa.num_layers = 1
