@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.stage = "pretrain"       # 'pretrain' or 'finetune' (documentation; the recipe is data.recipe)
   c.train.num_steps = 100_000      # total optimizer updates
   c.train.global_batch = 1024      # images per update, over all processes
+  c.train.grad_accum = 1           # microbatches per update: activations for global_batch / grad_accum images at a time
   c.train.mask_ratio = 0.85        # r: probability that each ViT image token is zeroed (one Bernoulli per token)
   c.train.p_uncond = 0.1           # condition dropout for CFG: the sample's condition becomes the empty-prompt template
   c.train.t_sampling = "uniform"   # 'uniform' (paper), 'logit_normal'
@@ -167,7 +168,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data.mix_lambda={config.data.mix_lambda} must be in [0, 1]")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
-  for name in ("num_steps", "global_batch", "log_every", "ckpt_every", "keep_checkpoints"):
+  for name in ("num_steps", "global_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
     if t[name] <= 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be positive")
   if t.warmup_steps < 0 or t.sample_every < 0:

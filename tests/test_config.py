@@ -87,3 +87,19 @@ def test_cli_missing_data_dir_fails(tmp_path):
             f"--config.data.path={tmp_path}/missing", f"--workdir={tmp_path}/w")
   assert r.returncode != 0
   assert "missing" in (r.stderr + r.stdout)
+
+
+def test_workdir_config_from_an_older_schema_gets_new_fields_defaults(tmp_path):
+  """A run saved before a field existed still loads for sampling/export; saved values win, new fields default."""
+  import json
+
+  from iomm_jax.train import restore
+  saved = schema.base_config().to_dict()
+  del saved["train"]["grad_accum"], saved["model"]["mllm"]["scan_layers"]
+  saved["train"]["global_batch"] = 24
+  saved["model"]["dit"]["arch"] = {"num_layers": 2}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  c = restore.load_config(str(tmp_path))
+  assert (c.train.grad_accum, c.model.mllm.scan_layers, c.train.global_batch) == (1, False, 24)
+  assert dict(c.model.dit.arch) == {"num_layers": 2}
+  assert isinstance(c.mesh.rules, tuple)

@@ -119,11 +119,17 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
                                   ema_params=param_sh if config.train.ema_decay > 0 else {}, rng=rep)
 
   t = config.train
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if t.global_batch % (t.grad_accum * shards):
+    raise ValueError(f"config.train.global_batch={t.global_batch} must be divisible by config.train.grad_accum="
+                     f"{t.grad_accum} × the batch shards data×fsdp={shards}, so that every microbatch is spread "
+                     "evenly over the devices; change the batch, the accumulation or the mesh")
   statics = step_lib.StepStatics(
       gen_def=gen_def, mllm_def=mllm_def, ae_def=ae_def, templates=templates, mask_ratio=t.mask_ratio,
       p_uncond=t.p_uncond, condition=config.model.condition,
       t_kwargs=dict(kind=t.t_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.time_shift),
-      ema_decay=t.ema_decay, needs_vit=config.data.recipe != "pair", cached=bool(config.data.cached))
+      ema_decay=t.ema_decay, needs_vit=config.data.recipe != "pair", cached=bool(config.data.cached),
+      grad_accum=int(t.grad_accum))
   counts = {"dit": count_params(gen_abs["dit"]), "rqa": count_params(gen_abs["rqa"]),
             "mllm": count_params(mllm_abs), "autoencoder": count_params(ae_abs)}
   run = Run(config=config, mesh=mesh, mcfg=mcfg, processor=processor, templates=templates, tokenize=tokenize,

@@ -6,6 +6,7 @@ import os
 
 import ml_collections
 
+from iomm_jax import config as config_lib
 from iomm_jax.train import builder, checkpoint
 
 
@@ -16,7 +17,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise SystemExit(f"{path} not found: --workdir must be a training workdir written by python -m iomm_jax.main")
   import json
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = _tuples(json.load(f))
+  # Fields added to the schema after the run started take their defaults, so older workdirs still load.
+  return ml_collections.ConfigDict(_with_defaults(saved, config_lib.base_config().to_dict()))
+
+
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and value and isinstance(out[key], dict):
+      out[key] = _with_defaults(out[key], value)
+  return out
 
 
 def _tuples(node):

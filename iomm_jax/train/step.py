@@ -30,6 +30,7 @@ class StepStatics:
   ema_decay: float
   needs_vit: bool      # False for text-only recipes: skip the ViT entirely
   cached: bool         # batch carries 'vit_tokens' and 'latent' instead of pixels
+  grad_accum: int = 1  # microbatches per update (gradient accumulation)
 
 
 def condition_inputs(st: StepStatics, mllm, ae, batch, rng):
@@ -70,11 +71,43 @@ def compute_loss(st: StepStatics, params, frozen, batch, rng):
   return loss, aux
 
 
+def microbatches(batch, n: int):
+  """(B, …) arrays → (n, B/n, …); microbatch i holds rows i, i+n, i+2n, … .
+
+  Strided rather than contiguous: each device's contiguous block of the batch then contributes equally to every
+  microbatch, so a microbatch stays sharded over (data, fsdp) like the batch instead of living on 1/n of the devices.
+  """
+  def split(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(st: StepStatics, params, frozen, batch, rng):
+  """((loss, aux), grads) over the batch; with st.grad_accum = n > 1 the mean over n microbatches, run one after
+  another under lax.scan (microbatch i uses fold_in(rng, i)), so activations are held for B/n images only."""
+  grad_fn = jax.value_and_grad(lambda p, b, r: compute_loss(st, p, frozen, b, r), has_aux=True)
+  n = st.grad_accum
+  if n == 1:
+    return grad_fn(params, batch, rng)
+  micro = microbatches(batch, n)
+
+  def body(total, xs):
+    i, mb = xs
+    out = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, total, out), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(grad_fn, params, first, rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(n), micro))
+  return jax.tree.map(lambda x: x / n, total)
+
+
 def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, state: TrainState, frozen, batch):
   """One update. Pure: the same state, frozen weights and batch give the same result on any mesh."""
   rng = jax.random.fold_in(state.rng, state.step)
-  (loss, aux), grads = jax.value_and_grad(lambda p: compute_loss(st, p, frozen, batch, rng), has_aux=True)(
-      state.params)
+  model_batch = {k: v for k, v in batch.items() if k not in ("skipped", "skipped_uncaptioned")}
+  (loss, aux), grads = loss_and_grads(st, state.params, frozen, model_batch, rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = ema_update(state.ema_params, params, st.ema_decay) if st.ema_decay > 0 else state.ema_params
