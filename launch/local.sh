@@ -2,6 +2,7 @@
 # Run N cooperating JAX processes of `python -m iomm_jax.main` on this machine (CPU, gloo collectives).
 #
 #   launch/local.sh N --config=configs/tiny.py:short --workdir=runs/local2 [--config.mesh.fsdp=4 ...]
+#   IOMM_MODULE=iomm_jax.cache launch/local.sh 2 --config=... --dst=DIR      # the feature cache, 2 processes
 #
 # Each process gets IOMM_LOCAL_DEVICES / N simulated CPU devices (default 8 / N) through
 # XLA_FLAGS=--xla_force_host_platform_device_count, and joins the job through the environment read by
@@ -10,6 +11,7 @@
 #   IOMM_LOCAL_DEVICES  total simulated devices over all processes (default 8)
 #   IOMM_PORT           coordinator port (default: a free port from portpicker)
 #   IOMM_PYTHON         python interpreter (default: python)
+#   IOMM_MODULE         the module every process runs (default: iomm_jax.main; iomm_jax.cache works the same way)
 #   IOMM_PID_DIR        if set, process i writes its pid to $IOMM_PID_DIR/p<i>.pid (tests use it to kill one)
 #   IOMM_GRACE_S        after the first failure, seconds to let the others exit on their own before they are
 #                       killed (default 180; the processes' own watchdog, config.distributed.heartbeat_timeout_s,
@@ -30,6 +32,7 @@ if (( TOTAL % N )); then
 fi
 PER=$(( TOTAL / N ))
 PY=${IOMM_PYTHON:-python}
+MODULE=${IOMM_MODULE:-iomm_jax.main}
 GRACE=${IOMM_GRACE_S:-180}
 PORT=${IOMM_PORT:-$("$PY" -c 'import portpicker; print(portpicker.pick_unused_port())')} || {
   echo "local.sh: could not pick a free port (is portpicker installed? or set IOMM_PORT)" >&2; exit 2; }
@@ -51,7 +54,7 @@ for (( i = 0; i < N; i++ )); do
   JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" \
   JAX_NUM_PROCESSES="$N" \
   JAX_PROCESS_ID="$i" \
-    "$PY" -u -m iomm_jax.main "$@" > >(sed -u "s/^/[p$i] /") 2> >(sed -u "s/^/[p$i] /" >&2) &
+    "$PY" -u -m "$MODULE" "$@" > >(sed -u "s/^/[p$i] /") 2> >(sed -u "s/^/[p$i] /" >&2) &
   PIDS[i]=$!
   if [[ -n "${IOMM_PID_DIR:-}" ]]; then mkdir -p "$IOMM_PID_DIR" && echo "${PIDS[i]}" > "$IOMM_PID_DIR/p$i.pid"; fi
 done

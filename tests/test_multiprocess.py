@@ -159,3 +159,28 @@ def test_killed_process_stops_its_peer(tmp_path, launcher):
   assert ("IOMM DISTRIBUTED FAILURE: process 0 of 2: peer process(es) [1]" in out
           or "stopped sending heartbeats" in out), out
   assert elapsed < heartbeat + 60
+
+
+def test_feature_cache_from_two_processes_equals_one_process(tmp_path, launcher):
+  """`python -m iomm_jax.cache` on 2 processes × 4 devices writes the same features, in the same record order, as
+  on 1 process × 8 devices (each process encodes a contiguous range; shard names sort into source order)."""
+  import numpy as np
+
+  from iomm_jax.data import shapes, sources
+  num = 20  # not a multiple of the batch: the last batch of each process is padded
+  src = tmp_path / "src"
+  shapes.write_arrayrecord(src, num, 64, seed=3, shards=2, progress=False)
+  base = SMALL + ["--config.data.source=arrayrecord", f"--config.data.path={src}", "--shards=2", "--no_progress"]
+  for n in (1, 2):
+    launcher.run(n, base + [f"--dst={tmp_path / f'cache{n}'}"], str(tmp_path / f"cache{n}.log"),
+                 IOMM_MODULE="iomm_jax.cache")
+  one, two = sources.ArrayRecordSource(str(tmp_path / "cache1")), sources.ArrayRecordSource(str(tmp_path / "cache2"))
+  assert len(one) == len(two) == num
+  assert len(os.listdir(tmp_path / "cache2")) > len(os.listdir(tmp_path / "cache1"))  # per-process shard files
+  for i in range(num):
+    a, b = one[i], two[i]
+    assert a["id"] == b["id"], i
+    for key in ("vit_tokens", "latent"):
+      np.testing.assert_allclose(np.asarray(b[key], np.float32), np.asarray(a[key], np.float32), rtol=0, atol=2e-3,
+                                 err_msg=f"record {i} {key}")
+  assert not np.allclose(np.asarray(one[0]["vit_tokens"], np.float32), np.asarray(one[1]["vit_tokens"], np.float32))
