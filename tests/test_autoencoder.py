@@ -215,3 +215,34 @@ def test_identity_and_factory():
     make_autoencoder("vqgan")
   with pytest.raises(ValueError, match="norm_num_groups"):
     FluxVAEConfig(**{**TINY["flux_like"], "norm_num_groups": 24})
+
+
+def test_run_loads_the_vae_from_a_diffusers_folder(tmp_path):
+  """config.model.autoencoder.path = a save_pretrained AutoencoderKL folder: the run's VAE takes its config and
+  weights (sharded on a 2-device mesh) and encodes like diffusers; a folder missing a tensor fails naming it."""
+  from safetensors.torch import load_file, save_file
+
+  from helpers import tiny_config
+  from iomm_jax import parallel
+  from iomm_jax.models import factory
+  from iomm_jax.train import builder
+  ref = _reference("flux_like")
+  ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
+  c = tiny_config()
+  c.model.autoencoder.kind, c.model.autoencoder.path = "flux_vae", str(tmp_path / "vae")
+  c.model.frozen_dtype = "float32"
+  mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:2])
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: factory.make_ae(c, nnx.Rngs(0))))
+  shardings = parallel.param_shardings(abstract, mesh, c.mesh.rules)
+  params = builder.load_vae_weights(c, shardings, jnp.float32)
+  ae = nnx.merge(graphdef, params)
+  assert ae.latent_channels == 16 and ae.downsample == 4  # from the folder's config.json, not FLUX.1's defaults
+  images = _images(2, 16, 16)
+  _assert_close(_encode(ae, jnp.asarray(images)), _torch_encode_normalised(ref, images))
+
+  weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+  sd = load_file(weights)
+  del sd["encoder.conv_in.bias"]
+  save_file(sd, weights)
+  with pytest.raises(keymap.KeyMismatchError, match="encoder.conv_in.bias"):
+    builder.load_vae_weights(c, shardings, jnp.float32)

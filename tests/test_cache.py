@@ -21,25 +21,6 @@ NUM = 40  # records in the procedural ArrayRecord set
 SHARDS = 2
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: the three training runs and the direct step calls below
-    compile the same step, so only the first pays for it (the tiny step takes ~30 s to compile on 2 busy cores)."""
-    from jax._src import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
 def image_config(src, **kw):
     return tiny_config(data__source="arrayrecord", data__path=str(src), train__sample_every=0, **kw)
 
@@ -68,7 +49,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cached_run(data, compile_cache):
+def cached_run(data):
     return builder.build(cached_config(data["dst"]))
 
 

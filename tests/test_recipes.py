@@ -13,27 +13,8 @@ from iomm_jax.data import pipeline, records, shapes
 from iomm_jax.train import loop
 
 # Steps are compiled once per distinct step graph: 'image' and 'mix' share one, the two pair recipes another
-# (no ViT). Keep every HLO-relevant field equal across tests (batch 8, tiny defaults) so the cache below hits.
+# (no ViT). Keep every HLO-relevant field equal across tests (batch 8, tiny defaults) so the session-wide compilation cache (tests/conftest.py) hits.
 STEP = dict(train__sample_every=0, train__num_steps=1, train__log_every=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (the tiny step compiles in ~30 s on 2 busy cores)."""
-    import jax
-    from jax._src import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
 
 
 def write_pngs(folder, n, res, uncaptioned=()):

@@ -36,8 +36,7 @@ def save_resolved_config(config, workdir: str) -> None:
 
 
 def make_data_iter(run, workdir: str):
-  per_process = parallel.batch_size_per_process(run.config.train.global_batch, run.mesh)
-  del per_process  # validated above; the pipeline slices by process itself
+  parallel.batch_size_per_process(run.config.train.global_batch, run.mesh)  # validates; the pipeline slices itself
   ds = pipeline.make_dataset(run.config.data, global_batch=run.config.train.global_batch,
                              process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir,
                              tokenize=run.tokenize)
