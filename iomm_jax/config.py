@@ -93,8 +93,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_images = 10_000       # shapes only: dataset size
   c.data.resolution = 512          # training image size (short-side resize + centre crop)
   c.data.vit_size = 448            # ViT input size (one tile, ImageNet mean/std)
+  c.data.buckets = ()              # aspect-ratio buckets ((height, width), ...), sides multiples of 16: each record
+                                   #   goes to the nearest aspect ratio, each global batch is one bucket; () = square
+                                   #   crops at data.resolution (sampling and grids stay square at data.resolution)
   c.data.recipe = "image"          # 'image' (image-only), 'pair' (text-image pairs), 'mix' (λ image-only)
   c.data.mix_lambda = 0.5          # mix: probability that a sample is image-only
+  c.data.image_source = ""         # mix: '' = image-only samples are pair-set images, captions dropped; else the
+                                   #   image set's own source kind (as data.source), walked in its own shuffled order
+  c.data.image_path = ""           # mix: where that image set lives (as data.path)
+  c.data.image_cache_path = ""     # mix + data.cached: feature cache of the image set (as data.cache_path)
   c.data.max_text_tokens = 128     # caption template length (tokens, after the chat template)
   c.data.skip_uncaptioned = False  # pair/mix: count and skip caption-less records instead of failing at start
   c.data.num_workers = 0           # Grain worker processes (0 = in the training process)
@@ -181,6 +188,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.data.cached=True needs config.data.cache_path (write it with python -m iomm_jax.cache)")
   if config.data.source != "shapes" and not config.data.cached and not config.data.path:
     raise ConfigError(f"config.data.path is empty but config.data.source={config.data.source!r} needs a dataset path")
+  _validate_image_set(config.data)
+  _validate_buckets(config.data)
   if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
     raise ConfigError(
         f"config.model.mllm.path={config.model.mllm.path!r} is not a directory. Point it at a local copy of "
@@ -198,6 +207,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.mesh.rules maps {name!r} to {axis!r}; mesh axes are 'data', 'fsdp', 'tensor' or None")
   if not config.sample.prompts:
     raise ConfigError("config.sample.prompts must list at least one prompt")
+
+
+IMAGE_SOURCES = ("", "shapes", "folder", "arrayrecord", "tfds", "jsonl", "csv", "parquet")
+
+
+def _validate_image_set(d: ml_collections.ConfigDict) -> None:
+  """data.image_source / image_path / image_cache_path: the separate image half of recipe 'mix'."""
+  if d.image_source not in IMAGE_SOURCES:
+    raise ConfigError(f"config.data.image_source={d.image_source!r} is not one of {IMAGE_SOURCES} ('' = the "
+                      "image-only samples of 'mix' are the pair set's images with their captions dropped)")
+  if not d.image_source:
+    for name in ("image_path", "image_cache_path"):
+      if d[name]:
+        raise ConfigError(f"config.data.{name}={d[name]!r} is set but config.data.image_source is ''; set "
+                          f"config.data.image_source to the image set's kind (e.g. 'arrayrecord'), or clear it")
+    return
+  if d.recipe != "mix":
+    raise ConfigError(f"config.data.image_source={d.image_source!r} feeds the image-only half of recipe 'mix', but "
+                      f"config.data.recipe={d.recipe!r}; for image-only training set data.source/data.path instead")
+  if d.cached and not d.image_cache_path:
+    raise ConfigError("config.data.image_source is set and config.data.cached=True: config.data.image_cache_path "
+                      "must name the image set's feature cache (python -m iomm_jax.cache with data.source/data.path "
+                      "set to the image set)")
+  if not d.cached and d.image_source != "shapes" and not d.image_path:
+    raise ConfigError(f"config.data.image_path is empty but config.data.image_source={d.image_source!r} needs the "
+                      "image set's path")
+
+
+def _validate_buckets(d: ml_collections.ConfigDict) -> None:
+  """data.buckets: well-formed shapes; not with the feature cache or a separate image set."""
+  if not d.buckets:
+    return
+  from iomm_jax.data.buckets import check_buckets  # lazy: the schema module stays free of data dependencies
+  try:
+    check_buckets(d.buckets, field="config.data.buckets")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if d.cached:
+    raise ConfigError("config.data.buckets is not supported with config.data.cached=True (the feature cache holds "
+                      "one square crop per image); set config.data.buckets=() or train from images")
+  if d.image_source:
+    raise ConfigError("config.data.buckets with config.data.image_source is not supported; use one of them")
 
 
 VARIANTS = {

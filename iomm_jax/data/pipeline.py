@@ -16,6 +16,7 @@ is_image_only       bool (b,)          recipe 'image': all True; 'pair': all Fal
 skipped             int32 (b,)         unreadable records skipped to fill this slot (sum it into the metrics)
 skipped_uncaptioned int32 (b,)         caption-less records skipped in a slot that needs a caption
 index               int64 (b,)         source index of the record used (debugging, tests)
+from_image_set      bool (b,)          only with ``data.image_source``: the record came from the image set
 =================== ================== ==========================================================================
 
 With ``data.cached=True`` the source is the feature cache and ``pixels``/``vit_pixels`` are replaced by
@@ -24,9 +25,21 @@ With ``data.cached=True`` the source is the feature cache and ``pixels``/``vit_p
 Why the chain starts from ``MapDataset.range(len(source))`` rather than ``MapDataset.source(source)``: reading
 happens inside the map, which knows the record index and can substitute the next readable record
 (index+1, index+2, …) for an unreadable one deterministically, whatever the worker count.
-The image-only/pair draw of 'mix' uses an rng seeded by (seed, global stream position), so it is reproducible,
-independent of workers and process count, and differs between epochs.
-Aspect-ratio buckets are not implemented: every image is centre-cropped to a square.
+The image-only/pair draw of 'mix' is a seeded i.i.d. Bernoulli(λ) per global stream position (``mix.SeededDraws``),
+so it is reproducible, independent of workers and process count, and differs between epochs.
+
+The image half of 'mix' comes either from the pair set (its images with the captions dropped; the default) or, with
+``data.image_source``/``data.image_path`` (``data.image_cache_path`` when cached), from its own image set: then
+image-only positions walk the image set's own shuffled order and pair positions the pair set's
+(``mix.MixedStream``), each set in order, epoch after epoch. Unreadable records are replaced by the next record of
+the same set and counted in ``skipped``; caption checks apply to the pair set only.
+
+With ``data.buckets`` (a tuple of (height, width) shapes; see ``buckets.py``) each record is assigned to the bucket
+of nearest aspect ratio, resized to cover it and centre-cropped to it; ``pixels`` is then (b,H,W,3) with (H, W)
+the bucket of that batch, and a ``bucket`` int32 (b,) field names it. Every global batch comes from one bucket
+(``buckets.BucketStream``: batches of different buckets interleaved in a seeded order, each bucket's records walked
+in their own shuffled order), so all processes agree on the shape of step k; the ViT view stays V×V. Without
+buckets every image is centre-cropped to a square of side ``data.resolution``.
 """
 from __future__ import annotations
 
@@ -36,7 +49,8 @@ from typing import Any, Callable
 import grain
 import numpy as np
 
-from iomm_jax.data import decode, sources
+from iomm_jax.data import buckets as buckets_lib
+from iomm_jax.data import decode, mix, sources
 
 RECIPES = ("image", "pair", "mix")
 MAX_CONSECUTIVE_SKIPS = 256  # unreadable/uncaptioned records tolerated in a row before the pipeline fails
@@ -58,6 +72,9 @@ class _Spec:
     skip_uncaptioned: bool
     cached: bool
     where: str  # data path, for error messages
+    image_set: bool = False  # 'mix' reads its image-only samples from a separate image set (data.image_source)
+    image_where: str = ""    # the image set's path, for error messages
+    buckets: tuple = ()      # aspect-ratio buckets ((height, width), ...); () = square centre crops
 
 
 class ProcessBlocks(grain.MapDataset):
@@ -88,24 +105,33 @@ class ProcessBlocks(grain.MapDataset):
         return f"ProcessBlocks(process {self._p} of {self._n}, {self._b} per batch)"
 
 
-def _with_position(pos: int, idx: int) -> tuple[int, int]:
-    return int(pos), int(idx)
+def _with_position(pos: int, idx: int) -> mix.Slot:
+    return mix.Slot(int(pos), int(idx))
 
 
 class LoadExample:
-    """Map function: (global stream position, source index) → one example dict (see the module docstring)."""
+    """Map function: ``mix.Slot`` (global stream position, source index, …) → one example dict (module docstring).
 
-    def __init__(self, source: Any, spec: _Spec, tokenize: Callable[[str], list[int]] | None = None):
+    ``image_source``: the separate image set of 'mix' (``data.image_source``); slots flagged ``image_set`` read it.
+    ``bucket_lists``: with ``data.buckets``, the record indices of each bucket; a slot of bucket b is cropped to
+    that bucket's shape, and an unreadable record is replaced by the next record of the same bucket.
+    """
+
+    def __init__(self, source: Any, spec: _Spec, tokenize: Callable[[str], list[int]] | None = None,
+                 image_source: Any = None, bucket_lists: list | None = None):
         self.source, self.spec, self.tokenize = source, spec, tokenize
+        self.image_source, self.bucket_lists = image_source, bucket_lists
         self.n = len(source)
+        self.draws = mix.mix_draws(spec.seed, spec.mix_lambda) if spec.recipe == "mix" else None
 
     def image_only(self, pos: int) -> bool:
+        """Whether global stream position ``pos`` is an image-only sample (recipe 'mix': Bernoulli(λ), seeded)."""
         s = self.spec
         if s.recipe == "image":
             return True
         if s.recipe == "pair":
             return False
-        return bool(np.random.default_rng([s.seed & 0xFFFFFFFF, pos, 0x313]).random() < s.mix_lambda)
+        return self.draws.label(pos) == 1
 
     def _caption_fields(self, rec: dict) -> dict:
         t = self.spec.max_text_tokens
@@ -122,30 +148,53 @@ class LoadExample:
         return {"caption_ids": ids, "caption_len": np.int32(len(toks)), "has_caption": np.bool_(caption is not None
                                                                                                 or stored is not None)}
 
-    def _payload(self, rec: dict) -> dict:
+    def _payload(self, rec: dict, image_set: bool = False, bucket: int = -1) -> dict:
         s = self.spec
         kind = rec.get("kind")
+        where = s.image_where if image_set else s.where
+        prefix = "image_" if image_set else ""
         if s.cached:
             if kind != "features":
-                raise DataConfigError(f"data.cached=True but {s.where} holds {kind or 'raw'} records, not cached "
-                                      "features; point data.cache_path at the output of `python -m iomm_jax.cache`")
+                raise DataConfigError(f"data.cached=True but {where} holds {kind or 'raw'} records, not cached "
+                                      f"features; point data.{prefix}cache_path at the output of "
+                                      "`python -m iomm_jax.cache`")
             return {"vit_tokens": np.array(rec["vit_tokens"]), "latent": np.array(rec["latent"])}
         if kind == "features":
-            raise DataConfigError(f"{s.where} holds cached features; set data.cached=True and data.cache_path to it")
-        im = decode.to_rgb(rec, draft_size=s.resolution)
-        pixels, vit_pixels = decode.views(im, s.resolution, s.vit_size)
+            raise DataConfigError(f"{where} holds cached features; set data.cached=True and data.{prefix}cache_path "
+                                  "to it")
+        if bucket >= 0:
+            height, width = s.buckets[bucket]
+            im = decode.to_rgb(rec, draft_size=max(height, width))  # short side >= max covers any crop
+            pixels, vit_pixels = buckets_lib.views(im, height, width, s.vit_size)
+        else:
+            im = decode.to_rgb(rec, draft_size=s.resolution)
+            pixels, vit_pixels = decode.views(im, s.resolution, s.vit_size)
         return {"pixels": pixels, "vit_pixels": vit_pixels}
 
-    def __call__(self, pos_idx: tuple[int, int]) -> dict:
-        pos, idx = pos_idx
-        image_only = self.image_only(pos)
+    def __call__(self, slot: tuple) -> dict:
+        slot = mix.Slot(*slot)
+        pos, idx = slot.pos, slot.index
+        from_image_set = bool(slot.image_set)
+        if from_image_set and self.image_source is None:
+            raise ValueError("LoadExample: an image-set slot but no image_source was given")
+        source = self.image_source if from_image_set else self.source
+        where = self.spec.image_where if from_image_set else self.spec.where
+        bucket = int(slot.bucket)
+        if bucket >= 0:  # candidates: this bucket's records, from the slot's rank on
+            members = self.bucket_lists[bucket]
+            n, first = len(members), int(slot.rank)
+        else:
+            members, n, first = None, len(source), idx
+        # With a separate image set the stream decides (image-set slot ⇔ image-only); else the seeded draw does.
+        image_only = from_image_set or (not self.spec.image_set and self.image_only(pos))
         needs_caption = not image_only
         skipped = uncaptioned = 0
         first_error = None
-        for k in range(min(self.n, MAX_CONSECUTIVE_SKIPS + 1)):
-            j = (idx + k) % self.n
+        for k in range(min(n, MAX_CONSECUTIVE_SKIPS + 1)):
+            # an unreadable record is replaced by the next one of the same set (and bucket)
+            j = (first + k) % n if members is None else int(members[(first + k) % n])
             try:
-                rec = self.source[j]
+                rec = source[j]
             except Exception as e:  # unreadable file / corrupt record
                 skipped += 1
                 first_error = first_error or f"{type(e).__name__}: {e}"
@@ -159,7 +208,7 @@ class LoadExample:
                 uncaptioned += 1
                 continue
             try:
-                out = self._payload(rec)
+                out = self._payload(rec, from_image_set, bucket)
             except DataConfigError:
                 raise
             except Exception as e:
@@ -169,11 +218,58 @@ class LoadExample:
             out.update(self._caption_fields(rec))
             out.update(is_image_only=np.bool_(image_only), skipped=np.int32(skipped),
                        skipped_uncaptioned=np.int32(uncaptioned), index=np.int64(j))
+            if self.spec.image_set:
+                out["from_image_set"] = np.bool_(from_image_set)
+            if self.spec.buckets:
+                out["bucket"] = np.int32(bucket)
             return out
         raise RuntimeError(
-            f"{skipped + uncaptioned} records in a row from index {idx} of {self.spec.where} are unusable "
+            f"{skipped + uncaptioned} records in a row from index {idx} of {where}"
+            f"{'' if bucket < 0 else f' (bucket {self.spec.buckets[bucket]})'} are unusable "
             f"({skipped} unreadable, {uncaptioned} without caption; first error: {first_error}); check the "
             "data (e.g. re-run prepare, which validates images) or the data path")
+
+
+def _image_set(data_cfg: Any, recipe: str, cached: bool) -> str:
+    """Validates data.image_source / image_path / image_cache_path; returns the image set's location ('' = none)."""
+    kind = str(getattr(data_cfg, "image_source", "") or "")
+    path = str(getattr(data_cfg, "image_path", "") or "")
+    cache_path = str(getattr(data_cfg, "image_cache_path", "") or "")
+    if kind and kind not in sources.SOURCES:
+        raise ValueError(f"data.image_source={kind!r} is not one of {('',) + sources.SOURCES} ('' = the image-only "
+                         "samples of 'mix' are the pair set's images with their captions dropped)")
+    if not kind:
+        for name, value in (("image_path", path), ("image_cache_path", cache_path)):
+            if value:
+                raise ValueError(f"data.{name}={value!r} is set but data.image_source is ''; set data.image_source "
+                                 "to the image set's kind (e.g. 'arrayrecord', 'folder'), or clear data."
+                                 f"{name}")
+        return ""
+    if recipe != "mix":
+        raise ValueError(f"data.image_source={kind!r} feeds the image-only half of recipe 'mix', but data.recipe="
+                         f"{recipe!r}; for image-only training point data.source/data.path at the image set")
+    if cached:
+        if not cache_path:
+            raise ValueError(f"data.image_source={kind!r} with data.cached=True needs data.image_cache_path: a "
+                             "feature cache of the image set (`python -m iomm_jax.cache` with data.source/data.path "
+                             "set to the image set)")
+        return cache_path
+    if not path and kind != "shapes":
+        raise ValueError(f"data.image_source={kind!r} needs data.image_path (where the image set lives)")
+    return path or kind
+
+
+class _ImageSetConfig:
+    """``data_cfg`` as ``sources.make_source`` should see it for the image set: source/path/cache_path replaced."""
+
+    def __init__(self, data_cfg: Any):
+        self._cfg = data_cfg
+        self.source = data_cfg.image_source
+        self.path = getattr(data_cfg, "image_path", "")
+        self.cache_path = getattr(data_cfg, "image_cache_path", "")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)
 
 
 def _spec(data_cfg: Any, where: str) -> _Spec:
@@ -186,10 +282,47 @@ def _spec(data_cfg: Any, where: str) -> _Spec:
     for name in ("resolution", "vit_size", "max_text_tokens"):
         if int(getattr(data_cfg, name)) <= 0:
             raise ValueError(f"data.{name}={getattr(data_cfg, name)} must be positive")
+    cached = bool(getattr(data_cfg, "cached", False))
+    image_where = _image_set(data_cfg, recipe, cached)
+    buckets = buckets_lib.check_buckets(getattr(data_cfg, "buckets", ()) or ())
+    if buckets and cached:
+        raise ValueError("data.buckets is not supported with data.cached=True: the feature cache holds one square "
+                         "crop per image; set data.buckets=() or train from images (data.cached=False)")
+    if buckets and image_where:
+        raise ValueError("data.buckets with a separate image set (data.image_source) is not supported; use one of "
+                         "them, or image-only samples from the pair set (data.image_source='')")
     return _Spec(recipe=recipe, mix_lambda=lam, seed=int(data_cfg.seed), resolution=int(data_cfg.resolution),
                  vit_size=int(data_cfg.vit_size), max_text_tokens=int(data_cfg.max_text_tokens),
                  skip_uncaptioned=bool(getattr(data_cfg, "skip_uncaptioned", False)),
-                 cached=bool(getattr(data_cfg, "cached", False)), where=where)
+                 cached=cached, where=where, image_set=bool(image_where), image_where=image_where, buckets=buckets)
+
+
+def _first_features(source: Any) -> dict | None:
+    for i in range(min(len(source), MAX_CONSECUTIVE_SKIPS)):
+        try:
+            rec = source[i]
+        except Exception:  # unreadable: the pipeline counts it later
+            continue
+        if rec.get("kind") == "features":
+            return rec
+    return None
+
+
+def check_same_features(pair_source: Any, image_source: Any, spec: _Spec) -> None:
+    """Cached 'mix' with its own image set: both caches must hold features of the same shapes (same model and
+    resolution), else image-only and pair samples could not share a batch."""
+    a, b = _first_features(pair_source), _first_features(image_source)
+    if a is None or b is None:
+        return  # raw records or nothing readable: _payload reports it with the right field name
+    for key in ("vit_tokens", "latent"):
+        if np.shape(a[key]) != np.shape(b[key]):
+            raise DataConfigError(
+                f"data.image_cache_path={spec.image_where!r} holds {key} of shape {np.shape(b[key])} but "
+                f"data.cache_path={spec.where!r} holds {np.shape(a[key])}; build both caches with the same config "
+                "(model and data.resolution)")
+
+
+IMAGE_SET_SALT = 0x1A6E  # the image set's shuffle seed is derived from data.seed with this salt
 
 
 def check_captions(source: Any, spec: _Spec, num: int = CAPTION_CHECK_RECORDS) -> None:
@@ -218,11 +351,12 @@ def check_captions(source: Any, spec: _Spec, num: int = CAPTION_CHECK_RECORDS) -
 
 def make_dataset(data_cfg: Any, *, global_batch: int, process_index: int = 0, process_count: int = 1,
                  workdir: str | None = None, tokenize: Callable[[str], list[int]] | None = None,
-                 source: Any = None) -> grain.IterDataset:
+                 source: Any = None, image_source: Any = None) -> grain.IterDataset:
     """Builds this process's Grain pipeline (see the module docstring); ``iter()`` it to get the iterator.
 
-    ``source`` overrides ``sources.make_source(data_cfg, workdir)`` (tests, custom data). ``tokenize`` must be
-    picklable when ``data_cfg.num_workers > 0``.
+    ``source`` overrides ``sources.make_source(data_cfg, workdir)`` (tests, custom data), ``image_source`` likewise
+    the image set of 'mix' (only with ``data.image_source`` set). ``tokenize`` must be picklable when
+    ``data_cfg.num_workers > 0``.
     """
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
@@ -232,18 +366,36 @@ def make_dataset(data_cfg: Any, *, global_batch: int, process_index: int = 0, pr
     workers = int(getattr(data_cfg, "num_workers", 0))
     if workers < 0:
         raise ValueError(f"data.num_workers={workers} must be >= 0 (0 = in the main process)")
-    if source is None:
-        source = sources.make_source(data_cfg, workdir)
     where = str(getattr(data_cfg, "cache_path", "") if getattr(data_cfg, "cached", False)
                 else (getattr(data_cfg, "path", "") or data_cfg.source))
-    spec = _spec(data_cfg, where)
-    check_captions(source, spec)
-    load = LoadExample(source, spec, tokenize)
-    load((0, 0))  # fail fast, in this process, on config errors or an all-unreadable dataset
+    spec = _spec(data_cfg, where)  # validates every field before any data is opened
+    if source is None:
+        source = sources.make_source(data_cfg, workdir)
+    if spec.image_set and image_source is None:
+        image_source = sources.make_source(_ImageSetConfig(data_cfg), workdir)
+    elif image_source is not None and not spec.image_set:
+        raise ValueError("make_dataset: image_source was given but data.image_source is ''")
+    check_captions(source, spec)  # the pair set only: image-only samples need no caption
+    lists = buckets_lib.bucket_lists(source, spec.buckets) if spec.buckets else None
+    load = LoadExample(source, spec, tokenize, image_source, lists)
+    if lists is None:
+        load(mix.Slot(0, 0))  # fail fast, in this process, on config errors or an all-unreadable dataset
+    else:
+        b = next(b for b, members in enumerate(lists) if len(members))
+        load(mix.Slot(0, int(lists[b][0]), False, b, 0))
 
-    ds = grain.MapDataset.range(len(source))
-    ds = ds.seed(spec.seed).shuffle().repeat()
-    ds = ds.map_with_index(_with_position)  # position in the global stream (before the per-process slice)
+    if spec.buckets:
+        ds = buckets_lib.BucketStream(lists, global_batch, spec.seed)  # each global batch from one bucket
+    elif spec.image_set:
+        if spec.cached:
+            check_same_features(source, image_source, spec)
+        load(mix.Slot(0, 0, True))
+        ds = mix.MixedStream(mix.shuffled_stream(len(source), spec.seed),
+                             mix.shuffled_stream(len(image_source), mix.derived_seed(spec.seed, IMAGE_SET_SALT)),
+                             load.draws)
+    else:
+        ds = mix.shuffled_stream(len(source), spec.seed)
+        ds = ds.map_with_index(_with_position)  # position in the global stream (before the per-process slice)
     ds = ProcessBlocks(ds, process_index, process_count, global_batch // process_count)
     ds = ds.map(load)
     ds = ds.batch(global_batch // process_count, drop_remainder=True)

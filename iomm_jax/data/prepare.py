@@ -12,6 +12,10 @@ renamed when complete (the pipeline only reads ``*.array_record``), so an interr
 written that would be read, and a rerun skips finished shards. Images are validated with PIL (``verify`` plus size,
 no full decode unless ``--full_decode``); unreadable ones and those with a short side under ``--min_size`` are
 skipped and counted. The last stdout line is a JSON summary.
+
+Each shard also gets a sizes sidecar, ``DIR/.prepare/<shard>.sizes.npy`` (int32 (n, 2): height, width of each record,
+in record order), written before the shard is renamed into place, so aspect-ratio buckets (``data.buckets``) need
+not read every record at start. A rerun adds the sidecar to finished shards written before sidecars existed.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image
 
 from iomm_jax.data import records, sources
@@ -39,6 +44,39 @@ from iomm_jax.data import records, sources
 SHARD_PATTERN = "data-{:05d}-of-{:05d}.array_record"
 STATE_DIR = ".prepare"  # plan + per-shard stats; hidden so shard globs never see it
 WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1 for random access; images are already compressed
+SIZES_SUFFIX = ".sizes.npy"  # per-shard sidecar in STATE_DIR: int32 (n, 2) = (height, width) per record
+
+
+def sizes_path(shard: str | os.PathLike) -> Path:
+    """The sizes sidecar of an ArrayRecord shard: ``<shard dir>/.prepare/<shard name>.sizes.npy``."""
+    shard = Path(shard)
+    return shard.parent / STATE_DIR / (shard.name + SIZES_SUFFIX)
+
+
+def _write_sizes(shard: Path, sizes) -> None:
+    """Writes the sidecar atomically (temp name → rename), so a half-written one is never read."""
+    final = sizes_path(shard)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a path
+        np.save(f, np.asarray(sizes, np.int32).reshape(-1, 2))
+    os.replace(tmp, final)
+
+
+def backfill_sizes(shard: str | os.PathLike) -> int:
+    """Writes the sizes sidecar of a finished shard from its records (which carry width/height); returns the count."""
+    from array_record.python import array_record_module as ar
+
+    reader = ar.ArrayRecordReader(str(shard))
+    try:
+        sizes, n = [], reader.num_records()
+        for lo in range(0, n, 256):  # in chunks: a shard of images need not fit in memory
+            for data in reader.read(lo, min(n, lo + 256)):
+                rec = records.decode_record(data)
+                sizes.append((int(rec.get("height") or 0), int(rec.get("width") or 0)))
+    finally:
+        reader.close()
+    _write_sizes(Path(shard), sizes)
+    return len(sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +254,7 @@ def write_shard(dst: str, name: str, items: Sequence[Item], min_size: int, full_
     final, state = Path(dst) / name, Path(dst) / STATE_DIR
     tmp = Path(dst) / f".{name}.tmp-{os.getpid()}"
     stats = {"written": 0, "skipped_unreadable": 0, "skipped_too_small": 0}
+    sizes = []  # (height, width) of each written record, for the sizes sidecar
     writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
     try:
         for item in items:
@@ -231,9 +270,11 @@ def write_shard(dst: str, name: str, items: Sequence[Item], min_size: int, full_
             else:
                 writer.write(records.encode_image_record(image_bytes=data, caption=caption, width=w, height=h,
                                                          id=record_id(item.key)))
+                sizes.append((h, w))
                 stats["written"] += 1
             _tick()
         writer.close()
+        _write_sizes(final, sizes)  # sidecar, then stats, then the shard: a finished shard has both
         stats_tmp = state / f".{name}.json.tmp-{os.getpid()}"
         stats_tmp.write_text(json.dumps(stats))
         os.replace(stats_tmp, state / f"{name}.json")  # stats first: a finished shard always has its stats
@@ -286,6 +327,8 @@ def write_shards(items: Sequence[Item], dst: str | os.PathLike, shards: int, *, 
             for k, v in json.loads(stats_file.read_text()).items():
                 summary[k] += v
             done += 1
+            if not sizes_path(dst / name).exists():  # finished by a prepare from before sizes sidecars
+                backfill_sizes(dst / name)
         else:
             todo.append((name, items[bounds[s]:bounds[s + 1]]))
     total = sum(len(t[1]) for t in todo)
