@@ -13,7 +13,7 @@ def get_config(arg: str | None = None):
   c.model.dit.arch = dict(in_channels=64, num_layers=10, num_single_layers=20, attention_head_dim=128,
                           num_attention_heads=12, joint_attention_dim=1536, pooled_projection_dim=1536,
                           axes_dims_rope=(16, 56, 56), remat="full",
-                          scan_layers=False)
+                          scan_layers=True)
   c.model.rqa.num_heads = 12
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c

@@ -14,7 +14,7 @@ def get_config(arg: str | None = None):
   c.train.optimizer = "muon"
   c.model.dit.kind = "s3dit"
   c.model.dit.arch = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, cap_feat_dim=1536, remat="full",
-                          scan_layers=False)
+                          scan_layers=True)
   c.model.rqa.num_heads = 12
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c
