@@ -111,7 +111,7 @@ def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = ema_update(state.ema_params, params, st.ema_decay) if st.ema_decay > 0 else state.ema_params
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step),
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step),
              "kept_fraction": aux["kept_fraction"]}
   for key in ("skipped", "skipped_uncaptioned"):
     if key in batch:
