@@ -24,3 +24,31 @@ def tiny_config(arg: str | None = None, **overrides):
       node = node[p]
     node[parts[-1]] = value
   return c
+
+
+def take(it, n: int) -> list:
+  """The next n elements of an iterator."""
+  return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b) -> None:
+  """Two lists of batches (dicts of arrays) are equal key by key."""
+  import numpy as np
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def word_lengths(text: str) -> list[int]:
+  """A picklable toy tokenizer for pipeline tests: one id per word, its length."""
+  return [len(w) for w in text.split()]
+
+
+def copy_folder(src, dst):
+  """A flat copy of folder src into a new folder dst (tests then damage some of the copies)."""
+  dst.mkdir()
+  for p in src.iterdir():
+    (dst / p.name).write_bytes(p.read_bytes())
+  return dst

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import tiny_config
+from helpers import assert_batches_equal, copy_folder, take, tiny_config
 from iomm_jax import config as config_lib
 from iomm_jax.data import buckets, decode, pipeline, prepare, sources
 
@@ -39,18 +39,6 @@ def cfg(path, **kw):
                 cache_path="", prefetch_buffer=2, buckets=BUCKETS)
     base.update(kw)
     return types.SimpleNamespace(**base)
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -152,10 +140,7 @@ def test_resume_from_iterator_state_is_exact(folder):
 
 
 def test_unreadable_record_is_replaced_within_its_bucket(folder, tmp_path):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for p in folder.iterdir():
-        (bad / p.name).write_bytes(p.read_bytes())
+    bad = copy_folder(folder, tmp_path / "bad")
     (bad / "030.png").write_bytes(b"")  # a wide image (index 30): size unknown → listed in the square bucket
     (bad / "005.png").write_bytes(b"garbage")  # a square one
     batches = take(iter(pipeline.make_dataset(cfg(bad), global_batch=G)), 6)  # one epoch

@@ -7,7 +7,8 @@ import pytest
 from array_record.python import array_record_module as ar
 from PIL import Image
 
-from helpers import tiny_config
+from helpers import copy_folder, take, tiny_config
+from helpers import word_lengths as tokenize
 from iomm_jax import config as config_lib
 from iomm_jax.data import mix, pipeline, records, shapes
 
@@ -36,14 +37,6 @@ def cfg(image_folder, **kw):
                 image_cache_path="")
     base.update(kw)
     return types.SimpleNamespace(**base)
-
-
-def tokenize(text):
-    return [len(w) for w in text.split()]
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
 
 
 def cat(batches, key):
@@ -134,10 +127,7 @@ def test_resume_from_iterator_state_is_exact(image_folder):
 
 
 def test_unreadable_image_set_records_are_skipped_and_counted(image_folder, tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for p in image_folder.iterdir():
-        (folder / p.name).write_bytes(p.read_bytes())
+    folder = copy_folder(image_folder, tmp_path / "imgs")
     (folder / "004.png").write_bytes(b"")
     (folder / "013.png").write_bytes(b"not a png")
     it = iter(pipeline.make_dataset(cfg(folder), global_batch=8))

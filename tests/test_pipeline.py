@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module as ar
 
+from helpers import assert_batches_equal, take
+from helpers import word_lengths as tokenize
 from iomm_jax.data import pipeline, records, shapes, sources
 
 RES, VIT, T = 16, 14, 6
@@ -17,22 +19,6 @@ def cfg(**kw):
                 cache_path="", prefetch_buffer=2)
     base.update(kw)
     return types.SimpleNamespace(**base)
-
-
-def tokenize(text):
-    return [len(w) for w in text.split()]
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def write_pngs(folder, n, captions=True, res=20):
