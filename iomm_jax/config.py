@@ -28,7 +28,7 @@ DEFAULT_RULES = (
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """All fields, with defaults for IOMM-B pre-training (DESIGN.md §1)."""
+  """All fields, with defaults for IOMM-B pre-training (docs/design.md §1)."""
   c = C()
   c.seed = 0                       # master seed: params init, per-step rng (fold_in(step)), data order
 

@@ -1,6 +1,6 @@
 """IOMM composition: condition templates, masked self-conditioning through RQA + frozen MLLM, the DiT velocity.
 
-One training sample's condition (DESIGN.md §1):
+One training sample's condition (docs/design.md §1):
   image-only:  c = template(aux prompt, <img> c_img ⊙ keep </img>)   keep ~ Bernoulli(1 − r) per image token
   pair:        c = template(caption)
   dropped:     c = template("")                                      (probability p_uncond, for CFG)

@@ -1,6 +1,6 @@
 """Shared building blocks for every model in iomm_jax.
 
-Conventions (DESIGN.md §2, §4):
+Conventions (docs/design.md §2, §4):
 - Attribute names follow the PyTorch reference module tree, so a parameter's path in our NNX state is the
   PyTorch state-dict key with `kernel` for a Linear/Conv `weight` (transposed: (in, out) / HWIO) and
   `embedding` for an Embedding `weight`. `iomm_jax.convert.keymap` relies on this.
@@ -155,7 +155,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   if mask is not None and mask.ndim == 2:
     mask = mask[:, None, None, :]
   if implementation in (None, "xla"):
-    # The XLA path: explicit fp32 softmax, also for bf16 inputs (DESIGN.md §4 precision).
+    # The XLA path: explicit fp32 softmax, also for bf16 inputs (docs/design.md §4 precision).
     return _xla_attention(q, k, v, mask, is_causal)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
 

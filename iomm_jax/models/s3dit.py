@@ -2,7 +2,7 @@
 
 Time and sign conventions (read this before calling the model)
 --------------------------------------------------------------
-Ours (DESIGN.md §1): x_t = (1 − t)·x + t·z, t = 1 is pure noise, the model predicts v = z − x.
+Ours (docs/design.md §1): x_t = (1 − t)·x + t·z, t = 1 is pure noise, the model predicts v = z − x.
 Z-Image (diffusers): its transformer gets τ = 1 − σ (τ = 1 is *clean*: the pipeline passes
 (1000 − timestep)/1000 with the scheduler's timestep = 1000·σ) and predicts x − z, which the pipeline
 negates (`noise_pred = -noise_pred`) before the flow-matching Euler step. Hence, for the same weights,

@@ -88,7 +88,7 @@ class TimestepEmbedder(nnx.Module):
   """Sinusoid (cos first, 256 wide) → Linear(256, 1024) → SiLU → Linear(1024, out); all in fp32."""
 
   def __init__(self, out_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    # Timestep embeddings run in fp32 regardless of the compute dtype (DESIGN.md §4).
+    # Timestep embeddings run in fp32 regardless of the compute dtype (docs/design.md §4).
     self.mlp = nnx.List([
         Linear(FREQ_EMBED_DIM, T_MLP_HIDDEN, axes=(None, None), dtype=jnp.float32, param_dtype=param_dtype,
                rngs=rngs),
