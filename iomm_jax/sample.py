@@ -3,7 +3,10 @@
 CLI:
   python -m iomm_jax.sample --workdir=runs/tiny --prompt="a red circle" --num=8 --out=DIR
   python -m iomm_jax.sample --workdir=runs/tiny --image=PATH [--edit="make it blue"] --num=4 --out=DIR
-Writes PNG grids (one row per prompt/image) into --out (default <workdir>/samples).
+  python -m iomm_jax.sample --workdir=runs/tiny --prompts_file=P.jsonl --num=4 --out=DIR
+Writes PNG grids (one row per prompt/image) into --out (default <workdir>/samples). With --prompts_file (JSONL, one
+GenEval metadata object with a "prompt" per line) it writes GenEval's sample folder layout instead
+(DIR/<00000>/metadata.jsonl, samples/<0000>.png, grid.png; default DIR <workdir>/samples/geneval).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from iomm_jax import sampling
+from iomm_jax import geneval_layout, sampling
 from iomm_jax.models import iomm
 
 
@@ -95,6 +98,22 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
   img.save(path)
 
 
+def write_geneval(run, params, metadata: list[dict], out_dir: str, *, num: int, rng, steps=None, cfg_scale=None,
+                  prompt_of=None) -> str:
+  """Samples `num` images per metadata object (prompt i in list order, one generate call each) into GenEval's layout.
+
+  Prompt i's noise is `fold_in(rng, i)`, so its samples do not depend on the other prompts. `prompt_of(metadata)`
+  gives the text to condition on (default its "prompt"; "" samples unconditionally while the metadata stays).
+  """
+  prompt_of = prompt_of or (lambda m: m["prompt"])
+  with geneval_layout.Writer(out_dir) as w:
+    for i, m in enumerate(metadata):
+      imgs = generate(run, params, prompts=[prompt_of(m)] * num, rng=jax.random.fold_in(rng, i), steps=steps,
+                      cfg_scale=cfg_scale)
+      w.add(i, m, to_uint8(imgs))
+  return out_dir
+
+
 def load_image_views(path: str, resolution: int, processor) -> tuple[np.ndarray, np.ndarray]:
   """(pixels in [-1,1] at the training resolution, ViT view) of one image file: short-side resize + centre crop."""
   try:
@@ -116,6 +135,8 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints/)")
   ap.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
   ap.add_argument("--image", action="append", default=[], help="condition on this image (repeatable)")
+  ap.add_argument("--prompts_file", default=None,
+                  help="JSONL of GenEval metadata objects ({\"prompt\": ...}); writes GenEval's folder layout")
   ap.add_argument("--edit", default=None, help="with --image: an edit instruction instead of the aux prompt")
   ap.add_argument("--num", type=int, default=8, help="samples per prompt/image")
   ap.add_argument("--out", default=None, help="output folder (default <workdir>/samples)")
@@ -125,8 +146,18 @@ def main(argv=None) -> int:
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   ap.add_argument("--no-ema", dest="use_ema", action="store_false", help="use raw params even if EMA exists")
   args = ap.parse_args(argv)
-  if not args.prompt and not args.image:
-    ap.error("give at least one --prompt or --image")
+  if not args.prompt and not args.image and not args.prompts_file:
+    ap.error("give at least one --prompt, --image or --prompts_file")
+  if args.num < 1:
+    ap.error(f"--num={args.num}: give 1 or more samples per prompt")
+  metadata = None
+  if args.prompts_file:  # checked before the (slow) model load, and before anything is written
+    try:
+      metadata = geneval_layout.read_prompts(args.prompts_file)
+    except geneval_layout.PromptsFileError as e:
+      raise SystemExit(f"--prompts_file: {e}") from None
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+      raise SystemExit(f"--out={args.out} exists and is not a folder")
 
   from iomm_jax.train import restore
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
@@ -150,6 +181,11 @@ def main(argv=None) -> int:
     ref = to_uint8(pixels[None])
     save_png(path, grid([np.concatenate([ref, to_uint8(imgs)])]), upscale=max(1, 128 // imgs.shape[1]))
     written.append({"image": image_path, "edit": args.edit, "path": path})
+  if metadata is not None:
+    folder = args.out or os.path.join(args.workdir, "samples", "geneval")
+    write_geneval(run, params, metadata, folder, num=args.num, rng=jax.random.fold_in(rng, 2000), steps=args.steps,
+                  cfg_scale=args.cfg)
+    written.append({"prompts_file": args.prompts_file, "prompts": len(metadata), "path": folder})
   print(json.dumps({"checkpoint_step": step, "written": written}))
   return 0
 

@@ -109,19 +109,26 @@ def _draw(draw: ImageDraw.ImageDraw, o: dict, size: int) -> None:
         raise ValueError(f"unknown shape {s!r}")
 
 
+def render_objects(objects: list[dict], resolution: int, background: tuple[int, int, int]) -> np.ndarray:
+    """Renders an explicit object list (``scene``'s normalised geometry) on a plain background as uint8 (R, R, 3)."""
+    if resolution < 8:
+        raise ValueError(f"shapes.render: resolution={resolution} is too small; use 8 or more")
+    ss = 4 if resolution <= 256 else 2  # supersampling factor for antialiased edges
+    big = resolution * ss
+    img = Image.new("RGB", (big, big), tuple(int(c) for c in background))
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        _draw(draw, o, big)
+    img = img.resize((resolution, resolution), Image.Resampling.BOX)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def render(index: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, str]:
     """Renders image ``index`` of the dataset ``seed`` as uint8 (resolution, resolution, 3) plus its caption."""
     if resolution < 8:
         raise ValueError(f"shapes.render: resolution={resolution} is too small; use 8 or more")
     sc = scene(index, seed)
-    ss = 4 if resolution <= 256 else 2  # supersampling factor for antialiased edges
-    big = resolution * ss
-    img = Image.new("RGB", (big, big), sc["background"])
-    draw = ImageDraw.Draw(img)
-    for o in sc["objects"]:
-        _draw(draw, o, big)
-    img = img.resize((resolution, resolution), Image.Resampling.BOX)
-    return np.asarray(img, dtype=np.uint8), sc["caption"]
+    return render_objects(sc["objects"], resolution, sc["background"]), sc["caption"]
 
 
 def render_png(index: int, resolution: int, seed: int = 0) -> tuple[bytes, str]:

@@ -1,0 +1,206 @@
+"""Mini-GenEval for the shapes world: detector, prompt set, scoring rules, validation on true renders, and the CLIs."""
+import collections
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iomm_jax import eval_shapes as ev
+from iomm_jax import geneval_layout as layout
+from iomm_jax import shapes_detector as sd
+from iomm_jax.data import shapes
+
+RES = 32
+
+
+def test_render_objects_is_what_render_draws():
+  for i in range(20):
+    sc = shapes.scene(i, 3)
+    img, _ = shapes.render(i, RES, 3)
+    np.testing.assert_array_equal(shapes.render_objects(sc["objects"], RES, sc["background"]), img)
+
+
+@pytest.mark.parametrize("shape", shapes.SHAPES)
+def test_detector_names_colour_shape_and_place(shape):
+  rng = np.random.default_rng(len(shape))
+  for colour in shapes.COLOURS:
+    objs = [dict(shape=shape, colour=colour, x=0.3, y=0.7, r=0.12),
+            dict(shape=shapes.SHAPES[shapes.SHAPES.index(shape) - 1], colour="black" if colour != "black" else "red",
+                 x=0.72, y=0.25, r=0.1)]
+    img = shapes.render_objects(objs, RES, tuple(rng.integers(205, 251, 3)))
+    found = sorted(sd.detect(img), key=lambda d: d.x)
+    assert [(d.colour, d.shape) for d in found] == [(o["colour"], o["shape"]) for o in objs]
+    assert abs(found[0].x - 0.3) < 0.04 and abs(found[0].y - 0.7) < 0.06  # the triangle's centroid sits lower
+
+
+def test_detector_accuracy_on_held_out_dataset_renders():
+  acc = sd.accuracy(RES, num=80)
+  assert acc["colour"] == 1.0 and acc["shape"] >= 0.98 and acc["image_exact"] >= 0.97, acc
+  assert sd.detect(np.full((RES, RES, 3), 228, np.uint8)) == []
+
+
+def test_prompt_set_is_fixed_balanced_and_in_the_worlds_language():
+  ps = ev.prompt_set()
+  assert ps == ev.prompt_set() and len(ps) == 72 and len({p["prompt"] for p in ps}) == 72
+  assert collections.Counter(p["tag"] for p in ps) == ev.PROMPTS_PER_TAG
+  rng = np.random.default_rng(0)
+  for tag in ev.PROMPTS_PER_TAG:
+    named = [o for p in ps if p["tag"] == tag for o in ev.parse_prompt(p["prompt"])[0]]
+    for counts in (collections.Counter(c for c, _ in named), collections.Counter(s for _, s in named)):
+      assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) in (6, 7), (tag, counts)
+  for p in ps:
+    sc = ev.scene_for(p["prompt"], rng)
+    assert shapes.caption_of(sc["objects"]) == p["prompt"]  # the grammar the model was trained on
+
+
+def _o(colour, shape, x, y):
+  return {"colour": colour, "shape": shape, "x": x, "y": y}
+
+
+def test_scoring_rules():
+  ps = {p["prompt"]: p for p in ev.prompt_set()}
+  pos = next(p for p in ps.values() if p["tag"] == "position" and " above " in p["prompt"])
+  (ca, sa), (cb, sb) = ev.parse_prompt(pos["prompt"])[0]  # "a {ca} {sa} above a {cb} {sb}"; y grows downwards
+  assert ev.score(pos, [_o(ca, sa, 0.5, 0.2), _o(cb, sb, 0.45, 0.8)])["position"]
+  assert ev.score(pos, [_o("red", sa, 0.5, 0.2), _o("red", sb, 0.45, 0.8)])["position"]  # classes only, as GenEval
+  assert not ev.score(pos, [_o(ca, sa, 0.5, 0.8), _o(cb, sb, 0.45, 0.2)])["position"]
+  assert not ev.score(pos, [_o(ca, sa, 0.2, 0.4), _o(cb, sb, 0.8, 0.5)])["position"]  # mostly beside: left of
+  two = next(p for p in ps.values() if p["tag"] == "two_object")
+  attr = next(p for p in ps.values() if p["tag"] == "colour_attr")
+  for meta in (two, attr):
+    (ca, sa), (cb, sb) = ev.parse_prompt(meta["prompt"])[0]
+    right = [_o(ca, sa, 0.2, 0.2), _o(cb, sb, 0.8, 0.8)]
+    swapped = [_o(cb, sa, 0.2, 0.2), _o(ca, sb, 0.8, 0.8)]
+    assert ev.score(meta, right) == {meta["tag"]: True, "counting": True}
+    assert ev.score(meta, swapped)[meta["tag"]] == (meta["tag"] == "two_object")  # colours only count in colour_attr
+    assert not ev.score(meta, right[:1])[meta["tag"]]
+    assert ev.score(meta, right + [_o("red", "star", 0.5, 0.5)]) == {meta["tag"]: True, "counting": False}
+    many = right + [_o(c, "star", 0.1 * i, 0.5) for i, c in enumerate(("red", "green"))]
+    assert not any(ev.score(meta, many).values())  # more objects than the world draws: not one of its scenes
+  three = next(p for p in ps.values() if p["tag"] == "three_object")
+  objs = [_o(c, s, x, 0.5) for (c, s), x in zip(ev.parse_prompt(three["prompt"])[0], (0.2, 0.5, 0.8))]
+  assert ev.score(three, objs)["three_object"]
+  assert not ev.score(three, [dict(o, x=1 - o["x"]) for o in objs])["three_object"]  # mirrored: order wrong
+  single = next(p for p in ps.values() if p["tag"] == "single_object")
+  (c, s), = ev.parse_prompt(single["prompt"])[0]
+  other = shapes.SHAPES[shapes.SHAPES.index(s) - 1]
+  assert ev.score(single, [_o(c, other, 0.5, 0.5)]) == {
+      "single_object_shape": False, "single_object_colour": True, "counting": True}
+  assert ev.score(single, [_o("red" if c != "red" else "blue", s, 0.5, 0.5)])["single_object_shape"]
+
+
+def test_chance_levels_match_the_dataset_distribution():
+  ch = ev.chance(ev.prompt_set())
+  # Objects per image are uniform on {1, 2, 3}; shapes are drawn with replacement, colours without.
+  p_shape = np.mean([1 - (5 / 6) ** n for n in (1, 2, 3)])
+  assert abs(ch["single_object_shape"] - p_shape) < 0.03
+  assert abs(ch["single_object_colour"] - np.mean([n / 7 for n in (1, 2, 3)])) < 0.03
+  assert abs(ch["counting"] - 1 / 3) < 0.03
+  assert ch["three_object"] < 0.01 and ch["colour_attr"] < 0.01
+  assert ch["overall"] == pytest.approx(np.mean([ch[c] for c in ev.CATEGORIES]))
+
+
+def test_validation_true_renders_score_high_and_unrelated_ones_near_chance():
+  v = ev.validate(RES, num=2)
+  assert set(v["ground_truth"]) == set(ev.CATEGORIES) | {"overall"}
+  for c in ev.CATEGORIES:
+    assert v["ground_truth"][c] >= 0.95, (c, v["ground_truth"])
+    assert abs(v["unrelated"][c] - v["chance"][c]) < 0.25, (c, v["unrelated"], v["chance"])
+  assert v["unrelated"]["overall"] < 0.3
+
+
+def test_noise_and_empty_backgrounds_score_no_better_than_chance():
+  metadata = ev.prompt_set()
+  rng = np.random.default_rng(0)
+  ch = ev.chance(metadata)
+  noise = [np.round((np.clip(rng.normal(0, 1, (2, RES, RES, 3)), -1, 1) + 1) * 127.5).astype(np.uint8)
+           for _ in metadata]
+  blank = [np.broadcast_to(rng.integers(205, 251, (2, 1, 1, 3)), (2, RES, RES, 3)).astype(np.uint8) for _ in metadata]
+  blobs = [np.repeat(np.repeat(rng.integers(0, 256, (2, 8, 8, 3)), RES // 8, 1), RES // 8, 2).astype(np.uint8)
+           for _ in metadata]
+  for images in (noise, blank, blobs):
+    res = ev.score_images(metadata, images)
+    assert all(res["scores"][c] <= ch[c] + 0.05 for c in ev.CATEGORIES), res["scores"]
+  assert ev.score_images(metadata, blank)["overall"] == 0.0
+
+
+def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
+  ps = ev.prompt_set()
+  metadata = [p for p in ps if p["tag"] == "position"][:3] + [p for p in ps if p["tag"] == "three_object"][:3]
+  rng = np.random.default_rng(1)
+  layout.write(tmp_path / "s", metadata,
+               [np.stack([ev.render_prompt(m["prompt"], RES, rng) for _ in range(2)]) for m in metadata])
+  assert ev.main([f"--samples={tmp_path / 's'}"]) == 0
+  line = capsys.readouterr().out.strip()
+  assert "\n" not in line
+  summary = json.loads(line)
+  assert summary["scores"]["position"] == summary["scores"]["three_object"] == 1.0
+  assert summary["counts"]["position"] == {"prompts": 3, "images": 6}
+  full = json.loads((tmp_path / "s" / "eval_shapes.json").read_text())
+  assert [p["prompt"] for p in full["per_prompt"]] == [m["prompt"] for m in metadata]
+  assert full["picture_rows"] == [m["prompt"] for m in metadata[:2] + metadata[3:5]]
+  assert Image.open(tmp_path / "s" / "eval_shapes.png").size[1] > 4 * 128
+  (tmp_path / "s" / "00000" / "metadata.jsonl").write_text(json.dumps({"prompt": "a dog"}) + "\n")
+  with pytest.raises(SystemExit, match="not eval_shapes metadata"):
+    ev.main([f"--samples={tmp_path / 's'}"])
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+  """A workdir holding an untrained tiny model (step-0 checkpoint): no training step is compiled."""
+  from helpers import tiny_config
+  from iomm_jax.train import builder, checkpoint, loop
+  work = tmp_path_factory.mktemp("untrained")
+  c = tiny_config("short")
+  loop.save_resolved_config(c, str(work))
+  run = builder.build(c)
+  ck = checkpoint.Checkpointer(str(work), with_data=False, async_save=False)
+  ck.save(0, run.init_state(), config=json.loads(c.to_json_best_effort()), force=True)
+  ck.close()
+  return work, c.data.resolution
+
+
+def test_sample_cli_writes_the_geneval_layout(untrained, tmp_path, capsys):
+  from iomm_jax import sample as sample_lib
+  work, res = untrained
+  prompts = tmp_path / "p.jsonl"
+  meta = [{"prompt": "a red circle", "tag": "x", "include": []}, {"prompt": "a blue star above a green square"}]
+  layout.write_prompts(prompts, meta)
+  out = tmp_path / "geneval"
+  assert sample_lib.main([f"--workdir={work}", f"--prompts_file={prompts}", "--num=2", f"--out={out}"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"][0]["prompts"] == 2
+  got = layout.read(out)
+  assert [(i, m, [p.name for p in pngs]) for i, m, pngs in got] == [(0, meta[0], ["0000.png", "0001.png"]),
+                                                                    (1, meta[1], ["0000.png", "0001.png"])]
+  assert Image.open(got[1][2][0]).size == (res, res)
+  assert (out / "00001" / "grid.png").exists()
+
+
+def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
+  from iomm_jax import sample as sample_lib
+  work, res = untrained
+  subset = [next(p for p in ev.prompt_set() if p["tag"] == t) for t in ev.TAGS]
+  monkeypatch.setattr(ev, "prompt_set", lambda: subset)  # 5 prompts keep the CPU test short
+  conditioned_on = []
+  generate = sample_lib.generate
+
+  def recording(*args, prompts, **kw):
+    conditioned_on.append(prompts)
+    return generate(*args, prompts=prompts, **kw)
+
+  monkeypatch.setattr(sample_lib, "generate", recording)
+  assert ev.main([f"--workdir={work}", "--num=2"]) == 0
+  assert conditioned_on == [[m["prompt"]] * 2 for m in subset]  # one call per prompt, all its samples
+  summary = json.loads(capsys.readouterr().out.strip())
+  assert summary["checkpoint_step"] == 0 and summary["prompts"] == 5 and summary["resolution"] == res
+  assert summary["overall"] <= summary["chance"]["overall"] + 0.1  # an untrained generator draws noise
+  assert [m for _, m, _ in layout.read(work / "eval_shapes" / "samples")] == subset
+  assert layout.read_prompts(work / "eval_shapes" / "prompts.jsonl") == subset
+  assert (work / "eval_shapes.json").exists() and (work / "eval_shapes.png").exists()
+  assert ev.main([f"--workdir={work}", "--num=1", "--uncond"]) == 0
+  uncond = json.loads(capsys.readouterr().out.strip())
+  assert conditioned_on[len(subset):] == [[""]] * len(subset)  # the condition dropped
+  assert uncond["uncond"] and uncond["num_per_prompt"] == 1
+  assert [m for _, m, _ in layout.read(work / "eval_shapes_uncond" / "samples")] == subset  # real prompts kept
+  assert (work / "eval_shapes_uncond.json").exists()

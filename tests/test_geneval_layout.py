@@ -1,0 +1,105 @@
+"""GenEval's sample folder layout: exact names and contents, atomic writing, prompts files that fail by line."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iomm_jax import geneval_layout as layout
+from iomm_jax import sample as sample_lib
+
+META = [{"tag": "single_object", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a red circle",
+         "extra": {"nested": [1, 2]}},
+        {"prompt": "a blue square above a green star", "tag": "position", "note": "kept"}]
+
+
+def _images(n, side, seed):
+  return np.random.default_rng(seed).integers(0, 256, (n, side, side, 3)).astype(np.uint8)
+
+
+def _entries(folder):
+  return sorted(p.name for p in folder.iterdir())
+
+
+def test_layout_is_written_exactly_as_geneval_reads_it(tmp_path):
+  out = tmp_path / "samples"
+  imgs = [_images(3, 24, 0), _images(3, 24, 1)]
+  layout.write(out, META, imgs)
+  assert _entries(out) == ["00000", "00001"]
+  assert _entries(tmp_path) == ["samples"]  # no temporary folder left next to it
+  for i, meta in enumerate(META):
+    folder = out / f"{i:05d}"
+    assert _entries(folder) == ["grid.png", "metadata.jsonl", "samples"]
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == meta  # every field kept, nothing added
+    assert _entries(folder / "samples") == ["0000.png", "0001.png", "0002.png"]
+    for n in range(3):
+      png = Image.open(folder / "samples" / f"{n:04d}.png")
+      assert png.size == (24, 24) and png.mode == "RGB"
+      np.testing.assert_array_equal(np.asarray(png), imgs[i][n])
+    grid = np.asarray(Image.open(folder / "grid.png"))
+    assert grid.shape == (24 + 4, 3 * 26 + 2, 3)
+    np.testing.assert_array_equal(grid[2:26, 28:52], imgs[i][1])  # second sample, after one 2-px gap
+  read = layout.read(out)
+  assert [(i, m, [p.name for p in pngs]) for i, m, pngs in read] == [
+      (0, META[0], ["0000.png", "0001.png", "0002.png"]), (1, META[1], ["0000.png", "0001.png", "0002.png"])]
+
+
+def test_rewriting_replaces_prompt_folders_and_keeps_other_files(tmp_path):
+  out = tmp_path / "samples"
+  layout.write(out, [{"prompt": f"p{i}"} for i in range(5)], [_images(1, 8, i) for i in range(5)])
+  (out / "eval_shapes.json").write_text("{}")
+  layout.write(out, META, [_images(2, 8, 0), _images(2, 8, 1)])
+  assert _entries(out) == ["00000", "00001", "eval_shapes.json"]
+  assert _entries(out / "00000" / "samples") == ["0000.png", "0001.png"]
+  assert json.loads((out / "00001" / "metadata.jsonl").read_text()) == META[1]
+  assert _entries(tmp_path) == ["samples"]
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+  out = tmp_path / "samples"
+  with pytest.raises(RuntimeError, match="sampler died"):
+    with layout.Writer(out) as w:
+      w.add(0, META[0], _images(2, 8, 0))
+      raise RuntimeError("sampler died")
+  assert list(tmp_path.iterdir()) == []
+  with pytest.raises(ValueError, match="uint8"):
+    layout.write(out, META[:1], [np.zeros((1, 8, 8, 3), np.float32)])
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_prompts_file_round_trip_keeps_order_and_fields(tmp_path):
+  path = layout.write_prompts(tmp_path / "p.jsonl", META)
+  assert layout.read_prompts(path) == META
+  path.write_text(path.read_text() + "\n  \n")  # trailing blank lines are not prompts
+  assert layout.read_prompts(path) == META
+
+
+@pytest.mark.parametrize("bad_line, lineno, message", [
+    ("this is not json", 2, "not JSON"),
+    ('["a red circle"]', 2, "not an object"),
+    ('{"tag": "single_object"}', 3, 'no string "prompt"'),
+    ('{"prompt": 7}', 3, 'no string "prompt"'),
+])
+def test_bad_prompts_file_names_the_line_and_writes_nothing(tmp_path, capsys, bad_line, lineno, message):
+  lines = [json.dumps(META[0]), json.dumps(META[1]), json.dumps({"prompt": "a red star"})]
+  lines.insert(lineno - 1, bad_line)
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  with pytest.raises(layout.PromptsFileError, match=rf"prompts\.jsonl:{lineno}: .*{message}"):
+    layout.read_prompts(path)
+  # The CLI stops with that one line before it loads any model (the workdir does not even exist) or writes.
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    sample_lib.main([f"--workdir={tmp_path / 'no_such_run'}", f"--prompts_file={path}", "--num=2", f"--out={out}"])
+  assert isinstance(e.value.code, str) and "\n" not in e.value.code
+  assert f"prompts.jsonl:{lineno}:" in e.value.code and message in e.value.code
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
+
+
+def test_empty_or_missing_prompts_file_is_an_error(tmp_path):
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(layout.PromptsFileError, match="no prompts"):
+    layout.read_prompts(tmp_path / "empty.jsonl")
+  with pytest.raises(layout.PromptsFileError, match="cannot read"):
+    layout.read_prompts(tmp_path / "missing.jsonl")
