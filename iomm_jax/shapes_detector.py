@@ -7,8 +7,8 @@ Colour segmentation against the plain light background: every pixel is modelled 
 line is nearest, and counts as that colour where alpha >= 0.5 and the distance to the line is small. Each colour's
 8-connected components, filtered by size, are objects. Their shape comes from a small numpy MLP on scale-normalised
 features of the soft coverage map (normalised central moments + a 12x12 resampled patch), fitted on first use per
-resolution on single-object renders with a fixed seed (about a second; cached in memory), so it is deterministic and
-needs no stored weights.
+resolution on single-object renders, half of them blurred and noised like generated samples, with a fixed seed
+(1–3 s; cached in memory), so it is deterministic and needs no stored weights.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import sys
 
 import numpy as np
+from PIL import Image, ImageFilter
 
 from iomm_jax.data import shapes
 
@@ -30,6 +31,7 @@ _MAX_AREA = 0.5      # larger ones are coloured backgrounds (largest object ≈ 
 _GRID = np.linspace(-1.2, 1.2, 12)  # patch sample points, in units of sqrt(object area)
 _FIT_SEED = 20240531
 _FIT_NUM = 1200      # training renders per resolution (200 per shape)
+_DEGRADED = 0.5      # fraction of them blurred (up to 1 px at 32²) and noised (sigma up to 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +206,10 @@ def _training_set(resolution: int, num: int, seed: int) -> tuple[np.ndarray, np.
     k = int(rng.integers(len(COLOUR_NAMES)))
     img = shapes.render_objects([dict(shape=shapes.SHAPES[s], colour=COLOUR_NAMES[k], x=x, y=y, r=r)], resolution,
                                 tuple(bg))
+    if rng.uniform() < _DEGRADED:  # generated samples are softer and noisier than renders
+      radius = rng.uniform(0.0, 1.0) * resolution / 32
+      img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)), np.float64)
+      img = np.clip(img + rng.normal(0.0, rng.uniform(0.0, 10.0), img.shape), 0, 255).round().astype(np.uint8)
     # The same maps as detection, but only the known colour's (7× cheaper than the full colour_maps).
     p = img.astype(np.float64) - background(img)
     d = _PALETTE[k] - background(img)
