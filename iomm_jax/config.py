@@ -57,8 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.autoencoder.scale = 1.0  # identity only: latent = image × scale
   c.model.autoencoder.factor = 1   # identity only: space-to-depth factor (latent = factor² × 3 channels)
 
-  c.init = C()                     # optional starting weights, Orbax dirs written by `python -m iomm_jax.convert to-jax`
-  c.init.transformer = ""
+  c.init = C()                     # optional starting weights of the generator (DiT + RQA)
+  c.init.workdir = ""              # a finished training workdir (e.g. stage 1): start from its latest checkpoint
+  c.init.use_ema = True            # with init.workdir: its EMA weights (else its raw weights)
+  c.init.transformer = ""          # Orbax dirs written by `python -m iomm_jax.convert to-jax` (DiT / RQA)
   c.init.rqa = ""
 
   c.train = C()
@@ -91,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "arrayrecord"    # 'shapes', 'folder', 'arrayrecord', 'tfds', 'jsonl', 'csv'
   c.data.path = ""                 # dataset location (shapes: '' renders on the fly)
   c.data.num_images = 10_000       # shapes only: dataset size
+  c.data.image_num_images = 0      # shapes + 'mix' with data.image_source='shapes': the image set's size (0 = num_images);
+                                   #   the first num_images of it are the captioned pair set
   c.data.resolution = 512          # training image size (short-side resize + centre crop)
   c.data.vit_size = 448            # ViT input size (one tile, ImageNet mean/std)
   c.data.buckets = ()              # aspect-ratio buckets ((height, width), ...), sides multiples of 16: each record
@@ -189,6 +193,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source != "shapes" and not config.data.cached and not config.data.path:
     raise ConfigError(f"config.data.path is empty but config.data.source={config.data.source!r} needs a dataset path")
   _validate_image_set(config.data)
+  _validate_init(config.init)
   _validate_buckets(config.data)
   if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
     raise ConfigError(
@@ -233,6 +238,19 @@ def _validate_image_set(d: ml_collections.ConfigDict) -> None:
   if not d.cached and d.image_source != "shapes" and not d.image_path:
     raise ConfigError(f"config.data.image_path is empty but config.data.image_source={d.image_source!r} needs the "
                       "image set's path")
+
+
+def _validate_init(i: ml_collections.ConfigDict) -> None:
+  """init.workdir (a training workdir) and init.transformer / init.rqa (converted weights) exclude each other."""
+  if not i.workdir:
+    return
+  if i.transformer or i.rqa:
+    raise ConfigError("config.init.workdir is set together with config.init.transformer/init.rqa; start either from a "
+                      "training workdir or from converted weights, not both")
+  if not os.path.isfile(os.path.join(i.workdir, "config.json")) or not os.path.isdir(
+      os.path.join(i.workdir, "checkpoints")):
+    raise ConfigError(f"config.init.workdir={i.workdir!r} is not a training workdir (config.json + checkpoints/); "
+                      "point it at the workdir of a finished run (python -m iomm_jax.main --workdir=...)")
 
 
 def _validate_buckets(d: ml_collections.ConfigDict) -> None:

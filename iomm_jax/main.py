@@ -39,11 +39,23 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   from iomm_jax.train import loop
-  summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  try:
+    summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  except user_errors() as e:
+    raise SystemExit(f"error: {e}") from None
   import jax
   if jax.process_index() == 0:
     print(json.dumps({"done": summary}))
   return 0
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+  """Exceptions that describe a user's mistake (a path or weights that do not fit the run): one line, no traceback."""
+  from iomm_jax.convert.init_weights import InitWeightsError
+  from iomm_jax.convert.keymap import KeyMismatchError
+  from iomm_jax.models.load_internvl import MLLMCheckpointError
+  from iomm_jax.train.warm_start import WarmStartError
+  return (InitWeightsError, KeyMismatchError, MLLMCheckpointError, WarmStartError)
 
 
 def run():

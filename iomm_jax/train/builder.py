@@ -45,8 +45,9 @@ class Run:
   def init_state(self):
     """A fresh TrainState at step 0, created directly with its shardings.
 
-    Generator weights start random (seeded) unless config.init.transformer / config.init.rqa name Orbax
-    directories written by `python -m iomm_jax.convert to-jax`; those replace the matching subtrees.
+    Generator weights start random (seeded) unless config.init.workdir names a training workdir (its latest
+    checkpoint's EMA or raw weights) or config.init.transformer / config.init.rqa name Orbax directories written by
+    `python -m iomm_jax.convert to-jax`; those replace the matching subtrees.
     """
     seed = self.config.seed
 
@@ -55,6 +56,9 @@ class Run:
       return nnx.to_pure_dict(nnx.state(gen, nnx.Param))
 
     params = jax.jit(init_params, out_shardings=self.param_shardings)()
+    if self.config.init.workdir:
+      from iomm_jax.train import warm_start
+      params = warm_start.params_from_workdir(self.config, self.abstract_state, self.state_shardings)
     if self.config.init.transformer or self.config.init.rqa:
       from iomm_jax.convert import init_weights
       params = init_weights.apply(self.config, params, self.param_shardings)
