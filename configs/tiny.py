@@ -1,10 +1,29 @@
-"""Tiny IOMM on procedural shapes: pixel space (identity autoencoder), a ≈1M-parameter MM-DiT, a random frozen
+"""Tiny IOMM on procedural shapes: pixel space (identity autoencoder), a ≈1M-parameter MM-DiT and a frozen
 InternVL-structured MLLM. Runs on 2 CPU cores in minutes (`make demo`).
 
+The MLLM is the one `python -m iomm_jax.pretrain_mllm --config=configs/tiny_mllm.py --out=DIR` trains: pass
+--config.model.mllm.path=DIR (as `make demo` does). Without a path it is randomly initialised from the same
+architecture (tests, smoke runs), and understands nothing.
+
 Variants: configs/tiny.py:ARG with ARG in {pretrain (default), pair_pretrain, finetune (mix), finetune_pair,
-finetune_image}; add ',short' for a few-step smoke run.
+finetune_image}; add ',short' for a few-step smoke run. The fine-tuning variants read a captioned subset
+(the first FINETUNE_PAIRS images) mixed with the whole image set (data.image_num_images), as the paper's stage 2.
 """
-from iomm_jax import config as schema
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_mllm import TINY_MLLM_ARCH  # noqa: E402
+
+from iomm_jax import config as schema  # noqa: E402
+
+RESOLUTION = 32         # the generator's images: 64 DiT tokens of 4×4 pixels; the MLLM sees a 64² render of each
+NUM_IMAGES = 4096       # the unlabeled image set of pre-training
+FINETUNE_PAIRS = 512    # the captioned subset of fine-tuning: 1/8 of the images
+_WIDTH = TINY_MLLM_ARCH["text"]["hidden_size"]   # the DiT's condition width is the MLLM's
+# Pixel space: space-to-depth by _AE_FACTOR, then 2×2 patches → (RESOLUTION / 2·_AE_FACTOR)² = 64 DiT tokens.
+_AE_FACTOR = RESOLUTION // 16
+_LATENT_CHANNELS = 3 * _AE_FACTOR ** 2
 
 
 def get_config(arg: str | None = None):
@@ -14,9 +33,12 @@ def get_config(arg: str | None = None):
   c.model.dtype = "float32"
   c.model.frozen_dtype = "float32"
   c.model.dit.kind = "mmdit"
-  # diffusers FluxTransformer2DModel field names; in_channels = 12 latent channels × 2×2 patch.
-  c.model.dit.arch = dict(in_channels=48, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                          num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
+  # Pixel space: the DiT predicts the clean image, v = (x_t − x̂)/t. Predicting v, a 64-wide DiT must pass each
+  # token's 48 noisy values through to its output; at 64² (192 values a token) its samples stayed noise.
+  c.model.prediction = "x"
+  # diffusers FluxTransformer2DModel field names; in_channels = latent channels × 2×2 patch.
+  c.model.dit.arch = dict(in_channels=_LATENT_CHANNELS * 4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                          num_attention_heads=4, joint_attention_dim=_WIDTH, pooled_projection_dim=_WIDTH,
                           axes_dims_rope=(4, 6, 6), remat="none",
                           scan_layers=False)
   c.model.rqa.num_queries = 16
@@ -24,15 +46,10 @@ def get_config(arg: str | None = None):
   c.model.rqa.num_layers = 1
   c.model.mllm.path = ""
   c.model.mllm.remat = "none"
-  # InternVLConfig fields (random init): ViT 56² / patch 7 → 64 patches → pixel shuffle 0.5 → 16 image tokens.
-  c.model.mllm.arch = dict(
-      vision=dict(image_size=56, patch_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64),
-      text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, max_position_embeddings=512))
+  c.model.mllm.arch = TINY_MLLM_ARCH   # random init when model.mllm.path is '' (else read from the folder)
   c.model.autoencoder.kind = "identity"
   c.model.autoencoder.scale = 1.0
-  c.model.autoencoder.factor = 2   # 32² RGB → 16²×12 latent → 64 DiT tokens (2×2 patches of 48 values)
+  c.model.autoencoder.factor = _AE_FACTOR
 
   c.train.stage = stage
   c.train.num_steps = 1200
@@ -49,9 +66,14 @@ def get_config(arg: str | None = None):
 
   c.data.source = "shapes"
   c.data.path = ""
-  c.data.num_images = 4096
-  c.data.resolution = 32
-  c.data.vit_size = 56
+  c.data.num_images = NUM_IMAGES
+  c.data.resolution = RESOLUTION
+  c.data.vit_size = TINY_MLLM_ARCH["vision"]["image_size"]
+  if stage == "finetune":
+    c.data.num_images = FINETUNE_PAIRS
+    if recipe == "mix":
+      c.data.image_source = "shapes"
+      c.data.image_num_images = NUM_IMAGES
   c.data.recipe = recipe
   c.data.max_text_tokens = 32
   c.data.num_workers = 0

@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.frozen_dtype = "bfloat16"  # storage dtype of the frozen MLLM (and VAE) weights
   c.model.attention = "xla"        # attention implementation: 'xla' or 'cudnn' (GPU, bf16)
   c.model.condition = "query"      # DiT condition: 'query' = LLM last hidden at the RQA query positions, 'all' = every position
+  c.model.prediction = "v"         # DiT output: 'v' = velocity z − x (FLUX, the paper); 'x' = the clean latent, used as
+                                   #   v = (x_t − x̂)/t (pixel space with large patches, where v cannot be predicted)
   c.model.dit = C()
   c.model.dit.kind = "mmdit"       # 'mmdit' (FLUX MM-DiT, IOMM-B/L) or 's3dit' (Z-Image single-stream, IOMM-XL)
   c.model.dit.arch = C()           # fields of MMDiTConfig / S3DiTConfig (diffusers config names); empty = full-size defaults
@@ -142,6 +144,7 @@ _CHOICES = {
     "model.frozen_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn"),
     "model.condition": ("query", "all"),
+    "model.prediction": ("v", "x"),
     "model.dit.kind": ("mmdit", "s3dit"),
     "model.mllm.remat": ("none", "full", "dots_saveable"),
     "model.autoencoder.kind": ("identity", "flux_vae"),

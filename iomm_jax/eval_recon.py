@@ -35,13 +35,12 @@ def margin_stats(m: np.ndarray) -> dict:
 
 def evaluate(run, params, *, num: int = 16, seed: int = 0, steps: int | None = None,
              cfg_scale: float | None = None) -> dict:
-  """Reconstruction statistics of `params` on `num` held-out shapes images (index past the training set)."""
+  """Reconstruction statistics of `params` on `num` held-out shapes images (another draw of the world)."""
   from iomm_jax import sample as sample_lib
-  from iomm_jax.data.shapes import render
+  from iomm_jax.data.sources import heldout_shapes
   c = run.config
-  imgs = [render(c.data.num_images + 1000 + i, c.data.resolution, c.data.seed)[0] for i in range(num)]
-  vit = np.stack([run.processor.preprocess_image(im) for im in imgs]).astype(np.float32)
-  refs = np.stack(imgs).astype(np.float32) / 127.5 - 1.0
+  imgs, vit = heldout_shapes(c.data, num, start=1000)   # past the training grids' held-out images too
+  refs = imgs.astype(np.float32) / 127.5 - 1.0
   out = sample_lib.generate(run, params, vit_pixels=vit, rng=jax.random.key(seed), steps=steps,
                             cfg_scale=cfg_scale)
   return margin_stats(mse_matrix(np.asarray(out), refs))

@@ -47,7 +47,7 @@ MAX_OBJECTS = 3  # the world never draws more: an image with more detections is 
 TAGS = {"single_object": ("single_object_shape", "single_object_colour"), "two_object": ("two_object",),
         "colour_attr": ("colour_attr",), "position": ("position",), "three_object": ("three_object",)}
 PROMPTS_PER_TAG = {"single_object": 14, "two_object": 14, "colour_attr": 14, "position": 16, "three_object": 14}
-RELATIONS = {"above": "above", "below": "below", "to the left of": "left of", "to the right of": "right of"}
+RELATIONS = dict(zip(shapes.RELATIONS, ("above", "below", "left of", "right of")))  # caption words → GenEval's
 _SEED = 0x6E7A1  # the prompt set is part of the benchmark: never change it silently
 _CHANCE_SCENES = 400
 
@@ -131,10 +131,7 @@ def parse_prompt(prompt: str) -> tuple[list[tuple[str, str]], str | None]:
 
 def relation(a: dict, b: dict) -> str:
   """GenEval's name of where `a` lies relative to `b`, by the captions' rule (dominant axis; y grows downwards)."""
-  dx, dy = a["x"] - b["x"], a["y"] - b["y"]
-  if abs(dy) >= abs(dx):
-    return "above" if dy < 0 else "below"
-  return "left of" if dx < 0 else "right of"
+  return RELATIONS[shapes.relation_of(a, b)]
 
 
 def _matches(req: dict, objects: list[dict]) -> list[dict]:

@@ -114,18 +114,15 @@ def write_geneval(run, params, metadata: list[dict], out_dir: str, *, num: int, 
   return out_dir
 
 
-def load_image_views(path: str, resolution: int, processor) -> tuple[np.ndarray, np.ndarray]:
-  """(pixels in [-1,1] at the training resolution, ViT view) of one image file: short-side resize + centre crop."""
+def load_image_views(path: str, resolution: int, vit_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(pixels in [-1,1] at the training resolution, ViT view) of one image file, preprocessed as in training."""
+  from iomm_jax.data import decode
   try:
-    img = Image.open(path).convert("RGB")
-  except (OSError, ValueError) as e:
+    with open(path, "rb") as f:
+      img = decode.to_rgb({"image_bytes": f.read()})
+  except (OSError, decode.UnreadableImage) as e:
     raise SystemExit(f"--image={path!r} cannot be read as an image ({e}); give a PNG/JPEG/WebP file") from e
-  w, h = img.size
-  s = resolution / min(w, h)
-  img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-  left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-  arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)), np.uint8)
-  return arr.astype(np.float32) / 127.5 - 1.0, np.asarray(processor.preprocess_image(arr), np.float32)
+  return decode.views(img, resolution, vit_size)
 
 
 def main(argv=None) -> int:
@@ -174,7 +171,7 @@ def main(argv=None) -> int:
   if args.edit:
     tpl = iomm.make_templates(run.processor, args.edit, run.config.data.max_text_tokens)
   for i, image_path in enumerate(args.image):
-    pixels, vit = load_image_views(image_path, run.config.data.resolution, run.processor)
+    pixels, vit = load_image_views(image_path, run.config.data.resolution, run.config.data.vit_size)
     imgs = generate(run, params, vit_pixels=np.repeat(vit[None], args.num, 0), tpl=tpl,
                     rng=jax.random.fold_in(rng, 1000 + i), steps=args.steps, cfg_scale=args.cfg)
     path = os.path.join(out, f"image_{i:02d}.png")

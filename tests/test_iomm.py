@@ -122,3 +122,26 @@ def test_bf16_frozen_weights_fp32_trainables():
   assert {x.dtype for x in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(jnp.float32)}
   loss, _ = step_lib.compute_loss(run.statics, state.params, run.frozen, _batch(run), jax.random.key(0))
   assert np.isfinite(float(loss))
+
+
+def test_x_prediction_turns_the_dit_output_into_a_velocity():
+  """prediction='x': the DiT output is the clean latent x̂ and velocity() returns (x_t − x̂)/max(t, t_min); with the
+  same weights, prediction='v' returns the raw output."""
+  from iomm_jax.models import factory
+  cx, cv = tiny_config(model__prediction="x"), tiny_config(model__prediction="v")
+  gx, gv = factory.make_generator(cx, nnx.Rngs(0)), factory.make_generator(cv, nnx.Rngs(0))
+  # Non-zero output weights (adaLN-Zero starts them at 0, which would hide the difference).
+  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape, p.dtype),
+                        nnx.state(gv, nnx.Param))
+  nnx.update(gv, params)
+  nnx.update(gx, params)
+  rng = np.random.default_rng(0)
+  x_t = jnp.asarray(rng.standard_normal((3, 16, 16, 48)), jnp.float32)
+  t = jnp.asarray([0.9, 0.3, 0.01], jnp.float32)
+  h = jnp.asarray(rng.standard_normal((3, 16, gv.rqa.cfg.dim)), jnp.float32)
+  m = jnp.ones((3, 16), bool)
+  out = gv.velocity(x_t, t, h, m)
+  v = gx.velocity(x_t, t, h, m)
+  denom = np.maximum(np.asarray(t), iomm.X_PRED_T_MIN)[:, None, None, None]
+  np.testing.assert_allclose(np.asarray(v), (np.asarray(x_t) - np.asarray(out)) / denom, rtol=1e-4, atol=1e-4)
+  assert np.abs(np.asarray(out)).max() > 1e-3

@@ -108,15 +108,15 @@ def test_loss_decreases(trained):
 def test_samples_follow_their_condition(trained):
   """Same noise, different conditioning images → different samples; same image → the same sample.
 
-  (The reconstruction *margin* needs longer training with a random frozen MLLM: `make demo` measures it with
-  python -m iomm_jax.eval_recon after 1200 steps; see the README figures.)
+  (The reconstruction *margin* needs longer training and the pretrained tiny MLLM: `make demo` measures it with
+  python -m iomm_jax.eval_recon; see the README figures.)
   """
   work, _ = trained
   from iomm_jax import eval_recon, sample as sample_lib
   from iomm_jax.data.shapes import render
   from iomm_jax.train import restore
   run, params, _ = restore.load_for_inference(str(work))
-  imgs = [render(5000 + i, 32, 0)[0] for i in range(2)]
+  imgs = [render(5000 + i, run.config.data.resolution, 0)[0] for i in range(2)]
   vit = np.stack([run.processor.preprocess_image(im) for im in imgs]).astype(np.float32)
   key = jax.random.key(3)
   a = np.asarray(sample_lib.generate(run, params, vit_pixels=vit[[0, 0]], rng=key, steps=6))

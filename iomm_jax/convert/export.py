@@ -70,7 +70,13 @@ def export_workdir(workdir: str | Path, dst: str | Path, *, use_ema: bool = True
                    dtype=None, overwrite: bool = False) -> dict:
   """Write the pipeline folder for `workdir`'s checkpoint (latest unless `step`); returns iomm_pipeline.json."""
   from iomm_jax.models import factory
+  from iomm_jax.train import restore
 
+  prediction = restore.load_config(str(workdir)).model.prediction
+  if prediction != "v":
+    raise ConvertError(f"{workdir} was trained with config.model.prediction={prediction!r}: its DiT predicts the clean "
+                       "latent, while diffusers' Flux/Z-Image pipelines read the output as a velocity; only "
+                       "prediction='v' runs export to a pipeline folder")
   dst = Path(dst)
   if dst.exists() and any(dst.iterdir()):
     if not overwrite:

@@ -1,8 +1,9 @@
 """Image decoding and the two views the model sees: the autoencoder view and the ViT view.
 
-Both views come from one centre square: the short side is resized to ``resolution`` and the centre cropped
-(done in one PIL resize with a crop box, which is the same operation at less cost). The ViT view resizes that
-square to ``vit_size`` (bicubic) and normalises with the ImageNet mean/std, as InternVL does for one 448² tile.
+Both views are the image's centre square: the short side is resized to ``resolution`` and the centre cropped
+(done in one PIL resize with a crop box, which is the same operation at less cost). The ViT view is the same
+square resized from the original straight to ``vit_size`` (bicubic; never an upsampled copy of the autoencoder view)
+and normalised with the ImageNet mean/std, as InternVL does for one 448² tile.
 """
 from __future__ import annotations
 
@@ -63,6 +64,6 @@ def views(im: Image.Image, resolution: int, vit_size: int) -> tuple[np.ndarray, 
     """``pixels`` float32 (res, res, 3) in [-1, 1] and ``vit_pixels`` float32 (vit, vit, 3) ImageNet-normalised."""
     sq = centre_square(im, resolution)
     pixels = np.asarray(sq, np.float32) / 127.5 - 1.0
-    vit = sq if vit_size == resolution else sq.resize((vit_size, vit_size), Image.Resampling.BICUBIC)
+    vit = sq if vit_size == resolution else centre_square(im, vit_size)
     vit_pixels = (np.asarray(vit, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     return pixels, vit_pixels.astype(np.float32)

@@ -267,6 +267,8 @@ class _ImageSetConfig:
         self.source = data_cfg.image_source
         self.path = getattr(data_cfg, "image_path", "")
         self.cache_path = getattr(data_cfg, "image_cache_path", "")
+        # shapes: the image set may be larger than the captioned pair set (its first num_images images).
+        self.num_images = int(getattr(data_cfg, "image_num_images", 0) or data_cfg.num_images)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cfg, name)

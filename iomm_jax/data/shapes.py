@@ -62,19 +62,25 @@ def scene(index: int, seed: int) -> dict:
     return dict(background=bg, objects=objects, caption=caption_of(objects))
 
 
+RELATIONS = ("above", "below", "to the left of", "to the right of")  # where a two-object caption's first object lies
+
+
+def relation_of(a: dict, b: dict) -> str:
+    """Where object ``a`` lies relative to ``b``, in caption words; the dominant axis of the displacement decides
+    (image y grows downwards: a is above b when b is lower)."""
+    dx, dy = b["x"] - a["x"], b["y"] - a["y"]
+    if abs(dy) >= abs(dx):
+        return "above" if dy > 0 else "below"
+    return "to the left of" if dx > 0 else "to the right of"
+
+
 def caption_of(objects: list[dict]) -> str:
     """Caption for a list of objects as produced by :func:`scene`."""
     names = [f"a {o['colour']} {o['shape']}" for o in objects]
     if len(objects) == 1:
         return names[0]
     if len(objects) == 2:
-        a, b = objects
-        dx, dy = b["x"] - a["x"], b["y"] - a["y"]
-        if abs(dy) >= abs(dx):
-            rel = "above" if dy > 0 else "below"  # image y grows downwards: a above b when b is lower
-        else:
-            rel = "to the left of" if dx > 0 else "to the right of"
-        return f"{names[0]} {rel} {names[1]}"
+        return f"{names[0]} {relation_of(*objects)} {names[1]}"
     order = sorted(range(len(objects)), key=lambda i: objects[i]["x"])
     ordered = [names[i] for i in order]
     return ", ".join(ordered[:-1]) + " and " + ordered[-1]

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTIONS_FILE = "captions.jsonl"
 _FILE_KEYS = ("file", "image", "path", "file_name")
@@ -88,6 +90,32 @@ def read_table(path: str | os.PathLike, image_key: str = "image",
                              "pass the right name with --image_key / data.image_key")
         out.append((str(row[image_key]), _decode_text(row.get(caption_key)) if caption_key else None))
     return out
+
+
+HELDOUT_SEED_OFFSET = 1000  # held-out shapes come from another draw of the world: no stage's training set holds them
+
+
+def render_size(data_cfg) -> int:
+    """Shapes are rendered at the larger of the two views, so that neither the autoencoder view nor the ViT view
+    is an upsampled copy."""
+    return max(int(data_cfg.resolution), int(data_cfg.vit_size))
+
+
+def heldout_shapes(data_cfg, num: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``num`` held-out shapes images for sample grids and evaluations, as training sees them: (uint8 images at
+    data.resolution, float32 ViT views). Images ``start …`` of the world seed ``data.seed + HELDOUT_SEED_OFFSET``,
+    which no training stage reads."""
+    from PIL import Image
+
+    from iomm_jax.data import decode, shapes
+
+    seed = int(data_cfg.seed) + HELDOUT_SEED_OFFSET
+    refs, vits = [], []
+    for i in range(num):
+        img = Image.fromarray(shapes.render(start + i, render_size(data_cfg), seed)[0])
+        refs.append(np.asarray(decode.centre_square(img, int(data_cfg.resolution)), np.uint8))
+        vits.append(decode.views(img, int(data_cfg.resolution), int(data_cfg.vit_size))[1])
+    return np.stack(refs), np.stack(vits).astype(np.float32)
 
 
 class ShapesSource:
@@ -314,7 +342,7 @@ def make_source(data_cfg: Any, workdir: str | os.PathLike | None = None):
     if kind == "shapes":
         seed = int(getattr(data_cfg, "shapes_seed", 0))
         if not path:
-            return ShapesSource(data_cfg.num_images, data_cfg.resolution, seed)
+            return ShapesSource(data_cfg.num_images, render_size(data_cfg), seed)
         from iomm_jax.data import shapes
 
         folder = shapes.write_folder(_resolve(path, workdir), data_cfg.num_images, data_cfg.resolution, seed)

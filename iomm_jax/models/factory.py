@@ -33,10 +33,8 @@ def mllm_config(config) -> InternVLConfig:
   from that tokenizer.
   """
   if config.model.mllm.path:
-    import json
-    import os
-    with open(os.path.join(config.model.mllm.path, "config.json")) as f:
-      cfg = InternVLConfig.from_hf(json.load(f))
+    from iomm_jax.models.load_internvl import read_config
+    cfg = read_config(config.model.mllm.path)
   else:
     arch = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) if k in ("vision", "text") else v
             for k, v in dict(config.model.mllm.arch).items()}
@@ -85,7 +83,7 @@ def make_generator(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -
   mcfg = mcfg or mllm_config(config)
   width = mllm_width(mcfg)
   return Generator(config.model.dit.kind, dit_config(config, width), rqa_config(config, width),
-                   dtype=DTYPES[config.model.dtype], param_dtype=jnp.float32, rngs=rngs)
+                   prediction=config.model.prediction, dtype=DTYPES[config.model.dtype], param_dtype=jnp.float32, rngs=rngs)
 
 
 def make_mllm(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -> InternVL:
@@ -120,8 +118,39 @@ def vae_config(config):
 
 
 def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
-  """Tokenizer + templates: from the MLLM directory, or the built-in tiny tokenizer for random MLLMs."""
+  """Tokenizer + templates: from the MLLM directory, or the built-in tiny tokenizer for random MLLMs.
+
+  A folder whose tokenizer, weights config and this run's data settings disagree fails here, naming the file and
+  field (not deep inside the compiled step).
+  """
   mcfg = mcfg or mllm_config(config)
   if config.model.mllm.path:
-    return Processor.from_pretrained(config.model.mllm.path)
+    from iomm_jax.models.load_internvl import MLLMCheckpointError
+    path = config.model.mllm.path
+    try:
+      processor = Processor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+      raise MLLMCheckpointError(f"{path}: its tokenizer files cannot be loaded as an InternVL tokenizer "
+                                f"({str(e).splitlines()[0]})") from None
+    check_mllm_fits(config, mcfg, processor)
+    return processor
   return Processor.tiny(num_image_tokens=mcfg.num_image_tokens, image_size=mcfg.vision.image_size)
+
+
+def check_mllm_fits(config, mcfg: InternVLConfig, processor: Processor) -> None:
+  """The MLLM folder's tokenizer and config agree with each other and with this run's data settings."""
+  from iomm_jax.models.load_internvl import MLLMCheckpointError
+  where = f"{config.model.mllm.path}/config.json"
+  if processor.vocab_size > mcfg.text.vocab_size:
+    raise MLLMCheckpointError(
+        f"{where}: text_config.vocab_size={mcfg.text.vocab_size} but the folder's tokenizer has "
+        f"{processor.vocab_size} tokens; the weights were saved for another vocabulary")
+  if processor.image_token_id != mcfg.image_token_id:
+    raise MLLMCheckpointError(
+        f"{where}: image_token_id={mcfg.image_token_id} but the tokenizer's <IMG_CONTEXT> is token "
+        f"{processor.image_token_id}; the tokenizer and the weights come from different models")
+  if int(config.data.vit_size) != mcfg.vision.image_size:
+    raise MLLMCheckpointError(
+        f"{where}: vision_config.image_size={mcfg.vision.image_size} but config.data.vit_size="
+        f"{config.data.vit_size}; set --config.data.vit_size={mcfg.vision.image_size} (the MLLM was trained at that "
+        "size)")

@@ -134,12 +134,24 @@ def encode_condition(rqa: RQA, mllm, tpl: Templates, ids, valid, image_tokens, k
   return hidden, mask
 
 
-class Generator(nnx.Module):
-  """The trainable part of IOMM: the diffusion transformer and the Residual Query Adapter."""
+PREDICTIONS = ("v", "x")
+X_PRED_T_MIN = 0.05  # x-prediction: v = (x_t − x̂) / max(t, X_PRED_T_MIN), so v stays bounded near the data end
 
-  def __init__(self, dit_kind: str, dit_cfg, rqa_cfg: RQAConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.dit_kind = dit_kind
+
+class Generator(nnx.Module):
+  """The trainable part of IOMM: the diffusion transformer and the Residual Query Adapter.
+
+  prediction: what the DiT's output means. 'v' (FLUX, the paper): the velocity z − x itself. 'x': the clean latent x̂,
+  turned into v = (x_t − x̂)/t, so the loss and the sampler are unchanged. A DiT whose tokens carry more values than
+  its width (pixel space with large patches) cannot pass the noise through to predict v; predicting the clean image,
+  which lies on a low-dimensional manifold, it can.
+  """
+
+  def __init__(self, dit_kind: str, dit_cfg, rqa_cfg: RQAConfig, *, prediction: str = "v", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if prediction not in PREDICTIONS:
+      raise ValueError(f"config.model.prediction={prediction!r}: expected one of {PREDICTIONS}")
+    self.dit_kind, self.prediction = dit_kind, prediction
     if dit_kind == "mmdit":
       from iomm_jax.models.mmdit import MMDiT
       self.dit = MMDiT(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -155,6 +167,13 @@ class Generator(nnx.Module):
 
     `masked`: pass h_mask to the DiT (needed for condition='all'; 'query' conditions have no padding).
     """
+    out = self._dit_output(x_t, t, h, h_mask, masked)
+    if self.prediction == "x":
+      tb = jnp.maximum(t, X_PRED_T_MIN).reshape((-1,) + (1,) * (x_t.ndim - 1)).astype(jnp.float32)
+      return ((x_t.astype(jnp.float32) - out.astype(jnp.float32)) / tb).astype(out.dtype)
+    return out
+
+  def _dit_output(self, x_t, t, h, h_mask, masked: bool):
     h_mask_arg = h_mask if masked else None
     if self.dit_kind == "mmdit":
       b, height, width, channels = x_t.shape

@@ -43,7 +43,10 @@ def read_config(path: str | Path, **overrides) -> InternVLConfig:
     raw = json.loads(cfg_file.read_text())
   except json.JSONDecodeError as e:
     raise MLLMCheckpointError(f"{cfg_file} is not valid JSON ({e}); {EXPECTED_LAYOUT}") from e
-  return InternVLConfig.from_hf(raw, **overrides)
+  try:
+    return InternVLConfig.from_hf(raw, **overrides)
+  except (KeyError, TypeError, ValueError) as e:
+    raise MLLMCheckpointError(f"{cfg_file} does not describe an InternVL model ({e}); {EXPECTED_LAYOUT}") from None
 
 
 def abstract_model(cfg: InternVLConfig, *, dtype=jnp.bfloat16, param_dtype=None) -> InternVL:

@@ -1,4 +1,4 @@
-"""Prompt template, tokenizer and image preprocessing of the frozen MLLM (DESIGN.md §1, paper Fig. 2a).
+"""Prompt template, tokenizer and image preprocessing of the frozen MLLM (docs/design.md §1, paper Fig. 2a).
 
 Prompts use the InternVL (Qwen2) chat template with one user turn:
 
@@ -40,7 +40,9 @@ TINY_WORDS = (
     # numbers
     "one two three four five zero "
     # punctuation
-    ": . , ! ?").split()
+    ": . , ! ? "
+    # appended later (ids above stay stable): every shape of the shapes world, and captioning instructions
+    "hexagon hexagons describe what this caption shows there").split()
 
 
 def chat_template(content: str) -> str:

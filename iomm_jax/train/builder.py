@@ -150,8 +150,9 @@ def load_frozen_weights(config, run: Run) -> dict:
   seed = config.seed + 7919  # frozen random weights never share a stream with the trainable init
   if config.model.mllm.path:
     from iomm_jax.models.load_internvl import load_internvl
-    mllm = load_internvl(config.model.mllm.path, dtype=factory.DTYPES[config.model.frozen_dtype],
-                         shardings=run.frozen_shardings["mllm"], remat=config.model.mllm.remat)
+    _, state = load_internvl(config.model.mllm.path, dtype=factory.DTYPES[config.model.frozen_dtype],
+                             shardings=run.frozen_shardings["mllm"], remat=config.model.mllm.remat, return_split=True)
+    mllm = nnx.to_pure_dict(state)
   else:
     mllm = jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(seed), run.mcfg), nnx.Param)),
                    out_shardings=run.frozen_shardings["mllm"])()

@@ -85,14 +85,12 @@ class SampleGrids:
   """Training-time grids: held-out shapes images, their self-conditioned samples, and text-prompt samples."""
 
   def __init__(self, run, workdir: str):
-    from iomm_jax.data.shapes import render
+    from iomm_jax.data.sources import heldout_shapes
     self.run, self.dir = run, os.path.join(workdir, "samples")
     c = run.config
     n = c.sample.num
-    # Held-out: indices past the training set, so these images were never trained on.
-    imgs = [render(c.data.num_images + i, c.data.resolution, c.data.seed)[0] for i in range(n)]
-    self.ref = np.stack(imgs)
-    self.vit = np.stack([run.processor.preprocess_image(im) for im in imgs]).astype(np.float32)
+    # Held-out: another draw of the world, so these images were never trained on.
+    self.ref, self.vit = heldout_shapes(c.data, n)
 
   def __call__(self, step: int, params, writer) -> str:
     from iomm_jax import sample as sample_lib

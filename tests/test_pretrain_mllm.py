@@ -1,0 +1,148 @@
+"""The tiny world's MLLM: a short pre-training run captions better than chance; the folder it writes is a
+transformers InternVL -hf folder (loads in transformers, passes `convert verify`, loads into IOMM); mismatched
+folders fail at start naming the file and field."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import load_config, tiny_config
+
+
+@pytest.fixture(scope="module")
+def mllm_dir(tmp_path_factory):
+  """A short pre-training run (the ':short' variant, a little longer so that it learns colours)."""
+  from iomm_jax.mllm_pretrain import trainer
+  c = load_config("tiny_mllm", "short")
+  c.unlock()
+  c.train.num_steps, c.train.batch, c.train.lr, c.train.warmup_steps = 150, 32, 3e-3, 20
+  c.data.num_images = 1024
+  c.data.eval_num = 64
+  out = tmp_path_factory.mktemp("mllm") / "tiny_mllm"
+  report = trainer.pretrain(c, str(out))
+  return out, report
+
+
+def test_short_run_captions_beat_chance(mllm_dir):
+  out, report = mllm_dir
+  held, chance = report["heldout"], report["chance"]
+  # After 150 steps the colour of each object is named far above chance (1/7); the loss fell.
+  assert held["colour"] > 2 * chance["colour"], held
+  saved = json.loads((out / "mllm_pretrain.json").read_text())
+  assert saved["history"][-1]["loss"] < 0.5 * saved["history"][0]["loss"]
+  assert saved["heldout"]["colour"] == held["colour"]
+
+
+def test_folder_is_an_internvl_hf_folder(mllm_dir):
+  out, _ = mllm_dir
+  for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+    assert (out / name).is_file(), name
+  from iomm_jax.convert.internvl_verify import verify_mllm
+  report = verify_mllm(out)
+  assert report["passed"], report
+  # The saved tokenizer is the built-in one: same ids for a caption and the image template.
+  from iomm_jax.models.processor import Processor
+  loaded, builtin = Processor.from_pretrained(out), Processor.tiny(num_image_tokens=16, image_size=64)
+  assert loaded.text_prompt_ids("a red hexagon above a blue star") == builtin.text_prompt_ids(
+      "a red hexagon above a blue star")
+  assert loaded.image_prompt_ids() == builtin.image_prompt_ids()
+  assert loaded.tokenizer.unk_token_id not in loaded.text_prompt_ids("a red hexagon above a blue star")
+
+
+def test_iomm_loads_the_folder_through_mllm_path(mllm_dir):
+  """model.mllm.path = the folder: the run's frozen MLLM holds the trained weights (LM head left out)."""
+  out, _ = mllm_dir
+  from iomm_jax.convert import io
+  from iomm_jax.train import builder
+  run = builder.build(tiny_config(model__mllm__path=str(out)))
+  emb = np.asarray(run.frozen["mllm"]["language_model"]["embed_tokens"]["embedding"])
+  want = dict(io.iter_tensors(out))["language_model.model.embed_tokens.weight"]
+  np.testing.assert_array_equal(emb, want)
+  assert "lm_head" not in run.frozen["mllm"]
+
+
+def _edit_config(src, dst, edit):
+  shutil.copytree(src, dst)
+  cfg = json.loads((dst / "config.json").read_text())
+  edit(cfg)
+  (dst / "config.json").write_text(json.dumps(cfg))
+  return dst
+
+
+def test_mismatched_folders_fail_at_start_naming_file_and_field(mllm_dir, tmp_path):
+  from iomm_jax.models.load_internvl import MLLMCheckpointError
+  from iomm_jax.train import builder
+  out, _ = mllm_dir
+
+  def build(path, **kw):
+    return builder.build(tiny_config(model__mllm__path=str(path), **kw), load_frozen=False)
+
+  # Another model family.
+  other = _edit_config(out, tmp_path / "llama", lambda c: c.update(model_type="llama"))
+  with pytest.raises(MLLMCheckpointError, match=r"config\.json.*model_type"):
+    build(other)
+  # Weights saved for a smaller vocabulary than the tokenizer's.
+  small = _edit_config(out, tmp_path / "vocab", lambda c: c["text_config"].update(vocab_size=50))
+  with pytest.raises(MLLMCheckpointError, match=r"config\.json: text_config\.vocab_size=50"):
+    build(small)
+  # Trained for another image size than the run feeds the ViT.
+  with pytest.raises(MLLMCheckpointError, match=r"vision_config\.image_size=64 but config\.data\.vit_size=56"):
+    build(out, data__vit_size=56)
+  # Not a folder of an MLLM at all.
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(MLLMCheckpointError, match="has no config.json"):
+    build(tmp_path / "empty")
+
+
+def test_main_reports_a_bad_mllm_folder_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  (tmp_path / "m").mkdir()
+  (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  r = subprocess.run([sys.executable, "-m", "iomm_jax.main", "--config=configs/tiny.py:short",
+                      f"--workdir={tmp_path / 'w'}", f"--config.model.mllm.path={tmp_path / 'm'}"],
+                     capture_output=True, text=True, cwd=str(__import__("helpers").ROOT), timeout=300)
+  assert r.returncode != 0
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "model_type" in r.stderr and "config.json" in r.stderr
+
+
+def test_caption_accuracy_scores_attributes():
+  from iomm_jax.mllm_pretrain import caption_accuracy as ca
+  truth = ["a red circle above a blue square", "a green star", "a red circle, a blue square and a green triangle",
+           "a black star to the left of a yellow circle"]
+  pred = ["a red circle below a blue star", "a green star", "a red circle , a blue square and a green triangle",
+          "a yellow circle to the right of a black star"]     # the same scene described from the other object
+  s = ca.score(pred, truth)
+  assert s["exact"] == pytest.approx(3 / 4)
+  assert s["colour"] == 1.0
+  assert s["shape"] == pytest.approx(7 / 8)
+  assert s["relation"] == pytest.approx(1 / 2)
+  assert ca.parse("a black hexagon to the left of a yellow diamond") == {
+      "objects": [("black", "hexagon"), ("yellow", "diamond")], "relation": "to the left of"}
+
+
+def test_training_sequences_mask_the_answer_and_the_said_caption():
+  from iomm_jax.mllm_pretrain import examples
+  from iomm_jax.models.processor import Processor
+  p = Processor.tiny(num_image_tokens=16, image_size=64)
+  b = examples.SequenceBuilder(p, 64)
+  ids, loss = b.captioning("describe the image .", "a red circle")
+  # Only the answer (caption + <|im_end|>) is trained in a captioning turn.
+  assert p.tokenizer.decode([i for i, m in zip(ids, loss) if m]).split() == ["a", "red", "circle", "<|im_end|>"]
+  assert sum(i == p.image_token_id for i in ids) == 16
+  ids, loss = b.text_only("a blue star")
+  trained = p.tokenizer.decode([i for i, m in zip(ids, loss) if m]).split()
+  assert trained == ["a", "blue", "star", "a", "blue", "star", "<|im_end|>"]
+  assert p.image_token_id not in ids
+
+
+def test_shapes_vocabulary_is_in_the_tiny_tokenizer():
+  """Every colour and shape word of the shapes world has its own token (no <unk> in captions)."""
+  from iomm_jax.data import shapes
+  from iomm_jax.models.processor import Processor
+  p = Processor.tiny()
+  unk = p.tokenizer.unk_token_id
+  for word in list(shapes.COLOURS) + list(shapes.SHAPES) + ["above", "below", "left", "right", "and", ","]:
+    assert unk not in p.tokenizer(word, add_special_tokens=False)["input_ids"], word
