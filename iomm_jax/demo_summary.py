@@ -37,7 +37,7 @@ def collect(mllm_dir: str, workdir: str) -> dict:
     out["recon"] = {k: recon[k] for k in ("margin", "top1_retrieval") if k in recon}
   gen = _read(os.path.join(workdir, "eval_shapes.json"))
   if gen:
-    out["geneval"] = {**gen["scores"], "overall": gen["overall"]}
+    out["geneval"] = {**gen["scores"], "overall": gen["overall"], **gen.get("diagnostics", {})}
     if "chance" in gen:
       out["geneval_chance"] = gen["chance"]
   return out

@@ -72,6 +72,13 @@ def colour_maps(img: np.ndarray, bg: np.ndarray | None = None):
   return label, alpha, res <= _TOL
 
 
+def dominant_colour(img: np.ndarray) -> str | None:
+  """The palette colour covering the most pixels (None on an empty background): a shape-blind reading of colour."""
+  label = colour_maps(img)[0]
+  counts = np.bincount(label[label >= 0], minlength=len(COLOUR_NAMES))
+  return COLOUR_NAMES[int(counts.argmax())] if counts.sum() else None
+
+
 def components(mask: np.ndarray) -> list[np.ndarray]:
   """8-connected components of a bool mask, each as an (n, 2) array of (y, x), in scan order of their first pixel."""
   todo = set(zip(*(c.tolist() for c in np.nonzero(mask))))

@@ -204,3 +204,21 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
   assert uncond["uncond"] and uncond["num_per_prompt"] == 1
   assert [m for _, m, _ in layout.read(work / "eval_shapes_uncond" / "samples")] == subset  # real prompts kept
   assert (work / "eval_shapes_uncond.json").exists()
+
+
+def test_dominant_colour_diagnostic():
+  """The shape-blind colour reading: the largest object's colour on a render, None on a bare background, and the
+  diagnostic is reported beside the categories (not inside `overall`)."""
+  from iomm_jax.data import shapes
+  from iomm_jax import shapes_detector, eval_shapes
+  big = dict(shape="star", colour="purple", x=0.3, y=0.3, r=0.25)
+  small = dict(shape="circle", colour="green", x=0.8, y=0.8, r=0.08)
+  img = shapes.render_objects([big, small], 32, (230, 230, 230))
+  assert shapes_detector.dominant_colour(img) == "purple"
+  assert shapes_detector.dominant_colour(np.full((32, 32, 3), 230, np.uint8)) is None
+  meta = [m for m in eval_shapes.prompt_set() if m["tag"] == "single_object"][:2]
+  imgs = [np.stack([shapes.render_objects([dict(big, colour=m["include"][0]["color"])], 32, (230, 230, 230))] * 2)
+          for m in meta]
+  res = eval_shapes.score_images(meta, imgs)
+  assert res["diagnostics"] == {"single_object_dominant_colour": 1.0}
+  assert abs(eval_shapes.chance(meta)["single_object_dominant_colour"] - 1 / 7) < 0.08
