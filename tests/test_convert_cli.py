@@ -242,9 +242,22 @@ def test_to_jax_and_to_torch_do_not_import_torch(ckpts, tmp_path):
 
 # ---------------------------------------------------------------- trained checkpoints ↔ diffusers
 
+def test_export_refuses_an_x_prediction_run(tmp_path):
+  """A run whose DiT predicts the clean latent is not a diffusers Flux pipeline: to-torch says so in one line."""
+  work = tmp_path / "w"
+  (work / "checkpoints").mkdir(parents=True)
+  (work / "config.json").write_text(tiny_config().to_json())
+  assert tiny_config().model.prediction == "x"
+  from iomm_jax.convert import components, export
+  with pytest.raises(components.ConvertError, match="model.prediction='x'"):
+    export.export_workdir(work, tmp_path / "out")
+
+
 def _tiny_train_config(**overrides):
-  """configs/tiny.py:short at 1+1 DiT blocks and a 1-layer MLLM (compile time), 2 steps, checkpoint at 2."""
-  return tiny_config("short", train__num_steps=2, train__ckpt_every=2, train__log_every=1, train__sample_every=0,
+  """configs/tiny.py:short at 1+1 DiT blocks and a 1-layer MLLM (compile time), 2 steps, checkpoint at 2; the DiT
+  predicts v, as the diffusers pipelines it is exported to read it."""
+  return tiny_config("short", model__prediction="v", train__num_steps=2, train__ckpt_every=2, train__log_every=1,
+                     train__sample_every=0,
                      train__warmup_steps=1, model__dit__arch__num_layers=1, model__dit__arch__num_single_layers=1,
                      model__mllm__arch__text__num_hidden_layers=1, model__mllm__arch__vision__num_hidden_layers=1,
                      **overrides)

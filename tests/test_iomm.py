@@ -136,7 +136,8 @@ def test_x_prediction_turns_the_dit_output_into_a_velocity():
   nnx.update(gv, params)
   nnx.update(gx, params)
   rng = np.random.default_rng(0)
-  x_t = jnp.asarray(rng.standard_normal((3, 16, 16, 48)), jnp.float32)
+  side, _, ch = builder.build(cx, load_frozen=False).latent_shape
+  x_t = jnp.asarray(rng.standard_normal((3, side, side, ch)), jnp.float32)
   t = jnp.asarray([0.9, 0.3, 0.01], jnp.float32)
   h = jnp.asarray(rng.standard_normal((3, 16, gv.rqa.cfg.dim)), jnp.float32)
   m = jnp.ones((3, 16), bool)

@@ -161,8 +161,9 @@ def test_tiny_loss_and_grads_same_with_scan_and_remat():
       state = run.init_state()
       frozen = builder.load_frozen_weights(c, run)
       rng = np.random.default_rng(4)
-      batch = {"pixels": jnp.asarray(rng.uniform(-1, 1, (4, 64, 64, 3)), jnp.float32),
-               "vit_pixels": jnp.asarray(rng.normal(size=(4, 56, 56, 3)), jnp.float32),
+      r, v = c.data.resolution, c.data.vit_size
+      batch = {"pixels": jnp.asarray(rng.uniform(-1, 1, (4, r, r, 3)), jnp.float32),
+               "vit_pixels": jnp.asarray(rng.normal(size=(4, v, v, 3)), jnp.float32),
                "caption_ids": jnp.zeros((4, c.data.max_text_tokens), jnp.int32),
                "caption_len": jnp.zeros((4,), jnp.int32),
                "is_image_only": jnp.ones((4,), bool)}

@@ -57,7 +57,10 @@ def _image_only(c, batches=300):
 @pytest.mark.parametrize("lam", [0.5, 0.2])
 def test_mix_fraction_is_lambda_and_reproducible(lam, tmp_path):
     cache = _fake_cache(tmp_path / "cache")
-    c = tiny_config("finetune", data__cached=True, data__cache_path=str(cache), data__mix_lambda=lam)
+    # One cached set: its images serve as the image-only half (the tiny config's separate image set is tested in
+    # test_tiny_stages / test_mix_source).
+    c = tiny_config("finetune", data__cached=True, data__cache_path=str(cache), data__mix_lambda=lam,
+                    data__image_source="", data__image_num_images=0)
     assert c.data.recipe == "mix"
     a = _image_only(c)
     n = a.size

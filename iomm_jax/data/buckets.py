@@ -141,24 +141,32 @@ def bucket_lists(source: Any, buckets: Sequence[tuple[int, int]]) -> list[np.nda
 
 
 # ------------------------------------------------------------------------------------------------------ crops
+def cover_box(w: int, h: int, height: int, width: int) -> tuple[float, float, float, float]:
+    """The centred region of a w×h image that, resized to cover (height, width), becomes the crop."""
+    scale = max(width / w, height / h)
+    cw, ch = width / scale, height / scale
+    left, top = (w - cw) / 2.0, (h - ch) / 2.0
+    return left, top, left + cw, top + ch
+
+
 def cover_crop(im: Image.Image, height: int, width: int) -> Image.Image:
     """Resize so the image covers (height, width), then centre-crop to it, in one bicubic resize with a box."""
     w, h = im.size
     if (w, h) == (width, height):
         return im
-    scale = max(width / w, height / h)
-    cw, ch = width / scale, height / scale  # the source region that becomes the crop
-    left, top = (w - cw) / 2.0, (h - ch) / 2.0
-    return im.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+    return im.resize((width, height), Image.Resampling.BICUBIC, box=cover_box(w, h, height, width))
 
 
 def views(im: Image.Image, height: int, width: int, vit_size: int) -> tuple[np.ndarray, np.ndarray]:
     """``pixels`` float32 (height, width, 3) in [-1, 1] and ``vit_pixels`` float32 (vit, vit, 3), ImageNet-normalised
-    (the bucket crop resized to a square tile). For a square bucket this equals ``decode.views``."""
+    (the bucket's region of the original resized straight to a square tile, as ``decode.views`` does). For a square
+    bucket this equals ``decode.views``."""
     crop = cover_crop(im, height, width)
     pixels = np.asarray(crop, np.float32) / 127.5 - 1.0
-    vit = crop if (height, width) == (vit_size, vit_size) else crop.resize((vit_size, vit_size),
-                                                                            Image.Resampling.BICUBIC)
+    if im.size == (vit_size, vit_size) and (height, width) == (vit_size, vit_size):
+        vit = im
+    else:
+        vit = im.resize((vit_size, vit_size), Image.Resampling.BICUBIC, box=cover_box(*im.size, height, width))
     vit_pixels = (np.asarray(vit, np.float32) / 255.0 - decode.IMAGENET_MEAN) / decode.IMAGENET_STD
     return pixels, vit_pixels.astype(np.float32)
 
