@@ -76,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.logit_mean = 0.0         # logit-normal location
   c.train.logit_std = 1.0          # logit-normal scale
   c.train.time_shift = 1.0         # resolution shift s: t ← s·t / (1 + (s−1)·t); 1 = none
-  c.train.optimizer = "adamw"      # 'adamw' or 'muon' (IOMM-XL; Muon on 2-D weights, AdamW on the rest)
+  c.train.optimizer = "adamw"      # 'adamw' or 'muon' (IOMM-XL: Muon on the hidden blocks' 2-D kernels, update RMS
+                                   #   matched to AdamW's; AdamW with b1/b2 on embedders, read-out, biases, norms, queries)
+  c.train.muon_momentum = 0.95     # Muon's (Nesterov) momentum; used only when optimizer = 'muon'
   c.train.lr = 1e-4
   c.train.b1 = 0.9
   c.train.b2 = 0.95

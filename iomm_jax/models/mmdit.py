@@ -116,6 +116,10 @@ def _run_block(block, carry, temb, cos, sin, key_mask):
 class MMDiT(nnx.Module):
   """FLUX MM-DiT; parameter paths equal diffusers FluxTransformer2DModel state-dict keys (kernel↔weight)."""
 
+  # The stacks of hidden blocks: their 2-D kernels are the "hidden matrices" Muon updates (train/optimizers.py);
+  # embedders, the output layers, biases and norms stay on AdamW.
+  HIDDEN_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
+
   def __init__(self, cfg: MMDiTConfig = MMDiTConfig(), *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype

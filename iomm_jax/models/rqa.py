@@ -117,6 +117,9 @@ class QueryBlock(nnx.Module):
 class RQA(nnx.Module):
   """Residual Query Adapter: `(c (B,L,D), key_mask (B,L) True=valid or None) -> queries (B,Q,D)`."""
 
+  # Muon updates the 2-D kernels of these blocks; the meta-queries, biases and norms stay on AdamW.
+  HIDDEN_BLOCKS = ("query_blocks",)
+
   def __init__(self, cfg: RQAConfig = RQAConfig(), *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
                rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype

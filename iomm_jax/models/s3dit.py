@@ -123,6 +123,9 @@ class S3DiTConfig:
 class S3DiT(nnx.Module):
   """Z-Image single-stream DiT with a batched, static-shape interface in OUR flow convention (module doc)."""
 
+  # The stacks of hidden blocks whose 2-D kernels Muon updates (train/optimizers.py); the rest stays on AdamW.
+  HIDDEN_BLOCKS = ("noise_refiner", "context_refiner", "layers")
+
   def __init__(self, cfg: S3DiTConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
     dim = cfg.dim

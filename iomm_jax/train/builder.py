@@ -95,7 +95,9 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   templates = iomm.make_templates(processor, config.model.mllm.aux_prompt, config.data.max_text_tokens)
   tokenize = iomm.Tokenize(processor, config.data.max_text_tokens)
 
-  gen_def, gen_abs = _split_pure(nnx.eval_shape(lambda: factory.make_generator(config, nnx.Rngs(0), mcfg)))
+  gen_module = nnx.eval_shape(lambda: factory.make_generator(config, nnx.Rngs(0), mcfg))
+  hidden_blocks = {"dit": type(gen_module.dit).HIDDEN_BLOCKS, "rqa": type(gen_module.rqa).HIDDEN_BLOCKS}
+  gen_def, gen_abs = _split_pure(gen_module)
   mllm_def, mllm_abs = _split_pure(nnx.eval_shape(lambda: factory.make_mllm(config, nnx.Rngs(0), mcfg)))
   ae_module = nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0)))
   ae_def, ae_abs = _split_pure(ae_module)
@@ -107,14 +109,14 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   param_sh = parallel.param_shardings(gen_abs, mesh, rules)
   frozen_sh = {"mllm": parallel.param_shardings(mllm_abs, mesh, rules),
                "ae": parallel.param_shardings(ae_abs, mesh, rules)}
-  optimizer = optimizers.make_optimizer(config.train)
+  optimizer = optimizers.make_optimizer(config.train, hidden_blocks)
   lr_fn = optimizers.lr_schedule(config.train)
 
   gen_pure = nnx.to_pure_dict(gen_abs)
   abstract_state = jax.eval_shape(
       lambda p: state_lib.create(p, optimizer, ema=config.train.ema_decay > 0, rng=jax.random.key(0)), gen_pure)
   rep = parallel.replicated(mesh)
-  # Masked optimizers (Muon: AdamW on non-2-D leaves) hold MaskedNode placeholders; they keep no array, so they
+  # Partitioned optimizers (Muon + AdamW) hold MaskedNode placeholders; they keep no array, so they
   # stay MaskedNode in the sharding tree too.
   masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
   opt_sh = optax.tree_map_params(optimizer, lambda x, s: x if masked(x) else s, abstract_state.opt_state, param_sh,

@@ -15,17 +15,45 @@ def lr_schedule(train_cfg):
       [train_cfg.warmup_steps])
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """clip_by_global_norm(grad_clip) → AdamW(β, eps, wd) or Muon (2-D weights; AdamW for the rest)."""
+# Muon's update RMS for every hidden matrix (Liu et al. 2025, "Muon is scalable": 0.2·sqrt(max(fan_in, fan_out))
+# times the orthogonalised update). AdamW's steady-state update RMS with β = (0.9, 0.95) on noisy gradients is
+# ≈ 0.2 as well, so one learning rate means the same step size for both (tests/test_optimizers.py measures it).
+# optax's default scale, sqrt(max(1, fan_out/fan_in)), gives RMS ≈ 1/sqrt(width): 0.016 at 3840 wide, ≈ 14× smaller.
+MUON_UPDATE_RMS = 0.2
+
+
+def muon_labels(params, hidden_blocks: dict[str, tuple[str, ...]]):
+  """'muon' for each 2-D kernel inside a hidden block stack, 'adam' for everything else.
+
+  `params` is the generator's pure dict ({'dit': ..., 'rqa': ...}); `hidden_blocks[top]` names the block lists of
+  that component (the modules' HIDDEN_BLOCKS). Embedders, the output projection, biases, norms and the RQA's
+  meta-queries are not hidden matrices: Muon orthogonalises a matrix's update, which suits a map between two hidden
+  spaces but not a lookup/embedding or the final read-out (Jordan et al.; Liu et al.)."""
+  def label(path, leaf):
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    hidden = len(keys) > 2 and keys[1] in hidden_blocks.get(keys[0], ())
+    return "muon" if hidden and keys[-1] == "kernel" and leaf.ndim == 2 else "adam"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(train_cfg, hidden_blocks: dict[str, tuple[str, ...]] | None = None) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) → AdamW(β, eps, wd), or Muon on the hidden matrices + AdamW on the rest.
+
+  `hidden_blocks` (Muon only) names each component's hidden block stacks (see `muon_labels`)."""
   schedule = lr_schedule(train_cfg)
+  adamw = lambda: optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,  # noqa: E731
+                              weight_decay=train_cfg.weight_decay)
   if train_cfg.optimizer == "adamw":
-    opt = optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                      weight_decay=train_cfg.weight_decay)
+    opt = adamw()
   elif train_cfg.optimizer == "muon":
-    # Muon orthogonalises the update of each 2-D weight matrix; embeddings-like and 1-D params use AdamW
-    # (optax's muon does this split itself by dimensionality).
-    opt = optax.contrib.muon(schedule, beta=train_cfg.b2, weight_decay=train_cfg.weight_decay,
-                             adam_b1=train_cfg.b1, adam_b2=train_cfg.b2, adam_weight_decay=train_cfg.weight_decay)
+    if hidden_blocks is None:
+      raise ValueError("make_optimizer: Muon needs hidden_blocks (which block stacks hold the hidden matrices)")
+    muon = optax.contrib.muon(schedule, beta=train_cfg.muon_momentum, weight_decay=train_cfg.weight_decay,
+                              consistent_rms=MUON_UPDATE_RMS)
+    # optax.contrib.muon applies AdamW itself to what it does not orthogonalise, but only by dimensionality; the
+    # explicit partition keeps embedders, read-out and meta-queries on the same AdamW as the 'adamw' optimizer.
+    opt = optax.multi_transform({"muon": muon, "adam": adamw()},
+                                lambda params: muon_labels(params, hidden_blocks))
   else:
     raise ValueError(f"config.train.optimizer={train_cfg.optimizer!r}: expected 'adamw' or 'muon'")
   if train_cfg.grad_clip and train_cfg.grad_clip > 0:
