@@ -13,7 +13,7 @@ TEST_WORKERS ?= 2
 # The CPU torch wheel: pip finds it through the machine's find-links (/opt/wheels); never an unpinned torch.
 PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,18 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+
+# The edit-test loop: every test not marked slow (under 3 minutes on 2 cores).
+test-fast: install
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+LINT_PATHS := iomm_jax tests bench configs
+lint: install
+	$(BIN)/pyink --check --quiet $(LINT_PATHS)
+	$(BIN)/ruff check --quiet $(LINT_PATHS)
+
+format: install
+	$(BIN)/pyink --quiet $(LINT_PATHS)
 
 bench: install
 	$(BIN)/python bench/step.py --config=configs/tiny.py

@@ -51,9 +51,9 @@ def main(argv):
 
 def user_errors() -> tuple[type[Exception], ...]:
   """Exceptions that describe a user's mistake (a path or weights that do not fit the run): one line, no traceback."""
-  from iomm_jax.convert.init_weights import InitWeightsError
-  from iomm_jax.convert.keymap import KeyMismatchError
-  from iomm_jax.models.load_internvl import MLLMCheckpointError
+  from iomm_jax.weights.init_weights import InitWeightsError
+  from iomm_jax.models.keymap import KeyMismatchError
+  from iomm_jax.models.internvl_keys import MLLMCheckpointError
   from iomm_jax.train.warm_start import WarmStartError
   return (InitWeightsError, KeyMismatchError, MLLMCheckpointError, WarmStartError)
 

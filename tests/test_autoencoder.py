@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderKL
 from flax import nnx
 
-from iomm_jax.convert import keymap
-from iomm_jax.convert.vae_keys import KEY_TABLE, config_from_diffusers, config_to_diffusers
+from iomm_jax.models import keymap
+from iomm_jax.models.vae_keys import KEY_TABLE, config_from_diffusers, config_to_diffusers
 from iomm_jax.models.autoencoder import Autoencoder, IdentityAutoencoder, make_autoencoder
 from iomm_jax.models.flux_vae import FluxVAE, FluxVAEConfig
 from iomm_jax.models.layers import count_params

@@ -19,8 +19,10 @@ from transformers import InternVLConfig as HFInternVLConfig
 from transformers import InternVLForConditionalGeneration
 
 from helpers import ROOT, tiny_config
-from iomm_jax.convert import cli, io, keymap, mmdit_keys, orbax_io
-from iomm_jax.convert.keymap import Rule
+from iomm_jax.convert import cli
+from iomm_jax.weights import io, orbax_io
+from iomm_jax.models import keymap, mmdit_keys
+from iomm_jax.models.keymap import Rule
 from iomm_jax.convert.torch_rqa import TorchRQA
 
 FLUX = dict(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
@@ -248,7 +250,8 @@ def test_export_refuses_an_x_prediction_run(tmp_path):
   (work / "checkpoints").mkdir(parents=True)
   (work / "config.json").write_text(tiny_config().to_json())
   assert tiny_config().model.prediction == "x"
-  from iomm_jax.convert import components, export
+  from iomm_jax.weights import components
+  from iomm_jax.convert import export
   with pytest.raises(components.ConvertError, match="model.prediction='x'"):
     export.export_workdir(work, tmp_path / "out")
 
@@ -271,7 +274,7 @@ def trained(tmp_path_factory):
   2. train 2 steps with --config.init.transformer / --config.init.rqa = DIRs (the initial params are captured);
   3. to-torch --src WORKDIR --use-ema → pipeline folder.
   """
-  from iomm_jax.convert import init_weights
+  from iomm_jax.weights import init_weights
   from iomm_jax.models import factory
   from iomm_jax.train import loop
   root = tmp_path_factory.mktemp("run")
@@ -324,7 +327,7 @@ def test_training_starts_from_converted_weights(trained):
 
 @pytest.mark.slow  # shares one in-process training run (≈1 min of compile on 2 CPU cores)
 def test_init_config_mismatch_names_the_field(trained):
-  from iomm_jax.convert.init_weights import InitWeightsError, apply
+  from iomm_jax.weights.init_weights import InitWeightsError, apply
   root, params = trained["root"], trained["initial"]
   bad = _tiny_train_config(init__transformer=str(root / "init_t"), model__dit__arch__attention_head_dim=8,
                            model__dit__arch__axes_dims_rope=(2, 2, 4))

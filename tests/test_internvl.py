@@ -12,10 +12,12 @@ from flax import nnx
 from transformers import InternVLConfig as HFInternVLConfig
 from transformers import InternVLForConditionalGeneration
 
-from iomm_jax.convert import internvl_keys, io, keymap
+from iomm_jax.models import internvl_keys, keymap
+from iomm_jax.weights import io
 from iomm_jax.models import layers
 from iomm_jax.models.internvl import InternVL, InternVLConfig
-from iomm_jax.models.load_internvl import MLLMCheckpointError, load_internvl
+from iomm_jax.models.internvl_keys import MLLMCheckpointError
+from iomm_jax.weights.load_internvl import load_internvl
 
 IMG = 99  # image_token_id of the tiny configs
 

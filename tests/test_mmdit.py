@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_z_image import RopeEmbedder
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from flax import nnx
 
-from iomm_jax.convert import keymap, mmdit_keys
+from iomm_jax.models import keymap, mmdit_keys
 from iomm_jax.models import latents, layers, rope
 from iomm_jax.models.mmdit import MMDiT, MMDiTConfig
 

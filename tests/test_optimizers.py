@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from iomm_jax.config import base_config

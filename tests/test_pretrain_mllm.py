@@ -53,7 +53,7 @@ def test_folder_is_an_internvl_hf_folder(mllm_dir):
 def test_iomm_loads_the_folder_through_mllm_path(mllm_dir):
   """model.mllm.path = the folder: the run's frozen MLLM holds the trained weights (LM head left out)."""
   out, _ = mllm_dir
-  from iomm_jax.convert import io
+  from iomm_jax.weights import io
   from iomm_jax.train import builder
   run = builder.build(tiny_config(model__mllm__path=str(out)))
   emb = np.asarray(run.frozen["mllm"]["language_model"]["embed_tokens"]["embedding"])
@@ -71,7 +71,7 @@ def _edit_config(src, dst, edit):
 
 
 def test_mismatched_folders_fail_at_start_naming_file_and_field(mllm_dir, tmp_path):
-  from iomm_jax.models.load_internvl import MLLMCheckpointError
+  from iomm_jax.models.internvl_keys import MLLMCheckpointError
   from iomm_jax.train import builder
   out, _ = mllm_dir
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from iomm_jax.convert import keymap
-from iomm_jax.convert.rqa_keys import KEY_TABLE, config_from_torch, config_to_torch
+from iomm_jax.models import keymap
+from iomm_jax.models.rqa_keys import KEY_TABLE, config_from_torch, config_to_torch
 from iomm_jax.convert.torch_rqa import TorchRQA
 from iomm_jax.models.layers import count_params
 from iomm_jax.models.rqa import RQA, RQAConfig

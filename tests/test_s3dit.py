@@ -12,8 +12,8 @@ import pytest
 import torch
 from flax import nnx
 
-from iomm_jax.convert import keymap
-from iomm_jax.convert.s3dit_keys import KEY_TABLE, config_from_torch, config_to_torch
+from iomm_jax.models import keymap
+from iomm_jax.models.s3dit_keys import KEY_TABLE, config_from_torch, config_to_torch
 from iomm_jax.models.layers import count_params
 from iomm_jax.models.s3dit import S3DiT, S3DiTConfig
 

@@ -16,8 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from iomm_jax.convert import components, io, keymap
-from iomm_jax.convert.components import COMPONENTS, ConvertError
+from iomm_jax.weights import components, io
+from iomm_jax.models import keymap
+from iomm_jax.weights.components import COMPONENTS, ConvertError
 
 USER_ERROR = 2
 
@@ -62,7 +63,7 @@ def _require_exists(path: str, flag: str) -> None:
 
 def to_jax(args) -> dict:
   """PyTorch checkpoint → component directory."""
-  from iomm_jax.convert import orbax_io, transfer
+  from iomm_jax.weights import orbax_io, transfer
   _require_exists(args.src, "--src")
   raw_cfg = transfer.read_torch_config(args.src, args.config)
   if raw_cfg is None:
@@ -88,7 +89,8 @@ def to_jax(args) -> dict:
 
 def to_torch(args) -> dict:
   """Component directory → PyTorch folder, or a training workdir → pipeline folder."""
-  from iomm_jax.convert import export, orbax_io, transfer
+  from iomm_jax.convert import export
+  from iomm_jax.weights import orbax_io, transfer
   _require_exists(args.src, "--src")
   dtype = transfer.DTYPES.get(args.dtype)
   if export.is_workdir(args.src):
@@ -133,7 +135,7 @@ def verify_cmd(args) -> dict:
 def main(argv=None) -> int:
   """Entry point; returns the exit code (argparse usage errors exit 2 by themselves)."""
   args = _parser().parse_args(argv)
-  from iomm_jax.models.load_internvl import MLLMCheckpointError
+  from iomm_jax.models.internvl_keys import MLLMCheckpointError
   try:
     if args.command == "to-jax":
       out = to_jax(args)

@@ -16,8 +16,9 @@ from typing import Any
 
 import jax
 
-from iomm_jax.convert import components, keymap, transfer
-from iomm_jax.convert.components import ConvertError
+from iomm_jax.weights import components, transfer
+from iomm_jax.models import keymap
+from iomm_jax.weights.components import ConvertError
 
 PIPELINE_FILE = "iomm_pipeline.json"
 

@@ -29,7 +29,7 @@ def verify_mllm(src_dir, *, seed: int = 0, atol_rel: float = 1e-4, text_len: int
   from flax import nnx
   from transformers import InternVLForConditionalGeneration
 
-  from iomm_jax.models.load_internvl import load_internvl
+  from iomm_jax.weights.load_internvl import load_internvl
 
   ours = load_internvl(src_dir, dtype=jnp.float32)
   cfg = ours.cfg

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iomm_jax.convert import components, io, orbax_io, transfer
-from iomm_jax.convert.components import ConvertError
+from iomm_jax.weights import components, io, orbax_io, transfer
+from iomm_jax.weights.components import ConvertError
 
 
 def diffs(ours, theirs) -> dict:

@@ -11,7 +11,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from iomm_jax.convert import components, keymap, transfer
+from iomm_jax.weights import components, transfer
+from iomm_jax.models import keymap
 
 REPORT_FILE = "mllm_pretrain.json"   # training and caption-accuracy report, written beside the weights
 

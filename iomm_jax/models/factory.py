@@ -33,7 +33,7 @@ def mllm_config(config) -> InternVLConfig:
   from that tokenizer.
   """
   if config.model.mllm.path:
-    from iomm_jax.models.load_internvl import read_config
+    from iomm_jax.models.internvl_keys import read_config
     cfg = read_config(config.model.mllm.path)
   else:
     arch = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) if k in ("vision", "text") else v
@@ -125,7 +125,7 @@ def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
   """
   mcfg = mcfg or mllm_config(config)
   if config.model.mllm.path:
-    from iomm_jax.models.load_internvl import MLLMCheckpointError
+    from iomm_jax.models.internvl_keys import MLLMCheckpointError
     path = config.model.mllm.path
     try:
       processor = Processor.from_pretrained(path)
@@ -139,7 +139,7 @@ def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
 
 def check_mllm_fits(config, mcfg: InternVLConfig, processor: Processor) -> None:
   """The MLLM folder's tokenizer and config agree with each other and with this run's data settings."""
-  from iomm_jax.models.load_internvl import MLLMCheckpointError
+  from iomm_jax.models.internvl_keys import MLLMCheckpointError
   where = f"{config.model.mllm.path}/config.json"
   if processor.vocab_size > mcfg.text.vocab_size:
     raise MLLMCheckpointError(

@@ -2,7 +2,7 @@
 
 NHWC throughout. Attribute names follow diffusers' module tree, so our parameter paths equal the
 AutoencoderKL state-dict keys up to `kernel`↔`weight` (`encoder.down_blocks.0.resnets.0.norm1.weight`,
-`encoder.mid_block.attentions.0.to_q.kernel`, ...); `iomm_jax.convert.vae_keys` holds the table.
+`encoder.mid_block.attentions.0.to_q.kernel`, ...); `iomm_jax.models.vae_keys` holds the table.
 GroupNorm statistics and the attention softmax are fp32; convolutions run in `dtype`.
 """
 

@@ -61,12 +61,12 @@ class InternVLConfig:
   @classmethod
   def from_hf(cls, config: Mapping[str, Any], **overrides) -> "InternVLConfig":
     """Our config from a transformers InternVLConfig json dict (the `config.json` of an -hf checkpoint)."""
-    from iomm_jax.convert.internvl_keys import config_from_torch
+    from iomm_jax.models.internvl_keys import config_from_torch
     return config_from_torch(config, **overrides)
 
   def to_hf(self) -> dict:
     """The transformers InternVLConfig dict for this config (inverse of from_hf)."""
-    from iomm_jax.convert.internvl_keys import config_to_torch
+    from iomm_jax.models.internvl_keys import config_to_torch
     return config_to_torch(self)
 
 

@@ -3,7 +3,7 @@
 Conventions (docs/design.md §2, §4):
 - Attribute names follow the PyTorch reference module tree, so a parameter's path in our NNX state is the
   PyTorch state-dict key with `kernel` for a Linear/Conv `weight` (transposed: (in, out) / HWIO) and
-  `embedding` for an Embedding `weight`. `iomm_jax.convert.keymap` relies on this.
+  `embedding` for an Embedding `weight`. `iomm_jax.models.keymap` relies on this.
 - Every parameter carries logical axis names in the `axes` metadata; `iomm_jax.parallel` maps them to mesh
   axes through the rules table in the config.
 - Parameters are stored in `param_dtype`; matmuls run in `dtype` (bf16 by config); norms, softmax and

@@ -14,7 +14,6 @@ small word-level tokenizer in code, for the tiny config and tests (no download).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +90,9 @@ class Processor:
       raise FileNotFoundError(f"Processor.from_pretrained: {p} is not a directory; expected a local copy of "
                               "OpenGVLab/InternVL3-2B-hf with tokenizer.json / tokenizer_config.json")
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    cfg_file = p / "config.json"
-    if cfg_file.is_file():
-      from iomm_jax.models.internvl import InternVLConfig
-      cfg = InternVLConfig.from_hf(json.loads(cfg_file.read_text()))
+    if (p / "config.json").is_file():
+      from iomm_jax.models.internvl_keys import read_config
+      cfg = read_config(p)
       kwargs.setdefault("num_image_tokens", cfg.num_image_tokens)
       kwargs.setdefault("image_size", cfg.vision.image_size)
     return cls(tokenizer, **kwargs)

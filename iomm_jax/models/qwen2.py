@@ -2,7 +2,7 @@
 
 Attribute tree = the transformers module tree (`embed_tokens`, `layers.{i}.self_attn.{q,k,v,o}_proj`,
 `layers.{i}.mlp.{gate,up,down}_proj`, `layers.{i}.{input,post_attention}_layernorm`, `norm`), so the default
-key rule of `iomm_jax.convert.keymap` maps it to the PyTorch state dict with no extra rules.
+key rule of `iomm_jax.models.keymap` maps it to the PyTorch state dict with no extra rules.
 
 The LLM is frozen in IOMM but runs forward *and* backward every step (the loss gradient flows through its
 activations into the RQA), so each decoder layer can be rematerialised (`remat`).

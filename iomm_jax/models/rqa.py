@@ -10,7 +10,7 @@ The paper (§2.3) states a 29M-parameter adapter with 256 learned queries; the r
     q  = q + fc2(gelu_tanh(fc1(q)))
 
 Its output is appended after c before the frozen LLM runs. Parameter paths mirror the PyTorch reference
-(`iomm_jax.convert.torch_rqa.TorchRQA`); `iomm_jax.convert.rqa_keys` maps the fused in_proj.
+(`iomm_jax.convert.torch_rqa.TorchRQA`); `iomm_jax.models.rqa_keys` maps the fused in_proj.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class Run:
       from iomm_jax.train import warm_start
       params = warm_start.params_from_workdir(self.config, self.abstract_state, self.state_shardings)
     if self.config.init.transformer or self.config.init.rqa:
-      from iomm_jax.convert import init_weights
+      from iomm_jax.weights import init_weights
       params = init_weights.apply(self.config, params, self.param_shardings)
 
     def create(params):
@@ -151,7 +151,7 @@ def load_frozen_weights(config, run: Run) -> dict:
   """The frozen MLLM and autoencoder weights, sharded: loaded from disk when paths are set, else random (seeded)."""
   seed = config.seed + 7919  # frozen random weights never share a stream with the trainable init
   if config.model.mllm.path:
-    from iomm_jax.models.load_internvl import load_internvl
+    from iomm_jax.weights.load_internvl import load_internvl
     _, state = load_internvl(config.model.mllm.path, dtype=factory.DTYPES[config.model.frozen_dtype],
                              shardings=run.frozen_shardings["mllm"], remat=config.model.mllm.remat, return_split=True)
     mllm = nnx.to_pure_dict(state)
@@ -170,8 +170,8 @@ def load_vae_weights(config, shardings, dtype) -> dict:
   """The diffusers AutoencoderKL folder config.model.autoencoder.path as our pure dict, each tensor placed on its
   sharding. Strict: missing, unexpected or mis-shaped keys raise convert.keymap.KeyMismatchError listing them."""
   import numpy as np
-  from iomm_jax.convert import io as convert_io
-  from iomm_jax.convert import keymap, vae_keys
+  from iomm_jax.weights import io as convert_io
+  from iomm_jax.models import keymap, vae_keys
   _, abstract = _split_pure(nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0))))
   flat_abs = keymap.flatten_state(abstract)
   flat_sh = keymap.flatten_state(shardings)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from iomm_jax.convert.keymap import KeyTable
+from iomm_jax.models.keymap import KeyTable
 from iomm_jax.models.flux_vae import FluxVAEConfig
 
 KEY_TABLE = KeyTable(component="vae", rules=[])

@@ -12,8 +12,8 @@ from typing import Mapping
 
 import jax
 
-from iomm_jax.convert import components, orbax_io
-from iomm_jax.convert.keymap import KeyMismatchError
+from iomm_jax.weights import components, orbax_io
+from iomm_jax.models.keymap import KeyMismatchError
 
 
 class InitWeightsError(ValueError):

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
-from iomm_jax.convert import internvl_keys, keymap, mmdit_keys, rqa_keys, s3dit_keys, vae_keys
+from iomm_jax.models import internvl_keys, keymap, mmdit_keys, rqa_keys, s3dit_keys, vae_keys
 
 COMPONENTS = ("transformer", "vae", "rqa", "mllm")
 

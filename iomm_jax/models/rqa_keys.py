@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from iomm_jax.convert.keymap import KeyTable, Rule
+from iomm_jax.models.keymap import KeyTable, Rule
 from iomm_jax.models.rqa import RQAConfig
 
 KEY_TABLE = KeyTable(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from iomm_jax.convert.keymap import KeyTable
+from iomm_jax.models.keymap import KeyTable
 from iomm_jax.models.s3dit import S3DiTConfig
 
 KEY_TABLE = KeyTable(component="s3dit", rules=[], ignore_torch=[])

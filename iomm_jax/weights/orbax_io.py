@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from iomm_jax.convert.components import ConvertError
+from iomm_jax.weights.components import ConvertError
 
 FORMAT = "iomm_jax.component"
 VERSION = 1

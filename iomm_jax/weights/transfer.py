@@ -17,9 +17,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from iomm_jax.convert import io
-from iomm_jax.convert.components import ConvertError, Spec
-from iomm_jax.convert.keymap import TRANSFORMS, KeyMismatchError, to_torch
+from iomm_jax.weights import io
+from iomm_jax.weights.components import ConvertError, Spec
+from iomm_jax.models.keymap import TRANSFORMS, KeyMismatchError, to_torch
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iomm_jax.convert import keymap
+from iomm_jax.models import keymap
 from iomm_jax.models.mmdit import MMDiT, MMDiTConfig
 
 KEY_TABLE = keymap.KeyTable(component="mmdit", rules=[], ignore_torch=[])

@@ -8,7 +8,6 @@ are given — `jax.device_put` onto the target sharding right away. No torch imp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,38 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iomm_jax.convert import internvl_keys, io
-from iomm_jax.convert.keymap import TRANSFORMS, KeyMismatchError, flatten_state
+from iomm_jax.models import internvl_keys
+from iomm_jax.models.internvl_keys import EXPECTED_LAYOUT, MLLMCheckpointError, read_config  # noqa: F401 (re-exported)
+from iomm_jax.weights import io
+from iomm_jax.models.keymap import TRANSFORMS, KeyMismatchError, flatten_state
 from iomm_jax.models.internvl import InternVL, InternVLConfig
-
-EXPECTED_LAYOUT = (
-    "expected a local copy of a transformers InternVL checkpoint such as OpenGVLab/InternVL3-2B-hf: a directory "
-    "with config.json (model_type 'internvl'), model.safetensors or sharded *.safetensors with "
-    "model.safetensors.index.json, and the tokenizer files (tokenizer.json, tokenizer_config.json, …). "
-    "Download it e.g. with `huggingface-cli download OpenGVLab/InternVL3-2B-hf --local-dir DIR`.")
-
-
-class MLLMCheckpointError(FileNotFoundError):
-  """The MLLM directory is missing or not in the expected layout."""
-
-
-def read_config(path: str | Path, **overrides) -> InternVLConfig:
-  """InternVLConfig from DIR/config.json (`overrides`: top-level fields such as remat, with_lm_head)."""
-  p = Path(path)
-  if not p.is_dir():
-    raise MLLMCheckpointError(f"MLLM path {p} is not a directory; {EXPECTED_LAYOUT}")
-  cfg_file = p / "config.json"
-  if not cfg_file.is_file():
-    raise MLLMCheckpointError(f"MLLM path {p} has no config.json; {EXPECTED_LAYOUT}")
-  try:
-    raw = json.loads(cfg_file.read_text())
-  except json.JSONDecodeError as e:
-    raise MLLMCheckpointError(f"{cfg_file} is not valid JSON ({e}); {EXPECTED_LAYOUT}") from e
-  try:
-    return InternVLConfig.from_hf(raw, **overrides)
-  except (KeyError, TypeError, ValueError) as e:
-    raise MLLMCheckpointError(f"{cfg_file} does not describe an InternVL model ({e}); {EXPECTED_LAYOUT}") from None
-
 
 def abstract_model(cfg: InternVLConfig, *, dtype=jnp.bfloat16, param_dtype=None) -> InternVL:
   """The model with ShapeDtypeStruct leaves (no parameter memory)."""

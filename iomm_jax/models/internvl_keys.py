@@ -13,10 +13,15 @@ mapping (Linear/Conv transposes, `embedding`↔`weight`). What remains here:
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
-from iomm_jax.convert.keymap import KeyTable
+from iomm_jax.models.keymap import KeyTable
+
+if TYPE_CHECKING:
+  from iomm_jax.models.internvl import InternVLConfig
 
 LM_HEAD = "lm_head.weight"
 
@@ -136,3 +141,31 @@ def config_to_torch(cfg) -> dict:
               downsample_ratio=cfg.downsample_ratio, projector_hidden_act=cfg.projector_hidden_act,
               vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
 
+
+EXPECTED_LAYOUT = (
+    "expected a local copy of a transformers InternVL checkpoint such as OpenGVLab/InternVL3-2B-hf: a directory "
+    "with config.json (model_type 'internvl'), model.safetensors or sharded *.safetensors with "
+    "model.safetensors.index.json, and the tokenizer files (tokenizer.json, tokenizer_config.json, …). "
+    "Download it e.g. with `huggingface-cli download OpenGVLab/InternVL3-2B-hf --local-dir DIR`.")
+
+
+class MLLMCheckpointError(FileNotFoundError):
+  """The MLLM directory is missing or not in the expected layout."""
+
+
+def read_config(path: str | Path, **overrides) -> "InternVLConfig":
+  """InternVLConfig from DIR/config.json (`overrides`: top-level fields such as remat, with_lm_head)."""
+  p = Path(path)
+  if not p.is_dir():
+    raise MLLMCheckpointError(f"MLLM path {p} is not a directory; {EXPECTED_LAYOUT}")
+  cfg_file = p / "config.json"
+  if not cfg_file.is_file():
+    raise MLLMCheckpointError(f"MLLM path {p} has no config.json; {EXPECTED_LAYOUT}")
+  try:
+    raw = json.loads(cfg_file.read_text())
+  except json.JSONDecodeError as e:
+    raise MLLMCheckpointError(f"{cfg_file} is not valid JSON ({e}); {EXPECTED_LAYOUT}") from e
+  try:
+    return config_from_torch(raw, **overrides)
+  except (KeyError, TypeError, ValueError) as e:
+    raise MLLMCheckpointError(f"{cfg_file} does not describe an InternVL model ({e}); {EXPECTED_LAYOUT}") from None

@@ -1,0 +1,1 @@
+"""The weights layer: PyTorch/safetensors files and Orbax folders ↔ our sharded parameters, for every component."""
