@@ -67,7 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = C()
   c.train.stage = "pretrain"       # 'pretrain' or 'finetune' (documentation; the recipe is data.recipe)
-  c.train.num_steps = 100_000      # total optimizer updates
+  c.train.num_steps = 100_000      # total optimizer updates (unless train.epochs > 0)
+  c.train.epochs = 0.0             # > 0: train this many passes over the dataset (for 'mix', the captioned set), converted
+                                   #   to steps from its size and global_batch (train/schedule.py); 0 = use num_steps
   c.train.global_batch = 1024      # images per update, over all processes
   c.train.grad_accum = 1           # microbatches per update: activations for global_batch / grad_accum images at a time
   c.train.mask_ratio = 0.85        # r: probability that each ViT image token is zeroed (one Bernoulli per token)

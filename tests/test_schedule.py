@@ -1,0 +1,28 @@
+"""train.epochs → steps."""
+import ml_collections
+import pytest
+
+from iomm_jax.config import base_config
+from iomm_jax.train import schedule
+
+
+def _t(**kw) -> ml_collections.ConfigDict:
+  t = base_config().train
+  for k, v in kw.items():
+    t[k] = v
+  return t
+
+
+def test_epochs_convert_to_steps():
+  # The paper's fine-tune: 10 epochs of ≈210K images at batch 256 → 8204 steps (not a fixed 10,000).
+  assert schedule.num_steps(_t(epochs=10.0, global_batch=256), 210_000) == 8204
+  assert schedule.num_steps(_t(epochs=1.0, global_batch=8), 20) == 3  # partial last batch rounds up
+
+
+def test_zero_epochs_keeps_num_steps():
+  assert schedule.num_steps(_t(epochs=0.0, num_steps=1234), 210_000) == 1234
+
+
+def test_epochs_without_dataset_size_is_refused():
+  with pytest.raises(ValueError, match="config.train.epochs"):
+    schedule.num_steps(_t(epochs=2.0), None)
