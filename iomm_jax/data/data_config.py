@@ -66,11 +66,6 @@ class DataConfig:
                                image_cache_path="")
 
 
-def field_names() -> tuple[str, ...]:
-  """The schema's data fields, in schema order."""
-  return tuple(schema.base_config().data.keys())
-
-
 def from_config(data: Any = None, **overrides: Any) -> DataConfig:
   """The validated :class:`DataConfig` of ``data`` (``config.data``, a mapping, or None = schema defaults) with
   ``overrides`` applied. An unknown or invalid field raises ``config.ConfigError`` naming it."""
