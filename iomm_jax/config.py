@@ -238,6 +238,9 @@ def validate_data(d: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.data.cached=True needs config.data.cache_path (write it with python -m iomm_jax.cache)")
   if d.source != "shapes" and not d.cached and not d.path:
     raise ConfigError(f"config.data.path is empty but config.data.source={d.source!r} needs a dataset path")
+  if not d.image_key:
+    raise ConfigError("config.data.image_key is empty; name the image field/column of the table or TFDS dataset "
+                      "(default 'image')")
   if d.source == "shapes" and not d.cached and not d.num_images:
     raise ConfigError("config.data.num_images=0 but config.data.source='shapes' renders that many images; set it "
                       "to a positive number")
@@ -288,9 +291,8 @@ def _validate_buckets(d: ml_collections.ConfigDict) -> None:
   """data.buckets: well-formed shapes; not with the feature cache or a separate image set."""
   if not d.buckets:
     return
-  from iomm_jax.data.buckets import check_buckets  # lazy: the schema module stays free of data dependencies
   try:
-    check_buckets(d.buckets, field="config.data.buckets")
+    data_kinds.check_buckets(d.buckets, field="config.data.buckets")
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if d.cached:

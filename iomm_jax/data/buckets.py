@@ -27,29 +27,10 @@ import grain
 import numpy as np
 
 from iomm_jax.data import decode, mix, sources
+from iomm_jax.data_kinds import DIVISOR, check_buckets  # noqa: F401  (part of this module's API)
 
-DIVISOR = 16  # each side a multiple of 16: FLUX VAE 8× down × 2×2 DiT patches (also fine for the tiny pixel space)
 _SCAN_WARN = 10_000  # scanning more records than this for sizes logs a hint to use prepare's sidecar
 _log = logging.getLogger(__name__)
-
-
-def check_buckets(buckets: Any, field: str = "data.buckets") -> tuple[tuple[int, int], ...]:
-    """The buckets as a tuple of (height, width) ints; raises ValueError naming ``field`` when malformed."""
-    try:
-        shapes = tuple((int(h), int(w)) for h, w in buckets)
-        ok = all(float(h) == int(h) and float(w) == int(w) for h, w in buckets)
-    except (TypeError, ValueError):
-        shapes, ok = (), False
-    if not ok:
-        raise ValueError(f"{field}={buckets!r} must be a tuple of (height, width) pixel pairs, e.g. "
-                         "((512, 512), (384, 640), (640, 384)), or () for square centre crops")
-    for h, w in shapes:
-        if h <= 0 or w <= 0 or h % DIVISOR or w % DIVISOR:
-            raise ValueError(f"{field}: bucket ({h}, {w}) must have positive sides that are multiples of {DIVISOR} "
-                             "(autoencoder 8× down × 2×2 patches)")
-    if len(set(shapes)) != len(shapes):
-        raise ValueError(f"{field}={shapes} lists a shape twice; list each (height, width) once")
-    return shapes
 
 
 def assign(sizes: np.ndarray, buckets: Sequence[tuple[int, int]]) -> np.ndarray:
