@@ -94,8 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.peak_flops = 989e12      # per-device peak for MFU (H100 bf16 dense)
 
   c.data = C()
-  c.data.source = "arrayrecord"    # one of data_kinds.SOURCES: 'shapes', 'folder', 'arrayrecord', 'tfds', 'jsonl', 'csv',
-                                   #   'parquet'
+  c.data.source = "arrayrecord"    # one of data_kinds.SOURCES: 'shapes', 'folder', 'arrayrecord', 'tfds', 'jsonl',
+                                   #   'csv', 'parquet'
   c.data.path = ""                 # dataset location (shapes: '' renders on the fly)
   c.data.num_images = 10_000       # shapes only: dataset size
   c.data.image_num_images = 0      # shapes + 'mix' with data.image_source='shapes': the image set's size (0 = num_images);
@@ -124,8 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split = "train"           # tfds: the split to read
   c.data.shapes_seed = 0           # shapes: the procedural world's content (data.seed only orders it)
   c.data.num_threads = 2           # Grain reader threads per process (decode runs in these)
-  c.data.max_image_pixels = data_kinds.MAX_IMAGE_PIXELS  # images with more pixels (width × height, read from the
-                                   #   header) are skipped and counted, never decoded (decompression bombs); 0 = no limit
+  c.data.max_image_pixels = data_kinds.MAX_IMAGE_PIXELS  # images with more pixels (width × height, from the
+                                   #   header) are skipped and counted, never decoded (decompression bombs); 0 = none
 
   c.sample = C()
   c.sample.steps = 50              # Euler steps from t=1 to t=0

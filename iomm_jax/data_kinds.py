@@ -8,7 +8,7 @@ SOURCES = ("shapes", "folder", "arrayrecord", "tfds", "jsonl", "csv", "parquet")
 RECIPES = ("image", "pair", "mix")  # data.recipe: image-only, text-image pairs, λ-mix of both
 # data.max_image_pixels default: PIL's own decompression-bomb error threshold (2 × Image.MAX_IMAGE_PIXELS).
 MAX_IMAGE_PIXELS = 178_956_970
-DIVISOR = 16  # each bucket side a multiple of 16: FLUX VAE 8× down × 2×2 DiT patches (also fine for the tiny pixel space)
+DIVISOR = 16  # each bucket side a multiple of 16: FLUX VAE 8× down × 2×2 DiT patches (fine for tiny pixel space too)
 
 
 def check_buckets(buckets, field: str = "data.buckets") -> tuple[tuple[int, int], ...]:

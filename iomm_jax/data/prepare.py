@@ -12,9 +12,9 @@ renamed when complete (the pipeline only reads ``*.array_record``), so an interr
 written that would be read, and a rerun skips finished shards. Each image is fully decoded by the training path
 (``decode.open_image``: a truncated JPEG is caught; ``--fast_verify`` checks the structure with PIL's ``verify`` only,
 about 5× faster on 512² JPEGs (bench/prepare.py) but blind to some truncations); unreadable ones, those with more
-than ``--max_image_pixels`` pixels and those with a short side under ``--min_size`` are skipped and counted. Width and height are recorded as displayed (EXIF
-orientation applied). A Parquet table's image column may hold paths, encoded bytes or ``{bytes, path}`` structs
-(HF datasets). The last stdout line is a JSON summary; a run that writes no record exits 1 with the reason.
+than ``--max_image_pixels`` pixels and those with a short side under ``--min_size`` are skipped and counted.
+Width and height are recorded as displayed (EXIF orientation applied). A Parquet table's image column may hold
+paths, encoded bytes or ``{bytes, path}`` structs (HF datasets). The last stdout line is a JSON summary; a run that writes no record exits 1 with the reason.
 
 Each shard also gets a sizes sidecar, ``DIR/.prepare/<shard>.sizes.npy`` (int32 (n, 2): height, width of each record,
 in record order), written before the shard is renamed into place, so aspect-ratio buckets (``data.buckets``) need
