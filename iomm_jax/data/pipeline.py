@@ -51,6 +51,7 @@ import numpy as np
 from iomm_jax.data import buckets as buckets_lib
 from iomm_jax.data import data_config, decode, mix, sources
 from iomm_jax.data.data_config import DataConfig
+
 MAX_CONSECUTIVE_SKIPS = 256  # unreadable/uncaptioned records tolerated in a row before the pipeline fails
 CAPTION_CHECK_RECORDS = 64  # pair recipes check the first N source records for captions at start
 
