@@ -89,9 +89,8 @@ def fingerprint(config, num_records: int, process_count: int, shards: int, dtype
     return {
         "format": "iomm_jax.cache/1", "num_records": int(num_records), "process_count": int(process_count),
         "shards": int(shards), "dtype": dtype,
-        "data": {k: (d[k] if k in d else None) for k in ("source", "path", "num_images", "resolution", "vit_size",
-                                                         "max_text_tokens", "shapes_seed", "split", "image_key",
-                                                         "caption_key")},
+        "data": {k: d[k] for k in ("source", "path", "num_images", "resolution", "vit_size", "max_text_tokens",
+                                   "shapes_seed", "split", "image_key", "caption_key")},
         # random frozen weights (no path) depend on the seed; loaded ones on the path
         "model": {"mllm_path": m.mllm.path, "mllm_arch": json.loads(m.mllm.arch.to_json_best_effort()),
                   "autoencoder": json.loads(m.autoencoder.to_json_best_effort()), "frozen_dtype": m.frozen_dtype,
@@ -229,8 +228,7 @@ def write_cache(config, dst: str | os.PathLike, *, shards: int = 1, dtype: str =
     rows_per_shard = cache_reader.max_shard_len(n, nproc, shards)
     num_batches = math.ceil(rows_per_shard / per_process)
     plo, phi = cache_reader.split_range(0, n, nproc, pid)
-    threads = max(1, int(getattr(config.data, "num_threads", 2)))
-    workers = int(config.data.num_workers)
+    threads, workers = spec.num_threads, spec.num_workers
     bar = None
     if progress and pid == 0:
         from tqdm import tqdm

@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 
+from iomm_jax import data_kinds
+
 C = ml_collections.ConfigDict
 
 # Logical axis → mesh axis (or None = replicated). Parameters carry the logical names (models/layers.py);
@@ -96,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.peak_flops = 989e12      # per-device peak for MFU (H100 bf16 dense)
 
   c.data = C()
-  c.data.source = "arrayrecord"    # 'shapes', 'folder', 'arrayrecord', 'tfds', 'jsonl', 'csv'
+  c.data.source = "arrayrecord"    # one of data_kinds.SOURCES: 'shapes', 'folder', 'arrayrecord', 'tfds', 'jsonl',
+                                   #   'csv', 'parquet'
   c.data.path = ""                 # dataset location (shapes: '' renders on the fly)
   c.data.num_images = 10_000       # shapes only: dataset size
   c.data.image_num_images = 0      # shapes + 'mix' with data.image_source='shapes': the image set's size (0 = num_images);
@@ -119,6 +122,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seed = 0                  # data order (global shuffle) and mix draws
   c.data.cached = False            # read cached ViT tokens + latents (python -m iomm_jax.cache) instead of images
   c.data.cache_path = ""           # where the feature cache lives
+  c.data.image_key = "image"       # tfds / table sources: the image field or column (a path, encoded bytes, or a
+                                   #   {bytes, path} struct as HF datasets write to Parquet)
+  c.data.caption_key = "caption"   # tfds / table sources: the caption field or column ('' = no captions)
+  c.data.split = "train"           # tfds: the split to read
+  c.data.shapes_seed = 0           # shapes: the procedural world's content (data.seed only orders it)
+  c.data.num_threads = 2           # Grain reader threads per process (decode runs in these)
+  c.data.max_image_pixels = data_kinds.MAX_IMAGE_PIXELS  # images with more pixels (width × height, from the
+                                   #   header) are skipped and counted, never decoded (decompression bombs); 0 = none
 
   c.sample = C()
   c.sample.steps = 50              # Euler steps from t=1 to t=0
@@ -155,8 +166,8 @@ _CHOICES = {
     "train.stage": ("pretrain", "finetune"),
     "train.t_sampling": ("uniform", "logit_normal"),
     "train.optimizer": ("adamw", "muon"),
-    "data.source": ("shapes", "folder", "arrayrecord", "tfds", "jsonl", "csv"),
-    "data.recipe": ("image", "pair", "mix"),
+    "data.source": data_kinds.SOURCES,
+    "data.recipe": data_kinds.RECIPES,
 }
 
 
@@ -182,8 +193,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.mask_ratio={t.mask_ratio} must be in [0, 1)")
   if not 0.0 <= t.p_uncond < 1.0:
     raise ConfigError(f"config.train.p_uncond={t.p_uncond} must be in [0, 1)")
-  if not 0.0 <= config.data.mix_lambda <= 1.0:
-    raise ConfigError(f"config.data.mix_lambda={config.data.mix_lambda} must be in [0, 1]")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
   for name in ("num_steps", "global_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
@@ -193,15 +202,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.train.warmup_steps and config.train.sample_every must be >= 0")
   if config.data.resolution % 16 and config.model.autoencoder.kind == "flux_vae":
     raise ConfigError(f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)")
-  if config.data.resolution % 2:
-    raise ConfigError(f"config.data.resolution={config.data.resolution} must be even (2×2 patches)")
-  if config.data.cached and not config.data.cache_path:
-    raise ConfigError("config.data.cached=True needs config.data.cache_path (write it with python -m iomm_jax.cache)")
-  if config.data.source != "shapes" and not config.data.cached and not config.data.path:
-    raise ConfigError(f"config.data.path is empty but config.data.source={config.data.source!r} needs a dataset path")
-  _validate_image_set(config.data)
+  validate_data(config.data)
   _validate_init(config.init)
-  _validate_buckets(config.data)
   if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
     raise ConfigError(
         f"config.model.mllm.path={config.model.mllm.path!r} is not a directory. Point it at a local copy of "
@@ -221,7 +223,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.sample.prompts must list at least one prompt")
 
 
-IMAGE_SOURCES = ("", "shapes", "folder", "arrayrecord", "tfds", "jsonl", "csv", "parquet")
+def validate_data(d: ml_collections.ConfigDict) -> None:
+  """The data section alone (`data.data_config.from_config` runs it too, so the data code never re-checks)."""
+  for field, choices in _CHOICES.items():
+    if field.startswith("data.") and d[field[5:]] not in choices:
+      raise ConfigError(f"config.{field}={d[field[5:]]!r} is not one of {choices}")
+  if not 0.0 <= d.mix_lambda <= 1.0:
+    raise ConfigError(f"config.data.mix_lambda={d.mix_lambda} must be in [0, 1]")
+  for name in ("resolution", "vit_size", "max_text_tokens", "num_threads"):
+    if d[name] <= 0:
+      raise ConfigError(f"config.data.{name}={d[name]} must be positive")
+  for name in ("num_workers", "prefetch_buffer", "max_image_pixels", "num_images", "image_num_images"):
+    if d[name] < 0:
+      raise ConfigError(f"config.data.{name}={d[name]} must be >= 0")
+  if d.resolution % 2:
+    raise ConfigError(f"config.data.resolution={d.resolution} must be even (2×2 patches)")
+  if d.cached and not d.cache_path:
+    raise ConfigError("config.data.cached=True needs config.data.cache_path (write it with python -m iomm_jax.cache)")
+  if d.source != "shapes" and not d.cached and not d.path:
+    raise ConfigError(f"config.data.path is empty but config.data.source={d.source!r} needs a dataset path")
+  if not d.image_key:
+    raise ConfigError("config.data.image_key is empty; name the image field/column of the table or TFDS dataset "
+                      "(default 'image')")
+  if d.source == "shapes" and not d.cached and not d.num_images:
+    raise ConfigError("config.data.num_images=0 but config.data.source='shapes' renders that many images; set it "
+                      "to a positive number")
+  _validate_image_set(d)
+  _validate_buckets(d)
+
+
+IMAGE_SOURCES = ("",) + data_kinds.SOURCES  # data.image_source: '' = the pair set's own images
 
 
 def _validate_image_set(d: ml_collections.ConfigDict) -> None:
@@ -264,9 +295,8 @@ def _validate_buckets(d: ml_collections.ConfigDict) -> None:
   """data.buckets: well-formed shapes; not with the feature cache or a separate image set."""
   if not d.buckets:
     return
-  from iomm_jax.data.buckets import check_buckets  # lazy: the schema module stays free of data dependencies
   try:
-    check_buckets(d.buckets, field="config.data.buckets")
+    data_kinds.check_buckets(d.buckets, field="config.data.buckets")
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if d.cached:

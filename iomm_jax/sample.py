@@ -114,15 +114,15 @@ def write_geneval(run, params, metadata: list[dict], out_dir: str, *, num: int, 
   return out_dir
 
 
-def load_image_views(path: str, resolution: int, vit_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(pixels in [-1,1] at the training resolution, ViT view) of one image file, preprocessed as in training."""
+def load_image_views(path: str, data_cfg) -> tuple[np.ndarray, np.ndarray]:
+  """(pixels in [-1,1] at data.resolution, ViT view) of one image file, through training's own preparation path
+  (EXIF orientation, transparency on white, one resize + centre crop, ViT view from the original)."""
   from iomm_jax.data import decode
   try:
-    with open(path, "rb") as f:
-      img = decode.to_rgb({"image_bytes": f.read()})
+    img = decode.load_file(path, data_cfg.max_image_pixels)
   except (OSError, decode.UnreadableImage) as e:
-    raise SystemExit(f"--image={path!r} cannot be read as an image ({e}); give a PNG/JPEG/WebP file") from e
-  return decode.views(img, resolution, vit_size)
+    raise SystemExit(f"--image={path!r} cannot be read as an image ({e}); give a PNG/JPEG/WebP file") from None
+  return decode.views(img, data_cfg.resolution, data_cfg.vit_size)
 
 
 def main(argv=None) -> int:
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
   if args.edit:
     tpl = iomm.make_templates(run.processor, args.edit, run.config.data.max_text_tokens)
   for i, image_path in enumerate(args.image):
-    pixels, vit = load_image_views(image_path, run.config.data.resolution, run.config.data.vit_size)
+    pixels, vit = load_image_views(image_path, run.config.data)
     imgs = generate(run, params, vit_pixels=np.repeat(vit[None], args.num, 0), tpl=tpl,
                     rng=jax.random.fold_in(rng, 1000 + i), steps=args.steps, cfg_scale=args.cfg)
     path = os.path.join(out, f"image_{i:02d}.png")

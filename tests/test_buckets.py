@@ -1,7 +1,6 @@
 """Aspect-ratio buckets (data.buckets): assignment, cover crop, one static shape per global batch, the batch schedule,
 worker/process independence, exact resume, skips within a bucket, prepare's sizes sidecar, and two training steps."""
 import pickle
-import types
 
 import jax
 import numpy as np
@@ -10,7 +9,7 @@ from PIL import Image
 
 from helpers import assert_batches_equal, copy_folder, take, tiny_config
 from iomm_jax import config as config_lib
-from iomm_jax.data import buckets, decode, pipeline, prepare, sources
+from iomm_jax.data import buckets, data_config, decode, pipeline, prepare, sources
 
 BUCKETS = ((32, 32), (16, 48), (48, 16))  # square, wide (3:1), tall (1:3)
 VIT, T, G = 14, 6, 8
@@ -38,7 +37,7 @@ def cfg(path, **kw):
                 mix_lambda=0.5, num_workers=0, seed=0, max_text_tokens=T, skip_uncaptioned=False, cached=False,
                 cache_path="", prefetch_buffer=2, buckets=BUCKETS)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return data_config.from_config(**base)
 
 
 # ------------------------------------------------------------------------------------------- pure functions
@@ -62,21 +61,24 @@ def test_check_buckets_names_the_field():
     c = tiny_config("short", data__buckets=BUCKETS, data__cached=True, data__cache_path="x")
     with pytest.raises(config_lib.ConfigError, match=r"config.data.buckets is not supported with config.data.cached"):
         config_lib.validate(c)
-    with pytest.raises(ValueError, match=r"data.buckets is not supported with data.cached=True"):
-        pipeline._spec(cfg("x", cached=True, cache_path="x"), "x")
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.buckets is not supported with config.data.cached"):
+        cfg("x", cached=True, cache_path="x")  # the data config is checked by the schema's own function
     config_lib.validate(tiny_config("short", data__buckets=BUCKETS))
 
 
 def test_cover_crop_keeps_the_centre_and_equals_the_square_path():
     arr = np.zeros((40, 80, 3), np.uint8)
     arr[:6] = arr[-6:] = 255  # white bands at top and bottom, outside the centre 80×26.7 region
-    px, vit = buckets.views(Image.fromarray(arr), 16, 48, VIT)
+    px, vit = decode.views(Image.fromarray(arr), 16, VIT, width=48)
     assert px.shape == (16, 48, 3) and vit.shape == (VIT, VIT, 3)
     np.testing.assert_allclose(px[1:-1], -1.0, atol=1e-6)  # only black survives (edge rows blend a little)
     rng = np.random.default_rng(1)
     im = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
-    for a, b in zip(buckets.views(im, 32, 32, VIT), decode.views(im, 32, VIT)):  # a square bucket = today's crop
-        np.testing.assert_array_equal(a, b)
+    px, vit = decode.views(im, 32, VIT, width=32)  # a square bucket: the centre square (columns 10..40), one resize
+    want = np.asarray(im.resize((32, 32), Image.Resampling.BICUBIC, box=(10, 0, 40, 30)), np.float32) / 127.5 - 1
+    np.testing.assert_array_equal(px, want)
+    np.testing.assert_array_equal(vit, decode.vit_normalize(im.resize((VIT, VIT), Image.Resampling.BICUBIC,
+                                                                      box=(10, 0, 40, 30))))
 
 
 def test_schedule_proportions_counts_and_random_access():
@@ -107,7 +109,7 @@ def test_every_batch_is_one_bucket_with_the_right_crops(folder):
         for row in (0, G - 1):
             i = int(b["index"][row])
             assert expected_bucket(*SIZES[i]) == k  # the record belongs to the batch's bucket
-            px, vit = buckets.views(decode.to_rgb(src[i]), *BUCKETS[k], VIT)
+            px, vit = decode.views(decode.to_rgb(src[i]), BUCKETS[k][0], VIT, width=BUCKETS[k][1])
             np.testing.assert_array_equal(b["pixels"][row], px)
             np.testing.assert_array_equal(b["vit_pixels"][row], vit)
     assert sorted(seen[:6]) == [0, 0, 0, 1, 1, 2] and sorted(seen[6:]) == [0, 0, 0, 1, 1, 2]  # sizes 24/16/8

@@ -1,6 +1,5 @@
 """The image half of the 'mix' recipe from its own set (data.image_source): λ share, each sample from the right set,
 each set walked in order, worker/process independence, exact resume, skips counted, cached mode, config errors."""
-import types
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from PIL import Image
 from helpers import copy_folder, take, tiny_config
 from helpers import word_lengths as tokenize
 from iomm_jax import config as config_lib
-from iomm_jax.data import mix, pipeline, records, shapes
+from iomm_jax.data import data_config, mix, pipeline, records, shapes
 
 RES, VIT, T = 16, 14, 6
 N_PAIR, N_IMG = 24, 20
@@ -36,7 +35,7 @@ def cfg(image_folder, **kw):
                 cache_path="", prefetch_buffer=2, image_source="folder", image_path=str(image_folder),
                 image_cache_path="")
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return data_config.from_config(**base)
 
 
 def cat(batches, key):
@@ -181,14 +180,15 @@ def test_cached_mix_with_its_own_image_cache(tmp_path):
 
 
 def test_bad_image_source_settings_name_the_field(image_folder):
-    with pytest.raises(ValueError, match=r"data.image_source='imgs' is not one of"):
-        pipeline.make_dataset(cfg(image_folder, image_source="imgs"), global_batch=8)
-    with pytest.raises(ValueError, match=r"data.image_source='folder'.*recipe 'mix'.*data.recipe='pair'"):
-        pipeline.make_dataset(cfg(image_folder, recipe="pair"), global_batch=8)
-    with pytest.raises(ValueError, match=r"data.image_source='folder' needs data.image_path"):
-        pipeline.make_dataset(cfg(image_folder, image_path=""), global_batch=8)
-    with pytest.raises(ValueError, match=r"data.image_path=.* is set but data.image_source is ''"):
-        pipeline.make_dataset(cfg(image_folder, image_source=""), global_batch=8)
+    # the data config (built by the schema's own check, as make_dataset builds it) names the field
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.image_source='imgs' is not one of"):
+        cfg(image_folder, image_source="imgs")
+    with pytest.raises(config_lib.ConfigError, match=r"data.image_source='folder'.*recipe 'mix'.*data.recipe='pair'"):
+        cfg(image_folder, recipe="pair")
+    with pytest.raises(config_lib.ConfigError, match=r"data.image_path is empty but .*image_source='folder' needs"):
+        cfg(image_folder, image_path="")
+    with pytest.raises(config_lib.ConfigError, match=r"data.image_path=.* is set but config.data.image_source is ''"):
+        cfg(image_folder, image_source="")
     # the config schema: validate() names the field too
     c = tiny_config("finetune", data__image_source="imgs")
     with pytest.raises(config_lib.ConfigError, match=r"config.data.image_source='imgs' is not one of"):

@@ -1,6 +1,5 @@
 """Sources and the Grain pipeline: shapes/dtypes, slicing, mixing, exact resume, bad images, captions, cache mode."""
 import json
-import types
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ from array_record.python import array_record_module as ar
 
 from helpers import assert_batches_equal, take
 from helpers import word_lengths as tokenize
-from iomm_jax.data import pipeline, records, shapes, sources
+from iomm_jax.data import data_config, pipeline, records, shapes, sources
 
 RES, VIT, T = 16, 14, 6
 
@@ -18,7 +17,7 @@ def cfg(**kw):
                 mix_lambda=0.5, num_workers=0, seed=0, max_text_tokens=T, skip_uncaptioned=False, cached=False,
                 cache_path="", prefetch_buffer=2)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return data_config.from_config(**base)
 
 
 def write_pngs(folder, n, captions=True, res=20):
@@ -151,7 +150,7 @@ def test_two_processes_see_disjoint_halves_of_the_global_batch():
 
 
 def test_mix_fraction_matches_lambda_and_recipes():
-    load = pipeline.LoadExample(sources.ShapesSource(4, RES), pipeline._spec(cfg(recipe="mix", mix_lambda=0.3), "x"))
+    load = pipeline.LoadExample(sources.ShapesSource(4, RES), cfg(recipe="mix", mix_lambda=0.3))
     draws = np.array([load.image_only(p) for p in range(8000)])
     assert abs(draws.mean() - 0.3) < 0.02  # 4 sigma
     assert draws.tolist() == [load.image_only(p) for p in range(8000)]  # reproducible

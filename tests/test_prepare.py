@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import tarfile
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from iomm_jax.data import pipeline, prepare, records, shapes, sources
+from iomm_jax.data import data_config, pipeline, prepare, records, shapes, sources
 
 
 def cfg(path, **kw):
@@ -21,7 +20,7 @@ def cfg(path, **kw):
                 mix_lambda=0.5, num_workers=0, seed=0, max_text_tokens=4, skip_uncaptioned=False, cached=False,
                 cache_path="", prefetch_buffer=2)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return data_config.from_config(**base)
 
 
 def read_all(dst):

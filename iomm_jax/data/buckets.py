@@ -4,8 +4,9 @@
   log(bw/bh)|``, ties to the earlier bucket). Sizes come from the ``prepare`` sizes sidecar of ArrayRecord shards
   (``.prepare/<shard>.sizes.npy``), else from the records / image headers, read once at start. A record whose size
   cannot be read goes to the bucket nearest to square: it is drawn like any other and then skipped and counted.
-* **Crop.** The image is resized (bicubic, antialiased) so that it covers the bucket, then centre-cropped to it,
-  in one PIL resize with a crop box; the ViT view is that crop resized to V×V (one tile, as InternVL does).
+* **Crop.** ``decode.views(im, height, V, width=width)``, the one image-preparation path: resized (bicubic,
+  antialiased) to cover the bucket and centre-cropped to it in one PIL resize with a crop box; the ViT view is that
+  region of the original resized to V×V (one tile, as InternVL does).
 * **Batches.** Every global batch comes from one bucket, so the step sees one static shape per bucket and every
   process agrees on the bucket of batch k. :class:`BucketSchedule` orders the batches: in "epoch" e, bucket b
   contributes ``floor((e+1)·n_b/G) − floor(e·n_b/G)`` batches (n_b records, G = global batch), so over time each
@@ -17,7 +18,6 @@ All of it is a pure function of (seed, stream position), so output is independen
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import logging
 import sys
 import threading
@@ -25,32 +25,12 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
 from iomm_jax.data import decode, mix, sources
+from iomm_jax.data_kinds import DIVISOR, check_buckets  # noqa: F401  (part of this module's API)
 
-DIVISOR = 16  # each side a multiple of 16: FLUX VAE 8× down × 2×2 DiT patches (also fine for the tiny pixel space)
 _SCAN_WARN = 10_000  # scanning more records than this for sizes logs a hint to use prepare's sidecar
 _log = logging.getLogger(__name__)
-
-
-def check_buckets(buckets: Any, field: str = "data.buckets") -> tuple[tuple[int, int], ...]:
-    """The buckets as a tuple of (height, width) ints; raises ValueError naming ``field`` when malformed."""
-    try:
-        shapes = tuple((int(h), int(w)) for h, w in buckets)
-        ok = all(float(h) == int(h) and float(w) == int(w) for h, w in buckets)
-    except (TypeError, ValueError):
-        shapes, ok = (), False
-    if not ok:
-        raise ValueError(f"{field}={buckets!r} must be a tuple of (height, width) pixel pairs, e.g. "
-                         "((512, 512), (384, 640), (640, 384)), or () for square centre crops")
-    for h, w in shapes:
-        if h <= 0 or w <= 0 or h % DIVISOR or w % DIVISOR:
-            raise ValueError(f"{field}: bucket ({h}, {w}) must have positive sides that are multiples of {DIVISOR} "
-                             "(autoencoder 8× down × 2×2 patches)")
-    if len(set(shapes)) != len(shapes):
-        raise ValueError(f"{field}={shapes} lists a shape twice; list each (height, width) once")
-    return shapes
 
 
 def assign(sizes: np.ndarray, buckets: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -67,9 +47,7 @@ def assign(sizes: np.ndarray, buckets: Sequence[tuple[int, int]]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ record sizes
 def _header_size(data_or_path) -> tuple[int, int]:
     try:
-        src = io.BytesIO(data_or_path) if isinstance(data_or_path, (bytes, bytearray)) else data_or_path
-        with Image.open(src) as im:  # reads the header only
-            w, h = im.size
+        w, h = decode.header_size(data_or_path)  # as displayed: EXIF rotation applied, as decode does
         return h, w
     except Exception:  # unreadable: size unknown, the pipeline skips and counts it when drawn
         return 0, 0
@@ -138,37 +116,6 @@ def bucket_lists(source: Any, buckets: Sequence[tuple[int, int]]) -> list[np.nda
     which = assign(record_sizes(source), buckets)
     dtype = np.int32 if len(which) < 2 ** 31 else np.int64
     return [np.flatnonzero(which == b).astype(dtype) for b in range(len(buckets))]
-
-
-# ------------------------------------------------------------------------------------------------------ crops
-def cover_box(w: int, h: int, height: int, width: int) -> tuple[float, float, float, float]:
-    """The centred region of a w×h image that, resized to cover (height, width), becomes the crop."""
-    scale = max(width / w, height / h)
-    cw, ch = width / scale, height / scale
-    left, top = (w - cw) / 2.0, (h - ch) / 2.0
-    return left, top, left + cw, top + ch
-
-
-def cover_crop(im: Image.Image, height: int, width: int) -> Image.Image:
-    """Resize so the image covers (height, width), then centre-crop to it, in one bicubic resize with a box."""
-    w, h = im.size
-    if (w, h) == (width, height):
-        return im
-    return im.resize((width, height), Image.Resampling.BICUBIC, box=cover_box(w, h, height, width))
-
-
-def views(im: Image.Image, height: int, width: int, vit_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``pixels`` float32 (height, width, 3) in [-1, 1] and ``vit_pixels`` float32 (vit, vit, 3), ImageNet-normalised
-    (the bucket's region of the original resized straight to a square tile, as ``decode.views`` does). For a square
-    bucket this equals ``decode.views``."""
-    crop = cover_crop(im, height, width)
-    pixels = np.asarray(crop, np.float32) / 127.5 - 1.0
-    if im.size == (vit_size, vit_size) and (height, width) == (vit_size, vit_size):
-        vit = im
-    else:
-        vit = im.resize((vit_size, vit_size), Image.Resampling.BICUBIC, box=cover_box(*im.size, height, width))
-    vit_pixels = (np.asarray(vit, np.float32) / 255.0 - decode.IMAGENET_MEAN) / decode.IMAGENET_STD
-    return pixels, vit_pixels.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------- batch schedule

@@ -12,12 +12,14 @@ replacing it with its neighbour (a substitute would be cached twice). So this mo
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator
 
 import grain
 import numpy as np
 
-from iomm_jax.data import pipeline, sources
+from iomm_jax.data import data_config, pipeline, sources
+from iomm_jax.data.data_config import DataConfig
 
 
 def split_range(lo: int, hi: int, parts: int, part: int) -> tuple[int, int]:
@@ -39,22 +41,21 @@ def max_shard_len(n: int, process_count: int, shards: int) -> int:
     return best
 
 
-def image_spec(data_cfg: Any) -> pipeline._Spec:
-    """The pipeline spec for reading images (recipe 'image', not cached) from ``data_cfg``."""
-    if getattr(data_cfg, "cached", False):
+def image_spec(data_cfg: Any) -> DataConfig:
+    """``data_cfg`` (``config.data`` or a DataConfig) as the cache reads it: data.source/data.path as images, one
+    pass, recipe 'image' (captions are stored when present, never required)."""
+    d = data_config.from_config(data_cfg)
+    if d.cached:
         raise ValueError("the feature cache reads images, but data.cached=True; drop --config.data.cached (the "
                          "cache is built from data.source/data.path and read back with data.cached=True)")
-    where = str(getattr(data_cfg, "path", "") or data_cfg.source)
-    return pipeline._Spec(recipe="image", mix_lambda=0.0, seed=int(getattr(data_cfg, "seed", 0)),
-                          resolution=int(data_cfg.resolution), vit_size=int(data_cfg.vit_size),
-                          max_text_tokens=int(data_cfg.max_text_tokens), skip_uncaptioned=True, cached=False,
-                          where=where)
+    return dataclasses.replace(d, recipe="image", mix_lambda=0.0, skip_uncaptioned=True, image_source="",
+                               image_path="", image_cache_path="", buckets=())
 
 
 class LoadForCache:
     """Map function: source index → dict with both views, caption, id, and ``ok``/``error`` (never substitutes)."""
 
-    def __init__(self, source: Any, spec: pipeline._Spec):
+    def __init__(self, source: Any, spec: DataConfig):
         self.load = pipeline.LoadExample(source, spec)  # its _payload is the live path's decode + views
 
     def __call__(self, idx: int) -> dict:
@@ -71,7 +72,7 @@ class LoadForCache:
         return {"ok": True, "index": idx, "id": rid, "caption": rec.get("caption"), **out}
 
 
-def iter_batches(source: Any, spec: pipeline._Spec, lo: int, hi: int, batch: int, num_batches: int, *,
+def iter_batches(source: Any, spec: DataConfig, lo: int, hi: int, batch: int, num_batches: int, *,
                  threads: int = 2, workers: int = 0) -> Iterator[dict]:
     """``num_batches`` batches of ``batch`` rows covering source records ``[lo, hi)`` in order, then padding.
 
@@ -108,5 +109,4 @@ def iter_batches(source: Any, spec: pipeline._Spec, lo: int, hi: int, batch: int
 
 def make_source(data_cfg: Any, workdir: str | None = None) -> Any:
     """The configured image source (``sources.make_source`` with the cache's checks)."""
-    image_spec(data_cfg)  # raises on data.cached=True
-    return sources.make_source(data_cfg, workdir)
+    return sources.make_source(image_spec(data_cfg), workdir)  # raises on data.cached=True

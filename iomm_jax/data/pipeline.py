@@ -43,38 +43,21 @@ buckets every image is centre-cropped to a square of side ``data.resolution``.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import grain
 import numpy as np
 
 from iomm_jax.data import buckets as buckets_lib
-from iomm_jax.data import decode, mix, sources
+from iomm_jax.data import data_config, decode, mix, sources
+from iomm_jax.data.data_config import DataConfig
 
-RECIPES = ("image", "pair", "mix")
 MAX_CONSECUTIVE_SKIPS = 256  # unreadable/uncaptioned records tolerated in a row before the pipeline fails
 CAPTION_CHECK_RECORDS = 64  # pair recipes check the first N source records for captions at start
 
 
 class DataConfigError(ValueError):
     """The data is not what the configuration says (never counted as a skip)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    recipe: str
-    mix_lambda: float
-    seed: int
-    resolution: int
-    vit_size: int
-    max_text_tokens: int
-    skip_uncaptioned: bool
-    cached: bool
-    where: str  # data path, for error messages
-    image_set: bool = False  # 'mix' reads its image-only samples from a separate image set (data.image_source)
-    image_where: str = ""    # the image set's path, for error messages
-    buckets: tuple = ()      # aspect-ratio buckets ((height, width), ...); () = square centre crops
 
 
 class ProcessBlocks(grain.MapDataset):
@@ -117,7 +100,7 @@ class LoadExample:
     that bucket's shape, and an unreadable record is replaced by the next record of the same bucket.
     """
 
-    def __init__(self, source: Any, spec: _Spec, tokenize: Callable[[str], list[int]] | None = None,
+    def __init__(self, source: Any, spec: DataConfig, tokenize: Callable[[str], list[int]] | None = None,
                  image_source: Any = None, bucket_lists: list | None = None):
         self.source, self.spec, self.tokenize = source, spec, tokenize
         self.image_source, self.bucket_lists = image_source, bucket_lists
@@ -164,10 +147,10 @@ class LoadExample:
                                   "to it")
         if bucket >= 0:
             height, width = s.buckets[bucket]
-            im = decode.to_rgb(rec, draft_size=max(height, width))  # short side >= max covers any crop
-            pixels, vit_pixels = buckets_lib.views(im, height, width, s.vit_size)
+            im = decode.to_rgb(rec, draft_size=max(height, width), max_pixels=s.max_image_pixels)  # covers any crop
+            pixels, vit_pixels = decode.views(im, height, s.vit_size, width=width)
         else:
-            im = decode.to_rgb(rec, draft_size=s.resolution)
+            im = decode.to_rgb(rec, draft_size=s.resolution, max_pixels=s.max_image_pixels)
             pixels, vit_pixels = decode.views(im, s.resolution, s.vit_size)
         return {"pixels": pixels, "vit_pixels": vit_pixels}
 
@@ -186,7 +169,7 @@ class LoadExample:
         else:
             members, n, first = None, len(source), idx
         # With a separate image set the stream decides (image-set slot ⇔ image-only); else the seeded draw does.
-        image_only = from_image_set or (not self.spec.image_set and self.image_only(pos))
+        image_only = from_image_set or (not self.spec.has_image_set and self.image_only(pos))
         needs_caption = not image_only
         skipped = uncaptioned = 0
         first_error = None
@@ -218,7 +201,7 @@ class LoadExample:
             out.update(self._caption_fields(rec))
             out.update(is_image_only=np.bool_(image_only), skipped=np.int32(skipped),
                        skipped_uncaptioned=np.int32(uncaptioned), index=np.int64(j))
-            if self.spec.image_set:
+            if self.spec.has_image_set:
                 out["from_image_set"] = np.bool_(from_image_set)
             if self.spec.buckets:
                 out["bucket"] = np.int32(bucket)
@@ -228,75 +211,6 @@ class LoadExample:
             f"{'' if bucket < 0 else f' (bucket {self.spec.buckets[bucket]})'} are unusable "
             f"({skipped} unreadable, {uncaptioned} without caption; first error: {first_error}); check the "
             "data (e.g. re-run prepare, which validates images) or the data path")
-
-
-def _image_set(data_cfg: Any, recipe: str, cached: bool) -> str:
-    """Validates data.image_source / image_path / image_cache_path; returns the image set's location ('' = none)."""
-    kind = str(getattr(data_cfg, "image_source", "") or "")
-    path = str(getattr(data_cfg, "image_path", "") or "")
-    cache_path = str(getattr(data_cfg, "image_cache_path", "") or "")
-    if kind and kind not in sources.SOURCES:
-        raise ValueError(f"data.image_source={kind!r} is not one of {('',) + sources.SOURCES} ('' = the image-only "
-                         "samples of 'mix' are the pair set's images with their captions dropped)")
-    if not kind:
-        for name, value in (("image_path", path), ("image_cache_path", cache_path)):
-            if value:
-                raise ValueError(f"data.{name}={value!r} is set but data.image_source is ''; set data.image_source "
-                                 "to the image set's kind (e.g. 'arrayrecord', 'folder'), or clear data."
-                                 f"{name}")
-        return ""
-    if recipe != "mix":
-        raise ValueError(f"data.image_source={kind!r} feeds the image-only half of recipe 'mix', but data.recipe="
-                         f"{recipe!r}; for image-only training point data.source/data.path at the image set")
-    if cached:
-        if not cache_path:
-            raise ValueError(f"data.image_source={kind!r} with data.cached=True needs data.image_cache_path: a "
-                             "feature cache of the image set (`python -m iomm_jax.cache` with data.source/data.path "
-                             "set to the image set)")
-        return cache_path
-    if not path and kind != "shapes":
-        raise ValueError(f"data.image_source={kind!r} needs data.image_path (where the image set lives)")
-    return path or kind
-
-
-class _ImageSetConfig:
-    """``data_cfg`` as ``sources.make_source`` should see it for the image set: source/path/cache_path replaced."""
-
-    def __init__(self, data_cfg: Any):
-        self._cfg = data_cfg
-        self.source = data_cfg.image_source
-        self.path = getattr(data_cfg, "image_path", "")
-        self.cache_path = getattr(data_cfg, "image_cache_path", "")
-        # shapes: the image set may be larger than the captioned pair set (its first num_images images).
-        self.num_images = int(getattr(data_cfg, "image_num_images", 0) or data_cfg.num_images)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cfg, name)
-
-
-def _spec(data_cfg: Any, where: str) -> _Spec:
-    recipe = data_cfg.recipe
-    if recipe not in RECIPES:
-        raise ValueError(f"data.recipe={recipe!r} is not one of {RECIPES}")
-    lam = float(getattr(data_cfg, "mix_lambda", 0.5))
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"data.mix_lambda={lam} must be in [0, 1] (the share of image-only samples)")
-    for name in ("resolution", "vit_size", "max_text_tokens"):
-        if int(getattr(data_cfg, name)) <= 0:
-            raise ValueError(f"data.{name}={getattr(data_cfg, name)} must be positive")
-    cached = bool(getattr(data_cfg, "cached", False))
-    image_where = _image_set(data_cfg, recipe, cached)
-    buckets = buckets_lib.check_buckets(getattr(data_cfg, "buckets", ()) or ())
-    if buckets and cached:
-        raise ValueError("data.buckets is not supported with data.cached=True: the feature cache holds one square "
-                         "crop per image; set data.buckets=() or train from images (data.cached=False)")
-    if buckets and image_where:
-        raise ValueError("data.buckets with a separate image set (data.image_source) is not supported; use one of "
-                         "them, or image-only samples from the pair set (data.image_source='')")
-    return _Spec(recipe=recipe, mix_lambda=lam, seed=int(data_cfg.seed), resolution=int(data_cfg.resolution),
-                 vit_size=int(data_cfg.vit_size), max_text_tokens=int(data_cfg.max_text_tokens),
-                 skip_uncaptioned=bool(getattr(data_cfg, "skip_uncaptioned", False)),
-                 cached=cached, where=where, image_set=bool(image_where), image_where=image_where, buckets=buckets)
 
 
 def _first_features(source: Any) -> dict | None:
@@ -310,7 +224,7 @@ def _first_features(source: Any) -> dict | None:
     return None
 
 
-def check_same_features(pair_source: Any, image_source: Any, spec: _Spec) -> None:
+def check_same_features(pair_source: Any, image_source: Any, spec: DataConfig) -> None:
     """Cached 'mix' with its own image set: both caches must hold features of the same shapes (same model and
     resolution), else image-only and pair samples could not share a batch."""
     a, b = _first_features(pair_source), _first_features(image_source)
@@ -327,7 +241,7 @@ def check_same_features(pair_source: Any, image_source: Any, spec: _Spec) -> Non
 IMAGE_SET_SALT = 0x1A6E  # the image set's shuffle seed is derived from data.seed with this salt
 
 
-def check_captions(source: Any, spec: _Spec, num: int = CAPTION_CHECK_RECORDS) -> None:
+def check_captions(source: Any, spec: DataConfig, num: int = CAPTION_CHECK_RECORDS) -> None:
     """Pair/mix recipes: fail at start if one of the first ``num`` source records has no caption (unless
     ``skip_uncaptioned``). Only the first ``num`` are checked so that start-up stays O(1) in dataset size; a later
     caption-less record fails (or is skipped) when it is drawn."""
@@ -356,6 +270,7 @@ def make_dataset(data_cfg: Any, *, global_batch: int, process_index: int = 0, pr
                  source: Any = None, image_source: Any = None) -> grain.IterDataset:
     """Builds this process's Grain pipeline (see the module docstring); ``iter()`` it to get the iterator.
 
+    ``data_cfg``: ``config.data`` or a :class:`DataConfig` (``data_config.from_config`` validates it once).
     ``source`` overrides ``sources.make_source(data_cfg, workdir)`` (tests, custom data), ``image_source`` likewise
     the image set of 'mix' (only with ``data.image_source`` set). ``tokenize`` must be picklable when
     ``data_cfg.num_workers > 0``.
@@ -365,17 +280,13 @@ def make_dataset(data_cfg: Any, *, global_batch: int, process_index: int = 0, pr
     if global_batch <= 0 or global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes; "
                          "choose a batch size that is a multiple of the process count")
-    workers = int(getattr(data_cfg, "num_workers", 0))
-    if workers < 0:
-        raise ValueError(f"data.num_workers={workers} must be >= 0 (0 = in the main process)")
-    where = str(getattr(data_cfg, "cache_path", "") if getattr(data_cfg, "cached", False)
-                else (getattr(data_cfg, "path", "") or data_cfg.source))
-    spec = _spec(data_cfg, where)  # validates every field before any data is opened
+    spec = data_config.from_config(data_cfg)  # validated once, before any data is opened
+    workers = spec.num_workers
     if source is None:
-        source = sources.make_source(data_cfg, workdir)
-    if spec.image_set and image_source is None:
-        image_source = sources.make_source(_ImageSetConfig(data_cfg), workdir)
-    elif image_source is not None and not spec.image_set:
+        source = sources.make_source(spec, workdir)
+    if spec.has_image_set and image_source is None:
+        image_source = sources.make_source(spec.as_image_set(), workdir)
+    elif image_source is not None and not spec.has_image_set:
         raise ValueError("make_dataset: image_source was given but data.image_source is ''")
     check_captions(source, spec)  # the pair set only: image-only samples need no caption
     lists = buckets_lib.bucket_lists(source, spec.buckets) if spec.buckets else None
@@ -388,7 +299,7 @@ def make_dataset(data_cfg: Any, *, global_batch: int, process_index: int = 0, pr
 
     if spec.buckets:
         ds = buckets_lib.BucketStream(lists, global_batch, spec.seed)  # each global batch from one bucket
-    elif spec.image_set:
+    elif spec.has_image_set:
         if spec.cached:
             check_same_features(source, image_source, spec)
         load(mix.Slot(0, 0, True))
@@ -401,8 +312,7 @@ def make_dataset(data_cfg: Any, *, global_batch: int, process_index: int = 0, pr
     ds = ProcessBlocks(ds, process_index, process_count, global_batch // process_count)
     ds = ds.map(load)
     ds = ds.batch(global_batch // process_count, drop_remainder=True)
-    prefetch = int(getattr(data_cfg, "prefetch_buffer", 2) or 0)
-    threads = int(getattr(data_cfg, "num_threads", 2))
+    prefetch, threads = spec.prefetch_buffer, spec.num_threads
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
     if workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))

@@ -14,10 +14,14 @@ import csv
 import glob
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from iomm_jax import data_kinds
+from iomm_jax.data import data_config
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTIONS_FILE = "captions.jsonl"
@@ -66,9 +70,92 @@ def read_captions_jsonl(path: Path) -> dict[str, str | None]:
     return out
 
 
+class ParquetImages:
+    """Random access to a Parquet image column holding encoded bytes or ``{bytes, path}`` structs (how HF datasets
+    store an ``Image`` feature); one row group is read (and kept) at a time, so the table never sits in memory.
+    A struct without bytes is read from its ``path`` (relative to the table's folder)."""
+
+    def __init__(self, path: str | os.PathLike, column: str):
+        import pyarrow.parquet as pq  # optional dependency, only for parquet input
+
+        self.path, self.column = str(path), column
+        meta = pq.ParquetFile(self.path).metadata
+        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        self._lock, self._file, self._group = threading.Lock(), None, (-1, [])
+
+    def __getstate__(self):
+        return {"path": self.path, "column": self.column, "starts": self.starts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> bytes:
+        g = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+        with self._lock:  # Grain's reader threads share this object
+            if self._group[0] != g:
+                if self._file is None:
+                    import pyarrow.parquet as pq
+
+                    self._file = pq.ParquetFile(self.path)
+                self._group = (g, self._file.read_row_group(g, columns=[self.column]).column(0).to_pylist())
+            value = self._group[1][int(i) - int(self.starts[g])]
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return value["bytes"]
+            if value.get("path"):
+                with open(Path(self.path).parent / value["path"], "rb") as f:
+                    return f.read()
+            raise ValueError(f"{self.path}: row {i}: {self.column!r} holds neither bytes nor a path")
+        if not value:
+            raise ValueError(f"{self.path}: row {i}: {self.column!r} is empty")
+        return bytes(value)
+
+
+def _read_parquet(path: Path, image_key: str, caption_key: str | None) -> list[tuple[str | int, str | None]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.ParquetFile(path).schema_arrow
+    if image_key not in schema.names:
+        raise ValueError(f"{path} has no {image_key!r} column (columns: {schema.names}); pass the right name with "
+                         "--image_key / data.image_key")
+    kind = schema.field(image_key).type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):  # image paths
+        return _table_rows(path, pq.read_table(path).to_pylist(), image_key, caption_key)
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+            or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
+        raise ValueError(f"{path}: column {image_key!r} is {kind}; it must hold image paths (string), encoded bytes "
+                         "(binary) or {bytes, path} structs")
+    # encoded images: only the caption column is read now; the images row group by row group, when drawn
+    n = pq.ParquetFile(path).metadata.num_rows
+    if caption_key and caption_key in schema.names:
+        captions = [_decode_text(c) for c in pq.read_table(path, columns=[caption_key]).column(0).to_pylist()]
+    else:
+        captions = [None] * n
+    return list(zip(range(n), captions))
+
+
+def _table_rows(path: Path, rows: list[dict], image_key: str, caption_key: str | None):
+    out = []
+    for n, row in enumerate(rows, 1):
+        if image_key not in row or not row[image_key]:
+            raise ValueError(f"{path}: row {n} has no {image_key!r} column/field (columns: {sorted(row)}); "
+                             "pass the right name with --image_key / data.image_key")
+        out.append((str(row[image_key]), _decode_text(row.get(caption_key)) if caption_key else None))
+    return out
+
+
 def read_table(path: str | os.PathLike, image_key: str = "image",
-               caption_key: str | None = "caption") -> list[tuple[str, str | None]]:
-    """Rows (image path as written, caption) of a .jsonl/.json, .csv/.tsv or .parquet table."""
+               caption_key: str | None = "caption") -> list[tuple[str | int, str | None]]:
+    """Rows (image, caption) of a .jsonl/.json, .csv/.tsv or .parquet table. ``image`` is the path as written, or,
+    for a Parquet column of encoded bytes / ``{bytes, path}`` structs, the row number (read with ParquetImages)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
@@ -78,18 +165,10 @@ def read_table(path: str | os.PathLike, image_key: str = "image",
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq  # optional dependency, only for parquet input
-
-        rows = pq.read_table(path).to_pylist()
+        return _read_parquet(path, image_key, caption_key)
     else:
         raise ValueError(f"{path}: unknown table type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
-    out = []
-    for n, row in enumerate(rows, 1):
-        if image_key not in row or not row[image_key]:
-            raise ValueError(f"{path}: row {n} has no {image_key!r} column/field (columns: {sorted(row)}); "
-                             "pass the right name with --image_key / data.image_key")
-        out.append((str(row[image_key]), _decode_text(row.get(caption_key)) if caption_key else None))
-    return out
+    return _table_rows(path, rows, image_key, caption_key)
 
 
 HELDOUT_SEED_OFFSET = 1000  # held-out shapes come from another draw of the world: no stage's training set holds them
@@ -104,17 +183,18 @@ def render_size(data_cfg) -> int:
 def heldout_shapes(data_cfg, num: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``num`` held-out shapes images for sample grids and evaluations, as training sees them: (uint8 images at
     data.resolution, float32 ViT views). Images ``start …`` of the world seed ``data.seed + HELDOUT_SEED_OFFSET``,
-    which no training stage reads."""
+    which no training stage reads. ``data_cfg``: ``config.data`` or a DataConfig."""
     from PIL import Image
 
     from iomm_jax.data import decode, shapes
 
-    seed = int(data_cfg.seed) + HELDOUT_SEED_OFFSET
+    data_cfg = data_config.from_config(data_cfg)
+    seed = data_cfg.seed + HELDOUT_SEED_OFFSET
     refs, vits = [], []
     for i in range(num):
         img = Image.fromarray(shapes.render(start + i, render_size(data_cfg), seed)[0])
-        refs.append(np.asarray(decode.centre_square(img, int(data_cfg.resolution)), np.uint8))
-        vits.append(decode.views(img, int(data_cfg.resolution), int(data_cfg.vit_size))[1])
+        refs.append(np.asarray(decode.centre_square(img, data_cfg.resolution), np.uint8))
+        vits.append(decode.views(img, data_cfg.resolution, data_cfg.vit_size)[1])
     return np.stack(refs), np.stack(vits).astype(np.float32)
 
 
@@ -179,7 +259,8 @@ class FolderSource:
 
 
 class _TableSource:
-    """Rows of (image path, caption) from a table file; relative image paths are relative to the table's folder."""
+    """Rows of (image, caption) from a table file; relative image paths are relative to the table's folder, and a
+    Parquet column of encoded bytes / ``{bytes, path}`` structs is read row group by row group."""
 
     def __init__(self, path: str | os.PathLike, image_key: str = "image", caption_key: str | None = "caption"):
         path = Path(path)
@@ -189,19 +270,27 @@ class _TableSource:
         rows = read_table(path, image_key, caption_key)
         if not rows:
             raise ValueError(f"table {path} has no rows; add (image, caption) rows or point data.path elsewhere")
-        self.ids = [r[0] for r in rows]
-        self.files = [str(path.parent / r[0]) for r in rows]
         self.captions = [r[1] for r in rows]
+        self.images = None  # encoded images in the table itself (Parquet bytes / structs)
+        if isinstance(rows[0][0], int):
+            self.images = ParquetImages(path, image_key)
+            self.ids = [f"{path.name}/{r[0]:09d}" for r in rows]
+        else:  # image paths; `files` also lets buckets read sizes from the headers
+            self.ids = [r[0] for r in rows]
+            self.files = [str(path.parent / r[0]) for r in rows]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.captions)
 
     def caption(self, i: int) -> str | None:
         return self.captions[i]
 
     def __getitem__(self, i: int) -> dict:
-        with open(self.files[i], "rb") as f:
-            data = f.read()
+        if self.images is not None:
+            data = self.images[i]
+        else:
+            with open(self.files[i], "rb") as f:
+                data = f.read()
         return {"image_bytes": data, "caption": self.captions[i], "id": self.ids[i]}
 
 
@@ -214,7 +303,7 @@ class CsvSource(_TableSource):
 
 
 class ParquetSource(_TableSource):
-    """Parquet file with ``image_key`` and ``caption_key`` columns."""
+    """Parquet file with ``image_key`` (paths, encoded bytes or ``{bytes, path}`` structs) and ``caption_key``."""
 
 
 def shard_paths(dir_or_glob: str | os.PathLike) -> list[str]:
@@ -315,7 +404,7 @@ class TfdsSource:
         return self[i]["caption"]
 
 
-SOURCES = ("shapes", "folder", "arrayrecord", "tfds", "jsonl", "csv", "parquet")
+SOURCES = data_kinds.SOURCES  # the registry: make_source handles exactly these (tests check it)
 
 
 def _resolve(path: str, workdir: str | os.PathLike | None) -> Path:
@@ -326,37 +415,32 @@ def _resolve(path: str, workdir: str | os.PathLike | None) -> Path:
 def make_source(data_cfg: Any, workdir: str | os.PathLike | None = None):
     """The source named by ``data_cfg.source`` at ``data_cfg.path`` (see the module docstring for records).
 
-    ``cached=True`` reads feature shards at ``data_cfg.cache_path``. For ``shapes`` an empty path renders on the fly;
-    a non-empty path (relative paths are taken relative to ``workdir``) is written once with
-    :func:`shapes.write_folder` and read as a folder. Other relative paths are relative to the current directory.
-    Optional fields: ``shapes_seed`` (default 0, the content of the procedural set, independent of ``seed`` which
-    orders it), ``split``/``image_key``/``caption_key`` for tfds and tables.
+    ``data_cfg``: ``config.data`` or a DataConfig. ``cached=True`` reads feature shards at ``data_cfg.cache_path``.
+    For ``shapes`` an empty path renders on the fly (world ``data.shapes_seed``); a non-empty path (relative paths
+    are taken relative to ``workdir``) is written once with :func:`shapes.write_folder` and read as a folder. Other
+    relative paths are relative to the current directory. ``split``/``image_key``/``caption_key`` serve tfds and
+    tables.
     """
-    if getattr(data_cfg, "cached", False):
-        if not getattr(data_cfg, "cache_path", ""):
-            raise ValueError("data.cached=True needs data.cache_path (the --dst of `python -m iomm_jax.cache`)")
-        return ArrayRecordSource(data_cfg.cache_path)
-    kind, path = data_cfg.source, str(getattr(data_cfg, "path", "") or "")
-    if kind not in SOURCES:
-        raise ValueError(f"data.source={kind!r} is not one of {SOURCES}")
-    if kind == "shapes":
-        seed = int(getattr(data_cfg, "shapes_seed", 0))
-        if not path:
-            return ShapesSource(data_cfg.num_images, render_size(data_cfg), seed)
-        from iomm_jax.data import shapes
+    d = data_config.from_config(data_cfg)
+    if d.cached:
+        return ArrayRecordSource(d.cache_path)
+    return _MAKERS[d.source](d, os.path.expanduser(d.path), workdir)
 
-        folder = shapes.write_folder(_resolve(path, workdir), data_cfg.num_images, data_cfg.resolution, seed)
-        return FolderSource(folder)
+
+def _shapes(d: data_config.DataConfig, path: str, workdir) -> Any:
     if not path:
-        raise ValueError(f"data.source={kind!r} needs data.path (where the data lives)")
-    path = os.path.expanduser(path)
-    image_key = getattr(data_cfg, "image_key", "image") or "image"
-    caption_key = getattr(data_cfg, "caption_key", "caption") or None
-    if kind == "folder":
-        return FolderSource(path)
-    if kind == "arrayrecord":
-        return ArrayRecordSource(path)
-    if kind == "tfds":
-        return TfdsSource(path, getattr(data_cfg, "split", "train") or "train", image_key, caption_key)
-    cls = {"jsonl": JsonlSource, "csv": CsvSource, "parquet": ParquetSource}[kind]
-    return cls(path, image_key, caption_key)
+        return ShapesSource(d.num_images, render_size(d), d.shapes_seed)
+    from iomm_jax.data import shapes
+
+    return FolderSource(shapes.write_folder(_resolve(path, workdir), d.num_images, d.resolution, d.shapes_seed))
+
+
+_MAKERS = {  # data.source → maker(data config, expanded path, workdir); keys == SOURCES
+    "shapes": _shapes,
+    "folder": lambda d, path, _: FolderSource(path),
+    "arrayrecord": lambda d, path, _: ArrayRecordSource(path),
+    "tfds": lambda d, path, _: TfdsSource(path, d.split, d.image_key, d.caption_key or None),
+    "jsonl": lambda d, path, _: JsonlSource(path, d.image_key, d.caption_key or None),
+    "csv": lambda d, path, _: CsvSource(path, d.image_key, d.caption_key or None),
+    "parquet": lambda d, path, _: ParquetSource(path, d.image_key, d.caption_key or None),
+}
