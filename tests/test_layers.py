@@ -10,7 +10,7 @@ PKG = ROOT / "iomm_jax"
 
 # Layer of each module, by the first prefix that matches (longest prefixes first). Lower number = lower layer.
 LAYERS = {
-    "core": ["iomm_jax.config", "iomm_jax.parallel", "iomm_jax.distributed", "iomm_jax.metrics",
+    "core": ["iomm_jax.config", "iomm_jax.data_kinds", "iomm_jax.parallel", "iomm_jax.distributed", "iomm_jax.metrics",
              "iomm_jax.models.layers", "iomm_jax.models.rope", "iomm_jax"],
     "models": ["iomm_jax.models", "iomm_jax.sampling"],
     "weights": ["iomm_jax.weights"],
