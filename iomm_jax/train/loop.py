@@ -155,6 +155,7 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps) -> d
     log(f"resumed from {ckpt.directory} at step {start} (dropped {dropped} metrics rows logged after it)")
   else:
     state, start = run.init_state(), 0
+    writer.truncate_after(0)  # rows of an earlier attempt that stopped before its first checkpoint (e.g. NaN)
   previous = metrics_lib.read_metrics(workdir) if is_main else []
   # Skip counts are carried across resumes.
   skipped_total = int(previous[-1].get("skipped_total", 0)) if previous else 0
