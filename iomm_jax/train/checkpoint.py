@@ -50,7 +50,8 @@ _QUIET = _QuietOrbaxThreads()
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` with items 'state', 'data' and 'config'."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, with_data: bool = True):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, with_data: bool = True,
+               cleanup_tmp: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.with_data = with_data
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
@@ -60,8 +61,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save,
-                                             # leftovers of a killed or failed save; safe with the workdir lock
-                                             cleanup_tmp_directories=True),
+                                             # the trainer (holding the workdir lock) removes leftovers of a
+                                             # killed or failed save; readers (sample, export) must not
+                                             cleanup_tmp_directories=cleanup_tmp),
         item_handlers=handlers)
     self.pending: int | None = None  # step of the async save in flight (checked at every step boundary)
     logging.getLogger("absl").addFilter(_QUIET)

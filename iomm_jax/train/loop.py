@@ -128,7 +128,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     run = builder.build(config)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     data_iter = make_data_iter(run, workdir)
-    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, cleanup_tmp=True)
     summary = _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps)
     ckpt.close()
     return summary
