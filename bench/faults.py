@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,8 +46,11 @@ class Suite:
     return [sys.executable, "-m", "iomm_jax.main", f"--workdir={work}", *base_args(self.steps), *extra]
 
   def run(self, work, *extra, timeout=1200):
-    return subprocess.run(self.cmd(work, *extra), cwd=ROOT, env=self.env, capture_output=True, text=True,
-                          timeout=timeout)
+    res = subprocess.run(self.cmd(work, *extra), cwd=ROOT, env=self.env, capture_output=True, text=True,
+                         timeout=timeout)
+    with open(os.path.join(self.tmp, "runs.log"), "a") as f:  # every run's stderr, for a look afterwards
+      f.write(f"==== {work} {' '.join(extra)} → {res.returncode}\n{res.stderr[-5000:]}\n")
+    return res
 
   def start(self, work, *extra):
     return subprocess.Popen(self.cmd(work, *extra), cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
@@ -209,8 +213,10 @@ class Suite:
 
 
 def last_line(text: str) -> str:
-  lines = [x for x in (text or "").splitlines() if x.strip() and not x.startswith("train:")]
-  return lines[-1].strip()[:300] if lines else ""
+  """The run's own last message: tqdm redraws with \\r, so an error may share a line with the progress bar."""
+  parts = [p.strip() for line in (text or "").splitlines() for p in re.split(r"\r|(?=error: )", line)]
+  parts = [p for p in parts if p and not p.startswith("train:")]
+  return parts[-1][:300] if parts else ""
 
 
 def main(argv=None) -> int:
