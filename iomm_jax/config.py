@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3     # checkpoints kept on disk
   c.train.sample_every = 5000      # steps between training-time sample grids (0 = never)
   c.train.peak_flops = 989e12      # per-device peak for MFU (H100 bf16 dense)
+  c.train.on_nonfinite = "stop"    # non-finite loss or grad norm: 'stop' (one line, exit non-zero, never saved) or
+                                   #   'skip' (keep the old state for that step; counted as nonfinite_total in metrics)
+  c.train.restore_fallback = True  # newest checkpoint unreadable or non-finite: move it to <workdir>/damaged_checkpoints
+                                   #   and resume from the newest intact one (False: stop with one line)
 
   c.data = C()
   c.data.source = "arrayrecord"    # one of data_kinds.SOURCES: 'shapes', 'folder', 'arrayrecord', 'tfds', 'jsonl',
@@ -166,6 +170,7 @@ _CHOICES = {
     "train.stage": ("pretrain", "finetune"),
     "train.t_sampling": ("uniform", "logit_normal"),
     "train.optimizer": ("adamw", "muon"),
+    "train.on_nonfinite": ("stop", "skip"),
     "data.source": data_kinds.SOURCES,
     "data.recipe": data_kinds.RECIPES,
 }
@@ -173,6 +178,28 @@ _CHOICES = {
 
 class ConfigError(ValueError):
   """A config field is missing, unknown or inconsistent; the message names it."""
+
+
+def known_fields(node=None, prefix: str = "") -> list[str]:
+  """Every dotted field of the schema (`base_config()`), e.g. 'train.lr'."""
+  node = base_config() if node is None else node
+  out = []
+  for key, value in node.items():
+    name = f"{prefix}{key}"
+    out += known_fields(value, name + ".") if isinstance(value, ml_collections.ConfigDict) else [name]
+  return out
+
+
+def unknown_field_message(field: str) -> str:
+  """One line naming an unknown `field` ('train.nonexistent') and the nearest known fields."""
+  import difflib
+  known = known_fields()
+  section = field.rsplit(".", 1)[0] + "." if "." in field else ""
+  near = difflib.get_close_matches(field, known, n=3, cutoff=0.6)
+  if not near and section:  # nothing close: list the section's own fields
+    near = [k for k in known if k.startswith(section)][:8]
+  hint = f"; nearest known fields: {', '.join('config.' + n for n in near)}" if near else ""
+  return f"unknown config field config.{field}{hint}"
 
 
 def _get(config, dotted):

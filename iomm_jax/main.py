@@ -8,6 +8,7 @@ Rerunning the same command in the same workdir resumes from the latest checkpoin
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from absl import app, flags
@@ -38,11 +39,14 @@ def main(argv):
     return 0
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  from iomm_jax.train import loop
+  from iomm_jax.train import loop, preemption
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
   except user_errors() as e:
     raise SystemExit(f"error: {e}") from None
+  except preemption.Preempted as e:
+    print(str(e), file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_PREEMPTED)
   import jax
   if jax.process_index() == 0:
     print(json.dumps({"done": summary}))
@@ -55,11 +59,39 @@ def user_errors() -> tuple[type[Exception], ...]:
   from iomm_jax.models.keymap import KeyMismatchError
   from iomm_jax.models.internvl_keys import MLLMCheckpointError
   from iomm_jax.train.warm_start import WarmStartError
-  return (InitWeightsError, KeyMismatchError, MLLMCheckpointError, WarmStartError)
+  from iomm_jax.train.checkpoint import CheckpointRestoreError, SaveFailedError
+  from iomm_jax.train.guard import NonFiniteError
+  from iomm_jax.train.lock import WorkdirLockedError
+  return (InitWeightsError, KeyMismatchError, MLLMCheckpointError, WarmStartError, NonFiniteError,
+          WorkdirLockedError, CheckpointRestoreError, SaveFailedError)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with every config problem as one line (unknown field + nearest ones, bad value, bad file)."""
+  from iomm_jax.config import unknown_field_message
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is None:
+      raise SystemExit("config error: --config=configs/<name>.py[:arg] is required")
+    _CONFIG.value.keys()  # a config file that failed to load raises only when first touched
+    return rest
+  except SystemExit:
+    raise
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names a field the config does not have
+    found = re.search(r"'([^'\\]+)", str(e))
+    name = found.group(1) if found else str(e)
+    field = next((a.split("=", 1)[0][len("--config."):] for a in argv[1:]
+                  if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")), name)
+    raise SystemExit(f"config error: {unknown_field_message(field)}") from None
+  except flags.Error as e:
+    raise SystemExit(f"config error: {str(e).splitlines()[0]}") from None
+  except Exception as e:  # noqa: BLE001 — the config file itself failed to load (missing file, error in get_config)
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    raise SystemExit(f"config error: {' '.join(lines)[:400]}") from None
 
 
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

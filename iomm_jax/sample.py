@@ -40,6 +40,21 @@ def text_condition(tpl: iomm.Templates, tokenize, prompts):
   return cid, valid, use
 
 
+def prompt_notes(tokenize, prompts) -> list[str]:
+  """What the user should know about their prompts: truncation (tokens kept of how many) and empty = unconditional."""
+  notes = []
+  for i, p in enumerate(prompts):
+    if not (p or "").strip():
+      notes.append(f"note: prompt {i} is empty: an empty prompt means an unconditional sample")
+      continue
+    full = len(tokenize.processor.text_prompt_ids(p))
+    if full > tokenize.max_len:
+      notes.append(f"note: prompt {i} ({p[:40]!r}...) is {full} template tokens, truncated to the first "
+                   f"{tokenize.max_len} that the model was trained with (config.data.max_text_tokens; "
+                   f"{full - tokenize.max_len} tokens dropped)")
+  return notes
+
+
 def image_condition(tpl: iomm.Templates, batch: int):
   """The image template (aux prompt or edit instruction + image tokens) for `batch` samples."""
   ids = jnp.broadcast_to(jnp.asarray(tpl.image_ids), (batch, tpl.length))
@@ -159,6 +174,9 @@ def main(argv=None) -> int:
   from iomm_jax.train import restore
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   out = args.out or os.path.join(args.workdir, "samples")
+  texts = list(args.prompt) + ([m["prompt"] for m in metadata] if metadata else [])
+  for note in prompt_notes(run.tokenize, texts):
+    print(note, file=sys.stderr)
   rng = jax.random.key(args.seed)
   written = []
   for i, prompt in enumerate(args.prompt):

@@ -135,7 +135,7 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
       p_uncond=t.p_uncond, condition=config.model.condition,
       t_kwargs=dict(kind=t.t_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.time_shift),
       ema_decay=t.ema_decay, needs_vit=config.data.recipe != "pair", cached=bool(config.data.cached),
-      grad_accum=int(t.grad_accum))
+      grad_accum=int(t.grad_accum), skip_nonfinite=t.on_nonfinite == "skip")
   counts = {"dit": count_params(gen_abs["dit"]), "rqa": count_params(gen_abs["rqa"]),
             "mllm": count_params(mllm_abs), "autoencoder": count_params(ae_abs)}
   run = Run(config=config, mesh=mesh, mcfg=mcfg, processor=processor, templates=templates, tokenize=tokenize,

@@ -3,13 +3,22 @@
 A checkpoint at step N holds the state after N updates and the data iterator positioned after the N-th
 batch, so resuming continues at update N + 1 exactly. Saves are async and atomic (Orbax writes to a temporary
 directory and renames), so an interrupted save never leaves a checkpoint that restore would read.
+
+Faults: a failed async save surfaces at the first step boundary after it (`check_save`), as one line with the
+path, the bytes needed and the bytes free; `restore_newest_intact` moves a damaged or non-finite newest checkpoint
+to `<workdir>/damaged_checkpoints/` (outside Orbax's step listing) and resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import re
+import shutil
+import sys
+import time
 from typing import Any
 
 import grain
@@ -17,10 +26,32 @@ import jax
 import orbax.checkpoint as ocp
 
 
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint could be restored (or the newest failed and config.train.restore_fallback is off)."""
+
+
+class SaveFailedError(RuntimeError):
+  """An (async) checkpoint save failed; the message names the path, the bytes needed and the bytes free."""
+
+
+class _QuietOrbaxThreads(logging.Filter):
+  """Drop Orbax's background-thread tracebacks for failed saves: check_save re-raises them as one line."""
+
+  def filter(self, record):
+    return not (record.exc_info and "orbax" in record.pathname and record.levelno >= logging.ERROR)
+
+
+_QUIET = _QuietOrbaxThreads()
+
+
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` with items 'state', 'data' and 'config'."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, with_data: bool = True):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, with_data: bool = True,
+               cleanup_tmp: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.with_data = with_data
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
@@ -29,19 +60,78 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=async_save),
+                                             enable_async_checkpointing=async_save,
+                                             # the trainer (holding the workdir lock) removes leftovers of a
+                                             # killed or failed save; readers (sample, export) must not
+                                             cleanup_tmp_directories=cleanup_tmp),
         item_handlers=handlers)
+    self.pending: int | None = None  # step of the async save in flight (checked at every step boundary)
+    logging.getLogger("absl").addFilter(_QUIET)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter=None, config: dict | None = None, *, force: bool = False) -> bool:
+    """Start an async save of `step` (the previous save must have succeeded: check_save raises otherwise)."""
+    self.check_save(wait=True)
+    self.warn_if_low_space(state)
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config or {})}
     if self.with_data:
       if data_iter is None:
         raise ValueError("this checkpointer saves the data iterator; pass data_iter")
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001 — a synchronous part of the save failed (e.g. no space for metadata)
+      raise SaveFailedError(self._save_failure(step, e, state)) from None
+    if started:
+      self.pending = step
+      self._pending_bytes = _tree_bytes(state)
+    return started
+
+  def check_save(self, *, wait: bool = False) -> None:
+    """Raise SaveFailedError if the save in flight has failed; cheap when it is still running (unless `wait`)."""
+    if self.pending is None:
+      return
+    if not wait and self.manager.is_saving_in_progress():
+      return
+    step, self.pending = self.pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 — Orbax re-raises the background thread's error here
+      raise SaveFailedError(self._save_failure(step, e, None)) from None
+    if step not in self.steps_on_disk():
+      raise SaveFailedError(f"checkpoint save of step {step} to {self.directory} did not complete; "
+                            f"{_space(self.directory)}")
+
+  def _save_failure(self, step: int, exc: BaseException, state) -> str:
+    need = self.last_size() or (_tree_bytes(state) if state is not None else getattr(self, "_pending_bytes", 0))
+    free = shutil.disk_usage(self.directory).free
+    cause = _root_message(exc)
+    previous = [s for s in self.steps_on_disk() if s != step]
+    kept = f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint exists"
+    return (f"checkpoint save of step {step} to {os.path.join(self.directory, str(step))} failed: needs about "
+            f"{need:,} bytes, {free:,} bytes free ({cause}); {kept}. Free space or move --workdir, then rerun to "
+            "resume")
+
+  def steps_on_disk(self) -> list[int]:
+    """Finished checkpoint steps in the directory (Orbax's own list may already name a save that failed)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+  def last_size(self) -> int:
+    """Bytes of the newest finished checkpoint on disk (0 when none)."""
+    steps = self.steps_on_disk()
+    step = steps[-1] if steps else None
+    return _dir_bytes(os.path.join(self.directory, str(step))) if step is not None else 0
+
+  def warn_if_low_space(self, state) -> None:
+    need = self.last_size() or _tree_bytes(state)
+    free = shutil.disk_usage(self.directory).free
+    if free < need and jax.process_index() == 0:
+      print(f"warning: {free:,} bytes free under {self.directory}, the last checkpoint took {need:,}; this save may "
+            "fail", file=sys.stderr, flush=True)
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None) -> tuple[Any, int]:
     """Restore into `abstract_state` (ShapeDtypeStructs carrying the *target* shardings) and the iterator in place."""
@@ -61,6 +151,62 @@ class Checkpointer:
       data_iter.set_state(iterator_state_from_other_process_count(data_dir, jax.process_count()))
     return restored["state"], step
 
+  def restore_newest_intact(self, abstract_state, data_iter, *, fallback: bool, is_finite, log=print):
+    """(state, step, moved): restore the newest checkpoint that reads back and passes `is_finite(state)`.
+
+    A failing one is described in one paragraph (step, item, file, cause); with `fallback` it is moved to
+    <workdir>/damaged_checkpoints/<step> (kept, not deleted) and the next older one is tried. Without `fallback`
+    the older ones are only read, to name the newest intact one in the CheckpointRestoreError.
+    """
+    moved, problems = [], []  # problems: (step, paragraph)
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, _ = self.restore(abstract_state, data_iter, step)
+        problem = None if is_finite(state) else (
+            f"checkpoint {step} in {self.directory} holds non-finite values (NaN/Inf) in its train state "
+            "(item 'state'), saved before the non-finite guard existed or by a diverged run.")
+      except Exception as e:  # noqa: BLE001 — any failure to read a checkpoint is reported the same way
+        problem = describe_restore_failure(self.directory, step, e)
+        del e
+        _collect_quietly()
+      if not _agree(problem is None):  # every process takes the same branch
+        problem = problem or f"checkpoint {step} in {self.directory} failed to restore on another process."
+        problems.append((step, problem))
+        if fallback:
+          dest = self.move_aside(step)
+          moved.append(step)
+          log(f"{problem} Moved it to {dest}; trying the next older checkpoint.")
+        continue
+      if problems and not fallback:
+        raise CheckpointRestoreError(
+            f"{problems[0][1]} The newest intact checkpoint is step {step}. To resume from it, rerun with "
+            f"--config.train.restore_fallback=True (moves the damaged one to {self.damaged_dir()}/), or move "
+            f"{os.path.join(self.directory, str(problems[0][0]))} away yourself")
+      return state, step, moved
+    if not problems:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    where = (f" (all moved to {self.damaged_dir()}/; a rerun starts from step 0)" if fallback else
+             "; move the checkpoints folder away to start from step 0")
+    raise CheckpointRestoreError(f"no checkpoint under {self.directory} could be restored{where}. Newest: "
+                                 f"{problems[0][1]}")
+
+  def damaged_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+
+  def move_aside(self, step: int) -> str:
+    """Rename checkpoints/<step> to damaged_checkpoints/<step>[-<time>] (process 0), then reload the step list."""
+    dest = os.path.join(self.damaged_dir(), str(step))
+    if os.path.exists(dest):
+      dest += time.strftime("-%Y%m%d-%H%M%S")
+    if jax.process_index() == 0:
+      os.makedirs(self.damaged_dir(), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"iomm_move_aside_{step}")
+    self.manager.reload()
+    return dest
+
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -69,8 +215,84 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.check_save(wait=True)
     self.manager.close()
+
+  def abandon(self) -> None:
+    """Close after a failure without raising again (the run is already stopping with its own message)."""
+    try:
+      self.pending = None
+      self.manager.close()
+    except Exception:  # noqa: BLE001
+      pass
+    _collect_quietly()
+
+
+def describe_restore_failure(directory: str, step: int, exc: BaseException) -> str:
+  """One paragraph: which step, item and file failed to restore, and the underlying cause."""
+  text = "\n".join(str(e) for e in _chain(exc))
+  item = re.search(rf"/{step}/(\w+)/", text)
+  key = re.search(r'(?:Error reading|Metadata at) "([^"]+)"', text)
+  where = re.search(r'local file "([^"]+)"', text)
+  parts = [f"checkpoint {step} in {directory} could not be restored:",
+           f"item '{item.group(1)}'" if item else "item unknown",
+           f"(array '{key.group(1).split('/')[0]}' in {where.group(1)})" if key and where else
+           (f"(file {where.group(1)})" if where else ""),
+           f"— {_root_message(exc)}."]
+  return " ".join(p for p in parts if p)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+  out = []
+  while exc is not None and exc not in out:
+    out.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return out
+
+
+def _root_message(exc: BaseException) -> str:
+  """The innermost cause's first line, without TensorStore's spec dump."""
+  root = _chain(exc)[-1]
+  msg = str(root).splitlines()[0] if str(root) else type(root).__name__
+  msg = re.sub(r"\s*\[tensorstore_spec=.*", "", msg)
+  return msg if len(msg) <= 400 else f"{msg[:200]} … {msg[-190:]}"  # the OS error is at the end
+
+
+def _collect_quietly() -> None:
+  """Collect the coroutines a failed Orbax read leaves behind without their 'Event loop is closed' noise."""
+  hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
+def _agree(ok: bool) -> bool:
+  """True only when `ok` on every process (collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _tree_bytes(tree) -> int:
+  return int(sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _dir_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(root, f))
+      except OSError:
+        pass
+  return total
+
+
+def _space(path: str) -> str:
+  return f"{shutil.disk_usage(path).free:,} bytes free"
 
 
 def abstract_with_shardings(tree, shardings) -> Any:

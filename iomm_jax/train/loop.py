@@ -13,7 +13,8 @@ from tqdm import tqdm
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
 from iomm_jax.data import pipeline
-from iomm_jax.train import builder, checkpoint
+from iomm_jax.train import builder, checkpoint, guard, preemption
+from iomm_jax.train import lock as lock_lib
 from iomm_jax.train.checkpoint import abstract_with_shardings
 
 
@@ -110,27 +111,56 @@ class SampleGrids:
 
 
 def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
-  """Train (or resume) in `workdir`; stops at config.train.num_steps, or after `max_steps` updates in this call."""
+  """Train (or resume) in `workdir`; stops at config.train.num_steps, or after `max_steps` updates in this call.
+
+  Holds the workdir lock (process 0) for the whole call; raises preemption.Preempted after saving when SIGTERM or
+  SIGUSR1 arrived, guard.NonFiniteError on divergence (nothing saved), checkpoint.SaveFailedError when a save failed.
+  """
   check_workdir(workdir)
-  save_resolved_config(config, workdir)
-  run = builder.build(config)
   is_main = jax.process_index() == 0
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-  data_iter = make_data_iter(run, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  lock = lock_lib.WorkdirLock(workdir, enabled=is_main).acquire()
+  if lock.took_over:
+    print(lock.took_over, flush=True)
+  watch = preemption.PreemptionWatch().install()
+  ckpt = writer = None
+  try:
+    save_resolved_config(config, workdir)
+    run = builder.build(config)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    data_iter = make_data_iter(run, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, cleanup_tmp=True)
+    summary = _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps)
+    ckpt.close()
+    return summary
+  except BaseException:
+    if ckpt is not None:
+      ckpt.abandon()
+    raise
+  finally:
+    if writer is not None:
+      writer.close()
+    watch.uninstall()
+    lock.release()
+
+
+def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps) -> dict:
+  is_main = jax.process_index() == 0
+  t = config.train
   if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(abstract_with_shardings(run.abstract_state, run.state_shardings), data_iter)
+    log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+    state, start, _ = ckpt.restore_newest_intact(abstract_with_shardings(run.abstract_state, run.state_shardings),
+                                                 data_iter, fallback=bool(t.restore_fallback),
+                                                 is_finite=guard.tree_is_finite, log=log)
     dropped = writer.truncate_after(start)
-    if is_main:
-      print(f"resumed from {ckpt.directory} at step {start} (dropped {dropped} metrics rows logged after it)",
-            flush=True)
+    log(f"resumed from {ckpt.directory} at step {start} (dropped {dropped} metrics rows logged after it)")
   else:
     state, start = run.init_state(), 0
+    writer.truncate_after(0)  # rows of an earlier attempt that stopped before its first checkpoint (e.g. NaN)
   previous = metrics_lib.read_metrics(workdir) if is_main else []
   # Skip counts are carried across resumes.
   skipped_total = int(previous[-1].get("skipped_total", 0)) if previous else 0
   uncaptioned_total = int(previous[-1].get("skipped_uncaptioned_total", 0)) if previous else 0
-  t = config.train
+  nonfinite_total = int(previous[-1].get("nonfinite_total", 0)) if previous else 0
   end = t.num_steps if max_steps is None else min(t.num_steps, start + max_steps)
   grids = SampleGrids(run, workdir) if (t.sample_every and config.data.source == "shapes") else None
   flops = flops_per_step(run)
@@ -138,7 +168,42 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   step_fn = run.train_step
   timer = metrics_lib.Throughput()
   window, last = [], {}
+  unchecked, unchecked_from = [], start + 1  # metrics not yet checked for NaN/Inf, and the step of the first
+  last_saved = start if start else None
   bar = tqdm(total=end, initial=start, desc="train", disable=not is_main, dynamic_ncols=True, mininterval=5.0)
+
+  def check_finite():
+    nonlocal unchecked, unchecked_from
+    if unchecked and t.on_nonfinite == "stop":
+      guard.check_rows(jax.device_get(unchecked), unchecked_from, last_saved)
+    unchecked, unchecked_from = [], step + 1
+
+  def log_window():
+    nonlocal window, last, skipped_total, uncaptioned_total, nonfinite_total
+    host = jax.device_get(window)
+    skipped_total += int(sum(x.get("skipped", 0) for x in host))
+    uncaptioned_total += int(sum(x.get("skipped_uncaptioned", 0) for x in host))
+    nonfinite_total += int(sum(x.get("nonfinite", 0) for x in host))
+    last = {k: float(np.mean([x[k] for x in host])) for k in ("loss", "grad_norm", "kept_fraction")}
+    last["lr"] = float(host[-1]["lr"])
+    last["steps_averaged"] = len(host)  # fewer than log_every on the first row after a resume or a preemption
+    last["skipped_total"] = skipped_total
+    last["skipped_uncaptioned_total"] = uncaptioned_total
+    last["nonfinite_total"] = nonfinite_total
+    last.update(timer.summary(t.global_batch, jax.device_count(), tokens_per_image, flops, t.peak_flops))
+    writer.scalars(step, last)
+    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
+    window, _ = [], timer.reset()
+
+  def save(force: bool):
+    nonlocal last_saved
+    check_finite()
+    if not guard.tree_is_finite(state):
+      raise guard.NonFiniteError(f"non-finite values in the train state at step {step} (loss and grad norm were "
+                                 f"finite); not saved. The last checkpoint is step {last_saved}")
+    ckpt.save(step, state, data_iter, json.loads(config.to_json_best_effort()), force=force)
+    last_saved = step
+
   step = start
   while step < end:
     t0 = time.perf_counter()
@@ -149,26 +214,26 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     step += 1
     timer.steps += 1
     window.append(m)
+    unchecked.append(m)
     bar.update(1)
+    ckpt.check_save()  # a failed async save stops the run here, not at the next save
     if step % t.log_every == 0 or step == end:
-      host = jax.device_get(window)
-      skipped_total += int(sum(x.get("skipped", 0) for x in host))
-      uncaptioned_total += int(sum(x.get("skipped_uncaptioned", 0) for x in host))
-      last = {k: float(np.mean([x[k] for x in host])) for k in ("loss", "grad_norm", "kept_fraction")}
-      last["lr"] = float(host[-1]["lr"])
-      last["skipped_total"] = skipped_total
-      last["skipped_uncaptioned_total"] = uncaptioned_total
-      last.update(timer.summary(t.global_batch, jax.device_count(), tokens_per_image, flops, t.peak_flops))
-      writer.scalars(step, last)
-      bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
-      window, _ = [], timer.reset()
+      check_finite()
+      log_window()
     if step % t.ckpt_every == 0 or step == end:
-      ckpt.save(step, state, data_iter, json.loads(config.to_json_best_effort()), force=step == end)
+      save(force=step == end)
     if grids is not None and (step % t.sample_every == 0 or step == end):
       params = state.ema_params if (config.sample.use_ema and state.ema_params) else state.params
       grids(step, params, writer)
       timer.reset()
+    if watch.requested():
+      check_finite()
+      if window:
+        log_window()
+      if last_saved != step:
+        save(force=True)
+      ckpt.check_save(wait=True)
+      bar.close()
+      raise preemption.Preempted(step, watch.received)
   bar.close()
-  ckpt.close()
-  writer.close()
   return {"step": step, "start_step": start, **last}

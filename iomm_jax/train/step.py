@@ -31,6 +31,7 @@ class StepStatics:
   needs_vit: bool      # False for text-only recipes: skip the ViT entirely
   cached: bool         # batch carries 'vit_tokens' and 'latent' instead of pixels
   grad_accum: int = 1  # microbatches per update (gradient accumulation)
+  skip_nonfinite: bool = False  # config.train.on_nonfinite == 'skip': keep the old state when loss/grad norm is not finite
 
 
 def condition_inputs(st: StepStatics, mllm, ae, batch, rng):
@@ -111,10 +112,17 @@ def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = ema_update(state.ema_params, params, st.ema_decay) if st.ema_decay > 0 else state.ema_params
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step),
-             "kept_fraction": aux["kept_fraction"]}
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
+             "kept_fraction": aux["kept_fraction"], "nonfinite": (~finite).astype(jnp.int32)}
   for key in ("skipped", "skipped_uncaptioned"):
     if key in batch:
       metrics[key] = jnp.sum(batch[key])
+  if st.skip_nonfinite:
+    # Skip the update, not the step: step (and with it the rng and the data position) still advances, so a skipped
+    # step is one batch dropped, and the run stays deterministic.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params, opt_state, ema = keep(params, state.params), keep(opt_state, state.opt_state), keep(ema, state.ema_params)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
   return new_state, metrics

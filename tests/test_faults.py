@@ -1,0 +1,224 @@
+"""Fast fault cases: the workdir lock, the non-finite guard, restore from a damaged or non-finite checkpoint, a save
+that fails (full disk), config and sample errors a person can act on. End-to-end runs of each fault are in
+bench/faults.py; SIGTERM / SIGUSR1 in tests/test_preemption.py."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import ROOT
+from iomm_jax import config as config_lib
+from iomm_jax.train import checkpoint, guard
+from iomm_jax.train import lock as lock_lib
+
+
+# ---- one trainer per workdir ------------------------------------------------------------------------------------
+
+def test_second_trainer_is_refused_naming_the_holder(tmp_path):
+  with lock_lib.WorkdirLock(str(tmp_path)) as first:
+    assert first.held
+    holder = json.loads((tmp_path / lock_lib.LOCK_NAME).read_text())
+    assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid() and holder["start"]
+    # Another process (a live pid that is not ours) holds it: write its record and try.
+    (tmp_path / lock_lib.LOCK_NAME).write_text(json.dumps(dict(holder, pid=os.getppid())))
+    with pytest.raises(lock_lib.WorkdirLockedError, match=f"pid {os.getppid()}"):
+      lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    (tmp_path / lock_lib.LOCK_NAME).write_text(json.dumps(holder))
+  assert not (tmp_path / lock_lib.LOCK_NAME).exists(), "the lock is released on exit"
+
+
+def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  pid = int(dead.stdout)
+  (tmp_path / lock_lib.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "start": "x"}))
+  lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+  try:
+    assert lock.took_over and f"pid {pid}" in lock.took_over and "gone" in lock.took_over
+    assert json.loads((tmp_path / lock_lib.LOCK_NAME).read_text())["pid"] == os.getpid()
+  finally:
+    lock.release()
+
+
+def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
+  path = tmp_path / lock_lib.LOCK_NAME
+  path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "start": "x"}))
+  with pytest.raises(lock_lib.WorkdirLockedError, match="host elsewhere"):
+    lock_lib.WorkdirLock(str(tmp_path)).acquire()
+  old = os.path.getmtime(path) - lock_lib.STALE_AFTER_S - 10
+  os.utime(path, (old, old))
+  lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+  assert "not refreshed" in lock.took_over
+  lock.release()
+
+
+# ---- non-finite guard -------------------------------------------------------------------------------------------
+
+def test_nonfinite_rows_stop_naming_the_step_and_values():
+  rows = [{"loss": 1.0, "grad_norm": 2.0}, {"loss": 3.0, "grad_norm": float("inf")}, {"loss": float("nan"),
+                                                                                         "grad_norm": 1.0}]
+  assert guard.first_nonfinite(rows, 11) == (12, 3.0, float("inf"))
+  with pytest.raises(guard.NonFiniteError, match=r"step 12: loss=3.0 grad_norm=inf.*checkpoint \(step 10\)"):
+    guard.check_rows(rows, 11, 10)
+  guard.check_rows(rows[:1], 11, 10)  # finite: no error
+
+
+def test_tree_is_finite():
+  tree = {"a": jnp.ones(3), "b": {"c": jnp.zeros((2, 2))}, "k": jax.random.key(0), "i": jnp.arange(3)}
+  assert guard.tree_is_finite(tree)
+  tree["b"]["c"] = tree["b"]["c"].at[1, 1].set(jnp.nan)
+  assert not guard.tree_is_finite(tree)
+
+
+# ---- damaged / non-finite checkpoints ---------------------------------------------------------------------------
+
+def _tree(value):
+  return {"w": jnp.full((64, 64), value, jnp.float32), "b": jnp.arange(1000, dtype=jnp.float32) + value}
+
+
+def _abstract(tree):
+  return checkpoint.abstract_with_shardings(tree, jax.tree.map(lambda x: x.sharding, tree))
+
+
+def _two_checkpoints(tmp_path, second=2.0):
+  ck = checkpoint.Checkpointer(str(tmp_path), with_data=False, max_to_keep=5)
+  ck.save(10, _tree(1.0))
+  ck.save(20, _tree(second))
+  ck.close()
+  return checkpoint.Checkpointer(str(tmp_path), with_data=False, max_to_keep=5)
+
+
+def _damage(tmp_path, step, how):
+  files = sorted((tmp_path / "checkpoints" / str(step) / "state").rglob("d/*"), key=os.path.getsize)
+  if how == "truncate":
+    with open(files[-1], "r+b") as f:
+      f.truncate(10)
+  else:
+    os.remove(files[-1])
+  return files[-1]
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_damaged_newest_checkpoint_falls_back_and_is_moved_aside(tmp_path, how):
+  ck = _two_checkpoints(tmp_path)
+  _damage(tmp_path, 20, how)
+  said = []
+  state, step, moved = ck.restore_newest_intact(_abstract(_tree(0.0)), None, fallback=True,
+                                                is_finite=guard.tree_is_finite, log=said.append)
+  ck.close()
+  assert step == 10 and moved == [20]
+  np.testing.assert_array_equal(np.asarray(state["w"]), 1.0)
+  assert len(said) == 1 and "checkpoint 20" in said[0] and "item 'state'" in said[0] and "Moved it to" in said[0]
+  assert (tmp_path / checkpoint.DAMAGED_DIR / "20" / "state").is_dir(), "moved aside, not deleted"
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
+
+
+def test_damaged_checkpoint_without_fallback_is_one_clear_error(tmp_path):
+  ck = _two_checkpoints(tmp_path)
+  _damage(tmp_path, 20, "truncate")
+  with pytest.raises(checkpoint.CheckpointRestoreError) as e:
+    ck.restore_newest_intact(_abstract(_tree(0.0)), None, fallback=False, is_finite=guard.tree_is_finite)
+  ck.close()
+  msg = str(e.value)
+  assert "checkpoint 20" in msg and "newest intact checkpoint is step 10" in msg and "\n" not in msg
+  assert (tmp_path / "checkpoints" / "20").is_dir(), "nothing moved without fallback"
+
+
+def test_nonfinite_checkpoint_is_not_resumed(tmp_path):
+  ck = _two_checkpoints(tmp_path, second=float("nan"))
+  said = []
+  _, step, moved = ck.restore_newest_intact(_abstract(_tree(0.0)), None, fallback=True,
+                                            is_finite=guard.tree_is_finite, log=said.append)
+  ck.close()
+  assert step == 10 and moved == [20] and "non-finite" in said[0]
+
+
+# ---- saves that fail --------------------------------------------------------------------------------------------
+
+def _small_fs(tmp_path):
+  """A 3 MB tmpfs when this machine lets us mount one (root), else None."""
+  mnt = tmp_path / "tmpfs"
+  mnt.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+  return mnt if r.returncode == 0 else None
+
+
+def test_failed_async_save_surfaces_at_the_next_check(tmp_path, monkeypatch):
+  mnt = _small_fs(tmp_path)
+  big = lambda v: {"w": jax.random.normal(jax.random.key(v), (500_000,))}  # noqa: E731  ≈2 MB, incompressible
+  try:
+    if mnt is None:  # no mount: make the second save fail like a full disk
+      pytest.skip("cannot mount a tmpfs here")
+    ck = checkpoint.Checkpointer(str(mnt), with_data=False, max_to_keep=1)
+    ck.save(10, big(1))
+    ck.check_save(wait=True)
+    ck.save(20, big(2))
+    with pytest.raises(checkpoint.SaveFailedError) as e:
+      ck.check_save(wait=True)
+    msg = str(e.value)
+    assert "step 20" in msg and "bytes free" in msg and "needs about" in msg and "checkpoint 10 is intact" in msg
+    assert "No space left" in msg and "\n" not in msg
+    ck.abandon()
+    ck2 = checkpoint.Checkpointer(str(mnt), with_data=False)
+    restored, step = ck2.restore(_abstract(big(0)))
+    ck2.abandon()
+    assert step == 10
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(big(1)["w"]))
+  finally:
+    if mnt is not None:
+      subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_low_space_warns_before_a_save(tmp_path, monkeypatch, capsys):
+  ck = checkpoint.Checkpointer(str(tmp_path), with_data=False)
+  ck.save(1, _tree(1.0))
+  ck.check_save(wait=True)
+  usage = checkpoint.shutil.disk_usage(str(tmp_path))
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=100))
+  ck.save(2, _tree(2.0))
+  monkeypatch.undo()
+  ck.close()
+  err = capsys.readouterr().err
+  assert "warning: 100 bytes free" in err and "this save may fail" in err
+
+
+# ---- errors a person can act on ---------------------------------------------------------------------------------
+
+def test_unknown_config_field_names_nearest():
+  msg = config_lib.unknown_field_message("train.lrr")
+  assert msg.startswith("unknown config field config.train.lrr") and "config.train.lr" in msg
+  assert "config.train.on_nonfinite" in config_lib.unknown_field_message("train.nonexistent")
+
+
+def test_main_config_errors_are_one_line():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for args, want in ((["--config=configs/tiny.py", "--config.train.nonexistent=1"], "config.train.nonexistent"),
+                     (["--config=configs/tiny.py", "--config.train.lr=abc"], "could not convert"),
+                     (["--config=configs/no_such.py"], "no_such.py"),
+                     (["--config=configs/tiny.py", "--config.train.on_nonfinite=maybe"], "on_nonfinite")):
+    r = subprocess.run([sys.executable, "-m", "iomm_jax.main", *args, "--workdir=/nonexistent/x"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert lines[-1].startswith("config error:") and want in lines[-1], r.stderr[-2000:]
+
+
+def test_sample_prompt_notes():
+  from iomm_jax.sample import prompt_notes
+
+  class Proc:
+    def text_prompt_ids(self, text):
+      return [1, 2] + [7] * len(text.split()) + [3]
+
+  class Tok:
+    processor, max_len = Proc(), 8
+  notes = prompt_notes(Tok(), ["a red circle", "", "w " * 20])
+  assert len(notes) == 2
+  assert "prompt 1 is empty" in notes[0] and "unconditional" in notes[0]
+  assert "prompt 2" in notes[1] and "23 template tokens" in notes[1] and "first 8" in notes[1]
