@@ -209,8 +209,10 @@ def _get(config, dotted):
   return node
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Fail at start, naming the field, on any inconsistent or out-of-range setting."""
+def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
+  """Fail at start, naming the field, on any inconsistent or out-of-range setting.
+
+  `needs_data=False` (the dry run: it compiles with abstract arrays) skips the checks that a dataset path is set."""
   for field, choices in _CHOICES.items():
     value = _get(config, field)
     if value not in choices:
@@ -229,7 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.train.warmup_steps and config.train.sample_every must be >= 0")
   if config.data.resolution % 16 and config.model.autoencoder.kind == "flux_vae":
     raise ConfigError(f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)")
-  validate_data(config.data)
+  validate_data(config.data, needs_data=needs_data)
   _validate_init(config.init)
   if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
     raise ConfigError(
@@ -250,7 +252,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.sample.prompts must list at least one prompt")
 
 
-def validate_data(d: ml_collections.ConfigDict) -> None:
+def validate_data(d: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
   """The data section alone (`data.data_config.from_config` runs it too, so the data code never re-checks)."""
   for field, choices in _CHOICES.items():
     if field.startswith("data.") and d[field[5:]] not in choices:
@@ -265,9 +267,9 @@ def validate_data(d: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.data.{name}={d[name]} must be >= 0")
   if d.resolution % 2:
     raise ConfigError(f"config.data.resolution={d.resolution} must be even (2×2 patches)")
-  if d.cached and not d.cache_path:
+  if needs_data and d.cached and not d.cache_path:
     raise ConfigError("config.data.cached=True needs config.data.cache_path (write it with python -m iomm_jax.cache)")
-  if d.source != "shapes" and not d.cached and not d.path:
+  if needs_data and d.source != "shapes" and not d.cached and not d.path:
     raise ConfigError(f"config.data.path is empty but config.data.source={d.source!r} needs a dataset path")
   if not d.image_key:
     raise ConfigError("config.data.image_key is empty; name the image field/column of the table or TFDS dataset "

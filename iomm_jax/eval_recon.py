@@ -36,7 +36,7 @@ def margin_stats(m: np.ndarray) -> dict:
 def evaluate(run, params, *, num: int = 16, seed: int = 0, steps: int | None = None,
              cfg_scale: float | None = None) -> dict:
   """Reconstruction statistics of `params` on `num` held-out shapes images (another draw of the world)."""
-  from iomm_jax import sample as sample_lib
+  from iomm_jax.train import generate as sample_lib
   from iomm_jax.data.sources import heldout_shapes
   c = run.config
   imgs, vit = heldout_shapes(c.data, num, start=1000)   # past the training grids' held-out images too

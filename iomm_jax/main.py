@@ -30,7 +30,7 @@ def main(argv):
   distributed.initialize_from_config(_CONFIG.value)  # first thing: every process must join before touching devices
   from iomm_jax.config import ConfigError, validate
   try:
-    validate(_CONFIG.value)
+    validate(_CONFIG.value, needs_data=not _DRY_RUN.value)  # a dry run reads no data
   except ConfigError as e:
     raise SystemExit(f"config error: {e}") from e
   if _DRY_RUN.value:

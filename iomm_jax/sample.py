@@ -11,106 +11,15 @@ GenEval metadata object with a "prompt" per line) it writes GenEval's sample fol
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from PIL import Image
 
-from iomm_jax import geneval_layout, sampling
-from iomm_jax.models import iomm
-
-
-def text_condition(tpl: iomm.Templates, tokenize, prompts):
-  """Left-aligned template ids/valid (B, L) for text prompts."""
-  ids = np.zeros((len(prompts), tpl.length), np.int32)
-  lens = np.zeros((len(prompts),), np.int32)
-  for i, p in enumerate(prompts):
-    t = tokenize(p)
-    ids[i, :len(t)] = t
-    lens[i] = len(t)
-  b = len(prompts)
-  cid, valid, use = iomm.condition_ids(tpl, jnp.asarray(ids), jnp.asarray(lens), jnp.zeros((b,), bool),
-                                       jnp.zeros((b,), bool))
-  return cid, valid, use
-
-
-def prompt_notes(tokenize, prompts) -> list[str]:
-  """What the user should know about their prompts: truncation (tokens kept of how many) and empty = unconditional."""
-  notes = []
-  for i, p in enumerate(prompts):
-    if not (p or "").strip():
-      notes.append(f"note: prompt {i} is empty: an empty prompt means an unconditional sample")
-      continue
-    full = len(tokenize.processor.text_prompt_ids(p))
-    if full > tokenize.max_len:
-      notes.append(f"note: prompt {i} ({p[:40]!r}...) is {full} template tokens, truncated to the first "
-                   f"{tokenize.max_len} that the model was trained with (config.data.max_text_tokens; "
-                   f"{full - tokenize.max_len} tokens dropped)")
-  return notes
-
-
-def image_condition(tpl: iomm.Templates, batch: int):
-  """The image template (aux prompt or edit instruction + image tokens) for `batch` samples."""
-  ids = jnp.broadcast_to(jnp.asarray(tpl.image_ids), (batch, tpl.length))
-  valid = jnp.broadcast_to(jnp.asarray(tpl.image_valid), (batch, tpl.length))
-  return ids, valid, jnp.ones((batch,), bool)
-
-
-@functools.partial(jax.jit, static_argnames=("statics", "latent_shape", "steps", "cfg_scale", "condition", "tpl"))
-def _generate(params, frozen, ids, valid, use_image, vit_pixels, rng, *, statics, tpl, latent_shape, steps, cfg_scale,
-              condition):
-  gen = nnx.merge(statics.gen_def, params)
-  mllm = nnx.merge(statics.mllm_def, frozen["mllm"])
-  ae = nnx.merge(statics.ae_def, frozen["ae"])
-  tokens = mllm.encode_image_tokens(vit_pixels) if vit_pixels is not None else None
-  return sampling.generate(gen, mllm, ae, tpl, ids, valid, tokens, use_image, rng, latent_shape=latent_shape,
-                           steps=steps, cfg_scale=cfg_scale, condition=condition)
-
-
-def generate(run, params, *, prompts=None, vit_pixels=None, tpl=None, rng, steps=None, cfg_scale=None):
-  """Images (B, H, W, 3) in [-1, 1], from text prompts or from preprocessed ViT views (B, S, S, 3)."""
-  cfg = run.config
-  tpl = tpl or run.templates
-  if prompts is not None:
-    ids, valid, use = text_condition(tpl, run.tokenize, prompts)
-    vit_pixels = None
-  else:
-    ids, valid, use = image_condition(tpl, vit_pixels.shape[0])
-    vit_pixels = jnp.asarray(vit_pixels)
-  return _generate(params, run.frozen, ids, valid, use, vit_pixels, rng, statics=run.statics, tpl=tpl,
-                   latent_shape=run.latent_shape, steps=steps or cfg.sample.steps,
-                   cfg_scale=float(cfg.sample.cfg_scale if cfg_scale is None else cfg_scale),
-                   condition=cfg.model.condition)
-
-
-def to_uint8(images) -> np.ndarray:
-  return np.asarray(jnp.round((jnp.asarray(images, jnp.float32) + 1.0) * 127.5).clip(0, 255)).astype(np.uint8)
-
-
-def grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
-  """Rows of uint8 images (n, H, W, 3) → one uint8 image with white padding."""
-  h, w = rows[0].shape[1:3]
-  cols = max(len(r) for r in rows)
-  out = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-  for i, row in enumerate(rows):
-    for j, img in enumerate(row):
-      y, x = pad + i * (h + pad), pad + j * (w + pad)
-      out[y:y + h, x:x + w] = img
-  return out
-
-
-def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img = Image.fromarray(image)
-  if upscale > 1:
-    img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  img.save(path)
+from iomm_jax import geneval_layout
+from iomm_jax.train.generate import generate, grid, prompt_notes, save_png, to_uint8
 
 
 def write_geneval(run, params, metadata: list[dict], out_dir: str, *, num: int, rng, steps=None, cfg_scale=None,

@@ -210,7 +210,7 @@ def test_main_config_errors_are_one_line():
 
 
 def test_sample_prompt_notes():
-  from iomm_jax.sample import prompt_notes
+  from iomm_jax.train.generate import prompt_notes
 
   class Proc:
     def text_prompt_ids(self, text):

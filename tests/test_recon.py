@@ -23,7 +23,7 @@ import pytest
 
 from helpers import tiny_config
 from iomm_jax import eval_recon, parallel
-from iomm_jax import sample as sample_lib
+from iomm_jax.train import generate as sample_lib
 from iomm_jax.train import builder
 
 NUM_IMAGES = 8          # also the batch: every step sees each image once

@@ -26,3 +26,15 @@ def test_zero_epochs_keeps_num_steps():
 def test_epochs_without_dataset_size_is_refused():
   with pytest.raises(ValueError, match="config.train.epochs"):
     schedule.num_steps(_t(epochs=2.0), None)
+
+
+def test_a_run_trains_epochs_of_its_dataset(tmp_path, capsys):
+  """train.epochs reaches the loop: 1.5 epochs of 24 shapes images at batch 8 is 5 steps."""
+  from helpers import tiny_config
+  from iomm_jax.train import loop
+  c = tiny_config("pretrain,short")
+  c.data.num_images, c.train.global_batch, c.train.epochs = 24, 8, 1.5
+  c.train.sample_every = 0
+  summary = loop.train(c, str(tmp_path / "w"))
+  assert summary["step"] == 5, summary
+  assert "5 steps" in capsys.readouterr().out

@@ -126,7 +126,7 @@ class Ref:
     self.state0 = jax.device_get(state)
     mllm = factory.make_mllm(c, nnx.Rngs(c.seed + 7919), self.run.mcfg)
     self.frozen = jax.device_get({"mllm": nnx.to_pure_dict(nnx.state(mllm, nnx.Param)), "ae": {}})
-    it = loop.make_data_iter(self.run, str(tmp))
+    it, _ = loop.make_data_iter(self.run, str(tmp))
     self.batches = [loop.model_batch(next(it), False) for _ in range(NUM_STEPS)]
     self.losses = train_losses(self.run, self.state0, self.frozen, self.batches)[0]
 
@@ -185,14 +185,14 @@ def test_checkpoint_reshards_from_2_2_2_to_1_4_2(ref, tmp_path):
   """Two steps on (2,2,2), checkpoint (state + data iterator), restore onto (1,4,2), one more step: the loss and
   the next batch equal the uninterrupted run's."""
   src, dst = mesh_run((2, 2, 2)), mesh_run((1, 4, 2))
-  it = loop.make_data_iter(src, str(tmp_path))
+  it, _ = loop.make_data_iter(src, str(tmp_path))
   batches = [loop.model_batch(next(it), False) for _ in range(2)]
   _, state = train_losses(src, ref.state0, ref.frozen, batches)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "w"), async_save=False)
   ckpt.save(2, state, it, {"note": "test"}, force=True)
   ckpt.close()
 
-  fresh = loop.make_data_iter(dst, str(tmp_path))
+  fresh, _ = loop.make_data_iter(dst, str(tmp_path))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "w"), async_save=False)
   restored, step = ckpt.restore(checkpoint.abstract_with_shardings(dst.abstract_state, dst.state_shardings), fresh)
   ckpt.close()

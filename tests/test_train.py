@@ -112,7 +112,8 @@ def test_samples_follow_their_condition(trained):
   python -m iomm_jax.eval_recon; see the README figures.)
   """
   work, _ = trained
-  from iomm_jax import eval_recon, sample as sample_lib
+  from iomm_jax import eval_recon
+  from iomm_jax.train import generate as sample_lib
   from iomm_jax.data.shapes import render
   from iomm_jax.train import restore
   run, params, _ = restore.load_for_inference(str(work))

@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
-from iomm_jax.data import pipeline
-from iomm_jax.train import builder, checkpoint, guard, preemption
+from iomm_jax.data import data_config, pipeline, sources
+from iomm_jax.train import builder, checkpoint, guard, preemption, schedule
+from iomm_jax.train import generate as generate_lib
 from iomm_jax.train import lock as lock_lib
 from iomm_jax.train.checkpoint import abstract_with_shardings
 
@@ -37,14 +38,16 @@ def save_resolved_config(config, workdir: str) -> None:
 
 
 def make_data_iter(run, workdir: str):
+  """(this process's batch iterator, the number of examples in the dataset — the captioned set for 'mix')."""
   parallel.batch_size_per_process(run.config.train.global_batch, run.mesh)  # validates; the pipeline slices itself
+  source = sources.make_source(data_config.from_config(run.config.data), workdir)
   ds = pipeline.make_dataset(run.config.data, global_batch=run.config.train.global_batch,
                              process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir,
-                             tokenize=run.tokenize)
+                             tokenize=run.tokenize, source=source)
   it = iter(ds)
   if run.config.data.cached:
     check_cached_shapes(run, ds)
-  return it
+  return it, len(source)
 
 
 def check_cached_shapes(run, ds) -> None:
@@ -86,32 +89,31 @@ class SampleGrids:
   """Training-time grids: held-out shapes images, their self-conditioned samples, and text-prompt samples."""
 
   def __init__(self, run, workdir: str):
-    from iomm_jax.data.sources import heldout_shapes
     self.run, self.dir = run, os.path.join(workdir, "samples")
     c = run.config
     n = c.sample.num
     # Held-out: another draw of the world, so these images were never trained on.
-    self.ref, self.vit = heldout_shapes(c.data, n)
+    self.ref, self.vit = sources.heldout_shapes(c.data, n)
 
   def __call__(self, step: int, params, writer) -> str:
-    from iomm_jax import sample as sample_lib
     c = self.run.config
     rng = jax.random.key(c.seed + 17)
-    recon = sample_lib.generate(self.run, params, vit_pixels=self.vit, rng=rng)
-    rows = [self.ref, sample_lib.to_uint8(recon)]
+    recon = generate_lib.generate(self.run, params, vit_pixels=self.vit, rng=rng)
+    rows = [self.ref, generate_lib.to_uint8(recon)]
     for i, prompt in enumerate(c.sample.prompts):
-      rows.append(sample_lib.to_uint8(sample_lib.generate(self.run, params, prompts=[prompt] * c.sample.num,
+      rows.append(generate_lib.to_uint8(generate_lib.generate(self.run, params, prompts=[prompt] * c.sample.num,
                                                           rng=jax.random.fold_in(rng, i + 1))))
-    image = sample_lib.grid(rows)
+    image = generate_lib.grid(rows)
     path = os.path.join(self.dir, f"step_{step:07d}.png")
     if jax.process_index() == 0:
-      sample_lib.save_png(path, image, upscale=max(1, 96 // c.data.resolution))
+      generate_lib.save_png(path, image, upscale=max(1, 96 // c.data.resolution))
       writer.image(step, "samples", image)
     return path
 
 
 def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
-  """Train (or resume) in `workdir`; stops at config.train.num_steps, or after `max_steps` updates in this call.
+  """Train (or resume) in `workdir`; stops after config.train.num_steps (or train.epochs over the dataset), or after
+  `max_steps` updates in this call.
 
   Holds the workdir lock (process 0) for the whole call; raises preemption.Preempted after saving when SIGTERM or
   SIGUSR1 arrived, guard.NonFiniteError on divergence (nothing saved), checkpoint.SaveFailedError when a save failed.
@@ -127,9 +129,13 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     save_resolved_config(config, workdir)
     run = builder.build(config)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-    data_iter = make_data_iter(run, workdir)
+    data_iter, dataset_size = make_data_iter(run, workdir)
+    num_steps = schedule.num_steps(config.train, dataset_size)
+    if config.train.epochs > 0 and is_main:
+      print(f"train.epochs={config.train.epochs} over {dataset_size} examples at batch {config.train.global_batch}: "
+            f"{num_steps} steps", flush=True)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, cleanup_tmp=True)
-    summary = _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps)
+    summary = _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_steps)
     ckpt.close()
     return summary
   except BaseException:
@@ -143,7 +149,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     lock.release()
 
 
-def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps) -> dict:
+def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_steps: int) -> dict:
   is_main = jax.process_index() == 0
   t = config.train
   if ckpt.latest_step() is not None:
@@ -161,7 +167,7 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps) -> d
   skipped_total = int(previous[-1].get("skipped_total", 0)) if previous else 0
   uncaptioned_total = int(previous[-1].get("skipped_uncaptioned_total", 0)) if previous else 0
   nonfinite_total = int(previous[-1].get("nonfinite_total", 0)) if previous else 0
-  end = t.num_steps if max_steps is None else min(t.num_steps, start + max_steps)
+  end = num_steps if max_steps is None else min(num_steps, start + max_steps)
   grids = SampleGrids(run, workdir) if (t.sample_every and config.data.source == "shapes") else None
   flops = flops_per_step(run)
   tokens_per_image = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)

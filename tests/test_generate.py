@@ -1,0 +1,33 @@
+"""Generation from a run samples on the training time grid (config.train.time_shift)."""
+import jax
+import numpy as np
+
+from iomm_jax import sampling
+from iomm_jax.train import builder
+from iomm_jax.train import generate as generate_lib
+from helpers import tiny_config
+
+
+def test_sampling_uses_the_training_time_shift(monkeypatch):
+  seen = []
+  real = sampling.generate
+
+  def recording(*args, shift=1.0, **kw):
+    seen.append(shift)
+    return real(*args, shift=shift, **kw)
+
+  monkeypatch.setattr(sampling, "generate", recording)
+  c = tiny_config("pretrain,short")
+  c.train.time_shift = 3.0
+  c.sample.steps = 2
+  run = builder.build(c)
+  params = run.init_state().params
+  out = generate_lib.generate(run, params, prompts=["a red circle"], rng=jax.random.key(0))
+  assert seen == [3.0]
+  assert np.isfinite(np.asarray(out)).all()
+
+
+def test_time_grid_shift_moves_the_steps_towards_noise():
+  plain, shifted = np.asarray(sampling.time_grid(4)), np.asarray(sampling.time_grid(4, 3.0))
+  assert plain[0] == shifted[0] == 1.0 and plain[-1] == shifted[-1] == 0.0
+  assert (shifted[1:-1] > plain[1:-1]).all()
