@@ -11,7 +11,8 @@ partitioner and memory analysis on them. To size a GPU mesh on a CPU machine, si
 
 Caveat: the memory analysis is that of the compiling backend. On CPU, XLA fuses and schedules differently from
 GPU (and may keep bf16 matmul temporaries in fp32), and attention runs unfused on CPU whatever model.attention
-says (no cuDNN there), so `temp_bytes` is an estimate of the GPU figure; the parameter / optimizer / frozen byte counts are exact (they come from the shardings).
+says (no cuDNN there), so `temp_bytes` is an estimate of the GPU figure; the parameter / optimizer / frozen byte
+counts are exact (they come from the shardings).
 """
 
 from __future__ import annotations
