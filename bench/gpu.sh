@@ -3,6 +3,8 @@
 # latents of 512² images), global batch 8. Prints bench/step.py's JSON line, then images/s and MFU.
 #
 #   bench/gpu.sh [extra --config.* / bench flags...]        e.g. bench/gpu.sh --config.model.attention=cudnn
+# --config.model.attention reaches every module (DiT, RQA, VAE, ViT, LLM): auto (default) | cudnn | xla | splash (TPU).
+# --profile=DIR adds a jax.profiler trace of 3 steps; --compile_cache=DIR keeps compiled programs between runs.
 #
 # Needs the JAX already installed on the CUDA machine (jax + its CUDA plugin); it is never reinstalled or
 # upgraded. Python packages the step imports that are missing are installed from ./wheels (pip --no-index) when
@@ -71,6 +73,6 @@ line = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
 r = json.loads(line)
 print(f"{r['device_kind']} x{r['devices']}: {r['images_per_s']} images/s, MFU {100 * r['mfu']:.1f}% "
       f"(step {1000 * r['step_s_median']:.1f} ms, batch {r['global_batch']} @ {r['resolution']}², "
-      f"compile {r['compile_s']} s)")
+      f"attention {r['attention']}, compile {r['compile_s']} s cold / {r['compile_s_warm_cache']} s warm cache)")
 PYEOF
 rm -f "$OUT"

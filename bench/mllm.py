@@ -34,7 +34,7 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="frozen weights + compute")
   p.add_argument("--remat", default="full,none", help="comma-separated remat modes to time")
-  p.add_argument("--attention", default=None, help="attention implementation: xla | cudnn")
+  p.add_argument("--attention", default="auto", help="attention implementation: one of models/layers.ATTENTION_IMPLS")
   p.add_argument("--no_mask", action="store_true", help="no padding mask (causal only)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--runs", type=int, default=5)

@@ -1,6 +1,7 @@
 """Benchmark one training step: compile time, median step time, images/s, tokens/s/device, MFU, parameter counts.
 
   python bench/step.py --config=configs/tiny.py [--config.train.global_batch=16] [--steps=20] [--warmup=3]
+      [--profile=DIR] [--compare_torch]
 
 Prints ONE JSON line. Uses one real batch from the configured pipeline, repeated (data time is bench/data.py's job).
 With --synthetic the batch is random arrays of the right shapes (no data source needed: full-size configs on GPU).
@@ -21,6 +22,12 @@ _STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after warm-up)")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
 _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "random batch of the right shapes instead of the pipeline")
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "also time the same MM-DiT step in PyTorch (diffusers)")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "--compare_torch: alternating torch/JAX repeats (median of medians)")
+_DIT_ONLY = flags.DEFINE_bool("dit_only", False, "--compare_torch: skip the full IOMM step (its compile), time "
+                              "only the DiT-only comparison")
+_PROFILE = flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 timed steps into this folder")
+_CACHE = flags.DEFINE_string("compile_cache", "", "persistent compilation cache folder for the cold/warm compile "
+                             "figures ('' = a fresh temporary folder, so the first compile is cold)")
 
 
 def synthetic_batch(run, per_process: int):
@@ -43,12 +50,23 @@ def synthetic_batch(run, per_process: int):
 
 def main(argv):
   del argv
+  import tempfile
+
   import jax
   from iomm_jax import parallel
   from iomm_jax.config import validate
-  from iomm_jax.train import builder, loop
+  from iomm_jax.train import builder, flops as flops_lib, loop, profiling
   config = _CONFIG.value
   validate(config)
+  if _DIT_ONLY.value:
+    if not _COMPARE_TORCH.value:
+      raise SystemExit("--dit_only goes with --compare_torch")
+    from bench import torch_step
+    print(json.dumps({"config": config.model.dit.kind, "global_batch": config.train.global_batch,
+                      **torch_step.compare(config, None, steps=_STEPS.value, repeats=_REPEATS.value)}))
+    return
+  cache_dir = _CACHE.value or tempfile.mkdtemp(prefix="iomm_bench_xla_cache_")
+  cache_dir = profiling.enable_compile_cache(cache_dir, "")
   run = builder.build(config)
   per_process = parallel.batch_size_per_process(config.train.global_batch, run.mesh)
   if _SYNTHETIC.value:
@@ -58,9 +76,14 @@ def main(argv):
     local = loop.model_batch(next(loop.make_data_iter(run, tempfile.mkdtemp())), bool(config.data.cached))
   batch = parallel.global_batch(local, run.mesh)
   state = run.init_state()
+  # Cold: compiled and written to the persistent cache; warm: the same program again, read back from it (what a
+  # restarted or requeued job pays).
   t0 = time.perf_counter()
   compiled = run.train_step.lower(state, run.frozen, batch).compile()
   compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = run.train_step.lower(state, run.frozen, batch).compile()
+  compile_warm_s = time.perf_counter() - t0
   for _ in range(_WARMUP.value):
     state, m = compiled(state, run.frozen, batch)
   jax.block_until_ready(m)
@@ -71,23 +94,33 @@ def main(argv):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
+  if _PROFILE.value:
+    prof = profiling.StepProfiler(0, 3, _PROFILE.value)
+    for i in range(3):
+      prof.before(i)
+      state, m = compiled(state, run.frozen, batch)
+      prof.after(i + 1, m)
   n_dev = jax.device_count()
   tokens = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
-  flops = loop.flops_per_step(run)
+  counted = flops_lib.step_flops(run)
+  flops = counted["model"]
   out = {
       "config": config.model.dit.kind, "devices": n_dev, "platform": jax.devices()[0].platform,
       "device_kind": jax.devices()[0].device_kind, "mesh": dict(run.mesh.shape),
       "global_batch": config.train.global_batch, "resolution": config.data.resolution,
-      "compile_s": round(compile_s, 2), "step_s_median": round(step_s, 4),
+      "compile_s": round(compile_s, 2), "compile_s_warm_cache": round(compile_warm_s, 2),
+      "compile_cache": cache_dir, "step_s_median": round(step_s, 4),
       "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
       "images_per_s": round(config.train.global_batch / step_s, 2),
       "tokens_per_s_per_device": round(config.train.global_batch * tokens / step_s / n_dev, 1),
-      "flops_per_step": flops, "mfu": round(flops / step_s / (config.train.peak_flops * n_dev), 4),
+      "flops_per_step": flops, "flops_remat_per_step": counted["remat"],
+      "mfu": round(flops_lib.mfu(flops, step_s, config.train.peak_flops, n_dev), 4),
+      "attention": config.model.attention, "profile": _PROFILE.value or None,
       "params": run.param_counts, "loss": float(m["loss"]),
   }
   if _COMPARE_TORCH.value:
     from bench import torch_step
-    out.update(torch_step.compare(config, step_s, steps=_STEPS.value))
+    out.update(torch_step.compare(config, step_s, steps=_STEPS.value, repeats=_REPEATS.value))
   print(json.dumps(out))
 
 

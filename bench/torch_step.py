@@ -127,22 +127,34 @@ def jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int
   return _median_time(run, steps, max(warmup, 1), jax.block_until_ready)
 
 
-def compare(config, jax_step_s: float, steps: int = 20, warmup: int = 2) -> dict:
-  """Median step times of the DiT-only step in PyTorch and JAX on this machine, and their ratio."""
+def compare(config, jax_step_s: float, steps: int = 20, warmup: int = 2, repeats: int = 3) -> dict:
+  """Median step times of the DiT-only step in PyTorch and JAX on this machine, and their ratio.
+
+  The two sides alternate `repeats` times (each a median over `steps` steps) and the medians of those medians are
+  reported, so a load spike from other processes on a shared machine hits both sides alike.
+  """
   import jax
   import torch
   dit_cfg, latent_shape, cond_len, width = _shapes(config)
-  torch_s = torch_step_time(config, dit_cfg, latent_shape, cond_len, width, steps, warmup)
-  jax_s = jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps, warmup)
+  torch_runs, jax_runs = [], []
+  for _ in range(repeats):
+    torch_runs.append(torch_step_time(config, dit_cfg, latent_shape, cond_len, width, steps, warmup))
+    jax_runs.append(jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps, warmup))
+  torch_s, jax_s = statistics.median(torch_runs), statistics.median(jax_runs)
   return {
       "torch_step_s_median": round(torch_s, 4),
       "jax_dit_step_s_median": round(jax_s, 4),
       "torch_over_jax": round(torch_s / jax_s, 3),
+      "jax_over_torch": round(jax_s / torch_s, 3),
+      "compare_repeats": {"torch": [round(x, 4) for x in torch_runs], "jax": [round(x, 4) for x in jax_runs]},
       "torch_compare_scope": "MM-DiT only, same config/shapes/loss/optimizer; MLLM, RQA and autoencoder are NOT "
                              "in either timed step (condition tokens random of the MLLM width)",
-      "torch_compare_shapes": {"latent": list(latent_shape), "condition_tokens": cond_len, "width": width},
+      "torch_compare_shapes": {"latent": list(latent_shape), "condition_tokens": cond_len, "width": width,
+                               "dit_width": dit_cfg.inner_dim,
+                               "dit_blocks": [dit_cfg.num_layers, dit_cfg.num_single_layers]},
       "torch_threads": torch.get_num_threads(),
       "jax_dit_devices": 1,
-      "jax_full_step_s_median": round(jax_step_s, 4),
+      "jax_full_step_s_median": None if jax_step_s is None else round(jax_step_s, 4),
       "jax_platform": jax.devices()[0].platform,
+      "jax_attention": config.model.attention,
   }

@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from iomm_jax import data_kinds
+from iomm_jax.models.layers import ATTENTION_IMPLS
 
 C = ml_collections.ConfigDict
 
@@ -37,7 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = C()
   c.model.dtype = "bfloat16"       # compute dtype of DiT/RQA matmuls; params and optimizer state stay fp32
   c.model.frozen_dtype = "bfloat16"  # storage dtype of the frozen MLLM (and VAE) weights
-  c.model.attention = "xla"        # attention implementation: 'xla' or 'cudnn' (GPU, bf16)
+  c.model.attention = "auto"       # attention of every module (DiT, RQA, VAE, ViT, LLM), models/layers.ATTENTION_IMPLS:
+                                   #   'auto' (XLA picks; cuDNN on GPU where it can), 'cudnn', 'xla' (explicit fp32
+                                   #   reference), 'splash' (Pallas kernel, TPU)
   c.model.condition = "query"      # DiT condition: 'query' = LLM last hidden at the RQA query positions, 'all' = every position
   c.model.prediction = "v"         # DiT output: 'v' = velocity z − x (FLUX, the paper); 'x' = the clean latent, used as
                                    #   v = (x_t − x̂)/t (pixel space with large patches, where v cannot be predicted)
@@ -100,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
                                    #   'skip' (keep the old state for that step; counted as nonfinite_total in metrics)
   c.train.restore_fallback = True  # newest checkpoint unreadable or non-finite: move it to <workdir>/damaged_checkpoints
                                    #   and resume from the newest intact one (False: stop with one line)
+  c.train.profile_steps = (0, 0)   # (first step, count): jax.profiler trace of those steps into <workdir>/profile; count 0 = off
+  c.train.compile_cache_dir = ""   # persistent XLA compilation cache: '' = <workdir's parent>/xla_cache (shared by the
+                                   #   runs beside it, so restarts skip compiling), 'off' = none, else a folder
 
   c.data = C()
   c.data.source = "arrayrecord"    # one of data_kinds.SOURCES: 'shapes', 'folder', 'arrayrecord', 'tfds', 'jsonl',
@@ -161,7 +167,7 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.frozen_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ATTENTION_IMPLS,
     "model.condition": ("query", "all"),
     "model.prediction": ("v", "x"),
     "model.dit.kind": ("mmdit", "s3dit"),
@@ -229,6 +235,9 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
       raise ConfigError(f"config.train.{name}={t[name]} must be positive")
   if t.warmup_steps < 0 or t.sample_every < 0:
     raise ConfigError("config.train.warmup_steps and config.train.sample_every must be >= 0")
+  ps = tuple(t.profile_steps)
+  if len(ps) != 2 or any(int(x) != x or x < 0 for x in ps):
+    raise ConfigError(f"config.train.profile_steps={t.profile_steps} must be (first step, count), two integers >= 0")
   if config.data.resolution % 16 and config.model.autoencoder.kind == "flux_vae":
     raise ConfigError(f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)")
   validate_data(config.data, needs_data=needs_data)

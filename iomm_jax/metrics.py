@@ -96,18 +96,3 @@ class Throughput:
         "data_wait_fraction": self.data_wait / elapsed,
         "mfu": flops_per_step / step_time / (peak_flops * num_devices),
     }
-
-
-def train_flops_per_image(*, dit_params: int, rqa_params: int, llm_params: int, vit_params: int,
-                          image_tokens: int, cond_tokens: int, llm_tokens: int, vit_tokens: int,
-                          llm_remat: bool, vit_in_step: bool) -> float:
-  """Analytic matmul FLOPs for one training image (2 FLOPs per multiply-add, attention scores ignored).
-
-  DiT + RQA: forward + backward = 6·N·tokens. Frozen LLM: forward (2·N·T) + activation-only backward (2·N·T)
-  + a recomputed forward with remat. ViT: forward only, and only when features are not cached.
-  """
-  dit = 6.0 * dit_params * (image_tokens + cond_tokens)
-  rqa = 6.0 * rqa_params * llm_tokens
-  llm = (4.0 + (2.0 if llm_remat else 0.0)) * llm_params * llm_tokens
-  vit = 2.0 * vit_params * vit_tokens if vit_in_step else 0.0
-  return dit + rqa + llm + vit

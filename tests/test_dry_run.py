@@ -5,7 +5,7 @@ import pytest
 
 from helpers import load_config, tiny_config
 from iomm_jax import parallel
-from iomm_jax.train import builder, dry_run, loop
+from iomm_jax.train import dry_run
 
 GB = dry_run.GB
 
@@ -21,8 +21,12 @@ def test_tiny_dry_run_compiles_on_an_fsdp_mesh_and_reports_memory():
   assert out["per_device_batch"] == c.train.global_batch / 8
   assert set(out["per_device_gb"]) == {"params", "optimizer", "ema", "frozen_mllm", "frozen_ae", "batch"}
   assert out["xla_gb"]["temp"] > 0 and out["peak_gb_estimate"] >= out["xla_gb"]["argument"]
-  run = builder.build(c, mesh=mesh, load_frozen=False)
-  assert out["flops_per_step"] == loop.flops_per_step(run) > 0
+  # The analytic count against XLA's own count of the compiled program (per device, every op): the analytic one
+  # leaves out norms, activations, softmax and the optimizer, so it is a little lower (test_flops.py has the
+  # 1-device comparison of the full tiny step).
+  ratio = out["flops_per_step_per_device"] / out["xla_flops_per_device"]
+  assert 0.7 < ratio < 1.05, ratio
+  assert set(out["flops"]["per_image"]) == {"dit", "rqa", "llm", "vit"}
   assert out["compile_s"] > 0
 
 

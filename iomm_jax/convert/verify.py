@@ -203,5 +203,5 @@ def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
     outputs["weights"] = _weights_diff(transfer.ours_to_torch(spec, cfg, flat), io.read_state_dict(src))
   passed = all(o["max_rel_diff"] <= tol for o in outputs.values())
   return {"component": "mllm", "kind": "mllm", "source": str(src), "ours": str(jax_dir) if jax_dir else
-          "loaded by models/load_internvl.py", "seed": seed, "tolerance_rel": tol, "outputs": outputs,
+          "loaded by weights/load_internvl.py", "seed": seed, "tolerance_rel": tol, "outputs": outputs,
           "passed": passed}

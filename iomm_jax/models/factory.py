@@ -11,6 +11,7 @@ from iomm_jax.models.autoencoder import make_autoencoder
 from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.internvl import InternVL, InternVLConfig
 from iomm_jax.models.iomm import Generator
+from iomm_jax.models.layers import ATTENTION_IMPLS
 from iomm_jax.models.processor import Processor
 from iomm_jax.models.qwen2 import Qwen2Config
 from iomm_jax.models.rqa import RQAConfig
@@ -46,7 +47,7 @@ def mllm_config(config) -> InternVLConfig:
     text = dict(text, vocab_size=tok.vocab_size)
     cfg = dataclasses.replace(cfg, text=Qwen2Config(**text), image_token_id=tok.image_token_id)
   return dataclasses.replace(cfg, remat=config.model.mllm.remat, scan_layers=bool(config.model.mllm.scan_layers),
-                             attention_impl=config.model.attention)
+                             attention=config.model.attention)
 
 
 def mllm_width(cfg: InternVLConfig) -> int:
@@ -56,6 +57,11 @@ def mllm_width(cfg: InternVLConfig) -> int:
 def dit_config(config, width: int):
   """MMDiTConfig / S3DiTConfig from model.dit.arch; the condition width must equal the MLLM width."""
   arch = dict(config.model.dit.arch)
+  for name in ("attention", "attention_impl", "attn_implementation"):
+    if name in arch:
+      raise ValueError(f"config.model.dit.arch.{name} is not a DiT field: attention is one setting for every module, "
+                       f"--config.model.attention (one of {ATTENTION_IMPLS})")
+  arch["attention"] = config.model.attention
   if config.model.dit.kind == "mmdit":
     from iomm_jax.models.mmdit import MMDiTConfig
     cfg = MMDiTConfig(**_known(MMDiTConfig, arch, "config.model.dit.arch"))
@@ -75,7 +81,7 @@ def rqa_config(config, width: int) -> RQAConfig:
   if width % r.num_heads:
     raise ValueError(f"config.model.rqa.num_heads={r.num_heads} does not divide the MLLM width {width}")
   return RQAConfig(dim=width, num_queries=r.num_queries, num_heads=r.num_heads, mlp_ratio=r.mlp_ratio,
-                   num_layers=r.num_layers)
+                   num_layers=r.num_layers, attention=config.model.attention)
 
 
 def make_generator(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -> Generator:
@@ -106,7 +112,7 @@ def vae_config(config):
   from iomm_jax.models.flux_vae import FluxVAEConfig
   path = config.model.autoencoder.path
   if not path:
-    return FluxVAEConfig()
+    return FluxVAEConfig(attention=config.model.attention)
   import json
   import os
   cfg_file = os.path.join(path, "config.json")
@@ -114,7 +120,7 @@ def vae_config(config):
     raise ValueError(f"config.model.autoencoder.path={path!r} has no config.json; expected a diffusers AutoencoderKL "
                      "folder (config.json + diffusion_pytorch_model.safetensors), e.g. the FLUX.1 'vae' subfolder")
   with open(cfg_file) as f:
-    return FluxVAEConfig.from_diffusers(json.load(f))
+    return dataclasses.replace(FluxVAEConfig.from_diffusers(json.load(f)), attention=config.model.attention)
 
 
 def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:

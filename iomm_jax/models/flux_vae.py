@@ -39,7 +39,7 @@ class FluxVAEConfig:
   use_quant_conv: bool = False
   use_post_quant_conv: bool = False
   mid_block_add_attention: bool = True
-  attn_implementation: str | None = None  # ours, not diffusers': None/'xla' or 'cudnn'
+  attention: str = "auto"          # ours, not diffusers': layers.ATTENTION_IMPLS (config.model.attention)
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -62,7 +62,7 @@ class FluxVAEConfig:
   def downsample(self) -> int:
     return 2 ** (len(self.block_out_channels) - 1)
 
-  # Fields of diffusers' AutoencoderKL.__init__ that we carry (everything but attn_implementation).
+  # Fields of diffusers' AutoencoderKL.__init__ that we carry (everything but attention).
   _DIFFUSERS_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
                        "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
                        "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv", "use_post_quant_conv",
@@ -163,7 +163,7 @@ class Upsample2D(nnx.Module):
 class SpatialSelfAttention(nnx.Module):
   """diffusers' mid-block Attention: GroupNorm, one head over all H·W positions, residual."""
 
-  def __init__(self, channels: int, groups: int, *, eps: float = 1e-6, attn_implementation: str | None = None,
+  def __init__(self, channels: int, groups: int, *, eps: float = 1e-6, attn_implementation: str = "auto",
                dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     self.attn_implementation = attn_implementation
     kw = dict(axes=("conv_in", "conv_out"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -183,7 +183,7 @@ class SpatialSelfAttention(nnx.Module):
 class UNetMidBlock2D(nnx.Module):
   """resnet → (attention) → resnet at the lowest resolution."""
 
-  def __init__(self, channels: int, groups: int, *, add_attention: bool, attn_implementation: str | None,
+  def __init__(self, channels: int, groups: int, *, add_attention: bool, attn_implementation: str,
                dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
@@ -235,7 +235,7 @@ class Encoder(nnx.Module):
         DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, add_downsample=i < len(ch) - 1, **kw)
         for i in range(len(ch))])
     self.mid_block = UNetMidBlock2D(ch[-1], g, add_attention=cfg.mid_block_add_attention,
-                                    attn_implementation=cfg.attn_implementation, **kw)
+                                    attn_implementation=cfg.attention, **kw)
     self.conv_norm_out = GroupNorm(g, ch[-1], param_dtype=param_dtype)
     self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels, 3, padding=1, **kw)
 
@@ -255,7 +255,7 @@ class Decoder(nnx.Module):
     ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
     self.conv_in = _conv(cfg.latent_channels, ch[0], 3, padding=1, **kw)
     self.mid_block = UNetMidBlock2D(ch[0], g, add_attention=cfg.mid_block_add_attention,
-                                    attn_implementation=cfg.attn_implementation, **kw)
+                                    attn_implementation=cfg.attention, **kw)
     self.up_blocks = nnx.List([
         UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1, **kw)
         for i in range(len(ch))])

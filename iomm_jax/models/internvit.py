@@ -133,7 +133,7 @@ class InternViTEmbeddings(nnx.Module):
 class InternViTAttention(nnx.Module):
   """Bidirectional MHA; optional RMSNorm over the full q/k width (eps 1e-6, as transformers)."""
 
-  def __init__(self, cfg: InternViTConfig, *, attention_impl: str | None, dtype: Any, param_dtype: Any,
+  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any,
                rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.num_heads, self.head_dim, self.attention_impl = cfg.num_attention_heads, d // cfg.num_attention_heads, \
@@ -179,7 +179,7 @@ def _norm(cfg: InternViTConfig, param_dtype):
 class InternViTLayer(nnx.Module):
   """x + λ1·attn(norm(x)); then x + λ2·mlp(norm(x))."""
 
-  def __init__(self, cfg: InternViTConfig, *, attention_impl: str | None, dtype: Any, param_dtype: Any,
+  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any,
                rngs: nnx.Rngs):
     self.attention = InternViTAttention(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
                                         rngs=rngs)
@@ -196,7 +196,7 @@ class InternViTLayer(nnx.Module):
 
 
 class InternViTEncoder(nnx.Module):
-  def __init__(self, cfg: InternViTConfig, *, attention_impl: str | None, dtype: Any, param_dtype: Any,
+  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any,
                rngs: nnx.Rngs):
     self.layer = nnx.List([InternViTLayer(cfg, attention_impl=attention_impl, dtype=dtype,
                                           param_dtype=param_dtype, rngs=rngs)
@@ -211,7 +211,7 @@ class InternViTEncoder(nnx.Module):
 class InternViT(nnx.Module):
   """transformers.InternVLVisionModel: (B, H, W, C) normalised pixels → (B, 1 + N_patches, D) last hidden."""
 
-  def __init__(self, cfg: InternViTConfig, *, attention_impl: str | None = None, dtype: Any = jnp.float32,
+  def __init__(self, cfg: InternViTConfig, *, attention_impl: str = "auto", dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
     self.embeddings = InternViTEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -32,7 +32,7 @@ class InternVLConfig:
   image_token_id: int = 151667
   remat: str = "none"                        # LLM layers: 'none' | 'full' | 'dots_saveable'
   scan_layers: bool = False                  # LLM layers as one lax.scan (compile one layer, not N)
-  attention_impl: str | None = None          # None/'xla' | 'cudnn' (layers.attention)
+  attention: str = "auto"                    # layers.ATTENTION_IMPLS (config.model.attention)
   with_lm_head: bool = False                 # build/load lm_head.weight (IOMM only needs hidden states)
 
   def __post_init__(self):
@@ -108,7 +108,7 @@ class InternVL(nnx.Module):
   def __init__(self, cfg: InternVLConfig = InternVLConfig(), *, dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
-    kw = dict(attention_impl=cfg.attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(attention_impl=cfg.attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vision_tower = InternViT(cfg.vision, **kw)
     self.multi_modal_projector = InternVLMultiModalProjector(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.language_model = Qwen2Model(cfg.text, remat=cfg.remat, scan_layers=cfg.scan_layers, **kw)

@@ -47,7 +47,7 @@ class MMDiTConfig:
   remat: str = "none"                 # per-block rematerialisation: 'none' | 'full' | 'dots_saveable'
   scan_layers: bool = False           # run each block stack as one lax.scan (compile one block, not N)
   zero_init: bool = True              # zero adaLN modulation + final projection (adaLN-Zero); False = torch init
-  attention_impl: str | None = None   # layers.attention implementation: None/'xla' | 'cudnn'
+  attention: str = "auto"             # layers.ATTENTION_IMPLS; set from config.model.attention (factory)
 
   def __post_init__(self):
     object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -61,8 +61,7 @@ class MMDiTConfig:
                        f"but must equal attention_head_dim={self.attention_head_dim}")
     if any(a % 2 for a in self.axes_dims_rope):
       raise ValueError(f"MMDiTConfig.axes_dims_rope={self.axes_dims_rope}: every entry must be even")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      raise ValueError(f"MMDiTConfig.attention_impl={self.attention_impl!r} must be None, 'xla' or 'cudnn'")
+    layers.check_attention(self.attention, "MMDiTConfig.attention")
 
   @property
   def inner_dim(self) -> int:
@@ -125,7 +124,7 @@ class MMDiT(nnx.Module):
     self.cfg, self.dtype = cfg, dtype
     rngs = _KeyStream(rngs.params())
     d, kw = cfg.inner_dim, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    blk = dict(zero_init=cfg.zero_init, attention_impl=cfg.attention_impl, **kw)
+    blk = dict(zero_init=cfg.zero_init, attention_impl=cfg.attention, **kw)
     self.time_text_embed = CombinedTimestepTextProjEmbeddings(d, cfg.pooled_projection_dim, **kw)
     self.context_embedder = layers.Linear(cfg.joint_attention_dim, d, axes=(None, "embed"), **kw)
     self.x_embedder = layers.Linear(cfg.in_channels, d, axes=(None, "embed"), **kw)

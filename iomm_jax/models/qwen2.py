@@ -70,7 +70,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Qwen2Attention(nnx.Module):
   """GQA self-attention with q/k/v bias, no o_proj bias, RoPE."""
 
-  def __init__(self, cfg: Qwen2Config, *, attention_impl: str | None = None, dtype: Any = jnp.float32,
+  def __init__(self, cfg: Qwen2Config, *, attention_impl: str = "auto", dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     d, hd = cfg.hidden_size, cfg.resolved_head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
@@ -109,7 +109,7 @@ class Qwen2MLP(nnx.Module):
 class Qwen2DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: Qwen2Config, *, attention_impl: str | None = None, dtype: Any = jnp.float32,
+  def __init__(self, cfg: Qwen2Config, *, attention_impl: str = "auto", dtype: Any = jnp.float32,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     self.self_attn = Qwen2Attention(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
                                     rngs=rngs)
@@ -126,7 +126,7 @@ class Qwen2Model(nnx.Module):
   """transformers.Qwen2Model without KV cache: inputs_embeds → last hidden state after the final norm."""
 
   def __init__(self, cfg: Qwen2Config, *, remat: str = "none", scan_layers: bool = False,
-               attention_impl: str | None = None,
+               attention_impl: str = "auto",
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
@@ -150,9 +150,6 @@ class Qwen2Model(nnx.Module):
       position_ids = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
     cos, sin = rope_cos_sin(position_ids, self.cfg.resolved_head_dim, self.cfg.rope_theta)
     mask = None if attention_mask is None else attention_mask.astype(bool)
-    if mask is not None and self.layers and self.layers[0].self_attn.attention_impl == "cudnn":
-      # cuDNN fused attention takes a full (B, 1, Lq, Lk) mask, not the (B, Lk) key-padding shorthand.
-      mask = jnp.broadcast_to(mask[:, None, None, :], (b, 1, l, l))
     h = inputs_embeds.astype(self.dtype)
     # Frozen weights enter the (optionally rematerialised) per-layer function as inputs, not residuals; the
     # activations inside a layer are recomputed in the backward pass that carries gradients to the RQA.

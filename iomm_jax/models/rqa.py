@@ -34,7 +34,7 @@ class RQAConfig:
   mlp_ratio: float = 4.0     # FFN hidden = int(dim * mlp_ratio)
   num_layers: int = 1        # stacked query blocks
   eps: float = 1e-6          # LayerNorm epsilon (all LayerNorms are parameter-free)
-  attn_implementation: str | None = None  # ours, not the reference's: None/'xla' or 'cudnn'
+  attention: str = "auto"    # ours, not the reference's: layers.ATTENTION_IMPLS (config.model.attention)
 
   def __post_init__(self):
     if self.dim % self.num_heads:
@@ -62,7 +62,7 @@ class MultiheadCrossAttention(nnx.Module):
   `in_proj_weight`/`in_proj_bias`; queries use the first third, keys/values the rest.
   """
 
-  def __init__(self, dim: int, num_heads: int, *, attn_implementation: str | None = None, dtype: DType = None,
+  def __init__(self, dim: int, num_heads: int, *, attn_implementation: str = "auto", dtype: DType = None,
                param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     self.dim, self.num_heads, self.attn_implementation = dim, num_heads, attn_implementation
     # torch initialises in_proj with xavier_uniform over the fused (3D, D) matrix and zero bias.
@@ -103,7 +103,7 @@ class QueryBlock(nnx.Module):
 
   def __init__(self, cfg: RQAConfig, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     self.eps = cfg.eps
-    self.cross_attn = MultiheadCrossAttention(cfg.dim, cfg.num_heads, attn_implementation=cfg.attn_implementation,
+    self.cross_attn = MultiheadCrossAttention(cfg.dim, cfg.num_heads, attn_implementation=cfg.attention,
                                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = QueryMLP(cfg.dim, cfg.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

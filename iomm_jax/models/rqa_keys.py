@@ -25,7 +25,7 @@ _TORCH_FIELDS = ("dim", "num_queries", "num_heads", "mlp_ratio", "num_layers", "
 
 
 def config_from_torch(cfg: Mapping[str, Any], **overrides) -> RQAConfig:
-  """TorchRQA's `config` dict → RQAConfig (`overrides` set our extra fields, e.g. attn_implementation)."""
+  """TorchRQA's `config` dict → RQAConfig (`overrides` set our extra fields, e.g. attention)."""
   unknown = sorted(set(cfg) - set(_TORCH_FIELDS))
   if unknown:
     raise ValueError(f"rqa config: unknown field(s) {unknown}; expected a subset of {list(_TORCH_FIELDS)}")

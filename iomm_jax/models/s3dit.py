@@ -72,7 +72,7 @@ class S3DiTConfig:
   # --- ours, not in diffusers ---
   remat: str = "none"                # per block: 'none' | 'full' | 'dots_saveable'
   scan_layers: bool = False          # run each block stack as one lax.scan (compile one block, not N)
-  attn_implementation: str | None = None  # layers.attention: None/'xla' | 'cudnn'
+  attention: str = "auto"            # layers.ATTENTION_IMPLS; set from config.model.attention (factory)
 
   def __post_init__(self):
     for name in _TUPLE_FIELDS:  # accept lists (JSON) but store tuples so the config stays hashable
@@ -100,7 +100,7 @@ class S3DiTConfig:
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any], **ours) -> "S3DiTConfig":
-    """From a diffusers config dict (config.json); `ours` sets our own fields (remat, attn_implementation)."""
+    """From a diffusers config dict (config.json); `ours` sets our own fields (remat, attention)."""
     if config.get("siglip_feat_dim") is not None:
       raise ValueError(f"diffusers config has siglip_feat_dim={config['siglip_feat_dim']}: the Z-Image Omni "
                        "variant (SigLIP branch) is not supported by S3DiT; use a base Z-Image config")
@@ -130,7 +130,7 @@ class S3DiT(nnx.Module):
     self.cfg, self.dtype = cfg, dtype
     dim = cfg.dim
     lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    blk = dict(attn_implementation=cfg.attn_implementation, **lin)
+    blk = dict(attn_implementation=cfg.attention, **lin)
     self.all_x_embedder = nnx.Dict({
         f"{p}-{f}": Linear(f * p * p * cfg.in_channels, dim, axes=(None, "embed"), **lin)
         for p, f in zip(cfg.all_patch_size, cfg.all_f_patch_size)})

@@ -106,7 +106,7 @@ class TimestepEmbedder(nnx.Module):
 class Attention(nnx.Module):
   """Self-attention with per-head RMS QK-norm and Z-Image RoPE (diffusers Attention + ZSingleStreamAttnProcessor)."""
 
-  def __init__(self, dim: int, n_heads: int, qk_norm: bool, *, attn_implementation: str | None = None,
+  def __init__(self, dim: int, n_heads: int, qk_norm: bool, *, attn_implementation: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.n_heads, self.head_dim = n_heads, dim // n_heads
     self.attn_implementation = attn_implementation
@@ -154,7 +154,7 @@ class ZImageTransformerBlock(nnx.Module):
   """
 
   def __init__(self, dim: int, n_heads: int, norm_eps: float, qk_norm: bool, *, modulation: bool = True,
-               attn_implementation: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+               attn_implementation: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.dtype = dtype
     self.attention = Attention(dim, n_heads, qk_norm, attn_implementation=attn_implementation, dtype=dtype,

@@ -19,7 +19,7 @@ KEY_TABLE = KeyTable(component="s3dit", rules=[], ignore_torch=[])
 
 
 def config_from_torch(config: Mapping[str, Any], **ours) -> S3DiTConfig:
-  """diffusers ZImageTransformer2DModel config dict → S3DiTConfig (`ours`: remat, attn_implementation)."""
+  """diffusers ZImageTransformer2DModel config dict → S3DiTConfig (`ours`: remat, attention)."""
   return S3DiTConfig.from_diffusers(config, **ours)
 
 

@@ -17,7 +17,7 @@ KEY_TABLE = KeyTable(component="vae", rules=[])
 
 
 def config_from_diffusers(config: Mapping[str, Any], **overrides) -> FluxVAEConfig:
-  """diffusers AutoencoderKL config → FluxVAEConfig (`overrides` set our extra fields, e.g. attn_implementation)."""
+  """diffusers AutoencoderKL config → FluxVAEConfig (`overrides` set our extra fields, e.g. attention)."""
   return FluxVAEConfig.from_diffusers(config, **overrides)
 
 

@@ -10,8 +10,9 @@ partitioner and memory analysis on them. To size a GPU mesh on a CPU machine, si
     python -m iomm_jax.main --config=configs/iomm_xl.py --dry_run --config.mesh.fsdp=16
 
 Caveat: the memory analysis is that of the compiling backend. On CPU, XLA fuses and schedules differently from
-GPU (and may keep bf16 matmul temporaries in fp32), and attention is the unfused 'xla' path, so `temp_bytes` is an
-estimate of the GPU figure; the parameter / optimizer / frozen byte counts are exact (they come from the shardings).
+GPU (and may keep bf16 matmul temporaries in fp32), and attention runs unfused on CPU whatever model.attention
+says (no cuDNN there), so `temp_bytes` is an estimate of the GPU figure; the parameter / optimizer / frozen byte
+counts are exact (they come from the shardings).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flax import nnx
 
 from iomm_jax import parallel
 from iomm_jax.models import factory
-from iomm_jax.train import builder, loop
+from iomm_jax.train import builder, flops as flops_lib
 from iomm_jax.train.checkpoint import abstract_with_shardings
 
 GB = 1e9
@@ -81,8 +82,9 @@ def report(config, *, mesh=None, compile_step: bool = True) -> dict:
 
   Keys: devices (the mesh size it assumes), mesh, platform, params (counts), per_device_gb (params, optimizer,
   ema, frozen, batch: exact, from the shardings), xla_gb (argument, output, alias, temp, generated code: from
-  XLA's memory analysis), peak_gb_estimate (argument + output − alias + temp), flops_per_step (analytic),
-  flops_per_step_per_device, compile_s.
+  XLA's memory analysis), peak_gb_estimate (argument + output − alias + temp), flops_per_step (analytic model
+  FLOPs, train/flops.py), flops (its per-component breakdown and remat recompute), flops_per_step_per_device,
+  xla_flops_per_device (XLA's cost_analysis of the compiled step: every op, and per device), compile_s.
   """
   t0 = time.perf_counter()
   run = builder.build(config, mesh=mesh, load_frozen=False)
@@ -99,7 +101,8 @@ def report(config, *, mesh=None, compile_step: bool = True) -> dict:
       "frozen_ae": per_device_bytes(frozen_abs["ae"], run.frozen_shardings["ae"]),
       "batch": per_device_bytes(batch_abs, {k: v.sharding for k, v in batch_abs.items()}),
   }
-  flops = loop.flops_per_step(run)
+  counted = flops_lib.step_flops(run)
+  flops = counted["model"]
   out = {
       "devices": n, "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
       "platform": jax.devices()[0].platform, "global_batch": int(config.train.global_batch),
@@ -108,12 +111,18 @@ def report(config, *, mesh=None, compile_step: bool = True) -> dict:
       "per_device_gb": {k: round(v / GB, 3) for k, v in per_dev.items()},
       "state_and_frozen_gb": round(sum(per_dev.values()) / GB, 3),
       "flops_per_step": flops, "flops_per_step_per_device": flops / n,
+      "flops": {"per_image": counted["per_image"], "remat_per_step": counted["remat"],
+                "hardware_per_step": counted["hardware"]},
   }
   if compile_step:
     lowered = run.train_step.lower(state_abs, frozen_abs, batch_abs)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     out["compile_s"] = round(time.perf_counter() - t1, 1)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and "flops" in cost:
+      out["xla_flops_per_device"] = float(cost["flops"])
     mem = compiled.memory_analysis()
     if mem is not None:
       xla = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,

@@ -13,7 +13,8 @@ from tqdm import tqdm
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
 from iomm_jax.data import data_config, pipeline, sources
-from iomm_jax.train import builder, checkpoint, guard, preemption, schedule
+from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, schedule
+from iomm_jax.train import flops as flops_lib
 from iomm_jax.train import generate as generate_lib
 from iomm_jax.train import lock as lock_lib
 from iomm_jax.train.checkpoint import abstract_with_shardings
@@ -69,22 +70,6 @@ def model_batch(batch: dict, cached: bool) -> dict:
   return {k: batch[k] for k in keys if k in batch}
 
 
-def flops_per_step(run) -> float:
-  c = run.config
-  image_tokens = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
-  q = c.model.rqa.num_queries
-  llm_tokens = run.templates.length + q
-  cond_tokens = q if c.model.condition == "query" else llm_tokens
-  vit_tokens = run.mcfg.vision.grid ** 2
-  per_image = metrics_lib.train_flops_per_image(
-      dit_params=run.param_counts["dit"], rqa_params=run.param_counts["rqa"],
-      llm_params=run.param_counts.get("llm", run.param_counts["mllm"]),
-      vit_params=run.param_counts.get("vit", 0), image_tokens=image_tokens, cond_tokens=cond_tokens,
-      llm_tokens=llm_tokens, vit_tokens=vit_tokens, llm_remat=c.model.mllm.remat != "none",
-      vit_in_step=not c.data.cached)
-  return per_image * c.train.global_batch
-
-
 class SampleGrids:
   """Training-time grids: held-out shapes images, their self-conditioned samples, and text-prompt samples."""
 
@@ -127,6 +112,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   ckpt = writer = None
   try:
     save_resolved_config(config, workdir)
+    profiling.enable_compile_cache(config.train.compile_cache_dir, workdir)
     run = builder.build(config)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     data_iter, dataset_size = make_data_iter(run, workdir)
@@ -169,7 +155,8 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
   nonfinite_total = int(previous[-1].get("nonfinite_total", 0)) if previous else 0
   end = num_steps if max_steps is None else min(num_steps, start + max_steps)
   grids = SampleGrids(run, workdir) if (t.sample_every and config.data.source == "shapes") else None
-  flops = flops_per_step(run)
+  flops = flops_lib.flops_per_step(run)
+  profiler = profiling.StepProfiler(*config.train.profile_steps, os.path.join(workdir, "profile"))
   tokens_per_image = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
   step_fn = run.train_step
   timer = metrics_lib.Throughput()
@@ -216,8 +203,10 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     local = next(data_iter)
     timer.add_wait(time.perf_counter() - t0)
     batch = parallel.global_batch(model_batch(local, bool(config.data.cached)), run.mesh)
+    profiler.before(step)
     state, m = step_fn(state, run.frozen, batch)
     step += 1
+    profiler.after(step, m)
     timer.steps += 1
     window.append(m)
     unchecked.append(m)
@@ -242,4 +231,5 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
       bar.close()
       raise preemption.Preempted(step, watch.received)
   bar.close()
+  profiler.close()
   return {"step": step, "start_step": start, **last}

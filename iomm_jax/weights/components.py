@@ -157,18 +157,18 @@ def _specs() -> dict[str, Spec]:
   return {
       "mmdit": Spec("mmdit", "transformer", "FluxTransformer2DModel", "diffusion_pytorch_model",
                     mmdit_keys.config_from_torch, mmdit_keys.config_to_torch, _build_mmdit, MMDiTConfig,
-                    lambda cfg: mmdit_keys.KEY_TABLE, ("remat", "scan_layers", "zero_init", "attention_impl")),
+                    lambda cfg: mmdit_keys.KEY_TABLE, ("remat", "scan_layers", "zero_init", "attention")),
       "s3dit": Spec("s3dit", "transformer", "ZImageTransformer2DModel", "diffusion_pytorch_model",
                     s3dit_keys.config_from_torch, s3dit_keys.config_to_torch, _build_s3dit, S3DiTConfig,
-                    lambda cfg: s3dit_keys.KEY_TABLE, ("remat", "scan_layers", "attn_implementation")),
+                    lambda cfg: s3dit_keys.KEY_TABLE, ("remat", "scan_layers", "attention")),
       "vae": Spec("vae", "vae", "AutoencoderKL", "diffusion_pytorch_model", vae_keys.config_from_diffusers,
                   vae_keys.config_to_diffusers, _build_vae, FluxVAEConfig, lambda cfg: vae_keys.KEY_TABLE,
-                  ("attn_implementation",)),
+                  ("attention",)),
       "rqa": Spec("rqa", "rqa", "TorchRQA", "model", _rqa_config_from_torch, rqa_keys.config_to_torch, _build_rqa,
-                  RQAConfig, lambda cfg: rqa_keys.KEY_TABLE, ("attn_implementation",)),
+                  RQAConfig, lambda cfg: rqa_keys.KEY_TABLE, ("attention",)),
       "mllm": Spec("mllm", "mllm", "InternVLForConditionalGeneration", "model", internvl_keys.config_from_torch,
                    internvl_keys.config_to_torch, _build_mllm, InternVLConfig,
-                   lambda cfg: internvl_keys.key_table(cfg.with_lm_head), ("remat", "scan_layers", "attention_impl"),
+                   lambda cfg: internvl_keys.key_table(cfg.with_lm_head), ("remat", "scan_layers", "attention"),
                    internvl_keys.normalize_torch_key, internvl_keys.to_checkpoint_key),
   }
 

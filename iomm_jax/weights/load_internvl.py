@@ -61,7 +61,7 @@ def load_internvl(path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None, s
   shardings: None; a callable (dotted path, shape) → jax.sharding.Sharding; or an nnx.State / {dotted path:
     sharding} mapping matching the model state. Each tensor is placed on its sharding as soon as it is read.
   return_split: return (graphdef, state) instead of the merged model.
-  config_overrides: top-level InternVLConfig fields (remat='full', attention_impl='cudnn', with_lm_head=True).
+  config_overrides: top-level InternVLConfig fields (remat='full', attention='cudnn', with_lm_head=True).
   """
   cfg = read_config(path, **config_overrides)
   try:

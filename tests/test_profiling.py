@@ -1,0 +1,45 @@
+"""train/profiling.py: the step profiler writes a trace for exactly the configured steps; the compile-cache folder."""
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from helpers import tiny_config
+from iomm_jax.config import ConfigError, validate
+from iomm_jax.train import profiling
+
+
+def test_profiler_traces_the_configured_steps_only(tmp_path):
+  f = jax.jit(lambda x: jnp.sin(x) @ x)
+  x = jnp.ones((64, 64))
+  prof = profiling.StepProfiler(2, 2, str(tmp_path / "profile"))
+  active = []
+  for step in range(6):
+    prof.before(step)
+    active.append(prof.active)
+    x = f(x)
+    prof.after(step + 1, x)
+  prof.close()
+  assert active == [False, False, True, True, False, False]
+  assert glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  off = profiling.StepProfiler(0, 0, str(tmp_path / "none"))
+  off.before(0)
+  assert not off.active and not os.path.exists(tmp_path / "none")
+
+
+def test_compile_cache_folder_defaults_beside_the_workdir(tmp_path):
+  work = str(tmp_path / "runs" / "tiny")
+  assert profiling.compile_cache_dir("", work) == str(tmp_path / "runs" / "xla_cache")
+  assert profiling.compile_cache_dir("", work + "/") == str(tmp_path / "runs" / "xla_cache")
+  assert profiling.compile_cache_dir("off", work) is None
+  assert profiling.compile_cache_dir(str(tmp_path / "c"), work) == str(tmp_path / "c")
+
+
+@pytest.mark.parametrize("bad", [(1,), (-1, 2), (0.5, 1)])
+def test_profile_steps_must_be_two_counts(bad):
+  c = tiny_config()
+  c.train.profile_steps = bad
+  with pytest.raises(ConfigError, match="profile_steps"):
+    validate(c)
