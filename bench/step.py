@@ -73,7 +73,7 @@ def main(argv):
     local = synthetic_batch(run, per_process)
   else:
     import tempfile
-    local = loop.model_batch(next(loop.make_data_iter(run, tempfile.mkdtemp())), bool(config.data.cached))
+    local = loop.model_batch(next(loop.make_data_iter(run, tempfile.mkdtemp())[0]), bool(config.data.cached))
   batch = parallel.global_batch(local, run.mesh)
   state = run.init_state()
   # Cold: compiled and written to the persistent cache; warm: the same program again, read back from it (what a

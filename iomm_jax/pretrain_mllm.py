@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from iomm_jax import geneval_layout
+from iomm_jax.models import iomm
 from iomm_jax.train.generate import generate, grid, prompt_notes, save_png, to_uint8
 
 

@@ -1,7 +1,6 @@
 """The offline feature cache: prepare → cache (CLI) → train with data.cached=True, features equal to the live path,
 exact resume on cached data, the cached step never runs the ViT, and the writer's resume / atomicity / errors."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from flax import nnx
 
 from helpers import ROOT, tiny_config
 from iomm_jax import cache, metrics, parallel
-from iomm_jax.data import decode, pipeline, records, shapes, sources
+from iomm_jax.data import decode, pipeline, shapes, sources
 from iomm_jax.train import builder, checkpoint, loop, step as step_lib
 
 NUM = 40  # records in the procedural ArrayRecord set

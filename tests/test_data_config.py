@@ -1,7 +1,6 @@
 """One data config (issue 13 item 1): built and validated once from config.data, its fields exactly the schema's,
 its allowed sources the registry's, and a parquet source accepted at start and trained on through main."""
 import glob
-import io
 import json
 import os
 import re

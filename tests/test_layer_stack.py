@@ -13,8 +13,6 @@ from flax import nnx
 from helpers import tiny_config
 from iomm_jax import parallel
 from iomm_jax.models import layer_stack, layers
-from iomm_jax.models.internvl import InternVLConfig
-from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.mmdit import MMDiT, MMDiTConfig
 from iomm_jax.models.qwen2 import Qwen2Config, Qwen2Model
 from iomm_jax.models.s3dit import S3DiT, S3DiTConfig

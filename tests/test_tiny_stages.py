@@ -43,7 +43,6 @@ def test_heldout_images_are_not_training_images():
 
 def test_shapes_are_rendered_at_the_larger_view_so_the_vit_view_is_native():
   """The generator works at 32², the MLLM sees 64²: its view is a 64² render, as when the MLLM was trained."""
-  from PIL import Image
   from iomm_jax.data import decode, sources
   c = load_config("tiny")
   assert c.data.vit_size > c.data.resolution
