@@ -37,7 +37,7 @@ demo: install
 	$(BIN)/python -m iomm_jax.demo_summary --mllm=$(MLLM_DIR) --workdir=$(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
 
 # The edit-test loop: every test not marked slow (under 3 minutes on 2 cores).
 test-fast: install

@@ -10,6 +10,7 @@ Prints ONE JSON line: {faults_injected, survived, equal_to_uninterrupted, record
 `equal_to_uninterrupted` counts the training cases whose final parameters and per-step losses equal the reference
 run's; `records_lost` counts metrics rows missing from finished runs plus good images `prepare` did not write.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,16 +30,27 @@ sys.path.insert(0, ROOT)
 
 def base_args(steps: int) -> list[str]:
   # The ',short' variant (batch 16, warm-up 5): the compiled step is the one a smoke run already cached.
-  return ["--config=configs/tiny.py:pretrain,short", f"--config.train.num_steps={steps}",
-          "--config.train.ckpt_every=5", "--config.train.keep_checkpoints=3", "--config.train.log_every=1"]
+  return [
+      "--config=configs/tiny.py:pretrain,short",
+      f"--config.train.num_steps={steps}",
+      "--config.train.ckpt_every=5",
+      "--config.train.keep_checkpoints=3",
+      "--config.train.log_every=1",
+  ]
 
 
 class Suite:
+
   def __init__(self, tmp: str, steps: int):
     self.tmp, self.steps = tmp, steps
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tmp, "xla_cache")
-    self.env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    self.env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     self.cases: dict[str, dict] = {}
     self.ref = None
 
@@ -46,20 +58,23 @@ class Suite:
     return [sys.executable, "-m", "iomm_jax.main", f"--workdir={work}", *base_args(self.steps), *extra]
 
   def run(self, work, *extra, timeout=1200):
-    res = subprocess.run(self.cmd(work, *extra), cwd=ROOT, env=self.env, capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run(
+        self.cmd(work, *extra), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+    )
     with open(os.path.join(self.tmp, "runs.log"), "a") as f:  # every run's stderr, for a look afterwards
       f.write(f"==== {work} {' '.join(extra)} → {res.returncode}\n{res.stderr[-5000:]}\n")
     return res
 
   def start(self, work, *extra):
-    return subprocess.Popen(self.cmd(work, *extra), cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        self.cmd(work, *extra), cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
   # ---- comparisons --------------------------------------------------------------------------------------------
 
   def losses(self, work) -> dict:
     from iomm_jax import metrics
+
     return {r["step"]: r["loss"] for r in metrics.read_metrics(str(work))}
 
   def params(self, work):
@@ -67,21 +82,32 @@ class Suite:
     import numpy as np
     import orbax.checkpoint as ocp
     from iomm_jax.train import checkpoint
+
     ck = checkpoint.Checkpointer(str(work), with_data=False)
     state = ck.manager.restore(self.steps, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     ck.close()
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(
-        {k: state[k] for k in ("params", "ema_params", "opt_state")})]
+    return [
+        np.asarray(x) for x in jax.tree_util.tree_leaves({k: state[k] for k in ("params", "ema_params", "opt_state")})
+    ]
 
   def finish(self, name, work, res, **info) -> None:
     """Record a case that should have ended as the uninterrupted run."""
     import numpy as np
+
     ok = res.returncode == 0
     lost = len(set(range(1, self.steps + 1)) - set(self.losses(work))) if ok else self.steps
-    equal = ok and self.losses(work) == self.ref_losses and all(
-        np.array_equal(a, b) for a, b in zip(self.params(work), self.ref_params))
-    self.cases[name] = {"survived": ok and lost == 0, "equal": bool(equal), "records_lost": lost,
-                        **info, **({} if ok else {"error": last_line(res.stderr)})}
+    equal = (
+        ok
+        and self.losses(work) == self.ref_losses
+        and all(np.array_equal(a, b) for a, b in zip(self.params(work), self.ref_params))
+    )
+    self.cases[name] = {
+        "survived": ok and lost == 0,
+        "equal": bool(equal),
+        "records_lost": lost,
+        **info,
+        **({} if ok else {"error": last_line(res.stderr)}),
+    }
 
   # ---- cases --------------------------------------------------------------------------------------------------
 
@@ -169,6 +195,7 @@ class Suite:
 
   def sigterm(self):
     from iomm_jax.train.preemption import EXIT_PREEMPTED
+
     work = os.path.join(self.tmp, "sigterm")
     proc = self.start(work)
     while proc.poll() is None and max(self.losses(work), default=0) < 7:
@@ -183,6 +210,7 @@ class Suite:
     """Damaged and odd images through prepare; counts only (the decoding itself belongs to iomm_jax/data)."""
     import numpy as np
     from PIL import Image
+
     src = os.path.join(self.tmp, "odd_images")
     os.makedirs(src)
     rng = np.random.default_rng(0)
@@ -193,23 +221,42 @@ class Suite:
     Image.fromarray((rng.integers(0, 65535, (96, 96))).astype(np.uint16)).save(os.path.join(src, "gray16.png"))
     Image.fromarray(rng.integers(0, 255, (96, 96, 4), dtype=np.uint8), "RGBA").save(os.path.join(src, "rgba.png"))
     Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).convert("CMYK").save(
-        os.path.join(src, "cmyk.jpg"))
+        os.path.join(src, "cmyk.jpg")
+    )
     good += 3
     Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(os.path.join(src, "trunc.jpg"))
     with open(os.path.join(src, "trunc.jpg"), "r+b") as f:
       f.truncate(400)
     with open(os.path.join(src, "garbage.png"), "wb") as f:
       f.write(b"not an image")
-    res = subprocess.run([sys.executable, "-m", "iomm_jax.data.prepare", f"--src={src}",
-                          f"--dst={os.path.join(self.tmp, 'odd_out')}", "--shards=1", "--no_progress"],
-                         cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iomm_jax.data.prepare",
+            f"--src={src}",
+            f"--dst={os.path.join(self.tmp, 'odd_out')}",
+            "--shards=1",
+            "--no_progress",
+        ],
+        cwd=ROOT,
+        env=self.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     try:
       summary = json.loads(res.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
       summary = {}
     written = int(summary.get("written", -1))
-    self.cases["odd_images"] = {"survived": res.returncode == 0 and written == good, "good": good, "damaged": 2,
-                                "summary": summary, "records_lost": max(0, good - max(written, 0))}
+    self.cases["odd_images"] = {
+        "survived": res.returncode == 0 and written == good,
+        "good": good,
+        "damaged": 2,
+        "summary": summary,
+        "records_lost": max(0, good - max(written, 0)),
+    }
 
 
 def last_line(text: str) -> str:
@@ -230,19 +277,34 @@ def main(argv=None) -> int:
   t0 = time.time()
   s = Suite(tmp, a.steps)
   s.reference()
-  run = {"nan": s.nan, "two_trainers": s.two_trainers, "truncated": lambda: s.damaged("truncated"),
-         "deleted": lambda: s.damaged("deleted"), "full_disk": s.full_disk, "sigkill": s.sigkill_during_save,
-         "sigterm": s.sigterm, "odd_images": s.odd_images}
+  run = {
+      "nan": s.nan,
+      "two_trainers": s.two_trainers,
+      "truncated": lambda: s.damaged("truncated"),
+      "deleted": lambda: s.damaged("deleted"),
+      "full_disk": s.full_disk,
+      "sigkill": s.sigkill_during_save,
+      "sigterm": s.sigterm,
+      "odd_images": s.odd_images,
+  }
   for name in a.cases.split(","):
     try:
       run[name]()
     except Exception as e:  # noqa: BLE001 — a case that crashes the suite counts as not survived
       s.cases[name] = {"survived": False, "error": f"{type(e).__name__}: {e}"[:300]}
   done = {k: v for k, v in s.cases.items() if "skipped" not in v}
-  print(json.dumps({"faults_injected": len(done), "survived": sum(bool(v.get("survived")) for v in done.values()),
-                    "equal_to_uninterrupted": sum(bool(v.get("equal")) for v in done.values()),
-                    "records_lost": sum(int(v.get("records_lost", 0)) for v in done.values()),
-                    "cases": s.cases, "seconds": round(time.time() - t0, 1)}))
+  print(
+      json.dumps(
+          {
+              "faults_injected": len(done),
+              "survived": sum(bool(v.get("survived")) for v in done.values()),
+              "equal_to_uninterrupted": sum(bool(v.get("equal")) for v in done.values()),
+              "records_lost": sum(int(v.get("records_lost", 0)) for v in done.values()),
+              "cases": s.cases,
+              "seconds": round(time.time() - t0, 1),
+          }
+      )
+  )
   if not a.keep:
     shutil.rmtree(tmp, ignore_errors=True)
   return 0

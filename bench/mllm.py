@@ -52,9 +52,14 @@ def _peak_bytes():
 def build(args):
   """Frozen weights (materialised on device inside one jit, no host copy), inputs, and the abstract model."""
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  cfg = Qwen2Config(vocab_size=1024, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                    num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                    intermediate_size=args.intermediate or int(round(args.hidden * 35 / 6)))
+  cfg = Qwen2Config(
+      vocab_size=1024,
+      hidden_size=args.hidden,
+      num_hidden_layers=args.layers,
+      num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads,
+      intermediate_size=args.intermediate or int(round(args.hidden * 35 / 6)),
+  )
   n_q = args.queries or min(256, args.seq // 2)
 
   def make():
@@ -64,13 +69,13 @@ def build(args):
   frozen = jax.jit(lambda: nnx.state(make()))()
   k1, k2 = jax.random.split(jax.random.key(0))
   context = jax.random.normal(k1, (args.batch, args.seq - n_q, args.hidden), dtype)
-  queries = jax.random.normal(k2, (args.batch, n_q, args.hidden), jnp.float32)   # trainable, fp32
+  queries = jax.random.normal(k2, (args.batch, n_q, args.hidden), jnp.float32)  # trainable, fp32
   return abstract, frozen, context, queries, dtype, n_q
 
 
 def time_mode(args, built, remat: str) -> dict:
   abstract, frozen, context, queries, dtype, n_q = built
-  abstract.remat = remat                  # a static attribute: only the graphdef changes between modes
+  abstract.remat = remat  # a static attribute: only the graphdef changes between modes
   graphdef = nnx.graphdef(abstract)
   mask = None if args.no_mask else jnp.ones((args.batch, args.seq), bool)
 
@@ -92,10 +97,15 @@ def time_mode(args, built, remat: str) -> dict:
     jax.block_until_ready(compiled(queries, frozen, context))
     times.append(time.perf_counter() - t0)
   tokens = args.batch * args.seq
-  out = {"median_s": statistics.median(times), "min_s": min(times),
-         "tokens_per_s": tokens / statistics.median(times), "compile_s": compile_s, "temp_bytes": temp,
-         "peak_bytes": _peak_bytes()}
-  print(f"[bench/mllm] remat={remat}: {out}", file=sys.stderr, flush=True)   # progress, not the result line
+  out = {
+      "median_s": statistics.median(times),
+      "min_s": min(times),
+      "tokens_per_s": tokens / statistics.median(times),
+      "compile_s": compile_s,
+      "temp_bytes": temp,
+      "peak_bytes": _peak_bytes(),
+  }
+  print(f"[bench/mllm] remat={remat}: {out}", file=sys.stderr, flush=True)  # progress, not the result line
   return out
 
 
@@ -103,12 +113,26 @@ def main(argv=None):
   args = parse_args(argv)
   built = build(args)
   results = {mode: time_mode(args, built, mode) for mode in args.remat.split(",")}
-  print(json.dumps({
-      "bench": "mllm_llm_fwd_bwd", "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-      "layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.kv_heads,
-      "intermediate": args.intermediate or int(round(args.hidden * 35 / 6)), "seq": args.seq,
-      "queries": args.queries or min(256, args.seq // 2), "batch": args.batch, "dtype": args.dtype,
-      "runs": args.runs, "results": results}))
+  print(
+      json.dumps(
+          {
+              "bench": "mllm_llm_fwd_bwd",
+              "device": str(jax.devices()[0].device_kind),
+              "backend": jax.default_backend(),
+              "layers": args.layers,
+              "hidden": args.hidden,
+              "heads": args.heads,
+              "kv_heads": args.kv_heads,
+              "intermediate": args.intermediate or int(round(args.hidden * 35 / 6)),
+              "seq": args.seq,
+              "queries": args.queries or min(256, args.seq // 2),
+              "batch": args.batch,
+              "dtype": args.dtype,
+              "runs": args.runs,
+              "results": results,
+          }
+      )
+  )
 
 
 if __name__ == "__main__":

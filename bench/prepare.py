@@ -6,6 +6,7 @@ Writes ``--num`` random-noise JPEGs of ``--size``² into a temporary folder, the
 process, one shard) with the full decode and with PIL's verify only, ``--repeats`` times each. Prints ONE JSON line
 (median images/s of each). A benchmark, not a test: the numbers depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,20 @@ def main() -> None:
     for r in range(a.repeats):
       for name in rates:
         t = time.perf_counter()
-        s = prepare.write_shards(items, tmp / f"{name}{r}", 1, min_size=0, progress=False,
-                                 full_decode=name == "full_decode")
+        s = prepare.write_shards(
+            items, tmp / f"{name}{r}", 1, min_size=0, progress=False, full_decode=name == "full_decode"
+        )
         rates[name].append(s["written"] / (time.perf_counter() - t))
-    print(json.dumps({"images": a.num, "size": a.size, "repeats": a.repeats,
-                      **{f"{k}_images_per_s": round(statistics.median(v), 1) for k, v in rates.items()}}))
+    print(
+        json.dumps(
+            {
+                "images": a.num,
+                "size": a.size,
+                "repeats": a.repeats,
+                **{f"{k}_images_per_s": round(statistics.median(v), 1) for k, v in rates.items()},
+            }
+        )
+    )
   finally:
     shutil.rmtree(tmp)
 

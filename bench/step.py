@@ -6,6 +6,7 @@
 Prints ONE JSON line. Uses one real batch from the configured pipeline, repeated (data time is bench/data.py's job).
 With --synthetic the batch is random arrays of the right shapes (no data source needed: full-size configs on GPU).
 """
+
 import json
 import os
 import statistics
@@ -23,24 +24,33 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
 _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "random batch of the right shapes instead of the pipeline")
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "also time the same MM-DiT step in PyTorch (diffusers)")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "--compare_torch: alternating torch/JAX repeats (median of medians)")
-_DIT_ONLY = flags.DEFINE_bool("dit_only", False, "--compare_torch: skip the full IOMM step (its compile), time "
-                              "only the DiT-only comparison")
+_DIT_ONLY = flags.DEFINE_bool(
+    "dit_only", False, "--compare_torch: skip the full IOMM step (its compile), time " "only the DiT-only comparison"
+)
 _PROFILE = flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 timed steps into this folder")
-_CACHE = flags.DEFINE_string("compile_cache", "", "persistent compilation cache folder for the cold/warm compile "
-                             "figures ('' = a fresh temporary folder, so the first compile is cold)")
+_CACHE = flags.DEFINE_string(
+    "compile_cache",
+    "",
+    "persistent compilation cache folder for the cold/warm compile "
+    "figures ('' = a fresh temporary folder, so the first compile is cold)",
+)
 
 
 def synthetic_batch(run, per_process: int):
   import numpy as np
+
   c = run.config
   rng = np.random.default_rng(0)
-  b = {"caption_ids": np.zeros((per_process, c.data.max_text_tokens), np.int32),
-       "caption_len": np.full((per_process,), 4, np.int32),
-       "is_image_only": np.ones((per_process,), bool)}
+  b = {
+      "caption_ids": np.zeros((per_process, c.data.max_text_tokens), np.int32),
+      "caption_len": np.full((per_process,), 4, np.int32),
+      "is_image_only": np.ones((per_process,), bool),
+  }
   if c.data.cached:
     b["latent"] = rng.standard_normal((per_process,) + tuple(run.latent_shape), np.float32)
-    b["vit_tokens"] = rng.standard_normal((per_process, run.mcfg.num_image_tokens, run.mcfg.text.hidden_size),
-                                          np.float32)
+    b["vit_tokens"] = rng.standard_normal(
+        (per_process, run.mcfg.num_image_tokens, run.mcfg.text.hidden_size), np.float32
+    )
   else:
     r, v = c.data.resolution, c.data.vit_size
     b["pixels"] = rng.uniform(-1, 1, (per_process, r, r, 3)).astype(np.float32)
@@ -56,14 +66,23 @@ def main(argv):
   from iomm_jax import parallel
   from iomm_jax.config import validate
   from iomm_jax.train import builder, flops as flops_lib, loop, profiling
+
   config = _CONFIG.value
   validate(config)
   if _DIT_ONLY.value:
     if not _COMPARE_TORCH.value:
       raise SystemExit("--dit_only goes with --compare_torch")
     from bench import torch_step
-    print(json.dumps({"config": config.model.dit.kind, "global_batch": config.train.global_batch,
-                      **torch_step.compare(config, None, steps=_STEPS.value, repeats=_REPEATS.value)}))
+
+    print(
+        json.dumps(
+            {
+                "config": config.model.dit.kind,
+                "global_batch": config.train.global_batch,
+                **torch_step.compare(config, None, steps=_STEPS.value, repeats=_REPEATS.value),
+            }
+        )
+    )
     return
   cache_dir = _CACHE.value or tempfile.mkdtemp(prefix="iomm_bench_xla_cache_")
   cache_dir = profiling.enable_compile_cache(cache_dir, "")
@@ -73,6 +92,7 @@ def main(argv):
     local = synthetic_batch(run, per_process)
   else:
     import tempfile
+
     local = loop.model_batch(next(loop.make_data_iter(run, tempfile.mkdtemp())[0]), bool(config.data.cached))
   batch = parallel.global_batch(local, run.mesh)
   state = run.init_state()
@@ -105,21 +125,32 @@ def main(argv):
   counted = flops_lib.step_flops(run)
   flops = counted["model"]
   out = {
-      "config": config.model.dit.kind, "devices": n_dev, "platform": jax.devices()[0].platform,
-      "device_kind": jax.devices()[0].device_kind, "mesh": dict(run.mesh.shape),
-      "global_batch": config.train.global_batch, "resolution": config.data.resolution,
-      "compile_s": round(compile_s, 2), "compile_s_warm_cache": round(compile_warm_s, 2),
-      "compile_cache": cache_dir, "step_s_median": round(step_s, 4),
-      "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
+      "config": config.model.dit.kind,
+      "devices": n_dev,
+      "platform": jax.devices()[0].platform,
+      "device_kind": jax.devices()[0].device_kind,
+      "mesh": dict(run.mesh.shape),
+      "global_batch": config.train.global_batch,
+      "resolution": config.data.resolution,
+      "compile_s": round(compile_s, 2),
+      "compile_s_warm_cache": round(compile_warm_s, 2),
+      "compile_cache": cache_dir,
+      "step_s_median": round(step_s, 4),
+      "step_s_min": round(min(times), 4),
+      "step_s_max": round(max(times), 4),
       "images_per_s": round(config.train.global_batch / step_s, 2),
       "tokens_per_s_per_device": round(config.train.global_batch * tokens / step_s / n_dev, 1),
-      "flops_per_step": flops, "flops_remat_per_step": counted["remat"],
+      "flops_per_step": flops,
+      "flops_remat_per_step": counted["remat"],
       "mfu": round(flops_lib.mfu(flops, step_s, config.train.peak_flops, n_dev), 4),
-      "attention": config.model.attention, "profile": _PROFILE.value or None,
-      "params": run.param_counts, "loss": float(m["loss"]),
+      "attention": config.model.attention,
+      "profile": _PROFILE.value or None,
+      "params": run.param_counts,
+      "loss": float(m["loss"]),
   }
   if _COMPARE_TORCH.value:
     from bench import torch_step
+
     out.update(torch_step.compare(config, step_s, steps=_STEPS.value, repeats=_REPEATS.value))
   print(json.dumps(out))
 

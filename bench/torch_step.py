@@ -18,11 +18,14 @@ def _shapes(config):
   from flax import nnx
 
   from iomm_jax.models import factory
+
   mcfg = factory.mllm_config(config)
   width = factory.mllm_width(mcfg)
   if config.model.dit.kind != "mmdit":
-    raise ValueError(f"--compare_torch times the MM-DiT (FluxTransformer2DModel); config.model.dit.kind="
-                     f"{config.model.dit.kind!r} is not supported")
+    raise ValueError(
+        f"--compare_torch times the MM-DiT (FluxTransformer2DModel); config.model.dit.kind="
+        f"{config.model.dit.kind!r} is not supported"
+    )
   dit_cfg = factory.dit_config(config, width)
   ae = nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0)))
   side = config.data.resolution // ae.downsample
@@ -49,11 +52,13 @@ def torch_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int, 
   from diffusers import FluxTransformer2DModel
 
   from iomm_jax.models import latents
+
   t_cfg = config.train
   torch.manual_seed(0)
   model = FluxTransformer2DModel(**dit_cfg.to_diffusers()).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, betas=(t_cfg.b1, t_cfg.b2), eps=t_cfg.eps,
-                          weight_decay=t_cfg.weight_decay)
+  opt = torch.optim.AdamW(
+      model.parameters(), lr=t_cfg.lr, betas=(t_cfg.b1, t_cfg.b2), eps=t_cfg.eps, weight_decay=t_cfg.weight_decay
+  )
   b, h, w, c = latent_shape
 
   def pack(x):  # NHWC → (B, N, 4C) in FluxPipeline._pack_latents channel order (as models/latents.pack)
@@ -70,8 +75,15 @@ def torch_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int, 
     z = torch.randn_like(x)
     tb = t.view(b, 1, 1, 1)
     x_t = (1 - tb) * x + tb * z
-    v = model(hidden_states=pack(x_t), encoder_hidden_states=cond, pooled_projections=pooled, timestep=t,
-              img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+    v = model(
+        hidden_states=pack(x_t),
+        encoder_hidden_states=cond,
+        pooled_projections=pooled,
+        timestep=t,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        return_dict=False,
+    )[0]
     loss = torch.mean((v - pack(z - x)) ** 2)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -106,9 +118,9 @@ def jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int
   def step(params, opt_state, x, cond, rng):
     def loss_fn(p):
       m = nnx.merge(graphdef, p)
-      velocity = lambda x_t, t: latents.unpack(
-          m(latents.pack(x_t), cond, cond.mean(1), t, img_ids, txt_ids), h, w, c)
+      velocity = lambda x_t, t: latents.unpack(m(latents.pack(x_t), cond, cond.mean(1), t, img_ids, txt_ids), h, w, c)
       return loss_lib.flow_matching_loss(velocity, x, rng)[0]
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -120,8 +132,9 @@ def jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int
 
   def run():
     carry["i"] += 1
-    carry["params"], carry["opt"], loss = step(carry["params"], carry["opt"], x, cond,
-                                               jax.random.fold_in(key, carry["i"]))
+    carry["params"], carry["opt"], loss = step(
+        carry["params"], carry["opt"], x, cond, jax.random.fold_in(key, carry["i"])
+    )
     return loss
 
   return _median_time(run, steps, max(warmup, 1), jax.block_until_ready)
@@ -135,6 +148,7 @@ def compare(config, jax_step_s: float, steps: int = 20, warmup: int = 2, repeats
   """
   import jax
   import torch
+
   dit_cfg, latent_shape, cond_len, width = _shapes(config)
   torch_runs, jax_runs = [], []
   for _ in range(repeats):
@@ -148,10 +162,14 @@ def compare(config, jax_step_s: float, steps: int = 20, warmup: int = 2, repeats
       "jax_over_torch": round(jax_s / torch_s, 3),
       "compare_repeats": {"torch": [round(x, 4) for x in torch_runs], "jax": [round(x, 4) for x in jax_runs]},
       "torch_compare_scope": "MM-DiT only, same config/shapes/loss/optimizer; MLLM, RQA and autoencoder are NOT "
-                             "in either timed step (condition tokens random of the MLLM width)",
-      "torch_compare_shapes": {"latent": list(latent_shape), "condition_tokens": cond_len, "width": width,
-                               "dit_width": dit_cfg.inner_dim,
-                               "dit_blocks": [dit_cfg.num_layers, dit_cfg.num_single_layers]},
+      "in either timed step (condition tokens random of the MLLM width)",
+      "torch_compare_shapes": {
+          "latent": list(latent_shape),
+          "condition_tokens": cond_len,
+          "width": width,
+          "dit_width": dit_cfg.inner_dim,
+          "dit_blocks": [dit_cfg.num_layers, dit_cfg.num_single_layers],
+      },
       "torch_threads": torch.get_num_threads(),
       "jax_dit_devices": 1,
       "jax_full_step_s_median": None if jax_step_s is None else round(jax_step_s, 4),

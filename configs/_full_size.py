@@ -1,4 +1,5 @@
 """Shared settings of the paper-size configs (IOMM-B/L/XL): 512² images, FLUX VAE, InternVL3-2B, AdamW (0.9, 0.95)."""
+
 from iomm_jax import config as schema
 
 # Paper Table 5: fine-tuning global batch by resolution.
@@ -11,11 +12,13 @@ def full_size_config(arg, *, pretrain_batch, ema_decay, mask_ratio):
   stage, recipe, flags = schema.parse_variant(arg)
   unknown = flags - {"1024", "cached"}
   if unknown:
-    raise schema.ConfigError(f"unknown config variant flag(s) {sorted(unknown)}; known: 1024, cached, and the recipes "
-                             f"{sorted(k for k in schema.VARIANTS if k)}")
+    raise schema.ConfigError(
+        f"unknown config variant flag(s) {sorted(unknown)}; known: 1024, cached, and the recipes "
+        f"{sorted(k for k in schema.VARIANTS if k)}"
+    )
   c = schema.base_config()
   c.model.autoencoder.kind = "flux_vae"
-  c.model.mllm.path = ""          # set --config.model.mllm.path=/path/to/InternVL3-2B-hf for real training
+  c.model.mllm.path = ""  # set --config.model.mllm.path=/path/to/InternVL3-2B-hf for real training
   # Scan the LLM layers and (in each config) the DiT blocks: on the dry run this cut per-device peak memory 3–4×
   # and compile time 2–6× against unrolled blocks (launch/README.md).
   c.model.mllm.scan_layers = True
@@ -35,9 +38,9 @@ def full_size_config(arg, *, pretrain_batch, ema_decay, mask_ratio):
   c.data.cached = "cached" in flags
   if stage == "finetune":
     c.train.global_batch = FINETUNE_BATCH[c.data.resolution]
-    c.train.num_steps = 10_000     # ≈10 epochs of the 210K fine-tuning set at batch 256
+    c.train.num_steps = 10_000  # ≈10 epochs of the 210K fine-tuning set at batch 256
     c.train.warmup_steps = 200
   else:
     c.train.global_batch = pretrain_batch
-    c.train.num_steps = 110_000    # ≈10 epochs of 11M images at batch 1024
+    c.train.num_steps = 110_000  # ≈10 epochs of 11M images at batch 1024
   return c

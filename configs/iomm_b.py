@@ -1,5 +1,6 @@
 """IOMM-B: ≈1.6B FLUX-style MM-DiT (width 1536 = 12×128, 10 double + 20 single blocks), InternVL3-2B, FLUX VAE.
 Paper Table 4/5: AdamW, EMA 0.999, r = 0.85, batch 1024 (pre-train) / 256 @512² and 96 @1024² (fine-tune, λ = 0.5)."""
+
 import os
 import sys
 
@@ -10,10 +11,18 @@ from _full_size import full_size_config  # noqa: E402
 def get_config(arg: str | None = None):
   c = full_size_config(arg, pretrain_batch=1024, ema_decay=0.999, mask_ratio=0.85)
   c.model.dit.kind = "mmdit"
-  c.model.dit.arch = dict(in_channels=64, num_layers=10, num_single_layers=20, attention_head_dim=128,
-                          num_attention_heads=12, joint_attention_dim=1536, pooled_projection_dim=1536,
-                          axes_dims_rope=(16, 56, 56), remat="full",
-                          scan_layers=True)
+  c.model.dit.arch = dict(
+      in_channels=64,
+      num_layers=10,
+      num_single_layers=20,
+      attention_head_dim=128,
+      num_attention_heads=12,
+      joint_attention_dim=1536,
+      pooled_projection_dim=1536,
+      axes_dims_rope=(16, 56, 56),
+      remat="full",
+      scan_layers=True,
+  )
   c.model.rqa.num_heads = 12
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c

@@ -1,5 +1,6 @@
 """IOMM-XL: ≈6B single-stream S3-DiT following Z-Image (dim 3840, 30 layers, 30 heads, 2+2 refiners), InternVL3-2B,
 FLUX VAE. Paper Table 4/5: Muon, no EMA, r = 0.45, batch 4096 (pre-train) / 256 (fine-tune @512², λ = 0.5)."""
+
 import os
 import sys
 
@@ -13,8 +14,9 @@ def get_config(arg: str | None = None):
     c.train.num_steps = 30_000
   c.train.optimizer = "muon"
   c.model.dit.kind = "s3dit"
-  c.model.dit.arch = dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, cap_feat_dim=1536, remat="full",
-                          scan_layers=True)
+  c.model.dit.arch = dict(
+      dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, cap_feat_dim=1536, remat="full", scan_layers=True
+  )
   c.model.rqa.num_heads = 12
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c

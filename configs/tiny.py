@@ -9,6 +9,7 @@ Variants: configs/tiny.py:ARG with ARG in {pretrain (default), pair_pretrain, fi
 finetune_image}; add ',short' for a few-step smoke run. The fine-tuning variants read a captioned subset
 (the first FINETUNE_PAIRS images) mixed with the whole image set (data.image_num_images), as the paper's stage 2.
 """
+
 import os
 import sys
 
@@ -17,13 +18,13 @@ from tiny_mllm import TINY_MLLM_ARCH  # noqa: E402
 
 from iomm_jax import config as schema  # noqa: E402
 
-RESOLUTION = 32         # the generator's images: 64 DiT tokens of 4×4 pixels; the MLLM sees a 64² render of each
-NUM_IMAGES = 4096       # the unlabeled image set of pre-training
-FINETUNE_PAIRS = 512    # the captioned subset of fine-tuning: 1/8 of the images
-_WIDTH = TINY_MLLM_ARCH["text"]["hidden_size"]   # the DiT's condition width is the MLLM's
+RESOLUTION = 32  # the generator's images: 64 DiT tokens of 4×4 pixels; the MLLM sees a 64² render of each
+NUM_IMAGES = 4096  # the unlabeled image set of pre-training
+FINETUNE_PAIRS = 512  # the captioned subset of fine-tuning: 1/8 of the images
+_WIDTH = TINY_MLLM_ARCH["text"]["hidden_size"]  # the DiT's condition width is the MLLM's
 # Pixel space: space-to-depth by _AE_FACTOR, then 2×2 patches → (RESOLUTION / 2·_AE_FACTOR)² = 64 DiT tokens.
 _AE_FACTOR = RESOLUTION // 16
-_LATENT_CHANNELS = 3 * _AE_FACTOR ** 2
+_LATENT_CHANNELS = 3 * _AE_FACTOR**2
 
 
 def get_config(arg: str | None = None):
@@ -37,16 +38,24 @@ def get_config(arg: str | None = None):
   # token's 48 noisy values through to its output; at 64² (192 values a token) its samples stayed noise.
   c.model.prediction = "x"
   # diffusers FluxTransformer2DModel field names; in_channels = latent channels × 2×2 patch.
-  c.model.dit.arch = dict(in_channels=_LATENT_CHANNELS * 4, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                          num_attention_heads=4, joint_attention_dim=_WIDTH, pooled_projection_dim=_WIDTH,
-                          axes_dims_rope=(4, 6, 6), remat="none",
-                          scan_layers=False)
+  c.model.dit.arch = dict(
+      in_channels=_LATENT_CHANNELS * 4,
+      num_layers=2,
+      num_single_layers=2,
+      attention_head_dim=16,
+      num_attention_heads=4,
+      joint_attention_dim=_WIDTH,
+      pooled_projection_dim=_WIDTH,
+      axes_dims_rope=(4, 6, 6),
+      remat="none",
+      scan_layers=False,
+  )
   c.model.rqa.num_queries = 16
   c.model.rqa.num_heads = 4
   c.model.rqa.num_layers = 1
   c.model.mllm.path = ""
   c.model.mllm.remat = "none"
-  c.model.mllm.arch = TINY_MLLM_ARCH   # random init when model.mllm.path is '' (else read from the folder)
+  c.model.mllm.arch = TINY_MLLM_ARCH  # random init when model.mllm.path is '' (else read from the folder)
   c.model.autoencoder.kind = "identity"
   c.model.autoencoder.scale = 1.0
   c.model.autoencoder.factor = _AE_FACTOR
@@ -56,15 +65,15 @@ def get_config(arg: str | None = None):
   # lr 1e-3 or r = 0.85 did not; batch 16 gives twice the updates of batch 32 in the same time.
   c.train.num_steps = 1200 if stage == "pretrain" else 600
   c.train.global_batch = 16
-  c.train.mask_ratio = 0.5       # the paper's best ratio for IOMM-XL is 0.45 (0.85 for B/L)
-  c.train.lr = 3e-3              # small model: a larger step than the paper's 1e-4
+  c.train.mask_ratio = 0.5  # the paper's best ratio for IOMM-XL is 0.45 (0.85 for B/L)
+  c.train.lr = 3e-3  # small model: a larger step than the paper's 1e-4
   c.train.warmup_steps = 100 if stage == "pretrain" else 20
   c.train.ema_decay = 0.99
   c.train.log_every = 25
   c.train.ckpt_every = c.train.num_steps
   c.train.keep_checkpoints = 2
   c.train.sample_every = c.train.num_steps
-  c.train.peak_flops = 1e11      # nominal CPU peak; MFU on CPU is only indicative
+  c.train.peak_flops = 1e11  # nominal CPU peak; MFU on CPU is only indicative
 
   c.data.source = "shapes"
   c.data.path = ""

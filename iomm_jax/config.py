@@ -30,6 +30,8 @@ DEFAULT_RULES = (
 )
 
 
+# The schema is a table (field, default, aligned comment): the formatter leaves it as written.
+# fmt: off
 def base_config() -> ml_collections.ConfigDict:
   """All fields, with defaults for IOMM-B pre-training (docs/design.md §1)."""
   c = C()
@@ -162,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.init_timeout_s = 300   # give up joining the job after this long
   c.distributed.heartbeat_timeout_s = 100  # a dead peer is detected within about this long
   return c
+# fmt: on
 
 
 _CHOICES = {
@@ -199,6 +202,7 @@ def known_fields(node=None, prefix: str = "") -> list[str]:
 def unknown_field_message(field: str) -> str:
   """One line naming an unknown `field` ('train.nonexistent') and the nearest known fields."""
   import difflib
+
   known = known_fields()
   section = field.rsplit(".", 1)[0] + "." if "." in field else ""
   near = difflib.get_close_matches(field, known, n=3, cutoff=0.6)
@@ -239,14 +243,17 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   if len(ps) != 2 or any(int(x) != x or x < 0 for x in ps):
     raise ConfigError(f"config.train.profile_steps={t.profile_steps} must be (first step, count), two integers >= 0")
   if config.data.resolution % 16 and config.model.autoencoder.kind == "flux_vae":
-    raise ConfigError(f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)")
+    raise ConfigError(
+        f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)"
+    )
   validate_data(config.data, needs_data=needs_data)
   _validate_init(config.init)
   if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
     raise ConfigError(
         f"config.model.mllm.path={config.model.mllm.path!r} is not a directory. Point it at a local copy of "
         "InternVL3-2B-hf: a folder with config.json, model*.safetensors (+ model.safetensors.index.json when sharded) "
-        "and the tokenizer files (tokenizer.json, tokenizer_config.json).")
+        "and the tokenizer files (tokenizer.json, tokenizer_config.json)."
+    )
   sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
   if sum(1 for s in sizes if s == -1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ConfigError(f"config.mesh sizes {sizes}: each must be positive, and at most one may be -1")
@@ -281,11 +288,14 @@ def validate_data(d: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   if needs_data and d.source != "shapes" and not d.cached and not d.path:
     raise ConfigError(f"config.data.path is empty but config.data.source={d.source!r} needs a dataset path")
   if not d.image_key:
-    raise ConfigError("config.data.image_key is empty; name the image field/column of the table or TFDS dataset "
-                      "(default 'image')")
+    raise ConfigError(
+        "config.data.image_key is empty; name the image field/column of the table or TFDS dataset " "(default 'image')"
+    )
   if d.source == "shapes" and not d.cached and not d.num_images:
-    raise ConfigError("config.data.num_images=0 but config.data.source='shapes' renders that many images; set it "
-                      "to a positive number")
+    raise ConfigError(
+        "config.data.num_images=0 but config.data.source='shapes' renders that many images; set it "
+        "to a positive number"
+    )
   _validate_image_set(d)
   _validate_buckets(d)
 
@@ -296,24 +306,33 @@ IMAGE_SOURCES = ("",) + data_kinds.SOURCES  # data.image_source: '' = the pair s
 def _validate_image_set(d: ml_collections.ConfigDict) -> None:
   """data.image_source / image_path / image_cache_path: the separate image half of recipe 'mix'."""
   if d.image_source not in IMAGE_SOURCES:
-    raise ConfigError(f"config.data.image_source={d.image_source!r} is not one of {IMAGE_SOURCES} ('' = the "
-                      "image-only samples of 'mix' are the pair set's images with their captions dropped)")
+    raise ConfigError(
+        f"config.data.image_source={d.image_source!r} is not one of {IMAGE_SOURCES} ('' = the "
+        "image-only samples of 'mix' are the pair set's images with their captions dropped)"
+    )
   if not d.image_source:
     for name in ("image_path", "image_cache_path"):
       if d[name]:
-        raise ConfigError(f"config.data.{name}={d[name]!r} is set but config.data.image_source is ''; set "
-                          f"config.data.image_source to the image set's kind (e.g. 'arrayrecord'), or clear it")
+        raise ConfigError(
+            f"config.data.{name}={d[name]!r} is set but config.data.image_source is ''; set "
+            f"config.data.image_source to the image set's kind (e.g. 'arrayrecord'), or clear it"
+        )
     return
   if d.recipe != "mix":
-    raise ConfigError(f"config.data.image_source={d.image_source!r} feeds the image-only half of recipe 'mix', but "
-                      f"config.data.recipe={d.recipe!r}; for image-only training set data.source/data.path instead")
+    raise ConfigError(
+        f"config.data.image_source={d.image_source!r} feeds the image-only half of recipe 'mix', but "
+        f"config.data.recipe={d.recipe!r}; for image-only training set data.source/data.path instead"
+    )
   if d.cached and not d.image_cache_path:
-    raise ConfigError("config.data.image_source is set and config.data.cached=True: config.data.image_cache_path "
-                      "must name the image set's feature cache (python -m iomm_jax.cache with data.source/data.path "
-                      "set to the image set)")
+    raise ConfigError(
+        "config.data.image_source is set and config.data.cached=True: config.data.image_cache_path "
+        "must name the image set's feature cache (python -m iomm_jax.cache with data.source/data.path "
+        "set to the image set)"
+    )
   if not d.cached and d.image_source != "shapes" and not d.image_path:
-    raise ConfigError(f"config.data.image_path is empty but config.data.image_source={d.image_source!r} needs the "
-                      "image set's path")
+    raise ConfigError(
+        f"config.data.image_path is empty but config.data.image_source={d.image_source!r} needs the " "image set's path"
+    )
 
 
 def _validate_init(i: ml_collections.ConfigDict) -> None:
@@ -321,12 +340,17 @@ def _validate_init(i: ml_collections.ConfigDict) -> None:
   if not i.workdir:
     return
   if i.transformer or i.rqa:
-    raise ConfigError("config.init.workdir is set together with config.init.transformer/init.rqa; start either from a "
-                      "training workdir or from converted weights, not both")
+    raise ConfigError(
+        "config.init.workdir is set together with config.init.transformer/init.rqa; start either from a "
+        "training workdir or from converted weights, not both"
+    )
   if not os.path.isfile(os.path.join(i.workdir, "config.json")) or not os.path.isdir(
-      os.path.join(i.workdir, "checkpoints")):
-    raise ConfigError(f"config.init.workdir={i.workdir!r} is not a training workdir (config.json + checkpoints/); "
-                      "point it at the workdir of a finished run (python -m iomm_jax.main --workdir=...)")
+      os.path.join(i.workdir, "checkpoints")
+  ):
+    raise ConfigError(
+        f"config.init.workdir={i.workdir!r} is not a training workdir (config.json + checkpoints/); "
+        "point it at the workdir of a finished run (python -m iomm_jax.main --workdir=...)"
+    )
 
 
 def _validate_buckets(d: ml_collections.ConfigDict) -> None:
@@ -338,8 +362,10 @@ def _validate_buckets(d: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if d.cached:
-    raise ConfigError("config.data.buckets is not supported with config.data.cached=True (the feature cache holds "
-                      "one square crop per image); set config.data.buckets=() or train from images")
+    raise ConfigError(
+        "config.data.buckets is not supported with config.data.cached=True (the feature cache holds "
+        "one square crop per image); set config.data.buckets=() or train from images"
+    )
   if d.image_source:
     raise ConfigError("config.data.buckets with config.data.image_source is not supported; use one of them")
 

@@ -19,12 +19,16 @@ def check_buckets(buckets, field: str = "data.buckets") -> tuple[tuple[int, int]
   except (TypeError, ValueError):
     shapes, ok = (), False
   if not ok:
-    raise ValueError(f"{field}={buckets!r} must be a tuple of (height, width) pixel pairs, e.g. "
-                     "((512, 512), (384, 640), (640, 384)), or () for square centre crops")
+    raise ValueError(
+        f"{field}={buckets!r} must be a tuple of (height, width) pixel pairs, e.g. "
+        "((512, 512), (384, 640), (640, 384)), or () for square centre crops"
+    )
   for h, w in shapes:
     if h <= 0 or w <= 0 or h % DIVISOR or w % DIVISOR:
-      raise ValueError(f"{field}: bucket ({h}, {w}) must have positive sides that are multiples of {DIVISOR} "
-                       "(autoencoder 8× down × 2×2 patches)")
+      raise ValueError(
+          f"{field}: bucket ({h}, {w}) must have positive sides that are multiples of {DIVISOR} "
+          "(autoencoder 8× down × 2×2 patches)"
+      )
   if len(set(shapes)) != len(shapes):
     raise ValueError(f"{field}={shapes} lists a shape twice; list each (height, width) once")
   return shapes

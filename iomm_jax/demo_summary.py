@@ -14,8 +14,14 @@ import os
 import sys
 
 # The demo's targets (README): what a working tiny IOMM should reach on 2 CPU cores.
-TARGETS = {"geneval.single_object_colour": 0.9, "geneval.single_object_shape": 0.7, "geneval.position": 0.5,
-           "geneval.overall": 0.6, "recon.margin": 2.0, "recon.top1_retrieval": 0.8}
+TARGETS = {
+    "geneval.single_object_colour": 0.9,
+    "geneval.single_object_shape": 0.7,
+    "geneval.position": 0.5,
+    "geneval.overall": 0.6,
+    "recon.margin": 2.0,
+    "recon.top1_retrieval": 0.8,
+}
 
 
 def _read(path: str) -> dict | None:
@@ -45,8 +51,10 @@ def collect(mllm_dir: str, workdir: str) -> dict:
 
 def main(argv=None) -> int:
   import argparse
-  ap = argparse.ArgumentParser(prog="python -m iomm_jax.demo_summary", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  ap = argparse.ArgumentParser(
+      prog="python -m iomm_jax.demo_summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--mllm", required=True, help="the tiny MLLM folder (pretrain_mllm --out)")
   ap.add_argument("--workdir", required=True, help="the fine-tuned run")
   args = ap.parse_args(argv)

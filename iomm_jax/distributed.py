@@ -40,17 +40,23 @@ def settings_from(config, environ=os.environ) -> dict | None:
     if num > 1:
       raise DistributedStartError(
           f"num_processes={num} but no coordinator address: set config.distributed.coordinator=HOST:PORT "
-          "(process 0's address) or JAX_COORDINATOR_ADDRESS, or launch with launch/local.sh or under SLURM")
+          "(process 0's address) or JAX_COORDINATOR_ADDRESS, or launch with launch/local.sh or under SLURM"
+      )
     return None
-  out = {"coordinator": coordinator or None, "num_processes": num if coordinator else None,
-         "process_id": pid if coordinator else None,
-         "init_timeout_s": int(d.init_timeout_s), "heartbeat_timeout_s": int(d.heartbeat_timeout_s)}
+  out = {
+      "coordinator": coordinator or None,
+      "num_processes": num if coordinator else None,
+      "process_id": pid if coordinator else None,
+      "init_timeout_s": int(d.init_timeout_s),
+      "heartbeat_timeout_s": int(d.heartbeat_timeout_s),
+  }
   if coordinator:
     if ":" not in coordinator:
       raise DistributedStartError(f"coordinator address {coordinator!r} must be HOST:PORT")
     if num < 1 or not 0 <= pid < num:
-      raise DistributedStartError(f"process id {pid} must be in [0, num_processes={num}) "
-                                  "(config.distributed.process_id / JAX_PROCESS_ID)")
+      raise DistributedStartError(
+          f"process id {pid} must be in [0, num_processes={num}) " "(config.distributed.process_id / JAX_PROCESS_ID)"
+      )
   if local:
     out["local_device_ids"] = [int(x) for x in str(local).split(",") if x.strip()]
   if out["init_timeout_s"] <= 0 or out["heartbeat_timeout_s"] <= 0:
@@ -75,8 +81,11 @@ def initialize_from_config(config) -> bool:
     kwargs["local_device_ids"] = s["local_device_ids"]
   if s["coordinator"]:
     kwargs.update(coordinator_address=s["coordinator"], num_processes=s["num_processes"], process_id=s["process_id"])
-  where = (f"coordinator {s['coordinator']}, process {s['process_id']} of {s['num_processes']}" if s["coordinator"]
-           else "SLURM auto-detection")
+  where = (
+      f"coordinator {s['coordinator']}, process {s['process_id']} of {s['num_processes']}"
+      if s["coordinator"]
+      else "SLURM auto-detection"
+  )
   t0 = time.monotonic()
   try:
     jax.distributed.initialize(**kwargs)
@@ -85,26 +94,30 @@ def initialize_from_config(config) -> bool:
         f"could not join the multi-process job ({where}) within config.distributed.init_timeout_s="
         f"{s['init_timeout_s']} s after {time.monotonic() - t0:.0f} s: {type(e).__name__}: {e}. Check that every "
         "process was started with the same coordinator address and process count, that process 0 is running and "
-        "reachable on that port, and that each process id is used once") from e
+        "reachable on that port, and that each process id is used once"
+    ) from e
   start_watchdog(s["heartbeat_timeout_s"])
   return True
 
 
 def _client():
   from jax._src import distributed as jax_distributed
+
   return jax_distributed.global_state.client
 
 
-def start_watchdog(heartbeat_timeout_s: float, *, poll_s: float | None = None,
-                   exit_fn=None) -> threading.Thread | None:
+def start_watchdog(heartbeat_timeout_s: float, *, poll_s: float | None = None, exit_fn=None) -> threading.Thread | None:
   """A daemon thread that ends this process when a peer is lost (see `watch`)."""
   client = _client()
   if client is None or jax.process_count() == 1:
     return None
   poll = poll_s or max(0.5, min(5.0, heartbeat_timeout_s / 4))
-  thread = threading.Thread(target=watch, args=(client, jax.process_index(), jax.process_count(),
-                                                heartbeat_timeout_s, poll, exit_fn),
-                            name="iomm-peer-watchdog", daemon=True)
+  thread = threading.Thread(
+      target=watch,
+      args=(client, jax.process_index(), jax.process_count(), heartbeat_timeout_s, poll, exit_fn),
+      name="iomm-peer-watchdog",
+      daemon=True,
+  )
   thread.start()
   return thread
 
@@ -129,16 +142,20 @@ def watch(client, me: int, n: int, heartbeat_timeout_s: float, poll_s: float, ex
       now = time.monotonic()
       failing_since = failing_since or now
       if now - failing_since >= heartbeat_timeout_s:
-        exit_fn(f"process {me} of {n}: lost contact with the coordination service on process 0 "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); process 0 probably died. "
-                "Stopping this process so the job does not hang; restart the job to resume from the last checkpoint")
+        exit_fn(
+            f"process {me} of {n}: lost contact with the coordination service on process 0 "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); process 0 probably died. "
+            "Stopping this process so the job does not hang; restart the job to resume from the last checkpoint"
+        )
         return
       continue
     missing = sorted(set(peers) - set(live))
     if missing:
-      exit_fn(f"process {me} of {n}: peer process(es) {missing} stopped sending heartbeats for "
-              f"config.distributed.heartbeat_timeout_s={heartbeat_timeout_s:g} s (died or unreachable). "
-              "Stopping this process so the job does not hang; restart the job to resume from the last checkpoint")
+      exit_fn(
+          f"process {me} of {n}: peer process(es) {missing} stopped sending heartbeats for "
+          f"config.distributed.heartbeat_timeout_s={heartbeat_timeout_s:g} s (died or unreachable). "
+          "Stopping this process so the job does not hang; restart the job to resume from the last checkpoint"
+      )
       return
 
 

@@ -29,32 +29,40 @@ def margin_stats(m: np.ndarray) -> dict:
   k = len(m)
   diag = float(np.mean(np.diag(m)))
   off = float((m.sum() - np.trace(m)) / (k * k - k))
-  return {"mse_to_condition": diag, "mse_to_others": off, "margin": off / max(diag, 1e-12),
-          "top1_retrieval": float(np.mean(np.argmin(m, axis=1) == np.arange(k)))}
+  return {
+      "mse_to_condition": diag,
+      "mse_to_others": off,
+      "margin": off / max(diag, 1e-12),
+      "top1_retrieval": float(np.mean(np.argmin(m, axis=1) == np.arange(k))),
+  }
 
 
-def evaluate(run, params, *, num: int = 16, seed: int = 0, steps: int | None = None,
-             cfg_scale: float | None = None) -> dict:
+def evaluate(
+    run, params, *, num: int = 16, seed: int = 0, steps: int | None = None, cfg_scale: float | None = None
+) -> dict:
   """Reconstruction statistics of `params` on `num` held-out shapes images (another draw of the world)."""
   from iomm_jax.train import generate as sample_lib
   from iomm_jax.data.sources import heldout_shapes
+
   c = run.config
-  imgs, vit = heldout_shapes(c.data, num, start=1000)   # past the training grids' held-out images too
+  imgs, vit = heldout_shapes(c.data, num, start=1000)  # past the training grids' held-out images too
   refs = imgs.astype(np.float32) / 127.5 - 1.0
-  out = sample_lib.generate(run, params, vit_pixels=vit, rng=jax.random.key(seed), steps=steps,
-                            cfg_scale=cfg_scale)
+  out = sample_lib.generate(run, params, vit_pixels=vit, rng=jax.random.key(seed), steps=steps, cfg_scale=cfg_scale)
   return margin_stats(mse_matrix(np.asarray(out), refs))
 
 
 def main(argv=None) -> int:
   import argparse
-  ap = argparse.ArgumentParser(prog="python -m iomm_jax.eval_recon", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  ap = argparse.ArgumentParser(
+      prog="python -m iomm_jax.eval_recon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--num", type=int, default=16)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
   from iomm_jax.train import restore
+
   run, params, step = restore.load_for_inference(args.workdir)
   stats = {"checkpoint_step": step, "num": args.num, **evaluate(run, params, num=args.num, seed=args.seed)}
   with open(os.path.join(args.workdir, "recon.json"), "w") as f:

@@ -41,11 +41,23 @@ import numpy as np
 from iomm_jax import geneval_layout, shapes_detector
 from iomm_jax.data import shapes
 
-CATEGORIES = ("single_object_shape", "single_object_colour", "two_object", "colour_attr", "position", "three_object",
-              "counting")
+CATEGORIES = (
+    "single_object_shape",
+    "single_object_colour",
+    "two_object",
+    "colour_attr",
+    "position",
+    "three_object",
+    "counting",
+)
 MAX_OBJECTS = 3  # the world never draws more: an image with more detections is not one of its scenes
-TAGS = {"single_object": ("single_object_shape", "single_object_colour"), "two_object": ("two_object",),
-        "colour_attr": ("colour_attr",), "position": ("position",), "three_object": ("three_object",)}
+TAGS = {
+    "single_object": ("single_object_shape", "single_object_colour"),
+    "two_object": ("two_object",),
+    "colour_attr": ("colour_attr",),
+    "position": ("position",),
+    "three_object": ("three_object",),
+}
 PROMPTS_PER_TAG = {"single_object": 14, "two_object": 14, "colour_attr": 14, "position": 16, "three_object": 14}
 RELATIONS = dict(zip(shapes.RELATIONS, ("above", "below", "left of", "right of")))  # caption words → GenEval's
 _SEED = 0x6E7A1  # the prompt set is part of the benchmark: never change it silently
@@ -81,8 +93,12 @@ def prompt_set() -> list[dict]:
     for _ in range(count):
       for attempt in range(100):  # prompts are unique over the whole set
         jitter = 0.5 * attempt
-        objs = list(zip(_least_used(rng, list(shapes.COLOURS), used_c, k, jitter),
-                        _least_used(rng, shapes.SHAPES, used_s, k, jitter)))
+        objs = list(
+            zip(
+                _least_used(rng, list(shapes.COLOURS), used_c, k, jitter),
+                _least_used(rng, shapes.SHAPES, used_s, k, jitter),
+            )
+        )
         rel = _least_used(rng, list(RELATIONS), used_r, 1)[0] if k == 2 else None
         names = [f"a {c} {s}" for c, s in objs]
         prompt = {1: names[0], 2: f"{names[0]} {rel} {names[-1]}", 3: ", ".join(names[:-1]) + f" and {names[-1]}"}[k]
@@ -150,19 +166,23 @@ def score(metadata: dict, objects: list[dict]) -> dict[str, bool]:
   include = metadata["include"]
   if len(objects) > MAX_OBJECTS:
     return {**dict.fromkeys(TAGS[tag], False), "counting": False}
-  return {**_score_attributes(tag, metadata, objects), "counting": len(objects) == sum(r.get("count", 1)
-                                                                                        for r in include)}
+  return {
+      **_score_attributes(tag, metadata, objects),
+      "counting": len(objects) == sum(r.get("count", 1) for r in include),
+  }
 
 
 def _score_attributes(tag: str, metadata: dict, objects: list[dict]) -> dict[str, bool]:
   include = metadata["include"]
   if tag == "single_object":
     req = include[0]
-    return {"single_object_shape": any(o["shape"] == req["class"] for o in objects),
-            "single_object_colour": any(o["colour"] == req["color"] for o in objects)}
+    return {
+        "single_object_shape": any(o["shape"] == req["class"] for o in objects),
+        "single_object_colour": any(o["colour"] == req["color"] for o in objects),
+    }
   groups, ok = [], True
   for req in include:
-    found = _matches(req, objects)[:req.get("count", 1)]
+    found = _matches(req, objects)[: req.get("count", 1)]
     if len(found) < req.get("count", 1):
       ok = False
       groups.append(None)
@@ -227,8 +247,9 @@ def scene_for(prompt: str, rng: np.random.Generator) -> dict:
       ok = max(dx, dy) >= 1.5 * min(dx, dy)
     if ok and n == 3:
       ok = min(b[0] - a[0] for a, b in zip(xy, xy[1:])) > 0.06
-    objects = [dict(shape=s, colour=c, x=float(p[0]), y=float(p[1]), r=float(r))
-               for (c, s), p, r in zip(named, xy, radii)]
+    objects = [
+        dict(shape=s, colour=c, x=float(p[0]), y=float(p[1]), r=float(r)) for (c, s), p, r in zip(named, xy, radii)
+    ]
     if ok and shapes.caption_of(objects) == prompt:
       return dict(background=bg, objects=objects)
   raise RuntimeError(f"could not place {prompt!r}")  # pragma: no cover - placement succeeds within ~20 draws
@@ -244,18 +265,29 @@ def score_images(metadata: list[dict], images: list[np.ndarray]) -> dict:
   results, per_prompt, dominant = [], [], []
   for i, (meta, imgs) in enumerate(zip(metadata, images)):
     dets = [[d.as_dict() for d in shapes_detector.detect(img)] for img in imgs]
-    if meta["tag"] == "single_object":   # diagnostic: the prompt's colour is the image's main colour
+    if meta["tag"] == "single_object":  # diagnostic: the prompt's colour is the image's main colour
       dominant += [shapes_detector.dominant_colour(img) == meta["include"][0]["color"] for img in imgs]
     res = [score(meta, d) for d in dets]
     results.append((meta, res))
-    per_prompt.append({"index": i, "tag": meta["tag"], "prompt": meta["prompt"],
-                       "correct": [all(r.values()) for r in res],
-                       "detected": [[f"{o['colour']} {o['shape']}" for o in d] for d in dets]})
+    per_prompt.append(
+        {
+            "index": i,
+            "tag": meta["tag"],
+            "prompt": meta["prompt"],
+            "correct": [all(r.values()) for r in res],
+            "detected": [[f"{o['colour']} {o['shape']}" for o in d] for d in dets],
+        }
+    )
   scores, counts = _summarise(results)
   # Not a GenEval category and not in `overall`: shows colour following while shapes are still too rough to detect.
   diagnostics = {"single_object_dominant_colour": float(np.mean(dominant))} if dominant else {}
-  return {"scores": scores, "overall": _overall(scores), "diagnostics": diagnostics, "counts": counts,
-          "per_prompt": per_prompt}
+  return {
+      "scores": scores,
+      "overall": _overall(scores),
+      "diagnostics": diagnostics,
+      "counts": counts,
+      "per_prompt": per_prompt,
+  }
 
 
 def validate(resolution: int = 32, num: int = 4, seed: int = 0, metadata: list[dict] | None = None) -> dict:
@@ -269,12 +301,19 @@ def validate(resolution: int = 32, num: int = 4, seed: int = 0, metadata: list[d
   rng = np.random.default_rng([seed, resolution])
   images = [np.stack([render_prompt(m["prompt"], resolution, rng) for _ in range(num)]) for m in metadata]
   truth = score_images(metadata, images)
-  other = [np.stack([shapes.render(i * num + j, resolution, seed=9000 + seed)[0] for j in range(num)])
-           for i in range(len(metadata))]
+  other = [
+      np.stack([shapes.render(i * num + j, resolution, seed=9000 + seed)[0] for j in range(num)])
+      for i in range(len(metadata))
+  ]
   unrelated = score_images(metadata, other)
-  return {"resolution": resolution, "num_per_prompt": num, "prompts": len(metadata),
-          "ground_truth": {**truth["scores"], "overall": truth["overall"]},
-          "unrelated": {**unrelated["scores"], "overall": unrelated["overall"]}, "chance": chance(metadata)}
+  return {
+      "resolution": resolution,
+      "num_per_prompt": num,
+      "prompts": len(metadata),
+      "ground_truth": {**truth["scores"], "overall": truth["overall"]},
+      "unrelated": {**unrelated["scores"], "overall": unrelated["overall"]},
+      "chance": chance(metadata),
+  }
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -290,8 +329,10 @@ def score_folder(folder: str) -> tuple[list[dict], dict]:
     if not pngs:
       raise ValueError(f"{folder}/{idx:05d}/samples holds no PNGs")
     if meta.get("tag") not in TAGS or "include" not in meta:
-      raise ValueError(f"{folder}/{idx:05d}/metadata.jsonl is not eval_shapes metadata (tag {meta.get('tag')!r}; "
-                       f"expected one of {sorted(TAGS)} with an 'include' list)")
+      raise ValueError(
+          f"{folder}/{idx:05d}/metadata.jsonl is not eval_shapes metadata (tag {meta.get('tag')!r}; "
+          f"expected one of {sorted(TAGS)} with an 'include' list)"
+      )
     metadata.append(meta)
     images.append(np.stack([geneval_layout.load_image(p) for p in pngs]))
   return metadata, {**score_images(metadata, images), "resolution": int(images[0].shape[1]), "images": images}
@@ -300,6 +341,7 @@ def score_folder(folder: str) -> tuple[list[dict], dict]:
 def picture(rows: list[tuple[str, np.ndarray, list[bool]]], path: str) -> None:
   """One row per prompt: its text, then its samples (upscaled to ~128 px), framed green when correct, red when not."""
   from PIL import Image, ImageDraw, ImageFont
+
   try:
     font = ImageFont.load_default(size=13)
   except TypeError:  # Pillow < 10.1: the fixed bitmap font
@@ -340,11 +382,20 @@ def report(folder: str, json_path: str, png_path: str, extra: dict | None = None
   rows = _grid_rows(metadata)
   picture([(metadata[i]["prompt"], images[i], res["per_prompt"][i]["correct"]) for i in rows], png_path)
   ch = chance(metadata)
-  summary = {**(extra or {}), "samples": folder, "resolution": res["resolution"],
-             "num_per_prompt": int(np.mean([len(x) for x in images])), "prompts": len(metadata),
-             "scores": res["scores"], "overall": res["overall"], "diagnostics": res["diagnostics"], "chance": ch,
-             "counts": res["counts"],
-             "report": json_path, "picture": png_path}
+  summary = {
+      **(extra or {}),
+      "samples": folder,
+      "resolution": res["resolution"],
+      "num_per_prompt": int(np.mean([len(x) for x in images])),
+      "prompts": len(metadata),
+      "scores": res["scores"],
+      "overall": res["overall"],
+      "diagnostics": res["diagnostics"],
+      "chance": ch,
+      "counts": res["counts"],
+      "report": json_path,
+      "picture": png_path,
+  }
   full = {**summary, "picture_rows": [metadata[i]["prompt"] for i in rows], "per_prompt": res["per_prompt"]}
   os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
   with open(json_path, "w") as f:
@@ -354,8 +405,10 @@ def report(folder: str, json_path: str, png_path: str, extra: dict | None = None
 
 def main(argv=None) -> int:
   import argparse
-  ap = argparse.ArgumentParser(prog="python -m iomm_jax.eval_shapes", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  ap = argparse.ArgumentParser(
+      prog="python -m iomm_jax.eval_shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--workdir", default=None, help="training workdir: sample from its checkpoint, write reports in it")
   ap.add_argument("--num", type=int, default=4, help="samples per prompt")
   ap.add_argument("--out", default=None, help="samples folder (default <workdir>/eval_shapes/samples)")
@@ -383,8 +436,11 @@ def main(argv=None) -> int:
   if args.samples:
     if not os.path.isdir(args.samples):
       raise SystemExit(f"--samples={args.samples} is not a folder")
-    base = os.path.join(args.workdir, f"eval_shapes{suffix}") if args.workdir else os.path.join(args.samples,
-                                                                                                   "eval_shapes")
+    base = (
+        os.path.join(args.workdir, f"eval_shapes{suffix}")
+        if args.workdir
+        else os.path.join(args.samples, "eval_shapes")
+    )
     try:
       summary = report(args.samples, base + ".json", base + ".png")
     except ValueError as e:
@@ -400,11 +456,21 @@ def main(argv=None) -> int:
 
   from iomm_jax import sample as sample_lib
   from iomm_jax.train import restore
+
   run, params, step = restore.load_for_inference(args.workdir)
   metadata = prompt_set()
   geneval_layout.write_prompts(os.path.join(os.path.dirname(os.path.abspath(out)), "prompts.jsonl"), metadata)
-  sample_lib.write_geneval(run, params, metadata, out, num=args.num, rng=jax.random.key(args.seed), steps=args.steps,
-                           cfg_scale=args.cfg, prompt_of=(lambda m: "") if args.uncond else None)
+  sample_lib.write_geneval(
+      run,
+      params,
+      metadata,
+      out,
+      num=args.num,
+      rng=jax.random.key(args.seed),
+      steps=args.steps,
+      cfg_scale=args.cfg,
+      prompt_of=(lambda m: "") if args.uncond else None,
+  )
   base = os.path.join(args.workdir, f"eval_shapes{suffix}")
   summary = report(out, base + ".json", base + ".png", extra={"checkpoint_step": int(step), "uncond": args.uncond})
   print(json.dumps(summary))

@@ -40,12 +40,13 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
-      raise PromptsFileError(f"{path}:{lineno}: not JSON ({e.msg}); each line must be an object such as "
-                             '{"prompt": "a red circle"}') from None
+      raise PromptsFileError(
+          f"{path}:{lineno}: not JSON ({e.msg}); each line must be an object such as " '{"prompt": "a red circle"}'
+      ) from None
     if not isinstance(obj, dict):
-      raise PromptsFileError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object with a \"prompt\"")
+      raise PromptsFileError(f'{path}:{lineno}: a JSON {type(obj).__name__}, not an object with a "prompt"')
     if not isinstance(obj.get("prompt"), str):
-      raise PromptsFileError(f"{path}:{lineno}: no string \"prompt\" field (keys: {sorted(obj)})")
+      raise PromptsFileError(f'{path}:{lineno}: no string "prompt" field (keys: {sorted(obj)})')
     out.append(obj)
   if not out:
     raise PromptsFileError(f"{path}: no prompts in the file")
@@ -67,7 +68,7 @@ def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
   n, h, w, _ = images.shape
   out = np.full((h + 2 * pad, n * (w + pad) + pad, 3), 255, np.uint8)
   for j, img in enumerate(images):
-    out[pad:pad + h, pad + j * (w + pad):pad + j * (w + pad) + w] = img
+    out[pad : pad + h, pad + j * (w + pad) : pad + j * (w + pad) + w] = img
   return out
 
 

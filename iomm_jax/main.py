@@ -16,8 +16,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "compile the step for the configured mesh without allocating the "
-                             "model; print per-device memory and FLOPs, then exit")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "compile the step for the configured mesh without allocating the "
+    "model; print per-device memory and FLOPs, then exit",
+)
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop after this many updates in this invocation")
 
 
@@ -25,21 +29,26 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override config fields")
   from absl import logging
+
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   from iomm_jax import distributed
+
   distributed.initialize_from_config(_CONFIG.value)  # first thing: every process must join before touching devices
   from iomm_jax.config import ConfigError, validate
+
   try:
     validate(_CONFIG.value, needs_data=not _DRY_RUN.value)  # a dry run reads no data
   except ConfigError as e:
     raise SystemExit(f"config error: {e}") from e
   if _DRY_RUN.value:
     from iomm_jax.train import dry_run
+
     print(json.dumps(dry_run.report(_CONFIG.value)))
     return 0
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   from iomm_jax.train import loop, preemption
+
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
   except user_errors() as e:
@@ -48,6 +57,7 @@ def main(argv):
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(preemption.EXIT_PREEMPTED)
   import jax
+
   if jax.process_index() == 0:
     print(json.dumps({"done": summary}))
   return 0
@@ -62,13 +72,23 @@ def user_errors() -> tuple[type[Exception], ...]:
   from iomm_jax.train.checkpoint import CheckpointRestoreError, SaveFailedError
   from iomm_jax.train.guard import NonFiniteError
   from iomm_jax.train.lock import WorkdirLockedError
-  return (InitWeightsError, KeyMismatchError, MLLMCheckpointError, WarmStartError, NonFiniteError,
-          WorkdirLockedError, CheckpointRestoreError, SaveFailedError)
+
+  return (
+      InitWeightsError,
+      KeyMismatchError,
+      MLLMCheckpointError,
+      WarmStartError,
+      NonFiniteError,
+      WorkdirLockedError,
+      CheckpointRestoreError,
+      SaveFailedError,
+  )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with every config problem as one line (unknown field + nearest ones, bad value, bad file)."""
   from iomm_jax.config import unknown_field_message
+
   try:
     rest = flags.FLAGS(argv)
     if _CONFIG.value is None:
@@ -80,8 +100,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:  # ml_collections: an override names a field the config does not have
     found = re.search(r"'([^'\\]+)", str(e))
     name = found.group(1) if found else str(e)
-    field = next((a.split("=", 1)[0][len("--config."):] for a in argv[1:]
-                  if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")), name)
+    field = next(
+        (
+            a.split("=", 1)[0][len("--config.") :]
+            for a in argv[1:]
+            if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")
+        ),
+        name,
+    )
     raise SystemExit(f"config error: {unknown_field_message(field)}") from None
   except flags.Error as e:
     raise SystemExit(f"config error: {str(e).splitlines()[0]}") from None

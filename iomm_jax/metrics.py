@@ -19,6 +19,7 @@ class MetricsWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def scalars(self, step: int, values: dict) -> None:
@@ -84,8 +85,9 @@ class Throughput:
   def add_wait(self, seconds: float):
     self.data_wait += seconds
 
-  def summary(self, global_batch: int, num_devices: int, tokens_per_image: int, flops_per_step: float,
-              peak_flops: float) -> dict:
+  def summary(
+      self, global_batch: int, num_devices: int, tokens_per_image: int, flops_per_step: float, peak_flops: float
+  ) -> dict:
     elapsed = max(time.perf_counter() - self.start, 1e-9)
     steps = max(self.steps, 1)
     step_time = elapsed / steps

@@ -27,12 +27,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh {sizes}: the fixed sizes (product {known}) do not divide the "
-                       f"{num_devices} devices; change config.mesh.*")
+      raise ValueError(
+          f"config.mesh {sizes}: the fixed sizes (product {known}) do not divide the "
+          f"{num_devices} devices; change config.mesh.*"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
-                     f"{num_devices} are available; set one axis to -1 or make the product match")
+    raise ValueError(
+        f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
+        f"{num_devices} are available; set one axis to -1 or make the product match"
+    )
   return tuple(sizes)
 
 
@@ -43,8 +47,9 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_spec(axes: Sequence[str | None] | None, shape: Sequence[int], rules: Mapping[str, Any] | Sequence,
-                 mesh: Mesh) -> P:
+def logical_spec(
+    axes: Sequence[str | None] | None, shape: Sequence[int], rules: Mapping[str, Any] | Sequence, mesh: Mesh
+) -> P:
   """PartitionSpec for one array from its logical axis names.
 
   A dimension stays replicated when its rule maps to None, when the mesh axis has size 1, when the dimension is
@@ -102,11 +107,15 @@ def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
   if global_batch % shards:
     raise ValueError(f"config.train.global_batch={global_batch} is not divisible by data×fsdp={shards}")
   if global_batch % jax.process_count():
-    raise ValueError(f"config.train.global_batch={global_batch} is not divisible by the {jax.process_count()} processes")
+    raise ValueError(
+        f"config.train.global_batch={global_batch} is not divisible by the {jax.process_count()} processes"
+    )
   return global_batch // jax.process_count()
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assemble each process's slice into global arrays sharded over ('data', 'fsdp')."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in local.items()}
+  return {
+      k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+      for k, v in local.items()
+  }

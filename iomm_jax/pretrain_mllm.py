@@ -26,6 +26,7 @@ def main(argv):
   if not _OUT.value:
     raise app.UsageError("--out is required")
   from iomm_jax.mllm_pretrain import trainer
+
   report = trainer.pretrain(_CONFIG.value, _OUT.value)
   print(json.dumps({"out": _OUT.value, **report}))
   return 0

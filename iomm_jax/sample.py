@@ -23,8 +23,9 @@ from iomm_jax.models import iomm
 from iomm_jax.train.generate import generate, grid, prompt_notes, save_png, to_uint8
 
 
-def write_geneval(run, params, metadata: list[dict], out_dir: str, *, num: int, rng, steps=None, cfg_scale=None,
-                  prompt_of=None) -> str:
+def write_geneval(
+    run, params, metadata: list[dict], out_dir: str, *, num: int, rng, steps=None, cfg_scale=None, prompt_of=None
+) -> str:
   """Samples `num` images per metadata object (prompt i in list order, one generate call each) into GenEval's layout.
 
   Prompt i's noise is `fold_in(rng, i)`, so its samples do not depend on the other prompts. `prompt_of(metadata)`
@@ -33,8 +34,9 @@ def write_geneval(run, params, metadata: list[dict], out_dir: str, *, num: int, 
   prompt_of = prompt_of or (lambda m: m["prompt"])
   with geneval_layout.Writer(out_dir) as w:
     for i, m in enumerate(metadata):
-      imgs = generate(run, params, prompts=[prompt_of(m)] * num, rng=jax.random.fold_in(rng, i), steps=steps,
-                      cfg_scale=cfg_scale)
+      imgs = generate(
+          run, params, prompts=[prompt_of(m)] * num, rng=jax.random.fold_in(rng, i), steps=steps, cfg_scale=cfg_scale
+      )
       w.add(i, m, to_uint8(imgs))
   return out_dir
 
@@ -43,6 +45,7 @@ def load_image_views(path: str, data_cfg) -> tuple[np.ndarray, np.ndarray]:
   """(pixels in [-1,1] at data.resolution, ViT view) of one image file, through training's own preparation path
   (EXIF orientation, transparency on white, one resize + centre crop, ViT view from the original)."""
   from iomm_jax.data import decode
+
   try:
     img = decode.load_file(path, data_cfg.max_image_pixels)
   except (OSError, decode.UnreadableImage) as e:
@@ -52,13 +55,18 @@ def load_image_views(path: str, data_cfg) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv=None) -> int:
   import argparse
-  ap = argparse.ArgumentParser(prog="python -m iomm_jax.sample", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  ap = argparse.ArgumentParser(
+      prog="python -m iomm_jax.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   ap.add_argument("--workdir", required=True, help="training workdir (config.json + checkpoints/)")
   ap.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
   ap.add_argument("--image", action="append", default=[], help="condition on this image (repeatable)")
-  ap.add_argument("--prompts_file", default=None,
-                  help="JSONL of GenEval metadata objects ({\"prompt\": ...}); writes GenEval's folder layout")
+  ap.add_argument(
+      "--prompts_file",
+      default=None,
+      help='JSONL of GenEval metadata objects ({"prompt": ...}); writes GenEval\'s folder layout',
+  )
   ap.add_argument("--edit", default=None, help="with --image: an edit instruction instead of the aux prompt")
   ap.add_argument("--num", type=int, default=8, help="samples per prompt/image")
   ap.add_argument("--out", default=None, help="output folder (default <workdir>/samples)")
@@ -82,6 +90,7 @@ def main(argv=None) -> int:
       raise SystemExit(f"--out={args.out} exists and is not a folder")
 
   from iomm_jax.train import restore
+
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   out = args.out or os.path.join(args.workdir, "samples")
   texts = list(args.prompt) + ([m["prompt"] for m in metadata] if metadata else [])
@@ -90,8 +99,9 @@ def main(argv=None) -> int:
   rng = jax.random.key(args.seed)
   written = []
   for i, prompt in enumerate(args.prompt):
-    imgs = generate(run, params, prompts=[prompt] * args.num, rng=jax.random.fold_in(rng, i),
-                    steps=args.steps, cfg_scale=args.cfg)
+    imgs = generate(
+        run, params, prompts=[prompt] * args.num, rng=jax.random.fold_in(rng, i), steps=args.steps, cfg_scale=args.cfg
+    )
     path = os.path.join(out, f"prompt_{i:02d}.png")
     save_png(path, grid([to_uint8(imgs)]), upscale=max(1, 128 // imgs.shape[1]))
     written.append({"prompt": prompt, "path": path})
@@ -100,16 +110,31 @@ def main(argv=None) -> int:
     tpl = iomm.make_templates(run.processor, args.edit, run.config.data.max_text_tokens)
   for i, image_path in enumerate(args.image):
     pixels, vit = load_image_views(image_path, run.config.data)
-    imgs = generate(run, params, vit_pixels=np.repeat(vit[None], args.num, 0), tpl=tpl,
-                    rng=jax.random.fold_in(rng, 1000 + i), steps=args.steps, cfg_scale=args.cfg)
+    imgs = generate(
+        run,
+        params,
+        vit_pixels=np.repeat(vit[None], args.num, 0),
+        tpl=tpl,
+        rng=jax.random.fold_in(rng, 1000 + i),
+        steps=args.steps,
+        cfg_scale=args.cfg,
+    )
     path = os.path.join(out, f"image_{i:02d}.png")
     ref = to_uint8(pixels[None])
     save_png(path, grid([np.concatenate([ref, to_uint8(imgs)])]), upscale=max(1, 128 // imgs.shape[1]))
     written.append({"image": image_path, "edit": args.edit, "path": path})
   if metadata is not None:
     folder = args.out or os.path.join(args.workdir, "samples", "geneval")
-    write_geneval(run, params, metadata, folder, num=args.num, rng=jax.random.fold_in(rng, 2000), steps=args.steps,
-                  cfg_scale=args.cfg)
+    write_geneval(
+        run,
+        params,
+        metadata,
+        folder,
+        num=args.num,
+        rng=jax.random.fold_in(rng, 2000),
+        steps=args.steps,
+        cfg_scale=args.cfg,
+    )
     written.append({"prompts_file": args.prompts_file, "prompts": len(metadata), "path": folder})
   print(json.dumps({"checkpoint_step": step, "written": written}))
   return 0

@@ -43,8 +43,23 @@ def guided(velocity_fn_batched, w: float):
   return fn
 
 
-def generate(gen, mllm, ae, tpl: iomm.Templates, ids, valid, image_tokens, use_image, rng, *,
-             latent_shape, steps: int, cfg_scale: float, condition: str = "query", shift: float = 1.0):
+def generate(
+    gen,
+    mllm,
+    ae,
+    tpl: iomm.Templates,
+    ids,
+    valid,
+    image_tokens,
+    use_image,
+    rng,
+    *,
+    latent_shape,
+    steps: int,
+    cfg_scale: float,
+    condition: str = "query",
+    shift: float = 1.0,
+):
   """Images in [-1, 1] (B, H, W, 3) for per-sample condition ids/valid (and unmasked image tokens where use_image).
 
   The unconditional branch uses the empty-prompt template, as condition dropout does in training.
@@ -54,8 +69,9 @@ def generate(gen, mllm, ae, tpl: iomm.Templates, ids, valid, image_tokens, use_i
   h_c, m_c = iomm.encode_condition(gen.rqa, mllm, tpl, ids, valid, image_tokens, keep, use_image, mode=condition)
   u_ids = jnp.broadcast_to(jnp.asarray(tpl.uncond_ids), ids.shape)
   u_valid = jnp.broadcast_to(jnp.asarray(tpl.uncond_valid), valid.shape)
-  h_u, m_u = iomm.encode_condition(gen.rqa, mllm, tpl, u_ids, u_valid, image_tokens, keep,
-                                   jnp.zeros_like(use_image), mode=condition)
+  h_u, m_u = iomm.encode_condition(
+      gen.rqa, mllm, tpl, u_ids, u_valid, image_tokens, keep, jnp.zeros_like(use_image), mode=condition
+  )
   h = jnp.concatenate([h_c, h_u])
   m = jnp.concatenate([m_c, m_u])
 

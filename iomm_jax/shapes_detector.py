@@ -25,26 +25,27 @@ from iomm_jax.data import shapes
 
 COLOUR_NAMES = tuple(shapes.COLOURS)
 _PALETTE = np.array([shapes.COLOURS[c] for c in COLOUR_NAMES], np.float64)
-_TOL = 48.0          # max RGB distance from a colour's blend line (generated samples are noisy)
-_MIN_AREA = 0.003    # components covering less of the image are specks, not objects (smallest object ≈ 0.008)
-_MAX_AREA = 0.5      # larger ones are coloured backgrounds (largest object ≈ 0.33)
+_TOL = 48.0  # max RGB distance from a colour's blend line (generated samples are noisy)
+_MIN_AREA = 0.003  # components covering less of the image are specks, not objects (smallest object ≈ 0.008)
+_MAX_AREA = 0.5  # larger ones are coloured backgrounds (largest object ≈ 0.33)
 _GRID = np.linspace(-1.2, 1.2, 12)  # patch sample points, in units of sqrt(object area)
 _FIT_SEED = 20240531
-_FIT_NUM = 1200      # training renders per resolution (200 per shape)
-_DEGRADED = 0.5      # fraction of them blurred (up to 1 px at 32²) and noised (sigma up to 10)
+_FIT_NUM = 1200  # training renders per resolution (200 per shape)
+_DEGRADED = 0.5  # fraction of them blurred (up to 1 px at 32²) and noised (sigma up to 10)
 
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
   """One object: palette colour, shape, centre (x right, y down) and size, all normalised to the image side."""
+
   colour: str
   shape: str
   x: float
   y: float
-  w: float       # bounding box of the alpha >= 0.5 pixels
+  w: float  # bounding box of the alpha >= 0.5 pixels
   h: float
-  area: float    # soft coverage as a fraction of the image
-  score: float   # classifier probability of `shape`
+  area: float  # soft coverage as a fraction of the image
+  score: float  # classifier probability of `shape`
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -90,8 +91,16 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     stack, comp = [start], [start]
     while stack:
       y, x = stack.pop()
-      for q in ((y - 1, x - 1), (y - 1, x), (y - 1, x + 1), (y, x - 1), (y, x + 1), (y + 1, x - 1), (y + 1, x),
-                (y + 1, x + 1)):
+      for q in (
+          (y - 1, x - 1),
+          (y - 1, x),
+          (y - 1, x + 1),
+          (y, x - 1),
+          (y, x + 1),
+          (y + 1, x - 1),
+          (y + 1, x),
+          (y + 1, x + 1),
+      ):
         if q in todo:
           todo.remove(q)
           stack.append(q)
@@ -114,15 +123,16 @@ def _features(a: np.ndarray) -> tuple[np.ndarray, float, float, float]:
   """(features, cx, cy, m00) of one object's soft coverage map `a` (H, W); pixel centres at +0.5."""
   yy, xx = np.nonzero(a)
   top, left = int(yy.min()), int(xx.min())
-  a = a[top:int(yy.max()) + 1, left:int(xx.max()) + 1]  # only the object's box: a is zero elsewhere
+  a = a[top : int(yy.max()) + 1, left : int(xx.max()) + 1]  # only the object's box: a is zero elsewhere
   h, w = a.shape
   m00 = float(a.sum())
   ys, xs = np.mgrid[0:h, 0:w] + 0.5
   cx, cy = float((a * xs).sum() / m00), float((a * ys).sum() / m00)
   dx, dy = xs - cx, ys - cy
   # Scale-invariant central moments; shapes are never rotated, so no rotation invariance is wanted.
-  moments = [(a * dx ** p * dy ** q).sum() / m00 ** (1 + (p + q) / 2)
-             for p in range(5) for q in range(5) if 2 <= p + q <= 4]
+  moments = [
+      (a * dx**p * dy**q).sum() / m00 ** (1 + (p + q) / 2) for p in range(5) for q in range(5) if 2 <= p + q <= 4
+  ]
   s = np.sqrt(m00)
   u, v = np.meshgrid(_GRID, _GRID)
   px, py = cx + s * u - 0.5, cy + s * v - 0.5
@@ -133,8 +143,12 @@ def _features(a: np.ndarray) -> tuple[np.ndarray, float, float, float]:
     ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
     return np.where(ok, a[yy.clip(0, h - 1), xx.clip(0, w - 1)], 0.0)
 
-  patch = (at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x0 + 1) * fx * (1 - fy) + at(y0 + 1, x0) * (1 - fx) * fy
-           + at(y0 + 1, x0 + 1) * fx * fy)
+  patch = (
+      at(y0, x0) * (1 - fx) * (1 - fy)
+      + at(y0, x0 + 1) * fx * (1 - fy)
+      + at(y0 + 1, x0) * (1 - fx) * fy
+      + at(y0 + 1, x0 + 1) * fx * fy
+  )
   return np.concatenate([np.array(moments) * 10.0, patch.ravel()]), cx + left, cy + top, m00
 
 
@@ -161,15 +175,28 @@ class _MLP:
   spin against other jobs on a loaded 2-core machine (measured 10× slower).
   """
 
-  def __init__(self, x: np.ndarray, y: np.ndarray, *, hidden: int = 32, epochs: int = 60, batch: int = 48,
-               lr: float = 0.003, seed: int = 0):
+  def __init__(
+      self,
+      x: np.ndarray,
+      y: np.ndarray,
+      *,
+      hidden: int = 32,
+      epochs: int = 60,
+      batch: int = 48,
+      lr: float = 0.003,
+      seed: int = 0,
+  ):
     self.mu, self.sd = x.mean(0), x.std(0) + 1e-6
     xn = (x - self.mu) / self.sd
     rng = np.random.default_rng(seed)
     n, d = xn.shape
     k = int(y.max()) + 1
-    params = [rng.normal(0, d ** -0.5, (d, hidden)), np.zeros(hidden), rng.normal(0, hidden ** -0.5, (hidden, k)),
-              np.zeros(k)]
+    params = [
+        rng.normal(0, d**-0.5, (d, hidden)),
+        np.zeros(hidden),
+        rng.normal(0, hidden**-0.5, (hidden, k)),
+        np.zeros(k),
+    ]
     onehot = np.eye(k)[y]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
@@ -178,7 +205,7 @@ class _MLP:
       order = rng.permutation(n)
       for start in range(0, n - batch + 1, batch):
         t += 1
-        idx = order[start:start + batch]
+        idx = order[start : start + batch]
         xb = xn[idx]
         w1, b1, w2, b2 = params
         hid = np.maximum(xb @ w1 + b1, 0.0)
@@ -188,7 +215,7 @@ class _MLP:
         for i, gr in enumerate(grads):
           m[i] = 0.9 * m[i] + 0.1 * gr
           v[i] = 0.999 * v[i] + 0.001 * gr * gr
-          params[i] -= lr * (m[i] / (1 - 0.9 ** t)) / (np.sqrt(v[i] / (1 - 0.999 ** t)) + 1e-8)
+          params[i] -= lr * (m[i] / (1 - 0.9**t)) / (np.sqrt(v[i] / (1 - 0.999**t)) + 1e-8)
     self.params = params
 
   @staticmethod
@@ -211,8 +238,9 @@ def _training_set(resolution: int, num: int, seed: int) -> tuple[np.ndarray, np.
     x, y = rng.uniform(r + 0.02, 1 - r - 0.02, size=2)
     bg = rng.uniform(205, 250, size=3).astype(int)
     k = int(rng.integers(len(COLOUR_NAMES)))
-    img = shapes.render_objects([dict(shape=shapes.SHAPES[s], colour=COLOUR_NAMES[k], x=x, y=y, r=r)], resolution,
-                                tuple(bg))
+    img = shapes.render_objects(
+        [dict(shape=shapes.SHAPES[s], colour=COLOUR_NAMES[k], x=x, y=y, r=r)], resolution, tuple(bg)
+    )
     if rng.uniform() < _DEGRADED:  # generated samples are softer and noisier than renders
       radius = rng.uniform(0.0, 1.0) * resolution / 32
       img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)), np.float64)
@@ -251,8 +279,19 @@ class Detector:
     if not found:
       return []
     prob = self.model.proba(np.stack(feats))
-    out = [Detection(colour=COLOUR_NAMES[k], shape=shapes.SHAPES[int(p.argmax())], x=x, y=y, w=bw, h=bh, area=ar,
-                     score=float(p.max())) for (k, x, y, bw, bh, ar), p in zip(found, prob)]
+    out = [
+        Detection(
+            colour=COLOUR_NAMES[k],
+            shape=shapes.SHAPES[int(p.argmax())],
+            x=x,
+            y=y,
+            w=bw,
+            h=bh,
+            area=ar,
+            score=float(p.max()),
+        )
+        for (k, x, y, bw, bh, ar), p in zip(found, prob)
+    ]
     return sorted(out, key=lambda d: -d.area)
 
 
@@ -285,15 +324,25 @@ def accuracy(resolution: int, num: int = 300, seed: int = 7) -> dict:
       colour_ok += bool(near)
       shape_ok += bool(near) and near[0].shape == o["shape"]
     exact += sorted((d.colour, d.shape) for d in found) == sorted((o["colour"], o["shape"]) for o in truth)
-  return {"resolution": resolution, "images": num, "objects": n_obj, "colour": colour_ok / n_obj,
-          "shape": shape_ok / n_obj, "image_exact": exact / num}
+  return {
+      "resolution": resolution,
+      "images": num,
+      "objects": n_obj,
+      "colour": colour_ok / n_obj,
+      "shape": shape_ok / n_obj,
+      "image_exact": exact / num,
+  }
 
 
 def main(argv=None) -> int:
   import argparse
   import time
-  ap = argparse.ArgumentParser(prog="python -m iomm_jax.shapes_detector", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  ap = argparse.ArgumentParser(
+      prog="python -m iomm_jax.shapes_detector",
+      description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   ap.add_argument("--resolution", type=int, nargs="+", default=[32, 48, 64])
   ap.add_argument("--num", type=int, default=300, help="held-out renders per resolution")
   args = ap.parse_args(argv)

@@ -1,11 +1,14 @@
 """Test setup: 8 simulated CPU devices, fp32 matmuls, absl flags parsed for Grain workers."""
+
 import os
 
 # The 8 simulated devices are threads on 2 cores: under load one can reach a collective far later than the
 # others, and XLA:CPU's default rendezvous timeout then aborts the process ("only 7 of them arrived").
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_collective_timeout_seconds=900"
-                           " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_timeout_seconds=900"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

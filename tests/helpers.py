@@ -1,4 +1,5 @@
 """Shared test helpers: load a config file by name, build a small tiny-config run."""
+
 import importlib.util
 import os
 
@@ -34,6 +35,7 @@ def take(it, n: int) -> list:
 def assert_batches_equal(a, b) -> None:
   """Two lists of batches (dicts of arrays) are equal key by key."""
   import numpy as np
+
   assert len(a) == len(b)
   for x, y in zip(a, b):
     assert x.keys() == y.keys()

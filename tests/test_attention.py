@@ -1,5 +1,6 @@
 """layers.attention: every implementation agrees with the explicit 'xla' reference, and config.model.attention
 reaches every module (MM-DiT, S3-DiT, RQA, VAE, ViT, LLM)."""
+
 import inspect
 import json
 import os
@@ -27,8 +28,8 @@ def _qkv(seed, hk=H, lq=LQ, lk=LK):
 
 def _key_mask(lk=LK):
   m = np.ones((B, lk), bool)
-  m[0, -7:] = False    # sample 0: right padding
-  m[1, :3] = False     # sample 1: left padding
+  m[0, -7:] = False  # sample 0: right padding
+  m[1, :3] = False  # sample 1: left padding
   return jnp.asarray(m)
 
 
@@ -121,9 +122,17 @@ def spy(monkeypatch):
 
 
 def _write_vae_folder(path):
-  cfg = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-             up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
-             latent_channels=4, norm_num_groups=4, sample_size=16)
+  cfg = dict(
+      in_channels=3,
+      out_channels=3,
+      down_block_types=["DownEncoderBlock2D"] * 2,
+      up_block_types=["UpDecoderBlock2D"] * 2,
+      block_out_channels=[8, 16],
+      layers_per_block=1,
+      latent_channels=4,
+      norm_num_groups=4,
+      sample_size=16,
+  )
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg, f)
@@ -146,15 +155,33 @@ def test_model_attention_reaches_every_module(spy, tmp_path):
   n_img = 16
   dcfg = gen.dit.cfg
   jax.eval_shape(lambda: gen.rqa(cond, key_mask))
-  jax.eval_shape(lambda: gen.dit(jnp.ones((b, n_img, dcfg.in_channels)), cond, cond.mean(1), jnp.ones((b,)),
-                                 jnp.zeros((n_img, 3)), jnp.zeros((lc, 3)), key_mask))
+  jax.eval_shape(
+      lambda: gen.dit(
+          jnp.ones((b, n_img, dcfg.in_channels)),
+          cond,
+          cond.mean(1),
+          jnp.ones((b,)),
+          jnp.zeros((n_img, 3)),
+          jnp.zeros((lc, 3)),
+          key_mask,
+      )
+  )
   v = mcfg.vision.image_size
   jax.eval_shape(lambda: mllm.encode_image_tokens(jnp.ones((b, v, v, 3))))
   jax.eval_shape(lambda: mllm.language_model_forward(jnp.ones((b, lc, width)), key_mask))
   jax.eval_shape(lambda: vae.encode(jnp.ones((b, 16, 16, 3))))
   c.model.dit.kind = "s3dit"
-  c.model.dit.arch = dict(in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-                          cap_feat_dim=width, axes_dims=(4, 6, 6), axes_lens=(64, 16, 16))
+  c.model.dit.arch = dict(
+      in_channels=4,
+      dim=32,
+      n_layers=1,
+      n_refiner_layers=1,
+      n_heads=2,
+      n_kv_heads=2,
+      cap_feat_dim=width,
+      axes_dims=(4, 6, 6),
+      axes_lens=(64, 16, 16),
+  )
   s3 = factory.make_generator(c, nnx.Rngs(3), mcfg).dit
   jax.eval_shape(lambda: s3(jnp.ones((b, 8, 8, 4)), jnp.ones((b,)), cond, key_mask))
   seen = {}

@@ -17,14 +17,34 @@ from iomm_jax.models.layers import count_params
 # Two tiny random configs: with/without quant convs, 8 or 32 groups, 4 or 16 latent channels, with/without
 # mid-block attention, 2 or 3 resolutions.
 TINY = {
-    "quant_attn": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                       up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                       norm_num_groups=8, scaling_factor=0.5, shift_factor=0.25, use_quant_conv=True,
-                       use_post_quant_conv=True, mid_block_add_attention=True, sample_size=32),
-    "flux_like": dict(block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                      up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=2, latent_channels=16,
-                      norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                      use_post_quant_conv=False, mid_block_add_attention=False, sample_size=32),
+    "quant_attn": dict(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.5,
+        shift_factor=0.25,
+        use_quant_conv=True,
+        use_post_quant_conv=True,
+        mid_block_add_attention=True,
+        sample_size=32,
+    ),
+    "flux_like": dict(
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        sample_size=32,
+    ),
 }
 
 
@@ -34,8 +54,12 @@ def _param_shapes(model):
 
 def _load(model, torch_sd):
   flat = keymap.to_jax(torch_sd, KEY_TABLE, _param_shapes(model))
-  nnx.update(model, nnx.from_flat_state([(tuple(int(p) if p.isdigit() else p for p in k.split(".")),
-                                          jnp.asarray(v)) for k, v in flat.items()]))
+  nnx.update(
+      model,
+      nnx.from_flat_state(
+          [(tuple(int(p) if p.isdigit() else p for p in k.split(".")), jnp.asarray(v)) for k, v in flat.items()]
+      ),
+  )
 
 
 def _numpy_sd(module):
@@ -206,9 +230,9 @@ def test_identity_and_factory():
   assert s2d.downsample == 2 and s2d.latent_channels == 12
   z = s2d.encode(x)
   assert z.shape == (x.shape[0], x.shape[1] // 2, x.shape[2] // 2, 12)
-  np.testing.assert_array_equal(np.asarray(z[:, 0, 0, :3]), np.asarray(x[:, 0, 0]))     # block (0,0) pixel (0,0)
-  np.testing.assert_array_equal(np.asarray(z[:, 0, 0, 3:6]), np.asarray(x[:, 0, 1]))    # pixel (0,1) next
-  np.testing.assert_array_equal(np.asarray(s2d.decode(z)), np.asarray(x))               # exactly invertible
+  np.testing.assert_array_equal(np.asarray(z[:, 0, 0, :3]), np.asarray(x[:, 0, 0]))  # block (0,0) pixel (0,0)
+  np.testing.assert_array_equal(np.asarray(z[:, 0, 0, 3:6]), np.asarray(x[:, 0, 1]))  # pixel (0,1) next
+  np.testing.assert_array_equal(np.asarray(s2d.decode(z)), np.asarray(x))  # exactly invertible
   vae = nnx.eval_shape(lambda: make_autoencoder("flux_vae", cfg=TINY["flux_like"], rngs=nnx.Rngs(0)))
   assert isinstance(vae, FluxVAE) and isinstance(vae, Autoencoder) and vae.downsample == 4
   with pytest.raises(ValueError, match="unknown autoencoder kind"):
@@ -226,6 +250,7 @@ def test_run_loads_the_vae_from_a_diffusers_folder(tmp_path):
   from iomm_jax import parallel
   from iomm_jax.models import factory
   from iomm_jax.train import builder
+
   ref = _reference("flux_like")
   ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
   c = tiny_config()

@@ -1,5 +1,6 @@
 """The offline feature cache: prepare → cache (CLI) → train with data.cached=True, features equal to the live path,
 exact resume on cached data, the cached step never runs the ViT, and the writer's resume / atomicity / errors."""
+
 import json
 import shutil
 import subprocess
@@ -21,221 +22,255 @@ SHARDS = 2
 
 
 def image_config(src, **kw):
-    return tiny_config(data__source="arrayrecord", data__path=str(src), train__sample_every=0, **kw)
+  return tiny_config(data__source="arrayrecord", data__path=str(src), train__sample_every=0, **kw)
 
 
 def cached_config(cache_dir, **kw):
-    c = image_config("unused", data__cached=True, data__cache_path=str(cache_dir), train__num_steps=6,
-                     train__log_every=1, train__ckpt_every=3, train__warmup_steps=2, **kw)
-    return c
+  c = image_config(
+      "unused",
+      data__cached=True,
+      data__cache_path=str(cache_dir),
+      train__num_steps=6,
+      train__log_every=1,
+      train__ckpt_every=3,
+      train__warmup_steps=2,
+      **kw,
+  )
+  return c
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """prepare: the shapes set as ArrayRecord shards, then the feature cache through the CLI (a subprocess)."""
-    root = tmp_path_factory.mktemp("cache_e2e")
-    c = image_config(root / "src")
-    shapes.write_arrayrecord(root / "src", NUM, c.data.resolution, seed=0, shards=2, progress=False)
-    dst = root / "features"
-    cmd = [sys.executable, "-m", "iomm_jax.cache", f"--config={ROOT}/configs/tiny.py",
-           "--config.data.source=arrayrecord", f"--config.data.path={root / 'src'}",
-           f"--config.train.global_batch={c.train.global_batch}", f"--config.data.num_images={c.data.num_images}",
-           "--config.train.sample_every=0", f"--dst={dst}", f"--shards={SHARDS}", "--no_progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"root": root, "src": root / "src", "dst": dst, "summary": summary}
+  """prepare: the shapes set as ArrayRecord shards, then the feature cache through the CLI (a subprocess)."""
+  root = tmp_path_factory.mktemp("cache_e2e")
+  c = image_config(root / "src")
+  shapes.write_arrayrecord(root / "src", NUM, c.data.resolution, seed=0, shards=2, progress=False)
+  dst = root / "features"
+  cmd = [
+      sys.executable,
+      "-m",
+      "iomm_jax.cache",
+      f"--config={ROOT}/configs/tiny.py",
+      "--config.data.source=arrayrecord",
+      f"--config.data.path={root / 'src'}",
+      f"--config.train.global_batch={c.train.global_batch}",
+      f"--config.data.num_images={c.data.num_images}",
+      "--config.train.sample_every=0",
+      f"--dst={dst}",
+      f"--shards={SHARDS}",
+      "--no_progress",
+  ]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  return {"root": root, "src": root / "src", "dst": dst, "summary": summary}
 
 
 @pytest.fixture(scope="module")
 def cached_run(data):
-    return builder.build(cached_config(data["dst"]))
+  return builder.build(cached_config(data["dst"]))
 
 
 # ------------------------------------------------------------------------------------------------ the cache files
 def test_cli_writes_every_record_once_in_order(data):
-    s = data["summary"]
-    assert (s["written"], s["skipped"], s["uncaptioned"], s["records"]) == (NUM, 0, 0, NUM)
-    assert (s["shards"], s["shards_written"], s["shards_already_done"], s["dtype"]) == (SHARDS, SHARDS, 0, "float16")
-    names = sorted(p.name for p in data["dst"].iterdir())
-    assert names == [".cache_state"] + [cache.shard_name(0, 1, k, SHARDS) for k in range(SHARDS)]  # no temp files
-    src, feats = sources.ArrayRecordSource(data["src"]), sources.ArrayRecordSource(data["dst"])
-    assert len(feats) == NUM
-    assert [feats[i]["id"] for i in range(NUM)] == [src[i]["id"] for i in range(NUM)]  # source order, once each
-    rec = feats[7]
-    assert rec["kind"] == "features" and rec["vit_tokens"].dtype == np.float16 and rec["latent"].dtype == np.float16
-    assert rec["caption"] == src[7]["caption"] and rec["caption_ids"].dtype == np.int32
+  s = data["summary"]
+  assert (s["written"], s["skipped"], s["uncaptioned"], s["records"]) == (NUM, 0, 0, NUM)
+  assert (s["shards"], s["shards_written"], s["shards_already_done"], s["dtype"]) == (SHARDS, SHARDS, 0, "float16")
+  names = sorted(p.name for p in data["dst"].iterdir())
+  assert names == [".cache_state"] + [cache.shard_name(0, 1, k, SHARDS) for k in range(SHARDS)]  # no temp files
+  src, feats = sources.ArrayRecordSource(data["src"]), sources.ArrayRecordSource(data["dst"])
+  assert len(feats) == NUM
+  assert [feats[i]["id"] for i in range(NUM)] == [src[i]["id"] for i in range(NUM)]  # source order, once each
+  rec = feats[7]
+  assert rec["kind"] == "features" and rec["vit_tokens"].dtype == np.float16 and rec["latent"].dtype == np.float16
+  assert rec["caption"] == src[7]["caption"] and rec["caption_ids"].dtype == np.int32
 
 
 def test_cached_features_equal_the_live_path(data, cached_run):
-    """ViT tokens and latents from the cache equal what the live step computes for the same images (fp16 rounding)."""
-    run = cached_run
-    src, feats = sources.ArrayRecordSource(data["src"]), sources.ArrayRecordSource(data["dst"])
-    idx = [0, 13, 39]
-    views = [decode.views(decode.to_rgb(src[i]), run.config.data.resolution, run.config.data.vit_size) for i in idx]
-    pixels = jnp.asarray(np.stack([v[0] for v in views]))
-    vit_pixels = jnp.asarray(np.stack([v[1] for v in views]))
-    mllm = nnx.merge(run.statics.mllm_def, run.frozen["mllm"])
-    ae = nnx.merge(run.statics.ae_def, run.frozen["ae"])
-    tokens, latents = np.asarray(mllm.encode_image_tokens(vit_pixels)), np.asarray(ae.encode(pixels))
-    assert tokens.shape[1:] == (run.mcfg.num_image_tokens, run.mcfg.text.hidden_size)
-    assert latents.shape[1:] == run.latent_shape
-    for k, i in enumerate(idx):
-        rec = feats[i]
-        for name, live in (("vit_tokens", tokens[k]), ("latent", latents[k])):
-            got = rec[name].astype(np.float32)
-            scale = max(1.0, float(np.abs(live).max()))
-            np.testing.assert_allclose(got, live, rtol=2 ** -10, atol=1e-3 * scale, err_msg=f"{name} of record {i}")
-        assert rec["caption_ids"].tolist() == list(run.tokenize(rec["caption"]))
-    # the comparison can fail: another record's tokens are far away
-    assert np.abs(feats[idx[1]]["vit_tokens"].astype(np.float32) - tokens[0]).max() > 1e-2
+  """ViT tokens and latents from the cache equal what the live step computes for the same images (fp16 rounding)."""
+  run = cached_run
+  src, feats = sources.ArrayRecordSource(data["src"]), sources.ArrayRecordSource(data["dst"])
+  idx = [0, 13, 39]
+  views = [decode.views(decode.to_rgb(src[i]), run.config.data.resolution, run.config.data.vit_size) for i in idx]
+  pixels = jnp.asarray(np.stack([v[0] for v in views]))
+  vit_pixels = jnp.asarray(np.stack([v[1] for v in views]))
+  mllm = nnx.merge(run.statics.mllm_def, run.frozen["mllm"])
+  ae = nnx.merge(run.statics.ae_def, run.frozen["ae"])
+  tokens, latents = np.asarray(mllm.encode_image_tokens(vit_pixels)), np.asarray(ae.encode(pixels))
+  assert tokens.shape[1:] == (run.mcfg.num_image_tokens, run.mcfg.text.hidden_size)
+  assert latents.shape[1:] == run.latent_shape
+  for k, i in enumerate(idx):
+    rec = feats[i]
+    for name, live in (("vit_tokens", tokens[k]), ("latent", latents[k])):
+      got = rec[name].astype(np.float32)
+      scale = max(1.0, float(np.abs(live).max()))
+      np.testing.assert_allclose(got, live, rtol=2**-10, atol=1e-3 * scale, err_msg=f"{name} of record {i}")
+    assert rec["caption_ids"].tolist() == list(run.tokenize(rec["caption"]))
+  # the comparison can fail: another record's tokens are far away
+  assert np.abs(feats[idx[1]]["vit_tokens"].astype(np.float32) - tokens[0]).max() > 1e-2
 
 
 # --------------------------------------------------------------------------------------------- training on it
 def test_cached_batches_have_the_keys_and_shapes_the_step_expects(data, cached_run):
-    run = cached_run
-    c = run.config
-    b = next(iter(pipeline.make_dataset(c.data, global_batch=c.train.global_batch, tokenize=run.tokenize)))
-    n, d = run.mcfg.num_image_tokens, run.mcfg.text.hidden_size
-    assert b["latent"].shape == (c.train.global_batch, *run.latent_shape) and b["latent"].dtype == np.float16
-    assert b["vit_tokens"].shape == (c.train.global_batch, n, d) and b["vit_tokens"].dtype == np.float16
-    assert "pixels" not in b and "vit_pixels" not in b
-    mb = loop.model_batch(b, cached=True)
-    assert set(mb) == {"caption_ids", "caption_len", "is_image_only", "skipped", "skipped_uncaptioned", "latent",
-                       "vit_tokens"}
+  run = cached_run
+  c = run.config
+  b = next(iter(pipeline.make_dataset(c.data, global_batch=c.train.global_batch, tokenize=run.tokenize)))
+  n, d = run.mcfg.num_image_tokens, run.mcfg.text.hidden_size
+  assert b["latent"].shape == (c.train.global_batch, *run.latent_shape) and b["latent"].dtype == np.float16
+  assert b["vit_tokens"].shape == (c.train.global_batch, n, d) and b["vit_tokens"].dtype == np.float16
+  assert "pixels" not in b and "vit_pixels" not in b
+  mb = loop.model_batch(b, cached=True)
+  assert set(mb) == {
+      "caption_ids",
+      "caption_len",
+      "is_image_only",
+      "skipped",
+      "skipped_uncaptioned",
+      "latent",
+      "vit_tokens",
+  }
 
 
 def _losses(workdir):
-    return [(r["step"], r["loss"]) for r in metrics.read_metrics(workdir)]
+  return [(r["step"], r["loss"]) for r in metrics.read_metrics(workdir)]
 
 
 def _final_params(run, workdir):
-    ckpt = checkpoint.Checkpointer(str(workdir), with_data=False)
-    state, step = ckpt.restore(checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings))
-    ckpt.close()
-    return step, jax.device_get(state.params)
+  ckpt = checkpoint.Checkpointer(str(workdir), with_data=False)
+  state, step = ckpt.restore(checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings))
+  ckpt.close()
+  return step, jax.device_get(state.params)
 
 
 def test_train_on_cache_and_resume_exactly(data, cached_run, tmp_path):
-    """main's loop on cached data: 6 steps straight == 3 steps, stop, resume 3 steps (losses and params)."""
-    c = cached_run.config
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    out = loop.train(c, str(straight))
-    assert out["step"] == 6 and np.isfinite(out["loss"])
-    loop.train(c, str(split), max_steps=3)
-    assert [s for s, _ in _losses(split)] == [1, 2, 3]
-    out2 = loop.train(c, str(split), max_steps=3)
-    assert out2["start_step"] == 3 and out2["step"] == 6
-    a, b = _losses(straight), _losses(split)
-    assert [s for s, _ in a] == list(range(1, 7)) and a == b  # identical per-step losses
-    rows = metrics.read_metrics(straight)
-    assert all(r["skipped_total"] == 0 for r in rows)
-    kept = [r["kept_fraction"] for r in rows]  # masking happens per step on the cached tokens
-    assert len(set(kept)) > 1 and all(abs(k - (1 - c.train.mask_ratio)) < 0.25 for k in kept)
-    (sa, pa), (sb, pb) = _final_params(cached_run, straight), _final_params(cached_run, split)
-    assert sa == sb == 6
-    jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)
+  """main's loop on cached data: 6 steps straight == 3 steps, stop, resume 3 steps (losses and params)."""
+  c = cached_run.config
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  out = loop.train(c, str(straight))
+  assert out["step"] == 6 and np.isfinite(out["loss"])
+  loop.train(c, str(split), max_steps=3)
+  assert [s for s, _ in _losses(split)] == [1, 2, 3]
+  out2 = loop.train(c, str(split), max_steps=3)
+  assert out2["start_step"] == 3 and out2["step"] == 6
+  a, b = _losses(straight), _losses(split)
+  assert [s for s, _ in a] == list(range(1, 7)) and a == b  # identical per-step losses
+  rows = metrics.read_metrics(straight)
+  assert all(r["skipped_total"] == 0 for r in rows)
+  kept = [r["kept_fraction"] for r in rows]  # masking happens per step on the cached tokens
+  assert len(set(kept)) > 1 and all(abs(k - (1 - c.train.mask_ratio)) < 0.25 for k in kept)
+  (sa, pa), (sb, pb) = _final_params(cached_run, straight), _final_params(cached_run, split)
+  assert sa == sb == 6
+  jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)
 
 
 def _step_jaxpr(run, statics, batch):
-    import functools
+  import functools
 
-    fn = functools.partial(step_lib.train_step, statics, run.optimizer, run.lr_fn)
-    return str(jax.make_jaxpr(fn)(run.abstract_state, run.frozen, batch))
+  fn = functools.partial(step_lib.train_step, statics, run.optimizer, run.lr_fn)
+  return str(jax.make_jaxpr(fn)(run.abstract_state, run.frozen, batch))
 
 
 def test_cached_step_never_runs_the_vit_or_the_encoder(data, cached_run):
-    run = cached_run
-    c = run.config
-    b = next(iter(pipeline.make_dataset(c.data, global_batch=c.train.global_batch, tokenize=run.tokenize)))
-    batch = loop.model_batch(b, cached=True)
-    assert "conv_general_dilated" not in _step_jaxpr(run, run.statics, batch)
-    # control: the live step (pixels in) does run the ViT's patch-embedding convolution
-    import dataclasses
+  run = cached_run
+  c = run.config
+  b = next(iter(pipeline.make_dataset(c.data, global_batch=c.train.global_batch, tokenize=run.tokenize)))
+  batch = loop.model_batch(b, cached=True)
+  assert "conv_general_dilated" not in _step_jaxpr(run, run.statics, batch)
+  # control: the live step (pixels in) does run the ViT's patch-embedding convolution
+  import dataclasses
 
-    live_statics = dataclasses.replace(run.statics, cached=False)
-    r = c.data.resolution
-    live = {k: v for k, v in batch.items() if k not in ("latent", "vit_tokens")}
-    live["pixels"] = np.zeros((len(b["index"]), r, r, 3), np.float32)
-    live["vit_pixels"] = np.zeros((len(b["index"]), c.data.vit_size, c.data.vit_size, 3), np.float32)
-    assert "conv_general_dilated" in _step_jaxpr(run, live_statics, live)
+  live_statics = dataclasses.replace(run.statics, cached=False)
+  r = c.data.resolution
+  live = {k: v for k, v in batch.items() if k not in ("latent", "vit_tokens")}
+  live["pixels"] = np.zeros((len(b["index"]), r, r, 3), np.float32)
+  live["vit_pixels"] = np.zeros((len(b["index"]), c.data.vit_size, c.data.vit_size, 3), np.float32)
+  assert "conv_general_dilated" in _step_jaxpr(run, live_statics, live)
 
-    # and numerically: NaN vision weights (ViT + projector) change nothing in a cached step
-    def poison(path, x):
-        keys = [getattr(p, "key", p) for p in path]
-        return jnp.full_like(x, jnp.nan) if keys[0] in ("vision_tower", "multi_modal_projector") else x
+  # and numerically: NaN vision weights (ViT + projector) change nothing in a cached step
+  def poison(path, x):
+    keys = [getattr(p, "key", p) for p in path]
+    return jnp.full_like(x, jnp.nan) if keys[0] in ("vision_tower", "multi_modal_projector") else x
 
-    poisoned = {"mllm": jax.tree_util.tree_map_with_path(poison, run.frozen["mllm"]), "ae": run.frozen["ae"]}
-    n_poisoned = sum(int(jnp.isnan(x).all()) for x in jax.tree_util.tree_leaves(poisoned["mllm"]))
-    assert n_poisoned > 4
-    gbatch = parallel.global_batch(batch, run.mesh)
-    _, m_ok = run.train_step(run.init_state(), run.frozen, gbatch)
-    _, m_nan = run.train_step(run.init_state(), poisoned, gbatch)
-    assert np.isfinite(float(m_nan["loss"])) and float(m_nan["loss"]) == float(m_ok["loss"])
+  poisoned = {"mllm": jax.tree_util.tree_map_with_path(poison, run.frozen["mllm"]), "ae": run.frozen["ae"]}
+  n_poisoned = sum(int(jnp.isnan(x).all()) for x in jax.tree_util.tree_leaves(poisoned["mllm"]))
+  assert n_poisoned > 4
+  gbatch = parallel.global_batch(batch, run.mesh)
+  _, m_ok = run.train_step(run.init_state(), run.frozen, gbatch)
+  _, m_nan = run.train_step(run.init_state(), poisoned, gbatch)
+  assert np.isfinite(float(m_nan["loss"])) and float(m_nan["loss"]) == float(m_ok["loss"])
 
 
 # ----------------------------------------------------------------------------------------------- the writer
 def test_writer_resumes_skips_bad_images_and_refuses_mixing(data, cached_run, tmp_path):
-    """Kill one shard (and leave a temp file): a rerun rewrites only it; bad images are counted, not written."""
-    dst = tmp_path / "features"
-    shutil.copytree(data["dst"], dst)
-    lost = cache.shard_name(0, 1, 1, SHARDS)
-    before = sources.ArrayRecordSource(dst)
-    expect = [before[i] for i in range(NUM)]
-    (dst / lost).unlink()
-    (dst / cache.STATE_DIR / f"{lost}.json").unlink()
-    (dst / f".{lost}.tmp-999").write_bytes(b"half a shard")
-    cfg = image_config(data["src"])
-    s = cache.write_cache(cfg, dst, shards=SHARDS, run=cached_run, progress=False)
-    assert (s["written"], s["shards_written"], s["shards_already_done"]) == (NUM, 1, 1)
-    assert not list(dst.glob(".*.tmp-*"))
-    after = sources.ArrayRecordSource(dst)
-    for i in (0, NUM // 2, NUM - 1):  # the rewritten shard holds the same records
-        assert after[i]["id"] == expect[i]["id"]
-        np.testing.assert_allclose(after[i]["vit_tokens"].astype(np.float32),
-                                   expect[i]["vit_tokens"].astype(np.float32), rtol=2 ** -9, atol=1e-3)
-    # nothing to do on a second rerun
-    s2 = cache.write_cache(cfg, dst, shards=SHARDS, run=cached_run, progress=False)
-    assert (s2["shards_written"], s2["shards_already_done"]) == (0, SHARDS)
-    with pytest.raises(ValueError, match=r"different settings \(changed: \['dtype'\]\)"):
-        cache.write_cache(cfg, dst, shards=SHARDS, dtype="float32", run=cached_run, progress=False)
-    with pytest.raises(ValueError, match="another layout"):
-        cache.write_cache(cfg, dst, shards=3, run=cached_run, progress=False)
-    with pytest.raises(ValueError, match="drop --config.data.cached"):
-        cache.write_cache(cached_run.config, tmp_path / "x", run=cached_run, progress=False)
+  """Kill one shard (and leave a temp file): a rerun rewrites only it; bad images are counted, not written."""
+  dst = tmp_path / "features"
+  shutil.copytree(data["dst"], dst)
+  lost = cache.shard_name(0, 1, 1, SHARDS)
+  before = sources.ArrayRecordSource(dst)
+  expect = [before[i] for i in range(NUM)]
+  (dst / lost).unlink()
+  (dst / cache.STATE_DIR / f"{lost}.json").unlink()
+  (dst / f".{lost}.tmp-999").write_bytes(b"half a shard")
+  cfg = image_config(data["src"])
+  s = cache.write_cache(cfg, dst, shards=SHARDS, run=cached_run, progress=False)
+  assert (s["written"], s["shards_written"], s["shards_already_done"]) == (NUM, 1, 1)
+  assert not list(dst.glob(".*.tmp-*"))
+  after = sources.ArrayRecordSource(dst)
+  for i in (0, NUM // 2, NUM - 1):  # the rewritten shard holds the same records
+    assert after[i]["id"] == expect[i]["id"]
+    np.testing.assert_allclose(
+        after[i]["vit_tokens"].astype(np.float32), expect[i]["vit_tokens"].astype(np.float32), rtol=2**-9, atol=1e-3
+    )
+  # nothing to do on a second rerun
+  s2 = cache.write_cache(cfg, dst, shards=SHARDS, run=cached_run, progress=False)
+  assert (s2["shards_written"], s2["shards_already_done"]) == (0, SHARDS)
+  with pytest.raises(ValueError, match=r"different settings \(changed: \['dtype'\]\)"):
+    cache.write_cache(cfg, dst, shards=SHARDS, dtype="float32", run=cached_run, progress=False)
+  with pytest.raises(ValueError, match="another layout"):
+    cache.write_cache(cfg, dst, shards=3, run=cached_run, progress=False)
+  with pytest.raises(ValueError, match="drop --config.data.cached"):
+    cache.write_cache(cached_run.config, tmp_path / "x", run=cached_run, progress=False)
 
-    # a folder with a zero-byte and a truncated image, one caption missing: 2 skipped, 1 uncaptioned, float32
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(10):
-        png, cap = shapes.render_png(i, cfg.data.resolution, 0)
-        (folder / f"{i:03d}.png").write_bytes(png)
-        if i != 4:
-            (folder / f"{i:03d}.txt").write_text(cap)
-    (folder / "002.png").write_bytes(b"")
-    (folder / "006.png").write_bytes((folder / "006.png").read_bytes()[:50])
-    fcfg = tiny_config(data__source="folder", data__path=str(folder), train__sample_every=0)
-    s3 = cache.write_cache(fcfg, tmp_path / "f32", dtype="float32", run=cached_run, progress=False)
-    assert (s3["written"], s3["skipped"], s3["uncaptioned"]) == (8, 2, 1)
-    assert any("002.png" in e and "zero-byte" in e for e in s3["first_errors"])
-    feats = sources.ArrayRecordSource(tmp_path / "f32")
-    assert [feats[i]["id"] for i in range(8)] == ["000.png", "001.png", "003.png", "004.png", "005.png", "007.png",
-                                                  "008.png", "009.png"]
-    assert feats[3]["caption"] is None and feats[3]["caption_ids"] is None
-    assert feats[0]["latent"].dtype == np.float32
-    with pytest.raises(ValueError, match="--dtype='bfloat16'"):
-        cache.write_cache(fcfg, tmp_path / "bf", dtype="bfloat16", run=cached_run, progress=False)
+  # a folder with a zero-byte and a truncated image, one caption missing: 2 skipped, 1 uncaptioned, float32
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  for i in range(10):
+    png, cap = shapes.render_png(i, cfg.data.resolution, 0)
+    (folder / f"{i:03d}.png").write_bytes(png)
+    if i != 4:
+      (folder / f"{i:03d}.txt").write_text(cap)
+  (folder / "002.png").write_bytes(b"")
+  (folder / "006.png").write_bytes((folder / "006.png").read_bytes()[:50])
+  fcfg = tiny_config(data__source="folder", data__path=str(folder), train__sample_every=0)
+  s3 = cache.write_cache(fcfg, tmp_path / "f32", dtype="float32", run=cached_run, progress=False)
+  assert (s3["written"], s3["skipped"], s3["uncaptioned"]) == (8, 2, 1)
+  assert any("002.png" in e and "zero-byte" in e for e in s3["first_errors"])
+  feats = sources.ArrayRecordSource(tmp_path / "f32")
+  assert [feats[i]["id"] for i in range(8)] == [
+      "000.png",
+      "001.png",
+      "003.png",
+      "004.png",
+      "005.png",
+      "007.png",
+      "008.png",
+      "009.png",
+  ]
+  assert feats[3]["caption"] is None and feats[3]["caption_ids"] is None
+  assert feats[0]["latent"].dtype == np.float32
+  with pytest.raises(ValueError, match="--dtype='bfloat16'"):
+    cache.write_cache(fcfg, tmp_path / "bf", dtype="bfloat16", run=cached_run, progress=False)
 
 
 def test_split_range_covers_everything_once():
-    from iomm_jax.data import cache_reader
+  from iomm_jax.data import cache_reader
 
-    for n, procs, shards in ((40, 1, 2), (41, 3, 4), (5, 2, 4)):
-        rows = []
-        for p in range(procs):
-            plo, phi = cache_reader.split_range(0, n, procs, p)
-            for s in range(shards):
-                lo, hi = cache_reader.split_range(plo, phi, shards, s)
-                assert hi - lo <= cache_reader.max_shard_len(n, procs, shards)
-                rows += range(lo, hi)
-        assert rows == list(range(n))
+  for n, procs, shards in ((40, 1, 2), (41, 3, 4), (5, 2, 4)):
+    rows = []
+    for p in range(procs):
+      plo, phi = cache_reader.split_range(0, n, procs, p)
+      for s in range(shards):
+        lo, hi = cache_reader.split_range(plo, phi, shards, s)
+        assert hi - lo <= cache_reader.max_shard_len(n, procs, shards)
+        rows += range(lo, hi)
+    assert rows == list(range(n))

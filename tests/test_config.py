@@ -1,4 +1,5 @@
 """Config schema: the shipped configs load and validate; bad fields fail naming the field."""
+
 import importlib.util
 import os
 import subprocess
@@ -40,12 +41,15 @@ def test_paper_settings():
   assert load("iomm_b", "finetune").data.mix_lambda == 0.5
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("train.mask_ratio", 1.5, "train.mask_ratio"),
-    ("data.recipe", "captions", "data.recipe"),
-    ("mesh.fsdp", 0, "config.mesh"),
-    ("train.global_batch", 0, "train.global_batch"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("train.mask_ratio", 1.5, "train.mask_ratio"),
+        ("data.recipe", "captions", "data.recipe"),
+        ("mesh.fsdp", 0, "config.mesh"),
+        ("train.global_batch", 0, "train.global_batch"),
+    ],
+)
 def test_bad_values_name_the_field(field, value, needle):
   c = load("tiny")
   section, key = field.split(".")
@@ -64,8 +68,9 @@ def test_missing_mllm_dir_explains_layout(tmp_path):
 
 def _main(*args, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "iomm_jax.main", *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+      [sys.executable, "-m", "iomm_jax.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+  )
 
 
 def test_cli_unknown_config_key_fails(tmp_path):
@@ -83,8 +88,12 @@ def test_cli_unwritable_workdir_fails(tmp_path):
 
 
 def test_cli_missing_data_dir_fails(tmp_path):
-  r = _main("--config=configs/tiny.py", "--config.data.source=folder",
-            f"--config.data.path={tmp_path}/missing", f"--workdir={tmp_path}/w")
+  r = _main(
+      "--config=configs/tiny.py",
+      "--config.data.source=folder",
+      f"--config.data.path={tmp_path}/missing",
+      f"--workdir={tmp_path}/w",
+  )
   assert r.returncode != 0
   assert "missing" in (r.stderr + r.stdout)
 
@@ -94,6 +103,7 @@ def test_workdir_config_from_an_older_schema_gets_new_fields_defaults(tmp_path):
   import json
 
   from iomm_jax.train import restore
+
   saved = schema.base_config().to_dict()
   del saved["train"]["grad_accum"], saved["model"]["mllm"]["scan_layers"]
   saved["train"]["global_batch"] = 24

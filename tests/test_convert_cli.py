@@ -25,19 +25,58 @@ from iomm_jax.models import keymap, mmdit_keys
 from iomm_jax.models.keymap import Rule
 from iomm_jax.convert.torch_rqa import TorchRQA
 
-FLUX = dict(in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=12, pooled_projection_dim=12, axes_dims_rope=(2, 2, 4))
-ZIMAGE = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
-              n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[64, 16, 16])
-VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-           scaling_factor=0.5, shift_factor=0.25, sample_size=16)
+FLUX = dict(
+    in_channels=8,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    pooled_projection_dim=12,
+    axes_dims_rope=(2, 2, 4),
+)
+ZIMAGE = dict(
+    all_patch_size=[2],
+    all_f_patch_size=[1],
+    in_channels=4,
+    dim=32,
+    n_layers=1,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    qk_norm=True,
+    cap_feat_dim=16,
+    axes_dims=[4, 6, 6],
+    axes_lens=[64, 16, 16],
+)
+VAE = dict(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    scaling_factor=0.5,
+    shift_factor=0.25,
+    sample_size=16,
+)
 RQA = dict(dim=16, num_queries=4, num_heads=2, mlp_ratio=2.0, num_layers=1, eps=1e-6)
-MLLM = dict(vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                               image_size=28, patch_size=7),
-            text_config=dict(model_type="qwen2", vocab_size=100, hidden_size=16, intermediate_size=32,
-                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
-            image_token_id=99, image_seq_length=4)
+MLLM = dict(
+    vision_config=dict(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28, patch_size=7
+    ),
+    text_config=dict(
+        model_type="qwen2",
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    ),
+    image_token_id=99,
+    image_seq_length=4,
+)
 
 
 def _perturb(model, scale=0.1):
@@ -76,8 +115,11 @@ def ckpts(tmp_path_factory):
   torch.manual_seed(2)
   _perturb(AutoencoderKL(**VAE)).save_pretrained(root / "vae")
   # A bare .safetensors plus --config.
-  out["vae_file"] = ("vae", str(root / "vae" / "diffusion_pytorch_model.safetensors"),
-                     ["--config", str(root / "vae" / "config.json")])
+  out["vae_file"] = (
+      "vae",
+      str(root / "vae" / "diffusion_pytorch_model.safetensors"),
+      ["--config", str(root / "vae" / "config.json")],
+  )
   rqa = _write_rqa(str(root / "rqa"))
   os.makedirs(root / "rqa_pt")
   torch.save(rqa.state_dict(), root / "rqa_pt" / "rqa.pt")  # a torch pickle plus --config
@@ -115,6 +157,7 @@ def _load_reference(kind, path):
 
 # ---------------------------------------------------------------- round trips
 
+
 @pytest.mark.parametrize("name", ["mmdit", "s3dit_bf16", "vae_file", "rqa_pt", "mllm"])
 def test_round_trip_bit_exact(ckpts, tmp_path, name):
   component, src, extra = ckpts[name]
@@ -140,6 +183,7 @@ def test_dtype_cast(ckpts, tmp_path):
 
 # ---------------------------------------------------------------- strictness and user errors
 
+
 @pytest.mark.parametrize("change", ["extra", "missing"])
 def test_to_jax_strict(tmp_path, capsys, change):
   if change == "extra":
@@ -158,7 +202,7 @@ def test_user_errors_exit_2(ckpts, tmp_path, capsys):
   _, flux, _ = ckpts["mmdit"]
   assert _cli("to-jax", "--component", "transformer", "--src", tmp_path / "nope", "--dst", tmp_path / "d") == 2
   assert "does not exist" in capsys.readouterr().err
-  with pytest.raises(SystemExit) as e:                       # unknown component: argparse, exit 2
+  with pytest.raises(SystemExit) as e:  # unknown component: argparse, exit 2
     _cli("to-jax", "--component", "unet", "--src", flux, "--dst", tmp_path / "d")
   assert e.value.code == 2
   # A wrong --component for the checkpoint: its config is not that component's.
@@ -167,8 +211,10 @@ def test_user_errors_exit_2(ckpts, tmp_path, capsys):
   # A bare .safetensors without a config beside it.
   os.makedirs(tmp_path / "bare")
   io.write_safetensors({"x": np.zeros(2, np.float32)}, tmp_path / "bare")
-  assert _cli("to-jax", "--component", "rqa", "--src", tmp_path / "bare" / "model.safetensors",
-              "--dst", tmp_path / "d") == 2
+  assert (
+      _cli("to-jax", "--component", "rqa", "--src", tmp_path / "bare" / "model.safetensors", "--dst", tmp_path / "d")
+      == 2
+  )
   assert "--config" in capsys.readouterr().err
   # to-torch: not a component directory, then the wrong component for one.
   assert _cli("to-torch", "--component", "rqa", "--src", flux, "--dst", tmp_path / "d") == 2
@@ -202,9 +248,14 @@ def test_broken_mapping_stops_the_round_trip(ckpts, tmp_path, capsys, monkeypatc
 def test_swapped_mapping_fails_verify(ckpts, tmp_path, monkeypatch):
   """q↔k swapped in the table survives a round trip (it is its own inverse) but not verify."""
   _, flux, _ = ckpts["mmdit"]
-  monkeypatch.setattr(mmdit_keys.KEY_TABLE, "rules", [
-      Rule(_Q, "transformer_blocks.0.attn.to_k.weight", "linear"),
-      Rule(_K, "transformer_blocks.0.attn.to_q.weight", "linear")])
+  monkeypatch.setattr(
+      mmdit_keys.KEY_TABLE,
+      "rules",
+      [
+          Rule(_Q, "transformer_blocks.0.attn.to_k.weight", "linear"),
+          Rule(_K, "transformer_blocks.0.attn.to_q.weight", "linear"),
+      ],
+  )
   assert _cli("verify", "--component", "transformer", "--src", flux) == 1
 
 
@@ -232,10 +283,12 @@ def test_verify_converted_and_tampered(ckpts, tmp_path, capsys):
 
 def test_to_jax_and_to_torch_do_not_import_torch(ckpts, tmp_path):
   _, src, _ = ckpts["rqa"]
-  code = (f"import sys; from iomm_jax.convert import cli; "
-          f"assert cli.main(['to-jax','--component','rqa','--src',{src!r},'--dst',{str(tmp_path / 'j')!r}]) == 0; "
-          f"assert cli.main(['to-torch','--component','rqa','--src',{str(tmp_path / 'j')!r},"
-          f"'--dst',{str(tmp_path / 't')!r}]) == 0; print('TORCH' if 'torch' in sys.modules else 'NO_TORCH')")
+  code = (
+      f"import sys; from iomm_jax.convert import cli; "
+      f"assert cli.main(['to-jax','--component','rqa','--src',{src!r},'--dst',{str(tmp_path / 'j')!r}]) == 0; "
+      f"assert cli.main(['to-torch','--component','rqa','--src',{str(tmp_path / 'j')!r},"
+      f"'--dst',{str(tmp_path / 't')!r}]) == 0; print('TORCH' if 'torch' in sys.modules else 'NO_TORCH')"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -243,6 +296,7 @@ def test_to_jax_and_to_torch_do_not_import_torch(ckpts, tmp_path):
 
 
 # ---------------------------------------------------------------- trained checkpoints ↔ diffusers
+
 
 def test_export_refuses_an_x_prediction_run(tmp_path):
   """A run whose DiT predicts the clean latent is not a diffusers Flux pipeline: to-torch says so in one line."""
@@ -252,6 +306,7 @@ def test_export_refuses_an_x_prediction_run(tmp_path):
   assert tiny_config().model.prediction == "x"
   from iomm_jax.weights import components
   from iomm_jax.convert import export
+
   with pytest.raises(components.ConvertError, match="model.prediction='x'"):
     export.export_workdir(work, tmp_path / "out")
 
@@ -259,11 +314,20 @@ def test_export_refuses_an_x_prediction_run(tmp_path):
 def _tiny_train_config(**overrides):
   """configs/tiny.py:short at 1+1 DiT blocks and a 1-layer MLLM (compile time), 2 steps, checkpoint at 2; the DiT
   predicts v, as the diffusers pipelines it is exported to read it."""
-  return tiny_config("short", model__prediction="v", train__num_steps=2, train__ckpt_every=2, train__log_every=1,
-                     train__sample_every=0,
-                     train__warmup_steps=1, model__dit__arch__num_layers=1, model__dit__arch__num_single_layers=1,
-                     model__mllm__arch__text__num_hidden_layers=1, model__mllm__arch__vision__num_hidden_layers=1,
-                     **overrides)
+  return tiny_config(
+      "short",
+      model__prediction="v",
+      train__num_steps=2,
+      train__ckpt_every=2,
+      train__log_every=1,
+      train__sample_every=0,
+      train__warmup_steps=1,
+      model__dit__arch__num_layers=1,
+      model__dit__arch__num_single_layers=1,
+      model__mllm__arch__text__num_hidden_layers=1,
+      model__mllm__arch__vision__num_hidden_layers=1,
+      **overrides,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -277,16 +341,27 @@ def trained(tmp_path_factory):
   from iomm_jax.weights import init_weights
   from iomm_jax.models import factory
   from iomm_jax.train import loop
+
   root = tmp_path_factory.mktemp("run")
   base = _tiny_train_config()
   width = factory.mllm_width(factory.mllm_config(base))
   torch.manual_seed(5)
   _perturb(FluxTransformer2DModel(**factory.dit_config(base, width).to_diffusers()), 0.02).save_pretrained(
-      root / "flux")
+      root / "flux"
+  )
   r = factory.rqa_config(base, width)
   torch.manual_seed(6)
-  rqa = _perturb(TorchRQA(dim=r.dim, num_queries=r.num_queries, num_heads=r.num_heads, mlp_ratio=r.mlp_ratio,
-                          num_layers=r.num_layers, eps=r.eps), 0.02)
+  rqa = _perturb(
+      TorchRQA(
+          dim=r.dim,
+          num_queries=r.num_queries,
+          num_heads=r.num_heads,
+          mlp_ratio=r.mlp_ratio,
+          num_layers=r.num_layers,
+          eps=r.eps,
+      ),
+      0.02,
+  )
   os.makedirs(root / "rqa")
   torch.save(rqa.state_dict(), root / "rqa" / "rqa.pt")
   with open(root / "rqa" / "config.json", "w") as f:
@@ -328,9 +403,13 @@ def test_training_starts_from_converted_weights(trained):
 @pytest.mark.slow  # shares one in-process training run (≈1 min of compile on 2 CPU cores)
 def test_init_config_mismatch_names_the_field(trained):
   from iomm_jax.weights.init_weights import InitWeightsError, apply
+
   root, params = trained["root"], trained["initial"]
-  bad = _tiny_train_config(init__transformer=str(root / "init_t"), model__dit__arch__attention_head_dim=8,
-                           model__dit__arch__axes_dims_rope=(2, 2, 4))
+  bad = _tiny_train_config(
+      init__transformer=str(root / "init_t"),
+      model__dit__arch__attention_head_dim=8,
+      model__dit__arch__axes_dims_rope=(2, 2, 4),
+  )
   with pytest.raises(InitWeightsError, match="attention_head_dim=16 but the run has attention_head_dim=8"):
     apply(bad, params, {"dit": None, "rqa": None})
   bad = _tiny_train_config(init__rqa=str(root / "init_r"), model__rqa__num_queries=8)
@@ -344,6 +423,7 @@ def test_init_config_mismatch_names_the_field(trained):
 @pytest.mark.slow  # shares one in-process training run (≈1 min of compile on 2 CPU cores)
 def test_trained_checkpoint_loads_in_diffusers(trained):
   from iomm_jax.models import latents
+
   export = trained["export"]
   info = json.load(open(export / "iomm_pipeline.json"))
   assert info["checkpoint_step"] == 2 and info["weights"] == "ema" and info["mllm"]["kind"] == "random tiny"
@@ -355,13 +435,15 @@ def test_trained_checkpoint_loads_in_diffusers(trained):
   rqa = _load_reference("rqa", export / "rqa").eval()
 
   from iomm_jax.convert.export import load_generator
+
   run, ema, step = load_generator(trained["work"], use_ema=True)
   _, raw, _ = load_generator(trained["work"], use_ema=False)
   assert step == 2
   gen = nnx.merge(run.statics.gen_def, ema)
   # Training moved the weights away from the converted starting point, and the export holds the EMA ones.
-  assert not np.array_equal(np.asarray(raw["dit"]["proj_out"]["kernel"]),
-                            trained["initial"]["dit"]["proj_out"]["kernel"])
+  assert not np.array_equal(
+      np.asarray(raw["dit"]["proj_out"]["kernel"]), trained["initial"]["dit"]["proj_out"]["kernel"]
+  )
   assert not np.array_equal(np.asarray(raw["dit"]["proj_out"]["kernel"]), np.asarray(ema["dit"]["proj_out"]["kernel"]))
   cfg = gen.dit.cfg
   rng = np.random.default_rng(0)
@@ -372,9 +454,15 @@ def test_trained_checkpoint_loads_in_diffusers(trained):
   img_ids, txt_ids = np.array(latents.image_ids(gh, gw)), np.array(latents.text_ids(lc))
   ours = jax.jit(lambda *a: gen.dit(*a))(x, h, pooled, t, img_ids, txt_ids)
   with torch.no_grad():
-    theirs = flux(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(h),
-                  pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t),
-                  img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids), return_dict=False)[0]
+    theirs = flux(
+        hidden_states=torch.from_numpy(x),
+        encoder_hidden_states=torch.from_numpy(h),
+        pooled_projections=torch.from_numpy(pooled),
+        timestep=torch.from_numpy(t),
+        img_ids=torch.from_numpy(img_ids),
+        txt_ids=torch.from_numpy(txt_ids),
+        return_dict=False,
+    )[0]
   assert np.abs(theirs.numpy()).max() > 0
   assert _diff(ours, theirs.numpy()) <= 1e-4
 

@@ -1,5 +1,6 @@
 """One data config (issue 13 item 1): built and validated once from config.data, its fields exactly the schema's,
 its allowed sources the registry's, and a parquet source accepted at start and trained on through main."""
+
 import glob
 import json
 import os
@@ -18,7 +19,8 @@ from iomm_jax import data_kinds
 from iomm_jax.data import data_config, sources
 
 DATA_CODE = sorted(glob.glob(os.path.join(ROOT, "iomm_jax", "data", "*.py"))) + [
-    os.path.join(ROOT, "iomm_jax", name) for name in ("cache.py", "sample.py", "eval_recon.py")]
+    os.path.join(ROOT, "iomm_jax", name) for name in ("cache.py", "sample.py", "eval_recon.py")
+]
 
 
 def test_data_config_fields_are_the_schema_fields():
@@ -69,16 +71,37 @@ def test_data_code_reads_and_names_only_schema_fields():
 
 def test_parquet_source_trains_through_main(tmp_path):
   from iomm_jax.data import shapes
+
   rows = [shapes.render_png(i, 64, 0) for i in range(16)]
-  table = pa.table({"image": pa.array([{"bytes": b, "path": None} for b, _ in rows],
-                                      pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
-                    "caption": [c for _, c in rows]})
+  table = pa.table(
+      {
+          "image": pa.array(
+              [{"bytes": b, "path": None} for b, _ in rows], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+          ),
+          "caption": [c for _, c in rows],
+      }
+  )
   pq.write_table(table, tmp_path / "train.parquet", row_group_size=5)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  r = subprocess.run([sys.executable, "-m", "iomm_jax.main", "--config=configs/tiny.py:pretrain,short",
-                      "--config.data.source=parquet", f"--config.data.path={tmp_path / 'train.parquet'}",
-                      "--config.train.num_steps=3", "--config.train.global_batch=8", "--config.train.ckpt_every=3",
-                      f"--workdir={tmp_path / 'w'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "iomm_jax.main",
+          "--config=configs/tiny.py:pretrain,short",
+          "--config.data.source=parquet",
+          f"--config.data.path={tmp_path / 'train.parquet'}",
+          "--config.train.num_steps=3",
+          "--config.train.global_batch=8",
+          "--config.train.ckpt_every=3",
+          f"--workdir={tmp_path / 'w'}",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
   assert rows[-1]["step"] == 3 and all(row.get("skipped", 0) == 0 for row in rows)

@@ -1,6 +1,7 @@
 """Images decoded right (issue 14 item 5) through the one preparation path: EXIF orientation, 16-bit grey, LA / P /
 RGBA transparency on white, CMYK, the pixel limit, truncated JPEGs in prepare, Parquet image bytes and structs, a
 prepare that writes nothing, and sample's reference images."""
+
 import io
 import json
 
@@ -48,8 +49,9 @@ def test_transparency_becomes_white():
   rgba[:, 4:, 3] = 255  # left half fully transparent, right half opaque red-ish
   out = decoded(png(Image.fromarray(rgba, "RGBA")))
   assert (out[:, :4] == 255).all() and (out[:, 4:] == (200, 0, 0)).all()
-  la = np.stack([np.full((8, 8), 40, np.uint8), np.where(np.arange(8) < 4, 0, 255).astype(np.uint8)[None].repeat(8, 0)],
-                -1)
+  la = np.stack(
+      [np.full((8, 8), 40, np.uint8), np.where(np.arange(8) < 4, 0, 255).astype(np.uint8)[None].repeat(8, 0)], -1
+  )
   out = decoded(png(Image.fromarray(la, "LA")))
   assert (out[:, :4] == 255).all() and (out[:, 4:] == 40).all()
   p = Image.new("P", (8, 8), 1)
@@ -92,13 +94,15 @@ def test_pixel_limit_skips_and_counts(tmp_path):
   for i in range(4):
     (folder / f"{i}.png").write_bytes(shapes.render_png(i, 40, 0)[0])
   (folder / "1.png").write_bytes(big)  # record 1 is too large and is replaced by the next one
-  c = data_config.from_config(source="folder", path=str(folder), resolution=16, vit_size=16, max_image_pixels=2000,
-                              seed=0)
+  c = data_config.from_config(
+      source="folder", path=str(folder), resolution=16, vit_size=16, max_image_pixels=2000, seed=0
+  )
   load = pipeline.LoadExample(sources.make_source(c), c)
   out = load((0, 1))
   assert out["skipped"] == 1 and out["index"] == 2
-  s = prepare.write_shards(prepare.enumerate_items(str(folder)), tmp_path / "out", 1, min_size=0, progress=False,
-                           max_pixels=2000)
+  s = prepare.write_shards(
+      prepare.enumerate_items(str(folder)), tmp_path / "out", 1, min_size=0, progress=False, max_pixels=2000
+  )
   assert (s["written"], s["skipped_too_large"], s["skipped_unreadable"]) == (3, 1, 0)
 
 
@@ -123,8 +127,9 @@ def test_prepare_that_writes_nothing_exits_nonzero_with_the_reason(tmp_path, cap
   folder.mkdir()
   for i in range(3):
     (folder / f"{i}.png").write_bytes(shapes.render_png(i, 32, 0)[0])
-  rc = prepare.main(["--src", str(folder), "--dst", str(tmp_path / "out"), "--shards", "1", "--no_progress",
-                     "--min_size", "64"])
+  rc = prepare.main(
+      ["--src", str(folder), "--dst", str(tmp_path / "out"), "--shards", "1", "--no_progress", "--min_size", "64"]
+  )
   err = capsys.readouterr().err
   assert rc == 1 and "wrote 0 of 3 images (3 too small)" in err and "--min_size" in err
 
@@ -134,8 +139,9 @@ def _parquet(path, images, captions, kind):
   if kind == "bytes":
     col = pa.array(images, pa.binary())
   else:  # HF datasets' Image feature: {bytes, path}; a struct may hold only a path (relative to the table)
-    col = pa.array([{"bytes": b, "path": p} for b, p in images],
-                   pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    col = pa.array(
+        [{"bytes": b, "path": p} for b, p in images], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
   pq.write_table(pa.table({"image": col, "caption": captions}), path, row_group_size=3)
 
 
@@ -153,8 +159,9 @@ def test_parquet_image_bytes_and_structs_are_read(tmp_path, kind):
   assert len(src) == 7 and src.caption(4) == captions[4]
   for i in (0, 4, 6, 2):  # across row groups of 3, and back
     assert src[i]["image_bytes"] == pngs[i][0] and src[i]["caption"] == captions[i]
-  s = prepare.write_shards(prepare.enumerate_items(str(tmp_path / "t.parquet")), tmp_path / "out", 2, min_size=0,
-                           progress=False)
+  s = prepare.write_shards(
+      prepare.enumerate_items(str(tmp_path / "t.parquet")), tmp_path / "out", 2, min_size=0, progress=False
+  )
   assert s["written"] == 7
   recs = sources.ArrayRecordSource(tmp_path / "out")
   assert sorted(recs[i]["image_bytes"] for i in range(7)) == sorted(b for b, _ in pngs)

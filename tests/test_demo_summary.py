@@ -1,4 +1,5 @@
 """The demo's closing figures: read from the files each step wrote, each beside its chance level or target."""
+
 import json
 
 from iomm_jax import demo_summary
@@ -8,13 +9,24 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
   mllm, work = tmp_path / "mllm", tmp_path / "run"
   mllm.mkdir()
   work.mkdir()
-  (mllm / "mllm_pretrain.json").write_text(json.dumps({
-      "heldout": {"exact": 0.5, "colour": 0.97, "shape": 0.6, "relation": 0.4, "examples": []},
-      "chance": {"colour": 1 / 7, "shape": 1 / 6, "relation": 0.25}}))
+  (mllm / "mllm_pretrain.json").write_text(
+      json.dumps(
+          {
+              "heldout": {"exact": 0.5, "colour": 0.97, "shape": 0.6, "relation": 0.4, "examples": []},
+              "chance": {"colour": 1 / 7, "shape": 1 / 6, "relation": 0.25},
+          }
+      )
+  )
   (work / "recon.json").write_text(json.dumps({"margin": 2.5, "top1_retrieval": 0.5, "num": 16}))
-  (work / "eval_shapes.json").write_text(json.dumps({
-      "scores": {"single_object_colour": 0.95, "position": 0.25}, "overall": 0.61,
-      "chance": {"single_object_colour": 0.29, "position": 0.01, "overall": 0.14}}))
+  (work / "eval_shapes.json").write_text(
+      json.dumps(
+          {
+              "scores": {"single_object_colour": 0.95, "position": 0.25},
+              "overall": 0.61,
+              "chance": {"single_object_colour": 0.29, "position": 0.01, "overall": 0.14},
+          }
+      )
+  )
   assert demo_summary.main(["--mllm", str(mllm), "--workdir", str(work)]) == 0
   out = capsys.readouterr().out.splitlines()
   figures = json.loads(out[-1])

@@ -1,5 +1,6 @@
 """`--dry_run` (train/dry_run.py): per-device state bytes from the shardings, XLA's memory analysis of the compiled
 step, and the analytic FLOPs, without allocating the model."""
+
 import jax
 import pytest
 

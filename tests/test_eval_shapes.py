@@ -1,4 +1,5 @@
 """Mini-GenEval for the shapes world: detector, prompt set, scoring rules, validation on true renders, and the CLIs."""
+
 import collections
 import json
 
@@ -25,9 +26,16 @@ def test_render_objects_is_what_render_draws():
 def test_detector_names_colour_shape_and_place(shape):
   rng = np.random.default_rng(len(shape))
   for colour in shapes.COLOURS:
-    objs = [dict(shape=shape, colour=colour, x=0.3, y=0.7, r=0.12),
-            dict(shape=shapes.SHAPES[shapes.SHAPES.index(shape) - 1], colour="black" if colour != "black" else "red",
-                 x=0.72, y=0.25, r=0.1)]
+    objs = [
+        dict(shape=shape, colour=colour, x=0.3, y=0.7, r=0.12),
+        dict(
+            shape=shapes.SHAPES[shapes.SHAPES.index(shape) - 1],
+            colour="black" if colour != "black" else "red",
+            x=0.72,
+            y=0.25,
+            r=0.1,
+        ),
+    ]
     img = shapes.render_objects(objs, RES, tuple(rng.integers(205, 251, 3)))
     found = sorted(sd.detect(img), key=lambda d: d.x)
     assert [(d.colour, d.shape) for d in found] == [(o["colour"], o["shape"]) for o in objs]
@@ -83,10 +91,13 @@ def test_scoring_rules():
   assert ev.score(three, objs)["three_object"]
   assert not ev.score(three, [dict(o, x=1 - o["x"]) for o in objs])["three_object"]  # mirrored: order wrong
   single = next(p for p in ps.values() if p["tag"] == "single_object")
-  (c, s), = ev.parse_prompt(single["prompt"])[0]
+  ((c, s),) = ev.parse_prompt(single["prompt"])[0]
   other = shapes.SHAPES[shapes.SHAPES.index(s) - 1]
   assert ev.score(single, [_o(c, other, 0.5, 0.5)]) == {
-      "single_object_shape": False, "single_object_colour": True, "counting": True}
+      "single_object_shape": False,
+      "single_object_colour": True,
+      "counting": True,
+  }
   assert ev.score(single, [_o("red" if c != "red" else "blue", s, 0.5, 0.5)])["single_object_shape"]
 
 
@@ -114,11 +125,14 @@ def test_noise_and_empty_backgrounds_score_no_better_than_chance():
   metadata = ev.prompt_set()
   rng = np.random.default_rng(0)
   ch = ev.chance(metadata)
-  noise = [np.round((np.clip(rng.normal(0, 1, (2, RES, RES, 3)), -1, 1) + 1) * 127.5).astype(np.uint8)
-           for _ in metadata]
+  noise = [
+      np.round((np.clip(rng.normal(0, 1, (2, RES, RES, 3)), -1, 1) + 1) * 127.5).astype(np.uint8) for _ in metadata
+  ]
   blank = [np.broadcast_to(rng.integers(205, 251, (2, 1, 1, 3)), (2, RES, RES, 3)).astype(np.uint8) for _ in metadata]
-  blobs = [np.repeat(np.repeat(rng.integers(0, 256, (2, 8, 8, 3)), RES // 8, 1), RES // 8, 2).astype(np.uint8)
-           for _ in metadata]
+  blobs = [
+      np.repeat(np.repeat(rng.integers(0, 256, (2, 8, 8, 3)), RES // 8, 1), RES // 8, 2).astype(np.uint8)
+      for _ in metadata
+  ]
   for images in (noise, blank, blobs):
     res = ev.score_images(metadata, images)
     assert all(res["scores"][c] <= ch[c] + 0.05 for c in ev.CATEGORIES), res["scores"]
@@ -129,8 +143,11 @@ def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
   ps = ev.prompt_set()
   metadata = [p for p in ps if p["tag"] == "position"][:3] + [p for p in ps if p["tag"] == "three_object"][:3]
   rng = np.random.default_rng(1)
-  layout.write(tmp_path / "s", metadata,
-               [np.stack([ev.render_prompt(m["prompt"], RES, rng) for _ in range(2)]) for m in metadata])
+  layout.write(
+      tmp_path / "s",
+      metadata,
+      [np.stack([ev.render_prompt(m["prompt"], RES, rng) for _ in range(2)]) for m in metadata],
+  )
   assert ev.main([f"--samples={tmp_path / 's'}"]) == 0
   line = capsys.readouterr().out.strip()
   assert "\n" not in line
@@ -151,6 +168,7 @@ def untrained(tmp_path_factory):
   """A workdir holding an untrained tiny model (step-0 checkpoint): no training step is compiled."""
   from helpers import tiny_config
   from iomm_jax.train import builder, checkpoint, loop
+
   work = tmp_path_factory.mktemp("untrained")
   c = tiny_config("short")
   loop.save_resolved_config(c, str(work))
@@ -163,6 +181,7 @@ def untrained(tmp_path_factory):
 
 def test_sample_cli_writes_the_geneval_layout(untrained, tmp_path, capsys):
   from iomm_jax import sample as sample_lib
+
   work, res = untrained
   prompts = tmp_path / "p.jsonl"
   meta = [{"prompt": "a red circle", "tag": "x", "include": []}, {"prompt": "a blue star above a green square"}]
@@ -171,14 +190,17 @@ def test_sample_cli_writes_the_geneval_layout(untrained, tmp_path, capsys):
   assert sample_lib.main([f"--workdir={work}", f"--prompts_file={prompts}", "--num=2", f"--out={out}"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"][0]["prompts"] == 2
   got = layout.read(out)
-  assert [(i, m, [p.name for p in pngs]) for i, m, pngs in got] == [(0, meta[0], ["0000.png", "0001.png"]),
-                                                                    (1, meta[1], ["0000.png", "0001.png"])]
+  assert [(i, m, [p.name for p in pngs]) for i, m, pngs in got] == [
+      (0, meta[0], ["0000.png", "0001.png"]),
+      (1, meta[1], ["0000.png", "0001.png"]),
+  ]
   assert Image.open(got[1][2][0]).size == (res, res)
   assert (out / "00001" / "grid.png").exists()
 
 
 def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
   from iomm_jax import sample as sample_lib
+
   work, res = untrained
   subset = [next(p for p in ev.prompt_set() if p["tag"] == t) for t in ev.TAGS]
   monkeypatch.setattr(ev, "prompt_set", lambda: subset)  # 5 prompts keep the CPU test short
@@ -200,7 +222,7 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
   assert (work / "eval_shapes.json").exists() and (work / "eval_shapes.png").exists()
   assert ev.main([f"--workdir={work}", "--num=1", "--uncond"]) == 0
   uncond = json.loads(capsys.readouterr().out.strip())
-  assert conditioned_on[len(subset):] == [[""]] * len(subset)  # the condition dropped
+  assert conditioned_on[len(subset) :] == [[""]] * len(subset)  # the condition dropped
   assert uncond["uncond"] and uncond["num_per_prompt"] == 1
   assert [m for _, m, _ in layout.read(work / "eval_shapes_uncond" / "samples")] == subset  # real prompts kept
   assert (work / "eval_shapes_uncond.json").exists()
@@ -211,14 +233,17 @@ def test_dominant_colour_diagnostic():
   diagnostic is reported beside the categories (not inside `overall`)."""
   from iomm_jax.data import shapes
   from iomm_jax import shapes_detector, eval_shapes
+
   big = dict(shape="star", colour="purple", x=0.3, y=0.3, r=0.25)
   small = dict(shape="circle", colour="green", x=0.8, y=0.8, r=0.08)
   img = shapes.render_objects([big, small], 32, (230, 230, 230))
   assert shapes_detector.dominant_colour(img) == "purple"
   assert shapes_detector.dominant_colour(np.full((32, 32, 3), 230, np.uint8)) is None
   meta = [m for m in eval_shapes.prompt_set() if m["tag"] == "single_object"][:2]
-  imgs = [np.stack([shapes.render_objects([dict(big, colour=m["include"][0]["color"])], 32, (230, 230, 230))] * 2)
-          for m in meta]
+  imgs = [
+      np.stack([shapes.render_objects([dict(big, colour=m["include"][0]["color"])], 32, (230, 230, 230))] * 2)
+      for m in meta
+  ]
   res = eval_shapes.score_images(meta, imgs)
   assert res["diagnostics"] == {"single_object_dominant_colour": 1.0}
   assert abs(eval_shapes.chance(meta)["single_object_dominant_colour"] - 1 / 7) < 0.08

@@ -1,6 +1,7 @@
 """Fast fault cases: the workdir lock, the non-finite guard, restore from a damaged or non-finite checkpoint, a save
 that fails (full disk), config and sample errors a person can act on. End-to-end runs of each fault are in
 bench/faults.py; SIGTERM / SIGUSR1 in tests/test_preemption.py."""
+
 import json
 import os
 import socket
@@ -17,8 +18,8 @@ from iomm_jax import config as config_lib
 from iomm_jax.train import checkpoint, guard
 from iomm_jax.train import lock as lock_lib
 
-
 # ---- one trainer per workdir ------------------------------------------------------------------------------------
+
 
 def test_second_trainer_is_refused_naming_the_holder(tmp_path):
   with lock_lib.WorkdirLock(str(tmp_path)) as first:
@@ -59,9 +60,13 @@ def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
 
 # ---- non-finite guard -------------------------------------------------------------------------------------------
 
+
 def test_nonfinite_rows_stop_naming_the_step_and_values():
-  rows = [{"loss": 1.0, "grad_norm": 2.0}, {"loss": 3.0, "grad_norm": float("inf")}, {"loss": float("nan"),
-                                                                                         "grad_norm": 1.0}]
+  rows = [
+      {"loss": 1.0, "grad_norm": 2.0},
+      {"loss": 3.0, "grad_norm": float("inf")},
+      {"loss": float("nan"), "grad_norm": 1.0},
+  ]
   assert guard.first_nonfinite(rows, 11) == (12, 3.0, float("inf"))
   with pytest.raises(guard.NonFiniteError, match=r"step 12: loss=3.0 grad_norm=inf.*checkpoint \(step 10\)"):
     guard.check_rows(rows, 11, 10)
@@ -76,6 +81,7 @@ def test_tree_is_finite():
 
 
 # ---- damaged / non-finite checkpoints ---------------------------------------------------------------------------
+
 
 def _tree(value):
   return {"w": jnp.full((64, 64), value, jnp.float32), "b": jnp.arange(1000, dtype=jnp.float32) + value}
@@ -108,8 +114,9 @@ def test_damaged_newest_checkpoint_falls_back_and_is_moved_aside(tmp_path, how):
   ck = _two_checkpoints(tmp_path)
   _damage(tmp_path, 20, how)
   said = []
-  state, step, moved = ck.restore_newest_intact(_abstract(_tree(0.0)), None, fallback=True,
-                                                is_finite=guard.tree_is_finite, log=said.append)
+  state, step, moved = ck.restore_newest_intact(
+      _abstract(_tree(0.0)), None, fallback=True, is_finite=guard.tree_is_finite, log=said.append
+  )
   ck.close()
   assert step == 10 and moved == [20]
   np.testing.assert_array_equal(np.asarray(state["w"]), 1.0)
@@ -132,13 +139,15 @@ def test_damaged_checkpoint_without_fallback_is_one_clear_error(tmp_path):
 def test_nonfinite_checkpoint_is_not_resumed(tmp_path):
   ck = _two_checkpoints(tmp_path, second=float("nan"))
   said = []
-  _, step, moved = ck.restore_newest_intact(_abstract(_tree(0.0)), None, fallback=True,
-                                            is_finite=guard.tree_is_finite, log=said.append)
+  _, step, moved = ck.restore_newest_intact(
+      _abstract(_tree(0.0)), None, fallback=True, is_finite=guard.tree_is_finite, log=said.append
+  )
   ck.close()
   assert step == 10 and moved == [20] and "non-finite" in said[0]
 
 
 # ---- saves that fail --------------------------------------------------------------------------------------------
+
 
 def _small_fs(tmp_path):
   """A 3 MB tmpfs when this machine lets us mount one (root), else None."""
@@ -189,6 +198,7 @@ def test_low_space_warns_before_a_save(tmp_path, monkeypatch, capsys):
 
 # ---- errors a person can act on ---------------------------------------------------------------------------------
 
+
 def test_unknown_config_field_names_nearest():
   msg = config_lib.unknown_field_message("train.lrr")
   assert msg.startswith("unknown config field config.train.lrr") and "config.train.lr" in msg
@@ -197,12 +207,20 @@ def test_unknown_config_field_names_nearest():
 
 def test_main_config_errors_are_one_line():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  for args, want in ((["--config=configs/tiny.py", "--config.train.nonexistent=1"], "config.train.nonexistent"),
-                     (["--config=configs/tiny.py", "--config.train.lr=abc"], "could not convert"),
-                     (["--config=configs/no_such.py"], "no_such.py"),
-                     (["--config=configs/tiny.py", "--config.train.on_nonfinite=maybe"], "on_nonfinite")):
-    r = subprocess.run([sys.executable, "-m", "iomm_jax.main", *args, "--workdir=/nonexistent/x"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+  for args, want in (
+      (["--config=configs/tiny.py", "--config.train.nonexistent=1"], "config.train.nonexistent"),
+      (["--config=configs/tiny.py", "--config.train.lr=abc"], "could not convert"),
+      (["--config=configs/no_such.py"], "no_such.py"),
+      (["--config=configs/tiny.py", "--config.train.on_nonfinite=maybe"], "on_nonfinite"),
+  ):
+    r = subprocess.run(
+        [sys.executable, "-m", "iomm_jax.main", *args, "--workdir=/nonexistent/x"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if x.strip()]
@@ -213,11 +231,13 @@ def test_sample_prompt_notes():
   from iomm_jax.train.generate import prompt_notes
 
   class Proc:
+
     def text_prompt_ids(self, text):
       return [1, 2] + [7] * len(text.split()) + [3]
 
   class Tok:
     processor, max_len = Proc(), 8
+
   notes = prompt_notes(Tok(), ["a red circle", "", "w " * 20])
   assert len(notes) == 2
   assert "prompt 1 is empty" in notes[0] and "unconditional" in notes[0]

@@ -1,5 +1,6 @@
 """train/flops.py: the analytic FLOPs of the training step against XLA's cost_analysis() of the compiled tiny step,
 and the components it counts (ViT on its patches, the LLM on its own sequence, remat recompute apart)."""
+
 import jax
 import pytest
 

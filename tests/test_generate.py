@@ -1,4 +1,5 @@
 """Generation from a run samples on the training time grid (config.train.time_shift)."""
+
 import jax
 import numpy as np
 

@@ -1,4 +1,5 @@
 """GenEval's sample folder layout: exact names and contents, atomic writing, prompts files that fail by line."""
+
 import json
 
 import numpy as np
@@ -8,9 +9,15 @@ from PIL import Image
 from iomm_jax import geneval_layout as layout
 from iomm_jax import sample as sample_lib
 
-META = [{"tag": "single_object", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a red circle",
-         "extra": {"nested": [1, 2]}},
-        {"prompt": "a blue square above a green star", "tag": "position", "note": "kept"}]
+META = [
+    {
+        "tag": "single_object",
+        "include": [{"class": "circle", "count": 1, "color": "red"}],
+        "prompt": "a red circle",
+        "extra": {"nested": [1, 2]},
+    },
+    {"prompt": "a blue square above a green star", "tag": "position", "note": "kept"},
+]
 
 
 def _images(n, side, seed):
@@ -42,7 +49,9 @@ def test_layout_is_written_exactly_as_geneval_reads_it(tmp_path):
     np.testing.assert_array_equal(grid[2:26, 28:52], imgs[i][1])  # second sample, after one 2-px gap
   read = layout.read(out)
   assert [(i, m, [p.name for p in pngs]) for i, m, pngs in read] == [
-      (0, META[0], ["0000.png", "0001.png", "0002.png"]), (1, META[1], ["0000.png", "0001.png", "0002.png"])]
+      (0, META[0], ["0000.png", "0001.png", "0002.png"]),
+      (1, META[1], ["0000.png", "0001.png", "0002.png"]),
+  ]
 
 
 def test_rewriting_replaces_prompt_folders_and_keeps_other_files(tmp_path):
@@ -75,12 +84,15 @@ def test_prompts_file_round_trip_keeps_order_and_fields(tmp_path):
   assert layout.read_prompts(path) == META
 
 
-@pytest.mark.parametrize("bad_line, lineno, message", [
-    ("this is not json", 2, "not JSON"),
-    ('["a red circle"]', 2, "not an object"),
-    ('{"tag": "single_object"}', 3, 'no string "prompt"'),
-    ('{"prompt": 7}', 3, 'no string "prompt"'),
-])
+@pytest.mark.parametrize(
+    "bad_line, lineno, message",
+    [
+        ("this is not json", 2, "not JSON"),
+        ('["a red circle"]', 2, "not an object"),
+        ('{"tag": "single_object"}', 3, 'no string "prompt"'),
+        ('{"prompt": 7}', 3, 'no string "prompt"'),
+    ],
+)
 def test_bad_prompts_file_names_the_line_and_writes_nothing(tmp_path, capsys, bad_line, lineno, message):
   lines = [json.dumps(META[0]), json.dumps(META[1]), json.dumps({"prompt": "a red star"})]
   lines.insert(lineno - 1, bad_line)

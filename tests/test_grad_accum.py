@@ -1,5 +1,6 @@
 """Gradient accumulation (`config.train.grad_accum`): the update is the mean over strided microbatches, it gives the
 same losses on one device and on a (2, 2, 2) mesh, and a batch that does not split evenly is refused."""
+
 import dataclasses
 
 import jax
@@ -27,17 +28,19 @@ def small_config(**overrides):
 def make_batch(c, seed):
   rng = np.random.default_rng(seed)
   r, v = c.data.resolution, c.data.vit_size
-  return {"pixels": rng.uniform(-1, 1, (B, r, r, 3)).astype(np.float32),
-          "vit_pixels": rng.normal(size=(B, v, v, 3)).astype(np.float32),
-          "caption_ids": np.zeros((B, c.data.max_text_tokens), np.int32),
-          "caption_len": np.zeros((B,), np.int32),
-          "is_image_only": np.ones((B,), bool)}
+  return {
+      "pixels": rng.uniform(-1, 1, (B, r, r, 3)).astype(np.float32),
+      "vit_pixels": rng.normal(size=(B, v, v, 3)).astype(np.float32),
+      "caption_ids": np.zeros((B, c.data.max_text_tokens), np.int32),
+      "caption_len": np.zeros((B,), np.int32),
+      "is_image_only": np.ones((B,), bool),
+  }
 
 
 def run_on(shape, accum):
   c = small_config(train__grad_accum=accum)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
-  devices = jax.devices()[:int(np.prod(shape))]
+  devices = jax.devices()[: int(np.prod(shape))]
   return builder.build(c, mesh=parallel.make_mesh(c.mesh, devices=devices), load_frozen=False)
 
 
@@ -54,20 +57,24 @@ def test_grads_are_the_mean_over_strided_microbatches(one_device):
   rng = jax.random.key(7)
   st = run.statics
   assert st.grad_accum == 2
-  (loss, aux), grads = jax.jit(lambda p: step_lib.loss_and_grads(st, p, run.frozen, batch, rng)).lower(
-      state.params).compile(FAST)(state.params)
+  (loss, aux), grads = (
+      jax.jit(lambda p: step_lib.loss_and_grads(st, p, run.frozen, batch, rng))
+      .lower(state.params)
+      .compile(FAST)(state.params)
+  )
 
   single = dataclasses.replace(st, grad_accum=1)
-  grad_fn = jax.jit(jax.value_and_grad(
-      lambda p, b, r: step_lib.compute_loss(single, p, run.frozen, b, r), has_aux=True))
-  parts = [grad_fn(state.params, {k: v[i::2] for k, v in batch.items()}, jax.random.fold_in(rng, i))
-           for i in range(2)]
+  grad_fn = jax.jit(
+      jax.value_and_grad(lambda p, b, r: step_lib.compute_loss(single, p, run.frozen, b, r), has_aux=True)
+  )
+  parts = [grad_fn(state.params, {k: v[i::2] for k, v in batch.items()}, jax.random.fold_in(rng, i)) for i in range(2)]
   np.testing.assert_allclose(float(loss), np.mean([float(p[0][0]) for p in parts]), rtol=1e-6)
   assert abs(float(parts[0][0][0]) - float(parts[1][0][0])) > 1e-4  # the two microbatches really differ
   expected = jax.tree.map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0,
-                               atol=1e-6 * max(1.0, float(jnp.max(jnp.abs(want)))))
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=0, atol=1e-6 * max(1.0, float(jnp.max(jnp.abs(want))))
+    )
   # contiguous halves (rows 0–3, 4–7) are a different split: the strided layout is what is computed
   contiguous = grad_fn(state.params, {k: v[:4] for k, v in batch.items()}, jax.random.fold_in(rng, 0))
   assert abs(float(contiguous[0][0]) - float(parts[0][0][0])) > 1e-4

@@ -24,31 +24,81 @@ IMG = 99  # image_token_id of the tiny configs
 CONFIGS = {
     # ViT LayerNorm, qkv bias, GQA 6:2, default-size image
     "ln_gqa3": dict(
-        vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                    image_size=56, patch_size=14, norm_type="layer_norm", attention_bias=True),
-        text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                  num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6)),
+        vision=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=56,
+            patch_size=14,
+            norm_type="layer_norm",
+            attention_bias=True,
+        ),
+        text=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+        ),
+    ),
     # ViT RMSNorm + qk-norm, layer scale 0.5, final ViT layernorm, MHA, other eps/theta
     "rms_qknorm_mha": dict(
-        vision=dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
-                    image_size=28, patch_size=7, norm_type="rms_norm", use_qk_norm=True, attention_bias=False,
-                    layer_scale_init_value=0.5, use_mean_pooling=False, layer_norm_eps=1e-5),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4, rope_theta=10_000.0, rms_norm_eps=1e-5)),
+        vision=dict(
+            hidden_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            intermediate_size=40,
+            image_size=28,
+            patch_size=7,
+            norm_type="rms_norm",
+            use_qk_norm=True,
+            attention_bias=False,
+            layer_scale_init_value=0.5,
+            use_mean_pooling=False,
+            layer_norm_eps=1e-5,
+        ),
+        text=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_theta=10_000.0,
+            rms_norm_eps=1e-5,
+        ),
+    ),
     # GQA 8:1, ViT config 56² fed a 84² image (absolute position embeddings interpolated)
     "gqa8_interp": dict(
-        vision=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                    image_size=56, patch_size=14, norm_type="layer_norm", use_qk_norm=True, attention_bias=True),
-        text=dict(hidden_size=64, intermediate_size=80, num_hidden_layers=1, num_attention_heads=8,
-                  num_key_value_heads=1, rope_theta=500.0),
-        feed_size=84),
+        vision=dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=56,
+            patch_size=14,
+            norm_type="layer_norm",
+            use_qk_norm=True,
+            attention_bias=True,
+        ),
+        text=dict(
+            hidden_size=64,
+            intermediate_size=80,
+            num_hidden_layers=1,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            rope_theta=500.0,
+        ),
+        feed_size=84,
+    ),
 }
 
 
 def _hf_config(spec):
   text = dict(model_type="qwen2", vocab_size=100, **spec["text"])
-  return HFInternVLConfig(vision_config=dict(spec["vision"]), text_config=text, image_token_id=IMG,
-                          image_seq_length=4)
+  return HFInternVLConfig(vision_config=dict(spec["vision"]), text_config=text, image_token_id=IMG, image_seq_length=4)
 
 
 def _make_checkpoint(spec, path, seed=0):
@@ -74,9 +124,11 @@ def _inputs(spec, cfg, seed=0):
 
 def _torch_forward(model, ids, pixels=None, mask=None):
   with torch.no_grad():
-    out = model.model(input_ids=torch.from_numpy(ids),
-                      pixel_values=None if pixels is None else torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
-                      attention_mask=None if mask is None else torch.from_numpy(mask.astype(np.int64)))
+    out = model.model(
+        input_ids=torch.from_numpy(ids),
+        pixel_values=None if pixels is None else torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+        attention_mask=None if mask is None else torch.from_numpy(mask.astype(np.int64)),
+    )
   proj = None if out.image_outputs is None else out.image_outputs.pooler_output.numpy()
   return out.last_hidden_state.numpy(), proj
 
@@ -118,7 +170,7 @@ def test_parity_text_image_projector(checkpoints, name):
   text, ids, pixels = _inputs(spec, ours.cfg)
 
   mask = np.ones_like(text, bool)
-  mask[1, -3:] = False                                        # right padding on the second row
+  mask[1, -3:] = False  # right padding on the second row
   text_h, proj, image_h = _jit(ours, _outputs, text, mask, ids, pixels)
   theirs_text, _ = _torch_forward(torch_model, text, mask=mask)
   _assert_close(np.asarray(text_h)[mask], theirs_text[mask])  # only real positions are compared
@@ -143,8 +195,8 @@ def test_round_trip_bit_exact(checkpoints):
 def test_permuted_weight_breaks_parity(checkpoints, tmp_path):
   spec, path, torch_model = checkpoints["ln_gqa3"]
   sd = io.read_state_dict(path)
-  key = "language_model.model.layers.0.mlp.up_proj.weight"   # save_pretrained writes the llava layout
-  sd[key] = np.ascontiguousarray(sd[key][::-1])              # permute the output features
+  key = "language_model.model.layers.0.mlp.up_proj.weight"  # save_pretrained writes the llava layout
+  sd[key] = np.ascontiguousarray(sd[key][::-1])  # permute the output features
   io.write_safetensors(sd, tmp_path)
   shutil.copy(path / "config.json", tmp_path / "config.json")
   ours = load_internvl(tmp_path, dtype=jnp.float32)
@@ -160,8 +212,10 @@ def test_key_mismatch_and_sharded_and_bin(checkpoints, tmp_path):
   spec, path, torch_model = checkpoints["ln_gqa3"]
   sd = io.read_state_dict(path)
   # sharded safetensors + index, in the InternVLForConditionalGeneration module layout (`model.` prefix)
-  as_module = {"model." + internvl_keys.normalize_torch_key(k) if not k.endswith("lm_head.weight") else "lm_head.weight": v
-               for k, v in sd.items()}
+  as_module = {
+      "model." + internvl_keys.normalize_torch_key(k) if not k.endswith("lm_head.weight") else "lm_head.weight": v
+      for k, v in sd.items()
+  }
   assert "model.language_model.norm.weight" in as_module
   shard_dir = tmp_path / "sharded"
   files = io.write_safetensors(as_module, shard_dir, max_shard_bytes=20_000)
@@ -224,7 +278,7 @@ def test_bf16_load_and_sharded_placement(checkpoints):
 def test_config_round_trip_and_from_hf():
   cfg = InternVLConfig()
   assert InternVLConfig.from_hf(cfg.to_hf()) == cfg
-  hf = HFInternVLConfig(**cfg.to_hf())                       # transformers accepts our dict
+  hf = HFInternVLConfig(**cfg.to_hf())  # transformers accepts our dict
   assert hf.text_config.num_key_value_heads == 2 and hf.vision_config.attention_bias
   assert InternVLConfig.from_hf(hf.to_diff_dict()) == cfg
   assert cfg.num_image_tokens == 256
@@ -246,12 +300,14 @@ def test_gradient_path_through_frozen_llm(checkpoints):
   text, _, _ = _inputs(spec, InternVLConfig.from_hf(json.loads((path / "config.json").read_text())))
   text = jnp.asarray(text)
   n_q, d = 3, spec["text"]["hidden_size"]
-  trainable = {"queries": jax.random.normal(jax.random.key(0), (n_q, d)),
-               "proj": 0.1 * jax.random.normal(jax.random.key(1), (d, d))}
+  trainable = {
+      "queries": jax.random.normal(jax.random.key(0), (n_q, d)),
+      "proj": 0.1 * jax.random.normal(jax.random.key(1), (d, d)),
+  }
 
   def grads(remat, dtype):
     model = load_internvl(path, dtype=dtype, remat=remat)
-    graphdef, frozen = nnx.split(model)                      # frozen params: closed over, never differentiated
+    graphdef, frozen = nnx.split(model)  # frozen params: closed over, never differentiated
 
     def loss(tr):
       m = nnx.merge(graphdef, frozen)
@@ -266,12 +322,13 @@ def test_gradient_path_through_frozen_llm(checkpoints):
   for k in trainable:
     assert g_none[k].dtype == jnp.float32 and float(jnp.max(jnp.abs(g_none[k]))) > 0
     np.testing.assert_allclose(g_full[k], g_none[k], rtol=1e-5, atol=1e-6)
-  g_bf16 = grads("dots_saveable", jnp.bfloat16)              # bf16 frozen weights, fp32 trainable
+  g_bf16 = grads("dots_saveable", jnp.bfloat16)  # bf16 frozen weights, fp32 trainable
   assert g_bf16["queries"].dtype == jnp.float32 and float(jnp.max(jnp.abs(g_bf16["queries"]))) > 0
 
 
 def test_verify_mllm(checkpoints):
   from iomm_jax.convert.internvl_verify import verify_mllm
+
   _, path, _ = checkpoints["rms_qknorm_mha"]
   report = verify_mllm(path, seed=1)
   assert report["passed"], report

@@ -1,4 +1,5 @@
 """IOMM conditioning: templates, the token mask, image-token splicing, and the gradient path through the frozen LLM."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,15 +39,16 @@ def test_condition_ids_selects_per_sample(run):
   tpl = run.templates
   cap = np.zeros((3, 32), np.int32)
   ids = run.tokenize("a red circle")
-  cap[:, :len(ids)] = ids
+  cap[:, : len(ids)] = ids
   lens = jnp.full((3,), len(ids), jnp.int32)
-  out, valid, use = iomm.condition_ids(tpl, jnp.asarray(cap), lens, jnp.array([True, False, False]),
-                                       jnp.array([False, False, True]))
+  out, valid, use = iomm.condition_ids(
+      tpl, jnp.asarray(cap), lens, jnp.array([True, False, False]), jnp.array([False, False, True])
+  )
   out, valid = np.asarray(out), np.asarray(valid)
   np.testing.assert_array_equal(out[0], tpl.image_ids)
-  np.testing.assert_array_equal(out[1][valid[1]], ids)      # caption, left-padded
+  np.testing.assert_array_equal(out[1][valid[1]], ids)  # caption, left-padded
   assert valid[1].sum() == len(ids) and valid[1][-1]
-  np.testing.assert_array_equal(out[2], tpl.uncond_ids)      # dropped → empty prompt
+  np.testing.assert_array_equal(out[2], tpl.uncond_ids)  # dropped → empty prompt
   np.testing.assert_array_equal(np.asarray(use), [True, False, False])
 
 
@@ -61,8 +63,8 @@ def test_splice_zeroes_masked_tokens_in_place(run):
   pos = tpl.image_positions
   kept = np.asarray(keep)
   np.testing.assert_allclose(out[0, pos][kept[0]], np.asarray(tokens)[0][kept[0]])
-  assert (out[0, pos][~kept[0]] == 0).all()                   # masked → zero vector, position kept
-  assert (out[2] == 7.0).all()                                # text samples untouched
+  assert (out[0, pos][~kept[0]] == 0).all()  # masked → zero vector, position kept
+  assert (out[2] == 7.0).all()  # text samples untouched
   other = np.setdiff1d(np.arange(tpl.length), pos)
   assert (out[:, other] == 7.0).all()
 
@@ -73,29 +75,34 @@ def _batch(run, n=4, image=True):
   rng = np.random.default_rng(0)
   ids = run.tokenize("a red circle")
   cap = np.zeros((n, c.data.max_text_tokens), np.int32)
-  cap[:, :len(ids)] = ids
-  return {"pixels": jnp.asarray(rng.uniform(-1, 1, (n, r, r, 3)), jnp.float32),
-          "vit_pixels": jnp.asarray(rng.standard_normal((n, v, v, 3)), jnp.float32),
-          "caption_ids": jnp.asarray(cap), "caption_len": jnp.full((n,), len(ids), jnp.int32),
-          "is_image_only": jnp.full((n,), image)}
+  cap[:, : len(ids)] = ids
+  return {
+      "pixels": jnp.asarray(rng.uniform(-1, 1, (n, r, r, 3)), jnp.float32),
+      "vit_pixels": jnp.asarray(rng.standard_normal((n, v, v, 3)), jnp.float32),
+      "caption_ids": jnp.asarray(cap),
+      "caption_len": jnp.full((n,), len(ids), jnp.int32),
+      "is_image_only": jnp.full((n,), image),
+  }
 
 
 def test_rqa_gets_gradients_through_frozen_llm():
   run = builder.build(tiny_config(train__warmup_steps=0))
   state = run.init_state()
-  assert set(state.params) == {"dit", "rqa"}                  # no MLLM / ViT / VAE weight is trainable
+  assert set(state.params) == {"dit", "rqa"}  # no MLLM / ViT / VAE weight is trainable
   # adaLN-Zero: at init the DiT's output projection and gates are zero, so the condition has no gradient yet;
   # a few updates open the path (proj_out, then the gates, then the context stream).
   from iomm_jax import parallel
+
   batch = parallel.global_batch({k: np.asarray(v) for k, v in _batch(run, n=8).items()}, run.mesh)
   for _ in range(4):
     state, _ = run.train_step(state, run.frozen, batch)
   grads = jax.grad(lambda p: step_lib.compute_loss(run.statics, p, run.frozen, _batch(run), jax.random.key(0))[0])(
-      state.params)
-  rqa_norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads["rqa"]))))
+      state.params
+  )
+  rqa_norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grads["rqa"]))))
   assert np.isfinite(rqa_norm) and rqa_norm > 0
   mq = np.asarray(grads["rqa"]["meta_queries"])
-  assert np.abs(mq).max() > 0                                 # the queries themselves learn, via the LLM
+  assert np.abs(mq).max() > 0  # the queries themselves learn, via the LLM
 
 
 def test_image_condition_changes_the_condition(run):
@@ -105,14 +112,17 @@ def test_image_condition_changes_the_condition(run):
   mllm = nnx.merge(run.statics.mllm_def, run.frozen["mllm"])
   b = _batch(run, n=2)
   tokens = mllm.encode_image_tokens(b["vit_pixels"])
-  ids, valid, use = iomm.condition_ids(run.templates, b["caption_ids"], b["caption_len"], b["is_image_only"],
-                                       jnp.zeros((2,), bool))
+  ids, valid, use = iomm.condition_ids(
+      run.templates, b["caption_ids"], b["caption_len"], b["is_image_only"], jnp.zeros((2,), bool)
+  )
+
   def h(keep_value):
     keep = jnp.full((2, tokens.shape[1]), keep_value)
     return np.asarray(iomm.encode_condition(gen.rqa, mllm, run.templates, ids, valid, tokens, keep, use)[0])
+
   full, none = h(True), h(False)
-  assert np.abs(full[0] - full[1]).max() > 1e-4               # two images → two conditions
-  np.testing.assert_allclose(none[0], none[1], atol=1e-5)     # everything masked → identical conditions
+  assert np.abs(full[0] - full[1]).max() > 1e-4  # two images → two conditions
+  np.testing.assert_allclose(none[0], none[1], atol=1e-5)  # everything masked → identical conditions
 
 
 def test_bf16_frozen_weights_fp32_trainables():
@@ -128,11 +138,13 @@ def test_x_prediction_turns_the_dit_output_into_a_velocity():
   """prediction='x': the DiT output is the clean latent x̂ and velocity() returns (x_t − x̂)/max(t, t_min); with the
   same weights, prediction='v' returns the raw output."""
   from iomm_jax.models import factory
+
   cx, cv = tiny_config(model__prediction="x"), tiny_config(model__prediction="v")
   gx, gv = factory.make_generator(cx, nnx.Rngs(0)), factory.make_generator(cv, nnx.Rngs(0))
   # Non-zero output weights (adaLN-Zero starts them at 0, which would hide the difference).
-  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape, p.dtype),
-                        nnx.state(gv, nnx.Param))
+  params = jax.tree.map(
+      lambda p: p + 0.02 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), nnx.state(gv, nnx.Param)
+  )
   nnx.update(gv, params)
   nnx.update(gx, params)
   rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@
 the S3-DiT and the Qwen2 LLM, with every remat policy; one `scan` per block stack in the traced program; and the
 whole IOMM loss of the tiny config unchanged when the DiT and the LLM are scanned and rematerialised.
 """
+
 import dataclasses
 
 import jax
@@ -42,14 +43,24 @@ def _assert_same(base, other, what):
   assert len(leaves0) == len(leaves1)
   assert max(float(jnp.max(jnp.abs(g))) for g in leaves0) > 0
   for a, b in zip(leaves0, leaves1):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0,
-                               atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(a)))), err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(a)))), err_msg=what
+    )
 
 
 # ---------------------------------------------------------------- MM-DiT
 
-MMDIT = MMDiTConfig(in_channels=8, num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
-                    joint_attention_dim=24, pooled_projection_dim=24, axes_dims_rope=(4, 6, 6), zero_init=False)
+MMDIT = MMDiTConfig(
+    in_channels=8,
+    num_layers=2,
+    num_single_layers=3,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    pooled_projection_dim=24,
+    axes_dims_rope=(4, 6, 6),
+    zero_init=False,
+)
 
 
 def _mmdit_loss(model):
@@ -57,11 +68,12 @@ def _mmdit_loss(model):
   h, w, lc = 4, 6, 5
   x = jnp.asarray(rng.normal(size=(2, h * w, 8)), jnp.float32)
   ctx = jnp.asarray(rng.normal(size=(2, lc, 24)), jnp.float32)
-  img_ids = jnp.asarray(np.stack(np.meshgrid(np.zeros(1), np.arange(h), np.arange(w), indexing="ij"), -1)
-                        .reshape(-1, 3), jnp.float32)
+  img_ids = jnp.asarray(
+      np.stack(np.meshgrid(np.zeros(1), np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 3), jnp.float32
+  )
   mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
   out = model(x, ctx, ctx.mean(1), jnp.asarray([0.3, 0.8]), img_ids, jnp.zeros((lc, 3)), mask)
-  return jnp.mean(out ** 2)
+  return jnp.mean(out**2)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +92,17 @@ def test_mmdit_scan_equals_unrolled(mmdit_base, remat, scan):
 
 # ---------------------------------------------------------------- S3-DiT
 
-S3DIT = S3DiTConfig(in_channels=4, dim=32, n_layers=3, n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=8,
-                    axes_dims=(4, 6, 6), axes_lens=(128, 16, 16))
+S3DIT = S3DiTConfig(
+    in_channels=4,
+    dim=32,
+    n_layers=3,
+    n_refiner_layers=2,
+    n_heads=2,
+    n_kv_heads=2,
+    cap_feat_dim=8,
+    axes_dims=(4, 6, 6),
+    axes_lens=(128, 16, 16),
+)
 
 
 def _s3dit_loss(model):
@@ -103,8 +124,14 @@ def test_s3dit_scan_equals_unrolled():
 
 # ---------------------------------------------------------------- Qwen2 (the frozen LLM; gradients reach its input)
 
-QWEN = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                   num_key_value_heads=2)
+QWEN = Qwen2Config(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
@@ -146,6 +173,7 @@ def test_scan_changes_the_result_when_a_layer_is_skipped():
 
 # ---------------------------------------------------------------- the whole IOMM loss (tiny config)
 
+
 def test_tiny_loss_and_grads_same_with_scan_and_remat():
   """The tiny config's IOMM loss and gradients: DiT and LLM unrolled without remat == scanned with remat 'full'."""
   results = []
@@ -160,11 +188,13 @@ def test_tiny_loss_and_grads_same_with_scan_and_remat():
       frozen = builder.load_frozen_weights(c, run)
       rng = np.random.default_rng(4)
       r, v = c.data.resolution, c.data.vit_size
-      batch = {"pixels": jnp.asarray(rng.uniform(-1, 1, (4, r, r, 3)), jnp.float32),
-               "vit_pixels": jnp.asarray(rng.normal(size=(4, v, v, 3)), jnp.float32),
-               "caption_ids": jnp.zeros((4, c.data.max_text_tokens), jnp.int32),
-               "caption_len": jnp.zeros((4,), jnp.int32),
-               "is_image_only": jnp.ones((4,), bool)}
+      batch = {
+          "pixels": jnp.asarray(rng.uniform(-1, 1, (4, r, r, 3)), jnp.float32),
+          "vit_pixels": jnp.asarray(rng.normal(size=(4, v, v, 3)), jnp.float32),
+          "caption_ids": jnp.zeros((4, c.data.max_text_tokens), jnp.int32),
+          "caption_len": jnp.zeros((4,), jnp.int32),
+          "is_image_only": jnp.ones((4,), bool),
+      }
     fn = lambda p, statics=run.statics: step_lib.compute_loss(statics, p, frozen, batch, jax.random.key(5))[0]  # noqa: E731
     value, grads = jax.jit(jax.value_and_grad(fn)).lower(state.params).compile(FAST)(state.params)
     results.append((value, grads, str(jax.make_jaxpr(fn)(state.params))))

@@ -2,6 +2,7 @@
 
 Every `import iomm_jax...` — at module level or inside a function — may only name a module of the same or a
 lower layer, and no two modules may import each other at module level (a cycle)."""
+
 import ast
 import pathlib
 
@@ -10,15 +11,32 @@ PKG = ROOT / "iomm_jax"
 
 # Layer of each module, by the first prefix that matches (longest prefixes first). Lower number = lower layer.
 LAYERS = {
-    "core": ["iomm_jax.config", "iomm_jax.data_kinds", "iomm_jax.parallel", "iomm_jax.distributed", "iomm_jax.metrics",
-             "iomm_jax.models.layers", "iomm_jax.models.rope", "iomm_jax"],
+    "core": [
+        "iomm_jax.config",
+        "iomm_jax.data_kinds",
+        "iomm_jax.parallel",
+        "iomm_jax.distributed",
+        "iomm_jax.metrics",
+        "iomm_jax.models.layers",
+        "iomm_jax.models.rope",
+        "iomm_jax",
+    ],
     "models": ["iomm_jax.models", "iomm_jax.sampling"],
     "weights": ["iomm_jax.weights"],
     "data": ["iomm_jax.data"],
     "train": ["iomm_jax.train", "iomm_jax.mllm_pretrain"],
-    "apps": ["iomm_jax.main", "iomm_jax.sample", "iomm_jax.cache", "iomm_jax.eval_recon", "iomm_jax.eval_shapes",
-             "iomm_jax.shapes_detector", "iomm_jax.geneval_layout", "iomm_jax.demo_summary", "iomm_jax.pretrain_mllm",
-             "iomm_jax.convert"],
+    "apps": [
+        "iomm_jax.main",
+        "iomm_jax.sample",
+        "iomm_jax.cache",
+        "iomm_jax.eval_recon",
+        "iomm_jax.eval_shapes",
+        "iomm_jax.shapes_detector",
+        "iomm_jax.geneval_layout",
+        "iomm_jax.demo_summary",
+        "iomm_jax.pretrain_mllm",
+        "iomm_jax.convert",
+    ],
 }
 ORDER = list(LAYERS)
 
@@ -83,7 +101,7 @@ def test_no_module_level_cycles():
 
   def visit(m):
     if m in stack:
-      cycles.append(stack[stack.index(m):] + [m])
+      cycles.append(stack[stack.index(m) :] + [m])
       return
     if m in seen:
       return

@@ -37,15 +37,52 @@ def assert_close(ours, theirs, tol=1e-4):
 
 CONFIGS = {
     # (config, latent grid in tokens (h, w), text length, random txt_ids)
-    "2double_1single": (MMDiTConfig(in_channels=16, num_layers=2, num_single_layers=1, attention_head_dim=16,
-                                    num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20,
-                                    axes_dims_rope=(4, 6, 6)), (3, 5), 7, False),
-    "0double_2single": (MMDiTConfig(in_channels=8, out_channels=12, num_layers=0, num_single_layers=2,
-                                    attention_head_dim=8, num_attention_heads=3, joint_attention_dim=16,
-                                    pooled_projection_dim=12, axes_dims_rope=(2, 2, 4)), (4, 2), 5, True),
-    "1double_0single": (MMDiTConfig(in_channels=12, num_layers=1, num_single_layers=0, attention_head_dim=12,
-                                    num_attention_heads=4, joint_attention_dim=20, pooled_projection_dim=20,
-                                    axes_dims_rope=(4, 4, 4)), (2, 6), 4, False),
+    "2double_1single": (
+        MMDiTConfig(
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            pooled_projection_dim=20,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        (3, 5),
+        7,
+        False,
+    ),
+    "0double_2single": (
+        MMDiTConfig(
+            in_channels=8,
+            out_channels=12,
+            num_layers=0,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            joint_attention_dim=16,
+            pooled_projection_dim=12,
+            axes_dims_rope=(2, 2, 4),
+        ),
+        (4, 2),
+        5,
+        True,
+    ),
+    "1double_0single": (
+        MMDiTConfig(
+            in_channels=12,
+            num_layers=1,
+            num_single_layers=0,
+            attention_head_dim=12,
+            num_attention_heads=4,
+            joint_attention_dim=20,
+            pooled_projection_dim=20,
+            axes_dims_rope=(4, 4, 4),
+        ),
+        (2, 6),
+        4,
+        False,
+    ),
 }
 
 
@@ -70,15 +107,15 @@ def our_model(cfg: MMDiTConfig, sd: dict, table=mmdit_keys.KEY_TABLE, **kw) -> M
 def make_inputs(cfg: MMDiTConfig, grid, lc, random_txt_ids, batch=2, seed=1):
   rng = np.random.default_rng(seed)
   n = grid[0] * grid[1]
-  txt_ids = (rng.integers(0, 5, (lc, 3)).astype(np.float32) if random_txt_ids
-             else np.asarray(latents.text_ids(lc)))
+  txt_ids = rng.integers(0, 5, (lc, 3)).astype(np.float32) if random_txt_ids else np.asarray(latents.text_ids(lc))
   return dict(
       hidden_states=rng.standard_normal((batch, n, cfg.in_channels)).astype(np.float32),
       encoder_hidden_states=rng.standard_normal((batch, lc, cfg.joint_attention_dim)).astype(np.float32),
       pooled_projections=rng.standard_normal((batch, cfg.pooled_projection_dim)).astype(np.float32),
       timestep=rng.uniform(0, 1, (batch,)).astype(np.float32),
       img_ids=np.asarray(latents.image_ids(*grid)),
-      txt_ids=txt_ids)
+      txt_ids=txt_ids,
+  )
 
 
 def torch_forward(model, inputs, attention_mask=None):
@@ -112,6 +149,7 @@ def case(request):
 
 # ---------------------------------------------------------------- parity
 
+
 def test_parity_with_diffusers(case):
   cfg, _, sd, inputs, theirs = case
   ours = jax_forward(our_model(cfg, sd), inputs)
@@ -124,9 +162,13 @@ def test_broken_mapping_fails_parity(case):
   # Swap two same-shaped weights of the first block: the model still loads but must no longer match.
   prefix = "transformer_blocks.0" if cfg.num_layers else "single_transformer_blocks.0"
   a, b = f"{prefix}.attn.to_q", f"{prefix}.attn.to_k"
-  broken = keymap.KeyTable("mmdit-broken", rules=[
-      keymap.Rule(re.escape(f"{a}.kernel"), f"{b}.weight", "linear"),
-      keymap.Rule(re.escape(f"{b}.kernel"), f"{a}.weight", "linear")])
+  broken = keymap.KeyTable(
+      "mmdit-broken",
+      rules=[
+          keymap.Rule(re.escape(f"{a}.kernel"), f"{b}.weight", "linear"),
+          keymap.Rule(re.escape(f"{b}.kernel"), f"{a}.weight", "linear"),
+      ],
+  )
   ours = jax_forward(our_model(cfg, sd, broken), inputs)
   diff, bound = _close(ours, theirs)
   assert diff > 100 * bound, f"a swapped to_q/to_k still matches diffusers (diff {diff:.3g})"
@@ -154,6 +196,7 @@ def test_missing_and_unexpected_keys_raise():
 
 
 # ---------------------------------------------------------------- text padding mask (our extension)
+
 
 def test_mask_excludes_padded_text_tokens():
   cfg, grid, lc, rand_ids = CONFIGS["2double_1single"]
@@ -194,8 +237,10 @@ def _remat_eqns(cfg, inputs):
 def test_remat_wraps_every_block_with_its_policy():
   inputs = {k: jnp.asarray(v) for k, v in make_inputs(SMALL, (2, 3), 3, False).items()}
   assert not _remat_eqns(SMALL, inputs)
-  for name, policy in (("full", jax.checkpoint_policies.nothing_saveable),
-                       ("dots_saveable", jax.checkpoint_policies.dots_saveable)):
+  for name, policy in (
+      ("full", jax.checkpoint_policies.nothing_saveable),
+      ("dots_saveable", jax.checkpoint_policies.dots_saveable),
+  ):
     eqns = _remat_eqns(dataclasses.replace(SMALL, remat=name), inputs)
     assert len(eqns) == SMALL.num_layers + SMALL.num_single_layers
     assert all(e.params["policy"] is policy for e in eqns), name
@@ -211,7 +256,7 @@ def test_remat_full_same_output_and_grad():
 
     def loss(params, graphdef=graphdef, rest=rest):
       out = nnx.merge(graphdef, params, rest)(**inputs)
-      return jnp.mean(out ** 2), out
+      return jnp.mean(out**2), out
 
     (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(params)
     results[policy] = (out, jax.tree_util.tree_leaves(grad))
@@ -237,8 +282,9 @@ def test_zero_init_gives_zero_output_and_nonzero_grad():
   cfg = dataclasses.replace(SMALL, zero_init=True)
   create = lambda: MMDiT(cfg, rngs=nnx.Rngs(0))  # noqa: E731
   # Initialise in one jitted program: eager init compiles the RNG once per parameter shape (slow on CPU).
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(create)),
-                    jax.jit(lambda: nnx.state(create()), compiler_options=FAST_COMPILE)())
+  model = nnx.merge(
+      nnx.graphdef(nnx.eval_shape(create)), jax.jit(lambda: nnx.state(create()), compiler_options=FAST_COMPILE)()
+  )
   inputs = {k: jnp.asarray(v) for k, v in make_inputs(cfg, (2, 3), 3, False).items()}
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -265,6 +311,7 @@ def test_logical_axes_are_from_the_allowed_set():
 
 
 # ---------------------------------------------------------------- config
+
 
 def test_config_round_trip_and_errors():
   cfg = CONFIGS["0double_2single"][0]
@@ -297,6 +344,7 @@ def test_full_size_parameter_count(heads, expected):
 
 # ---------------------------------------------------------------- latents
 
+
 @pytest.mark.parametrize("h,w,c", [(4, 6, 3), (8, 2, 16)])
 def test_pack_unpack_match_diffusers(h, w, c):
   x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
@@ -319,6 +367,7 @@ def test_pack_rejects_odd_sizes():
 
 # ---------------------------------------------------------------- RoPE
 
+
 def _ids(n=11, seed=0):
   return np.random.default_rng(seed).integers(0, 64, (n, 3)).astype(np.float32)
 
@@ -336,8 +385,9 @@ def test_rope_matches_flux_pos_embed_and_apply_rotary_emb():
 
 def test_rope_half_layout_matches_diffusers_unbind_minus_2():
   pos = np.arange(9, dtype=np.float32)
-  cos_t, sin_t = get_1d_rotary_pos_embed(16, torch.from_numpy(pos), 10000.0, use_real=True,
-                                         repeat_interleave_real=False)
+  cos_t, sin_t = get_1d_rotary_pos_embed(
+      16, torch.from_numpy(pos), 10000.0, use_real=True, repeat_interleave_real=False
+  )
   cos, sin = rope.rope_frequencies(jnp.asarray(pos)[:, None], (16,), 10000.0, layout="half")
   assert_close(cos, cos_t.numpy(), 1e-5)
   x = np.random.default_rng(2).standard_normal((1, 9, 2, 16)).astype(np.float32)

@@ -4,6 +4,7 @@ resume across process counts and meshes, and a killed process that must not leav
 Every run is a subprocess group started by the launcher on a free port; the fixture kills whatever is left on
 failure. The model is the tiny config cut to one block per stack, compiled with unoptimised CPU code generation.
 """
+
 import json
 import os
 import signal
@@ -15,10 +16,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "local.sh")
-SMALL = ["--config=configs/tiny.py:short", "--config.train.global_batch=8", "--config.train.log_every=1",
-         "--config.train.warmup_steps=0", "--config.train.sample_every=0", "--config.data.num_images=256",
-         "--config.model.dit.arch.num_layers=1", "--config.model.dit.arch.num_single_layers=1",
-         "--config.model.mllm.arch.text.num_hidden_layers=1", "--config.model.mllm.arch.vision.num_hidden_layers=1"]
+SMALL = [
+    "--config=configs/tiny.py:short",
+    "--config.train.global_batch=8",
+    "--config.train.log_every=1",
+    "--config.train.warmup_steps=0",
+    "--config.train.sample_every=0",
+    "--config.data.num_images=256",
+    "--config.model.dit.arch.num_layers=1",
+    "--config.model.dit.arch.num_single_layers=1",
+    "--config.model.mllm.arch.text.num_hidden_layers=1",
+    "--config.model.mllm.arch.vision.num_hidden_layers=1",
+]
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 RTOL = 1e-5
 
@@ -27,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 def _env(**extra):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = FAST_XLA          # the launcher adds the per-process device count
+  env["XLA_FLAGS"] = FAST_XLA  # the launcher adds the per-process device count
   env["JAX_PLATFORMS"] = "cpu"
   env["IOMM_PYTHON"] = sys.executable
   env["PYTHONUNBUFFERED"] = "1"
@@ -43,8 +52,14 @@ class Launcher:
 
   def start(self, n, args, log, **env):
     f = open(log, "w")
-    p = subprocess.Popen(["bash", LAUNCH, str(n), *args], cwd=ROOT, env=_env(**env), stdout=f,
-                         stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(
+        ["bash", LAUNCH, str(n), *args],
+        cwd=ROOT,
+        env=_env(**env),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     self.procs.append((p, f))
     return p
 
@@ -105,14 +120,20 @@ def runs(tmp_path_factory):
     two_losses = _losses(two)
     resume = lau.start(1, SMALL + steps + mesh142 + [f"--workdir={two}"], str(tmp / "resume.log"))
     resume_rc = resume.wait(timeout=600)
-    return {"ref": _losses(ref), "two": two_losses, "two_dir": two, "resume_rc": resume_rc,
-            "resume_log": str(tmp / "resume.log"), "resumed": _losses(two)}
+    return {
+        "ref": _losses(ref),
+        "two": two_losses,
+        "two_dir": two,
+        "resume_rc": resume_rc,
+        "resume_log": str(tmp / "resume.log"),
+        "resumed": _losses(two),
+    }
   finally:
     lau.stop()
 
 
 def test_two_processes_train_and_checkpoint(runs):
-  assert sorted(runs["two"]) == [1, 2]                     # metrics from process 0 only (no duplicate rows)
+  assert sorted(runs["two"]) == [1, 2]  # metrics from process 0 only (no duplicate rows)
   ckpts = os.listdir(os.path.join(runs["two_dir"], "checkpoints"))
   assert "2" in ckpts, ckpts
 
@@ -135,9 +156,19 @@ def test_killed_process_stops_its_peer(tmp_path, launcher):
   """SIGKILL process 1 mid-training: process 0 reports the lost peer and exits non-zero, well within the bound."""
   heartbeat = 5
   pid_dir, log, work = tmp_path / "pids", str(tmp_path / "kill.log"), str(tmp_path / "w")
-  p = launcher.start(2, SMALL + ["--config.train.num_steps=100000", "--config.train.ckpt_every=100000",
-                                 f"--config.distributed.heartbeat_timeout_s={heartbeat}", f"--workdir={work}"],
-                     log, IOMM_PID_DIR=str(pid_dir), IOMM_GRACE_S="120")
+  p = launcher.start(
+      2,
+      SMALL
+      + [
+          "--config.train.num_steps=100000",
+          "--config.train.ckpt_every=100000",
+          f"--config.distributed.heartbeat_timeout_s={heartbeat}",
+          f"--workdir={work}",
+      ],
+      log,
+      IOMM_PID_DIR=str(pid_dir),
+      IOMM_GRACE_S="120",
+  )
   metrics = os.path.join(work, "metrics.jsonl")
   deadline = time.time() + 420
   while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
@@ -156,8 +187,9 @@ def test_killed_process_stops_its_peer(tmp_path, launcher):
   assert "killing them" not in out, "the launcher had to kill a hung process"
   assert "process 0 (pid" in out and "exited with status" in out
   # our watchdog's message, or JAX's own coordination-service abort, whichever fires first
-  assert ("IOMM DISTRIBUTED FAILURE: process 0 of 2: peer process(es) [1]" in out
-          or "stopped sending heartbeats" in out), out
+  assert (
+      "IOMM DISTRIBUTED FAILURE: process 0 of 2: peer process(es) [1]" in out or "stopped sending heartbeats" in out
+  ), out
   assert elapsed < heartbeat + 60
 
 
@@ -167,13 +199,15 @@ def test_feature_cache_from_two_processes_equals_one_process(tmp_path, launcher)
   import numpy as np
 
   from iomm_jax.data import shapes, sources
+
   num = 20  # not a multiple of the batch: the last batch of each process is padded
   src = tmp_path / "src"
   shapes.write_arrayrecord(src, num, 64, seed=3, shards=2, progress=False)
   base = SMALL + ["--config.data.source=arrayrecord", f"--config.data.path={src}", "--shards=2", "--no_progress"]
   for n in (1, 2):
-    launcher.run(n, base + [f"--dst={tmp_path / f'cache{n}'}"], str(tmp_path / f"cache{n}.log"),
-                 IOMM_MODULE="iomm_jax.cache")
+    launcher.run(
+        n, base + [f"--dst={tmp_path / f'cache{n}'}"], str(tmp_path / f"cache{n}.log"), IOMM_MODULE="iomm_jax.cache"
+    )
   one, two = sources.ArrayRecordSource(str(tmp_path / "cache1")), sources.ArrayRecordSource(str(tmp_path / "cache2"))
   assert len(one) == len(two) == num
   assert len(os.listdir(tmp_path / "cache2")) > len(os.listdir(tmp_path / "cache1"))  # per-process shard files
@@ -181,6 +215,7 @@ def test_feature_cache_from_two_processes_equals_one_process(tmp_path, launcher)
     a, b = one[i], two[i]
     assert a["id"] == b["id"], i
     for key in ("vit_tokens", "latent"):
-      np.testing.assert_allclose(np.asarray(b[key], np.float32), np.asarray(a[key], np.float32), rtol=0, atol=2e-3,
-                                 err_msg=f"record {i} {key}")
+      np.testing.assert_allclose(
+          np.asarray(b[key], np.float32), np.asarray(a[key], np.float32), rtol=0, atol=2e-3, err_msg=f"record {i} {key}"
+      )
   assert not np.allclose(np.asarray(one[0]["vit_tokens"], np.float32), np.asarray(one[1]["vit_tokens"], np.float32))

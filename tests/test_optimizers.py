@@ -1,4 +1,5 @@
 """Muon for IOMM-XL: which parameters it updates, and an update size that means the same lr as AdamW's."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,13 +20,13 @@ def _train_cfg(optimizer: str) -> ml_collections.ConfigDict:
 def _labels(config) -> dict[str, str]:
   run = builder.build(config, load_frozen=False)
   hidden = optimizers.muon_labels(run.abstract_state.params, _hidden(config))
-  return {"/".join(str(getattr(k, "key", k)) for k in p): v
-          for p, v in jax.tree_util.tree_flatten_with_path(hidden)[0]}
+  return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(hidden)[0]}
 
 
 def _hidden(config):
   from flax import nnx
   from iomm_jax.models import factory
+
   gen = nnx.eval_shape(lambda: factory.make_generator(config, nnx.Rngs(0)))
   return {"dit": type(gen.dit).HIDDEN_BLOCKS, "rqa": type(gen.rqa).HIDDEN_BLOCKS}
 
@@ -36,9 +37,16 @@ def test_muon_partition_mmdit():
   assert "dit/transformer_blocks/0/attn/to_q/kernel" in muon
   assert "dit/single_transformer_blocks/0/proj_mlp/kernel" in muon
   assert "rqa/query_blocks/0/mlp/fc1/kernel" in muon
-  for adam in ("dit/x_embedder/kernel", "dit/context_embedder/kernel", "dit/proj_out/kernel",
-               "dit/norm_out/linear/kernel", "dit/time_text_embed/timestep_embedder/linear_1/kernel",
-               "rqa/meta_queries", "dit/transformer_blocks/0/attn/to_q/bias", "dit/transformer_blocks/0/attn/norm_q/weight"):
+  for adam in (
+      "dit/x_embedder/kernel",
+      "dit/context_embedder/kernel",
+      "dit/proj_out/kernel",
+      "dit/norm_out/linear/kernel",
+      "dit/time_text_embed/timestep_embedder/linear_1/kernel",
+      "rqa/meta_queries",
+      "dit/transformer_blocks/0/attn/to_q/bias",
+      "dit/transformer_blocks/0/attn/norm_q/weight",
+  ):
     assert labels[adam] == "adam", adam
   assert all(k.endswith("kernel") for k in muon)
 
@@ -48,8 +56,9 @@ def test_muon_partition_s3dit():
   c.model.mllm.arch = tiny_config().model.mllm.arch
   c.model.mllm.path = ""
   width = 64
-  c.model.dit.arch = dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, axes_dims=(8, 12, 12),
-                          cap_feat_dim=width)
+  c.model.dit.arch = dict(
+      dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, axes_dims=(8, 12, 12), cap_feat_dim=width
+  )
   c.model.rqa.num_heads, c.model.rqa.num_queries = 2, 4
   c.train.global_batch = 8
   c.data.source, c.data.cache_path = "shapes", ""
@@ -58,8 +67,13 @@ def test_muon_partition_s3dit():
   assert labels["dit/layers/0/attention/to_q/kernel"] == "muon"
   assert labels["dit/noise_refiner/0/feed_forward/w1/kernel"] == "muon"
   assert labels["dit/context_refiner/0/attention/to_out/0/kernel"] == "muon"
-  for adam in ("dit/cap_embedder/1/kernel", "dit/all_x_embedder/2-1/kernel", "dit/all_final_layer/2-1/linear/kernel",
-               "dit/cap_pad_token", "dit/layers/0/attention_norm1/weight"):
+  for adam in (
+      "dit/cap_embedder/1/kernel",
+      "dit/all_x_embedder/2-1/kernel",
+      "dit/all_final_layer/2-1/linear/kernel",
+      "dit/cap_pad_token",
+      "dit/layers/0/attention_norm1/weight",
+  ):
     assert labels[adam] == "adam", adam
 
 
@@ -78,7 +92,7 @@ def _updates(train_cfg, shape=(256, 384), steps: int = 40) -> list:
 
 def _update_rms(optimizer: str, shape=(256, 384)) -> float:
   """Mean update RMS over the last 10 of 40 updates on pure-noise gradients (lr 1)."""
-  return float(np.mean([jnp.sqrt(jnp.mean(u ** 2)) for u in _updates(_train_cfg(optimizer), shape)[-10:]]))
+  return float(np.mean([jnp.sqrt(jnp.mean(u**2)) for u in _updates(_train_cfg(optimizer), shape)[-10:]]))
 
 
 def test_muon_update_rms_matches_adamw():

@@ -1,5 +1,6 @@
 """Preemption: SIGTERM / SIGUSR1 save at the next step boundary and exit with EXIT_PREEMPTED; the rerun resumes to the
 same per-step losses and final parameters as an uninterrupted run."""
+
 import os
 import signal
 import subprocess
@@ -16,14 +17,26 @@ from iomm_jax.train import checkpoint
 from iomm_jax.train.preemption import EXIT_PREEMPTED
 
 STEPS = 30
-ARGS = ["--config=configs/tiny.py", f"--config.train.num_steps={STEPS}", "--config.train.ckpt_every=1000",
-        "--config.train.global_batch=8", "--config.data.num_images=256", "--config.train.log_every=1",
-        "--config.train.sample_every=0", "--config.train.warmup_steps=5"]
+ARGS = [
+    "--config=configs/tiny.py",
+    f"--config.train.num_steps={STEPS}",
+    "--config.train.ckpt_every=1000",
+    "--config.train.global_batch=8",
+    "--config.data.num_images=256",
+    "--config.train.log_every=1",
+    "--config.train.sample_every=0",
+    "--config.train.warmup_steps=5",
+]
 
 
 def _env(tmp_path):
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 def _cmd(workdir):
@@ -36,6 +49,7 @@ def _losses(workdir):
 
 def _params(workdir, step):
   import orbax.checkpoint as ocp
+
   ck = checkpoint.Checkpointer(str(workdir), with_data=False)
   state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   ck.close()
@@ -73,7 +87,7 @@ def test_signals_save_at_the_step_and_resume_exactly(tmp_path):
   assert f"preempted by SIGTERM: saved the checkpoint at step {saved[0]}" in err
   assert max(_losses(work)) == saved[0], "every step up to the save is logged"
   first = saved[0]
-  rc, err, saved = _interrupt(work, env, signal.SIGUSR1, first + 2)   # the resumed run, preempted again
+  rc, err, saved = _interrupt(work, env, signal.SIGUSR1, first + 2)  # the resumed run, preempted again
   assert rc == EXIT_PREEMPTED and f"preempted by SIGUSR1: saved the checkpoint at step {saved[-1]}" in err, err[-3000:]
   assert saved[-1] > first
   res = subprocess.run(_cmd(work), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -83,6 +97,7 @@ def test_signals_save_at_the_step_and_resume_exactly(tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
   for s in a:
     assert a[s] == b[s], f"loss differs at step {s}: {a[s]} vs {b[s]}"
-  for x, y in zip(jax.tree_util.tree_leaves(_params(tmp_path / "ref", STEPS)),
-                  jax.tree_util.tree_leaves(_params(work, STEPS))):
+  for x, y in zip(
+      jax.tree_util.tree_leaves(_params(tmp_path / "ref", STEPS)), jax.tree_util.tree_leaves(_params(work, STEPS))
+  ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

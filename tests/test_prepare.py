@@ -1,4 +1,5 @@
 """prepare: folder / table / tar / TFDS → ArrayRecord → pipeline; counts, resumability, no half-written shards."""
+
 import functools
 import hashlib
 import io
@@ -16,173 +17,195 @@ from iomm_jax.data import data_config, pipeline, prepare, records, shapes, sourc
 
 
 def cfg(path, **kw):
-    base = dict(source="arrayrecord", path=str(path), num_images=0, resolution=16, vit_size=16, recipe="pair",
-                mix_lambda=0.5, num_workers=0, seed=0, max_text_tokens=4, skip_uncaptioned=False, cached=False,
-                cache_path="", prefetch_buffer=2)
-    base.update(kw)
-    return data_config.from_config(**base)
+  base = dict(
+      source="arrayrecord",
+      path=str(path),
+      num_images=0,
+      resolution=16,
+      vit_size=16,
+      recipe="pair",
+      mix_lambda=0.5,
+      num_workers=0,
+      seed=0,
+      max_text_tokens=4,
+      skip_uncaptioned=False,
+      cached=False,
+      cache_path="",
+      prefetch_buffer=2,
+  )
+  base.update(kw)
+  return data_config.from_config(**base)
 
 
 def read_all(dst):
-    src = sources.ArrayRecordSource(dst)
-    return [src[i] for i in range(len(src))]
+  src = sources.ArrayRecordSource(dst)
+  return [src[i] for i in range(len(src))]
 
 
 def jpeg(i, res=72):
-    buf = io.BytesIO()
-    Image.fromarray(shapes.render(i, res, 0)[0]).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+  buf = io.BytesIO()
+  Image.fromarray(shapes.render(i, res, 0)[0]).save(buf, format="JPEG", quality=90)
+  return buf.getvalue()
 
 
 def make_folder(root, n=10):
-    """n images with sidecar captions, plus one corrupt, one truncated, one zero-byte and one too small."""
-    root.mkdir(parents=True)
-    for i in range(n):
-        sub = root / ("a" if i % 2 else "b")
-        sub.mkdir(exist_ok=True)
-        (sub / f"{i:02d}.jpg").write_bytes(jpeg(i))
-        (sub / f"{i:02d}.txt").write_text(shapes.render(i, 72, 0)[1])
-    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    png, _ = shapes.render_png(0, 72, 0)
-    (root / "truncated.png").write_bytes(png[: len(png) // 2])
-    (root / "empty.webp").write_bytes(b"")
-    Image.new("RGB", (40, 80)).save(root / "small.png")
-    return root
+  """n images with sidecar captions, plus one corrupt, one truncated, one zero-byte and one too small."""
+  root.mkdir(parents=True)
+  for i in range(n):
+    sub = root / ("a" if i % 2 else "b")
+    sub.mkdir(exist_ok=True)
+    (sub / f"{i:02d}.jpg").write_bytes(jpeg(i))
+    (sub / f"{i:02d}.txt").write_text(shapes.render(i, 72, 0)[1])
+  (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  png, _ = shapes.render_png(0, 72, 0)
+  (root / "truncated.png").write_bytes(png[: len(png) // 2])
+  (root / "empty.webp").write_bytes(b"")
+  Image.new("RGB", (40, 80)).save(root / "small.png")
+  return root
 
 
 def test_prepare_from_folder_counts_and_records(tmp_path, capsys):
-    src = make_folder(tmp_path / "imgs")
-    rc = prepare.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--shards", "3", "--no_progress"])
-    assert rc == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (summary["written"], summary["skipped_unreadable"], summary["skipped_too_small"]) == (10, 3, 1)
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.array_record")) == [
-        f"data-0000{s}-of-00003.array_record" for s in range(3)]
-    recs = read_all(tmp_path / "out")
-    assert len(recs) == 10
-    by_id = {r["id"]: r for r in recs}
-    r = by_id[hashlib.sha1(b"a/03.jpg").hexdigest()]  # stable id = sha1 of the relative source path
-    assert r["image_bytes"] == (src / "a" / "03.jpg").read_bytes()  # bytes kept as they are
-    assert (r["width"], r["height"], r["caption"]) == (72, 72, shapes.render(3, 72, 0)[1])
-    b = next(iter(pipeline.make_dataset(cfg(tmp_path / "out"), global_batch=4, tokenize=lambda s: [1] * len(s))))
-    assert b["pixels"].shape == (4, 16, 16, 3) and b["has_caption"].all() and (b["caption_len"] == 4).all()
+  src = make_folder(tmp_path / "imgs")
+  rc = prepare.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--shards", "3", "--no_progress"])
+  assert rc == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert (summary["written"], summary["skipped_unreadable"], summary["skipped_too_small"]) == (10, 3, 1)
+  assert sorted(p.name for p in (tmp_path / "out").glob("*.array_record")) == [
+      f"data-0000{s}-of-00003.array_record" for s in range(3)
+  ]
+  recs = read_all(tmp_path / "out")
+  assert len(recs) == 10
+  by_id = {r["id"]: r for r in recs}
+  r = by_id[hashlib.sha1(b"a/03.jpg").hexdigest()]  # stable id = sha1 of the relative source path
+  assert r["image_bytes"] == (src / "a" / "03.jpg").read_bytes()  # bytes kept as they are
+  assert (r["width"], r["height"], r["caption"]) == (72, 72, shapes.render(3, 72, 0)[1])
+  b = next(iter(pipeline.make_dataset(cfg(tmp_path / "out"), global_batch=4, tokenize=lambda s: [1] * len(s))))
+  assert b["pixels"].shape == (4, 16, 16, 3) and b["has_caption"].all() and (b["caption_len"] == 4).all()
 
 
 def test_prepare_from_jsonl_and_csv(tmp_path):
-    img = tmp_path / "img"
-    img.mkdir()
-    rows = []
-    for i in range(6):
-        (img / f"{i}.jpg").write_bytes(jpeg(i))
-        rows.append({"path": f"img/{i}.jpg", "text": f"caption {i}"})
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "t.csv").write_text("path,text\n" + "".join(f"{r['path']},{r['text']}\n" for r in rows))
-    outs = []
-    for kind in ("jsonl", "csv"):
-        items = prepare.enumerate_items(str(tmp_path / f"t.{kind}"), image_key="path", caption_key="text")
-        s = prepare.write_shards(items, tmp_path / kind, 2, progress=False)
-        assert s["written"] == 6
-        outs.append(sorted((r["id"], r["caption"], r["image_bytes"]) for r in read_all(tmp_path / kind)))
-    assert outs[0] == outs[1]  # same input through either table format: same records
-    assert {o[1] for o in outs[0]} == {f"caption {i}" for i in range(6)}
+  img = tmp_path / "img"
+  img.mkdir()
+  rows = []
+  for i in range(6):
+    (img / f"{i}.jpg").write_bytes(jpeg(i))
+    rows.append({"path": f"img/{i}.jpg", "text": f"caption {i}"})
+  (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / "t.csv").write_text("path,text\n" + "".join(f"{r['path']},{r['text']}\n" for r in rows))
+  outs = []
+  for kind in ("jsonl", "csv"):
+    items = prepare.enumerate_items(str(tmp_path / f"t.{kind}"), image_key="path", caption_key="text")
+    s = prepare.write_shards(items, tmp_path / kind, 2, progress=False)
+    assert s["written"] == 6
+    outs.append(sorted((r["id"], r["caption"], r["image_bytes"]) for r in read_all(tmp_path / kind)))
+  assert outs[0] == outs[1]  # same input through either table format: same records
+  assert {o[1] for o in outs[0]} == {f"caption {i}" for i in range(6)}
 
 
 def test_prepare_from_webdataset_tars(tmp_path):
-    for t in range(2):
-        with tarfile.open(tmp_path / f"{t:05d}.tar", "w") as tf:
-            for i in range(4):
-                key = f"{t}{i:03d}"
-                for name, data in ((f"{key}.jpg", jpeg(t * 4 + i)), (f"{key}.txt", f"cap {key}".encode()),
-                                   (f"{key}.json", b"{}")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tf.addfile(info, io.BytesIO(data))
-    s = prepare.write_shards(prepare.enumerate_items(str(tmp_path / "*.tar")), tmp_path / "out", 2, progress=False)
-    assert s["written"] == 8 and s["skipped_unreadable"] == 0
-    recs = read_all(tmp_path / "out")
-    assert {r["caption"] for r in recs} == {f"cap {t}{i:03d}" for t in range(2) for i in range(4)}
-    r = next(r for r in recs if r["caption"] == "cap 1002")
-    assert r["image_bytes"] == jpeg(6) and r["id"] == hashlib.sha1(b"00001.tar/1002").hexdigest()
-    it = iter(pipeline.make_dataset(cfg(tmp_path / "out"), global_batch=8))
-    assert sorted(next(it)["index"].tolist()) == list(range(8))  # one epoch: every record once
+  for t in range(2):
+    with tarfile.open(tmp_path / f"{t:05d}.tar", "w") as tf:
+      for i in range(4):
+        key = f"{t}{i:03d}"
+        for name, data in (
+            (f"{key}.jpg", jpeg(t * 4 + i)),
+            (f"{key}.txt", f"cap {key}".encode()),
+            (f"{key}.json", b"{}"),
+        ):
+          info = tarfile.TarInfo(name)
+          info.size = len(data)
+          tf.addfile(info, io.BytesIO(data))
+  s = prepare.write_shards(prepare.enumerate_items(str(tmp_path / "*.tar")), tmp_path / "out", 2, progress=False)
+  assert s["written"] == 8 and s["skipped_unreadable"] == 0
+  recs = read_all(tmp_path / "out")
+  assert {r["caption"] for r in recs} == {f"cap {t}{i:03d}" for t in range(2) for i in range(4)}
+  r = next(r for r in recs if r["caption"] == "cap 1002")
+  assert r["image_bytes"] == jpeg(6) and r["id"] == hashlib.sha1(b"00001.tar/1002").hexdigest()
+  it = iter(pipeline.make_dataset(cfg(tmp_path / "out"), global_batch=8))
+  assert sorted(next(it)["index"].tolist()) == list(range(8))  # one epoch: every record once
 
 
 def test_prepare_from_tfds_builder_dir(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+  tfds = pytest.importorskip("tensorflow_datasets")
 
-    class TinyShapes(tfds.core.GeneratorBasedBuilder):
-        """Encoded images as a bytes Tensor feature: writing tfds.features.Image needs TensorFlow."""
-        VERSION = tfds.core.Version("1.0.0")
+  class TinyShapes(tfds.core.GeneratorBasedBuilder):
+    """Encoded images as a bytes Tensor feature: writing tfds.features.Image needs TensorFlow."""
 
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(), dtype=np.object_), "caption": tfds.features.Text()}))
+    VERSION = tfds.core.Version("1.0.0")
 
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict(
+              {"image": tfds.features.Tensor(shape=(), dtype=np.object_), "caption": tfds.features.Text()}
+          ),
+      )
 
-        def _generate_examples(self):
-            for i in range(5):
-                yield i, {"image": jpeg(i), "caption": f"tfds {i}"}
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
 
-    builder = TinyShapes(data_dir=str(tmp_path / "tfds"), file_format="array_record")
-    builder.download_and_prepare()
-    src = sources.TfdsSource(builder.data_dir, "train", "image", "caption")
-    assert len(src) == 5 and {src[i]["caption"] for i in range(5)} == {f"tfds {i}" for i in range(5)}
-    s = prepare.write_shards(prepare.enumerate_items(str(builder.data_dir)), tmp_path / "out", 1, progress=False)
-    assert s["written"] == 5
-    assert {r["caption"] for r in read_all(tmp_path / "out")} == {f"tfds {i}" for i in range(5)}
-    b = next(iter(pipeline.make_dataset(cfg(builder.data_dir, source="tfds", caption_key="caption"), global_batch=5)))
-    assert b["has_caption"].all() and b["pixels"].shape == (5, 16, 16, 3)
+    def _generate_examples(self):
+      for i in range(5):
+        yield i, {"image": jpeg(i), "caption": f"tfds {i}"}
+
+  builder = TinyShapes(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+  builder.download_and_prepare()
+  src = sources.TfdsSource(builder.data_dir, "train", "image", "caption")
+  assert len(src) == 5 and {src[i]["caption"] for i in range(5)} == {f"tfds {i}" for i in range(5)}
+  s = prepare.write_shards(prepare.enumerate_items(str(builder.data_dir)), tmp_path / "out", 1, progress=False)
+  assert s["written"] == 5
+  assert {r["caption"] for r in read_all(tmp_path / "out")} == {f"tfds {i}" for i in range(5)}
+  b = next(iter(pipeline.make_dataset(cfg(builder.data_dir, source="tfds", caption_key="caption"), global_batch=5)))
+  assert b["has_caption"].all() and b["pixels"].shape == (5, 16, 16, 3)
 
 
 def test_shapes_to_arrayrecord_and_rerun_skips_finished_shards(tmp_path):
-    dst = tmp_path / "ar"
-    s1 = shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=4)
-    assert (s1["written"], s1["shards_written"]) == (20, 4)
-    stamps = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.array_record")}
-    s2 = shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=4)
-    assert (s2["written"], s2["shards_written"], s2["shards_already_done"]) == (20, 0, 4)
-    assert stamps == {p.name: p.stat().st_mtime_ns for p in dst.glob("*.array_record")}
-    recs = read_all(dst)
-    by_caption = {r["caption"] for r in recs}
-    assert by_caption == {shapes.render(i, 24, 1)[1] for i in range(20)}
-    with pytest.raises(ValueError, match="different input"):
-        shapes.write_arrayrecord(dst, 21, 24, seed=1, shards=4)
-    with pytest.raises(ValueError, match="different input or shard count"):
-        shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=3)
+  dst = tmp_path / "ar"
+  s1 = shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=4)
+  assert (s1["written"], s1["shards_written"]) == (20, 4)
+  stamps = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.array_record")}
+  s2 = shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=4)
+  assert (s2["written"], s2["shards_written"], s2["shards_already_done"]) == (20, 0, 4)
+  assert stamps == {p.name: p.stat().st_mtime_ns for p in dst.glob("*.array_record")}
+  recs = read_all(dst)
+  by_caption = {r["caption"] for r in recs}
+  assert by_caption == {shapes.render(i, 24, 1)[1] for i in range(20)}
+  with pytest.raises(ValueError, match="different input"):
+    shapes.write_arrayrecord(dst, 21, 24, seed=1, shards=4)
+  with pytest.raises(ValueError, match="different input or shard count"):
+    shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=3)
 
 
 def test_parallel_workers_write_the_same_shards(tmp_path):
-    shapes.write_arrayrecord(tmp_path / "w0", 12, 16, shards=3, workers=0)
-    shapes.write_arrayrecord(tmp_path / "w2", 12, 16, shards=3, workers=2)
-    for name in (f"data-0000{s}-of-00003.array_record" for s in range(3)):
-        a = sources.ArrayRecordSource(tmp_path / "w0" / name)
-        b = sources.ArrayRecordSource(tmp_path / "w2" / name)
-        assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
+  shapes.write_arrayrecord(tmp_path / "w0", 12, 16, shards=3, workers=0)
+  shapes.write_arrayrecord(tmp_path / "w2", 12, 16, shards=3, workers=2)
+  for name in (f"data-0000{s}-of-00003.array_record" for s in range(3)):
+    a = sources.ArrayRecordSource(tmp_path / "w0" / name)
+    b = sources.ArrayRecordSource(tmp_path / "w2" / name)
+    assert [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))]
 
 
 class _Interrupt(BaseException):
-    pass
+  pass
 
 
 def _dies(i):
-    if i == 7:
-        raise _Interrupt("simulated Ctrl-C")
-    return shapes.render_png(i, 16, 0)
+  if i == 7:
+    raise _Interrupt("simulated Ctrl-C")
+  return shapes.render_png(i, 16, 0)
 
 
 def _good_items():
-    return [prepare.Item(f"k{i:02d}", functools.partial(shapes.render_png, i, 16, 0)) for i in range(12)]
+  return [prepare.Item(f"k{i:02d}", functools.partial(shapes.render_png, i, 16, 0)) for i in range(12)]
 
 
 def test_an_exception_mid_shard_leaves_only_finished_shards(tmp_path):
-    dst = tmp_path / "out"
-    items = [prepare.Item(f"k{i:02d}", functools.partial(_dies, i)) for i in range(12)]
-    with pytest.raises(_Interrupt):  # dies inside shard 1 (3 shards of 4 items)
-        prepare.write_shards(items, dst, 3, min_size=0, progress=False)
-    assert sorted(p.name for p in dst.iterdir()) == [".prepare", "data-00000-of-00003.array_record"]
-    assert len(sources.ArrayRecordSource(dst)) == 4
+  dst = tmp_path / "out"
+  items = [prepare.Item(f"k{i:02d}", functools.partial(_dies, i)) for i in range(12)]
+  with pytest.raises(_Interrupt):  # dies inside shard 1 (3 shards of 4 items)
+    prepare.write_shards(items, dst, 3, min_size=0, progress=False)
+  assert sorted(p.name for p in dst.iterdir()) == [".prepare", "data-00000-of-00003.array_record"]
+  assert len(sources.ArrayRecordSource(dst)) == 4
 
 
 _KILLED_RUN = """
@@ -200,26 +223,30 @@ prepare.write_shards(items, sys.argv[1], 3, min_size=0, progress=False)
 
 
 def test_sigkilled_prepare_leaves_no_readable_half_shard_and_resumes(tmp_path):
-    dst = tmp_path / "out"
-    script = tmp_path / "killed.py"
-    script.write_text(_KILLED_RUN)
-    proc = subprocess.run([sys.executable, str(script), str(dst)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    leftovers = list(dst.glob(".data-00001-of-00003.array_record.tmp-*"))
-    assert len(leftovers) == 1  # the half-written shard exists, under its temporary name only
-    assert sorted(p.name for p in dst.glob("*.array_record")) == ["data-00000-of-00003.array_record"]
-    assert len(sources.ArrayRecordSource(dst)) == 4  # readers see only the finished shard
-    s = prepare.write_shards(_good_items(), dst, 3, min_size=0, progress=False)
-    assert (s["shards_written"], s["shards_already_done"], s["written"]) == (2, 1, 12)
-    assert not list(dst.glob(".*.tmp-*"))
-    assert len(sources.ArrayRecordSource(dst)) == 12
+  dst = tmp_path / "out"
+  script = tmp_path / "killed.py"
+  script.write_text(_KILLED_RUN)
+  proc = subprocess.run([sys.executable, str(script), str(dst)], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  leftovers = list(dst.glob(".data-00001-of-00003.array_record.tmp-*"))
+  assert len(leftovers) == 1  # the half-written shard exists, under its temporary name only
+  assert sorted(p.name for p in dst.glob("*.array_record")) == ["data-00000-of-00003.array_record"]
+  assert len(sources.ArrayRecordSource(dst)) == 4  # readers see only the finished shard
+  s = prepare.write_shards(_good_items(), dst, 3, min_size=0, progress=False)
+  assert (s["shards_written"], s["shards_already_done"], s["written"]) == (2, 1, 12)
+  assert not list(dst.glob(".*.tmp-*"))
+  assert len(sources.ArrayRecordSource(dst)) == 12
 
 
 def test_prepare_errors(tmp_path, capsys):
-    assert prepare.main(["--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    (tmp_path / "empty").mkdir()
-    assert prepare.main(["--src", str(tmp_path / "empty"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
-    assert "holds no images" in capsys.readouterr().err
-    assert records.decode_record(records.encode_image_record(image_bytes=b"x", caption="c", width=1, height=1,
-                                                             id="i"))["caption"] == "c"
+  assert prepare.main(["--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  (tmp_path / "empty").mkdir()
+  assert prepare.main(["--src", str(tmp_path / "empty"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
+  assert "holds no images" in capsys.readouterr().err
+  assert (
+      records.decode_record(records.encode_image_record(image_bytes=b"x", caption="c", width=1, height=1, id="i"))[
+          "caption"
+      ]
+      == "c"
+  )

@@ -1,6 +1,7 @@
 """The tiny world's MLLM: a short pre-training run captions better than chance; the folder it writes is a
 transformers InternVL -hf folder (loads in transformers, passes `convert verify`, loads into IOMM); mismatched
 folders fail at start naming the file and field."""
+
 import json
 import shutil
 
@@ -14,6 +15,7 @@ from helpers import load_config, tiny_config
 def mllm_dir(tmp_path_factory):
   """A short pre-training run (the ':short' variant, a little longer so that it learns colours)."""
   from iomm_jax.mllm_pretrain import trainer
+
   c = load_config("tiny_mllm", "short")
   c.unlock()
   c.train.num_steps, c.train.batch, c.train.lr, c.train.warmup_steps = 300, 32, 3e-3, 20
@@ -39,13 +41,16 @@ def test_folder_is_an_internvl_hf_folder(mllm_dir):
   for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
     assert (out / name).is_file(), name
   from iomm_jax.convert.internvl_verify import verify_mllm
+
   report = verify_mllm(out)
   assert report["passed"], report
   # The saved tokenizer is the built-in one: same ids for a caption and the image template.
   from iomm_jax.models.processor import Processor
+
   loaded, builtin = Processor.from_pretrained(out), Processor.tiny(num_image_tokens=16, image_size=64)
   assert loaded.text_prompt_ids("a red hexagon above a blue star") == builtin.text_prompt_ids(
-      "a red hexagon above a blue star")
+      "a red hexagon above a blue star"
+  )
   assert loaded.image_prompt_ids() == builtin.image_prompt_ids()
   assert loaded.tokenizer.unk_token_id not in loaded.text_prompt_ids("a red hexagon above a blue star")
 
@@ -55,6 +60,7 @@ def test_iomm_loads_the_folder_through_mllm_path(mllm_dir):
   out, _ = mllm_dir
   from iomm_jax.weights import io
   from iomm_jax.train import builder
+
   run = builder.build(tiny_config(model__mllm__path=str(out)))
   emb = np.asarray(run.frozen["mllm"]["language_model"]["embed_tokens"]["embedding"])
   want = dict(io.iter_tensors(out))["language_model.model.embed_tokens.weight"]
@@ -73,6 +79,7 @@ def _edit_config(src, dst, edit):
 def test_mismatched_folders_fail_at_start_naming_file_and_field(mllm_dir, tmp_path):
   from iomm_jax.models.internvl_keys import MLLMCheckpointError
   from iomm_jax.train import builder
+
   out, _ = mllm_dir
 
   def build(path, **kw):
@@ -98,11 +105,23 @@ def test_mismatched_folders_fail_at_start_naming_file_and_field(mllm_dir, tmp_pa
 def test_main_reports_a_bad_mllm_folder_in_one_line(tmp_path):
   import subprocess
   import sys
+
   (tmp_path / "m").mkdir()
   (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-  r = subprocess.run([sys.executable, "-m", "iomm_jax.main", "--config=configs/tiny.py:short",
-                      f"--workdir={tmp_path / 'w'}", f"--config.model.mllm.path={tmp_path / 'm'}"],
-                     capture_output=True, text=True, cwd=str(__import__("helpers").ROOT), timeout=300)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "iomm_jax.main",
+          "--config=configs/tiny.py:short",
+          f"--workdir={tmp_path / 'w'}",
+          f"--config.model.mllm.path={tmp_path / 'm'}",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=str(__import__("helpers").ROOT),
+      timeout=300,
+  )
   assert r.returncode != 0
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert "model_type" in r.stderr and "config.json" in r.stderr
@@ -110,22 +129,34 @@ def test_main_reports_a_bad_mllm_folder_in_one_line(tmp_path):
 
 def test_caption_accuracy_scores_attributes():
   from iomm_jax.mllm_pretrain import caption_accuracy as ca
-  truth = ["a red circle above a blue square", "a green star", "a red circle, a blue square and a green triangle",
-           "a black star to the left of a yellow circle"]
-  pred = ["a red circle below a blue star", "a green star", "a red circle , a blue square and a green triangle",
-          "a yellow circle to the right of a black star"]     # the same scene described from the other object
+
+  truth = [
+      "a red circle above a blue square",
+      "a green star",
+      "a red circle, a blue square and a green triangle",
+      "a black star to the left of a yellow circle",
+  ]
+  pred = [
+      "a red circle below a blue star",
+      "a green star",
+      "a red circle , a blue square and a green triangle",
+      "a yellow circle to the right of a black star",
+  ]  # the same scene described from the other object
   s = ca.score(pred, truth)
   assert s["exact"] == pytest.approx(3 / 4)
   assert s["colour"] == 1.0
   assert s["shape"] == pytest.approx(7 / 8)
   assert s["relation"] == pytest.approx(1 / 2)
   assert ca.parse("a black hexagon to the left of a yellow diamond") == {
-      "objects": [("black", "hexagon"), ("yellow", "diamond")], "relation": "to the left of"}
+      "objects": [("black", "hexagon"), ("yellow", "diamond")],
+      "relation": "to the left of",
+  }
 
 
 def test_training_sequences_mask_the_answer_and_the_said_caption():
   from iomm_jax.mllm_pretrain import examples
   from iomm_jax.models.processor import Processor
+
   p = Processor.tiny(num_image_tokens=16, image_size=64)
   b = examples.SequenceBuilder(p, 64)
   ids, loss = b.captioning("describe the image .", "a red circle")
@@ -142,6 +173,7 @@ def test_shapes_vocabulary_is_in_the_tiny_tokenizer():
   """Every colour and shape word of the shapes world has its own token (no <unk> in captions)."""
   from iomm_jax.data import shapes
   from iomm_jax.models.processor import Processor
+
   p = Processor.tiny()
   unk = p.tokenizer.unk_token_id
   for word in list(shapes.COLOURS) + list(shapes.SHAPES) + ["above", "below", "left", "right", "and", ","]:

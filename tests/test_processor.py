@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from iomm_jax.models.internvl import InternVLConfig
-from iomm_jax.models.processor import (DEFAULT_AUX_PROMPT, IMAGENET_MEAN, IMAGENET_STD, Processor,
-                                       chat_template)
+from iomm_jax.models.processor import (DEFAULT_AUX_PROMPT, IMAGENET_MEAN, IMAGENET_STD, Processor, chat_template)
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +20,25 @@ def _tokens(proc, ids):
 
 def test_image_prompt_layout(tiny):
   ids = tiny.image_prompt_ids(DEFAULT_AUX_PROMPT)
-  assert ids == tiny.image_prompt_ids()                      # None = the default aux prompt
+  assert ids == tiny.image_prompt_ids()  # None = the default aux prompt
   toks = _tokens(tiny, ids)
   words = "generate an image that is identical to the reference image :".split()
-  assert toks == (["<|im_start|>", "user", "\n", *words, "<img>", *["<IMG_CONTEXT>"] * 4, "</img>",
-                   "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"])
+  assert toks == (
+      [
+          "<|im_start|>",
+          "user",
+          "\n",
+          *words,
+          "<img>",
+          *["<IMG_CONTEXT>"] * 4,
+          "</img>",
+          "<|im_end|>",
+          "\n",
+          "<|im_start|>",
+          "assistant",
+          "\n",
+      ]
+  )
   assert ids.count(tiny.image_token_id) == 4 and tiny.tokenizer.unk_token_id not in ids
 
 
@@ -47,8 +60,9 @@ def test_preprocess_image(tiny):
   expected = (128 / 255 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
   np.testing.assert_allclose(x, np.broadcast_to(expected, x.shape), atol=1e-5)
   ramp = np.tile(np.arange(28, dtype=np.uint8)[None, :, None] * 9, (28, 1, 3))
-  np.testing.assert_allclose(tiny.preprocess_image(ramp)[0, :, 0],
-                             (ramp[0, :, 0] / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], atol=1e-5)
+  np.testing.assert_allclose(
+      tiny.preprocess_image(ramp)[0, :, 0], (ramp[0, :, 0] / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], atol=1e-5
+  )
   assert tiny.preprocess_image(np.zeros((28, 28), np.uint8)).shape == (28, 28, 3)
   with pytest.raises(ValueError, match="uint8"):
     tiny.preprocess_image(np.zeros((28, 28, 3), np.float32))

@@ -1,4 +1,5 @@
 """train/profiling.py: the step profiler writes a trace for exactly the configured steps; the compile-cache folder."""
+
 import glob
 import os
 

@@ -17,6 +17,7 @@ Control: the same model, with the same noise, sampled with each image's conditio
 must produce the neighbour's image: the margin comes from the condition, not from the noise or memorised order.
 (A model trained with p_uncond = 1, i.e. never shown the image, gives own/others ≈ 1.0 and top-1 0.)
 """
+
 import jax
 import numpy as np
 import pytest
@@ -26,11 +27,22 @@ from iomm_jax import eval_recon, parallel
 from iomm_jax.train import generate as sample_lib
 from iomm_jax.train import builder
 
-NUM_IMAGES = 8          # also the batch: every step sees each image once
+NUM_IMAGES = 8  # also the batch: every step sees each image once
 STEPS = 200
 # Saturated, mutually distant colours (uint8 RGB).
-PALETTE = np.array([[215, 35, 35], [30, 160, 60], [35, 75, 215], [235, 195, 10], [135, 50, 185],
-                    [245, 135, 25], [25, 25, 25], [240, 240, 240]], np.uint8)
+PALETTE = np.array(
+    [
+        [215, 35, 35],
+        [30, 160, 60],
+        [35, 75, 215],
+        [235, 195, 10],
+        [135, 50, 185],
+        [245, 135, 25],
+        [25, 25, 25],
+        [240, 240, 240],
+    ],
+    np.uint8,
+)
 
 
 def quadrant_images(num: int, resolution: int, seed: int = 0) -> np.ndarray:
@@ -44,7 +56,7 @@ def quadrant_images(num: int, resolution: int, seed: int = 0) -> np.ndarray:
   for i in range(num):
     for q in range(4):
       y, x = divmod(q, 2)
-      out[i, y * half:(y + 1) * half, x * half:(x + 1) * half] = palette[(i + 3 * q) % len(PALETTE)]
+      out[i, y * half : (y + 1) * half, x * half : (x + 1) * half] = palette[(i + 3 * q) % len(PALETTE)]
   return out
 
 
@@ -74,16 +86,21 @@ def train_on_quadrants(seed: int = 0):
   images = quadrant_images(NUM_IMAGES, c.data.resolution, seed)
   refs = images.astype(np.float32) / 127.5 - 1.0
   vit = np.stack([run.processor.preprocess_image(im) for im in images]).astype(np.float32)
-  batch = parallel.global_batch({
-      "pixels": refs, "vit_pixels": vit,
-      "caption_ids": np.zeros((NUM_IMAGES, c.data.max_text_tokens), np.int32),
-      "caption_len": np.zeros((NUM_IMAGES,), np.int32),
-      "is_image_only": np.ones((NUM_IMAGES,), bool)}, run.mesh)
+  batch = parallel.global_batch(
+      {
+          "pixels": refs,
+          "vit_pixels": vit,
+          "caption_ids": np.zeros((NUM_IMAGES, c.data.max_text_tokens), np.int32),
+          "caption_len": np.zeros((NUM_IMAGES,), np.int32),
+          "is_image_only": np.ones((NUM_IMAGES,), bool),
+      },
+      run.mesh,
+  )
   state = run.init_state()
   losses = []
   for _ in range(STEPS):
     state, metrics = run.train_step(state, run.frozen, batch)
-    losses.append(float(metrics["loss"]))   # one step in flight at a time
+    losses.append(float(metrics["loss"]))  # one step in flight at a time
   return run, state.params, refs, vit, np.asarray(losses)
 
 
@@ -125,11 +142,12 @@ def test_margin_comes_from_the_condition(trained, samples):
   m = eval_recon.mse_matrix(swapped, refs)
   follows = float(np.mean(np.argmin(m, axis=1) == neighbour))
   stays = float(np.mean(np.argmin(m, axis=1) == np.arange(NUM_IMAGES)))
-  stats = eval_recon.margin_stats(m[:, neighbour])   # column i = the image sample i was conditioned on
+  stats = eval_recon.margin_stats(m[:, neighbour])  # column i = the image sample i was conditioned on
   ratio = stats["mse_to_condition"] / stats["mse_to_others"]
   changed = float(np.mean(np.abs(swapped - own)))
-  print(f"swapped condition: follows {follows:.2f}, stays {stays:.2f}, own/others {ratio:.3f}, "
-        f"mean |Δ| {changed:.3f}")
+  print(
+      f"swapped condition: follows {follows:.2f}, stays {stays:.2f}, own/others {ratio:.3f}, " f"mean |Δ| {changed:.3f}"
+  )
   assert changed > 0.1, f"the condition does not change the samples (mean |Δ| {changed:.4f})"
   assert follows >= 0.5 and stays <= 0.25, f"samples do not follow the swapped condition ({follows=}, {stays=})"
   assert ratio < 0.8, f"swapped-condition samples are not closer to the new condition: {stats}"

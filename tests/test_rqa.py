@@ -24,8 +24,12 @@ def _param_shapes(model):
 
 def _load(model, torch_sd, table=KEY_TABLE):
   flat = keymap.to_jax(torch_sd, table, _param_shapes(model))
-  nnx.update(model, nnx.from_flat_state([(tuple(int(p) if p.isdigit() else p for p in k.split(".")),
-                                          jnp.asarray(v)) for k, v in flat.items()]))
+  nnx.update(
+      model,
+      nnx.from_flat_state(
+          [(tuple(int(p) if p.isdigit() else p for p in k.split(".")), jnp.asarray(v)) for k, v in flat.items()]
+      ),
+  )
 
 
 def _numpy_sd(module):
@@ -95,7 +99,7 @@ def test_broken_mapping_fails(pair):
   # Swap the q and k thirds of the fused projection: shapes still fit, outputs must not.
   w = sd["query_blocks.0.cross_attn.in_proj_weight"].copy()
   d = TINY.dim
-  w[:d], w[d:2 * d] = w[d:2 * d].copy(), w[:d].copy()
+  w[:d], w[d : 2 * d] = w[d : 2 * d].copy(), w[:d].copy()
   sd["query_blocks.0.cross_attn.in_proj_weight"] = w
   broken = RQA(TINY, rngs=nnx.Rngs(2))
   _load(broken, sd)
@@ -127,7 +131,7 @@ def test_full_size_param_count_and_axes():
   abstract = nnx.eval_shape(lambda: RQA(RQAConfig(), rngs=nnx.Rngs(0)))
   params = nnx.state(abstract, nnx.Param)
   n = count_params(params)
-  assert n == 256 * 1536 + 4 * 1536 ** 2 + 4 * 1536 + 8 * 1536 ** 2 + 5 * 1536  # 28,718,592
+  assert n == 256 * 1536 + 4 * 1536**2 + 4 * 1536 + 8 * 1536**2 + 5 * 1536  # 28,718,592
   assert abs(n - 29e6) <= 0.05 * 29e6
   allowed = {"embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out", None}
   for path, var in nnx.to_flat_state(params):

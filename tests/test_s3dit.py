@@ -20,13 +20,41 @@ from iomm_jax.models.s3dit import S3DiT, S3DiTConfig
 diffusers = pytest.importorskip("diffusers")
 
 # A: equal-length captions (7 → padded to 32), 15 image tokens (→ 32), QK-norm, 2 main layers.
-CFG_A = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=4, dim=64, n_layers=2, n_refiner_layers=1,
-             n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=24, rope_theta=256.0,
-             t_scale=1000.0, axes_dims=[8, 12, 12], axes_lens=[128, 32, 32])
+CFG_A = dict(
+    all_patch_size=[2],
+    all_f_patch_size=[1],
+    in_channels=4,
+    dim=64,
+    n_layers=2,
+    n_refiner_layers=1,
+    n_heads=2,
+    n_kv_heads=2,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=24,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=[8, 12, 12],
+    axes_lens=[128, 32, 32],
+)
 # B: two patch sizes, no QK-norm, other eps/θ/t_scale, 2 refiner layers, ragged captions.
-CFG_B = dict(all_patch_size=[2, 1], all_f_patch_size=[1, 1], in_channels=3, dim=96, n_layers=1,
-             n_refiner_layers=2, n_heads=3, n_kv_heads=3, norm_eps=1e-6, qk_norm=False, cap_feat_dim=40,
-             rope_theta=10000.0, t_scale=500.0, axes_dims=[8, 12, 12], axes_lens=[160, 16, 16])
+CFG_B = dict(
+    all_patch_size=[2, 1],
+    all_f_patch_size=[1, 1],
+    in_channels=3,
+    dim=96,
+    n_layers=1,
+    n_refiner_layers=2,
+    n_heads=3,
+    n_kv_heads=3,
+    norm_eps=1e-6,
+    qk_norm=False,
+    cap_feat_dim=40,
+    rope_theta=10000.0,
+    t_scale=500.0,
+    axes_dims=[8, 12, 12],
+    axes_lens=[160, 16, 16],
+)
 
 
 def _torch_model(kw, seed=0):
@@ -52,8 +80,12 @@ def _ours(cfg: S3DiTConfig, sd, table=KEY_TABLE):
   state = nnx.state(model, nnx.Param)
   shapes = {k: tuple(v.shape) for k, v in keymap.flatten_state(state).items()}
   flat = keymap.to_jax(sd, table, shapes)
-  nnx.update(model, nnx.from_flat_state(
-      [(path, jnp.asarray(flat[".".join(map(str, path))])) for path, _ in nnx.to_flat_state(state)]))
+  nnx.update(
+      model,
+      nnx.from_flat_state(
+          [(path, jnp.asarray(flat[".".join(map(str, path))])) for path, _ in nnx.to_flat_state(state)]
+      ),
+  )
   return model
 
 
@@ -143,9 +175,13 @@ def test_masked_caption_values_do_not_matter(model_b):
 def test_broken_mapping_fails_parity(model_a):
   """Swapping SwiGLU w1 ↔ w3 of one layer (same shapes, loads fine) must break parity."""
   tm, cfg, sd = model_a
-  broken = dataclasses.replace(KEY_TABLE, rules=[
-      keymap.Rule(r"layers\.1\.feed_forward\.w1\.kernel", "layers.1.feed_forward.w3.weight", "linear"),
-      keymap.Rule(r"layers\.1\.feed_forward\.w3\.kernel", "layers.1.feed_forward.w1.weight", "linear")])
+  broken = dataclasses.replace(
+      KEY_TABLE,
+      rules=[
+          keymap.Rule(r"layers\.1\.feed_forward\.w1\.kernel", "layers.1.feed_forward.w3.weight", "linear"),
+          keymap.Rule(r"layers\.1\.feed_forward\.w3\.kernel", "layers.1.feed_forward.w1.weight", "linear"),
+      ],
+  )
   lat, t, cap, mask = _inputs(cfg, 2, 6, 10, 7)
   theirs = _theirs(tm, lat, t, cap, mask, 2)
   out = _run(_ours(cfg, sd, broken), lat, t, cap, mask)
@@ -180,14 +216,24 @@ def test_round_trip_bit_exact(model_b):
 def test_remat_modes_equal():
   """Loss and gradients agree for remat 'none', 'full' and 'dots_saveable' (same init, ragged captions)."""
   # One block keeps the three backward compiles cheap; every block goes through the same S3DiT._block.
-  base = S3DiTConfig(in_channels=4, dim=32, n_layers=1, n_refiner_layers=0, n_heads=1, n_kv_heads=1,
-                     cap_feat_dim=8, axes_dims=(8, 12, 12), axes_lens=(128, 16, 16))
+  base = S3DiTConfig(
+      in_channels=4,
+      dim=32,
+      n_layers=1,
+      n_refiner_layers=0,
+      n_heads=1,
+      n_kv_heads=1,
+      cap_feat_dim=8,
+      axes_dims=(8, 12, 12),
+      axes_lens=(128, 16, 16),
+  )
   lat, t, cap, mask = (jnp.asarray(a) for a in _inputs(base, 2, 4, 6, 5, lens=[5, 2], seed=6))
   params = jax.jit(lambda: nnx.state(S3DiT(base, rngs=nnx.Rngs(0)), nnx.Param))()
   results = []
   for mode in ("none", "full", "dots_saveable"):
-    gd, _, rest = nnx.split(nnx.eval_shape(lambda m=mode: S3DiT(dataclasses.replace(base, remat=m),
-                                                                rngs=nnx.Rngs(0))), nnx.Param, ...)
+    gd, _, rest = nnx.split(
+        nnx.eval_shape(lambda m=mode: S3DiT(dataclasses.replace(base, remat=m), rngs=nnx.Rngs(0))), nnx.Param, ...
+    )
     loss = lambda p, gd=gd, rest=rest: jnp.mean(nnx.merge(gd, p, rest)(lat, t, cap, mask) ** 2)  # noqa: E731
     if mode != "none":  # the blocks really are rematerialised
       assert "checkpoint" in str(jax.make_jaxpr(loss)(params)) or "remat" in str(jax.make_jaxpr(loss)(params))

@@ -1,4 +1,5 @@
 """train.epochs → steps."""
+
 import ml_collections
 import pytest
 
@@ -32,6 +33,7 @@ def test_a_run_trains_epochs_of_its_dataset(tmp_path, capsys):
   """train.epochs reaches the loop: 1.5 epochs of 24 shapes images at batch 8 is 5 steps."""
   from helpers import tiny_config
   from iomm_jax.train import loop
+
   c = tiny_config("pretrain,short")
   c.data.num_images, c.train.global_batch, c.train.epochs = 24, 8, 1.5
   c.train.sample_every = 0

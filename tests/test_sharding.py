@@ -4,6 +4,7 @@ resharded from one mesh onto another, and remat policies that leave the loss unc
 One small run per mesh is compiled once (module cache) and shared by the tests; the model is the tiny config cut
 to one block per stack so that five step compilations fit the time budget of a 2-core machine.
 """
+
 import math
 
 import jax
@@ -25,6 +26,7 @@ RTOL = 1e-5
 
 
 # ---------------------------------------------------------------- logical axes on every parameter (full size)
+
 
 def _full_size_states():
   """Abstract nnx.States of the DiTs (MM-DiT of IOMM-B, S3-DiT of IOMM-XL), RQA, MLLM and FLUX VAE at full width
@@ -65,8 +67,9 @@ def test_every_param_has_logical_axes(full_states, name):
 @pytest.mark.parametrize("name", ["mmdit", "s3dit", "rqa", "mllm", "vae"])
 def test_large_matrices_are_sharded_on_1_4_2(full_states, name):
   """Every matrix of ≥ 1M elements is split over the mesh, and the per-device share of all weights is small."""
-  mesh = jax.make_mesh((1, 4, 2), parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=jax.devices()[:8])
+  mesh = jax.make_mesh(
+      (1, 4, 2), parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:8]
+  )
   state = full_states[name]
   shardings = parallel.param_shardings(state, mesh, DEFAULT_RULES)
   leaves = jax.tree_util.tree_leaves(nnx.to_pure_dict(state))
@@ -77,7 +80,7 @@ def test_large_matrices_are_sharded_on_1_4_2(full_states, name):
     size = math.prod(x.shape)
     local = math.prod(s.shard_shape(x.shape))
     total, per_device = total + size, per_device + local
-    if x.ndim >= 2 and size >= 2 ** 20:
+    if x.ndim >= 2 and size >= 2**20:
       assert local < size, f"{name}: a {x.shape} matrix is replicated under {s.spec}"
       both += local * 8 == size
   assert per_device <= 0.3 * total, f"{name}: each device holds {per_device / total:.0%} of the weights"
@@ -86,6 +89,7 @@ def test_large_matrices_are_sharded_on_1_4_2(full_states, name):
 
 
 # ---------------------------------------------------------------- one run per mesh, compiled once
+
 
 def small_config(**overrides):
   """The tiny config with one block per stack (compile time), batch 8, no warm-up."""
@@ -121,8 +125,9 @@ class Ref:
     self.run = builder.build(c, mesh=parallel.make_mesh(c.mesh, devices=jax.devices()[:1]), load_frozen=False)
     gen = factory.make_generator(c, nnx.Rngs(c.seed), self.run.mcfg)
     params = nnx.to_pure_dict(nnx.state(gen, nnx.Param))
-    state = state_lib.create(params, self.run.optimizer, ema=c.train.ema_decay > 0,
-                             rng=jax.random.fold_in(jax.random.key(c.seed), 1))
+    state = state_lib.create(
+        params, self.run.optimizer, ema=c.train.ema_decay > 0, rng=jax.random.fold_in(jax.random.key(c.seed), 1)
+    )
     self.state0 = jax.device_get(state)
     mllm = factory.make_mllm(c, nnx.Rngs(c.seed + 7919), self.run.mcfg)
     self.frozen = jax.device_get({"mllm": nnx.to_pure_dict(nnx.state(mllm, nnx.Param)), "ae": {}})
@@ -176,7 +181,7 @@ def test_losses_differ_when_the_batch_differs(ref):
   """The equality above can fail: one changed example changes the loss beyond the tolerance."""
   batches = [dict(b) for b in ref.batches[:1]]
   batches[0]["pixels"] = batches[0]["pixels"].copy()
-  batches[0]["pixels"][0] *= 0.5   # (not a sign flip: with x-prediction at init the loss is even in x)
+  batches[0]["pixels"][0] *= 0.5  # (not a sign flip: with x-prediction at init the loss is even in x)
   losses, _ = train_losses(ref.run, ref.state0, ref.frozen, batches)
   assert abs(losses[0] - ref.losses[0]) > 10 * RTOL * abs(ref.losses[0])
 
@@ -198,8 +203,7 @@ def test_checkpoint_reshards_from_2_2_2_to_1_4_2(ref, tmp_path):
   ckpt.close()
   assert step == 2 and int(restored.step) == 2
   got = jax.tree_util.tree_leaves(restored.params)
-  want = jax.tree_util.tree_leaves(dst.state_shardings.params,
-                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  want = jax.tree_util.tree_leaves(dst.state_shardings.params, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   assert all(a.sharding == s for a, s in zip(got, want))  # restored directly onto the target mesh
   nxt = loop.model_batch(next(fresh), False)
   np.testing.assert_array_equal(nxt["pixels"], ref.batches[2]["pixels"])  # the iterator continues at batch 3

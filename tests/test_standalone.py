@@ -28,8 +28,9 @@ def _repo_files() -> list[pathlib.Path]:
   """Tracked files plus new, not-ignored ones, restricted to the scanned folders and files."""
   if shutil.which("git") is None or not (ROOT / ".git").exists():
     pytest.skip("not a git checkout")
-  out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                       check=True, capture_output=True).stdout.decode()
+  out = subprocess.run(
+      ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+  ).stdout.decode()
   names = sorted({n for n in out.split("\0") if n})
   keep = [n for n in names if n.startswith(SCANNED_DIRS) or n in SCANNED_FILES]
   return [ROOT / n for n in keep if (ROOT / n).is_file()]
@@ -58,8 +59,10 @@ def test_no_pointers_outside_the_repository():
       for bad in FORBIDDEN:
         if bad in line:
           hits.append(f"{path.relative_to(ROOT)}:{lineno}: {bad!r} in {line.strip()!r}")
-  assert not hits, ("these lines point outside the repository; point them at docs/design.md or docs/paper.md "
-                    "instead:\n" + "\n".join(hits))
+  assert not hits, (
+      "these lines point outside the repository; point them at docs/design.md or docs/paper.md "
+      "instead:\n" + "\n".join(hits)
+  )
 
 
 def test_named_docs_pages_exist():
@@ -97,8 +100,10 @@ def test_section_references_exist():
       have = _headings(page)
       for sec in re.findall(r"§(\d+(?:\.\d+)*)", sections):
         if sec not in have:
-          wrong.append(f"{path.relative_to(ROOT)} cites {ref} §{sec}, which has no such section "
-                       f"(sections: {', '.join(sorted(have))})")
+          wrong.append(
+              f"{path.relative_to(ROOT)} cites {ref} §{sec}, which has no such section "
+              f"(sections: {', '.join(sorted(have))})"
+          )
   assert not wrong, "\n".join(wrong)
 
 

@@ -1,5 +1,6 @@
 """The tiny configs of the two-stage demo: the fine-tuning mix pairs a small captioned subset with the whole image
 set, and held-out images lie past both."""
+
 import numpy as np
 
 from helpers import load_config, take
@@ -16,7 +17,7 @@ def test_finetune_mix_reads_a_small_captioned_subset_and_the_whole_image_set():
   config_lib.validate(c)
   assert c.data.recipe == "mix" and c.data.mix_lambda == 0.5
   pairs, images = c.data.num_images, c.data.image_num_images
-  assert images >= 8 * pairs       # the captioned subset is much smaller than the image set, as in the paper
+  assert images >= 8 * pairs  # the captioned subset is much smaller than the image set, as in the paper
   tok = iomm.Tokenize(Processor.tiny(num_image_tokens=16, image_size=c.data.vit_size), c.data.max_text_tokens)
   ds = pipeline.make_dataset(c.data, global_batch=64, tokenize=tok)
   batches = take(iter(ds), 4)
@@ -24,8 +25,8 @@ def test_finetune_mix_reads_a_small_captioned_subset_and_the_whole_image_set():
   index = np.concatenate([b["index"] for b in batches])
   image_only = np.concatenate([b["is_image_only"] for b in batches])
   np.testing.assert_array_equal(from_image_set, image_only)
-  assert index[~image_only].max() < pairs                 # pair samples: the captioned subset only
-  assert index[image_only].max() >= pairs                 # image-only samples: the whole image set
+  assert index[~image_only].max() < pairs  # pair samples: the captioned subset only
+  assert index[image_only].max() >= pairs  # image-only samples: the whole image set
   assert index[image_only].max() < images
   assert 0.3 < image_only.mean() < 0.7
 
@@ -44,6 +45,7 @@ def test_heldout_images_are_not_training_images():
 def test_shapes_are_rendered_at_the_larger_view_so_the_vit_view_is_native():
   """The generator works at 32², the MLLM sees 64²: its view is a 64² render, as when the MLLM was trained."""
   from iomm_jax.data import decode, sources
+
   c = load_config("tiny")
   assert c.data.vit_size > c.data.resolution
   src = sources.make_source(c.data, None)

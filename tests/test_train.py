@@ -1,4 +1,5 @@
 """End-to-end training on the tiny config: learning, exact resume after SIGKILL, sampling CLI and reconstruction."""
+
 import json
 import os
 import signal
@@ -14,19 +15,37 @@ from helpers import ROOT, tiny_config
 from iomm_jax import metrics as metrics_lib
 from iomm_jax.train import checkpoint, loop
 
-SHORT = ["--config.train.global_batch=8", "--config.data.num_images=256", "--config.train.log_every=1",
-         "--config.train.sample_every=0", "--config.train.warmup_steps=5"]
+SHORT = [
+    "--config.train.global_batch=8",
+    "--config.data.num_images=256",
+    "--config.train.log_every=1",
+    "--config.train.sample_every=0",
+    "--config.train.warmup_steps=5",
+]
 
 
 def _env(tmp_path):
   # A shared persistent compilation cache: the second and third subprocess reuse the first one's compiled step.
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 def _cmd(workdir, steps, ckpt_every):
-  return [sys.executable, "-m", "iomm_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
-          f"--config.train.num_steps={steps}", f"--config.train.ckpt_every={ckpt_every}", *SHORT]
+  return [
+      sys.executable,
+      "-m",
+      "iomm_jax.main",
+      "--config=configs/tiny.py",
+      f"--workdir={workdir}",
+      f"--config.train.num_steps={steps}",
+      f"--config.train.ckpt_every={ckpt_every}",
+      *SHORT,
+  ]
 
 
 def _losses(workdir):
@@ -35,6 +54,7 @@ def _losses(workdir):
 
 def _final_params(workdir, step):
   import orbax.checkpoint as ocp
+
   ck = checkpoint.Checkpointer(str(workdir), with_data=False)
   restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   ck.close()
@@ -45,19 +65,17 @@ def _final_params(workdir, step):
 def test_sigkill_resume_is_exact(tmp_path):
   steps, kill_after = 30, 8
   env = _env(tmp_path)
-  ref = subprocess.run(_cmd(tmp_path / "ref", steps, 4), cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+  ref = subprocess.run(_cmd(tmp_path / "ref", steps, 4), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
   work = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(work, steps, 4), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(_cmd(work, steps, 4), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 400
     while not (work / "checkpoints" / str(kill_after)).is_dir():
       assert proc.poll() is None, "training exited before it could be killed"
       assert time.time() < deadline, "no checkpoint appeared"
       time.sleep(0.02)
-    proc.send_signal(signal.SIGSTOP)   # freeze at once, then look at what it has done
+    proc.send_signal(signal.SIGSTOP)  # freeze at once, then look at what it has done
     done = sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit())
     proc.kill()
     proc.wait()
@@ -116,14 +134,15 @@ def test_samples_follow_their_condition(trained):
   from iomm_jax.train import generate as sample_lib
   from iomm_jax.data.shapes import render
   from iomm_jax.train import restore
+
   run, params, _ = restore.load_for_inference(str(work))
   imgs = [render(5000 + i, run.config.data.resolution, 0)[0] for i in range(2)]
   vit = np.stack([run.processor.preprocess_image(im) for im in imgs]).astype(np.float32)
   key = jax.random.key(3)
   a = np.asarray(sample_lib.generate(run, params, vit_pixels=vit[[0, 0]], rng=key, steps=6))
   b = np.asarray(sample_lib.generate(run, params, vit_pixels=vit[[0, 1]], rng=key, steps=6))
-  np.testing.assert_allclose(a[0], b[0], atol=1e-5)           # sample 0: same noise, same image
-  assert np.abs(a[1] - b[1]).max() > 1e-2                     # sample 1: same noise, other image
+  np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # sample 0: same noise, same image
+  assert np.abs(a[1] - b[1]).max() > 1e-2  # sample 1: same noise, other image
   stats = eval_recon.margin_stats(eval_recon.mse_matrix(a, np.stack(imgs).astype(np.float32) / 127.5 - 1))
   assert set(stats) == {"mse_to_condition", "mse_to_others", "margin", "top1_retrieval"}
 
@@ -132,11 +151,27 @@ def test_sample_cli_writes_grids(trained, tmp_path):
   work, _ = trained
   from PIL import Image
   from iomm_jax.data.shapes import render
+
   img = tmp_path / "ref.png"
   Image.fromarray(render(5, 32, 0)[0]).save(img)
-  r = subprocess.run([sys.executable, "-m", "iomm_jax.sample", f"--workdir={work}", "--prompt=a red circle",
-                      f"--image={img}", "--num=3", "--steps=4", f"--out={tmp_path / 'out'}"], cwd=ROOT,
-                     env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "iomm_jax.sample",
+          f"--workdir={work}",
+          "--prompt=a red circle",
+          f"--image={img}",
+          "--num=3",
+          "--steps=4",
+          f"--out={tmp_path / 'out'}",
+      ],
+      cwd=ROOT,
+      env=_env(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert len(out["written"]) == 2
@@ -149,6 +184,12 @@ def test_sample_cli_bad_input(trained, tmp_path):
   work, _ = trained
   bad = tmp_path / "not_an_image.png"
   bad.write_bytes(b"garbage")
-  r = subprocess.run([sys.executable, "-m", "iomm_jax.sample", f"--workdir={work}", f"--image={bad}", "--num=1"],
-                     cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+      [sys.executable, "-m", "iomm_jax.sample", f"--workdir={work}", f"--image={bad}", "--num=1"],
+      cwd=ROOT,
+      env=_env(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert r.returncode != 0 and "cannot be read" in r.stderr

@@ -1,5 +1,6 @@
 """Stage 2 starts from a stage-1 workdir directly (config.init.workdir): its EMA or raw generator weights, a fresh
 optimizer and step; runs that do not fit fail naming config.init.workdir."""
+
 import jax
 import numpy as np
 import pytest

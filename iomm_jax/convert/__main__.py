@@ -1,4 +1,5 @@
 """python -m iomm_jax.convert {to-jax,to-torch,verify} ... (see iomm_jax/convert/cli.py)."""
+
 import sys
 
 from iomm_jax.convert.cli import main

@@ -24,8 +24,9 @@ USER_ERROR = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog="python -m iomm_jax.convert", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(
+      prog="python -m iomm_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   sub = ap.add_subparsers(dest="command", required=True)
   tj = sub.add_parser("to-jax", help="PyTorch checkpoint → component directory (Orbax + component.json)")
   tj.add_argument("--component", required=True, choices=COMPONENTS)
@@ -40,8 +41,13 @@ def _parser() -> argparse.ArgumentParser:
   tt.add_argument("--src", required=True, help="component directory from to-jax, or a training workdir")
   tt.add_argument("--dst", required=True, help="output folder")
   tt.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast weights (default: keep)")
-  tt.add_argument("--use-ema", dest="use_ema", action="store_true", default=True,
-                  help="workdir: export the EMA weights when the run keeps them (default)")
+  tt.add_argument(
+      "--use-ema",
+      dest="use_ema",
+      action="store_true",
+      default=True,
+      help="workdir: export the EMA weights when the run keeps them (default)",
+  )
   tt.add_argument("--no-ema", dest="use_ema", action="store_false", help="workdir: export the raw parameters")
   tt.add_argument("--step", type=int, default=None, help="workdir: checkpoint step (default: latest)")
   tt.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
@@ -64,11 +70,14 @@ def _require_exists(path: str, flag: str) -> None:
 def to_jax(args) -> dict:
   """PyTorch checkpoint → component directory."""
   from iomm_jax.weights import orbax_io, transfer
+
   _require_exists(args.src, "--src")
   raw_cfg = transfer.read_torch_config(args.src, args.config)
   if raw_cfg is None:
-    raise ConvertError(f"--src={args.src} has no config.json beside it; pass --config CONFIG.json (the "
-                       "diffusers/transformers config of this checkpoint)")
+    raise ConvertError(
+        f"--src={args.src} has no config.json beside it; pass --config CONFIG.json (the "
+        "diffusers/transformers config of this checkpoint)"
+    )
   file_specs = io.tensor_specs(args.src)
   kind = components.resolve_kind(args.component, raw_cfg, file_specs)
   spec = components.spec(kind)
@@ -80,62 +89,88 @@ def to_jax(args) -> dict:
   except (TypeError, ValueError) as e:
     raise ConvertError(f"--component {args.component}: the config does not describe a {spec.torch_class} ({e})") from e
   flat = transfer.torch_to_ours(spec, cfg, args.src, dtype=transfer.DTYPES.get(args.dtype))
-  dst = orbax_io.save(args.dst, component=spec.component, kind=kind, config=spec.config_to_json(cfg),
-                      params=flat, torch_config=raw_cfg, source=str(Path(args.src).absolute()),
-                      overwrite=args.overwrite)
-  return {"wrote": str(dst), "component": spec.component, "kind": kind, "tensors": len(flat),
-          "dtypes": sorted({str(v.dtype) for v in flat.values()})}
+  dst = orbax_io.save(
+      args.dst,
+      component=spec.component,
+      kind=kind,
+      config=spec.config_to_json(cfg),
+      params=flat,
+      torch_config=raw_cfg,
+      source=str(Path(args.src).absolute()),
+      overwrite=args.overwrite,
+  )
+  return {
+      "wrote": str(dst),
+      "component": spec.component,
+      "kind": kind,
+      "tensors": len(flat),
+      "dtypes": sorted({str(v.dtype) for v in flat.values()}),
+  }
 
 
 def to_torch(args) -> dict:
   """Component directory → PyTorch folder, or a training workdir → pipeline folder."""
   from iomm_jax.convert import export
   from iomm_jax.weights import orbax_io, transfer
+
   _require_exists(args.src, "--src")
   dtype = transfer.DTYPES.get(args.dtype)
   if export.is_workdir(args.src):
     try:
-      info = export.export_workdir(args.src, args.dst, use_ema=args.use_ema, step=args.step, dtype=dtype,
-                                   overwrite=args.overwrite)
+      info = export.export_workdir(
+          args.src, args.dst, use_ema=args.use_ema, step=args.step, dtype=dtype, overwrite=args.overwrite
+      )
     except SystemExit as e:  # train.restore reports a workdir without checkpoints this way
       if isinstance(e.code, str):
         raise ConvertError(e.code) from e
       raise
     return {"wrote": str(Path(args.dst).absolute()), "pipeline": info}
   if args.component is None:
-    raise ConvertError(f"--src={args.src} is not a training workdir (config.json + checkpoints/); for a component "
-                       "directory pass --component {transformer,vae,rqa,mllm}")
+    raise ConvertError(
+        f"--src={args.src} is not a training workdir (config.json + checkpoints/); for a component "
+        "directory pass --component {transformer,vae,rqa,mllm}"
+    )
   meta, flat = orbax_io.load(args.src)
   if meta["component"] != args.component:
-    raise ConvertError(f"--src={args.src} holds a {meta['component']!r} component, not {args.component!r}; "
-                       f"pass --component {meta['component']}")
+    raise ConvertError(
+        f"--src={args.src} holds a {meta['component']!r} component, not {args.component!r}; "
+        f"pass --component {meta['component']}"
+    )
   dst = Path(args.dst)
   if dst.exists() and any(dst.iterdir()):
     if not args.overwrite:
       raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
     import shutil
+
     shutil.rmtree(dst)
   spec = components.spec(meta["kind"])
   cfg = spec.config_from_json(meta["config"])
   # The source's own config.json is written back when it came from PyTorch (keeps every field it had).
   files = transfer.write_torch_folder(spec, cfg, flat, dst, torch_config=meta.get("torch_config"), dtype=dtype)
-  return {"wrote": str(dst.absolute()), "component": spec.component, "kind": spec.kind,
-          "files": [f.name for f in files]}
+  return {
+      "wrote": str(dst.absolute()),
+      "component": spec.component,
+      "kind": spec.kind,
+      "files": [f.name for f in files],
+  }
 
 
 def verify_cmd(args) -> dict:
   from iomm_jax.convert import verify
+
   _require_exists(args.src, "--src")
   if args.jax:
     _require_exists(args.jax, "--jax")
-  return verify.verify(args.component, args.src, jax_dir=args.jax, config_path=args.config, seed=args.seed,
-                       tol=args.tol)
+  return verify.verify(
+      args.component, args.src, jax_dir=args.jax, config_path=args.config, seed=args.seed, tol=args.tol
+  )
 
 
 def main(argv=None) -> int:
   """Entry point; returns the exit code (argparse usage errors exit 2 by themselves)."""
   args = _parser().parse_args(argv)
   from iomm_jax.models.internvl_keys import MLLMCheckpointError
+
   try:
     if args.command == "to-jax":
       out = to_jax(args)

@@ -1,11 +1,11 @@
 """A training workdir's latest checkpoint → a PyTorch pipeline folder.
 
-    OUT/transformer/        diffusers FluxTransformer2DModel / ZImageTransformer2DModel (config.json + safetensors)
-    OUT/rqa/                the RQA reference layout (convert/torch_rqa.py TorchRQA: config.json + model.safetensors)
-    OUT/vae/                diffusers AutoencoderKL, only when the run uses the FLUX VAE; otherwise
-    OUT/vae_NOTE.txt        says why there is none (the tiny config's identity autoencoder has no weights)
-    OUT/iomm_pipeline.json  the MLLM (path, or 'random tiny' with its config and seed), the aux prompt, mask ratio,
-                            condition mode, sampling steps and CFG scale, resolution, autoencoder, conventions
+OUT/transformer/        diffusers FluxTransformer2DModel / ZImageTransformer2DModel (config.json + safetensors)
+OUT/rqa/                the RQA reference layout (convert/torch_rqa.py TorchRQA: config.json + model.safetensors)
+OUT/vae/                diffusers AutoencoderKL, only when the run uses the FLUX VAE; otherwise
+OUT/vae_NOTE.txt        says why there is none (the tiny config's identity autoencoder has no weights)
+OUT/iomm_pipeline.json  the MLLM (path, or 'random tiny' with its config and seed), the aux prompt, mask ratio,
+                        condition mode, sampling steps and CFG scale, resolution, autoencoder, conventions
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def _flat(tree) -> dict[str, Any]:
 
 def _vae_config(config):
   from iomm_jax.models.flux_vae import FluxVAEConfig
+
   path = config.model.autoencoder.path
   if path:
     raw = transfer.read_torch_config(path)
@@ -51,13 +52,15 @@ def load_generator(workdir: str | Path, *, step: int | None = None, use_ema: boo
   own folder), and loading a 2B-parameter MLLM for nothing would dominate the export.
   """
   from iomm_jax.train import builder, checkpoint, restore
+
   config = restore.load_config(str(workdir))
   run = builder.build(config, load_frozen=False)
   ckpt = checkpoint.Checkpointer(str(workdir), with_data=False)
   try:
     if ckpt.latest_step() is None:
-      raise ConvertError(f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main "
-                         f"--workdir={workdir})")
+      raise ConvertError(
+          f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main " f"--workdir={workdir})"
+      )
     if step is not None and step not in ckpt.manager.all_steps():
       raise ConvertError(f"--step={step}: no such checkpoint in {ckpt.directory} (have {ckpt.manager.all_steps()})")
     state, got = ckpt.restore(checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings), step=step)
@@ -67,22 +70,32 @@ def load_generator(workdir: str | Path, *, step: int | None = None, use_ema: boo
   return run, params, got
 
 
-def export_workdir(workdir: str | Path, dst: str | Path, *, use_ema: bool = True, step: int | None = None,
-                   dtype=None, overwrite: bool = False) -> dict:
+def export_workdir(
+    workdir: str | Path,
+    dst: str | Path,
+    *,
+    use_ema: bool = True,
+    step: int | None = None,
+    dtype=None,
+    overwrite: bool = False,
+) -> dict:
   """Write the pipeline folder for `workdir`'s checkpoint (latest unless `step`); returns iomm_pipeline.json."""
   from iomm_jax.models import factory
   from iomm_jax.train import restore
 
   prediction = restore.load_config(str(workdir)).model.prediction
   if prediction != "v":
-    raise ConvertError(f"{workdir} was trained with config.model.prediction={prediction!r}: its DiT predicts the clean "
-                       "latent, while diffusers' Flux/Z-Image pipelines read the output as a velocity; only "
-                       "prediction='v' runs export to a pipeline folder")
+    raise ConvertError(
+        f"{workdir} was trained with config.model.prediction={prediction!r}: its DiT predicts the clean "
+        "latent, while diffusers' Flux/Z-Image pipelines read the output as a velocity; only "
+        "prediction='v' runs export to a pipeline folder"
+    )
   dst = Path(dst)
   if dst.exists() and any(dst.iterdir()):
     if not overwrite:
       raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
     import shutil
+
     shutil.rmtree(dst)
   run, params, ckpt_step = load_generator(workdir, step=step, use_ema=use_ema)
   config = run.config
@@ -90,18 +103,20 @@ def export_workdir(workdir: str | Path, dst: str | Path, *, use_ema: bool = True
   dit_kind = config.model.dit.kind
   dit_cfg = factory.dit_config(config, width)
   rqa_cfg = factory.rqa_config(config, width)
-  transfer.write_torch_folder(components.spec(dit_kind), dit_cfg, _flat(params["dit"]), dst / "transformer",
-                              dtype=dtype)
+  transfer.write_torch_folder(
+      components.spec(dit_kind), dit_cfg, _flat(params["dit"]), dst / "transformer", dtype=dtype
+  )
   transfer.write_torch_folder(components.spec("rqa"), rqa_cfg, _flat(params["rqa"]), dst / "rqa", dtype=dtype)
 
   ae = config.model.autoencoder
   ae_info = {"kind": ae.kind, **{k: v for k, v in ae.to_dict().items() if k != "kind"}}
   if ae.kind == "flux_vae":
     vae_spec, vae_cfg = components.spec("vae"), _vae_config(config)
-    if ae.path:   # the run's VAE folder, re-written through the converter (its own precision, checked keys)
+    if ae.path:  # the run's VAE folder, re-written through the converter (its own precision, checked keys)
       vae_flat = transfer.torch_to_ours(vae_spec, vae_cfg, ae.path)
-    else:         # a random-init VAE (dry runs): rebuild the run's frozen weights, seeded as in training
+    else:  # a random-init VAE (dry runs): rebuild the run's frozen weights, seeded as in training
       from iomm_jax.train import builder
+
       vae_flat = _flat(builder.load_frozen_weights(config, run)["ae"])
       ae_info["note"] = "random-init FLUX VAE built by iomm_jax (train/builder.load_frozen_weights)"
     transfer.write_torch_folder(vae_spec, vae_cfg, vae_flat, dst / "vae", dtype=dtype)
@@ -111,21 +126,31 @@ def export_workdir(workdir: str | Path, dst: str | Path, *, use_ema: bool = True
     (dst / "vae_NOTE.txt").write_text(
         f"No vae/ folder: this run uses the '{ae.kind}' autoencoder, which has no weights. Its latents are "
         f"images in [-1, 1] times scale={ae.get('scale', 1.0)}, space-to-depth folded by factor="
-        f"{ae.get('factor', 1)} (NHWC); see iomm_pipeline.json 'autoencoder'.\n")
+        f"{ae.get('factor', 1)} (NHWC); see iomm_pipeline.json 'autoencoder'.\n"
+    )
 
   mllm = config.model.mllm
-  mllm_info = {"path": mllm.path or None, "aux_prompt": mllm.aux_prompt,
-               "config": run.mcfg.to_hf() if mllm.path else components.spec("mllm").config_to_json(run.mcfg)}
+  mllm_info = {
+      "path": mllm.path or None,
+      "aux_prompt": mllm.aux_prompt,
+      "config": run.mcfg.to_hf() if mllm.path else components.spec("mllm").config_to_json(run.mcfg),
+  }
   if not mllm.path:
-    mllm_info.update(kind="random tiny", seed=config.seed + 7919,
-                     note="frozen random InternVL built by iomm_jax (models/factory.make_mllm) with the built-in "
-                          "tiny tokenizer; config above is iomm_jax's InternVLConfig")
+    mllm_info.update(
+        kind="random tiny",
+        seed=config.seed + 7919,
+        note="frozen random InternVL built by iomm_jax (models/factory.make_mllm) with the built-in "
+        "tiny tokenizer; config above is iomm_jax's InternVLConfig",
+    )
   else:
     mllm_info["kind"] = "InternVL (transformers -hf layout)"
   weights = "ema" if (use_ema and config.train.ema_decay > 0) else "params"
   info = {
-      "format": "iomm_pipeline", "version": 1, "workdir": str(Path(workdir).absolute()),
-      "checkpoint_step": int(ckpt_step), "weights": weights,
+      "format": "iomm_pipeline",
+      "version": 1,
+      "workdir": str(Path(workdir).absolute()),
+      "checkpoint_step": int(ckpt_step),
+      "weights": weights,
       "transformer": {"folder": "transformer", "kind": dit_kind, "class": components.spec(dit_kind).torch_class},
       "rqa": {"folder": "rqa", "class": "iomm_jax.convert.torch_rqa.TorchRQA"},
       "mllm": mllm_info,
@@ -138,8 +163,8 @@ def export_workdir(workdir: str | Path, dst: str | Path, *, use_ema: bool = True
       "conventions": {
           "flow": "x_t = (1 - t) x + t z, t=1 is noise, the DiT predicts v = z - x; Euler from t=1 to t=0",
           "mmdit_inputs": "packed 2x2 latent tokens (FluxPipeline._pack_latents order), timestep = t in [0, 1], "
-                          "encoder_hidden_states = LLM hidden states at the RQA query positions, pooled_projections "
-                          "= their mean, txt_ids zeros, img_ids (0, row, col)",
+          "encoder_hidden_states = LLM hidden states at the RQA query positions, pooled_projections "
+          "= their mean, txt_ids zeros, img_ids (0, row, col)",
           "s3dit_inputs": "diffusers Z-Image convention: its output equals -v at timestep 1 - t",
           "cfg": "v = v_u + w (v_c - v_u), v_u from the empty-prompt template",
       },

@@ -34,15 +34,17 @@ def verify_mllm(src_dir, *, seed: int = 0, atol_rel: float = 1e-4, text_len: int
   ours = load_internvl(src_dir, dtype=jnp.float32)
   cfg = ours.cfg
   theirs = InternVLForConditionalGeneration.from_pretrained(
-      str(src_dir), dtype=torch.float32, attn_implementation="eager").model.eval()
+      str(src_dir), dtype=torch.float32, attn_implementation="eager"
+  ).model.eval()
 
   rng = np.random.default_rng(seed)
   vocab = [i for i in range(min(cfg.text.vocab_size, 50_000)) if i != cfg.image_token_id]
   text_ids = rng.choice(vocab, size=(batch, text_len)).astype(np.int64)
   n_img = cfg.num_image_tokens
   half = text_len // 2
-  image_ids = np.concatenate([text_ids[:, :half], np.full((batch, n_img), cfg.image_token_id, np.int64),
-                              text_ids[:, half:]], axis=1)
+  image_ids = np.concatenate(
+      [text_ids[:, :half], np.full((batch, n_img), cfg.image_token_id, np.int64), text_ids[:, half:]], axis=1
+  )
   size = cfg.vision.image_size
   pixels = rng.standard_normal((batch, size, size, cfg.vision.num_channels)).astype(np.float32)
 
@@ -63,7 +65,11 @@ def verify_mllm(src_dir, *, seed: int = 0, atol_rel: float = 1e-4, text_len: int
   with jax.default_matmul_precision("highest"):
     o_text, o_proj, o_image = (np.asarray(x) for x in run(state, text_ids, image_ids, pixels))
 
-  report = {"text_only": _diffs(o_text, t_text), "image_text": _diffs(o_image, t_image),
-            "projector": _diffs(o_proj, t_proj), "atol_rel": atol_rel}
+  report = {
+      "text_only": _diffs(o_text, t_text),
+      "image_text": _diffs(o_image, t_image),
+      "projector": _diffs(o_proj, t_proj),
+      "atol_rel": atol_rel,
+  }
   report["passed"] = all(report[k]["max_rel_diff"] <= atol_rel for k in ("text_only", "image_text", "projector"))
   return report

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 
 class TorchQueryMLP(nn.Module):
+
   def __init__(self, dim: int, hidden: int):
     super().__init__()
     self.fc1 = nn.Linear(dim, hidden)
@@ -23,6 +24,7 @@ class TorchQueryMLP(nn.Module):
 
 
 class TorchQueryBlock(nn.Module):
+
   def __init__(self, dim: int, num_heads: int, mlp_dim: int, eps: float):
     super().__init__()
     self.norm_q = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
@@ -40,15 +42,24 @@ class TorchQueryBlock(nn.Module):
 class TorchRQA(nn.Module):
   """The RQA in PyTorch; forward(c (B,L,D), key_mask (B,L) bool True=valid or None) -> (B,Q,D)."""
 
-  def __init__(self, dim: int = 1536, num_queries: int = 256, num_heads: int = 12, mlp_ratio: float = 4.0,
-               num_layers: int = 1, eps: float = 1e-6):
+  def __init__(
+      self,
+      dim: int = 1536,
+      num_queries: int = 256,
+      num_heads: int = 12,
+      mlp_ratio: float = 4.0,
+      num_layers: int = 1,
+      eps: float = 1e-6,
+  ):
     super().__init__()
-    self.config = dict(dim=dim, num_queries=num_queries, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                       num_layers=num_layers, eps=eps)
-    self.meta_queries = nn.Parameter(torch.randn(num_queries, dim) / dim ** 0.5)
+    self.config = dict(
+        dim=dim, num_queries=num_queries, num_heads=num_heads, mlp_ratio=mlp_ratio, num_layers=num_layers, eps=eps
+    )
+    self.meta_queries = nn.Parameter(torch.randn(num_queries, dim) / dim**0.5)
     self.norm_k = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
     self.query_blocks = nn.ModuleList(
-        [TorchQueryBlock(dim, num_heads, int(dim * mlp_ratio), eps) for _ in range(num_layers)])
+        [TorchQueryBlock(dim, num_heads, int(dim * mlp_ratio), eps) for _ in range(num_layers)]
+    )
 
   def forward(self, c, key_mask=None):
     kv = self.norm_k(c)

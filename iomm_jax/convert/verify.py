@@ -27,8 +27,12 @@ from iomm_jax.weights.components import ConvertError
 def diffs(ours, theirs) -> dict:
   ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
   if ours.shape != theirs.shape:
-    return {"max_abs_diff": float("inf"), "max_rel_diff": float("inf"), "scale": None,
-            "error": f"shape {ours.shape} vs {theirs.shape}"}
+    return {
+        "max_abs_diff": float("inf"),
+        "max_rel_diff": float("inf"),
+        "scale": None,
+        "error": f"shape {ours.shape} vs {theirs.shape}",
+    }
   max_abs = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
   scale = max(1.0, float(np.max(np.abs(theirs)))) if theirs.size else 1.0
   return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / scale, "scale": scale}
@@ -43,6 +47,7 @@ def _jit_call(model, fn, *args):
 def _torch_module(spec, cfg, tensors: dict):
   """The reference module (fp32, eval) holding `tensors` (checkpoint-file keys), loaded strictly."""
   import torch
+
   kw = spec.config_to_torch(cfg)
   if spec.kind == "mmdit":
     from diffusers import FluxTransformer2DModel as cls
@@ -63,6 +68,7 @@ def _torch_module(spec, cfg, tensors: dict):
 def _compare_mmdit(ours, theirs, cfg, rng) -> dict:
   import torch
   from iomm_jax.models import latents
+
   b, (gh, gw), lc = 2, (2, 3), 5
   x = rng.standard_normal((b, gh * gw, cfg.in_channels)).astype(np.float32)
   h = rng.standard_normal((b, lc, cfg.joint_attention_dim)).astype(np.float32)
@@ -71,29 +77,42 @@ def _compare_mmdit(ours, theirs, cfg, rng) -> dict:
   img_ids, txt_ids = np.array(latents.image_ids(gh, gw)), np.array(latents.text_ids(lc))
   out = _jit_call(ours, lambda m, *a: m(*a), x, h, pooled, t, img_ids, txt_ids)
   with torch.no_grad():
-    ref = theirs(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(h),
-                 pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t),
-                 img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids), return_dict=False)[0]
+    ref = theirs(
+        hidden_states=torch.from_numpy(x),
+        encoder_hidden_states=torch.from_numpy(h),
+        pooled_projections=torch.from_numpy(pooled),
+        timestep=torch.from_numpy(t),
+        img_ids=torch.from_numpy(img_ids),
+        txt_ids=torch.from_numpy(txt_ids),
+        return_dict=False,
+    )[0]
   return {"velocity": diffs(out, ref.numpy())}
 
 
 def _compare_s3dit(ours, theirs, cfg, rng) -> dict:
   import torch
+
   p, b, lc = cfg.all_patch_size[0], 2, 7
   lat = rng.standard_normal((b, 2 * p, 3 * p, cfg.in_channels)).astype(np.float32)
   cap = rng.standard_normal((b, lc, cfg.cap_feat_dim)).astype(np.float32)
   t = rng.uniform(0.05, 0.95, (b,)).astype(np.float32)
   mask = np.ones((b, lc), bool)
   out = _jit_call(ours, lambda m, *a: m(*a), lat, t, cap, mask)
-  with torch.no_grad():   # Z-Image's clock and sign: ours(x, t, c) == −theirs([x], 1 − t, [c])
-    ref = theirs([torch.from_numpy(l).permute(2, 0, 1).unsqueeze(1) for l in lat], torch.from_numpy(1.0 - t),
-                 [torch.from_numpy(c) for c in cap], patch_size=p, return_dict=False)[0]
+  with torch.no_grad():  # Z-Image's clock and sign: ours(x, t, c) == −theirs([x], 1 − t, [c])
+    ref = theirs(
+        [torch.from_numpy(l).permute(2, 0, 1).unsqueeze(1) for l in lat],
+        torch.from_numpy(1.0 - t),
+        [torch.from_numpy(c) for c in cap],
+        patch_size=p,
+        return_dict=False,
+    )[0]
   ref = -torch.stack(ref).squeeze(2).permute(0, 2, 3, 1).numpy()
   return {"velocity": diffs(out, ref)}
 
 
 def _compare_vae(ours, theirs, cfg, rng) -> dict:
   import torch
+
   size = 2 * cfg.downsample
   images = rng.uniform(-1, 1, (1, size, size + cfg.downsample, cfg.in_channels)).astype(np.float32)
   mean = _jit_call(ours, lambda m, x: m.moments(x)[0], images)
@@ -109,6 +128,7 @@ def _compare_vae(ours, theirs, cfg, rng) -> dict:
 
 def _compare_rqa(ours, theirs, cfg, rng) -> dict:
   import torch
+
   b, length = 2, 9
   c = rng.standard_normal((b, length, cfg.dim)).astype(np.float32)
   mask = np.ones((b, length), bool)
@@ -125,8 +145,7 @@ _COMPARE = {"mmdit": _compare_mmdit, "s3dit": _compare_s3dit, "vae": _compare_va
 def _weights_diff(ours_torch: dict, source: dict) -> dict:
   """Tensor-by-tensor comparison of two checkpoints in the same key layout (worst tensor reported)."""
   if sorted(ours_torch) != sorted(source):
-    return {"max_abs_diff": float("inf"), "max_rel_diff": float("inf"), "scale": None,
-            "error": "different key sets"}
+    return {"max_abs_diff": float("inf"), "max_rel_diff": float("inf"), "scale": None, "error": "different key sets"}
   worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "scale": 1.0, "key": None}
   for k, v in source.items():
     d = diffs(np.asarray(ours_torch[k], np.float32), np.asarray(v, np.float32))
@@ -135,8 +154,15 @@ def _weights_diff(ours_torch: dict, source: dict) -> dict:
   return worst
 
 
-def verify(component: str, src: str | Path, *, jax_dir: str | Path | None = None, config_path=None, seed: int = 0,
-           tol: float = 1e-4) -> dict[str, Any]:
+def verify(
+    component: str,
+    src: str | Path,
+    *,
+    jax_dir: str | Path | None = None,
+    config_path=None,
+    seed: int = 0,
+    tol: float = 1e-4,
+) -> dict[str, Any]:
   """Run the comparison; returns the report (see module doc) with 'passed'."""
   rng = np.random.default_rng(seed)
   if orbax_io.is_component_dir(src):
@@ -171,9 +197,16 @@ def verify(component: str, src: str | Path, *, jax_dir: str | Path | None = None
   if jax_dir:
     outputs["weights"] = _weights_diff(transfer.ours_to_torch(spec, cfg, flat), torch_tensors)
   passed = all(o["max_rel_diff"] <= tol for o in outputs.values())
-  return {"component": spec.component, "kind": spec.kind, "source": source,
-          "ours": str(jax_dir) if jax_dir else "converted in memory through the key table",
-          "seed": seed, "tolerance_rel": tol, "outputs": outputs, "passed": passed}
+  return {
+      "component": spec.component,
+      "kind": spec.kind,
+      "source": source,
+      "ours": str(jax_dir) if jax_dir else "converted in memory through the key table",
+      "seed": seed,
+      "tolerance_rel": tol,
+      "outputs": outputs,
+      "passed": passed,
+  }
 
 
 def _config(spec, raw_cfg):
@@ -185,12 +218,15 @@ def _config(spec, raw_cfg):
 
 def _check_component(meta: dict, component: str, where) -> None:
   if meta.get("component") != component:
-    raise ConvertError(f"{where} holds a {meta.get('component')!r} component, not {component!r}; "
-                       f"pass --component {meta.get('component')}")
+    raise ConvertError(
+        f"{where} holds a {meta.get('component')!r} component, not {component!r}; "
+        f"pass --component {meta.get('component')}"
+    )
 
 
 def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
   from iomm_jax.convert.internvl_verify import verify_mllm
+
   if not Path(src).is_dir():
     raise ConvertError(f"--src={src}: mllm verify needs a transformers InternVL folder (config.json + safetensors)")
   report = verify_mllm(src, seed=seed, atol_rel=tol)
@@ -202,6 +238,13 @@ def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
     cfg = spec.config_from_json(meta["config"])
     outputs["weights"] = _weights_diff(transfer.ours_to_torch(spec, cfg, flat), io.read_state_dict(src))
   passed = all(o["max_rel_diff"] <= tol for o in outputs.values())
-  return {"component": "mllm", "kind": "mllm", "source": str(src), "ours": str(jax_dir) if jax_dir else
-          "loaded by weights/load_internvl.py", "seed": seed, "tolerance_rel": tol, "outputs": outputs,
-          "passed": passed}
+  return {
+      "component": "mllm",
+      "kind": "mllm",
+      "source": str(src),
+      "ours": str(jax_dir) if jax_dir else "loaded by weights/load_internvl.py",
+      "seed": seed,
+      "tolerance_rel": tol,
+      "outputs": outputs,
+      "passed": passed,
+  }

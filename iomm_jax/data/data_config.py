@@ -5,6 +5,7 @@
 ``config.py``). Tests and tools build it the same way: ``from_config(source="folder", path=...)`` starts from the
 schema defaults, so a field the schema lacks is an error here too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from iomm_jax import config as schema
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """``config.data`` as the data code sees it (see ``config.base_config`` for what each field means)."""
+
   source: str
   path: str
   num_images: int
@@ -61,9 +63,16 @@ class DataConfig:
 
   def as_image_set(self) -> DataConfig:
     """The image set of 'mix' as a source config of its own (source/path/cache_path/num_images replaced)."""
-    return dataclasses.replace(self, source=self.image_source, path=self.image_path, cache_path=self.image_cache_path,
-                               num_images=self.image_num_images or self.num_images, image_source="", image_path="",
-                               image_cache_path="")
+    return dataclasses.replace(
+        self,
+        source=self.image_source,
+        path=self.image_path,
+        cache_path=self.image_cache_path,
+        num_images=self.image_num_images or self.num_images,
+        image_source="",
+        image_path="",
+        image_cache_path="",
+    )
 
 
 def from_config(data: Any = None, **overrides: Any) -> DataConfig:
@@ -76,13 +85,15 @@ def from_config(data: Any = None, **overrides: Any) -> DataConfig:
   if isinstance(data, DataConfig):
     given.update(dataclasses.asdict(data))
   elif data is not None:
-    given.update(data.to_dict() if hasattr(data, "to_dict") else dict(data) if isinstance(data, Mapping)
-                 else vars(data))
+    given.update(
+        data.to_dict() if hasattr(data, "to_dict") else dict(data) if isinstance(data, Mapping) else vars(data)
+    )
   given.update(overrides)
   for key, value in given.items():
     if key not in d:
-      raise schema.ConfigError(f"config.data.{key} is not a field of the data config; known fields: "
-                               f"{', '.join(d.keys())}")
+      raise schema.ConfigError(
+          f"config.data.{key} is not a field of the data config; known fields: " f"{', '.join(d.keys())}"
+      )
     if isinstance(d[key], float) and isinstance(value, int):
       value = float(value)
     try:

@@ -15,6 +15,7 @@ reference images and the evaluations, so every consumer sees an image the same w
   the original straight to one ``vit_size``² tile (never an upsampled copy of ``pixels``), ImageNet mean/std as
   InternVL does.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,129 +36,129 @@ _WHITE = (255, 255, 255, 255)
 
 
 class UnreadableImage(ValueError):
-    """The record's image cannot be decoded (empty, corrupt, truncated or of an unknown format)."""
+  """The record's image cannot be decoded (empty, corrupt, truncated or of an unknown format)."""
 
 
 class ImageTooLarge(UnreadableImage):
-    """The image has more pixels than ``data.max_image_pixels`` (a likely decompression bomb); not decoded."""
+  """The image has more pixels than ``data.max_image_pixels`` (a likely decompression bomb); not decoded."""
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
-    """Raises :class:`ImageTooLarge` when ``width × height`` exceeds ``max_pixels`` (0 = no limit)."""
-    if max_pixels and width * height > max_pixels:
-        raise ImageTooLarge(f"{width}x{height} = {width * height} pixels exceeds data.max_image_pixels={max_pixels}")
+  """Raises :class:`ImageTooLarge` when ``width × height`` exceeds ``max_pixels`` (0 = no limit)."""
+  if max_pixels and width * height > max_pixels:
+    raise ImageTooLarge(f"{width}x{height} = {width * height} pixels exceeds data.max_image_pixels={max_pixels}")
 
 
 def orient(im: Image.Image) -> Image.Image:
-    """The image with its EXIF orientation applied (unchanged when there is none)."""
-    if im.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1):
-        return im
-    return ImageOps.exif_transpose(im)
+  """The image with its EXIF orientation applied (unchanged when there is none)."""
+  if im.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1):
+    return im
+  return ImageOps.exif_transpose(im)
 
 
 def to_rgb_mode(im: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit RGB: 16-bit grey scaled by 1/257, transparency composited on white."""
-    if im.mode in _SIXTEEN_BIT:
-        arr = np.asarray(im).astype(np.float64)  # I;16B arrives big-endian; numpy reads it by its dtype
-        im = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBa", "La"):  # premultiplied alpha
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", im.size, _WHITE), im)  # transparent → white, as a page
-    return im if im.mode == "RGB" else im.convert("RGB")
+  """Any PIL mode → 8-bit RGB: 16-bit grey scaled by 1/257, transparency composited on white."""
+  if im.mode in _SIXTEEN_BIT:
+    arr = np.asarray(im).astype(np.float64)  # I;16B arrives big-endian; numpy reads it by its dtype
+    im = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+  if im.mode in ("RGBa", "La"):  # premultiplied alpha
+    im = im.convert("RGBA")
+  if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    im = im.convert("RGBA")
+    im = Image.alpha_composite(Image.new("RGBA", im.size, _WHITE), im)  # transparent → white, as a page
+  return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def open_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """Encoded bytes → oriented RGB PIL image; raises :class:`UnreadableImage` (or :class:`ImageTooLarge`).
+  """Encoded bytes → oriented RGB PIL image; raises :class:`UnreadableImage` (or :class:`ImageTooLarge`).
 
-    ``draft_size`` lets JPEG decode at a reduced scale whose short side still covers ``draft_size``.
-    """
-    if not data:
-        raise UnreadableImage("zero-byte image")
-    try:
-        im = Image.open(io.BytesIO(data))
-        w, h = im.size
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
-    check_pixels(w, h, max_pixels)
-    try:
-        if draft_size and im.format == "JPEG":
-            s = draft_size / min(w, h)  # request the size whose short side is draft_size
-            im.draft("RGB", (max(1, int(w * s + 0.999)), max(1, int(h * s + 0.999))))
-        im.load()  # full decode here, so truncation raises now rather than in resize
-        return to_rgb_mode(orient(im))
-    except Exception as e:
-        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+  ``draft_size`` lets JPEG decode at a reduced scale whose short side still covers ``draft_size``.
+  """
+  if not data:
+    raise UnreadableImage("zero-byte image")
+  try:
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+    raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+  check_pixels(w, h, max_pixels)
+  try:
+    if draft_size and im.format == "JPEG":
+      s = draft_size / min(w, h)  # request the size whose short side is draft_size
+      im.draft("RGB", (max(1, int(w * s + 0.999)), max(1, int(h * s + 0.999))))
+    im.load()  # full decode here, so truncation raises now rather than in resize
+    return to_rgb_mode(orient(im))
+  except Exception as e:
+    raise UnreadableImage(f"{type(e).__name__}: {e}") from e
 
 
 def to_rgb(record: dict, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """``record['image_bytes']`` (decoded by :func:`open_image`) or ``record['image']`` (uint8 HW[C]) as RGB."""
-    if record.get("image") is not None:
-        arr = np.asarray(record["image"])
-        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or arr.size == 0:
-            raise UnreadableImage(f"image array of dtype {arr.dtype} and shape {arr.shape}; expected uint8 HW[C]")
-        check_pixels(arr.shape[1], arr.shape[0], max_pixels)
-        return to_rgb_mode(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr))
-    return open_image(record.get("image_bytes"), max_pixels=max_pixels, draft_size=draft_size)
+  """``record['image_bytes']`` (decoded by :func:`open_image`) or ``record['image']`` (uint8 HW[C]) as RGB."""
+  if record.get("image") is not None:
+    arr = np.asarray(record["image"])
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or arr.size == 0:
+      raise UnreadableImage(f"image array of dtype {arr.dtype} and shape {arr.shape}; expected uint8 HW[C]")
+    check_pixels(arr.shape[1], arr.shape[0], max_pixels)
+    return to_rgb_mode(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr))
+  return open_image(record.get("image_bytes"), max_pixels=max_pixels, draft_size=draft_size)
 
 
 def load_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An image file as an oriented RGB image; raises OSError or :class:`UnreadableImage`."""
-    with open(path, "rb") as f:
-        return open_image(f.read(), max_pixels=max_pixels)
+  """An image file as an oriented RGB image; raises OSError or :class:`UnreadableImage`."""
+  with open(path, "rb") as f:
+    return open_image(f.read(), max_pixels=max_pixels)
 
 
 def header_size(src) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientations 5–8 swap the sides) of encoded bytes or a file path, from the
-    header only; raises like ``Image.open``."""
-    with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
-        w, h = im.size
-        if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
-            w, h = h, w
-    return w, h
+  """(width, height) as displayed (EXIF orientations 5–8 swap the sides) of encoded bytes or a file path, from the
+  header only; raises like ``Image.open``."""
+  with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
+    w, h = im.size
+    if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+      w, h = h, w
+  return w, h
 
 
 def cover_box(w: int, h: int, height: int, width: int) -> tuple[float, float, float, float]:
-    """The centred region of a w×h image that, resized to (height, width), covers it without distortion.
+  """The centred region of a w×h image that, resized to (height, width), covers it without distortion.
 
-    Exact along the side that spans the whole image, so a square target gives exactly the centre square.
-    """
-    if width * h >= height * w:  # the target is relatively wider: the region spans the full width
-        cw, ch = float(w), w * height / width
-    else:
-        cw, ch = h * width / height, float(h)
-    left, top = (w - cw) / 2.0, (h - ch) / 2.0
-    return left, top, left + cw, top + ch
+  Exact along the side that spans the whole image, so a square target gives exactly the centre square.
+  """
+  if width * h >= height * w:  # the target is relatively wider: the region spans the full width
+    cw, ch = float(w), w * height / width
+  else:
+    cw, ch = h * width / height, float(h)
+  left, top = (w - cw) / 2.0, (h - ch) / 2.0
+  return left, top, left + cw, top + ch
 
 
 def _resize(im: Image.Image, box, height: int, width: int) -> Image.Image:
-    if im.size == (width, height) and box == (0.0, 0.0, float(width), float(height)):
-        return im
-    return im.resize((width, height), Image.Resampling.BICUBIC, box=box)
+  if im.size == (width, height) and box == (0.0, 0.0, float(width), float(height)):
+    return im
+  return im.resize((width, height), Image.Resampling.BICUBIC, box=box)
 
 
 def cover_crop(im: Image.Image, height: int, width: int) -> Image.Image:
-    """Resize so the image covers (height, width), then centre-crop to it, in one bicubic resize with a box."""
-    return _resize(im, cover_box(*im.size, height, width), height, width)
+  """Resize so the image covers (height, width), then centre-crop to it, in one bicubic resize with a box."""
+  return _resize(im, cover_box(*im.size, height, width), height, width)
 
 
 def centre_square(im: Image.Image, resolution: int) -> Image.Image:
-    """Short-side resize to ``resolution`` then centre crop to a square, in one antialiased bicubic resize."""
-    return cover_crop(im, resolution, resolution)
+  """Short-side resize to ``resolution`` then centre crop to a square, in one antialiased bicubic resize."""
+  return cover_crop(im, resolution, resolution)
 
 
 def vit_normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 (…, 3) → float32 scaled to [0, 1] then ImageNet mean/std (InternVL's preprocessing)."""
-    return ((np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+  """uint8 (…, 3) → float32 scaled to [0, 1] then ImageNet mean/std (InternVL's preprocessing)."""
+  return ((np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
 
 def views(im: Image.Image, resolution: int, vit_size: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``pixels`` float32 (resolution, width or resolution, 3) in [-1, 1] and ``vit_pixels`` float32
-    (vit_size, vit_size, 3), ImageNet-normalised: the same region of the original, resized straight to the tile."""
-    height, width = resolution, width or resolution
-    box = cover_box(*im.size, height, width)
-    crop = _resize(im, box, height, width)
-    pixels = np.asarray(crop, np.float32) / 127.5 - 1.0
-    vit = crop if (vit_size, vit_size) == (height, width) else _resize(im, box, vit_size, vit_size)
-    return pixels, vit_normalize(np.asarray(vit))
+  """``pixels`` float32 (resolution, width or resolution, 3) in [-1, 1] and ``vit_pixels`` float32
+  (vit_size, vit_size, 3), ImageNet-normalised: the same region of the original, resized straight to the tile."""
+  height, width = resolution, width or resolution
+  box = cover_box(*im.size, height, width)
+  crop = _resize(im, box, height, width)
+  pixels = np.asarray(crop, np.float32) / 127.5 - 1.0
+  vit = crop if (vit_size, vit_size) == (height, width) else _resize(im, box, vit_size, vit_size)
+  return pixels, vit_normalize(np.asarray(vit))

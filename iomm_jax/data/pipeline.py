@@ -41,6 +41,7 @@ the bucket of that batch, and a ``bucket`` int32 (b,) field names it. Every glob
 in their own shuffled order), so all processes agree on the shape of step k; the ViT view stays V×V. Without
 buckets every image is centre-cropped to a square of side ``data.resolution``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -57,263 +58,293 @@ CAPTION_CHECK_RECORDS = 64  # pair recipes check the first N source records for 
 
 
 class DataConfigError(ValueError):
-    """The data is not what the configuration says (never counted as a skip)."""
+  """The data is not what the configuration says (never counted as a skip)."""
 
 
 class ProcessBlocks(grain.MapDataset):
-    """This process's rows of every global batch: a contiguous block, so batches are independent of process count.
+  """This process's rows of every global batch: a contiguous block, so batches are independent of process count.
 
-    Local item j is global item (j // b)·G + p·b + j % b (b = per-process batch, G = global batch). Process p's
-    devices hold global rows [p·b, (p+1)·b) of each batch (`jax.make_array_from_process_local_data`), so the global
-    batch — and every per-row random draw of the step — is the same on 1 process or many.
-    """
+  Local item j is global item (j // b)·G + p·b + j % b (b = per-process batch, G = global batch). Process p's
+  devices hold global rows [p·b, (p+1)·b) of each batch (`jax.make_array_from_process_local_data`), so the global
+  batch — and every per-row random draw of the step — is the same on 1 process or many.
+  """
 
-    def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, per_process: int):
-        super().__init__(parent)
-        self._p, self._n, self._b = int(process_index), int(process_count), int(per_process)
-        self._length = len(parent) // self._n
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int, per_process: int):
+    super().__init__(parent)
+    self._p, self._n, self._b = int(process_index), int(process_count), int(per_process)
+    self._length = len(parent) // self._n
 
-    def __len__(self) -> int:
-        return self._length
+  def __len__(self) -> int:
+    return self._length
 
-    def _global(self, j: int) -> int:
-        return (j // self._b) * self._b * self._n + self._p * self._b + j % self._b
+  def _global(self, j: int) -> int:
+    return (j // self._b) * self._b * self._n + self._p * self._b + j % self._b
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        return self._parent[self._global(index)]
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global(index)]
 
-    def __str__(self) -> str:
-        return f"ProcessBlocks(process {self._p} of {self._n}, {self._b} per batch)"
+  def __str__(self) -> str:
+    return f"ProcessBlocks(process {self._p} of {self._n}, {self._b} per batch)"
 
 
 def _with_position(pos: int, idx: int) -> mix.Slot:
-    return mix.Slot(int(pos), int(idx))
+  return mix.Slot(int(pos), int(idx))
 
 
 class LoadExample:
-    """Map function: ``mix.Slot`` (global stream position, source index, …) → one example dict (module docstring).
+  """Map function: ``mix.Slot`` (global stream position, source index, …) → one example dict (module docstring).
 
-    ``image_source``: the separate image set of 'mix' (``data.image_source``); slots flagged ``image_set`` read it.
-    ``bucket_lists``: with ``data.buckets``, the record indices of each bucket; a slot of bucket b is cropped to
-    that bucket's shape, and an unreadable record is replaced by the next record of the same bucket.
-    """
+  ``image_source``: the separate image set of 'mix' (``data.image_source``); slots flagged ``image_set`` read it.
+  ``bucket_lists``: with ``data.buckets``, the record indices of each bucket; a slot of bucket b is cropped to
+  that bucket's shape, and an unreadable record is replaced by the next record of the same bucket.
+  """
 
-    def __init__(self, source: Any, spec: DataConfig, tokenize: Callable[[str], list[int]] | None = None,
-                 image_source: Any = None, bucket_lists: list | None = None):
-        self.source, self.spec, self.tokenize = source, spec, tokenize
-        self.image_source, self.bucket_lists = image_source, bucket_lists
-        self.n = len(source)
-        self.draws = mix.mix_draws(spec.seed, spec.mix_lambda) if spec.recipe == "mix" else None
+  def __init__(
+      self,
+      source: Any,
+      spec: DataConfig,
+      tokenize: Callable[[str], list[int]] | None = None,
+      image_source: Any = None,
+      bucket_lists: list | None = None,
+  ):
+    self.source, self.spec, self.tokenize = source, spec, tokenize
+    self.image_source, self.bucket_lists = image_source, bucket_lists
+    self.n = len(source)
+    self.draws = mix.mix_draws(spec.seed, spec.mix_lambda) if spec.recipe == "mix" else None
 
-    def image_only(self, pos: int) -> bool:
-        """Whether global stream position ``pos`` is an image-only sample (recipe 'mix': Bernoulli(λ), seeded)."""
-        s = self.spec
-        if s.recipe == "image":
-            return True
-        if s.recipe == "pair":
-            return False
-        return self.draws.label(pos) == 1
+  def image_only(self, pos: int) -> bool:
+    """Whether global stream position ``pos`` is an image-only sample (recipe 'mix': Bernoulli(λ), seeded)."""
+    s = self.spec
+    if s.recipe == "image":
+      return True
+    if s.recipe == "pair":
+      return False
+    return self.draws.label(pos) == 1
 
-    def _caption_fields(self, rec: dict) -> dict:
-        t = self.spec.max_text_tokens
-        ids = np.zeros((t,), np.int32)
-        caption = rec.get("caption")
-        stored = rec.get("caption_ids")
-        if stored is not None:
-            toks = np.asarray(stored, np.int32).reshape(-1)[:t]
-        elif caption is not None and self.tokenize is not None:
-            toks = np.asarray(list(self.tokenize(caption))[:t], np.int32)
-        else:
-            toks = np.zeros((0,), np.int32)
-        ids[: len(toks)] = toks
-        return {"caption_ids": ids, "caption_len": np.int32(len(toks)), "has_caption": np.bool_(caption is not None
-                                                                                                or stored is not None)}
+  def _caption_fields(self, rec: dict) -> dict:
+    t = self.spec.max_text_tokens
+    ids = np.zeros((t,), np.int32)
+    caption = rec.get("caption")
+    stored = rec.get("caption_ids")
+    if stored is not None:
+      toks = np.asarray(stored, np.int32).reshape(-1)[:t]
+    elif caption is not None and self.tokenize is not None:
+      toks = np.asarray(list(self.tokenize(caption))[:t], np.int32)
+    else:
+      toks = np.zeros((0,), np.int32)
+    ids[: len(toks)] = toks
+    return {
+        "caption_ids": ids,
+        "caption_len": np.int32(len(toks)),
+        "has_caption": np.bool_(caption is not None or stored is not None),
+    }
 
-    def _payload(self, rec: dict, image_set: bool = False, bucket: int = -1) -> dict:
-        s = self.spec
-        kind = rec.get("kind")
-        where = s.image_where if image_set else s.where
-        prefix = "image_" if image_set else ""
-        if s.cached:
-            if kind != "features":
-                raise DataConfigError(f"data.cached=True but {where} holds {kind or 'raw'} records, not cached "
-                                      f"features; point data.{prefix}cache_path at the output of "
-                                      "`python -m iomm_jax.cache`")
-            return {"vit_tokens": np.array(rec["vit_tokens"]), "latent": np.array(rec["latent"])}
-        if kind == "features":
-            raise DataConfigError(f"{where} holds cached features; set data.cached=True and data.{prefix}cache_path "
-                                  "to it")
-        if bucket >= 0:
-            height, width = s.buckets[bucket]
-            im = decode.to_rgb(rec, draft_size=max(height, width), max_pixels=s.max_image_pixels)  # covers any crop
-            pixels, vit_pixels = decode.views(im, height, s.vit_size, width=width)
-        else:
-            im = decode.to_rgb(rec, draft_size=s.resolution, max_pixels=s.max_image_pixels)
-            pixels, vit_pixels = decode.views(im, s.resolution, s.vit_size)
-        return {"pixels": pixels, "vit_pixels": vit_pixels}
+  def _payload(self, rec: dict, image_set: bool = False, bucket: int = -1) -> dict:
+    s = self.spec
+    kind = rec.get("kind")
+    where = s.image_where if image_set else s.where
+    prefix = "image_" if image_set else ""
+    if s.cached:
+      if kind != "features":
+        raise DataConfigError(
+            f"data.cached=True but {where} holds {kind or 'raw'} records, not cached "
+            f"features; point data.{prefix}cache_path at the output of "
+            "`python -m iomm_jax.cache`"
+        )
+      return {"vit_tokens": np.array(rec["vit_tokens"]), "latent": np.array(rec["latent"])}
+    if kind == "features":
+      raise DataConfigError(f"{where} holds cached features; set data.cached=True and data.{prefix}cache_path " "to it")
+    if bucket >= 0:
+      height, width = s.buckets[bucket]
+      im = decode.to_rgb(rec, draft_size=max(height, width), max_pixels=s.max_image_pixels)  # covers any crop
+      pixels, vit_pixels = decode.views(im, height, s.vit_size, width=width)
+    else:
+      im = decode.to_rgb(rec, draft_size=s.resolution, max_pixels=s.max_image_pixels)
+      pixels, vit_pixels = decode.views(im, s.resolution, s.vit_size)
+    return {"pixels": pixels, "vit_pixels": vit_pixels}
 
-    def __call__(self, slot: tuple) -> dict:
-        slot = mix.Slot(*slot)
-        pos, idx = slot.pos, slot.index
-        from_image_set = bool(slot.image_set)
-        if from_image_set and self.image_source is None:
-            raise ValueError("LoadExample: an image-set slot but no image_source was given")
-        source = self.image_source if from_image_set else self.source
-        where = self.spec.image_where if from_image_set else self.spec.where
-        bucket = int(slot.bucket)
-        if bucket >= 0:  # candidates: this bucket's records, from the slot's rank on
-            members = self.bucket_lists[bucket]
-            n, first = len(members), int(slot.rank)
-        else:
-            members, n, first = None, len(source), idx
-        # With a separate image set the stream decides (image-set slot ⇔ image-only); else the seeded draw does.
-        image_only = from_image_set or (not self.spec.has_image_set and self.image_only(pos))
-        needs_caption = not image_only
-        skipped = uncaptioned = 0
-        first_error = None
-        for k in range(min(n, MAX_CONSECUTIVE_SKIPS + 1)):
-            # an unreadable record is replaced by the next one of the same set (and bucket)
-            j = (first + k) % n if members is None else int(members[(first + k) % n])
-            try:
-                rec = source[j]
-            except Exception as e:  # unreadable file / corrupt record
-                skipped += 1
-                first_error = first_error or f"{type(e).__name__}: {e}"
-                continue
-            if needs_caption and rec.get("caption") is None and rec.get("caption_ids") is None:
-                if not self.spec.skip_uncaptioned:
-                    raise DataConfigError(
-                        f"record {rec.get('id', j)!r} (index {j}) of {self.spec.where} has no caption, but recipe "
-                        f"{self.spec.recipe!r} needs one for this sample; caption it, or set "
-                        "data.skip_uncaptioned=True to count and skip such records")
-                uncaptioned += 1
-                continue
-            try:
-                out = self._payload(rec, from_image_set, bucket)
-            except DataConfigError:
-                raise
-            except Exception as e:
-                skipped += 1
-                first_error = first_error or f"{rec.get('id', j)}: {type(e).__name__}: {e}"
-                continue
-            out.update(self._caption_fields(rec))
-            out.update(is_image_only=np.bool_(image_only), skipped=np.int32(skipped),
-                       skipped_uncaptioned=np.int32(uncaptioned), index=np.int64(j))
-            if self.spec.has_image_set:
-                out["from_image_set"] = np.bool_(from_image_set)
-            if self.spec.buckets:
-                out["bucket"] = np.int32(bucket)
-            return out
-        raise RuntimeError(
-            f"{skipped + uncaptioned} records in a row from index {idx} of {where}"
-            f"{'' if bucket < 0 else f' (bucket {self.spec.buckets[bucket]})'} are unusable "
-            f"({skipped} unreadable, {uncaptioned} without caption; first error: {first_error}); check the "
-            "data (e.g. re-run prepare, which validates images) or the data path")
+  def __call__(self, slot: tuple) -> dict:
+    slot = mix.Slot(*slot)
+    pos, idx = slot.pos, slot.index
+    from_image_set = bool(slot.image_set)
+    if from_image_set and self.image_source is None:
+      raise ValueError("LoadExample: an image-set slot but no image_source was given")
+    source = self.image_source if from_image_set else self.source
+    where = self.spec.image_where if from_image_set else self.spec.where
+    bucket = int(slot.bucket)
+    if bucket >= 0:  # candidates: this bucket's records, from the slot's rank on
+      members = self.bucket_lists[bucket]
+      n, first = len(members), int(slot.rank)
+    else:
+      members, n, first = None, len(source), idx
+    # With a separate image set the stream decides (image-set slot ⇔ image-only); else the seeded draw does.
+    image_only = from_image_set or (not self.spec.has_image_set and self.image_only(pos))
+    needs_caption = not image_only
+    skipped = uncaptioned = 0
+    first_error = None
+    for k in range(min(n, MAX_CONSECUTIVE_SKIPS + 1)):
+      # an unreadable record is replaced by the next one of the same set (and bucket)
+      j = (first + k) % n if members is None else int(members[(first + k) % n])
+      try:
+        rec = source[j]
+      except Exception as e:  # unreadable file / corrupt record
+        skipped += 1
+        first_error = first_error or f"{type(e).__name__}: {e}"
+        continue
+      if needs_caption and rec.get("caption") is None and rec.get("caption_ids") is None:
+        if not self.spec.skip_uncaptioned:
+          raise DataConfigError(
+              f"record {rec.get('id', j)!r} (index {j}) of {self.spec.where} has no caption, but recipe "
+              f"{self.spec.recipe!r} needs one for this sample; caption it, or set "
+              "data.skip_uncaptioned=True to count and skip such records"
+          )
+        uncaptioned += 1
+        continue
+      try:
+        out = self._payload(rec, from_image_set, bucket)
+      except DataConfigError:
+        raise
+      except Exception as e:
+        skipped += 1
+        first_error = first_error or f"{rec.get('id', j)}: {type(e).__name__}: {e}"
+        continue
+      out.update(self._caption_fields(rec))
+      out.update(
+          is_image_only=np.bool_(image_only),
+          skipped=np.int32(skipped),
+          skipped_uncaptioned=np.int32(uncaptioned),
+          index=np.int64(j),
+      )
+      if self.spec.has_image_set:
+        out["from_image_set"] = np.bool_(from_image_set)
+      if self.spec.buckets:
+        out["bucket"] = np.int32(bucket)
+      return out
+    raise RuntimeError(
+        f"{skipped + uncaptioned} records in a row from index {idx} of {where}"
+        f"{'' if bucket < 0 else f' (bucket {self.spec.buckets[bucket]})'} are unusable "
+        f"({skipped} unreadable, {uncaptioned} without caption; first error: {first_error}); check the "
+        "data (e.g. re-run prepare, which validates images) or the data path"
+    )
 
 
 def _first_features(source: Any) -> dict | None:
-    for i in range(min(len(source), MAX_CONSECUTIVE_SKIPS)):
-        try:
-            rec = source[i]
-        except Exception:  # unreadable: the pipeline counts it later
-            continue
-        if rec.get("kind") == "features":
-            return rec
-    return None
+  for i in range(min(len(source), MAX_CONSECUTIVE_SKIPS)):
+    try:
+      rec = source[i]
+    except Exception:  # unreadable: the pipeline counts it later
+      continue
+    if rec.get("kind") == "features":
+      return rec
+  return None
 
 
 def check_same_features(pair_source: Any, image_source: Any, spec: DataConfig) -> None:
-    """Cached 'mix' with its own image set: both caches must hold features of the same shapes (same model and
-    resolution), else image-only and pair samples could not share a batch."""
-    a, b = _first_features(pair_source), _first_features(image_source)
-    if a is None or b is None:
-        return  # raw records or nothing readable: _payload reports it with the right field name
-    for key in ("vit_tokens", "latent"):
-        if np.shape(a[key]) != np.shape(b[key]):
-            raise DataConfigError(
-                f"data.image_cache_path={spec.image_where!r} holds {key} of shape {np.shape(b[key])} but "
-                f"data.cache_path={spec.where!r} holds {np.shape(a[key])}; build both caches with the same config "
-                "(model and data.resolution)")
+  """Cached 'mix' with its own image set: both caches must hold features of the same shapes (same model and
+  resolution), else image-only and pair samples could not share a batch."""
+  a, b = _first_features(pair_source), _first_features(image_source)
+  if a is None or b is None:
+    return  # raw records or nothing readable: _payload reports it with the right field name
+  for key in ("vit_tokens", "latent"):
+    if np.shape(a[key]) != np.shape(b[key]):
+      raise DataConfigError(
+          f"data.image_cache_path={spec.image_where!r} holds {key} of shape {np.shape(b[key])} but "
+          f"data.cache_path={spec.where!r} holds {np.shape(a[key])}; build both caches with the same config "
+          "(model and data.resolution)"
+      )
 
 
 IMAGE_SET_SALT = 0x1A6E  # the image set's shuffle seed is derived from data.seed with this salt
 
 
 def check_captions(source: Any, spec: DataConfig, num: int = CAPTION_CHECK_RECORDS) -> None:
-    """Pair/mix recipes: fail at start if one of the first ``num`` source records has no caption (unless
-    ``skip_uncaptioned``). Only the first ``num`` are checked so that start-up stays O(1) in dataset size; a later
-    caption-less record fails (or is skipped) when it is drawn."""
-    if spec.recipe == "image" or spec.skip_uncaptioned:
-        return
-    for i in range(min(num, len(source))):
-        try:
-            if spec.cached or not hasattr(source, "caption"):
-                rec = source[i]
-                caption = rec.get("caption") if rec.get("caption_ids") is None else "<token ids>"
-            else:
-                caption = source.caption(i)
-        except Exception:  # unreadable records are the pipeline's business, counted later
-            continue
-        if caption is None:
-            rid = getattr(source, "ids", None)
-            rid = rid[i] if rid is not None else i
-            raise DataConfigError(
-                f"record {rid!r} (index {i}) of {spec.where} has no caption, but data.recipe={spec.recipe!r} needs "
-                "captions; caption it (sidecar .txt, captions.jsonl or a caption column), use recipe 'image', or "
-                "set data.skip_uncaptioned=True to count and skip caption-less records")
+  """Pair/mix recipes: fail at start if one of the first ``num`` source records has no caption (unless
+  ``skip_uncaptioned``). Only the first ``num`` are checked so that start-up stays O(1) in dataset size; a later
+  caption-less record fails (or is skipped) when it is drawn."""
+  if spec.recipe == "image" or spec.skip_uncaptioned:
+    return
+  for i in range(min(num, len(source))):
+    try:
+      if spec.cached or not hasattr(source, "caption"):
+        rec = source[i]
+        caption = rec.get("caption") if rec.get("caption_ids") is None else "<token ids>"
+      else:
+        caption = source.caption(i)
+    except Exception:  # unreadable records are the pipeline's business, counted later
+      continue
+    if caption is None:
+      rid = getattr(source, "ids", None)
+      rid = rid[i] if rid is not None else i
+      raise DataConfigError(
+          f"record {rid!r} (index {i}) of {spec.where} has no caption, but data.recipe={spec.recipe!r} needs "
+          "captions; caption it (sidecar .txt, captions.jsonl or a caption column), use recipe 'image', or "
+          "set data.skip_uncaptioned=True to count and skip caption-less records"
+      )
 
 
-def make_dataset(data_cfg: Any, *, global_batch: int, process_index: int = 0, process_count: int = 1,
-                 workdir: str | None = None, tokenize: Callable[[str], list[int]] | None = None,
-                 source: Any = None, image_source: Any = None) -> grain.IterDataset:
-    """Builds this process's Grain pipeline (see the module docstring); ``iter()`` it to get the iterator.
+def make_dataset(
+    data_cfg: Any,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    workdir: str | None = None,
+    tokenize: Callable[[str], list[int]] | None = None,
+    source: Any = None,
+    image_source: Any = None,
+) -> grain.IterDataset:
+  """Builds this process's Grain pipeline (see the module docstring); ``iter()`` it to get the iterator.
 
-    ``data_cfg``: ``config.data`` or a :class:`DataConfig` (``data_config.from_config`` validates it once).
-    ``source`` overrides ``sources.make_source(data_cfg, workdir)`` (tests, custom data), ``image_source`` likewise
-    the image set of 'mix' (only with ``data.image_source`` set). ``tokenize`` must be picklable when
-    ``data_cfg.num_workers > 0``.
-    """
-    if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-    if global_batch <= 0 or global_batch % process_count:
-        raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes; "
-                         "choose a batch size that is a multiple of the process count")
-    spec = data_config.from_config(data_cfg)  # validated once, before any data is opened
-    workers = spec.num_workers
-    if source is None:
-        source = sources.make_source(spec, workdir)
-    if spec.has_image_set and image_source is None:
-        image_source = sources.make_source(spec.as_image_set(), workdir)
-    elif image_source is not None and not spec.has_image_set:
-        raise ValueError("make_dataset: image_source was given but data.image_source is ''")
-    check_captions(source, spec)  # the pair set only: image-only samples need no caption
-    lists = buckets_lib.bucket_lists(source, spec.buckets) if spec.buckets else None
-    load = LoadExample(source, spec, tokenize, image_source, lists)
-    if lists is None:
-        load(mix.Slot(0, 0))  # fail fast, in this process, on config errors or an all-unreadable dataset
-    else:
-        b = next(b for b, members in enumerate(lists) if len(members))
-        load(mix.Slot(0, int(lists[b][0]), False, b, 0))
+  ``data_cfg``: ``config.data`` or a :class:`DataConfig` (``data_config.from_config`` validates it once).
+  ``source`` overrides ``sources.make_source(data_cfg, workdir)`` (tests, custom data), ``image_source`` likewise
+  the image set of 'mix' (only with ``data.image_source`` set). ``tokenize`` must be picklable when
+  ``data_cfg.num_workers > 0``.
+  """
+  if process_count <= 0 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(
+        f"global batch {global_batch} is not divisible by the {process_count} processes; "
+        "choose a batch size that is a multiple of the process count"
+    )
+  spec = data_config.from_config(data_cfg)  # validated once, before any data is opened
+  workers = spec.num_workers
+  if source is None:
+    source = sources.make_source(spec, workdir)
+  if spec.has_image_set and image_source is None:
+    image_source = sources.make_source(spec.as_image_set(), workdir)
+  elif image_source is not None and not spec.has_image_set:
+    raise ValueError("make_dataset: image_source was given but data.image_source is ''")
+  check_captions(source, spec)  # the pair set only: image-only samples need no caption
+  lists = buckets_lib.bucket_lists(source, spec.buckets) if spec.buckets else None
+  load = LoadExample(source, spec, tokenize, image_source, lists)
+  if lists is None:
+    load(mix.Slot(0, 0))  # fail fast, in this process, on config errors or an all-unreadable dataset
+  else:
+    b = next(b for b, members in enumerate(lists) if len(members))
+    load(mix.Slot(0, int(lists[b][0]), False, b, 0))
 
-    if spec.buckets:
-        ds = buckets_lib.BucketStream(lists, global_batch, spec.seed)  # each global batch from one bucket
-    elif spec.has_image_set:
-        if spec.cached:
-            check_same_features(source, image_source, spec)
-        load(mix.Slot(0, 0, True))
-        ds = mix.MixedStream(mix.shuffled_stream(len(source), spec.seed),
-                             mix.shuffled_stream(len(image_source), mix.derived_seed(spec.seed, IMAGE_SET_SALT)),
-                             load.draws)
-    else:
-        ds = mix.shuffled_stream(len(source), spec.seed)
-        ds = ds.map_with_index(_with_position)  # position in the global stream (before the per-process slice)
-    ds = ProcessBlocks(ds, process_index, process_count, global_batch // process_count)
-    ds = ds.map(load)
-    ds = ds.batch(global_batch // process_count, drop_remainder=True)
-    prefetch, threads = spec.prefetch_buffer, spec.num_threads
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
-    if workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
-    return it
+  if spec.buckets:
+    ds = buckets_lib.BucketStream(lists, global_batch, spec.seed)  # each global batch from one bucket
+  elif spec.has_image_set:
+    if spec.cached:
+      check_same_features(source, image_source, spec)
+    load(mix.Slot(0, 0, True))
+    ds = mix.MixedStream(
+        mix.shuffled_stream(len(source), spec.seed),
+        mix.shuffled_stream(len(image_source), mix.derived_seed(spec.seed, IMAGE_SET_SALT)),
+        load.draws,
+    )
+  else:
+    ds = mix.shuffled_stream(len(source), spec.seed)
+    ds = ds.map_with_index(_with_position)  # position in the global stream (before the per-process slice)
+  ds = ProcessBlocks(ds, process_index, process_count, global_batch // process_count)
+  ds = ds.map(load)
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  prefetch, threads = spec.prefetch_buffer, spec.num_threads
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+  return it

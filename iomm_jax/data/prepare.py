@@ -20,6 +20,7 @@ Each shard also gets a sizes sidecar, ``DIR/.prepare/<shard>.sizes.npy`` (int32 
 in record order), written before the shard is renamed into place, so aspect-ratio buckets (``data.buckets``) need
 not read every record at start. A rerun adds the sidecar to finished shards written before sidecars existed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,412 +53,468 @@ SIZES_SUFFIX = ".sizes.npy"  # per-shard sidecar in STATE_DIR: int32 (n, 2) = (h
 
 
 def sizes_path(shard: str | os.PathLike) -> Path:
-    """The sizes sidecar of an ArrayRecord shard: ``<shard dir>/.prepare/<shard name>.sizes.npy``."""
-    shard = Path(shard)
-    return shard.parent / STATE_DIR / (shard.name + SIZES_SUFFIX)
+  """The sizes sidecar of an ArrayRecord shard: ``<shard dir>/.prepare/<shard name>.sizes.npy``."""
+  shard = Path(shard)
+  return shard.parent / STATE_DIR / (shard.name + SIZES_SUFFIX)
 
 
 def _write_sizes(shard: Path, sizes) -> None:
-    """Writes the sidecar atomically (temp name → rename), so a half-written one is never read."""
-    final = sizes_path(shard)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a path
-        np.save(f, np.asarray(sizes, np.int32).reshape(-1, 2))
-    os.replace(tmp, final)
+  """Writes the sidecar atomically (temp name → rename), so a half-written one is never read."""
+  final = sizes_path(shard)
+  tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a path
+    np.save(f, np.asarray(sizes, np.int32).reshape(-1, 2))
+  os.replace(tmp, final)
 
 
 def backfill_sizes(shard: str | os.PathLike) -> int:
-    """Writes the sizes sidecar of a finished shard from its records (which carry width/height); returns the count."""
-    from array_record.python import array_record_module as ar
+  """Writes the sizes sidecar of a finished shard from its records (which carry width/height); returns the count."""
+  from array_record.python import array_record_module as ar
 
-    reader = ar.ArrayRecordReader(str(shard))
-    try:
-        sizes, n = [], reader.num_records()
-        for lo in range(0, n, 256):  # in chunks: a shard of images need not fit in memory
-            for data in reader.read(lo, min(n, lo + 256)):
-                rec = records.decode_record(data)
-                sizes.append((int(rec.get("height") or 0), int(rec.get("width") or 0)))
-    finally:
-        reader.close()
-    _write_sizes(Path(shard), sizes)
-    return len(sizes)
+  reader = ar.ArrayRecordReader(str(shard))
+  try:
+    sizes, n = [], reader.num_records()
+    for lo in range(0, n, 256):  # in chunks: a shard of images need not fit in memory
+      for data in reader.read(lo, min(n, lo + 256)):
+        rec = records.decode_record(data)
+        sizes.append((int(rec.get("height") or 0), int(rec.get("width") or 0)))
+  finally:
+    reader.close()
+  _write_sizes(Path(shard), sizes)
+  return len(sizes)
 
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One input image: a stable ``key`` (its id is sha1(key)) and a picklable ``loader() -> (bytes, caption)``."""
-    key: str
-    loader: Callable[[], tuple[bytes, str | None]]
+  """One input image: a stable ``key`` (its id is sha1(key)) and a picklable ``loader() -> (bytes, caption)``."""
+
+  key: str
+  loader: Callable[[], tuple[bytes, str | None]]
 
 
 # ---------------------------------------------------------------------------------------------- loaders (picklable)
 def _load_file(path: str, caption: str | None = None, sidecar: str | None = None) -> tuple[bytes, str | None]:
-    with open(path, "rb") as f:
-        data = f.read()
-    if sidecar is not None:
-        caption = sources._decode_text(Path(sidecar).read_text(encoding="utf-8"))  # pylint: disable=protected-access
-    return data, caption
+  with open(path, "rb") as f:
+    data = f.read()
+  if sidecar is not None:
+    caption = sources._decode_text(Path(sidecar).read_text(encoding="utf-8"))  # pylint: disable=protected-access
+  return data, caption
 
 
 def _load_range(path: str, offset: int, size: int, caption: str | None) -> tuple[bytes, str | None]:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{path}: member at offset {offset} is truncated ({len(data)} of {size} bytes)")
-    return data, caption
+  with open(path, "rb") as f:
+    f.seek(offset)
+    data = f.read(size)
+  if len(data) != size:
+    raise OSError(f"{path}: member at offset {offset} is truncated ({len(data)} of {size} bytes)")
+  return data, caption
 
 
 @functools.lru_cache(maxsize=4)
 def _parquet_images(path: str, column: str) -> sources.ParquetImages:
-    return sources.ParquetImages(path, column)
+  return sources.ParquetImages(path, column)
 
 
 def _load_parquet(path: str, column: str, row: int, caption: str | None) -> tuple[bytes, str | None]:
-    return _parquet_images(path, column)[row], caption
+  return _parquet_images(path, column)[row], caption
 
 
 @functools.lru_cache(maxsize=4)
 def _tfds(builder_dir: str, split: str, image_key: str, caption_key: str | None) -> sources.TfdsSource:
-    return sources.TfdsSource(builder_dir, split, image_key, caption_key)
+  return sources.TfdsSource(builder_dir, split, image_key, caption_key)
 
 
-def _load_tfds(builder_dir: str, split: str, index: int, image_key: str,
-               caption_key: str | None) -> tuple[bytes, str | None]:
-    rec = _tfds(builder_dir, split, image_key, caption_key)[index]
-    if "image_bytes" in rec:
-        return rec["image_bytes"], rec["caption"]
-    buf = io.BytesIO()
-    Image.fromarray(rec["image"]).save(buf, format="PNG")  # decoded in TFDS: store losslessly
-    return buf.getvalue(), rec["caption"]
+def _load_tfds(
+    builder_dir: str, split: str, index: int, image_key: str, caption_key: str | None
+) -> tuple[bytes, str | None]:
+  rec = _tfds(builder_dir, split, image_key, caption_key)[index]
+  if "image_bytes" in rec:
+    return rec["image_bytes"], rec["caption"]
+  buf = io.BytesIO()
+  Image.fromarray(rec["image"]).save(buf, format="PNG")  # decoded in TFDS: store losslessly
+  return buf.getvalue(), rec["caption"]
 
 
 # -------------------------------------------------------------------------------------------------- enumeration
 def _folder_items(root: Path) -> list[Item]:
-    jsonl = root / sources.CAPTIONS_FILE
-    captions = sources.read_captions_jsonl(jsonl) if jsonl.exists() else {}
-    items = []
-    for path, sidecar in sources.list_images(root):
-        rel = path.relative_to(root).as_posix()
-        items.append(Item(rel, functools.partial(_load_file, str(path), captions.get(rel),
-                                                 None if sidecar is None else str(sidecar))))
-    return items
+  jsonl = root / sources.CAPTIONS_FILE
+  captions = sources.read_captions_jsonl(jsonl) if jsonl.exists() else {}
+  items = []
+  for path, sidecar in sources.list_images(root):
+    rel = path.relative_to(root).as_posix()
+    items.append(
+        Item(
+            rel, functools.partial(_load_file, str(path), captions.get(rel), None if sidecar is None else str(sidecar))
+        )
+    )
+  return items
 
 
 def _table_items(path: Path, image_key: str, caption_key: str | None) -> list[Item]:
-    items = []
-    for img, cap in sources.read_table(path, image_key, caption_key):
-        if isinstance(img, int):  # encoded image in the table (Parquet bytes / struct): read by row when written
-            items.append(Item(f"{path.name}/{img:09d}", functools.partial(_load_parquet, str(path), image_key, img,
-                                                                          cap)))
-        else:
-            items.append(Item(img, functools.partial(_load_file, str(path.parent / img), cap)))
-    return items
+  items = []
+  for img, cap in sources.read_table(path, image_key, caption_key):
+    if isinstance(img, int):  # encoded image in the table (Parquet bytes / struct): read by row when written
+      items.append(Item(f"{path.name}/{img:09d}", functools.partial(_load_parquet, str(path), image_key, img, cap)))
+    else:
+      items.append(Item(img, functools.partial(_load_file, str(path.parent / img), cap)))
+  return items
 
 
 _TAR_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 
 
 def _tar_items(tars: Sequence[str]) -> list[Item]:
-    items = []
-    for tar in tars:
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        try:
-            with tarfile.open(tar, "r:") as tf:  # uncompressed only: members are read by offset
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    d, base = os.path.split(m.name)
-                    if "." not in base or base.startswith("."):
-                        continue
-                    stem, ext = base.split(".", 1)  # webdataset: the key ends at the first dot of the basename
-                    groups.setdefault(f"{d}/{stem}" if d else stem, {})[ext.lower()] = m
-                captions = {}
-                for key, members in groups.items():
-                    if "txt" in members:
-                        captions[key] = sources._decode_text(  # pylint: disable=protected-access
-                            tf.extractfile(members["txt"]).read())
-        except tarfile.ReadError as e:
-            raise ValueError(f"{tar}: not an uncompressed tar ({e}); decompress .tar.gz shards first") from e
-        name = os.path.basename(tar)
-        for key in sorted(groups):
-            ext = next((e for e in _TAR_IMAGE_EXT if e in groups[key]), None)
-            if ext is None:
-                continue
-            m = groups[key][ext]
-            items.append(Item(f"{name}/{key}", functools.partial(_load_range, tar, m.offset_data, m.size,
-                                                                 captions.get(key))))
-    return items
+  items = []
+  for tar in tars:
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+      with tarfile.open(tar, "r:") as tf:  # uncompressed only: members are read by offset
+        for m in tf:
+          if not m.isfile():
+            continue
+          d, base = os.path.split(m.name)
+          if "." not in base or base.startswith("."):
+            continue
+          stem, ext = base.split(".", 1)  # webdataset: the key ends at the first dot of the basename
+          groups.setdefault(f"{d}/{stem}" if d else stem, {})[ext.lower()] = m
+        captions = {}
+        for key, members in groups.items():
+          if "txt" in members:
+            captions[key] = sources._decode_text(  # pylint: disable=protected-access
+                tf.extractfile(members["txt"]).read()
+            )
+    except tarfile.ReadError as e:
+      raise ValueError(f"{tar}: not an uncompressed tar ({e}); decompress .tar.gz shards first") from e
+    name = os.path.basename(tar)
+    for key in sorted(groups):
+      ext = next((e for e in _TAR_IMAGE_EXT if e in groups[key]), None)
+      if ext is None:
+        continue
+      m = groups[key][ext]
+      items.append(Item(f"{name}/{key}", functools.partial(_load_range, tar, m.offset_data, m.size, captions.get(key))))
+  return items
 
 
 def _tfds_items(builder_dir: str, split: str, image_key: str, caption_key: str | None) -> list[Item]:
-    n = len(_tfds(builder_dir, split, image_key, caption_key))
-    return [Item(f"tfds:{Path(builder_dir).name}/{split}/{i:09d}",
-                 functools.partial(_load_tfds, builder_dir, split, i, image_key, caption_key)) for i in range(n)]
+  n = len(_tfds(builder_dir, split, image_key, caption_key))
+  return [
+      Item(
+          f"tfds:{Path(builder_dir).name}/{split}/{i:09d}",
+          functools.partial(_load_tfds, builder_dir, split, i, image_key, caption_key),
+      )
+      for i in range(n)
+  ]
 
 
-def enumerate_items(src: str, image_key: str = "image", caption_key: str | None = "caption",
-                    split: str = "train") -> list[Item]:
-    """Items of ``src`` (kind detected from the path; see the module docstring), sorted by key."""
-    p = Path(os.path.expanduser(src))
-    if any(c in src for c in "*?["):
-        tars = sorted(glob.glob(os.path.expanduser(src)))
-        if not tars or not all(t.endswith(".tar") for t in tars):
-            raise ValueError(f"--src {src}: the glob must match .tar shards (matched {len(tars)} files)")
-        items = _tar_items(tars)
-    elif not p.exists():
-        raise ValueError(f"--src {src} does not exist; give a folder of images, a .jsonl/.csv/.parquet table, "
-                         ".tar shards or a TFDS builder directory")
-    elif p.is_dir() and (p / "dataset_info.json").exists():
-        items = _tfds_items(str(p), split, image_key, caption_key)
-    elif p.is_dir():
-        tars = sorted(str(t) for t in p.glob("*.tar"))
-        has_images = any(True for _ in sources.list_images(p)[:1])
-        items = _tar_items(tars) if tars and not has_images else _folder_items(p)
-    elif p.suffix == ".tar":
-        items = _tar_items([str(p)])
-    else:
-        items = _table_items(p, image_key, caption_key)
-    if not items:
-        raise ValueError(f"--src {src} holds no images ({', '.join(sources.IMAGE_EXTENSIONS)}); check the path")
-    items.sort(key=lambda it: it.key)
-    return items
+def enumerate_items(
+    src: str, image_key: str = "image", caption_key: str | None = "caption", split: str = "train"
+) -> list[Item]:
+  """Items of ``src`` (kind detected from the path; see the module docstring), sorted by key."""
+  p = Path(os.path.expanduser(src))
+  if any(c in src for c in "*?["):
+    tars = sorted(glob.glob(os.path.expanduser(src)))
+    if not tars or not all(t.endswith(".tar") for t in tars):
+      raise ValueError(f"--src {src}: the glob must match .tar shards (matched {len(tars)} files)")
+    items = _tar_items(tars)
+  elif not p.exists():
+    raise ValueError(
+        f"--src {src} does not exist; give a folder of images, a .jsonl/.csv/.parquet table, "
+        ".tar shards or a TFDS builder directory"
+    )
+  elif p.is_dir() and (p / "dataset_info.json").exists():
+    items = _tfds_items(str(p), split, image_key, caption_key)
+  elif p.is_dir():
+    tars = sorted(str(t) for t in p.glob("*.tar"))
+    has_images = any(True for _ in sources.list_images(p)[:1])
+    items = _tar_items(tars) if tars and not has_images else _folder_items(p)
+  elif p.suffix == ".tar":
+    items = _tar_items([str(p)])
+  else:
+    items = _table_items(p, image_key, caption_key)
+  if not items:
+    raise ValueError(f"--src {src} holds no images ({', '.join(sources.IMAGE_EXTENSIONS)}); check the path")
+  items.sort(key=lambda it: it.key)
+  return items
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def probe_image(data: bytes, full_decode: bool = True,
-                max_pixels: int = data_kinds.MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied) of encoded image bytes; raises
-    ``decode.UnreadableImage`` on empty/corrupt data (``decode.ImageTooLarge`` past ``max_pixels``). ``full_decode``
-    decodes it as training will; else PIL's ``verify`` (structure and CRCs: catches truncated PNGs, not all JPEGs)."""
-    if full_decode:
-        return decode.open_image(data, max_pixels=max_pixels).size
-    if not data:
-        raise decode.UnreadableImage("zero-byte image")
-    try:
-        w, h = decode.header_size(data)
-        decode.check_pixels(w, h, max_pixels)
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-    except decode.UnreadableImage:
-        raise
-    except Exception as e:
-        raise decode.UnreadableImage(f"{type(e).__name__}: {e}") from e
-    return w, h
+def probe_image(
+    data: bytes, full_decode: bool = True, max_pixels: int = data_kinds.MAX_IMAGE_PIXELS
+) -> tuple[int, int]:
+  """(width, height) as displayed (EXIF orientation applied) of encoded image bytes; raises
+  ``decode.UnreadableImage`` on empty/corrupt data (``decode.ImageTooLarge`` past ``max_pixels``). ``full_decode``
+  decodes it as training will; else PIL's ``verify`` (structure and CRCs: catches truncated PNGs, not all JPEGs)."""
+  if full_decode:
+    return decode.open_image(data, max_pixels=max_pixels).size
+  if not data:
+    raise decode.UnreadableImage("zero-byte image")
+  try:
+    w, h = decode.header_size(data)
+    decode.check_pixels(w, h, max_pixels)
+    with Image.open(io.BytesIO(data)) as im:
+      im.verify()
+  except decode.UnreadableImage:
+    raise
+  except Exception as e:
+    raise decode.UnreadableImage(f"{type(e).__name__}: {e}") from e
+  return w, h
 
 
 def record_id(key: str) -> str:
-    """The stable id of an item: sha1 of its source path/key."""
-    return hashlib.sha1(key.encode("utf-8")).hexdigest()
+  """The stable id of an item: sha1 of its source path/key."""
+  return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
 _counter = None  # progress counter: a shared multiprocessing.Value in pool workers, _LocalCounter in-process
 
 
 class _LocalCounter:
-    def __init__(self):
-        self.value = 0
-        self._lock = threading.Lock()
 
-    def get_lock(self):
-        return self._lock
+  def __init__(self):
+    self.value = 0
+    self._lock = threading.Lock()
+
+  def get_lock(self):
+    return self._lock
 
 
 def _init_worker(counter) -> None:
-    global _counter
-    _counter = counter
+  global _counter
+  _counter = counter
 
 
 def _tick() -> None:
-    if _counter is not None:
-        with _counter.get_lock():
-            _counter.value += 1
+  if _counter is not None:
+    with _counter.get_lock():
+      _counter.value += 1
 
 
 _STATS = ("written", "skipped_unreadable", "skipped_too_large", "skipped_too_small")
 _MAX_ERRORS = 5  # first errors kept per shard, for the summary
 
 
-def write_shard(dst: str, name: str, items: Sequence[Item], min_size: int, full_decode: bool,
-                max_pixels: int = data_kinds.MAX_IMAGE_PIXELS) -> dict:
-    """Writes one shard (temp name → rename) and its stats file; returns the stats."""
-    from array_record.python import array_record_module as ar
+def write_shard(
+    dst: str,
+    name: str,
+    items: Sequence[Item],
+    min_size: int,
+    full_decode: bool,
+    max_pixels: int = data_kinds.MAX_IMAGE_PIXELS,
+) -> dict:
+  """Writes one shard (temp name → rename) and its stats file; returns the stats."""
+  from array_record.python import array_record_module as ar
 
-    final, state = Path(dst) / name, Path(dst) / STATE_DIR
-    tmp = Path(dst) / f".{name}.tmp-{os.getpid()}"
-    stats = {**dict.fromkeys(_STATS, 0), "errors": []}
-    sizes = []  # (height, width) of each written record, for the sizes sidecar
-    writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
-    try:
-        for item in items:
-            try:
-                data, caption = item.loader()
-                w, h = probe_image(data, full_decode, max_pixels)
-            except Exception as e:  # unreadable or too large: counted, never fatal
-                stats["skipped_too_large" if isinstance(e, decode.ImageTooLarge) else "skipped_unreadable"] += 1
-                if len(stats["errors"]) < _MAX_ERRORS:
-                    stats["errors"].append(f"{item.key}: {type(e).__name__}: {e}")
-                _tick()
-                continue
-            if min(w, h) < min_size:
-                stats["skipped_too_small"] += 1
-            else:
-                writer.write(records.encode_image_record(image_bytes=data, caption=caption, width=w, height=h,
-                                                         id=record_id(item.key)))
-                sizes.append((h, w))
-                stats["written"] += 1
-            _tick()
-        writer.close()
-        _write_sizes(final, sizes)  # sidecar, then stats, then the shard: a finished shard has both
-        stats_tmp = state / f".{name}.json.tmp-{os.getpid()}"
-        stats_tmp.write_text(json.dumps(stats))
-        os.replace(stats_tmp, state / f"{name}.json")  # stats first: a finished shard always has its stats
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return stats
+  final, state = Path(dst) / name, Path(dst) / STATE_DIR
+  tmp = Path(dst) / f".{name}.tmp-{os.getpid()}"
+  stats = {**dict.fromkeys(_STATS, 0), "errors": []}
+  sizes = []  # (height, width) of each written record, for the sizes sidecar
+  writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+  try:
+    for item in items:
+      try:
+        data, caption = item.loader()
+        w, h = probe_image(data, full_decode, max_pixels)
+      except Exception as e:  # unreadable or too large: counted, never fatal
+        stats["skipped_too_large" if isinstance(e, decode.ImageTooLarge) else "skipped_unreadable"] += 1
+        if len(stats["errors"]) < _MAX_ERRORS:
+          stats["errors"].append(f"{item.key}: {type(e).__name__}: {e}")
+        _tick()
+        continue
+      if min(w, h) < min_size:
+        stats["skipped_too_small"] += 1
+      else:
+        writer.write(
+            records.encode_image_record(image_bytes=data, caption=caption, width=w, height=h, id=record_id(item.key))
+        )
+        sizes.append((h, w))
+        stats["written"] += 1
+      _tick()
+    writer.close()
+    _write_sizes(final, sizes)  # sidecar, then stats, then the shard: a finished shard has both
+    stats_tmp = state / f".{name}.json.tmp-{os.getpid()}"
+    stats_tmp.write_text(json.dumps(stats))
+    os.replace(stats_tmp, state / f"{name}.json")  # stats first: a finished shard always has its stats
+    os.replace(tmp, final)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return stats
 
 
 def _plan(items: Sequence[Item], shards: int, min_size: int, fingerprint: dict | None) -> dict:
-    h = hashlib.sha1()
-    for it in items:
-        h.update(it.key.encode("utf-8") + b"\0")
-    return {"num_items": len(items), "shards": shards, "min_size": min_size, "keys_sha1": h.hexdigest(),
-            "fingerprint": fingerprint or {}}
+  h = hashlib.sha1()
+  for it in items:
+    h.update(it.key.encode("utf-8") + b"\0")
+  return {
+      "num_items": len(items),
+      "shards": shards,
+      "min_size": min_size,
+      "keys_sha1": h.hexdigest(),
+      "fingerprint": fingerprint or {},
+  }
 
 
-def write_shards(items: Sequence[Item], dst: str | os.PathLike, shards: int, *, workers: int = 0,
-                 min_size: int = 64, full_decode: bool = True, fingerprint: dict | None = None,
-                 progress: bool = True, max_pixels: int = data_kinds.MAX_IMAGE_PIXELS) -> dict:
-    """Writes ``items`` into ``shards`` ArrayRecord shards under ``dst`` (resumable); returns the summary dict.
+def write_shards(
+    items: Sequence[Item],
+    dst: str | os.PathLike,
+    shards: int,
+    *,
+    workers: int = 0,
+    min_size: int = 64,
+    full_decode: bool = True,
+    fingerprint: dict | None = None,
+    progress: bool = True,
+    max_pixels: int = data_kinds.MAX_IMAGE_PIXELS,
+) -> dict:
+  """Writes ``items`` into ``shards`` ArrayRecord shards under ``dst`` (resumable); returns the summary dict.
 
-    ``workers`` <= 1 writes in this process; more uses that many spawned processes, one shard per task.
-    """
-    if shards <= 0:
-        raise ValueError(f"--shards={shards} must be positive")
-    if not items:
-        raise ValueError("nothing to write: the source holds no items")
-    dst = Path(dst)
-    (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    plan = _plan(items, shards, min_size, fingerprint)
-    plan_file = dst / STATE_DIR / "plan.json"
-    names = [SHARD_PATTERN.format(s, shards) for s in range(shards)]
-    foreign = sorted(p.name for p in dst.glob("*.array_record") if p.name not in names)
-    old = json.loads(plan_file.read_text()) if plan_file.exists() else None
-    if foreign or (old not in (None, plan) and any((dst / n).exists() for n in names)):
-        raise ValueError(f"{dst} already holds shards of a different input or shard count "
-                         f"({foreign[:3] or old}); use a new --dst or delete the old shards")
-    plan_file.write_text(json.dumps(plan, sort_keys=True))
-    for stale in dst.glob(".data-*.tmp-*"):  # leftovers of an interrupted run: never read, safe to drop
-        stale.unlink(missing_ok=True)
+  ``workers`` <= 1 writes in this process; more uses that many spawned processes, one shard per task.
+  """
+  if shards <= 0:
+    raise ValueError(f"--shards={shards} must be positive")
+  if not items:
+    raise ValueError("nothing to write: the source holds no items")
+  dst = Path(dst)
+  (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+  plan = _plan(items, shards, min_size, fingerprint)
+  plan_file = dst / STATE_DIR / "plan.json"
+  names = [SHARD_PATTERN.format(s, shards) for s in range(shards)]
+  foreign = sorted(p.name for p in dst.glob("*.array_record") if p.name not in names)
+  old = json.loads(plan_file.read_text()) if plan_file.exists() else None
+  if foreign or (old not in (None, plan) and any((dst / n).exists() for n in names)):
+    raise ValueError(
+        f"{dst} already holds shards of a different input or shard count "
+        f"({foreign[:3] or old}); use a new --dst or delete the old shards"
+    )
+  plan_file.write_text(json.dumps(plan, sort_keys=True))
+  for stale in dst.glob(".data-*.tmp-*"):  # leftovers of an interrupted run: never read, safe to drop
+    stale.unlink(missing_ok=True)
 
-    bounds = [len(items) * s // shards for s in range(shards + 1)]
-    todo, summary = [], {**dict.fromkeys(_STATS, 0), "first_errors": []}
-    done = 0
-    for s, name in enumerate(names):
-        stats_file = dst / STATE_DIR / f"{name}.json"
-        if (dst / name).exists() and stats_file.exists():
-            _add_stats(summary, json.loads(stats_file.read_text()))
-            done += 1
-            if not sizes_path(dst / name).exists():  # finished by a prepare from before sizes sidecars
-                backfill_sizes(dst / name)
-        else:
-            todo.append((name, items[bounds[s]:bounds[s + 1]]))
-    total = sum(len(t[1]) for t in todo)
+  bounds = [len(items) * s // shards for s in range(shards + 1)]
+  todo, summary = [], {**dict.fromkeys(_STATS, 0), "first_errors": []}
+  done = 0
+  for s, name in enumerate(names):
+    stats_file = dst / STATE_DIR / f"{name}.json"
+    if (dst / name).exists() and stats_file.exists():
+      _add_stats(summary, json.loads(stats_file.read_text()))
+      done += 1
+      if not sizes_path(dst / name).exists():  # finished by a prepare from before sizes sidecars
+        backfill_sizes(dst / name)
+    else:
+      todo.append((name, items[bounds[s] : bounds[s + 1]]))
+  total = sum(len(t[1]) for t in todo)
 
-    from tqdm import tqdm
+  from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="img", desc=f"prepare -> {dst}", disable=not progress, file=sys.stderr)
-    in_process = workers <= 1 or len(todo) <= 1
-    ctx = mp.get_context("spawn")  # never fork a process that may hold JAX or threads
-    counter = _LocalCounter() if in_process else ctx.Value("q", 0)
-    stop = threading.Event()
+  bar = tqdm(total=total, unit="img", desc=f"prepare -> {dst}", disable=not progress, file=sys.stderr)
+  in_process = workers <= 1 or len(todo) <= 1
+  ctx = mp.get_context("spawn")  # never fork a process that may hold JAX or threads
+  counter = _LocalCounter() if in_process else ctx.Value("q", 0)
+  stop = threading.Event()
 
-    def poll():
-        while not stop.wait(0.2):
-            bar.update(counter.value - bar.n)
+  def poll():
+    while not stop.wait(0.2):
+      bar.update(counter.value - bar.n)
 
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        if in_process:
-            _init_worker(counter)
-            results = [write_shard(str(dst), name, chunk, min_size, full_decode, max_pixels)
-                       for name, chunk in todo]
-        else:
-            with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx,
-                                                        initializer=_init_worker, initargs=(counter,)) as pool:
-                futs = [pool.submit(write_shard, str(dst), name, chunk, min_size, full_decode, max_pixels)
-                        for name, chunk in todo]
-                results = [f.result() for f in futs]
-    finally:
-        stop.set()
-        poller.join()
-        _init_worker(None)
-    bar.update(total - bar.n)
-    bar.close()
-    for r in results:
-        _add_stats(summary, r)
-    summary.update(shards=shards, shards_written=len(todo), shards_already_done=done, dst=str(dst))
-    return summary
+  poller = threading.Thread(target=poll, daemon=True)
+  poller.start()
+  try:
+    if in_process:
+      _init_worker(counter)
+      results = [write_shard(str(dst), name, chunk, min_size, full_decode, max_pixels) for name, chunk in todo]
+    else:
+      with concurrent.futures.ProcessPoolExecutor(
+          min(workers, len(todo)), mp_context=ctx, initializer=_init_worker, initargs=(counter,)
+      ) as pool:
+        futs = [
+            pool.submit(write_shard, str(dst), name, chunk, min_size, full_decode, max_pixels) for name, chunk in todo
+        ]
+        results = [f.result() for f in futs]
+  finally:
+    stop.set()
+    poller.join()
+    _init_worker(None)
+  bar.update(total - bar.n)
+  bar.close()
+  for r in results:
+    _add_stats(summary, r)
+  summary.update(shards=shards, shards_written=len(todo), shards_already_done=done, dst=str(dst))
+  return summary
 
 
 def _add_stats(summary: dict, stats: dict) -> None:
-    """Adds one shard's stats into the summary (stats files of older runs lack some keys)."""
-    for k in _STATS:
-        summary[k] += int(stats.get(k, 0))
-    summary["first_errors"] = (summary["first_errors"] + list(stats.get("errors", [])))[:_MAX_ERRORS]
+  """Adds one shard's stats into the summary (stats files of older runs lack some keys)."""
+  for k in _STATS:
+    summary[k] += int(stats.get(k, 0))
+  summary["first_errors"] = (summary["first_errors"] + list(stats.get("errors", [])))[:_MAX_ERRORS]
 
 
 def nothing_written(summary: dict) -> str:
-    """The one-line reason a run wrote no record ('' when it wrote some)."""
-    if summary["written"]:
-        return ""
-    skipped = ", ".join(f"{summary[k]} {k[8:].replace('_', ' ')}" for k in _STATS[1:] if summary[k])
-    first = f"; first: {summary['first_errors'][0]}" if summary["first_errors"] else ""
-    return (f"wrote 0 of {sum(summary[k] for k in _STATS)} images ({skipped or 'none readable'}){first}; check "
-            "--src, --image_key, --min_size and --max_image_pixels")
+  """The one-line reason a run wrote no record ('' when it wrote some)."""
+  if summary["written"]:
+    return ""
+  skipped = ", ".join(f"{summary[k]} {k[8:].replace('_', ' ')}" for k in _STATS[1:] if summary[k])
+  first = f"; first: {summary['first_errors'][0]}" if summary["first_errors"] else ""
+  return (
+      f"wrote 0 of {sum(summary[k] for k in _STATS)} images ({skipped or 'none readable'}){first}; check "
+      "--src, --image_key, --min_size and --max_image_pixels"
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m iomm_jax.data.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", required=True, help="folder, .jsonl/.csv/.tsv/.parquet, .tar / glob / folder of .tar, "
-                                                 "or TFDS builder dir")
-    ap.add_argument("--dst", required=True, help="output folder for data-*.array_record shards")
-    ap.add_argument("--shards", type=int, required=True, help="number of shards")
-    ap.add_argument("--min_size", type=int, default=64, help="skip images whose short side is smaller")
-    ap.add_argument("--workers", type=int, default=0, help="writer processes (0/1 = this process)")
-    ap.add_argument("--image_key", default="image", help="image column/field of a table or TFDS feature")
-    ap.add_argument("--caption_key", default="caption", help="caption column/field ('' for none)")
-    ap.add_argument("--split", default="train", help="TFDS split")
-    ap.add_argument("--fast_verify", action="store_true",
-                    help="check images with PIL's verify() instead of a full decode (faster; misses some truncated "
-                         "JPEGs, which training then skips)")
-    ap.add_argument("--full_decode", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
-    ap.add_argument("--max_image_pixels", type=int, default=data_kinds.MAX_IMAGE_PIXELS,
-                    help="skip (and count) images with more pixels than this, undecoded (0 = no limit); as "
-                         "data.max_image_pixels")
-    ap.add_argument("--no_progress", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    t0 = time.time()
-    try:
-        items = enumerate_items(a.src, a.image_key, a.caption_key or None, a.split)
-        summary = write_shards(items, a.dst, a.shards, workers=a.workers, min_size=a.min_size,
-                               full_decode=not a.fast_verify, progress=not a.no_progress,
-                               max_pixels=a.max_image_pixels,
-                               fingerprint={"src": os.path.abspath(os.path.expanduser(a.src))})
-    except ValueError as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
-    summary["seconds"] = round(time.time() - t0, 2)
-    print(json.dumps(summary), flush=True)
-    reason = nothing_written(summary)
-    if reason:
-        print(f"prepare: error: {reason}", file=sys.stderr)
-        return 1
-    return 0
+  ap = argparse.ArgumentParser(prog="python -m iomm_jax.data.prepare", description=__doc__.split("\n\n")[0])
+  ap.add_argument(
+      "--src",
+      required=True,
+      help="folder, .jsonl/.csv/.tsv/.parquet, .tar / glob / folder of .tar, " "or TFDS builder dir",
+  )
+  ap.add_argument("--dst", required=True, help="output folder for data-*.array_record shards")
+  ap.add_argument("--shards", type=int, required=True, help="number of shards")
+  ap.add_argument("--min_size", type=int, default=64, help="skip images whose short side is smaller")
+  ap.add_argument("--workers", type=int, default=0, help="writer processes (0/1 = this process)")
+  ap.add_argument("--image_key", default="image", help="image column/field of a table or TFDS feature")
+  ap.add_argument("--caption_key", default="caption", help="caption column/field ('' for none)")
+  ap.add_argument("--split", default="train", help="TFDS split")
+  ap.add_argument(
+      "--fast_verify",
+      action="store_true",
+      help="check images with PIL's verify() instead of a full decode (faster; misses some truncated "
+      "JPEGs, which training then skips)",
+  )
+  ap.add_argument("--full_decode", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
+  ap.add_argument(
+      "--max_image_pixels",
+      type=int,
+      default=data_kinds.MAX_IMAGE_PIXELS,
+      help="skip (and count) images with more pixels than this, undecoded (0 = no limit); as " "data.max_image_pixels",
+  )
+  ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+  a = ap.parse_args(argv)
+  t0 = time.time()
+  try:
+    items = enumerate_items(a.src, a.image_key, a.caption_key or None, a.split)
+    summary = write_shards(
+        items,
+        a.dst,
+        a.shards,
+        workers=a.workers,
+        min_size=a.min_size,
+        full_decode=not a.fast_verify,
+        progress=not a.no_progress,
+        max_pixels=a.max_image_pixels,
+        fingerprint={"src": os.path.abspath(os.path.expanduser(a.src))},
+    )
+  except ValueError as e:
+    print(f"prepare: error: {e}", file=sys.stderr)
+    return 2
+  summary["seconds"] = round(time.time() - t0, 2)
+  print(json.dumps(summary), flush=True)
+  reason = nothing_written(summary)
+  if reason:
+    print(f"prepare: error: {reason}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -9,6 +9,7 @@ dominant axis of the displacement is at least 1.5× the other).
 The same data can be rendered on the fly (``sources.ShapesSource``), written as a folder of PNGs
 (:func:`write_folder`) or as ArrayRecord shards through ``prepare`` (:func:`write_arrayrecord`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,171 +38,198 @@ _VERSION = 1  # bump when the rendering changes, so write_folder does not reuse 
 
 
 def scene(index: int, seed: int) -> dict:
-    """The scene description of image ``index``: background, objects (normalised geometry) and caption."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0x5AA9E5])
-    bg = tuple(int(c) for c in rng.uniform(205, 250, size=3))
-    n = int(rng.integers(1, 4))
-    colours = [str(c) for c in rng.choice(list(COLOURS), size=n, replace=False)]
-    shapes = [str(s) for s in rng.choice(SHAPES, size=n)]
-    lo, hi = (0.14, 0.32) if n == 1 else (0.08, 0.18)
-    for _ in range(1000):  # rejection sampling: no overlap, unambiguous relation
-        radii = rng.uniform(lo, hi, size=n)
-        xy = [rng.uniform(r + 0.02, 1 - r - 0.02, size=2) for r in radii]
-        ok = all(np.hypot(*(xy[i] - xy[j])) > radii[i] + radii[j] + 0.03 for i in range(n) for j in range(i))
-        if ok and n == 2:
-            dx, dy = np.abs(xy[1] - xy[0])
-            ok = max(dx, dy) >= 1.5 * min(dx, dy)
-        if ok and n == 3:  # left-to-right order must be visible
-            xs = sorted(p[0] for p in xy)
-            ok = min(b - a for a, b in zip(xs, xs[1:])) > 0.06
-        if ok:
-            break
-        lo, hi = lo * 0.995, hi * 0.995  # shrink slowly if the draw keeps failing
-    objects = [dict(shape=s, colour=c, x=float(p[0]), y=float(p[1]), r=float(r))
-               for s, c, p, r in zip(shapes, colours, xy, radii)]
-    return dict(background=bg, objects=objects, caption=caption_of(objects))
+  """The scene description of image ``index``: background, objects (normalised geometry) and caption."""
+  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0x5AA9E5])
+  bg = tuple(int(c) for c in rng.uniform(205, 250, size=3))
+  n = int(rng.integers(1, 4))
+  colours = [str(c) for c in rng.choice(list(COLOURS), size=n, replace=False)]
+  shapes = [str(s) for s in rng.choice(SHAPES, size=n)]
+  lo, hi = (0.14, 0.32) if n == 1 else (0.08, 0.18)
+  for _ in range(1000):  # rejection sampling: no overlap, unambiguous relation
+    radii = rng.uniform(lo, hi, size=n)
+    xy = [rng.uniform(r + 0.02, 1 - r - 0.02, size=2) for r in radii]
+    ok = all(np.hypot(*(xy[i] - xy[j])) > radii[i] + radii[j] + 0.03 for i in range(n) for j in range(i))
+    if ok and n == 2:
+      dx, dy = np.abs(xy[1] - xy[0])
+      ok = max(dx, dy) >= 1.5 * min(dx, dy)
+    if ok and n == 3:  # left-to-right order must be visible
+      xs = sorted(p[0] for p in xy)
+      ok = min(b - a for a, b in zip(xs, xs[1:])) > 0.06
+    if ok:
+      break
+    lo, hi = lo * 0.995, hi * 0.995  # shrink slowly if the draw keeps failing
+  objects = [
+      dict(shape=s, colour=c, x=float(p[0]), y=float(p[1]), r=float(r))
+      for s, c, p, r in zip(shapes, colours, xy, radii)
+  ]
+  return dict(background=bg, objects=objects, caption=caption_of(objects))
 
 
 RELATIONS = ("above", "below", "to the left of", "to the right of")  # where a two-object caption's first object lies
 
 
 def relation_of(a: dict, b: dict) -> str:
-    """Where object ``a`` lies relative to ``b``, in caption words; the dominant axis of the displacement decides
-    (image y grows downwards: a is above b when b is lower)."""
-    dx, dy = b["x"] - a["x"], b["y"] - a["y"]
-    if abs(dy) >= abs(dx):
-        return "above" if dy > 0 else "below"
-    return "to the left of" if dx > 0 else "to the right of"
+  """Where object ``a`` lies relative to ``b``, in caption words; the dominant axis of the displacement decides
+  (image y grows downwards: a is above b when b is lower)."""
+  dx, dy = b["x"] - a["x"], b["y"] - a["y"]
+  if abs(dy) >= abs(dx):
+    return "above" if dy > 0 else "below"
+  return "to the left of" if dx > 0 else "to the right of"
 
 
 def caption_of(objects: list[dict]) -> str:
-    """Caption for a list of objects as produced by :func:`scene`."""
-    names = [f"a {o['colour']} {o['shape']}" for o in objects]
-    if len(objects) == 1:
-        return names[0]
-    if len(objects) == 2:
-        return f"{names[0]} {relation_of(*objects)} {names[1]}"
-    order = sorted(range(len(objects)), key=lambda i: objects[i]["x"])
-    ordered = [names[i] for i in order]
-    return ", ".join(ordered[:-1]) + " and " + ordered[-1]
+  """Caption for a list of objects as produced by :func:`scene`."""
+  names = [f"a {o['colour']} {o['shape']}" for o in objects]
+  if len(objects) == 1:
+    return names[0]
+  if len(objects) == 2:
+    return f"{names[0]} {relation_of(*objects)} {names[1]}"
+  order = sorted(range(len(objects)), key=lambda i: objects[i]["x"])
+  ordered = [names[i] for i in order]
+  return ", ".join(ordered[:-1]) + " and " + ordered[-1]
 
 
 def _polygon(cx: float, cy: float, r: float, k: int, start_deg: float, inner: float | None = None):
-    pts = []
-    for i in range(k * (2 if inner else 1)):
-        rad = r if (inner is None or i % 2 == 0) else r * inner
-        a = math.radians(start_deg + i * 360.0 / (k * (2 if inner else 1)))
-        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
-    return pts
+  pts = []
+  for i in range(k * (2 if inner else 1)):
+    rad = r if (inner is None or i % 2 == 0) else r * inner
+    a = math.radians(start_deg + i * 360.0 / (k * (2 if inner else 1)))
+    pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+  return pts
 
 
 def _draw(draw: ImageDraw.ImageDraw, o: dict, size: int) -> None:
-    cx, cy, r, fill = o["x"] * size, o["y"] * size, o["r"] * size, COLOURS[o["colour"]]
-    s = o["shape"]
-    if s == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif s == "square":
-        h = r * 0.85  # similar area to the circle
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-    elif s == "triangle":
-        draw.polygon(_polygon(cx, cy + 0.15 * r, r * 1.1, 3, -90), fill=fill)
-    elif s == "diamond":
-        draw.polygon(_polygon(cx, cy, r, 4, -90), fill=fill)
-    elif s == "star":
-        draw.polygon(_polygon(cx, cy, r * 1.1, 5, -90, inner=0.45), fill=fill)
-    elif s == "hexagon":
-        draw.polygon(_polygon(cx, cy, r, 6, 0), fill=fill)
-    else:  # pragma: no cover - SHAPES is closed
-        raise ValueError(f"unknown shape {s!r}")
+  cx, cy, r, fill = o["x"] * size, o["y"] * size, o["r"] * size, COLOURS[o["colour"]]
+  s = o["shape"]
+  if s == "circle":
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+  elif s == "square":
+    h = r * 0.85  # similar area to the circle
+    draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+  elif s == "triangle":
+    draw.polygon(_polygon(cx, cy + 0.15 * r, r * 1.1, 3, -90), fill=fill)
+  elif s == "diamond":
+    draw.polygon(_polygon(cx, cy, r, 4, -90), fill=fill)
+  elif s == "star":
+    draw.polygon(_polygon(cx, cy, r * 1.1, 5, -90, inner=0.45), fill=fill)
+  elif s == "hexagon":
+    draw.polygon(_polygon(cx, cy, r, 6, 0), fill=fill)
+  else:  # pragma: no cover - SHAPES is closed
+    raise ValueError(f"unknown shape {s!r}")
 
 
 def render_objects(objects: list[dict], resolution: int, background: tuple[int, int, int]) -> np.ndarray:
-    """Renders an explicit object list (``scene``'s normalised geometry) on a plain background as uint8 (R, R, 3)."""
-    if resolution < 8:
-        raise ValueError(f"shapes.render: resolution={resolution} is too small; use 8 or more")
-    ss = 4 if resolution <= 256 else 2  # supersampling factor for antialiased edges
-    big = resolution * ss
-    img = Image.new("RGB", (big, big), tuple(int(c) for c in background))
-    draw = ImageDraw.Draw(img)
-    for o in objects:
-        _draw(draw, o, big)
-    img = img.resize((resolution, resolution), Image.Resampling.BOX)
-    return np.asarray(img, dtype=np.uint8)
+  """Renders an explicit object list (``scene``'s normalised geometry) on a plain background as uint8 (R, R, 3)."""
+  if resolution < 8:
+    raise ValueError(f"shapes.render: resolution={resolution} is too small; use 8 or more")
+  ss = 4 if resolution <= 256 else 2  # supersampling factor for antialiased edges
+  big = resolution * ss
+  img = Image.new("RGB", (big, big), tuple(int(c) for c in background))
+  draw = ImageDraw.Draw(img)
+  for o in objects:
+    _draw(draw, o, big)
+  img = img.resize((resolution, resolution), Image.Resampling.BOX)
+  return np.asarray(img, dtype=np.uint8)
 
 
 def render(index: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Renders image ``index`` of the dataset ``seed`` as uint8 (resolution, resolution, 3) plus its caption."""
-    if resolution < 8:
-        raise ValueError(f"shapes.render: resolution={resolution} is too small; use 8 or more")
-    sc = scene(index, seed)
-    return render_objects(sc["objects"], resolution, sc["background"]), sc["caption"]
+  """Renders image ``index`` of the dataset ``seed`` as uint8 (resolution, resolution, 3) plus its caption."""
+  if resolution < 8:
+    raise ValueError(f"shapes.render: resolution={resolution} is too small; use 8 or more")
+  sc = scene(index, seed)
+  return render_objects(sc["objects"], resolution, sc["background"]), sc["caption"]
 
 
 def render_png(index: int, resolution: int, seed: int = 0) -> tuple[bytes, str]:
-    """:func:`render` encoded as PNG bytes (the loader that ``prepare`` uses for shapes)."""
-    arr, caption = render(index, resolution, seed)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue(), caption
+  """:func:`render` encoded as PNG bytes (the loader that ``prepare`` uses for shapes)."""
+  arr, caption = render(index, resolution, seed)
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+  return buf.getvalue(), caption
 
 
 def _params(num: int, resolution: int, seed: int) -> dict:
-    return {"generator": "iomm_jax.data.shapes", "version": _VERSION, "num": int(num),
-            "resolution": int(resolution), "seed": int(seed)}
+  return {
+      "generator": "iomm_jax.data.shapes",
+      "version": _VERSION,
+      "num": int(num),
+      "resolution": int(resolution),
+      "seed": int(seed),
+  }
 
 
 META_FILE = "shapes.json"
 
 
 def write_folder(dst: str | os.PathLike, num: int, resolution: int, seed: int = 0) -> Path:
-    """Writes ``num`` PNGs plus ``captions.jsonl`` into ``dst``, atomically; no-op if already written identically.
+  """Writes ``num`` PNGs plus ``captions.jsonl`` into ``dst``, atomically; no-op if already written identically.
 
-    The folder is built under a temporary name next to ``dst`` and renamed into place when complete, so a killed
-    run never leaves a partial dataset at ``dst``. An existing ``dst`` with other parameters is an error (we never
-    delete user data).
-    """
-    dst = Path(dst)
-    params = _params(num, resolution, seed)
-    if dst.exists():
-        _check_existing(dst, params)
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        with open(tmp / "captions.jsonl", "w") as f:
-            for i in range(num):
-                png, caption = render_png(i, resolution, seed)
-                name = f"{i:06d}.png"
-                (tmp / name).write_bytes(png)
-                f.write(json.dumps({"file": name, "caption": caption}) + "\n")
-        (tmp / META_FILE).write_text(json.dumps(params, sort_keys=True))
-        try:
-            os.rename(tmp, dst)
-        except OSError:  # another process finished first (shared filesystem, several hosts)
-            if not dst.exists():
-                raise
-            _check_existing(dst, params)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+  The folder is built under a temporary name next to ``dst`` and renamed into place when complete, so a killed
+  run never leaves a partial dataset at ``dst``. An existing ``dst`` with other parameters is an error (we never
+  delete user data).
+  """
+  dst = Path(dst)
+  params = _params(num, resolution, seed)
+  if dst.exists():
+    _check_existing(dst, params)
     return dst
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  try:
+    with open(tmp / "captions.jsonl", "w") as f:
+      for i in range(num):
+        png, caption = render_png(i, resolution, seed)
+        name = f"{i:06d}.png"
+        (tmp / name).write_bytes(png)
+        f.write(json.dumps({"file": name, "caption": caption}) + "\n")
+    (tmp / META_FILE).write_text(json.dumps(params, sort_keys=True))
+    try:
+      os.rename(tmp, dst)
+    except OSError:  # another process finished first (shared filesystem, several hosts)
+      if not dst.exists():
+        raise
+      _check_existing(dst, params)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  return dst
 
 
 def _check_existing(dst: Path, params: dict) -> None:
-    meta = dst / META_FILE
-    found = json.loads(meta.read_text()) if meta.exists() else None
-    if found != params:
-        raise ValueError(f"{dst} exists but does not hold the shapes dataset {params} (found {found}); delete it or "
-                         "point data.path somewhere else")
+  meta = dst / META_FILE
+  found = json.loads(meta.read_text()) if meta.exists() else None
+  if found != params:
+    raise ValueError(
+        f"{dst} exists but does not hold the shapes dataset {params} (found {found}); delete it or "
+        "point data.path somewhere else"
+    )
 
 
-def write_arrayrecord(dst: str | os.PathLike, num: int, resolution: int, seed: int = 0, shards: int = 1,
-                      workers: int = 0, progress: bool = True) -> dict:
-    """Writes the dataset as ArrayRecord shards through ``prepare`` (resumable); returns prepare's summary."""
-    from iomm_jax.data import prepare  # local import: prepare is the heavier module
+def write_arrayrecord(
+    dst: str | os.PathLike,
+    num: int,
+    resolution: int,
+    seed: int = 0,
+    shards: int = 1,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict:
+  """Writes the dataset as ArrayRecord shards through ``prepare`` (resumable); returns prepare's summary."""
+  from iomm_jax.data import prepare  # local import: prepare is the heavier module
 
-    items = [prepare.Item(key=f"shapes-s{seed}-r{resolution}/{i:08d}",
-                          loader=functools.partial(render_png, i, resolution, seed)) for i in range(num)]
-    return prepare.write_shards(items, dst, shards, workers=workers, min_size=0,
-                                fingerprint={"source": _params(num, resolution, seed)}, progress=progress)
+  items = [
+      prepare.Item(
+          key=f"shapes-s{seed}-r{resolution}/{i:08d}", loader=functools.partial(render_png, i, resolution, seed)
+      )
+      for i in range(num)
+  ]
+  return prepare.write_shards(
+      items,
+      dst,
+      shards,
+      workers=workers,
+      min_size=0,
+      fingerprint={"source": _params(num, resolution, seed)},
+      progress=progress,
+  )

@@ -8,6 +8,7 @@ by ``source[i]`` as an unreadable record.
 Sources are picklable (Grain ships them to worker processes): file handles and readers are opened lazily and
 dropped on pickling.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,409 +31,440 @@ _CAPTION_KEYS = ("caption", "text")
 
 
 def _decode_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    value = str(value)
-    return value if value.strip() else None  # an empty caption is no caption
+  if value is None:
+    return None
+  if isinstance(value, bytes):
+    value = value.decode("utf-8")
+  value = str(value)
+  return value if value.strip() else None  # an empty caption is no caption
 
 
 def list_images(root: str | os.PathLike) -> list[tuple[Path, Path | None]]:
-    """Image files under ``root`` (recursive, sorted, hidden entries skipped) with their sidecar ``.txt`` if any."""
-    root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names = set(filenames)
-        for name in sorted(filenames):
-            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            txt = Path(name).stem + ".txt"
-            found.append((Path(dirpath) / name, Path(dirpath) / txt if txt in names else None))
-    found.sort(key=lambda p: p[0].relative_to(root).as_posix())
-    return found
+  """Image files under ``root`` (recursive, sorted, hidden entries skipped) with their sidecar ``.txt`` if any."""
+  root = Path(root)
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    names = set(filenames)
+    for name in sorted(filenames):
+      if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+        continue
+      txt = Path(name).stem + ".txt"
+      found.append((Path(dirpath) / name, Path(dirpath) / txt if txt in names else None))
+  found.sort(key=lambda p: p[0].relative_to(root).as_posix())
+  return found
 
 
 def read_captions_jsonl(path: Path) -> dict[str, str | None]:
-    """``captions.jsonl`` lines ``{"file": relative path, "caption": text}`` → {relative path: caption}."""
-    out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            key = next((row[k] for k in _FILE_KEYS if k in row), None)
-            if key is None:
-                raise ValueError(f"{path}:{n}: no image field (one of {_FILE_KEYS}); each line must be "
-                                 '{"file": "relative/path.png", "caption": "..."}')
-            out[Path(key).as_posix()] = _decode_text(next((row[k] for k in _CAPTION_KEYS if k in row), None))
-    return out
+  """``captions.jsonl`` lines ``{"file": relative path, "caption": text}`` → {relative path: caption}."""
+  out = {}
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      row = json.loads(line)
+      key = next((row[k] for k in _FILE_KEYS if k in row), None)
+      if key is None:
+        raise ValueError(
+            f"{path}:{n}: no image field (one of {_FILE_KEYS}); each line must be "
+            '{"file": "relative/path.png", "caption": "..."}'
+        )
+      out[Path(key).as_posix()] = _decode_text(next((row[k] for k in _CAPTION_KEYS if k in row), None))
+  return out
 
 
 class ParquetImages:
-    """Random access to a Parquet image column holding encoded bytes or ``{bytes, path}`` structs (how HF datasets
-    store an ``Image`` feature); one row group is read (and kept) at a time, so the table never sits in memory.
-    A struct without bytes is read from its ``path`` (relative to the table's folder)."""
+  """Random access to a Parquet image column holding encoded bytes or ``{bytes, path}`` structs (how HF datasets
+  store an ``Image`` feature); one row group is read (and kept) at a time, so the table never sits in memory.
+  A struct without bytes is read from its ``path`` (relative to the table's folder)."""
 
-    def __init__(self, path: str | os.PathLike, column: str):
-        import pyarrow.parquet as pq  # optional dependency, only for parquet input
+  def __init__(self, path: str | os.PathLike, column: str):
+    import pyarrow.parquet as pq  # optional dependency, only for parquet input
 
-        self.path, self.column = str(path), column
-        meta = pq.ParquetFile(self.path).metadata
-        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self._init_cache()
+    self.path, self.column = str(path), column
+    meta = pq.ParquetFile(self.path).metadata
+    self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    self._init_cache()
 
-    def _init_cache(self) -> None:
-        self._lock, self._file, self._group = threading.Lock(), None, (-1, [])
+  def _init_cache(self) -> None:
+    self._lock, self._file, self._group = threading.Lock(), None, (-1, [])
 
-    def __getstate__(self):
-        return {"path": self.path, "column": self.column, "starts": self.starts}
+  def __getstate__(self):
+    return {"path": self.path, "column": self.column, "starts": self.starts}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_cache()
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_cache()
 
-    def __len__(self) -> int:
-        return int(self.starts[-1])
+  def __len__(self) -> int:
+    return int(self.starts[-1])
 
-    def __getitem__(self, i: int) -> bytes:
-        g = int(np.searchsorted(self.starts, int(i), side="right")) - 1
-        with self._lock:  # Grain's reader threads share this object
-            if self._group[0] != g:
-                if self._file is None:
-                    import pyarrow.parquet as pq
+  def __getitem__(self, i: int) -> bytes:
+    g = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+    with self._lock:  # Grain's reader threads share this object
+      if self._group[0] != g:
+        if self._file is None:
+          import pyarrow.parquet as pq
 
-                    self._file = pq.ParquetFile(self.path)
-                self._group = (g, self._file.read_row_group(g, columns=[self.column]).column(0).to_pylist())
-            value = self._group[1][int(i) - int(self.starts[g])]
-        if isinstance(value, dict):
-            if value.get("bytes"):
-                return value["bytes"]
-            if value.get("path"):
-                with open(Path(self.path).parent / value["path"], "rb") as f:
-                    return f.read()
-            raise ValueError(f"{self.path}: row {i}: {self.column!r} holds neither bytes nor a path")
-        if not value:
-            raise ValueError(f"{self.path}: row {i}: {self.column!r} is empty")
-        return bytes(value)
+          self._file = pq.ParquetFile(self.path)
+        self._group = (g, self._file.read_row_group(g, columns=[self.column]).column(0).to_pylist())
+      value = self._group[1][int(i) - int(self.starts[g])]
+    if isinstance(value, dict):
+      if value.get("bytes"):
+        return value["bytes"]
+      if value.get("path"):
+        with open(Path(self.path).parent / value["path"], "rb") as f:
+          return f.read()
+      raise ValueError(f"{self.path}: row {i}: {self.column!r} holds neither bytes nor a path")
+    if not value:
+      raise ValueError(f"{self.path}: row {i}: {self.column!r} is empty")
+    return bytes(value)
 
 
 def _read_parquet(path: Path, image_key: str, caption_key: str | None) -> list[tuple[str | int, str | None]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+  import pyarrow as pa
+  import pyarrow.parquet as pq
 
-    schema = pq.ParquetFile(path).schema_arrow
-    if image_key not in schema.names:
-        raise ValueError(f"{path} has no {image_key!r} column (columns: {schema.names}); pass the right name with "
-                         "--image_key / data.image_key")
-    kind = schema.field(image_key).type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):  # image paths
-        return _table_rows(path, pq.read_table(path).to_pylist(), image_key, caption_key)
-    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-            or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)):
-        raise ValueError(f"{path}: column {image_key!r} is {kind}; it must hold image paths (string), encoded bytes "
-                         "(binary) or {bytes, path} structs")
-    # encoded images: only the caption column is read now; the images row group by row group, when drawn
-    n = pq.ParquetFile(path).metadata.num_rows
-    if caption_key and caption_key in schema.names:
-        captions = [_decode_text(c) for c in pq.read_table(path, columns=[caption_key]).column(0).to_pylist()]
-    else:
-        captions = [None] * n
-    return list(zip(range(n), captions))
+  schema = pq.ParquetFile(path).schema_arrow
+  if image_key not in schema.names:
+    raise ValueError(
+        f"{path} has no {image_key!r} column (columns: {schema.names}); pass the right name with "
+        "--image_key / data.image_key"
+    )
+  kind = schema.field(image_key).type
+  if pa.types.is_string(kind) or pa.types.is_large_string(kind):  # image paths
+    return _table_rows(path, pq.read_table(path).to_pylist(), image_key, caption_key)
+  if not (
+      pa.types.is_binary(kind)
+      or pa.types.is_large_binary(kind)
+      or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
+  ):
+    raise ValueError(
+        f"{path}: column {image_key!r} is {kind}; it must hold image paths (string), encoded bytes "
+        "(binary) or {bytes, path} structs"
+    )
+  # encoded images: only the caption column is read now; the images row group by row group, when drawn
+  n = pq.ParquetFile(path).metadata.num_rows
+  if caption_key and caption_key in schema.names:
+    captions = [_decode_text(c) for c in pq.read_table(path, columns=[caption_key]).column(0).to_pylist()]
+  else:
+    captions = [None] * n
+  return list(zip(range(n), captions))
 
 
 def _table_rows(path: Path, rows: list[dict], image_key: str, caption_key: str | None):
-    out = []
-    for n, row in enumerate(rows, 1):
-        if image_key not in row or not row[image_key]:
-            raise ValueError(f"{path}: row {n} has no {image_key!r} column/field (columns: {sorted(row)}); "
-                             "pass the right name with --image_key / data.image_key")
-        out.append((str(row[image_key]), _decode_text(row.get(caption_key)) if caption_key else None))
-    return out
+  out = []
+  for n, row in enumerate(rows, 1):
+    if image_key not in row or not row[image_key]:
+      raise ValueError(
+          f"{path}: row {n} has no {image_key!r} column/field (columns: {sorted(row)}); "
+          "pass the right name with --image_key / data.image_key"
+      )
+    out.append((str(row[image_key]), _decode_text(row.get(caption_key)) if caption_key else None))
+  return out
 
 
-def read_table(path: str | os.PathLike, image_key: str = "image",
-               caption_key: str | None = "caption") -> list[tuple[str | int, str | None]]:
-    """Rows (image, caption) of a .jsonl/.json, .csv/.tsv or .parquet table. ``image`` is the path as written, or,
-    for a Parquet column of encoded bytes / ``{bytes, path}`` structs, the row number (read with ParquetImages)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif suffix in (".csv", ".tsv"):
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix == ".parquet":
-        return _read_parquet(path, image_key, caption_key)
-    else:
-        raise ValueError(f"{path}: unknown table type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
-    return _table_rows(path, rows, image_key, caption_key)
+def read_table(
+    path: str | os.PathLike, image_key: str = "image", caption_key: str | None = "caption"
+) -> list[tuple[str | int, str | None]]:
+  """Rows (image, caption) of a .jsonl/.json, .csv/.tsv or .parquet table. ``image`` is the path as written, or,
+  for a Parquet column of encoded bytes / ``{bytes, path}`` structs, the row number (read with ParquetImages)."""
+  path = Path(path)
+  suffix = path.suffix.lower()
+  if suffix in (".jsonl", ".json"):
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  elif suffix in (".csv", ".tsv"):
+    with open(path, newline="") as f:
+      rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+  elif suffix == ".parquet":
+    return _read_parquet(path, image_key, caption_key)
+  else:
+    raise ValueError(f"{path}: unknown table type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+  return _table_rows(path, rows, image_key, caption_key)
 
 
 HELDOUT_SEED_OFFSET = 1000  # held-out shapes come from another draw of the world: no stage's training set holds them
 
 
 def render_size(data_cfg) -> int:
-    """Shapes are rendered at the larger of the two views, so that neither the autoencoder view nor the ViT view
-    is an upsampled copy."""
-    return max(int(data_cfg.resolution), int(data_cfg.vit_size))
+  """Shapes are rendered at the larger of the two views, so that neither the autoencoder view nor the ViT view
+  is an upsampled copy."""
+  return max(int(data_cfg.resolution), int(data_cfg.vit_size))
 
 
 def heldout_shapes(data_cfg, num: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``num`` held-out shapes images for sample grids and evaluations, as training sees them: (uint8 images at
-    data.resolution, float32 ViT views). Images ``start …`` of the world seed ``data.seed + HELDOUT_SEED_OFFSET``,
-    which no training stage reads. ``data_cfg``: ``config.data`` or a DataConfig."""
-    from PIL import Image
+  """``num`` held-out shapes images for sample grids and evaluations, as training sees them: (uint8 images at
+  data.resolution, float32 ViT views). Images ``start …`` of the world seed ``data.seed + HELDOUT_SEED_OFFSET``,
+  which no training stage reads. ``data_cfg``: ``config.data`` or a DataConfig."""
+  from PIL import Image
 
-    from iomm_jax.data import decode, shapes
+  from iomm_jax.data import decode, shapes
 
-    data_cfg = data_config.from_config(data_cfg)
-    seed = data_cfg.seed + HELDOUT_SEED_OFFSET
-    refs, vits = [], []
-    for i in range(num):
-        img = Image.fromarray(shapes.render(start + i, render_size(data_cfg), seed)[0])
-        refs.append(np.asarray(decode.centre_square(img, data_cfg.resolution), np.uint8))
-        vits.append(decode.views(img, data_cfg.resolution, data_cfg.vit_size)[1])
-    return np.stack(refs), np.stack(vits).astype(np.float32)
+  data_cfg = data_config.from_config(data_cfg)
+  seed = data_cfg.seed + HELDOUT_SEED_OFFSET
+  refs, vits = [], []
+  for i in range(num):
+    img = Image.fromarray(shapes.render(start + i, render_size(data_cfg), seed)[0])
+    refs.append(np.asarray(decode.centre_square(img, data_cfg.resolution), np.uint8))
+    vits.append(decode.views(img, data_cfg.resolution, data_cfg.vit_size)[1])
+  return np.stack(refs), np.stack(vits).astype(np.float32)
 
 
 class ShapesSource:
-    """Procedural shapes rendered on the fly (no files): ``num`` images at ``resolution`` from ``seed``."""
+  """Procedural shapes rendered on the fly (no files): ``num`` images at ``resolution`` from ``seed``."""
 
-    def __init__(self, num: int, resolution: int, seed: int = 0):
-        if num <= 0:
-            raise ValueError(f"ShapesSource: num={num}; set data.num_images to a positive number")
-        self.num, self.resolution, self.seed = int(num), int(resolution), int(seed)
+  def __init__(self, num: int, resolution: int, seed: int = 0):
+    if num <= 0:
+      raise ValueError(f"ShapesSource: num={num}; set data.num_images to a positive number")
+    self.num, self.resolution, self.seed = int(num), int(resolution), int(seed)
 
-    def __len__(self) -> int:
-        return self.num
+  def __len__(self) -> int:
+    return self.num
 
-    def __getitem__(self, i: int) -> dict:
-        from iomm_jax.data import shapes
+  def __getitem__(self, i: int) -> dict:
+    from iomm_jax.data import shapes
 
-        image, caption = shapes.render(int(i), self.resolution, self.seed)
-        return {"image": image, "caption": caption, "id": f"shapes-s{self.seed}/{int(i):08d}"}
+    image, caption = shapes.render(int(i), self.resolution, self.seed)
+    return {"image": image, "caption": caption, "id": f"shapes-s{self.seed}/{int(i):08d}"}
 
-    def caption(self, i: int) -> str | None:
-        from iomm_jax.data import shapes
+  def caption(self, i: int) -> str | None:
+    from iomm_jax.data import shapes
 
-        return shapes.scene(int(i), self.seed)["caption"]
+    return shapes.scene(int(i), self.seed)["caption"]
 
 
 class FolderSource:
-    """Images under a folder (recursive; png/jpg/jpeg/webp). Captions: sidecar ``<stem>.txt``, else
-    ``captions.jsonl`` at the root (``{"file": relative path, "caption": ...}`` per line), else None."""
+  """Images under a folder (recursive; png/jpg/jpeg/webp). Captions: sidecar ``<stem>.txt``, else
+  ``captions.jsonl`` at the root (``{"file": relative path, "caption": ...}`` per line), else None."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.root = Path(path)
-        if not self.root.exists():
-            raise ValueError(f"image folder {self.root} does not exist; set data.path to a folder of images "
-                             f"({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}, searched recursively) or use "
-                             "data.source='shapes'")
-        if not self.root.is_dir():
-            raise ValueError(f"data.path {self.root} is a file, not a folder; for a table of image paths use "
-                             "data.source='jsonl' or 'csv', for shards 'arrayrecord'")
-        found = list_images(self.root)
-        if not found:
-            raise ValueError(f"image folder {self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)}, "
-                             "searched recursively); put images there or point data.path at the right folder")
-        self.files = [str(p) for p, _ in found]
-        self.sidecars = [None if t is None else str(t) for _, t in found]
-        self.ids = [p.relative_to(self.root).as_posix() for p, _ in found]
-        jsonl = self.root / CAPTIONS_FILE
-        self.jsonl_captions = read_captions_jsonl(jsonl) if jsonl.exists() else {}
+  def __init__(self, path: str | os.PathLike):
+    self.root = Path(path)
+    if not self.root.exists():
+      raise ValueError(
+          f"image folder {self.root} does not exist; set data.path to a folder of images "
+          f"({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}, searched recursively) or use "
+          "data.source='shapes'"
+      )
+    if not self.root.is_dir():
+      raise ValueError(
+          f"data.path {self.root} is a file, not a folder; for a table of image paths use "
+          "data.source='jsonl' or 'csv', for shards 'arrayrecord'"
+      )
+    found = list_images(self.root)
+    if not found:
+      raise ValueError(
+          f"image folder {self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)}, "
+          "searched recursively); put images there or point data.path at the right folder"
+      )
+    self.files = [str(p) for p, _ in found]
+    self.sidecars = [None if t is None else str(t) for _, t in found]
+    self.ids = [p.relative_to(self.root).as_posix() for p, _ in found]
+    jsonl = self.root / CAPTIONS_FILE
+    self.jsonl_captions = read_captions_jsonl(jsonl) if jsonl.exists() else {}
 
-    def __len__(self) -> int:
-        return len(self.files)
+  def __len__(self) -> int:
+    return len(self.files)
 
-    def caption(self, i: int) -> str | None:
-        if self.sidecars[i] is not None:
-            return _decode_text(Path(self.sidecars[i]).read_text(encoding="utf-8"))
-        return self.jsonl_captions.get(self.ids[i])
+  def caption(self, i: int) -> str | None:
+    if self.sidecars[i] is not None:
+      return _decode_text(Path(self.sidecars[i]).read_text(encoding="utf-8"))
+    return self.jsonl_captions.get(self.ids[i])
 
-    def __getitem__(self, i: int) -> dict:
-        with open(self.files[i], "rb") as f:
-            data = f.read()
-        return {"image_bytes": data, "caption": self.caption(i), "id": self.ids[i]}
+  def __getitem__(self, i: int) -> dict:
+    with open(self.files[i], "rb") as f:
+      data = f.read()
+    return {"image_bytes": data, "caption": self.caption(i), "id": self.ids[i]}
 
 
 class _TableSource:
-    """Rows of (image, caption) from a table file; relative image paths are relative to the table's folder, and a
-    Parquet column of encoded bytes / ``{bytes, path}`` structs is read row group by row group."""
+  """Rows of (image, caption) from a table file; relative image paths are relative to the table's folder, and a
+  Parquet column of encoded bytes / ``{bytes, path}`` structs is read row group by row group."""
 
-    def __init__(self, path: str | os.PathLike, image_key: str = "image", caption_key: str | None = "caption"):
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"table {path} does not exist; set data.path to a {type(self).__name__[:-6].lower()} "
-                             f"file with {image_key!r} and {caption_key!r} columns")
-        rows = read_table(path, image_key, caption_key)
-        if not rows:
-            raise ValueError(f"table {path} has no rows; add (image, caption) rows or point data.path elsewhere")
-        self.captions = [r[1] for r in rows]
-        self.images = None  # encoded images in the table itself (Parquet bytes / structs)
-        if isinstance(rows[0][0], int):
-            self.images = ParquetImages(path, image_key)
-            self.ids = [f"{path.name}/{r[0]:09d}" for r in rows]
-        else:  # image paths; `files` also lets buckets read sizes from the headers
-            self.ids = [r[0] for r in rows]
-            self.files = [str(path.parent / r[0]) for r in rows]
+  def __init__(self, path: str | os.PathLike, image_key: str = "image", caption_key: str | None = "caption"):
+    path = Path(path)
+    if not path.is_file():
+      raise ValueError(
+          f"table {path} does not exist; set data.path to a {type(self).__name__[:-6].lower()} "
+          f"file with {image_key!r} and {caption_key!r} columns"
+      )
+    rows = read_table(path, image_key, caption_key)
+    if not rows:
+      raise ValueError(f"table {path} has no rows; add (image, caption) rows or point data.path elsewhere")
+    self.captions = [r[1] for r in rows]
+    self.images = None  # encoded images in the table itself (Parquet bytes / structs)
+    if isinstance(rows[0][0], int):
+      self.images = ParquetImages(path, image_key)
+      self.ids = [f"{path.name}/{r[0]:09d}" for r in rows]
+    else:  # image paths; `files` also lets buckets read sizes from the headers
+      self.ids = [r[0] for r in rows]
+      self.files = [str(path.parent / r[0]) for r in rows]
 
-    def __len__(self) -> int:
-        return len(self.captions)
+  def __len__(self) -> int:
+    return len(self.captions)
 
-    def caption(self, i: int) -> str | None:
-        return self.captions[i]
+  def caption(self, i: int) -> str | None:
+    return self.captions[i]
 
-    def __getitem__(self, i: int) -> dict:
-        if self.images is not None:
-            data = self.images[i]
-        else:
-            with open(self.files[i], "rb") as f:
-                data = f.read()
-        return {"image_bytes": data, "caption": self.captions[i], "id": self.ids[i]}
+  def __getitem__(self, i: int) -> dict:
+    if self.images is not None:
+      data = self.images[i]
+    else:
+      with open(self.files[i], "rb") as f:
+        data = f.read()
+    return {"image_bytes": data, "caption": self.captions[i], "id": self.ids[i]}
 
 
 class JsonlSource(_TableSource):
-    """JSON-lines file of ``{image_key: path, caption_key: text}``."""
+  """JSON-lines file of ``{image_key: path, caption_key: text}``."""
 
 
 class CsvSource(_TableSource):
-    """CSV/TSV file with ``image_key`` and ``caption_key`` columns."""
+  """CSV/TSV file with ``image_key`` and ``caption_key`` columns."""
 
 
 class ParquetSource(_TableSource):
-    """Parquet file with ``image_key`` (paths, encoded bytes or ``{bytes, path}`` structs) and ``caption_key``."""
+  """Parquet file with ``image_key`` (paths, encoded bytes or ``{bytes, path}`` structs) and ``caption_key``."""
 
 
 def shard_paths(dir_or_glob: str | os.PathLike) -> list[str]:
-    """ArrayRecord shard files of a directory (``*.array_record``), a glob pattern or a single file, sorted."""
-    p = str(dir_or_glob)
-    if os.path.isdir(p):
-        files = sorted(glob.glob(os.path.join(p, "*.array_record")))
-    elif any(c in p for c in "*?["):
-        files = sorted(glob.glob(p))
-    else:
-        files = [p] if os.path.isfile(p) else []
-    if not files:
-        raise ValueError(f"no ArrayRecord shards at {p!r}; write them with `python -m iomm_jax.data.prepare --src ... "
-                         f"--dst {p}` (or the feature cache), or fix data.path / data.cache_path")
-    return files
+  """ArrayRecord shard files of a directory (``*.array_record``), a glob pattern or a single file, sorted."""
+  p = str(dir_or_glob)
+  if os.path.isdir(p):
+    files = sorted(glob.glob(os.path.join(p, "*.array_record")))
+  elif any(c in p for c in "*?["):
+    files = sorted(glob.glob(p))
+  else:
+    files = [p] if os.path.isfile(p) else []
+  if not files:
+    raise ValueError(
+        f"no ArrayRecord shards at {p!r}; write them with `python -m iomm_jax.data.prepare --src ... "
+        f"--dst {p}` (or the feature cache), or fix data.path / data.cache_path"
+    )
+  return files
 
 
 class ArrayRecordSource:
-    """Records of ArrayRecord shards written by ``prepare`` (images) or the feature cache (features)."""
+  """Records of ArrayRecord shards written by ``prepare`` (images) or the feature cache (features)."""
 
-    def __init__(self, dir_or_glob: str | os.PathLike):
-        self.paths = shard_paths(dir_or_glob)
-        self._ds = None
-        self._len = len(self._reader())
-        if self._len == 0:
-            raise ValueError(f"ArrayRecord shards at {dir_or_glob} hold no records; re-run prepare")
+  def __init__(self, dir_or_glob: str | os.PathLike):
+    self.paths = shard_paths(dir_or_glob)
+    self._ds = None
+    self._len = len(self._reader())
+    if self._len == 0:
+      raise ValueError(f"ArrayRecord shards at {dir_or_glob} hold no records; re-run prepare")
 
-    def _reader(self):
-        if self._ds is None:
-            import grain
+  def _reader(self):
+    if self._ds is None:
+      import grain
 
-            self._ds = grain.sources.ArrayRecordDataSource(self.paths)
-        return self._ds
+      self._ds = grain.sources.ArrayRecordDataSource(self.paths)
+    return self._ds
 
-    def __getstate__(self):
-        return {**self.__dict__, "_ds": None}
+  def __getstate__(self):
+    return {**self.__dict__, "_ds": None}
 
-    def __len__(self) -> int:
-        return self._len
+  def __len__(self) -> int:
+    return self._len
 
-    def __getitem__(self, i: int) -> dict:
-        from iomm_jax.data import records
+  def __getitem__(self, i: int) -> dict:
+    from iomm_jax.data import records
 
-        rec = records.decode_record(self._reader()[int(i)])
-        rec.setdefault("caption", None)
-        return rec
+    rec = records.decode_record(self._reader()[int(i)])
+    rec.setdefault("caption", None)
+    return rec
 
-    def caption(self, i: int) -> str | None:
-        return self[i]["caption"]
+  def caption(self, i: int) -> str | None:
+    return self[i]["caption"]
 
 
 class TfdsSource:
-    """A TFDS dataset prepared in ``array_record`` format, read with ``tfds`` data sources (no TensorFlow).
+  """A TFDS dataset prepared in ``array_record`` format, read with ``tfds`` data sources (no TensorFlow).
 
-    ``image_key`` may hold encoded bytes or a decoded uint8 array; ``caption_key`` (optional) text or bytes.
-    """
+  ``image_key`` may hold encoded bytes or a decoded uint8 array; ``caption_key`` (optional) text or bytes.
+  """
 
-    def __init__(self, builder_dir: str | os.PathLike, split: str = "train", image_key: str = "image",
-                 caption_key: str | None = None):
-        self.builder_dir, self.split = str(builder_dir), split
-        self.image_key, self.caption_key = image_key, caption_key
-        if not os.path.isfile(os.path.join(self.builder_dir, "dataset_info.json")):
-            raise ValueError(f"{self.builder_dir} is not a TFDS builder directory (no dataset_info.json); point "
-                             "data.path at the versioned folder, e.g. ~/tensorflow_datasets/NAME/1.0.0")
-        self._ds = None
-        self._len = len(self._source())
+  def __init__(
+      self,
+      builder_dir: str | os.PathLike,
+      split: str = "train",
+      image_key: str = "image",
+      caption_key: str | None = None,
+  ):
+    self.builder_dir, self.split = str(builder_dir), split
+    self.image_key, self.caption_key = image_key, caption_key
+    if not os.path.isfile(os.path.join(self.builder_dir, "dataset_info.json")):
+      raise ValueError(
+          f"{self.builder_dir} is not a TFDS builder directory (no dataset_info.json); point "
+          "data.path at the versioned folder, e.g. ~/tensorflow_datasets/NAME/1.0.0"
+      )
+    self._ds = None
+    self._len = len(self._source())
 
-    def _source(self):
-        if self._ds is None:
-            import tensorflow_datasets as tfds
+  def _source(self):
+    if self._ds is None:
+      import tensorflow_datasets as tfds
 
-            builder = tfds.builder_from_directory(self.builder_dir)
-            if self.split not in builder.info.splits:
-                raise ValueError(f"TFDS dataset {self.builder_dir} has no split {self.split!r} "
-                                 f"(splits: {list(builder.info.splits)}); set data.split")
-            self._ds = builder.as_data_source(self.split)
-        return self._ds
+      builder = tfds.builder_from_directory(self.builder_dir)
+      if self.split not in builder.info.splits:
+        raise ValueError(
+            f"TFDS dataset {self.builder_dir} has no split {self.split!r} "
+            f"(splits: {list(builder.info.splits)}); set data.split"
+        )
+      self._ds = builder.as_data_source(self.split)
+    return self._ds
 
-    def __getstate__(self):
-        return {**self.__dict__, "_ds": None}
+  def __getstate__(self):
+    return {**self.__dict__, "_ds": None}
 
-    def __len__(self) -> int:
-        return self._len
+  def __len__(self) -> int:
+    return self._len
 
-    def __getitem__(self, i: int) -> dict:
-        import numpy as np
+  def __getitem__(self, i: int) -> dict:
+    import numpy as np
 
-        rec = self._source()[int(i)]
-        if self.image_key not in rec:
-            raise KeyError(f"TFDS record has no {self.image_key!r} (keys {sorted(rec)}); set data.image_key")
-        img = rec[self.image_key]
-        out = {"image_bytes": img} if isinstance(img, bytes) else {"image": np.asarray(img, np.uint8)}
-        out["caption"] = _decode_text(rec.get(self.caption_key)) if self.caption_key else None
-        out["id"] = f"{self.split}/{int(i)}"
-        return out
+    rec = self._source()[int(i)]
+    if self.image_key not in rec:
+      raise KeyError(f"TFDS record has no {self.image_key!r} (keys {sorted(rec)}); set data.image_key")
+    img = rec[self.image_key]
+    out = {"image_bytes": img} if isinstance(img, bytes) else {"image": np.asarray(img, np.uint8)}
+    out["caption"] = _decode_text(rec.get(self.caption_key)) if self.caption_key else None
+    out["id"] = f"{self.split}/{int(i)}"
+    return out
 
-    def caption(self, i: int) -> str | None:
-        return self[i]["caption"]
+  def caption(self, i: int) -> str | None:
+    return self[i]["caption"]
 
 
 SOURCES = data_kinds.SOURCES  # the registry: make_source handles exactly these (tests check it)
 
 
 def _resolve(path: str, workdir: str | os.PathLike | None) -> Path:
-    p = Path(os.path.expanduser(path))
-    return p if p.is_absolute() or workdir is None else Path(workdir) / p
+  p = Path(os.path.expanduser(path))
+  return p if p.is_absolute() or workdir is None else Path(workdir) / p
 
 
 def make_source(data_cfg: Any, workdir: str | os.PathLike | None = None):
-    """The source named by ``data_cfg.source`` at ``data_cfg.path`` (see the module docstring for records).
+  """The source named by ``data_cfg.source`` at ``data_cfg.path`` (see the module docstring for records).
 
-    ``data_cfg``: ``config.data`` or a DataConfig. ``cached=True`` reads feature shards at ``data_cfg.cache_path``.
-    For ``shapes`` an empty path renders on the fly (world ``data.shapes_seed``); a non-empty path (relative paths
-    are taken relative to ``workdir``) is written once with :func:`shapes.write_folder` and read as a folder. Other
-    relative paths are relative to the current directory. ``split``/``image_key``/``caption_key`` serve tfds and
-    tables.
-    """
-    d = data_config.from_config(data_cfg)
-    if d.cached:
-        return ArrayRecordSource(d.cache_path)
-    return _MAKERS[d.source](d, os.path.expanduser(d.path), workdir)
+  ``data_cfg``: ``config.data`` or a DataConfig. ``cached=True`` reads feature shards at ``data_cfg.cache_path``.
+  For ``shapes`` an empty path renders on the fly (world ``data.shapes_seed``); a non-empty path (relative paths
+  are taken relative to ``workdir``) is written once with :func:`shapes.write_folder` and read as a folder. Other
+  relative paths are relative to the current directory. ``split``/``image_key``/``caption_key`` serve tfds and
+  tables.
+  """
+  d = data_config.from_config(data_cfg)
+  if d.cached:
+    return ArrayRecordSource(d.cache_path)
+  return _MAKERS[d.source](d, os.path.expanduser(d.path), workdir)
 
 
 def _shapes(d: data_config.DataConfig, path: str, workdir) -> Any:
-    if not path:
-        return ShapesSource(d.num_images, render_size(d), d.shapes_seed)
-    from iomm_jax.data import shapes
+  if not path:
+    return ShapesSource(d.num_images, render_size(d), d.shapes_seed)
+  from iomm_jax.data import shapes
 
-    return FolderSource(shapes.write_folder(_resolve(path, workdir), d.num_images, d.resolution, d.shapes_seed))
+  return FolderSource(shapes.write_folder(_resolve(path, workdir), d.num_images, d.resolution, d.shapes_seed))
 
 
 _MAKERS = {  # data.source → maker(data config, expanded path, workdir); keys == SOURCES

@@ -63,5 +63,12 @@ def score(predicted: list[str], truth: list[str]) -> dict:
       (pa, pr), (ta, tr) = canonical(pp), canonical(tt)
       rel += len(pa) == 2 and pr == tr and [o[0] for o in pa] == [o[0] for o in ta]
   n = max(len(truth), 1)
-  return {"exact": exact / n, "colour": colour / max(n_obj, 1), "shape": shape / max(n_obj, 1),
-          "relation": rel / max(n_rel, 1), "num_captions": len(truth), "num_objects": n_obj, "num_relations": n_rel}
+  return {
+      "exact": exact / n,
+      "colour": colour / max(n_obj, 1),
+      "shape": shape / max(n_obj, 1),
+      "relation": rel / max(n_rel, 1),
+      "num_captions": len(truth),
+      "num_objects": n_obj,
+      "num_relations": n_rel,
+  }

@@ -15,8 +15,15 @@ import dataclasses
 
 import numpy as np
 
-from iomm_jax.models.processor import (DEFAULT_AUX_PROMPT, IM_END, IMG_CONTEXT, IMG_END, IMG_START, Processor,
-                                       chat_template)
+from iomm_jax.models.processor import (
+    DEFAULT_AUX_PROMPT,
+    IM_END,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    Processor,
+    chat_template,
+)
 
 # Instructions placed before the image in captioning turns ('' = the image alone).
 INSTRUCTIONS = (DEFAULT_AUX_PROMPT, "describe the image .", "what is in this image ?", "")
@@ -25,10 +32,10 @@ EVAL_INSTRUCTION = "describe the image ."
 
 @dataclasses.dataclass
 class Batch:
-  ids: np.ndarray        # (B, L) int32, right-padded with the pad id
-  valid: np.ndarray      # (B, L) bool, real tokens
+  ids: np.ndarray  # (B, L) int32, right-padded with the pad id
+  valid: np.ndarray  # (B, L) bool, real tokens
   loss_mask: np.ndarray  # (B, L) bool: position t predicts token t (the loss reads logits at t − 1)
-  pixels: np.ndarray     # (B, S, S, 3) float32 ViT input (zeros for text-only turns)
+  pixels: np.ndarray  # (B, S, S, 3) float32 ViT input (zeros for text-only turns)
 
 
 class SequenceBuilder:
@@ -58,8 +65,7 @@ class SequenceBuilder:
   def text_only(self, caption: str) -> tuple[list[int], list[bool]]:
     full = chat_template(caption)
     start = full.index(caption)
-    head, said, tail = (self.encode(full[:start]), self.encode(caption),
-                        self.encode(full[start + len(caption):]))
+    head, said, tail = (self.encode(full[:start]), self.encode(caption), self.encode(full[start + len(caption) :]))
     answer = self.answer(caption)
     ids = head + said + tail + answer
     loss = [False] * len(head) + [True] * len(said) + [False] * len(tail) + [True] * len(answer)
@@ -76,12 +82,17 @@ class SequenceBuilder:
     valid = np.zeros((b, length), bool)
     loss = np.zeros((b, length), bool)
     for i, (r, m) in enumerate(rows):
-      ids[i, :len(r)], valid[i, :len(r)], loss[i, :len(m)] = r, True, m
+      ids[i, : len(r)], valid[i, : len(r)], loss[i, : len(m)] = r, True, m
     return ids, valid, loss
 
 
-def make_batch(builder: SequenceBuilder, pixels: np.ndarray, captions: list[str], rng: np.random.Generator,
-               text_only_fraction: float) -> Batch:
+def make_batch(
+    builder: SequenceBuilder,
+    pixels: np.ndarray,
+    captions: list[str],
+    rng: np.random.Generator,
+    text_only_fraction: float,
+) -> Batch:
   """One training batch from images (already ViT-preprocessed) and their captions."""
   rows, pix = [], np.zeros_like(pixels)
   for i, cap in enumerate(captions):

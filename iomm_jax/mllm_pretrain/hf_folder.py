@@ -14,7 +14,7 @@ from pathlib import Path
 from iomm_jax.weights import components, transfer
 from iomm_jax.models import keymap
 
-REPORT_FILE = "mllm_pretrain.json"   # training and caption-accuracy report, written beside the weights
+REPORT_FILE = "mllm_pretrain.json"  # training and caption-accuracy report, written beside the weights
 
 
 def write(dst: str | os.PathLike, cfg, params, tokenizer, report: dict) -> Path:

@@ -19,7 +19,7 @@ def splice_per_row(mllm, ids: jax.Array, pixels: jax.Array) -> jax.Array:
   image tokens are left as they are.
   """
   emb = mllm.embed_tokens(ids)
-  tokens = mllm.encode_image_tokens(pixels).astype(emb.dtype)            # (B, N, D)
+  tokens = mllm.encode_image_tokens(pixels).astype(emb.dtype)  # (B, N, D)
   mask = ids == mllm.cfg.image_token_id
   idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, tokens.shape[1] - 1)
   gathered = jnp.take_along_axis(tokens, idx[..., None], axis=1)
@@ -45,11 +45,17 @@ def loss_fn(params, graphdef, ids, valid, loss_mask, pixels):
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """AdamW with linear warm-up and cosine decay to 10% of the peak, after global-norm clipping."""
-  sched = optax.warmup_cosine_decay_schedule(0.0, train_cfg.lr, max(1, train_cfg.warmup_steps),
-                                             max(train_cfg.num_steps, train_cfg.warmup_steps + 1),
-                                             end_value=0.1 * train_cfg.lr)
-  return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
-                     optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=train_cfg.weight_decay))
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0,
+      train_cfg.lr,
+      max(1, train_cfg.warmup_steps),
+      max(train_cfg.num_steps, train_cfg.warmup_steps + 1),
+      end_value=0.1 * train_cfg.lr,
+  )
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=train_cfg.weight_decay),
+  )
 
 
 def make_train_step(graphdef, optimizer):
@@ -75,13 +81,15 @@ def make_next_token(graphdef):
   return jax.jit(next_token)
 
 
-def greedy_decode(params, next_token, prompt_ids, pixels, *, max_len: int, pad_id: int, end_id: int,
-                  max_new: int = 24) -> list[list[int]]:
+def greedy_decode(
+    params, next_token, prompt_ids, pixels, *, max_len: int, pad_id: int, end_id: int, max_new: int = 24
+) -> list[list[int]]:
   """Greedy answers (token ids, without the end token) to one shared-length batch of prompts.
 
   prompt_ids: (B, P) int, every row a full prompt of the same length P; pixels: (B, S, S, 3).
   """
   import numpy as np
+
   b, p = prompt_ids.shape
   ids = np.full((b, max_len), pad_id, np.int32)
   ids[:, :p] = prompt_ids

@@ -26,8 +26,9 @@ def model_config(config) -> tuple[InternVLConfig, Processor]:
   text = Qwen2Config(**dict(arch["text"], vocab_size=processor.vocab_size))
   cfg = InternVLConfig(vision=vision, text=text, image_token_id=processor.image_token_id, with_lm_head=True)
   if cfg.num_image_tokens != processor.num_image_tokens:
-    raise ValueError(f"config.arch: {cfg.num_image_tokens} image tokens, the processor expects "
-                     f"{processor.num_image_tokens}")
+    raise ValueError(
+        f"config.arch: {cfg.num_image_tokens} image tokens, the processor expects " f"{processor.num_image_tokens}"
+    )
   return cfg, processor
 
 
@@ -41,17 +42,27 @@ def render_set(num: int, resolution: int, seed: int, processor: Processor) -> tu
   return np.stack(pix).astype(np.float32), caps
 
 
-def caption_report(params, next_token, processor: Processor, builder: examples.SequenceBuilder, pixels, captions,
-                   *, batch: int = 128, instruction: str = examples.EVAL_INSTRUCTION) -> dict:
+def caption_report(
+    params,
+    next_token,
+    processor: Processor,
+    builder: examples.SequenceBuilder,
+    pixels,
+    captions,
+    *,
+    batch: int = 128,
+    instruction: str = examples.EVAL_INSTRUCTION,
+) -> dict:
   """Greedy captions of held-out images, scored against the truth."""
   prompt = np.asarray(builder.caption_prompt(instruction), np.int32)
   end = processor.tokenizer.convert_tokens_to_ids(IM_END)
   predicted = []
   for i in range(0, len(captions), batch):
-    px = jnp.asarray(pixels[i:i + batch])
+    px = jnp.asarray(pixels[i : i + batch])
     ids = np.repeat(prompt[None], px.shape[0], 0)
-    for answer in step.greedy_decode(params, next_token, ids, px, max_len=builder.max_len, pad_id=processor.pad_id,
-                                     end_id=end):
+    for answer in step.greedy_decode(
+        params, next_token, ids, px, max_len=builder.max_len, pad_id=processor.pad_id, end_id=end
+    ):
       predicted.append(processor.tokenizer.decode(answer))
   out = caption_accuracy.score(predicted, captions)
   out["examples"] = [{"true": t, "predicted": p} for t, p in list(zip(captions, predicted))[:8]]
@@ -79,8 +90,9 @@ def pretrain(config, out: str) -> dict:
   for i in range(1, t.num_steps + 1):
     idx = rng.integers(0, d.num_images, size=t.batch)
     b = examples.make_batch(builder, pixels[idx], [captions[j] for j in idx], rng, d.text_only_fraction)
-    params, opt_state, metrics = train_step(params, opt_state, jnp.asarray(b.ids), jnp.asarray(b.valid),
-                                            jnp.asarray(b.loss_mask), jnp.asarray(b.pixels))
+    params, opt_state, metrics = train_step(
+        params, opt_state, jnp.asarray(b.ids), jnp.asarray(b.valid), jnp.asarray(b.loss_mask), jnp.asarray(b.pixels)
+    )
     window.append(metrics)
     if i % t.log_every == 0 or i == t.num_steps:
       m = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
@@ -88,14 +100,19 @@ def pretrain(config, out: str) -> dict:
       history.append({"step": i, **m})
       print(json.dumps({"step": i, **{k: round(v, 4) for k, v in m.items()}}), flush=True)
   train_s = time.time() - t_train
-  report = {"steps": t.num_steps, "batch": t.batch, "train_seconds": round(train_s, 1), "history": history,
-            "heldout": caption_report(params, next_token, processor, builder, eval_pixels, eval_captions),
-            "heldout_aux_prompt": caption_report(params, next_token, processor, builder, eval_pixels, eval_captions,
-                                                 instruction=processor.aux_prompt),
-            "chance": caption_accuracy.chance_levels(),
-            "config": json.loads(config.to_json_best_effort())}
+  report = {
+      "steps": t.num_steps,
+      "batch": t.batch,
+      "train_seconds": round(train_s, 1),
+      "history": history,
+      "heldout": caption_report(params, next_token, processor, builder, eval_pixels, eval_captions),
+      "heldout_aux_prompt": caption_report(
+          params, next_token, processor, builder, eval_pixels, eval_captions, instruction=processor.aux_prompt
+      ),
+      "chance": caption_accuracy.chance_levels(),
+      "config": json.loads(config.to_json_best_effort()),
+  }
   report["heldout_aux_prompt"].pop("examples")
   hf_folder.write(out, cfg, params, processor.tokenizer, report)
   report["total_seconds"] = round(time.time() - t0, 1)
-  return {k: report[k] for k in ("steps", "train_seconds", "total_seconds", "heldout", "heldout_aux_prompt",
-                                 "chance")}
+  return {k: report[k] for k in ("steps", "train_seconds", "total_seconds", "heldout", "heldout_aux_prompt", "chance")}

@@ -25,12 +25,15 @@ from iomm_jax.models.flux_vae import FluxVAE, FluxVAEConfig
 @runtime_checkable
 class Autoencoder(Protocol):
   """What the rest of iomm_jax needs from an autoencoder (structural: FluxVAE and IdentityAutoencoder conform)."""
+
   latent_channels: int
   downsample: int
 
-  def encode(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array: ...
+  def encode(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    ...
 
-  def decode(self, latents: jax.Array) -> jax.Array: ...
+  def decode(self, latents: jax.Array) -> jax.Array:
+    ...
 
 
 class IdentityAutoencoder(nnx.Module):
@@ -46,7 +49,7 @@ class IdentityAutoencoder(nnx.Module):
     if factor < 1:
       raise ValueError(f"IdentityAutoencoder: factor={factor} must be >= 1")
     self.scale, self.channels, self.factor = float(scale), int(channels), int(factor)
-    self.latent_channels, self.downsample = self.channels * self.factor ** 2, self.factor
+    self.latent_channels, self.downsample = self.channels * self.factor**2, self.factor
 
   def encode(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     """images (B,H,W,C) → space_to_depth(images·scale) (fp32); `rng` is accepted and unused."""

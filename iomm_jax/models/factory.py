@@ -35,10 +35,13 @@ def mllm_config(config) -> InternVLConfig:
   """
   if config.model.mllm.path:
     from iomm_jax.models.internvl_keys import read_config
+
     cfg = read_config(config.model.mllm.path)
   else:
-    arch = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) if k in ("vision", "text") else v
-            for k, v in dict(config.model.mllm.arch).items()}
+    arch = {
+        k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) if k in ("vision", "text") else v
+        for k, v in dict(config.model.mllm.arch).items()
+    }
     vision = InternViTConfig(**_known(InternViTConfig, arch.pop("vision", {}), "config.model.mllm.arch.vision"))
     text = arch.pop("text", {})
     _known(Qwen2Config, text, "config.model.mllm.arch.text")
@@ -46,8 +49,12 @@ def mllm_config(config) -> InternVLConfig:
     tok = Processor.tiny(num_image_tokens=cfg.num_image_tokens, image_size=vision.image_size)
     text = dict(text, vocab_size=tok.vocab_size)
     cfg = dataclasses.replace(cfg, text=Qwen2Config(**text), image_token_id=tok.image_token_id)
-  return dataclasses.replace(cfg, remat=config.model.mllm.remat, scan_layers=bool(config.model.mllm.scan_layers),
-                             attention=config.model.attention)
+  return dataclasses.replace(
+      cfg,
+      remat=config.model.mllm.remat,
+      scan_layers=bool(config.model.mllm.scan_layers),
+      attention=config.model.attention,
+  )
 
 
 def mllm_width(cfg: InternVLConfig) -> int:
@@ -59,17 +66,21 @@ def dit_config(config, width: int):
   arch = dict(config.model.dit.arch)
   for name in ("attention", "attention_impl", "attn_implementation"):
     if name in arch:
-      raise ValueError(f"config.model.dit.arch.{name} is not a DiT field: attention is one setting for every module, "
-                       f"--config.model.attention (one of {ATTENTION_IMPLS})")
+      raise ValueError(
+          f"config.model.dit.arch.{name} is not a DiT field: attention is one setting for every module, "
+          f"--config.model.attention (one of {ATTENTION_IMPLS})"
+      )
   arch["attention"] = config.model.attention
   if config.model.dit.kind == "mmdit":
     from iomm_jax.models.mmdit import MMDiTConfig
+
     cfg = MMDiTConfig(**_known(MMDiTConfig, arch, "config.model.dit.arch"))
     for name in ("joint_attention_dim", "pooled_projection_dim"):
       if getattr(cfg, name) != width:
         raise ValueError(f"config.model.dit.arch.{name}={getattr(cfg, name)} must equal the MLLM width {width}")
     return cfg
   from iomm_jax.models.s3dit import S3DiTConfig
+
   cfg = S3DiTConfig(**_known(S3DiTConfig, arch, "config.model.dit.arch"))
   if cfg.cap_feat_dim != width:
     raise ValueError(f"config.model.dit.arch.cap_feat_dim={cfg.cap_feat_dim} must equal the MLLM width {width}")
@@ -80,16 +91,29 @@ def rqa_config(config, width: int) -> RQAConfig:
   r = config.model.rqa
   if width % r.num_heads:
     raise ValueError(f"config.model.rqa.num_heads={r.num_heads} does not divide the MLLM width {width}")
-  return RQAConfig(dim=width, num_queries=r.num_queries, num_heads=r.num_heads, mlp_ratio=r.mlp_ratio,
-                   num_layers=r.num_layers, attention=config.model.attention)
+  return RQAConfig(
+      dim=width,
+      num_queries=r.num_queries,
+      num_heads=r.num_heads,
+      mlp_ratio=r.mlp_ratio,
+      num_layers=r.num_layers,
+      attention=config.model.attention,
+  )
 
 
 def make_generator(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -> Generator:
   """The trainable DiT + RQA (fp32 params, compute in config.model.dtype)."""
   mcfg = mcfg or mllm_config(config)
   width = mllm_width(mcfg)
-  return Generator(config.model.dit.kind, dit_config(config, width), rqa_config(config, width),
-                   prediction=config.model.prediction, dtype=DTYPES[config.model.dtype], param_dtype=jnp.float32, rngs=rngs)
+  return Generator(
+      config.model.dit.kind,
+      dit_config(config, width),
+      rqa_config(config, width),
+      prediction=config.model.prediction,
+      dtype=DTYPES[config.model.dtype],
+      param_dtype=jnp.float32,
+      rngs=rngs,
+  )
 
 
 def make_mllm(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -> InternVL:
@@ -110,15 +134,19 @@ def make_ae(config, rngs: nnx.Rngs):
 def vae_config(config):
   """The FLUX VAE config: from the diffusers folder's config.json when model.autoencoder.path is set, else FLUX.1's."""
   from iomm_jax.models.flux_vae import FluxVAEConfig
+
   path = config.model.autoencoder.path
   if not path:
     return FluxVAEConfig(attention=config.model.attention)
   import json
   import os
+
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
-    raise ValueError(f"config.model.autoencoder.path={path!r} has no config.json; expected a diffusers AutoencoderKL "
-                     "folder (config.json + diffusion_pytorch_model.safetensors), e.g. the FLUX.1 'vae' subfolder")
+    raise ValueError(
+        f"config.model.autoencoder.path={path!r} has no config.json; expected a diffusers AutoencoderKL "
+        "folder (config.json + diffusion_pytorch_model.safetensors), e.g. the FLUX.1 'vae' subfolder"
+    )
   with open(cfg_file) as f:
     return dataclasses.replace(FluxVAEConfig.from_diffusers(json.load(f)), attention=config.model.attention)
 
@@ -132,12 +160,14 @@ def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
   mcfg = mcfg or mllm_config(config)
   if config.model.mllm.path:
     from iomm_jax.models.internvl_keys import MLLMCheckpointError
+
     path = config.model.mllm.path
     try:
       processor = Processor.from_pretrained(path)
     except (OSError, ValueError) as e:
-      raise MLLMCheckpointError(f"{path}: its tokenizer files cannot be loaded as an InternVL tokenizer "
-                                f"({str(e).splitlines()[0]})") from None
+      raise MLLMCheckpointError(
+          f"{path}: its tokenizer files cannot be loaded as an InternVL tokenizer " f"({str(e).splitlines()[0]})"
+      ) from None
     check_mllm_fits(config, mcfg, processor)
     return processor
   return Processor.tiny(num_image_tokens=mcfg.num_image_tokens, image_size=mcfg.vision.image_size)
@@ -146,17 +176,21 @@ def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
 def check_mllm_fits(config, mcfg: InternVLConfig, processor: Processor) -> None:
   """The MLLM folder's tokenizer and config agree with each other and with this run's data settings."""
   from iomm_jax.models.internvl_keys import MLLMCheckpointError
+
   where = f"{config.model.mllm.path}/config.json"
   if processor.vocab_size > mcfg.text.vocab_size:
     raise MLLMCheckpointError(
         f"{where}: text_config.vocab_size={mcfg.text.vocab_size} but the folder's tokenizer has "
-        f"{processor.vocab_size} tokens; the weights were saved for another vocabulary")
+        f"{processor.vocab_size} tokens; the weights were saved for another vocabulary"
+    )
   if processor.image_token_id != mcfg.image_token_id:
     raise MLLMCheckpointError(
         f"{where}: image_token_id={mcfg.image_token_id} but the tokenizer's <IMG_CONTEXT> is token "
-        f"{processor.image_token_id}; the tokenizer and the weights come from different models")
+        f"{processor.image_token_id}; the tokenizer and the weights come from different models"
+    )
   if int(config.data.vit_size) != mcfg.vision.image_size:
     raise MLLMCheckpointError(
         f"{where}: vision_config.image_size={mcfg.vision.image_size} but config.data.vit_size="
         f"{config.data.vit_size}; set --config.data.vit_size={mcfg.vision.image_size} (the MLLM was trained at that "
-        "size)")
+        "size)"
+    )

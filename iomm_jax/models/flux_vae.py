@@ -23,6 +23,7 @@ _CONV_AXES = (None, None, "conv_in", "conv_out")
 @dataclasses.dataclass(frozen=True)
 class FluxVAEConfig:
   """Mirrors diffusers' AutoencoderKL config; defaults are the FLUX.1 VAE (≈83.8M parameters)."""
+
   in_channels: int = 3
   out_channels: int = 3
   down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
@@ -32,41 +33,61 @@ class FluxVAEConfig:
   act_fn: str = "silu"
   latent_channels: int = 16
   norm_num_groups: int = 32
-  sample_size: int = 1024          # carried for the round trip; unused by us
+  sample_size: int = 1024  # carried for the round trip; unused by us
   scaling_factor: float = 0.3611
   shift_factor: float | None = 0.1159
-  force_upcast: bool = True        # carried for the round trip; unused by us
+  force_upcast: bool = True  # carried for the round trip; unused by us
   use_quant_conv: bool = False
   use_post_quant_conv: bool = False
   mid_block_add_attention: bool = True
-  attention: str = "auto"          # ours, not diffusers': layers.ATTENTION_IMPLS (config.model.attention)
+  attention: str = "auto"  # ours, not diffusers': layers.ATTENTION_IMPLS (config.model.attention)
 
   def __post_init__(self):
     n = len(self.block_out_channels)
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
-      raise ValueError(f"FluxVAEConfig: down_block_types ({len(self.down_block_types)}), up_block_types "
-                       f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length")
+      raise ValueError(
+          f"FluxVAEConfig: down_block_types ({len(self.down_block_types)}), up_block_types "
+          f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length"
+      )
     bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
     bad += [t for t in self.up_block_types if t != "UpDecoderBlock2D"]
     if bad:
-      raise ValueError(f"FluxVAEConfig: unsupported block types {bad}; only DownEncoderBlock2D / UpDecoderBlock2D "
-                       "(the FLUX/SD VAE layout) are ported")
+      raise ValueError(
+          f"FluxVAEConfig: unsupported block types {bad}; only DownEncoderBlock2D / UpDecoderBlock2D "
+          "(the FLUX/SD VAE layout) are ported"
+      )
     if self.act_fn not in ("silu", "swish"):
       raise ValueError(f"FluxVAEConfig.act_fn={self.act_fn!r} is not supported; the port implements 'silu'")
     bad_groups = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if bad_groups:
-      raise ValueError(f"FluxVAEConfig: block_out_channels {bad_groups} are not divisible by "
-                       f"norm_num_groups={self.norm_num_groups}")
+      raise ValueError(
+          f"FluxVAEConfig: block_out_channels {bad_groups} are not divisible by "
+          f"norm_num_groups={self.norm_num_groups}"
+      )
 
   @property
   def downsample(self) -> int:
     return 2 ** (len(self.block_out_channels) - 1)
 
   # Fields of diffusers' AutoencoderKL.__init__ that we carry (everything but attention).
-  _DIFFUSERS_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-                       "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
-                       "scaling_factor", "shift_factor", "force_upcast", "use_quant_conv", "use_post_quant_conv",
-                       "mid_block_add_attention")
+  _DIFFUSERS_FIELDS = (
+      "in_channels",
+      "out_channels",
+      "down_block_types",
+      "up_block_types",
+      "block_out_channels",
+      "layers_per_block",
+      "act_fn",
+      "latent_channels",
+      "norm_num_groups",
+      "sample_size",
+      "scaling_factor",
+      "shift_factor",
+      "force_upcast",
+      "use_quant_conv",
+      "use_post_quant_conv",
+      "mid_block_add_attention",
+  )
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "FluxVAEConfig":
@@ -74,12 +95,15 @@ class FluxVAEConfig:
     d = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     for k in ("latents_mean", "latents_std"):
       if d.pop(k, None) is not None:
-        raise ValueError(f"vae config: {k} is set; per-channel latent statistics are not supported "
-                         "(the FLUX VAE uses scaling_factor/shift_factor)")
+        raise ValueError(
+            f"vae config: {k} is set; per-channel latent statistics are not supported "
+            "(the FLUX VAE uses scaling_factor/shift_factor)"
+        )
     unknown = sorted(set(d) - set(cls._DIFFUSERS_FIELDS))
     if unknown:
-      raise ValueError(f"vae config: unknown field(s) {unknown}; expected AutoencoderKL fields "
-                       f"{list(cls._DIFFUSERS_FIELDS)}")
+      raise ValueError(
+          f"vae config: unknown field(s) {unknown}; expected AutoencoderKL fields " f"{list(cls._DIFFUSERS_FIELDS)}"
+      )
     for k in ("down_block_types", "up_block_types", "block_out_channels"):
       if k in d:
         d[k] = tuple(d[k])
@@ -117,15 +141,25 @@ class GroupNorm(nnx.Module):
 
 
 def _conv(cin: int, cout: int, k: int, *, padding: int, stride: int = 1, dtype, param_dtype, rngs) -> Conv2d:
-  return Conv2d(cin, cout, k, stride=stride, padding=padding, axes=_CONV_AXES, dtype=dtype, param_dtype=param_dtype,
-                rngs=rngs)
+  return Conv2d(
+      cin, cout, k, stride=stride, padding=padding, axes=_CONV_AXES, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+  )
 
 
 class ResnetBlock2D(nnx.Module):
   """norm1 → SiLU → conv1 → norm2 → SiLU → conv2, plus the (1×1 `conv_shortcut` when widths differ) skip."""
 
-  def __init__(self, cin: int, cout: int, groups: int, *, eps: float = 1e-6, dtype: DType = None,
-               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cin: int,
+      cout: int,
+      groups: int,
+      *,
+      eps: float = 1e-6,
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = GroupNorm(groups, cin, eps=eps, param_dtype=param_dtype)
     self.conv1 = _conv(cin, cout, 3, padding=1, **kw)
@@ -163,8 +197,17 @@ class Upsample2D(nnx.Module):
 class SpatialSelfAttention(nnx.Module):
   """diffusers' mid-block Attention: GroupNorm, one head over all H·W positions, residual."""
 
-  def __init__(self, channels: int, groups: int, *, eps: float = 1e-6, attn_implementation: str = "auto",
-               dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      channels: int,
+      groups: int,
+      *,
+      eps: float = 1e-6,
+      attn_implementation: str = "auto",
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.attn_implementation = attn_implementation
     kw = dict(axes=("conv_in", "conv_out"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.group_norm = GroupNorm(groups, channels, eps=eps, param_dtype=param_dtype)
@@ -183,13 +226,25 @@ class SpatialSelfAttention(nnx.Module):
 class UNetMidBlock2D(nnx.Module):
   """resnet → (attention) → resnet at the lowest resolution."""
 
-  def __init__(self, channels: int, groups: int, *, add_attention: bool, attn_implementation: str,
-               dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      channels: int,
+      groups: int,
+      *,
+      add_attention: bool,
+      attn_implementation: str,
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
     # diffusers keeps `attentions = [None]` without attention; we keep no attribute for it then.
-    self.attentions = nnx.List([SpatialSelfAttention(channels, groups, attn_implementation=attn_implementation,
-                                                     **kw)]) if add_attention else None
+    self.attentions = (
+        nnx.List([SpatialSelfAttention(channels, groups, attn_implementation=attn_implementation, **kw)])
+        if add_attention
+        else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.resnets[0](x)
@@ -199,8 +254,19 @@ class UNetMidBlock2D(nnx.Module):
 
 
 class DownEncoderBlock2D(nnx.Module):
-  def __init__(self, cin: int, cout: int, num_layers: int, groups: int, *, add_downsample: bool, dtype: DType = None,
-               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+
+  def __init__(
+      self,
+      cin: int,
+      cout: int,
+      num_layers: int,
+      groups: int,
+      *,
+      add_downsample: bool,
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
     self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
@@ -212,8 +278,19 @@ class DownEncoderBlock2D(nnx.Module):
 
 
 class UpDecoderBlock2D(nnx.Module):
-  def __init__(self, cin: int, cout: int, num_layers: int, groups: int, *, add_upsample: bool, dtype: DType = None,
-               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+
+  def __init__(
+      self,
+      cin: int,
+      cout: int,
+      num_layers: int,
+      groups: int,
+      *,
+      add_upsample: bool,
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
     self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
@@ -231,11 +308,15 @@ class Encoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch, g = cfg.block_out_channels, cfg.norm_num_groups
     self.conv_in = _conv(cfg.in_channels, ch[0], 3, padding=1, **kw)
-    self.down_blocks = nnx.List([
-        DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, add_downsample=i < len(ch) - 1, **kw)
-        for i in range(len(ch))])
-    self.mid_block = UNetMidBlock2D(ch[-1], g, add_attention=cfg.mid_block_add_attention,
-                                    attn_implementation=cfg.attention, **kw)
+    self.down_blocks = nnx.List(
+        [
+            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, add_downsample=i < len(ch) - 1, **kw)
+            for i in range(len(ch))
+        ]
+    )
+    self.mid_block = UNetMidBlock2D(
+        ch[-1], g, add_attention=cfg.mid_block_add_attention, attn_implementation=cfg.attention, **kw
+    )
     self.conv_norm_out = GroupNorm(g, ch[-1], param_dtype=param_dtype)
     self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels, 3, padding=1, **kw)
 
@@ -254,11 +335,15 @@ class Decoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
     self.conv_in = _conv(cfg.latent_channels, ch[0], 3, padding=1, **kw)
-    self.mid_block = UNetMidBlock2D(ch[0], g, add_attention=cfg.mid_block_add_attention,
-                                    attn_implementation=cfg.attention, **kw)
-    self.up_blocks = nnx.List([
-        UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1, **kw)
-        for i in range(len(ch))])
+    self.mid_block = UNetMidBlock2D(
+        ch[0], g, add_attention=cfg.mid_block_add_attention, attn_implementation=cfg.attention, **kw
+    )
+    self.up_blocks = nnx.List(
+        [
+            UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1, **kw)
+            for i in range(len(ch))
+        ]
+    )
     self.conv_norm_out = GroupNorm(g, ch[-1], param_dtype=param_dtype)
     self.conv_out = _conv(ch[-1], cfg.out_channels, 3, padding=1, **kw)
 
@@ -276,8 +361,14 @@ class FluxVAE(nnx.Module):
   `decode` undoes the normalisation and returns fp32 images, nominally in [-1, 1] (not clipped).
   """
 
-  def __init__(self, cfg: FluxVAEConfig = FluxVAEConfig(), *, dtype: DType = jnp.float32,
-               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: FluxVAEConfig = FluxVAEConfig(),
+      *,
+      dtype: DType = jnp.float32,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.cfg, self.dtype = cfg, dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.encoder = Encoder(cfg, **kw)

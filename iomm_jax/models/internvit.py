@@ -25,6 +25,7 @@ ACTIVATIONS = {"gelu": layers.gelu_exact, "gelu_pytorch_tanh": layers.gelu_tanh,
 @dataclasses.dataclass(frozen=True)
 class InternViTConfig:
   """Vision tower sizes; defaults are InternViT-300M-448px-V2.5 as in InternVL3-2B-hf."""
+
   image_size: int = 448
   patch_size: int = 14
   num_channels: int = 3
@@ -32,22 +33,24 @@ class InternViTConfig:
   num_hidden_layers: int = 24
   num_attention_heads: int = 16
   intermediate_size: int = 4096
-  norm_type: str = "layer_norm"          # 'layer_norm' | 'rms_norm'
+  norm_type: str = "layer_norm"  # 'layer_norm' | 'rms_norm'
   use_qk_norm: bool = False
-  layer_scale_init_value: float = 0.1    # initial value of lambda_1/lambda_2 (loaded weights override it)
+  layer_scale_init_value: float = 0.1  # initial value of lambda_1/lambda_2 (loaded weights override it)
   layer_norm_eps: float = 1e-6
   attention_bias: bool = True
   hidden_act: str = "gelu"
-  use_mean_pooling: bool = True          # True: no final layernorm (transformers uses nn.Identity)
-  use_mask_token: bool = False           # a stored (unused) mask_token parameter
+  use_mean_pooling: bool = True  # True: no final layernorm (transformers uses nn.Identity)
+  use_mask_token: bool = False  # a stored (unused) mask_token parameter
   use_absolute_position_embeddings: bool = True
 
   def __post_init__(self):
     if self.norm_type not in ("layer_norm", "rms_norm"):
       raise ValueError(f"InternViTConfig.norm_type={self.norm_type!r}; expected 'layer_norm' or 'rms_norm'")
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"InternViTConfig: hidden_size={self.hidden_size} is not divisible by "
-                       f"num_attention_heads={self.num_attention_heads}")
+      raise ValueError(
+          f"InternViTConfig: hidden_size={self.hidden_size} is not divisible by "
+          f"num_attention_heads={self.num_attention_heads}"
+      )
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"InternViTConfig.hidden_act={self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
 
@@ -65,27 +68,37 @@ def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   scale = in_size / out_size
   m = np.zeros((out_size, in_size), np.float64)
   for o in range(out_size):
-    src = scale * (o + 0.5) - 0.5        # torch does not clamp the source index for cubic
+    src = scale * (o + 0.5) - 0.5  # torch does not clamp the source index for cubic
     i0 = math.floor(src)
     t = src - i0
-    w = [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-         ((a + 2) * t - (a + 3)) * t * t + 1,
-         ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-         ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a]
+    w = [
+        ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+        ((a + 2) * t - (a + 3)) * t * t + 1,
+        ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+        ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+    ]
     for k in range(4):
       m[o, min(max(i0 - 1 + k, 0), in_size - 1)] += w[k]
   return m.astype(np.float32)
 
 
 class InternViTPatchEmbeddings(nnx.Module):
+
   def __init__(self, cfg: InternViTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.projection = layers.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size,
-                                    axes=(None, None, None, "embed"), dtype=dtype, param_dtype=param_dtype,
-                                    rngs=rngs)
+    self.projection = layers.Conv2d(
+        cfg.num_channels,
+        cfg.hidden_size,
+        cfg.patch_size,
+        stride=cfg.patch_size,
+        axes=(None, None, None, "embed"),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
-    y = self.projection(pixel_values)                       # (B, h, w, D)
-    return y.reshape(y.shape[0], -1, y.shape[-1])           # row-major, as torch flatten(2)
+    y = self.projection(pixel_values)  # (B, h, w, D)
+    return y.reshape(y.shape[0], -1, y.shape[-1])  # row-major, as torch flatten(2)
 
 
 class InternViTEmbeddings(nnx.Module):
@@ -95,13 +108,17 @@ class InternViTEmbeddings(nnx.Module):
     d = cfg.hidden_size
     self.cfg, self.dtype = cfg, dtype
     self.cls_token = nnx.Param(jnp.zeros((1, 1, d), param_dtype), axes=(None, None, "embed"))
-    self.mask_token = (nnx.Param(jnp.zeros((1, 1, d), param_dtype), axes=(None, None, "embed"))
-                       if cfg.use_mask_token else None)
+    self.mask_token = (
+        nnx.Param(jnp.zeros((1, 1, d), param_dtype), axes=(None, None, "embed")) if cfg.use_mask_token else None
+    )
     self.patch_embeddings = InternViTPatchEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.position_embeddings = (
-        nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, cfg.grid ** 2 + 1, d), param_dtype),
-                  axes=(None, None, "embed"))
-        if cfg.use_absolute_position_embeddings else None)
+        nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (1, cfg.grid**2 + 1, d), param_dtype), axes=(None, None, "embed")
+        )
+        if cfg.use_absolute_position_embeddings
+        else None
+    )
 
   def _positions(self, height: int, width: int) -> jax.Array:
     pos = self.position_embeddings[...]
@@ -133,11 +150,13 @@ class InternViTEmbeddings(nnx.Module):
 class InternViTAttention(nnx.Module):
   """Bidirectional MHA; optional RMSNorm over the full q/k width (eps 1e-6, as transformers)."""
 
-  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     d = cfg.hidden_size
-    self.num_heads, self.head_dim, self.attention_impl = cfg.num_attention_heads, d // cfg.num_attention_heads, \
-        attention_impl
+    self.num_heads, self.head_dim, self.attention_impl = (
+        cfg.num_attention_heads,
+        d // cfg.num_attention_heads,
+        attention_impl,
+    )
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = layers.Linear(d, d, use_bias=cfg.attention_bias, axes=("embed", "heads"), **kw)
     self.k_proj = layers.Linear(d, d, use_bias=cfg.attention_bias, axes=("embed", "heads"), **kw)
@@ -160,6 +179,7 @@ class InternViTAttention(nnx.Module):
 
 
 class InternViTMLP(nnx.Module):
+
   def __init__(self, cfg: InternViTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = layers.Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
@@ -179,10 +199,10 @@ def _norm(cfg: InternViTConfig, param_dtype):
 class InternViTLayer(nnx.Module):
   """x + λ1·attn(norm(x)); then x + λ2·mlp(norm(x))."""
 
-  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any,
-               rngs: nnx.Rngs):
-    self.attention = InternViTAttention(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
-                                        rngs=rngs)
+  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.attention = InternViTAttention(
+        cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.mlp = InternViTMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.layernorm_before = _norm(cfg, param_dtype)
     self.layernorm_after = _norm(cfg, param_dtype)
@@ -196,11 +216,14 @@ class InternViTLayer(nnx.Module):
 
 
 class InternViTEncoder(nnx.Module):
-  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any,
-               rngs: nnx.Rngs):
-    self.layer = nnx.List([InternViTLayer(cfg, attention_impl=attention_impl, dtype=dtype,
-                                          param_dtype=param_dtype, rngs=rngs)
-                           for _ in range(cfg.num_hidden_layers)])
+
+  def __init__(self, cfg: InternViTConfig, *, attention_impl: str, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.layer = nnx.List(
+        [
+            InternViTLayer(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for layer in self.layer:
@@ -211,18 +234,28 @@ class InternViTEncoder(nnx.Module):
 class InternViT(nnx.Module):
   """transformers.InternVLVisionModel: (B, H, W, C) normalised pixels → (B, 1 + N_patches, D) last hidden."""
 
-  def __init__(self, cfg: InternViTConfig, *, attention_impl: str = "auto", dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: InternViTConfig,
+      *,
+      attention_impl: str = "auto",
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.cfg, self.dtype = cfg, dtype
     self.embeddings = InternViTEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.encoder = InternViTEncoder(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
-                                    rngs=rngs)
-    self.layernorm = (None if cfg.use_mean_pooling else
-                      layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=param_dtype))
+    self.encoder = InternViTEncoder(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layernorm = (
+        None
+        if cfg.use_mean_pooling
+        else layers.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
+    )
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.cfg.num_channels:
-      raise ValueError(f"InternViT expects NHWC pixels (B, H, W, {self.cfg.num_channels}); got "
-                       f"{pixel_values.shape}")
+      raise ValueError(
+          f"InternViT expects NHWC pixels (B, H, W, {self.cfg.num_channels}); got " f"{pixel_values.shape}"
+      )
     x = self.encoder(self.embeddings(pixel_values.astype(self.dtype)))
     return x if self.layernorm is None else self.layernorm(x)

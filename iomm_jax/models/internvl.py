@@ -24,16 +24,17 @@ from iomm_jax.models.qwen2 import REMAT_POLICIES, Qwen2Config, Qwen2Model
 @dataclasses.dataclass(frozen=True)
 class InternVLConfig:
   """InternVL3 sizes; defaults = OpenGVLab/InternVL3-2B-hf."""
+
   vision: InternViTConfig = dataclasses.field(default_factory=InternViTConfig)
   text: Qwen2Config = dataclasses.field(default_factory=Qwen2Config)
   downsample_ratio: float = 0.5
   projector_hidden_act: str = "gelu"
-  projector_layer_norm_eps: float = 1e-5     # torch nn.LayerNorm default, as transformers builds it
+  projector_layer_norm_eps: float = 1e-5  # torch nn.LayerNorm default, as transformers builds it
   image_token_id: int = 151667
-  remat: str = "none"                        # LLM layers: 'none' | 'full' | 'dots_saveable'
-  scan_layers: bool = False                  # LLM layers as one lax.scan (compile one layer, not N)
-  attention: str = "auto"                    # layers.ATTENTION_IMPLS (config.model.attention)
-  with_lm_head: bool = False                 # build/load lm_head.weight (IOMM only needs hidden states)
+  remat: str = "none"  # LLM layers: 'none' | 'full' | 'dots_saveable'
+  scan_layers: bool = False  # LLM layers as one lax.scan (compile one layer, not N)
+  attention: str = "auto"  # layers.ATTENTION_IMPLS (config.model.attention)
+  with_lm_head: bool = False  # build/load lm_head.weight (IOMM only needs hidden states)
 
   def __post_init__(self):
     if self.remat not in REMAT_POLICIES:
@@ -42,11 +43,14 @@ class InternVLConfig:
     if abs(inv - round(inv)) > 1e-6:
       raise ValueError(f"InternVLConfig.downsample_ratio={self.downsample_ratio}: 1/ratio must be an integer")
     if (self.vision.grid * self.downsample_ratio) % 1:
-      raise ValueError(f"InternVLConfig: the ViT grid {self.vision.grid} times downsample_ratio "
-                       f"{self.downsample_ratio} is not an integer")
+      raise ValueError(
+          f"InternVLConfig: the ViT grid {self.vision.grid} times downsample_ratio "
+          f"{self.downsample_ratio} is not an integer"
+      )
     if self.projector_hidden_act not in _ACT:
-      raise ValueError(f"InternVLConfig.projector_hidden_act={self.projector_hidden_act!r}; "
-                       f"supported: {sorted(_ACT)}")
+      raise ValueError(
+          f"InternVLConfig.projector_hidden_act={self.projector_hidden_act!r}; " f"supported: {sorted(_ACT)}"
+      )
 
   @property
   def shuffle_factor(self) -> int:
@@ -62,11 +66,13 @@ class InternVLConfig:
   def from_hf(cls, config: Mapping[str, Any], **overrides) -> "InternVLConfig":
     """Our config from a transformers InternVLConfig json dict (the `config.json` of an -hf checkpoint)."""
     from iomm_jax.models.internvl_keys import config_from_torch
+
     return config_from_torch(config, **overrides)
 
   def to_hf(self) -> dict:
     """The transformers InternVLConfig dict for this config (inverse of from_hf)."""
     from iomm_jax.models.internvl_keys import config_to_torch
+
     return config_to_torch(self)
 
 
@@ -80,20 +86,18 @@ def pixel_shuffle(x: jax.Array, scale_factor: float) -> jax.Array:
     raise ValueError(f"pixel_shuffle: grid {w}x{h} is not divisible by 1/{scale_factor}")
   x = x.reshape(b, w, int(h * scale_factor), int(c / scale_factor))
   x = x.transpose(0, 2, 1, 3)
-  x = x.reshape(b, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor ** 2)))
+  x = x.reshape(b, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor**2)))
   return x.transpose(0, 2, 1, 3)
 
 
 class InternVLMultiModalProjector(nnx.Module):
   """LayerNorm(D_vit·s²) → Linear → GELU → Linear to the LLM width."""
 
-  def __init__(self, cfg: InternVLConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
-    d_in = cfg.vision.hidden_size * cfg.shuffle_factor ** 2
+  def __init__(self, cfg: InternVLConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    d_in = cfg.vision.hidden_size * cfg.shuffle_factor**2
     d_out = cfg.text.hidden_size
     self.act = cfg.projector_hidden_act
-    self.layer_norm = layers.LayerNorm(d_in, eps=cfg.projector_layer_norm_eps, axes=(None,),
-                                       param_dtype=param_dtype)
+    self.layer_norm = layers.LayerNorm(d_in, eps=cfg.projector_layer_norm_eps, axes=(None,), param_dtype=param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.linear_1 = layers.Linear(d_in, d_out, axes=(None, "embed"), **kw)
     self.linear_2 = layers.Linear(d_out, d_out, axes=(None, "embed"), **kw)
@@ -105,23 +109,39 @@ class InternVLMultiModalProjector(nnx.Module):
 class InternVL(nnx.Module):
   """transformers.InternVLModel without generation: ViT tokens, embeddings, splice, and the LLM pass."""
 
-  def __init__(self, cfg: InternVLConfig = InternVLConfig(), *, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: InternVLConfig = InternVLConfig(),
+      *,
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.cfg, self.dtype = cfg, dtype
     kw = dict(attention_impl=cfg.attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vision_tower = InternViT(cfg.vision, **kw)
     self.multi_modal_projector = InternVLMultiModalProjector(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.language_model = Qwen2Model(cfg.text, remat=cfg.remat, scan_layers=cfg.scan_layers, **kw)
-    self.lm_head = (layers.Linear(cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False,
-                                  axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                    if cfg.with_lm_head else None)
+    self.lm_head = (
+        layers.Linear(
+            cfg.text.hidden_size,
+            cfg.text.vocab_size,
+            use_bias=False,
+            axes=("embed", "vocab"),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        if cfg.with_lm_head
+        else None
+    )
 
   # -- image path (independent of trainable weights: can be cached offline) --------------------------------
   def vision_features(self, pixel_values: jax.Array) -> jax.Array:
     """(B, H, W, 3) → pixel-shuffled ViT features (B, N_img, D_vit·s²), before the projector."""
-    feats = self.vision_tower(pixel_values)[:, 1:, :]          # vision_feature_select_strategy='default'
+    feats = self.vision_tower(pixel_values)[:, 1:, :]  # vision_feature_select_strategy='default'
     b, n, c = feats.shape
-    side = int(round(n ** 0.5))
+    side = int(round(n**0.5))
     if side * side != n:
       raise ValueError(f"InternVL: {n} patch tokens do not form a square grid; use a square image")
     feats = pixel_shuffle(feats.reshape(b, side, side, c), self.cfg.downsample_ratio)
@@ -147,20 +167,28 @@ class InternVL(nnx.Module):
     if not isinstance(mask, jax.core.Tracer):
       n_pos = int(np.asarray(mask).sum())
       if n_pos != flat.shape[0]:
-        raise ValueError(f"splice_image_tokens: {n_pos} image-token positions (id {self.cfg.image_token_id}) "
-                         f"but {flat.shape[0]} image tokens were given")
+        raise ValueError(
+            f"splice_image_tokens: {n_pos} image-token positions (id {self.cfg.image_token_id}) "
+            f"but {flat.shape[0]} image tokens were given"
+        )
     idx = jnp.cumsum(mask.reshape(-1)) - 1
     gathered = jnp.take(flat, jnp.clip(idx, 0, flat.shape[0] - 1), axis=0).reshape(embeds.shape)
     return jnp.where(mask[..., None], gathered, embeds)
 
-  def language_model_forward(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-                             position_ids: jax.Array | None = None) -> jax.Array:
+  def language_model_forward(
+      self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None
+  ) -> jax.Array:
     """(B, L, D) embeddings → last hidden states after the final norm; causal + key-padding mask
     (attention_mask (B, L) bool, True = real token); position_ids (B, L) default 0..L-1."""
     return self.language_model(inputs_embeds, attention_mask, position_ids)
 
-  def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-               attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      input_ids: jax.Array,
+      pixel_values: jax.Array | None = None,
+      attention_mask: jax.Array | None = None,
+      position_ids: jax.Array | None = None,
+  ) -> jax.Array:
     """The whole InternVLModel forward: embed, splice image tokens (if pixels), LLM → last hidden state."""
     embeds = self.embed_tokens(input_ids)
     if pixel_values is not None:

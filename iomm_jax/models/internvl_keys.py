@@ -34,8 +34,8 @@ def key_table(with_lm_head: bool = False) -> KeyTable:
 KEY_TABLE = key_table(with_lm_head=False)
 
 _LAYOUT_RENAMES = (
-    (re.compile(r"^model\."), ""),                                   # InternVLForConditionalGeneration
-    (re.compile(r"^language_model\.lm_head\."), "lm_head."),         # llava-style -hf checkpoints
+    (re.compile(r"^model\."), ""),  # InternVLForConditionalGeneration
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),  # llava-style -hf checkpoints
     (re.compile(r"^language_model\.model\."), "language_model."),
 )
 
@@ -55,16 +55,45 @@ def to_checkpoint_key(key: str) -> str:
 
 
 # transformers 5.24 defaults for the fields we read (used when config.json omits them).
-_HF_VISION = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, attention_bias=False,
-                  use_qk_norm=False, intermediate_size=4096, hidden_act="gelu", norm_type="layer_norm",
-                  layer_norm_eps=1e-6, image_size=(448, 448), patch_size=(14, 14), num_channels=3,
-                  use_mask_token=False, use_absolute_position_embeddings=True, layer_scale_init_value=0.1,
-                  use_mean_pooling=True)
-_HF_TEXT = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=None, hidden_act="silu", max_position_embeddings=32768,
-                rms_norm_eps=1e-6, head_dim=None, use_sliding_window=False, rope_theta=10000.0)
-_HF_TOP = dict(image_token_id=151667, downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
-               vision_feature_select_strategy="default")
+_HF_VISION = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    attention_bias=False,
+    use_qk_norm=False,
+    intermediate_size=4096,
+    hidden_act="gelu",
+    norm_type="layer_norm",
+    layer_norm_eps=1e-6,
+    image_size=(448, 448),
+    patch_size=(14, 14),
+    num_channels=3,
+    use_mask_token=False,
+    use_absolute_position_embeddings=True,
+    layer_scale_init_value=0.1,
+    use_mean_pooling=True,
+)
+_HF_TEXT = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=22016,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=None,
+    hidden_act="silu",
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    head_dim=None,
+    use_sliding_window=False,
+    rope_theta=10000.0,
+)
+_HF_TOP = dict(
+    image_token_id=151667,
+    downsample_ratio=0.5,
+    projector_hidden_act="gelu",
+    vision_feature_layer=-1,
+    vision_feature_select_strategy="default",
+)
 
 
 def _square(name: str, value) -> int:
@@ -90,12 +119,16 @@ def config_from_torch(config: Mapping[str, Any], **overrides):
   from iomm_jax.models.qwen2 import Qwen2Config
 
   if config.get("model_type", "internvl") != "internvl":
-    raise ValueError(f"config.json model_type={config.get('model_type')!r}; expected 'internvl' (a transformers "
-                     "'-hf' checkpoint such as OpenGVLab/InternVL3-2B-hf, not the trust_remote_code one)")
+    raise ValueError(
+        f"config.json model_type={config.get('model_type')!r}; expected 'internvl' (a transformers "
+        "'-hf' checkpoint such as OpenGVLab/InternVL3-2B-hf, not the trust_remote_code one)"
+    )
   top = {**_HF_TOP, **{k: config[k] for k in _HF_TOP if k in config}}
   if top["vision_feature_layer"] != -1 or top["vision_feature_select_strategy"] != "default":
-    raise ValueError("config.json: only vision_feature_layer=-1 with vision_feature_select_strategy='default' "
-                     f"is supported (got {top['vision_feature_layer']}, {top['vision_feature_select_strategy']!r})")
+    raise ValueError(
+        "config.json: only vision_feature_layer=-1 with vision_feature_select_strategy='default' "
+        f"is supported (got {top['vision_feature_layer']}, {top['vision_feature_select_strategy']!r})"
+    )
   v = {**_HF_VISION, **{k: val for k, val in (config.get("vision_config") or {}).items() if k in _HF_VISION}}
   t_raw = config.get("text_config") or {}
   if t_raw.get("model_type", "qwen2") != "qwen2":
@@ -104,23 +137,44 @@ def config_from_torch(config: Mapping[str, Any], **overrides):
     raise ValueError("config.json text_config.use_sliding_window=true is not supported")
   t = {**_HF_TEXT, **{k: val for k, val in t_raw.items() if k in _HF_TEXT}}
   vision = InternViTConfig(
-      image_size=_square("image_size", v["image_size"]), patch_size=_square("patch_size", v["patch_size"]),
-      num_channels=v["num_channels"], hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
-      num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-      norm_type=v["norm_type"], use_qk_norm=bool(v["use_qk_norm"]),
-      layer_scale_init_value=float(v["layer_scale_init_value"]), layer_norm_eps=float(v["layer_norm_eps"]),
-      attention_bias=bool(v["attention_bias"]), hidden_act=v["hidden_act"],
-      use_mean_pooling=bool(v["use_mean_pooling"]), use_mask_token=bool(v["use_mask_token"]),
-      use_absolute_position_embeddings=bool(v["use_absolute_position_embeddings"]))
+      image_size=_square("image_size", v["image_size"]),
+      patch_size=_square("patch_size", v["patch_size"]),
+      num_channels=v["num_channels"],
+      hidden_size=v["hidden_size"],
+      num_hidden_layers=v["num_hidden_layers"],
+      num_attention_heads=v["num_attention_heads"],
+      intermediate_size=v["intermediate_size"],
+      norm_type=v["norm_type"],
+      use_qk_norm=bool(v["use_qk_norm"]),
+      layer_scale_init_value=float(v["layer_scale_init_value"]),
+      layer_norm_eps=float(v["layer_norm_eps"]),
+      attention_bias=bool(v["attention_bias"]),
+      hidden_act=v["hidden_act"],
+      use_mean_pooling=bool(v["use_mean_pooling"]),
+      use_mask_token=bool(v["use_mask_token"]),
+      use_absolute_position_embeddings=bool(v["use_absolute_position_embeddings"]),
+  )
   text = Qwen2Config(
-      vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
-      num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
-      num_key_value_heads=t["num_key_value_heads"] or t["num_attention_heads"], head_dim=t["head_dim"],
-      rope_theta=_rope_theta(t_raw), rms_norm_eps=float(t["rms_norm_eps"]),
-      max_position_embeddings=t["max_position_embeddings"], hidden_act=t["hidden_act"])
-  return InternVLConfig(vision=vision, text=text, downsample_ratio=float(top["downsample_ratio"]),
-                        projector_hidden_act=top["projector_hidden_act"], image_token_id=int(top["image_token_id"]),
-                        **overrides)
+      vocab_size=t["vocab_size"],
+      hidden_size=t["hidden_size"],
+      intermediate_size=t["intermediate_size"],
+      num_hidden_layers=t["num_hidden_layers"],
+      num_attention_heads=t["num_attention_heads"],
+      num_key_value_heads=t["num_key_value_heads"] or t["num_attention_heads"],
+      head_dim=t["head_dim"],
+      rope_theta=_rope_theta(t_raw),
+      rms_norm_eps=float(t["rms_norm_eps"]),
+      max_position_embeddings=t["max_position_embeddings"],
+      hidden_act=t["hidden_act"],
+  )
+  return InternVLConfig(
+      vision=vision,
+      text=text,
+      downsample_ratio=float(top["downsample_ratio"]),
+      projector_hidden_act=top["projector_hidden_act"],
+      image_token_id=int(top["image_token_id"]),
+      **overrides,
+  )
 
 
 def config_to_torch(cfg) -> dict:
@@ -128,25 +182,43 @@ def config_to_torch(cfg) -> dict:
   v, t = cfg.vision, cfg.text
   vision = {k: getattr(v, k) for k in _HF_VISION if k not in ("image_size", "patch_size")}
   vision.update(image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2, model_type="internvl_vision")
-  text = dict(model_type="qwen2", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-              intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-              num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-              hidden_act=t.hidden_act, max_position_embeddings=t.max_position_embeddings,
-              rms_norm_eps=t.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
-              tie_word_embeddings=False)
+  text = dict(
+      model_type="qwen2",
+      vocab_size=t.vocab_size,
+      hidden_size=t.hidden_size,
+      intermediate_size=t.intermediate_size,
+      num_hidden_layers=t.num_hidden_layers,
+      num_attention_heads=t.num_attention_heads,
+      num_key_value_heads=t.num_key_value_heads,
+      hidden_act=t.hidden_act,
+      max_position_embeddings=t.max_position_embeddings,
+      rms_norm_eps=t.rms_norm_eps,
+      rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+      tie_word_embeddings=False,
+  )
   if t.head_dim is not None:
     text["head_dim"] = t.head_dim
-  return dict(model_type="internvl", architectures=["InternVLForConditionalGeneration"], vision_config=vision,
-              text_config=text, image_token_id=cfg.image_token_id, image_seq_length=cfg.num_image_tokens,
-              downsample_ratio=cfg.downsample_ratio, projector_hidden_act=cfg.projector_hidden_act,
-              vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+  return dict(
+      model_type="internvl",
+      architectures=["InternVLForConditionalGeneration"],
+      vision_config=vision,
+      text_config=text,
+      image_token_id=cfg.image_token_id,
+      image_seq_length=cfg.num_image_tokens,
+      downsample_ratio=cfg.downsample_ratio,
+      projector_hidden_act=cfg.projector_hidden_act,
+      vision_feature_layer=-1,
+      vision_feature_select_strategy="default",
+      tie_word_embeddings=False,
+  )
 
 
 EXPECTED_LAYOUT = (
     "expected a local copy of a transformers InternVL checkpoint such as OpenGVLab/InternVL3-2B-hf: a directory "
     "with config.json (model_type 'internvl'), model.safetensors or sharded *.safetensors with "
     "model.safetensors.index.json, and the tokenizer files (tokenizer.json, tokenizer_config.json, …). "
-    "Download it e.g. with `huggingface-cli download OpenGVLab/InternVL3-2B-hf --local-dir DIR`.")
+    "Download it e.g. with `huggingface-cli download OpenGVLab/InternVL3-2B-hf --local-dir DIR`."
+)
 
 
 class MLLMCheckpointError(FileNotFoundError):

@@ -25,23 +25,26 @@ from iomm_jax.models.rqa import RQA, RQAConfig
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class Templates:
   """Host-side token templates, all left-padded to `length` (static under jit)."""
+
   length: int
   pad_id: int
-  image_ids: np.ndarray         # (length,) aux prompt + <img> N×<IMG_CONTEXT> </img>
-  image_valid: np.ndarray       # (length,) bool
-  image_positions: np.ndarray   # (N,) where the image tokens go in image_ids
-  uncond_ids: np.ndarray        # (length,) the empty-prompt template
+  image_ids: np.ndarray  # (length,) aux prompt + <img> N×<IMG_CONTEXT> </img>
+  image_valid: np.ndarray  # (length,) bool
+  image_positions: np.ndarray  # (N,) where the image tokens go in image_ids
+  uncond_ids: np.ndarray  # (length,) the empty-prompt template
   uncond_valid: np.ndarray
 
 
 def _left_pad(ids, length, pad_id, what):
   if len(ids) > length:
-    raise ValueError(f"the {what} template has {len(ids)} tokens, more than the condition length {length}; "
-                     "raise config.data.max_text_tokens or shorten config.model.mllm.aux_prompt")
+    raise ValueError(
+        f"the {what} template has {len(ids)} tokens, more than the condition length {length}; "
+        "raise config.data.max_text_tokens or shorten config.model.mllm.aux_prompt"
+    )
   out = np.full((length,), pad_id, np.int32)
-  out[length - len(ids):] = ids
+  out[length - len(ids) :] = ids
   valid = np.zeros((length,), bool)
-  valid[length - len(ids):] = True
+  valid[length - len(ids) :] = True
   return out, valid
 
 
@@ -75,7 +78,7 @@ class Tokenize:
   def __call__(self, text: str) -> list[int]:
     ids = list(self.processor.text_prompt_ids(text or ""))
     if len(ids) > self.max_len:
-      ids = ids[:self.max_len - self.suffix] + ids[len(ids) - self.suffix:]
+      ids = ids[: self.max_len - self.suffix] + ids[len(ids) - self.suffix :]
     return ids
 
 
@@ -113,8 +116,7 @@ def splice_image_tokens(emb, tpl: Templates, image_tokens, keep, use_image):
   return emb.at[:, pos].set(jnp.where(use_image[:, None, None], tokens, emb[:, pos]))
 
 
-def encode_condition(rqa: RQA, mllm, tpl: Templates, ids, valid, image_tokens, keep, use_image, *,
-                     mode: str = "query"):
+def encode_condition(rqa: RQA, mllm, tpl: Templates, ids, valid, image_tokens, keep, use_image, *, mode: str = "query"):
   """The generator condition h (B, Lh, D) and its validity mask (B, Lh).
 
   image_tokens: (B, N, D) ViT+projector tokens (or None for text-only batches); keep: (B, N) bool.
@@ -147,16 +149,27 @@ class Generator(nnx.Module):
   which lies on a low-dimensional manifold, it can.
   """
 
-  def __init__(self, dit_kind: str, dit_cfg, rqa_cfg: RQAConfig, *, prediction: str = "v", dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dit_kind: str,
+      dit_cfg,
+      rqa_cfg: RQAConfig,
+      *,
+      prediction: str = "v",
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     if prediction not in PREDICTIONS:
       raise ValueError(f"config.model.prediction={prediction!r}: expected one of {PREDICTIONS}")
     self.dit_kind, self.prediction = dit_kind, prediction
     if dit_kind == "mmdit":
       from iomm_jax.models.mmdit import MMDiT
+
       self.dit = MMDiT(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     elif dit_kind == "s3dit":
       from iomm_jax.models.s3dit import S3DiT
+
       self.dit = S3DiT(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     else:
       raise ValueError(f"config.model.dit.kind={dit_kind!r}: expected 'mmdit' or 's3dit'")
@@ -180,8 +193,14 @@ class Generator(nnx.Module):
       tokens = latent_ops.pack(x_t)
       hm = h_mask.astype(jnp.float32)[..., None]
       pooled = (h.astype(jnp.float32) * hm).sum(1) / jnp.maximum(hm.sum(1), 1.0)
-      out = self.dit(tokens, h, pooled.astype(h.dtype), t,
-                     latent_ops.image_ids(height // 2, width // 2), latent_ops.text_ids(h.shape[1]),
-                     encoder_attention_mask=h_mask_arg)
+      out = self.dit(
+          tokens,
+          h,
+          pooled.astype(h.dtype),
+          t,
+          latent_ops.image_ids(height // 2, width // 2),
+          latent_ops.text_ids(h.shape[1]),
+          encoder_attention_mask=h_mask_arg,
+      )
       return latent_ops.unpack(out, height, width, channels)
     return self.dit(x_t, t, h, h_mask if h_mask_arg is not None else jnp.ones(h.shape[:2], bool))

@@ -50,6 +50,7 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nda
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """`ours` is a regex over our dotted path (full match); `torch` is its PyTorch key, with \\1.. groups."""
+
   ours: str
   torch: str
   transform: str = "identity"
@@ -66,8 +67,10 @@ class KeyMismatchError(ValueError):
     if self.unexpected:
       lines.append(f"  unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected[:50]))
     if self.misshaped:
-      lines.append(f"  wrong shape ({len(self.misshaped)}): " + ", ".join(
-          f"{k} (checkpoint {a}, model {b})" for k, a, b in self.misshaped[:50]))
+      lines.append(
+          f"  wrong shape ({len(self.misshaped)}): "
+          + ", ".join(f"{k} (checkpoint {a}, model {b})" for k, a, b in self.misshaped[:50])
+      )
     lines.append("  Check that --component and the config (sizes, depths) match the checkpoint.")
     super().__init__("\n".join(lines))
 
@@ -75,6 +78,7 @@ class KeyMismatchError(ValueError):
 @dataclasses.dataclass
 class KeyTable:
   """The mapping of one component. `rules` are tried in order before the default rule."""
+
   component: str
   rules: list[Rule] = dataclasses.field(default_factory=list)
   # PyTorch keys that exist in the reference but carry no parameter for us (e.g. buffers); dropped on load.
@@ -108,8 +112,9 @@ def to_torch(ours: Mapping[str, np.ndarray], table: KeyTable) -> dict[str, np.nd
   return out
 
 
-def to_jax(theirs: Mapping[str, np.ndarray], table: KeyTable,
-           expected: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def to_jax(
+    theirs: Mapping[str, np.ndarray], table: KeyTable, expected: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
   """A PyTorch-layout state dict → our flat {dotted path: array}, checked against `expected` shapes.
 
   `expected` maps every one of our dotted paths to its shape (from `jax.eval_shape` of the model).
@@ -138,6 +143,7 @@ def to_jax(theirs: Mapping[str, np.ndarray], table: KeyTable,
 def flatten_state(state) -> dict[str, object]:
   """nnx.State (or nested dict) → {dotted path: leaf value}."""
   from flax import nnx
+
   flat = {}
   items = nnx.to_flat_state(state) if isinstance(state, nnx.State) else _flatten_dict(state)
   for path, leaf in items:

@@ -15,8 +15,10 @@ def pack(latents: jax.Array) -> jax.Array:
   """(B, H, W, C) → (B, (H/2)·(W/2), 4C), row-major over the 2×2 patches."""
   b, h, w, c = latents.shape
   if h % 2 or w % 2:
-    raise ValueError(f"pack: latent height and width must be even for 2x2 patches, got H={h}, W={w}; "
-                     "choose an image size divisible by 16 (8x VAE downsampling x 2x2 patches)")
+    raise ValueError(
+        f"pack: latent height and width must be even for 2x2 patches, got H={h}, W={w}; "
+        "choose an image size divisible by 16 (8x VAE downsampling x 2x2 patches)"
+    )
   x = latents.reshape(b, h // 2, 2, w // 2, 2, c)
   x = x.transpose(0, 1, 3, 5, 2, 4)  # (B, H/2, W/2, C, dy, dx)
   return x.reshape(b, (h // 2) * (w // 2), c * 4)
@@ -28,8 +30,10 @@ def unpack(tokens: jax.Array, height: int, width: int, channels: int) -> jax.Arr
   if height % 2 or width % 2:
     raise ValueError(f"unpack: latent height and width must be even, got H={height}, W={width}")
   if n != (height // 2) * (width // 2) or d != 4 * channels:
-    raise ValueError(f"unpack: tokens {tokens.shape} do not fit a {height}x{width}x{channels} latent "
-                     f"(expected ({b}, {(height // 2) * (width // 2)}, {4 * channels}))")
+    raise ValueError(
+        f"unpack: tokens {tokens.shape} do not fit a {height}x{width}x{channels} latent "
+        f"(expected ({b}, {(height // 2) * (width // 2)}, {4 * channels}))"
+    )
   x = tokens.reshape(b, height // 2, width // 2, channels, 2, 2)
   x = x.transpose(0, 1, 4, 2, 5, 3)  # (B, H/2, dy, W/2, dx, C)
   return x.reshape(b, height, width, channels)

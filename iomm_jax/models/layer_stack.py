@@ -13,6 +13,7 @@
 Remat wraps the per-block function in `jax.checkpoint` over a pure function of the block's state, so weights are
 inputs rather than saved residuals and only the policy's residuals survive to the backward pass.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -38,8 +39,14 @@ def check_remat(remat: str, where: str) -> None:
     raise ValueError(f"{where}={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
 
 
-def run_blocks(blocks: Sequence[nnx.Module], carry: Any, *consts: Any,
-               call: Callable[..., Any] = _default_call, remat: str = "none", scan: bool = False) -> Any:
+def run_blocks(
+    blocks: Sequence[nnx.Module],
+    carry: Any,
+    *consts: Any,
+    call: Callable[..., Any] = _default_call,
+    remat: str = "none",
+    scan: bool = False,
+) -> Any:
   """Apply `carry = call(block, carry, *consts)` for every block in order and return the final carry.
 
   `call` must be a plain function (it is traced once per block unrolled, or once in total with scan); `consts`
@@ -59,8 +66,10 @@ def run_blocks(blocks: Sequence[nnx.Module], carry: Any, *consts: Any,
   for i, block in enumerate(blocks[1:], start=1):
     gd, state = nnx.split(block)
     if gd != graphdef:
-      raise ValueError(f"scan over layers needs identical blocks, but block {i} differs from block 0 in "
-                       "structure; set scan_layers=False for this model")
+      raise ValueError(
+          f"scan over layers needs identical blocks, but block {i} differs from block 0 in "
+          "structure; set scan_layers=False for this model"
+      )
     states.append(state)
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
   fn = _block_fn(graphdef, call, remat)
@@ -74,6 +83,8 @@ def run_blocks(blocks: Sequence[nnx.Module], carry: Any, *consts: Any,
 
 def _block_fn(graphdef, call, remat: str):
   """(state, carry, *consts) → carry for blocks of this graphdef, wrapped in jax.checkpoint unless remat='none'."""
+
   def pure(state, carry, *consts):
     return call(nnx.merge(graphdef, state), carry, *consts)
+
   return pure if remat == "none" else jax.checkpoint(pure, policy=REMAT_POLICIES[remat])

@@ -43,9 +43,19 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes, dtype: DType) 
 class Linear(nnx.Module):
   """y = x @ kernel + bias, kernel stored (in, out). Matches torch.nn.Linear up to the transpose."""
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               axes: Axes = (None, None), dtype: DType = None, param_dtype: DType = jnp.float32,
-               kernel_init=None, bias_init=None, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      use_bias: bool = True,
+      axes: Axes = (None, None),
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      kernel_init=None,
+      bias_init=None,
+      rngs: nnx.Rngs,
+  ):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
     kinit = kernel_init or torch_linear_init(in_features)
@@ -67,21 +77,37 @@ class Linear(nnx.Module):
 class Conv2d(nnx.Module):
   """NHWC convolution with an HWIO kernel; torch's Conv2d (OIHW) up to the transpose."""
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-               padding: int | str = 0, use_bias: bool = True, axes: Axes = (None, None, None, None),
-               dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      in_channels: int,
+      out_channels: int,
+      kernel_size: int,
+      *,
+      stride: int = 1,
+      padding: int | str = 0,
+      use_bias: bool = True,
+      axes: Axes = (None, None, None, None),
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.stride, self.dtype = stride, dtype
     self.padding = padding if isinstance(padding, str) else [(padding, padding)] * 2
     fan_in = in_channels * kernel_size * kernel_size
-    self.kernel = param(rngs, torch_linear_init(fan_in), (kernel_size, kernel_size, in_channels, out_channels),
-                        axes, param_dtype)
+    self.kernel = param(
+        rngs, torch_linear_init(fan_in), (kernel_size, kernel_size, in_channels, out_channels), axes, param_dtype
+    )
     self.bias = param(rngs, torch_linear_init(fan_in), (out_channels,), (axes[3],), param_dtype) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
     y = jax.lax.conv_general_dilated(
-        x.astype(dtype), self.kernel[...].astype(dtype), window_strides=(self.stride, self.stride),
-        padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x.astype(dtype),
+        self.kernel[...].astype(dtype),
+        window_strides=(self.stride, self.stride),
+        padding=self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -90,8 +116,16 @@ class Conv2d(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding table `embedding` (vocab, dim); torch.nn.Embedding's `weight`."""
 
-  def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"),
-               dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      num_embeddings: int,
+      features: int,
+      *,
+      axes: Axes = ("vocab", "embed"),
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.dtype = dtype
     self.embedding = param(rngs, jax.nn.initializers.normal(1.0), (num_embeddings, features), axes, param_dtype)
 
@@ -103,8 +137,16 @@ class Embed(nnx.Module):
 class RMSNorm(nnx.Module):
   """x / rms(x) * weight, computed in fp32 (torch RMSNorm / diffusers RMSNorm / Qwen2RMSNorm)."""
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, use_weight: bool = True, axes: Axes = ("embed",),
-               param_dtype: DType = jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+      self,
+      dim: int,
+      *,
+      eps: float = 1e-6,
+      use_weight: bool = True,
+      axes: Axes = ("embed",),
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs | None = None,
+  ):
     self.eps = eps
     self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=tuple(axes)) if use_weight else None
 
@@ -119,16 +161,25 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
   """torch.nn.LayerNorm over the last axis, fp32 statistics; `use_weight=False` is parameter-free."""
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, use_weight: bool = True, use_bias: bool = True,
-               axes: Axes = ("embed",), param_dtype: DType = jnp.float32, rngs: nnx.Rngs | None = None):
+  def __init__(
+      self,
+      dim: int,
+      *,
+      eps: float = 1e-6,
+      use_weight: bool = True,
+      use_bias: bool = True,
+      axes: Axes = ("embed",),
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs | None = None,
+  ):
     self.eps = eps
     self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=tuple(axes)) if use_weight else None
     self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=tuple(axes)) if use_bias and use_weight else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return layer_norm(x, self.eps,
-                      None if self.weight is None else self.weight[...],
-                      None if self.bias is None else self.bias[...])
+    return layer_norm(
+        x, self.eps, None if self.weight is None else self.weight[...], None if self.bias is None else self.bias[...]
+    )
 
 
 def layer_norm(x: jax.Array, eps: float, weight: jax.Array | None = None, bias: jax.Array | None = None):
@@ -159,8 +210,15 @@ def check_attention(implementation: str, where: str) -> str:
   return implementation
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              is_causal: bool = False, implementation: str = "auto") -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    implementation: str = "auto",
+) -> jax.Array:
   """Multi-head attention over (B, L, H, D) tensors; the one attention entry point of the project.
 
   k/v may have fewer heads than q (grouped-query attention; never repeated in memory). `mask` is boolean,
@@ -195,8 +253,8 @@ def _zero_empty_rows(out, mask4, is_causal, lk):
   if is_causal:
     lq = out.shape[1]
     valid = jnp.logical_and(valid, jnp.tril(jnp.ones((lq, lk), bool), lk - lq))
-  any_key = jnp.any(valid, axis=-1)                                    # (B, 1|H, 1|Lq)
-  any_key = jnp.transpose(any_key, (0, 2, 1))[..., None]              # (B, 1|Lq, 1|H, 1)
+  any_key = jnp.any(valid, axis=-1)  # (B, 1|H, 1|Lq)
+  any_key = jnp.transpose(any_key, (0, 2, 1))[..., None]  # (B, 1|Lq, 1|H, 1)
   return jnp.where(any_key, out, jnp.zeros((), out.dtype))
 
 
@@ -232,9 +290,12 @@ def _splash_attention(q, k, v, mask, is_causal, *, interpret: bool | None = None
   expressed; GQA runs the multi-query kernel once per KV head."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
   if mask is not None and mask.ndim != 2:
-    raise ValueError(f"attention implementation 'splash' takes a (B, Lk) key-padding mask, got shape {mask.shape}; "
-                     "use model.attention='auto' for general masks")
+    raise ValueError(
+        f"attention implementation 'splash' takes a (B, Lk) key-padding mask, got shape {mask.shape}; "
+        "use model.attention='auto' for general masks"
+    )
   if interpret is None:
     interpret = jax.devices()[0].platform != "tpu"
   b, lq, h, d = q.shape
@@ -259,9 +320,16 @@ def _splash_attention(q, k, v, mask, is_causal, *, interpret: bool | None = None
   else:
     base = sm.FullMask((Lq, Lk))
   g = h // hk
-  blocks = sk.BlockSizes(block_q=_SPLASH_BLOCK, block_kv=_SPLASH_BLOCK, block_kv_compute=_SPLASH_BLOCK,
-                         block_q_dkv=_SPLASH_BLOCK, block_kv_dkv=_SPLASH_BLOCK, block_kv_dkv_compute=_SPLASH_BLOCK,
-                         block_q_dq=_SPLASH_BLOCK, block_kv_dq=_SPLASH_BLOCK)
+  blocks = sk.BlockSizes(
+      block_q=_SPLASH_BLOCK,
+      block_kv=_SPLASH_BLOCK,
+      block_kv_compute=_SPLASH_BLOCK,
+      block_q_dkv=_SPLASH_BLOCK,
+      block_kv_dkv=_SPLASH_BLOCK,
+      block_kv_dkv_compute=_SPLASH_BLOCK,
+      block_q_dq=_SPLASH_BLOCK,
+      block_kv_dq=_SPLASH_BLOCK,
+  )
   kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([base] * g), block_sizes=blocks, interpret=interpret)
   scale = 1.0 / math.sqrt(d)
   # (B, L, H, D) → per batch and KV head: q (G, Lq, D), k/v (Lk, D).
@@ -270,7 +338,7 @@ def _splash_attention(q, k, v, mask, is_causal, *, interpret: bool | None = None
   kh = jnp.pad(k, ((0, 0), (0, pk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   vh = jnp.pad(v, ((0, 0), (0, pk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   seg = sk.SegmentIds(q=q_seg, kv=kv_seg)
-  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))                   # over KV heads
+  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over KV heads
   out = jax.vmap(per_head, in_axes=(0, 0, 0, sk.SegmentIds(0, 0)))(qh, kh, vh, seg)  # over the batch
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, Lq, h, d)[:, :lq]
   return out if mask is None else _zero_empty_rows(out, _mask4(mask), is_causal, lk)
@@ -284,8 +352,15 @@ def gelu_exact(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
-def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0,
-                       max_period: float = 10000.0, scale: float = 1.0) -> jax.Array:
+def timestep_embedding(
+    t: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+    scale: float = 1.0,
+) -> jax.Array:
   """Sinusoidal embedding of (B,) timesteps in fp32, as diffusers.models.embeddings.get_timestep_embedding."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)

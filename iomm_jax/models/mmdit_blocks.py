@@ -22,8 +22,7 @@ F32 = jnp.float32
 
 def _linear(din, dout, axes, *, zero=False, dtype, param_dtype, rngs, use_bias=True):
   kw = dict(kernel_init=_ZERO, bias_init=_ZERO) if zero else {}
-  return layers.Linear(din, dout, axes=axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                       use_bias=use_bias, **kw)
+  return layers.Linear(din, dout, axes=axes, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias, **kw)
 
 
 def _modulate(x_norm: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -62,8 +61,9 @@ class AdaLayerNormZero(nnx.Module):
   """LayerNorm(no affine, eps 1e-6) modulated by linear(silu(temb)) → 6 chunks (shift/scale/gate × msa/mlp)."""
 
   def __init__(self, dim: int, *, zero_init: bool, dtype, param_dtype, rngs):
-    self.linear = _linear(dim, 6 * dim, ("embed", "mlp"), zero=zero_init, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
+    self.linear = _linear(
+        dim, 6 * dim, ("embed", "mlp"), zero=zero_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x, temb):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _chunks(self.linear(jax.nn.silu(temb)), 6)
@@ -75,8 +75,9 @@ class AdaLayerNormZeroSingle(nnx.Module):
   """AdaLayerNormZero with 3 chunks (shift, scale, gate)."""
 
   def __init__(self, dim: int, *, zero_init: bool, dtype, param_dtype, rngs):
-    self.linear = _linear(dim, 3 * dim, ("embed", "mlp"), zero=zero_init, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
+    self.linear = _linear(
+        dim, 3 * dim, ("embed", "mlp"), zero=zero_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x, temb):
     shift, scale, gate = _chunks(self.linear(jax.nn.silu(temb)), 3)
@@ -87,8 +88,9 @@ class AdaLayerNormContinuous(nnx.Module):
   """Final norm: LayerNorm(no affine, eps 1e-6) · (1+scale) + shift; note diffusers' chunk order (scale, shift)."""
 
   def __init__(self, dim: int, *, zero_init: bool, dtype, param_dtype, rngs):
-    self.linear = _linear(dim, 2 * dim, ("embed", "mlp"), zero=zero_init, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
+    self.linear = _linear(
+        dim, 2 * dim, ("embed", "mlp"), zero=zero_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x, temb):
     scale, shift = _chunks(self.linear(jax.nn.silu(temb)), 2)
@@ -113,11 +115,13 @@ class FeedForward(nnx.Module):
   """diffusers FeedForward(activation_fn='gelu-approximate', mult=4): net.0.proj → GELU-tanh → net.2."""
 
   def __init__(self, dim: int, *, dtype, param_dtype, rngs):
-    self.net = nnx.List([
-        GELUProj(dim, 4 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-        _identity,
-        _linear(4 * dim, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-    ])
+    self.net = nnx.List(
+        [
+            GELUProj(dim, 4 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+            _identity,
+            _linear(4 * dim, dim, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        ]
+    )
 
   def __call__(self, x):
     for layer in self.net:
@@ -128,8 +132,7 @@ class FeedForward(nnx.Module):
 class FluxAttention(nnx.Module):
   """Joint attention: q/k/v (+ add_q/k/v for the text stream in double blocks), per-head RMSNorm, RoPE."""
 
-  def __init__(self, dim: int, heads: int, head_dim: int, *, joint: bool, attention_impl, dtype, param_dtype,
-               rngs):
+  def __init__(self, dim: int, heads: int, head_dim: int, *, joint: bool, attention_impl, dtype, param_dtype, rngs):
     self.heads, self.head_dim, self.attention_impl = heads, head_dim, attention_impl
     inner = heads * head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -162,8 +165,9 @@ class FluxAttention(nnx.Module):
     """
     q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
     if context is not None:
-      cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
-                             self.norm_added_k)
+      cq, ck, cv = self._qkv(
+          context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
+      )
       q, k, v = (jnp.concatenate([a, b], axis=1) for a, b in ((cq, q), (ck, k), (cv, v)))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = layers.attention(q, k, v, mask=key_mask, implementation=self.attention_impl)
@@ -177,8 +181,7 @@ class FluxAttention(nnx.Module):
 class FluxTransformerBlock(nnx.Module):
   """Double-stream block: separate weights for the image and text streams, one joint attention."""
 
-  def __init__(self, dim: int, heads: int, head_dim: int, *, zero_init: bool, attention_impl, dtype, param_dtype,
-               rngs):
+  def __init__(self, dim: int, heads: int, head_dim: int, *, zero_init: bool, attention_impl, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = AdaLayerNormZero(dim, zero_init=zero_init, **kw)
     self.norm1_context = AdaLayerNormZero(dim, zero_init=zero_init, **kw)
@@ -209,8 +212,19 @@ class FluxTransformerBlock(nnx.Module):
 class FluxSingleTransformerBlock(nnx.Module):
   """Single-stream block over [text; image]: parallel attention and MLP, fused output projection."""
 
-  def __init__(self, dim: int, heads: int, head_dim: int, *, zero_init: bool, attention_impl, dtype, param_dtype,
-               rngs, mlp_ratio: float = 4.0):
+  def __init__(
+      self,
+      dim: int,
+      heads: int,
+      head_dim: int,
+      *,
+      zero_init: bool,
+      attention_impl,
+      dtype,
+      param_dtype,
+      rngs,
+      mlp_ratio: float = 4.0,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     mlp = int(dim * mlp_ratio)
     self.norm = AdaLayerNormZeroSingle(dim, zero_init=zero_init, **kw)

@@ -46,8 +46,14 @@ def load_torch_state(model: nnx.Module, state_dict: Mapping[str, np.ndarray], ta
   nnx.update(model, nnx.from_flat_state(new))
 
 
-def model_from_torch(cfg: MMDiTConfig, state_dict: Mapping[str, np.ndarray], *, dtype=jnp.float32,
-                     param_dtype=jnp.float32, table=KEY_TABLE) -> MMDiT:
+def model_from_torch(
+    cfg: MMDiTConfig,
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    table=KEY_TABLE,
+) -> MMDiT:
   """An MMDiT holding `state_dict`'s weights, built abstractly first (no random init is computed)."""
   model = nnx.eval_shape(lambda: MMDiT(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   load_torch_state(model, state_dict, table)

@@ -41,7 +41,8 @@ TINY_WORDS = (
     # punctuation
     ": . , ! ? "
     # appended later (ids above stay stable): every shape of the shapes world, and captioning instructions
-    "hexagon hexagons describe what this caption shows there").split()
+    "hexagon hexagons describe what this caption shows there"
+).split()
 
 
 def chat_template(content: str) -> str:
@@ -59,7 +60,7 @@ def build_tiny_tokenizer():
     vocab.setdefault(tok, len(vocab))
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.normalizer = normalizers.Lowercase()
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()         # words and punctuation runs
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
   # Special tokens (and the newline of the template) are matched before normalisation and splitting.
   tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS])
   return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token=IM_END)
@@ -68,8 +69,16 @@ def build_tiny_tokenizer():
 class Processor:
   """Tokenizer + template + image preprocessing for InternVL3 conditioning."""
 
-  def __init__(self, tokenizer, *, num_image_tokens: int = 256, image_size: int = 448,
-               mean=IMAGENET_MEAN, std=IMAGENET_STD, aux_prompt: str = DEFAULT_AUX_PROMPT):
+  def __init__(
+      self,
+      tokenizer,
+      *,
+      num_image_tokens: int = 256,
+      image_size: int = 448,
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+      aux_prompt: str = DEFAULT_AUX_PROMPT,
+  ):
     self.tokenizer = tokenizer
     self.num_image_tokens, self.image_size = int(num_image_tokens), int(image_size)
     self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
@@ -85,13 +94,17 @@ class Processor:
   def from_pretrained(cls, path: str | Path, **kwargs) -> "Processor":
     """The tokenizer of a local InternVL3 -hf directory (offline); sizes from its config.json if present."""
     from transformers import AutoTokenizer
+
     p = Path(path)
     if not p.is_dir():
-      raise FileNotFoundError(f"Processor.from_pretrained: {p} is not a directory; expected a local copy of "
-                              "OpenGVLab/InternVL3-2B-hf with tokenizer.json / tokenizer_config.json")
+      raise FileNotFoundError(
+          f"Processor.from_pretrained: {p} is not a directory; expected a local copy of "
+          "OpenGVLab/InternVL3-2B-hf with tokenizer.json / tokenizer_config.json"
+      )
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if (p / "config.json").is_file():
       from iomm_jax.models.internvl_keys import read_config
+
       cfg = read_config(p)
       kwargs.setdefault("num_image_tokens", cfg.num_image_tokens)
       kwargs.setdefault("image_size", cfg.vision.image_size)
@@ -127,8 +140,9 @@ class Processor:
     ids = self._encode(chat_template(aux + IMG_START + IMG_CONTEXT * self.num_image_tokens + IMG_END))
     n = sum(i == self.image_token_id for i in ids)
     if n != self.num_image_tokens:
-      raise ValueError(f"image_prompt_ids: the tokenizer produced {n} {IMG_CONTEXT} tokens, expected "
-                       f"{self.num_image_tokens}")
+      raise ValueError(
+          f"image_prompt_ids: the tokenizer produced {n} {IMG_CONTEXT} tokens, expected " f"{self.num_image_tokens}"
+      )
     return ids
 
   def text_prompt_ids(self, text: str = "") -> list[int]:
@@ -140,6 +154,7 @@ class Processor:
     """uint8 (H, W, 3) (or (H, W) / (H, W, 1) / (H, W, 4)) → float32 (S, S, 3): bicubic resize to the ViT size,
     scale to [0, 1], ImageNet mean/std."""
     from PIL import Image
+
     img = np.asarray(image)
     if img.dtype != np.uint8:
       raise ValueError(f"preprocess_image expects uint8 pixels, got {img.dtype}")

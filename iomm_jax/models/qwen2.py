@@ -24,6 +24,7 @@ from iomm_jax.models.layer_stack import REMAT_POLICIES
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
   """Qwen2 decoder sizes; defaults are the LLM of InternVL3-2B (Qwen2.5-1.5B layout)."""
+
   vocab_size: int = 151674
   hidden_size: int = 1536
   intermediate_size: int = 8960
@@ -42,8 +43,10 @@ class Qwen2Config:
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
-      raise ValueError(f"Qwen2Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                       f"num_key_value_heads={self.num_key_value_heads}")
+      raise ValueError(
+          f"Qwen2Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+          f"num_key_value_heads={self.num_key_value_heads}"
+      )
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"Qwen2Config.hidden_act={self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
 
@@ -70,8 +73,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Qwen2Attention(nnx.Module):
   """GQA self-attention with q/k/v bias, no o_proj bias, RoPE."""
 
-  def __init__(self, cfg: Qwen2Config, *, attention_impl: str = "auto", dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: Qwen2Config,
+      *,
+      attention_impl: str = "auto",
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     d, hd = cfg.hidden_size, cfg.resolved_head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
     self.attention_impl = attention_impl
@@ -94,8 +104,7 @@ class Qwen2Attention(nnx.Module):
 class Qwen2MLP(nnx.Module):
   """SwiGLU feed-forward: down(act(gate(x)) * up(x)), no biases."""
 
-  def __init__(self, cfg: Qwen2Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: Qwen2Config, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate_proj = layers.Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
     self.up_proj = layers.Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
@@ -109,10 +118,16 @@ class Qwen2MLP(nnx.Module):
 class Qwen2DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: Qwen2Config, *, attention_impl: str = "auto", dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    self.self_attn = Qwen2Attention(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
-                                    rngs=rngs)
+  def __init__(
+      self,
+      cfg: Qwen2Config,
+      *,
+      attention_impl: str = "auto",
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    self.self_attn = Qwen2Attention(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = Qwen2MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -125,21 +140,32 @@ class Qwen2DecoderLayer(nnx.Module):
 class Qwen2Model(nnx.Module):
   """transformers.Qwen2Model without KV cache: inputs_embeds → last hidden state after the final norm."""
 
-  def __init__(self, cfg: Qwen2Config, *, remat: str = "none", scan_layers: bool = False,
-               attention_impl: str = "auto",
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: Qwen2Config,
+      *,
+      remat: str = "none",
+      scan_layers: bool = False,
+      attention_impl: str = "auto",
+      dtype: Any = jnp.float32,
+      param_dtype: Any = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     self.cfg, self.remat, self.scan_layers, self.dtype = cfg, remat, scan_layers, dtype
-    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
-    self.layers = nnx.List([
-        Qwen2DecoderLayer(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        for _ in range(cfg.num_hidden_layers)])
+    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.layers = nnx.List(
+        [
+            Qwen2DecoderLayer(cfg, attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+    )
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
-  def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None
+  ) -> jax.Array:
     """inputs_embeds (B, L, D); attention_mask (B, L) bool (True = real token); position_ids (B, L) int.
 
     Causal attention restricted to unpadded keys, as transformers' `create_causal_mask` with a 2-D mask.

@@ -30,8 +30,10 @@ LAYOUTS = ("interleaved", "half")
 
 def _check(axes_dims: Sequence[int], n_axes: int):
   if len(axes_dims) != n_axes:
-    raise ValueError(f"RoPE: ids have {n_axes} position axes but axes_dims={tuple(axes_dims)} has "
-                     f"{len(axes_dims)} entries; give one dimension per axis")
+    raise ValueError(
+        f"RoPE: ids have {n_axes} position axes but axes_dims={tuple(axes_dims)} has "
+        f"{len(axes_dims)} entries; give one dimension per axis"
+    )
   for d in axes_dims:
     if d % 2:
       raise ValueError(f"RoPE: every entry of axes_dims={tuple(axes_dims)} must be even (pairs of channels rotate)")
@@ -45,12 +47,13 @@ def _angles(ids: jax.Array, axes_dims: Sequence[int], theta: float) -> jax.Array
   for i, d in enumerate(axes_dims):
     # Inverse frequencies in float64 on the host (diffusers/Z-Image use float64 too), then fp32.
     inv = (1.0 / (float(theta) ** (np.arange(0, d, 2, dtype=np.float64) / d))).astype(np.float32)
-    out.append(pos[..., i:i + 1] * jnp.asarray(inv))
+    out.append(pos[..., i : i + 1] * jnp.asarray(inv))
   return jnp.concatenate(out, axis=-1)
 
 
-def rope_frequencies(ids: jax.Array, axes_dims: Sequence[int], theta: float = 10000.0, *,
-                     layout: str = "interleaved") -> tuple[jax.Array, jax.Array]:
+def rope_frequencies(
+    ids: jax.Array, axes_dims: Sequence[int], theta: float = 10000.0, *, layout: str = "interleaved"
+) -> tuple[jax.Array, jax.Array]:
   """(cos, sin), each (..., N, sum(axes_dims)) fp32, for position ids (..., N, n_axes).
 
   'interleaved' repeats every frequency twice in place (c0 c0 c1 c1 …), exactly diffusers' FluxPosEmbed.

@@ -28,21 +28,24 @@ from iomm_jax.models.layers import DType, Linear, attention, gelu_tanh, layer_no
 @dataclasses.dataclass(frozen=True)
 class RQAConfig:
   """RQA sizes; defaults are the full-size IOMM adapter (≈28.7M parameters)."""
-  dim: int = 1536            # width of the MLLM input embeddings (= LLM hidden size)
-  num_queries: int = 256     # learned query tokens appended after c
-  num_heads: int = 12        # attention heads (head dim = dim // num_heads)
-  mlp_ratio: float = 4.0     # FFN hidden = int(dim * mlp_ratio)
-  num_layers: int = 1        # stacked query blocks
-  eps: float = 1e-6          # LayerNorm epsilon (all LayerNorms are parameter-free)
-  attention: str = "auto"    # ours, not the reference's: layers.ATTENTION_IMPLS (config.model.attention)
+
+  dim: int = 1536  # width of the MLLM input embeddings (= LLM hidden size)
+  num_queries: int = 256  # learned query tokens appended after c
+  num_heads: int = 12  # attention heads (head dim = dim // num_heads)
+  mlp_ratio: float = 4.0  # FFN hidden = int(dim * mlp_ratio)
+  num_layers: int = 1  # stacked query blocks
+  eps: float = 1e-6  # LayerNorm epsilon (all LayerNorms are parameter-free)
+  attention: str = "auto"  # ours, not the reference's: layers.ATTENTION_IMPLS (config.model.attention)
 
   def __post_init__(self):
     if self.dim % self.num_heads:
-      raise ValueError(f"RQAConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}; "
-                       "pick num_heads that divides dim")
+      raise ValueError(
+          f"RQAConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}; " "pick num_heads that divides dim"
+      )
     if self.num_layers < 1 or self.num_queries < 1:
-      raise ValueError(f"RQAConfig needs num_layers >= 1 and num_queries >= 1, got {self.num_layers}, "
-                       f"{self.num_queries}")
+      raise ValueError(
+          f"RQAConfig needs num_layers >= 1 and num_queries >= 1, got {self.num_layers}, " f"{self.num_queries}"
+      )
 
   @property
   def mlp_dim(self) -> int:
@@ -52,6 +55,7 @@ class RQAConfig:
 def _uniform(bound: float):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -62,15 +66,38 @@ class MultiheadCrossAttention(nnx.Module):
   `in_proj_weight`/`in_proj_bias`; queries use the first third, keys/values the rest.
   """
 
-  def __init__(self, dim: int, num_heads: int, *, attn_implementation: str = "auto", dtype: DType = None,
-               param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      num_heads: int,
+      *,
+      attn_implementation: str = "auto",
+      dtype: DType = None,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.dim, self.num_heads, self.attn_implementation = dim, num_heads, attn_implementation
     # torch initialises in_proj with xavier_uniform over the fused (3D, D) matrix and zero bias.
     bound = math.sqrt(6.0 / (dim + 3 * dim))
-    self.in_proj = Linear(dim, 3 * dim, axes=("embed", "heads"), dtype=dtype, param_dtype=param_dtype,
-                          kernel_init=_uniform(bound), bias_init=jax.nn.initializers.zeros, rngs=rngs)
-    self.out_proj = Linear(dim, dim, axes=("heads", "embed"), dtype=dtype, param_dtype=param_dtype,
-                           bias_init=jax.nn.initializers.zeros, rngs=rngs)
+    self.in_proj = Linear(
+        dim,
+        3 * dim,
+        axes=("embed", "heads"),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=_uniform(bound),
+        bias_init=jax.nn.initializers.zeros,
+        rngs=rngs,
+    )
+    self.out_proj = Linear(
+        dim,
+        dim,
+        axes=("heads", "embed"),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        bias_init=jax.nn.initializers.zeros,
+        rngs=rngs,
+    )
 
   def __call__(self, q: jax.Array, kv: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     d, h = self.dim, self.num_heads
@@ -89,8 +116,7 @@ class MultiheadCrossAttention(nnx.Module):
 class QueryMLP(nnx.Module):
   """fc2(gelu_tanh(fc1(x)))."""
 
-  def __init__(self, dim: int, hidden: int, *, dtype: DType = None, param_dtype: DType = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden: int, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     self.fc1 = Linear(dim, hidden, axes=("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc2 = Linear(hidden, dim, axes=("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -103,8 +129,9 @@ class QueryBlock(nnx.Module):
 
   def __init__(self, cfg: RQAConfig, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     self.eps = cfg.eps
-    self.cross_attn = MultiheadCrossAttention(cfg.dim, cfg.num_heads, attn_implementation=cfg.attention,
-                                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.cross_attn = MultiheadCrossAttention(
+        cfg.dim, cfg.num_heads, attn_implementation=cfg.attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.mlp = QueryMLP(cfg.dim, cfg.mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, q: jax.Array, kv: jax.Array, key_mask: jax.Array | None) -> jax.Array:
@@ -120,15 +147,23 @@ class RQA(nnx.Module):
   # Muon updates the 2-D kernels of these blocks; the meta-queries, biases and norms stay on AdamW.
   HIDDEN_BLOCKS = ("query_blocks",)
 
-  def __init__(self, cfg: RQAConfig = RQAConfig(), *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: RQAConfig = RQAConfig(),
+      *,
+      dtype: DType = jnp.float32,
+      param_dtype: DType = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.cfg, self.dtype = cfg, dtype
     # N(0, 1/D): unit-scale rows after the parameter-free LayerNorm either way, small at init.
     self.meta_queries = nnx.Param(
         jax.random.normal(rngs.params(), (cfg.num_queries, cfg.dim), param_dtype) / math.sqrt(cfg.dim),
-        axes=(None, "embed"))
-    self.query_blocks = nnx.List([QueryBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                  for _ in range(cfg.num_layers)])
+        axes=(None, "embed"),
+    )
+    self.query_blocks = nnx.List(
+        [QueryBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+    )
 
   def __call__(self, c: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     if c.ndim != 3 or c.shape[-1] != self.cfg.dim:

@@ -36,43 +36,66 @@ from flax import nnx
 
 from iomm_jax.models import layer_stack
 from iomm_jax.models.layers import Linear, RMSNorm
-from iomm_jax.models.s3dit_blocks import (ADALN_EMBED_DIM, SEQ_MULTI_OF, FinalLayer, TimestepEmbedder,
-                                          ZImageTransformerBlock, init_pad_token, rope_lookup, rope_tables,
-                                          round_up)
+from iomm_jax.models.s3dit_blocks import (
+    ADALN_EMBED_DIM,
+    SEQ_MULTI_OF,
+    FinalLayer,
+    TimestepEmbedder,
+    ZImageTransformerBlock,
+    init_pad_token,
+    rope_lookup,
+    rope_tables,
+    round_up,
+)
 
 REMAT_MODES = tuple(layer_stack.REMAT_POLICIES)
 
 # diffusers.ZImageTransformer2DModel's constructor defaults: a config dict that omits a field gets these
 # (what diffusers itself would do with that dict). Note cap_feat_dim 2560 here vs our 1536 default.
 DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
-    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
-    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, siglip_feat_dim=None,
-    rope_theta=256.0, t_scale=1000.0, axes_dims=(32, 48, 48), axes_lens=(1024, 512, 512))
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=2560,
+    siglip_feat_dim=None,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=(32, 48, 48),
+    axes_lens=(1024, 512, 512),
+)
 _TUPLE_FIELDS = ("all_patch_size", "all_f_patch_size", "axes_dims", "axes_lens")
 
 
 @dataclasses.dataclass(frozen=True)
 class S3DiTConfig:
   """Mirror of the diffusers ZImageTransformer2DModel config; defaults are IOMM-XL (≈6.15B parameters)."""
+
   all_patch_size: tuple[int, ...] = (2,)
   all_f_patch_size: tuple[int, ...] = (1,)
-  in_channels: int = 16              # FLUX VAE latent channels
+  in_channels: int = 16  # FLUX VAE latent channels
   dim: int = 3840
-  n_layers: int = 30                 # main single-stream blocks
-  n_refiner_layers: int = 2          # noise_refiner and context_refiner depth each
+  n_layers: int = 30  # main single-stream blocks
+  n_refiner_layers: int = 2  # noise_refiner and context_refiner depth each
   n_heads: int = 30
-  n_kv_heads: int = 30               # Z-Image ignores it (always full MHA); must equal n_heads
+  n_kv_heads: int = 30  # Z-Image ignores it (always full MHA); must equal n_heads
   norm_eps: float = 1e-5
   qk_norm: bool = True
-  cap_feat_dim: int = 1536           # the MLLM width (Qwen2.5-1.5B), not Z-Image's 2560
+  cap_feat_dim: int = 1536  # the MLLM width (Qwen2.5-1.5B), not Z-Image's 2560
   rope_theta: float = 256.0
   t_scale: float = 1000.0
-  axes_dims: tuple[int, ...] = (32, 48, 48)     # RoPE dims per axis (caption/frame, h, w); sum = head dim
+  axes_dims: tuple[int, ...] = (32, 48, 48)  # RoPE dims per axis (caption/frame, h, w); sum = head dim
   axes_lens: tuple[int, ...] = (1024, 512, 512)  # RoPE table lengths per axis
   # --- ours, not in diffusers ---
-  remat: str = "none"                # per block: 'none' | 'full' | 'dots_saveable'
-  scan_layers: bool = False          # run each block stack as one lax.scan (compile one block, not N)
-  attention: str = "auto"            # layers.ATTENTION_IMPLS; set from config.model.attention (factory)
+  remat: str = "none"  # per block: 'none' | 'full' | 'dots_saveable'
+  scan_layers: bool = False  # run each block stack as one lax.scan (compile one block, not N)
+  attention: str = "auto"  # layers.ATTENTION_IMPLS; set from config.model.attention (factory)
 
   def __post_init__(self):
     for name in _TUPLE_FIELDS:  # accept lists (JSON) but store tuples so the config stays hashable
@@ -82,17 +105,25 @@ class S3DiTConfig:
     if self.dim % self.n_heads:
       raise ValueError(f"S3DiTConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
     if self.n_kv_heads != self.n_heads:
-      raise ValueError(f"S3DiTConfig.n_kv_heads={self.n_kv_heads} != n_heads={self.n_heads}: Z-Image (diffusers) "
-                       "always uses full multi-head attention; set n_kv_heads = n_heads")
+      raise ValueError(
+          f"S3DiTConfig.n_kv_heads={self.n_kv_heads} != n_heads={self.n_heads}: Z-Image (diffusers) "
+          "always uses full multi-head attention; set n_kv_heads = n_heads"
+      )
     if sum(self.axes_dims) != self.dim // self.n_heads:
-      raise ValueError(f"S3DiTConfig.axes_dims={self.axes_dims} must sum to the head dim "
-                       f"{self.dim // self.n_heads} (= dim / n_heads)")
+      raise ValueError(
+          f"S3DiTConfig.axes_dims={self.axes_dims} must sum to the head dim "
+          f"{self.dim // self.n_heads} (= dim / n_heads)"
+      )
     if len(self.axes_dims) != 3 or len(self.axes_lens) != 3 or any(d % 2 for d in self.axes_dims):
-      raise ValueError(f"S3DiTConfig.axes_dims={self.axes_dims}, axes_lens={self.axes_lens}: need three axes "
-                       "(caption/frame, h, w) with even dims")
+      raise ValueError(
+          f"S3DiTConfig.axes_dims={self.axes_dims}, axes_lens={self.axes_lens}: need three axes "
+          "(caption/frame, h, w) with even dims"
+      )
     if len(self.all_patch_size) != len(self.all_f_patch_size) or not self.all_patch_size:
-      raise ValueError(f"S3DiTConfig.all_patch_size={self.all_patch_size} and all_f_patch_size="
-                       f"{self.all_f_patch_size} must be non-empty and of equal length")
+      raise ValueError(
+          f"S3DiTConfig.all_patch_size={self.all_patch_size} and all_f_patch_size="
+          f"{self.all_f_patch_size} must be non-empty and of equal length"
+      )
 
   @property
   def head_dim(self) -> int:
@@ -102,12 +133,16 @@ class S3DiTConfig:
   def from_diffusers(cls, config: Mapping[str, Any], **ours) -> "S3DiTConfig":
     """From a diffusers config dict (config.json); `ours` sets our own fields (remat, attention)."""
     if config.get("siglip_feat_dim") is not None:
-      raise ValueError(f"diffusers config has siglip_feat_dim={config['siglip_feat_dim']}: the Z-Image Omni "
-                       "variant (SigLIP branch) is not supported by S3DiT; use a base Z-Image config")
+      raise ValueError(
+          f"diffusers config has siglip_feat_dim={config['siglip_feat_dim']}: the Z-Image Omni "
+          "variant (SigLIP branch) is not supported by S3DiT; use a base Z-Image config"
+      )
     unknown = sorted(k for k in config if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
     if unknown:
-      raise ValueError(f"diffusers config has fields S3DiTConfig does not know: {unknown}; "
-                       "is this a ZImageTransformer2DModel config?")
+      raise ValueError(
+          f"diffusers config has fields S3DiTConfig does not know: {unknown}; "
+          "is this a ZImageTransformer2DModel config?"
+      )
     kw = {k: config.get(k, v) for k, v in DIFFUSERS_DEFAULTS.items() if k != "siglip_feat_dim"}
     return cls(**kw, **ours)
 
@@ -131,27 +166,45 @@ class S3DiT(nnx.Module):
     dim = cfg.dim
     lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     blk = dict(attn_implementation=cfg.attention, **lin)
-    self.all_x_embedder = nnx.Dict({
-        f"{p}-{f}": Linear(f * p * p * cfg.in_channels, dim, axes=(None, "embed"), **lin)
-        for p, f in zip(cfg.all_patch_size, cfg.all_f_patch_size)})
-    self.all_final_layer = nnx.Dict({
-        f"{p}-{f}": FinalLayer(dim, p * p * f * cfg.in_channels, **lin)
-        for p, f in zip(cfg.all_patch_size, cfg.all_f_patch_size)})
-    self.noise_refiner = nnx.List([
-        ZImageTransformerBlock(dim, cfg.n_heads, cfg.norm_eps, cfg.qk_norm, modulation=True, **blk)
-        for _ in range(cfg.n_refiner_layers)])
-    self.context_refiner = nnx.List([
-        ZImageTransformerBlock(dim, cfg.n_heads, cfg.norm_eps, cfg.qk_norm, modulation=False, **blk)
-        for _ in range(cfg.n_refiner_layers)])
+    self.all_x_embedder = nnx.Dict(
+        {
+            f"{p}-{f}": Linear(f * p * p * cfg.in_channels, dim, axes=(None, "embed"), **lin)
+            for p, f in zip(cfg.all_patch_size, cfg.all_f_patch_size)
+        }
+    )
+    self.all_final_layer = nnx.Dict(
+        {
+            f"{p}-{f}": FinalLayer(dim, p * p * f * cfg.in_channels, **lin)
+            for p, f in zip(cfg.all_patch_size, cfg.all_f_patch_size)
+        }
+    )
+    self.noise_refiner = nnx.List(
+        [
+            ZImageTransformerBlock(dim, cfg.n_heads, cfg.norm_eps, cfg.qk_norm, modulation=True, **blk)
+            for _ in range(cfg.n_refiner_layers)
+        ]
+    )
+    self.context_refiner = nnx.List(
+        [
+            ZImageTransformerBlock(dim, cfg.n_heads, cfg.norm_eps, cfg.qk_norm, modulation=False, **blk)
+            for _ in range(cfg.n_refiner_layers)
+        ]
+    )
     self.t_embedder = TimestepEmbedder(min(dim, ADALN_EMBED_DIM), param_dtype=param_dtype, rngs=rngs)
-    self.cap_embedder = nnx.List([
-        RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps, axes=(None,), param_dtype=param_dtype),
-        Linear(cfg.cap_feat_dim, dim, axes=(None, "embed"), **lin)])
+    self.cap_embedder = nnx.List(
+        [
+            RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps, axes=(None,), param_dtype=param_dtype),
+            Linear(cfg.cap_feat_dim, dim, axes=(None, "embed"), **lin),
+        ]
+    )
     self.x_pad_token = init_pad_token(dim, param_dtype)
     self.cap_pad_token = init_pad_token(dim, param_dtype)
-    self.layers = nnx.List([
-        ZImageTransformerBlock(dim, cfg.n_heads, cfg.norm_eps, cfg.qk_norm, modulation=True, **blk)
-        for _ in range(cfg.n_layers)])
+    self.layers = nnx.List(
+        [
+            ZImageTransformerBlock(dim, cfg.n_heads, cfg.norm_eps, cfg.qk_norm, modulation=True, **blk)
+            for _ in range(cfg.n_layers)
+        ]
+    )
 
   # ------------------------------------------------------------------------------------------- helpers
 
@@ -162,8 +215,9 @@ class S3DiT(nnx.Module):
   def _check_shapes(self, latents, cap_feats, p: int):
     cfg = self.cfg
     if f"{p}-1" not in self.all_x_embedder:
-      raise ValueError(f"patch_size={p} is not in S3DiTConfig.all_patch_size={cfg.all_patch_size} "
-                       "(with f_patch_size 1)")
+      raise ValueError(
+          f"patch_size={p} is not in S3DiTConfig.all_patch_size={cfg.all_patch_size} " "(with f_patch_size 1)"
+      )
     if latents.ndim != 4 or latents.shape[-1] != cfg.in_channels:
       raise ValueError(f"latents must be (B, H, W, {cfg.in_channels}) NHWC; got {latents.shape}")
     _, h, w, _ = latents.shape
@@ -173,13 +227,22 @@ class S3DiT(nnx.Module):
       raise ValueError(f"cap_feats must be (B, L, cap_feat_dim={cfg.cap_feat_dim}); got {cap_feats.shape}")
     sc = round_up(cap_feats.shape[1])
     if sc + 2 > cfg.axes_lens[0] or h // p > cfg.axes_lens[1] or w // p > cfg.axes_lens[2]:
-      raise ValueError(f"sequence exceeds the RoPE tables axes_lens={cfg.axes_lens}: caption slots {sc} (+2) and "
-                       f"a {h // p}x{w // p} token grid; shorten the caption / image or raise axes_lens")
+      raise ValueError(
+          f"sequence exceeds the RoPE tables axes_lens={cfg.axes_lens}: caption slots {sc} (+2) and "
+          f"a {h // p}x{w // p} token grid; shorten the caption / image or raise axes_lens"
+      )
 
   # ------------------------------------------------------------------------------------------- forward
 
-  def __call__(self, latents: jax.Array, timestep: jax.Array, cap_feats: jax.Array,
-               cap_mask: jax.Array | None = None, *, patch_size: int | None = None) -> jax.Array:
+  def __call__(
+      self,
+      latents: jax.Array,
+      timestep: jax.Array,
+      cap_feats: jax.Array,
+      cap_mask: jax.Array | None = None,
+      *,
+      patch_size: int | None = None,
+  ) -> jax.Array:
     """Velocity v ≈ z − x (float32, (B, H, W, C)) for latents x_t (B, H, W, C) at t (B,) ∈ [0, 1], t = 1 noise.
 
     cap_feats (B, L, cap_feat_dim) are the condition tokens, cap_mask (B, L) bool (True = valid; None = all).
@@ -226,10 +289,14 @@ class S3DiT(nnx.Module):
     # RoPE positions.
     k = jnp.arange(nx, dtype=jnp.int32)
     real = (k < n)[None, :]
-    img_pos = jnp.stack([
-        jnp.where(real, cap_len[:, None] + 1, 0),
-        jnp.broadcast_to(jnp.where(real, k // wt, 0), (b, nx)),
-        jnp.broadcast_to(jnp.where(real, k % wt, 0), (b, nx))], axis=-1)
+    img_pos = jnp.stack(
+        [
+            jnp.where(real, cap_len[:, None] + 1, 0),
+            jnp.broadcast_to(jnp.where(real, k // wt, 0), (b, nx)),
+            jnp.broadcast_to(jnp.where(real, k % wt, 0), (b, nx)),
+        ],
+        axis=-1,
+    )
     cap_pos = jnp.zeros((b, sc, 3), jnp.int32).at[:, :, 0].set(slot + 1)
     tables = rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)  # static numpy, cached
     cos_x, sin_x = rope_lookup(tables, img_pos)

@@ -38,8 +38,9 @@ def ffn_hidden(dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def rope_tables(axes_dims: tuple[int, ...], axes_lens: tuple[int, ...],
-                theta: float) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+def rope_tables(
+    axes_dims: tuple[int, ...], axes_lens: tuple[int, ...], theta: float
+) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
   """Per-axis (cos, sin) tables of shape (axes_len, axes_dim // 2), float32.
 
   As diffusers' RopeEmbedder.precompute_freqs_cis: angles pos·θ^(−2i/d) in float64, rounded to float32,
@@ -89,12 +90,15 @@ class TimestepEmbedder(nnx.Module):
 
   def __init__(self, out_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
     # Timestep embeddings run in fp32 regardless of the compute dtype (docs/design.md §4).
-    self.mlp = nnx.List([
-        Linear(FREQ_EMBED_DIM, T_MLP_HIDDEN, axes=(None, None), dtype=jnp.float32, param_dtype=param_dtype,
-               rngs=rngs),
-        SiLU(),
-        Linear(T_MLP_HIDDEN, out_size, axes=(None, None), dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs),
-    ])
+    self.mlp = nnx.List(
+        [
+            Linear(
+                FREQ_EMBED_DIM, T_MLP_HIDDEN, axes=(None, None), dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs
+            ),
+            SiLU(),
+            Linear(T_MLP_HIDDEN, out_size, axes=(None, None), dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs),
+        ]
+    )
 
   def __call__(self, t: jax.Array) -> jax.Array:
     h = timestep_embedding(t, FREQ_EMBED_DIM, flip_sin_to_cos=True, downscale_freq_shift=0.0)
@@ -106,8 +110,17 @@ class TimestepEmbedder(nnx.Module):
 class Attention(nnx.Module):
   """Self-attention with per-head RMS QK-norm and Z-Image RoPE (diffusers Attention + ZSingleStreamAttnProcessor)."""
 
-  def __init__(self, dim: int, n_heads: int, qk_norm: bool, *, attn_implementation: str = "auto",
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      n_heads: int,
+      qk_norm: bool,
+      *,
+      attn_implementation: str = "auto",
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.n_heads, self.head_dim = n_heads, dim // n_heads
     self.attn_implementation = attn_implementation
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -153,26 +166,47 @@ class ZImageTransformerBlock(nnx.Module):
   timestep embedding (no SiLU before it, as in Z-Image); without it (context refiner) s = g = 1.
   """
 
-  def __init__(self, dim: int, n_heads: int, norm_eps: float, qk_norm: bool, *, modulation: bool = True,
-               attn_implementation: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      n_heads: int,
+      norm_eps: float,
+      qk_norm: bool,
+      *,
+      modulation: bool = True,
+      attn_implementation: str = "auto",
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.dtype = dtype
-    self.attention = Attention(dim, n_heads, qk_norm, attn_implementation=attn_implementation, dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)
+    self.attention = Attention(
+        dim, n_heads, qk_norm, attn_implementation=attn_implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.feed_forward = FeedForward(dim, ffn_hidden(dim), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     norm = lambda: RMSNorm(dim, eps=norm_eps, axes=("embed",), param_dtype=param_dtype)  # noqa: E731
     self.attention_norm1, self.ffn_norm1 = norm(), norm()
     self.attention_norm2, self.ffn_norm2 = norm(), norm()
     if modulation:
       # Modulation is (B, 4·dim) per step: computed in fp32, it costs nothing.
-      self.adaLN_modulation = nnx.List([
-          Linear(min(dim, ADALN_EMBED_DIM), 4 * dim, axes=(None, "embed"), dtype=jnp.float32,
-                 param_dtype=param_dtype, rngs=rngs)])
+      self.adaLN_modulation = nnx.List(
+          [
+              Linear(
+                  min(dim, ADALN_EMBED_DIM),
+                  4 * dim,
+                  axes=(None, "embed"),
+                  dtype=jnp.float32,
+                  param_dtype=param_dtype,
+                  rngs=rngs,
+              )
+          ]
+      )
     else:
       self.adaLN_modulation = None
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array,
-               adaln: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array, adaln: jax.Array | None = None
+  ) -> jax.Array:
     if self.adaLN_modulation is not None:
       if adaln is None:
         raise ValueError("ZImageTransformerBlock with modulation needs the timestep embedding `adaln`")
@@ -195,10 +229,19 @@ class FinalLayer(nnx.Module):
 
   def __init__(self, dim: int, out_channels: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.linear = Linear(dim, out_channels, axes=("embed", None), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.adaLN_modulation = nnx.List([
-        SiLU(),
-        Linear(min(dim, ADALN_EMBED_DIM), dim, axes=(None, "embed"), dtype=jnp.float32, param_dtype=param_dtype,
-               rngs=rngs)])
+    self.adaLN_modulation = nnx.List(
+        [
+            SiLU(),
+            Linear(
+                min(dim, ADALN_EMBED_DIM),
+                dim,
+                axes=(None, "embed"),
+                dtype=jnp.float32,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            ),
+        ]
+    )
 
   def __call__(self, x: jax.Array, adaln: jax.Array) -> jax.Array:
     scale = 1.0 + self.adaLN_modulation[1](self.adaLN_modulation[0](adaln))

@@ -25,6 +25,7 @@ from iomm_jax.train import step as step_lib
 @dataclasses.dataclass
 class Run:
   """The built pieces of one training run (see `build`)."""
+
   config: Any
   mesh: Any
   mcfg: Any
@@ -38,8 +39,8 @@ class Run:
   state_shardings: Any
   frozen_shardings: Any
   abstract_state: Any
-  latent_shape: tuple = ()     # (h, w, c) of one latent at the training resolution
-  frozen: Any = None           # {'mllm': pure dict, 'ae': pure dict}, sharded
+  latent_shape: tuple = ()  # (h, w, c) of one latent at the training resolution
+  frozen: Any = None  # {'mllm': pure dict, 'ae': pure dict}, sharded
   param_counts: dict = dataclasses.field(default_factory=dict)
 
   def init_state(self):
@@ -58,9 +59,11 @@ class Run:
     params = jax.jit(init_params, out_shardings=self.param_shardings)()
     if self.config.init.workdir:
       from iomm_jax.train import warm_start
+
       params = warm_start.params_from_workdir(self.config, self.abstract_state, self.state_shardings)
     if self.config.init.transformer or self.config.init.rqa:
       from iomm_jax.weights import init_weights
+
       params = init_weights.apply(self.config, params, self.param_shardings)
 
     def create(params):
@@ -74,15 +77,21 @@ class Run:
     """jit(train_step) with explicit shardings; donates the incoming state."""
     fn = functools.partial(step_lib.train_step, self.statics, self.optimizer, self.lr_fn)
     batch_sh = parallel.batch_sharding(self.mesh)
-    return jax.jit(fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh),
-                   out_shardings=(self.state_shardings, parallel.replicated(self.mesh)), donate_argnums=(0,))
+    return jax.jit(
+        fn,
+        in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh),
+        out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
+        donate_argnums=(0,),
+    )
 
 
 def _split_pure(module):
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
   if jax.tree_util.tree_leaves(rest):
-    raise ValueError(f"{type(module).__name__} holds non-parameter state {list(nnx.to_flat_state(rest))[:3]}; "
-                     "IOMM modules must be stateless besides their parameters")
+    raise ValueError(
+        f"{type(module).__name__} holds non-parameter state {list(nnx.to_flat_state(rest))[:3]}; "
+        "IOMM modules must be stateless besides their parameters"
+    )
   return graphdef, params
 
 
@@ -102,46 +111,86 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   ae_module = nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0)))
   ae_def, ae_abs = _split_pure(ae_module)
   if config.data.resolution % ae_module.downsample:
-    raise ValueError(f"config.data.resolution={config.data.resolution} is not divisible by the autoencoder's "
-                     f"downsampling factor {ae_module.downsample}")
+    raise ValueError(
+        f"config.data.resolution={config.data.resolution} is not divisible by the autoencoder's "
+        f"downsampling factor {ae_module.downsample}"
+    )
   side = config.data.resolution // ae_module.downsample
 
   param_sh = parallel.param_shardings(gen_abs, mesh, rules)
-  frozen_sh = {"mllm": parallel.param_shardings(mllm_abs, mesh, rules),
-               "ae": parallel.param_shardings(ae_abs, mesh, rules)}
+  frozen_sh = {
+      "mllm": parallel.param_shardings(mllm_abs, mesh, rules),
+      "ae": parallel.param_shardings(ae_abs, mesh, rules),
+  }
   optimizer = optimizers.make_optimizer(config.train, hidden_blocks)
   lr_fn = optimizers.lr_schedule(config.train)
 
   gen_pure = nnx.to_pure_dict(gen_abs)
   abstract_state = jax.eval_shape(
-      lambda p: state_lib.create(p, optimizer, ema=config.train.ema_decay > 0, rng=jax.random.key(0)), gen_pure)
+      lambda p: state_lib.create(p, optimizer, ema=config.train.ema_decay > 0, rng=jax.random.key(0)), gen_pure
+  )
   rep = parallel.replicated(mesh)
   # Partitioned optimizers (Muon + AdamW) hold MaskedNode placeholders; they keep no array, so they
   # stay MaskedNode in the sharding tree too.
   masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-  opt_sh = optax.tree_map_params(optimizer, lambda x, s: x if masked(x) else s, abstract_state.opt_state, param_sh,
-                                 transform_non_params=lambda _: rep, is_leaf=masked)
-  state_sh = state_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh,
-                                  ema_params=param_sh if config.train.ema_decay > 0 else {}, rng=rep)
+  opt_sh = optax.tree_map_params(
+      optimizer,
+      lambda x, s: x if masked(x) else s,
+      abstract_state.opt_state,
+      param_sh,
+      transform_non_params=lambda _: rep,
+      is_leaf=masked,
+  )
+  state_sh = state_lib.TrainState(
+      step=rep, params=param_sh, opt_state=opt_sh, ema_params=param_sh if config.train.ema_decay > 0 else {}, rng=rep
+  )
 
   t = config.train
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if t.global_batch % (t.grad_accum * shards):
-    raise ValueError(f"config.train.global_batch={t.global_batch} must be divisible by config.train.grad_accum="
-                     f"{t.grad_accum} × the batch shards data×fsdp={shards}, so that every microbatch is spread "
-                     "evenly over the devices; change the batch, the accumulation or the mesh")
+    raise ValueError(
+        f"config.train.global_batch={t.global_batch} must be divisible by config.train.grad_accum="
+        f"{t.grad_accum} × the batch shards data×fsdp={shards}, so that every microbatch is spread "
+        "evenly over the devices; change the batch, the accumulation or the mesh"
+    )
   statics = step_lib.StepStatics(
-      gen_def=gen_def, mllm_def=mllm_def, ae_def=ae_def, templates=templates, mask_ratio=t.mask_ratio,
-      p_uncond=t.p_uncond, condition=config.model.condition,
+      gen_def=gen_def,
+      mllm_def=mllm_def,
+      ae_def=ae_def,
+      templates=templates,
+      mask_ratio=t.mask_ratio,
+      p_uncond=t.p_uncond,
+      condition=config.model.condition,
       t_kwargs=dict(kind=t.t_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.time_shift),
-      ema_decay=t.ema_decay, needs_vit=config.data.recipe != "pair", cached=bool(config.data.cached),
-      grad_accum=int(t.grad_accum), skip_nonfinite=t.on_nonfinite == "skip")
-  counts = {"dit": count_params(gen_abs["dit"]), "rqa": count_params(gen_abs["rqa"]),
-            "mllm": count_params(mllm_abs), "autoencoder": count_params(ae_abs)}
-  run = Run(config=config, mesh=mesh, mcfg=mcfg, processor=processor, templates=templates, tokenize=tokenize,
-            statics=statics, optimizer=optimizer, lr_fn=lr_fn, param_shardings=param_sh, state_shardings=state_sh,
-            frozen_shardings=frozen_sh, abstract_state=abstract_state, param_counts=counts,
-            latent_shape=(side, side, ae_module.latent_channels))
+      ema_decay=t.ema_decay,
+      needs_vit=config.data.recipe != "pair",
+      cached=bool(config.data.cached),
+      grad_accum=int(t.grad_accum),
+      skip_nonfinite=t.on_nonfinite == "skip",
+  )
+  counts = {
+      "dit": count_params(gen_abs["dit"]),
+      "rqa": count_params(gen_abs["rqa"]),
+      "mllm": count_params(mllm_abs),
+      "autoencoder": count_params(ae_abs),
+  }
+  run = Run(
+      config=config,
+      mesh=mesh,
+      mcfg=mcfg,
+      processor=processor,
+      templates=templates,
+      tokenize=tokenize,
+      statics=statics,
+      optimizer=optimizer,
+      lr_fn=lr_fn,
+      param_shardings=param_sh,
+      state_shardings=state_sh,
+      frozen_shardings=frozen_sh,
+      abstract_state=abstract_state,
+      param_counts=counts,
+      latent_shape=(side, side, ae_module.latent_channels),
+  )
   if load_frozen:
     run.frozen = load_frozen_weights(config, run)
   return run
@@ -152,17 +201,27 @@ def load_frozen_weights(config, run: Run) -> dict:
   seed = config.seed + 7919  # frozen random weights never share a stream with the trainable init
   if config.model.mllm.path:
     from iomm_jax.weights.load_internvl import load_internvl
-    _, state = load_internvl(config.model.mllm.path, dtype=factory.DTYPES[config.model.frozen_dtype],
-                             shardings=run.frozen_shardings["mllm"], remat=config.model.mllm.remat, return_split=True)
+
+    _, state = load_internvl(
+        config.model.mllm.path,
+        dtype=factory.DTYPES[config.model.frozen_dtype],
+        shardings=run.frozen_shardings["mllm"],
+        remat=config.model.mllm.remat,
+        return_split=True,
+    )
     mllm = nnx.to_pure_dict(state)
   else:
-    mllm = jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(seed), run.mcfg), nnx.Param)),
-                   out_shardings=run.frozen_shardings["mllm"])()
+    mllm = jax.jit(
+        lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(seed), run.mcfg), nnx.Param)),
+        out_shardings=run.frozen_shardings["mllm"],
+    )()
   if config.model.autoencoder.kind == "flux_vae" and config.model.autoencoder.path:
     ae = load_vae_weights(config, run.frozen_shardings["ae"], factory.DTYPES[config.model.frozen_dtype])
   else:
-    ae = jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory.make_ae(config, nnx.Rngs(seed + 1)), nnx.Param)),
-                 out_shardings=run.frozen_shardings["ae"])()
+    ae = jax.jit(
+        lambda: nnx.to_pure_dict(nnx.state(factory.make_ae(config, nnx.Rngs(seed + 1)), nnx.Param)),
+        out_shardings=run.frozen_shardings["ae"],
+    )()
   return {"mllm": mllm, "ae": ae}
 
 
@@ -172,6 +231,7 @@ def load_vae_weights(config, shardings, dtype) -> dict:
   import numpy as np
   from iomm_jax.weights import io as convert_io
   from iomm_jax.models import keymap, vae_keys
+
   _, abstract = _split_pure(nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0))))
   flat_abs = keymap.flatten_state(abstract)
   flat_sh = keymap.flatten_state(shardings)

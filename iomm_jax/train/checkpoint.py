@@ -25,7 +25,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-
 DAMAGED_DIR = "damaged_checkpoints"
 
 
@@ -50,8 +49,15 @@ _QUIET = _QuietOrbaxThreads()
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` with items 'state', 'data' and 'config'."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True, with_data: bool = True,
-               cleanup_tmp: bool = False):
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      max_to_keep: int = 3,
+      async_save: bool = True,
+      with_data: bool = True,
+      cleanup_tmp: bool = False,
+  ):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.with_data = with_data
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
@@ -59,12 +65,16 @@ class Checkpointer:
       handlers["data"] = grain.checkpoint.CheckpointHandler()
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=async_save,
-                                             # the trainer (holding the workdir lock) removes leftovers of a
-                                             # killed or failed save; readers (sample, export) must not
-                                             cleanup_tmp_directories=cleanup_tmp),
-        item_handlers=handlers)
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            # the trainer (holding the workdir lock) removes leftovers of a
+            # killed or failed save; readers (sample, export) must not
+            cleanup_tmp_directories=cleanup_tmp,
+        ),
+        item_handlers=handlers,
+    )
     self.pending: int | None = None  # step of the async save in flight (checked at every step boundary)
     logging.getLogger("absl").addFilter(_QUIET)
 
@@ -101,8 +111,9 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 — Orbax re-raises the background thread's error here
       raise SaveFailedError(self._save_failure(step, e, None)) from None
     if step not in self.steps_on_disk():
-      raise SaveFailedError(f"checkpoint save of step {step} to {self.directory} did not complete; "
-                            f"{_space(self.directory)}")
+      raise SaveFailedError(
+          f"checkpoint save of step {step} to {self.directory} did not complete; " f"{_space(self.directory)}"
+      )
 
   def _save_failure(self, step: int, exc: BaseException, state) -> str:
     need = self.last_size() or (_tree_bytes(state) if state is not None else getattr(self, "_pending_bytes", 0))
@@ -110,9 +121,11 @@ class Checkpointer:
     cause = _root_message(exc)
     previous = [s for s in self.steps_on_disk() if s != step]
     kept = f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint exists"
-    return (f"checkpoint save of step {step} to {os.path.join(self.directory, str(step))} failed: needs about "
-            f"{need:,} bytes, {free:,} bytes free ({cause}); {kept}. Free space or move --workdir, then rerun to "
-            "resume")
+    return (
+        f"checkpoint save of step {step} to {os.path.join(self.directory, str(step))} failed: needs about "
+        f"{need:,} bytes, {free:,} bytes free ({cause}); {kept}. Free space or move --workdir, then rerun to "
+        "resume"
+    )
 
   def steps_on_disk(self) -> list[int]:
     """Finished checkpoint steps in the directory (Orbax's own list may already name a save that failed)."""
@@ -130,8 +143,12 @@ class Checkpointer:
     need = self.last_size() or _tree_bytes(state)
     free = shutil.disk_usage(self.directory).free
     if free < need and jax.process_index() == 0:
-      print(f"warning: {free:,} bytes free under {self.directory}, the last checkpoint took {need:,}; this save may "
-            "fail", file=sys.stderr, flush=True)
+      print(
+          f"warning: {free:,} bytes free under {self.directory}, the last checkpoint took {need:,}; this save may "
+          "fail",
+          file=sys.stderr,
+          flush=True,
+      )
 
   def restore(self, abstract_state, data_iter=None, step: int | None = None) -> tuple[Any, int]:
     """Restore into `abstract_state` (ShapeDtypeStructs carrying the *target* shardings) and the iterator in place."""
@@ -162,9 +179,14 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         state, _ = self.restore(abstract_state, data_iter, step)
-        problem = None if is_finite(state) else (
-            f"checkpoint {step} in {self.directory} holds non-finite values (NaN/Inf) in its train state "
-            "(item 'state'), saved before the non-finite guard existed or by a diverged run.")
+        problem = (
+            None
+            if is_finite(state)
+            else (
+                f"checkpoint {step} in {self.directory} holds non-finite values (NaN/Inf) in its train state "
+                "(item 'state'), saved before the non-finite guard existed or by a diverged run."
+            )
+        )
       except Exception as e:  # noqa: BLE001 — any failure to read a checkpoint is reported the same way
         problem = describe_restore_failure(self.directory, step, e)
         del e
@@ -181,14 +203,19 @@ class Checkpointer:
         raise CheckpointRestoreError(
             f"{problems[0][1]} The newest intact checkpoint is step {step}. To resume from it, rerun with "
             f"--config.train.restore_fallback=True (moves the damaged one to {self.damaged_dir()}/), or move "
-            f"{os.path.join(self.directory, str(problems[0][0]))} away yourself")
+            f"{os.path.join(self.directory, str(problems[0][0]))} away yourself"
+        )
       return state, step, moved
     if not problems:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    where = (f" (all moved to {self.damaged_dir()}/; a rerun starts from step 0)" if fallback else
-             "; move the checkpoints folder away to start from step 0")
-    raise CheckpointRestoreError(f"no checkpoint under {self.directory} could be restored{where}. Newest: "
-                                 f"{problems[0][1]}")
+    where = (
+        f" (all moved to {self.damaged_dir()}/; a rerun starts from step 0)"
+        if fallback
+        else "; move the checkpoints folder away to start from step 0"
+    )
+    raise CheckpointRestoreError(
+        f"no checkpoint under {self.directory} could be restored{where}. Newest: " f"{problems[0][1]}"
+    )
 
   def damaged_dir(self) -> str:
     return os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
@@ -203,6 +230,7 @@ class Checkpointer:
       os.replace(os.path.join(self.directory, str(step)), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"iomm_move_aside_{step}")
     self.manager.reload()
     return dest
@@ -234,11 +262,14 @@ def describe_restore_failure(directory: str, step: int, exc: BaseException) -> s
   item = re.search(rf"/{step}/(\w+)/", text)
   key = re.search(r'(?:Error reading|Metadata at) "([^"]+)"', text)
   where = re.search(r'local file "([^"]+)"', text)
-  parts = [f"checkpoint {step} in {directory} could not be restored:",
-           f"item '{item.group(1)}'" if item else "item unknown",
-           f"(array '{key.group(1).split('/')[0]}' in {where.group(1)})" if key and where else
-           (f"(file {where.group(1)})" if where else ""),
-           f"— {_root_message(exc)}."]
+  parts = [
+      f"checkpoint {step} in {directory} could not be restored:",
+      f"item '{item.group(1)}'" if item else "item unknown",
+      f"(array '{key.group(1).split('/')[0]}' in {where.group(1)})"
+      if key and where
+      else (f"(file {where.group(1)})" if where else ""),
+      f"— {_root_message(exc)}.",
+  ]
   return " ".join(p for p in parts if p)
 
 
@@ -273,6 +304,7 @@ def _agree(ok: bool) -> bool:
     return ok
   import numpy as np
   from jax.experimental import multihost_utils
+
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -314,7 +346,9 @@ def iterator_state_from_other_process_count(data_dir: str, new_count: int) -> di
   with open(os.path.join(data_dir, f"process_0-of-{old_count}.json")) as f:
     state = json.load(f)
   if set(state) != {"next_index"}:
-    raise ValueError(f"cannot move the data iterator state in {data_dir} from {old_count} to {new_count} processes: "
-                     f"it is not a plain batch position ({sorted(state)}); resume with {old_count} processes or "
-                     "config.data.num_workers=0")
+    raise ValueError(
+        f"cannot move the data iterator state in {data_dir} from {old_count} to {new_count} processes: "
+        f"it is not a plain batch position ({sorted(state)}); resume with {old_count} processes or "
+        "config.data.num_workers=0"
+    )
   return {"next_index": int(state["next_index"])}

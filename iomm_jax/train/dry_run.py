@@ -50,8 +50,9 @@ def per_device_bytes(abstract_tree, shardings) -> int:
 def abstract_frozen(run: builder.Run) -> dict:
   """ShapeDtypeStructs of the frozen MLLM / autoencoder weights with their shardings (nothing allocated)."""
   config = run.config
-  mllm = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(0), run.mcfg),
-                                                           nnx.Param)))
+  mllm = jax.eval_shape(
+      lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(0), run.mcfg), nnx.Param))
+  )
   ae = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(factory.make_ae(config, nnx.Rngs(0)), nnx.Param)))
   return abstract_with_shardings({"mllm": mllm, "ae": ae}, run.frozen_shardings)
 
@@ -73,8 +74,9 @@ def abstract_batch(run: builder.Run) -> dict:
     r, v = c.data.resolution, c.data.vit_size
     shapes["pixels"] = ((b, r, r, 3), np.float32)
     shapes["vit_pixels"] = ((b, v, v, 3), np.float32)
-  return {k: jax.ShapeDtypeStruct(s, d, sharding=parallel.batch_sharding(run.mesh, len(s)))
-          for k, (s, d) in shapes.items()}
+  return {
+      k: jax.ShapeDtypeStruct(s, d, sharding=parallel.batch_sharding(run.mesh, len(s))) for k, (s, d) in shapes.items()
+  }
 
 
 def report(config, *, mesh=None, compile_step: bool = True) -> dict:
@@ -104,15 +106,21 @@ def report(config, *, mesh=None, compile_step: bool = True) -> dict:
   counted = flops_lib.step_flops(run)
   flops = counted["model"]
   out = {
-      "devices": n, "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
-      "platform": jax.devices()[0].platform, "global_batch": int(config.train.global_batch),
+      "devices": n,
+      "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
+      "platform": jax.devices()[0].platform,
+      "global_batch": int(config.train.global_batch),
       "per_device_batch": config.train.global_batch / (run.mesh.shape["data"] * run.mesh.shape["fsdp"]),
       "params": dict(run.param_counts),
       "per_device_gb": {k: round(v / GB, 3) for k, v in per_dev.items()},
       "state_and_frozen_gb": round(sum(per_dev.values()) / GB, 3),
-      "flops_per_step": flops, "flops_per_step_per_device": flops / n,
-      "flops": {"per_image": counted["per_image"], "remat_per_step": counted["remat"],
-                "hardware_per_step": counted["hardware"]},
+      "flops_per_step": flops,
+      "flops_per_step_per_device": flops / n,
+      "flops": {
+          "per_image": counted["per_image"],
+          "remat_per_step": counted["remat"],
+          "hardware_per_step": counted["hardware"],
+      },
   }
   if compile_step:
     lowered = run.train_step.lower(state_abs, frozen_abs, batch_abs)
@@ -125,9 +133,13 @@ def report(config, *, mesh=None, compile_step: bool = True) -> dict:
       out["xla_flops_per_device"] = float(cost["flops"])
     mem = compiled.memory_analysis()
     if mem is not None:
-      xla = {"argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
-             "alias": mem.alias_size_in_bytes, "temp": mem.temp_size_in_bytes,
-             "generated_code": mem.generated_code_size_in_bytes}
+      xla = {
+          "argument": mem.argument_size_in_bytes,
+          "output": mem.output_size_in_bytes,
+          "alias": mem.alias_size_in_bytes,
+          "temp": mem.temp_size_in_bytes,
+          "generated_code": mem.generated_code_size_in_bytes,
+      }
       out["xla_gb"] = {k: round(v / GB, 3) for k, v in xla.items()}
       peak = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
       out["peak_gb_estimate"] = round(peak / GB, 3)

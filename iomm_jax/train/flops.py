@@ -29,13 +29,13 @@ def mmdit_forward(cfg, image_tokens: int, cond_tokens: int) -> float:
   """FLUX MM-DiT forward for one image: N image tokens, L condition tokens (models/mmdit*.py)."""
   d, n, l = cfg.inner_dim, image_tokens, cond_tokens
   s = n + l
-  f = 2.0 * n * cfg.in_channels * d + 2.0 * l * cfg.joint_attention_dim * d               # x / context embedders
-  f += 2.0 * (256 * d + d * d) + 2.0 * (cfg.pooled_projection_dim * d + d * d)             # time + pooled embeds
+  f = 2.0 * n * cfg.in_channels * d + 2.0 * l * cfg.joint_attention_dim * d  # x / context embedders
+  f += 2.0 * (256 * d + d * d) + 2.0 * (cfg.pooled_projection_dim * d + d * d)  # time + pooled embeds
   # Double block: adaLN (6d per stream, per image), q/k/v 3d², out d², MLP 8d² on both streams, joint attention.
   f += cfg.num_layers * (2.0 * 2 * d * 6 * d + 2.0 * s * 12 * d * d + _attn(s, s, d))
   # Single block: adaLN 3d, q/k/v 3d² + MLP-in 4d² in one pass, out (d + 4d)·d, attention.
   f += cfg.num_single_layers * (2.0 * d * 3 * d + 2.0 * s * 12 * d * d + _attn(s, s, d))
-  f += 2.0 * d * 2 * d + 2.0 * n * d * cfg.output_channels                                # norm_out, proj_out
+  f += 2.0 * d * 2 * d + 2.0 * n * d * cfg.output_channels  # norm_out, proj_out
   return f
 
 
@@ -43,7 +43,7 @@ def s3dit_forward(cfg, image_tokens: int, cond_tokens: int) -> float:
   """Z-Image S3-DiT forward for one image (models/s3dit*.py): refiners per stream, then the joint blocks."""
   d, n, l = cfg.dim, image_tokens, cond_tokens
   hidden = int(d / 3 * 8)  # Z-Image's SwiGLU hidden width
-  per_token = 4 * d * d + 3 * d * hidden                                                   # q/k/v/out + SwiGLU
+  per_token = 4 * d * d + 3 * d * hidden  # q/k/v/out + SwiGLU
   adaln = 4 * d * min(d, 256)
 
   def blocks(count, tokens, modulated):
@@ -75,20 +75,20 @@ def llm_forward(cfg, tokens: int) -> tuple[float, float]:
 def vit_forward(cfg: InternVLConfig) -> float:
   """InternViT on one tile (patches + CLS), then pixel shuffle and the MLP projector to the LLM width."""
   v = cfg.vision
-  patches = v.grid ** 2
+  patches = v.grid**2
   t = patches + 1
   d = v.hidden_size
-  f = 2.0 * patches * v.num_channels * v.patch_size ** 2 * d
+  f = 2.0 * patches * v.num_channels * v.patch_size**2 * d
   f += v.num_hidden_layers * (2.0 * t * (4 * d * d + 2 * d * v.intermediate_size) + _attn(t, t, d))
-  d_in = d * cfg.shuffle_factor ** 2
-  return f + 2.0 * cfg.num_image_tokens * (d_in * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
+  d_in = d * cfg.shuffle_factor**2
+  return f + 2.0 * cfg.num_image_tokens * (d_in * cfg.text.hidden_size + cfg.text.hidden_size**2)
 
 
 def vae_encoder_forward(cfg, resolution: int) -> float:
   """FLUX VAE encoder on one image (convolutions + the mid-block attention), models/flux_vae.py."""
   ch = list(cfg.block_out_channels)
   side = resolution
-  f = 2.0 * side * side * 9 * cfg.in_channels * ch[0]                                     # conv_in
+  f = 2.0 * side * side * 9 * cfg.in_channels * ch[0]  # conv_in
   prev = ch[0]
   for i, c in enumerate(ch):
     for j in range(cfg.layers_per_block):
@@ -97,13 +97,13 @@ def vae_encoder_forward(cfg, resolution: int) -> float:
     prev = c
     if i < len(ch) - 1:
       side //= 2
-      f += 2.0 * side * side * 9 * c * c                                                   # stride-2 downsample
+      f += 2.0 * side * side * 9 * c * c  # stride-2 downsample
   c = ch[-1]
   hw = side * side
-  f += 2 * (2.0 * hw * 9 * 2 * c * c)                                                      # two mid resnets
+  f += 2 * (2.0 * hw * 9 * 2 * c * c)  # two mid resnets
   if cfg.mid_block_add_attention:
     f += 2.0 * hw * 4 * c * c + _attn(hw, hw, c)
-  return f + 2.0 * hw * 9 * c * 2 * cfg.latent_channels                                    # conv_out (mean, logvar)
+  return f + 2.0 * hw * 9 * c * 2 * cfg.latent_channels  # conv_out (mean, logvar)
 
 
 def step_flops(run) -> dict:
@@ -113,6 +113,7 @@ def step_flops(run) -> dict:
   for the global batch: the MFU numerator), remat, hardware (model + remat).
   """
   from iomm_jax.models import factory
+
   c = run.config
   mcfg = run.mcfg
   width = factory.mllm_width(mcfg)
@@ -142,8 +143,13 @@ def step_flops(run) -> dict:
   remat = llm_dense + llm_attn if c.model.mllm.remat != "none" else 0.0
   b = c.train.global_batch
   model = b * sum(v["forward"] + v["backward"] for v in per_image.values())
-  return {"per_image": per_image, "remat_per_image": {"llm": remat}, "model": model, "remat": b * remat,
-          "hardware": model + b * remat}
+  return {
+      "per_image": per_image,
+      "remat_per_image": {"llm": remat},
+      "model": model,
+      "remat": b * remat,
+      "hardware": model + b * remat,
+  }
 
 
 def flops_per_step(run) -> float:

@@ -23,11 +23,12 @@ def text_condition(tpl: iomm.Templates, tokenize, prompts):
   lens = np.zeros((len(prompts),), np.int32)
   for i, p in enumerate(prompts):
     t = tokenize(p)
-    ids[i, :len(t)] = t
+    ids[i, : len(t)] = t
     lens[i] = len(t)
   b = len(prompts)
-  cid, valid, use = iomm.condition_ids(tpl, jnp.asarray(ids), jnp.asarray(lens), jnp.zeros((b,), bool),
-                                       jnp.zeros((b,), bool))
+  cid, valid, use = iomm.condition_ids(
+      tpl, jnp.asarray(ids), jnp.asarray(lens), jnp.zeros((b,), bool), jnp.zeros((b,), bool)
+  )
   return cid, valid, use
 
 
@@ -40,9 +41,11 @@ def prompt_notes(tokenize, prompts) -> list[str]:
       continue
     full = len(tokenize.processor.text_prompt_ids(p))
     if full > tokenize.max_len:
-      notes.append(f"note: prompt {i} ({p[:40]!r}...) is {full} template tokens, truncated to the first "
-                   f"{tokenize.max_len} that the model was trained with (config.data.max_text_tokens; "
-                   f"{full - tokenize.max_len} tokens dropped)")
+      notes.append(
+          f"note: prompt {i} ({p[:40]!r}...) is {full} template tokens, truncated to the first "
+          f"{tokenize.max_len} that the model was trained with (config.data.max_text_tokens; "
+          f"{full - tokenize.max_len} tokens dropped)"
+      )
   return notes
 
 
@@ -53,16 +56,46 @@ def image_condition(tpl: iomm.Templates, batch: int):
   return ids, valid, jnp.ones((batch,), bool)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("statics", "latent_shape", "steps", "cfg_scale", "condition", "tpl", "shift"))
-def _generate(params, frozen, ids, valid, use_image, vit_pixels, rng, *, statics, tpl, latent_shape, steps, cfg_scale,
-              condition, shift):
+@functools.partial(
+    jax.jit, static_argnames=("statics", "latent_shape", "steps", "cfg_scale", "condition", "tpl", "shift")
+)
+def _generate(
+    params,
+    frozen,
+    ids,
+    valid,
+    use_image,
+    vit_pixels,
+    rng,
+    *,
+    statics,
+    tpl,
+    latent_shape,
+    steps,
+    cfg_scale,
+    condition,
+    shift,
+):
   gen = nnx.merge(statics.gen_def, params)
   mllm = nnx.merge(statics.mllm_def, frozen["mllm"])
   ae = nnx.merge(statics.ae_def, frozen["ae"])
   tokens = mllm.encode_image_tokens(vit_pixels) if vit_pixels is not None else None
-  return sampling.generate(gen, mllm, ae, tpl, ids, valid, tokens, use_image, rng, latent_shape=latent_shape,
-                           steps=steps, cfg_scale=cfg_scale, condition=condition, shift=shift)
+  return sampling.generate(
+      gen,
+      mllm,
+      ae,
+      tpl,
+      ids,
+      valid,
+      tokens,
+      use_image,
+      rng,
+      latent_shape=latent_shape,
+      steps=steps,
+      cfg_scale=cfg_scale,
+      condition=condition,
+      shift=shift,
+  )
 
 
 def generate(run, params, *, prompts=None, vit_pixels=None, tpl=None, rng, steps=None, cfg_scale=None):
@@ -78,10 +111,22 @@ def generate(run, params, *, prompts=None, vit_pixels=None, tpl=None, rng, steps
   else:
     ids, valid, use = image_condition(tpl, vit_pixels.shape[0])
     vit_pixels = jnp.asarray(vit_pixels)
-  return _generate(params, run.frozen, ids, valid, use, vit_pixels, rng, statics=run.statics, tpl=tpl,
-                   latent_shape=run.latent_shape, steps=steps or cfg.sample.steps,
-                   cfg_scale=float(cfg.sample.cfg_scale if cfg_scale is None else cfg_scale),
-                   condition=cfg.model.condition, shift=float(cfg.train.time_shift))
+  return _generate(
+      params,
+      run.frozen,
+      ids,
+      valid,
+      use,
+      vit_pixels,
+      rng,
+      statics=run.statics,
+      tpl=tpl,
+      latent_shape=run.latent_shape,
+      steps=steps or cfg.sample.steps,
+      cfg_scale=float(cfg.sample.cfg_scale if cfg_scale is None else cfg_scale),
+      condition=cfg.model.condition,
+      shift=float(cfg.train.time_shift),
+  )
 
 
 def to_uint8(images) -> np.ndarray:
@@ -96,7 +141,7 @@ def grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
   for i, row in enumerate(rows):
     for j, img in enumerate(row):
       y, x = pad + i * (h + pad), pad + j * (w + pad)
-      out[y:y + h, x:x + w] = img
+      out[y : y + h, x : x + w] = img
   return out
 
 

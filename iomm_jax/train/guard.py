@@ -35,13 +35,13 @@ def check_rows(rows: list[dict], first_step: int, last_saved: int | None) -> Non
   raise NonFiniteError(
       f"non-finite training at step {step}: loss={loss} grad_norm={gnorm}; stopped without saving it ({saved}). "
       "Lower config.train.lr or raise config.train.warmup_steps and rerun to resume, or set "
-      "config.train.on_nonfinite=skip to skip such updates")
+      "config.train.on_nonfinite=skip to skip such updates"
+  )
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 

@@ -35,9 +35,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _me() -> dict:
-  return {"host": socket.gethostname(), "pid": os.getpid(),
-          "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "slurm_job": os.environ.get("SLURM_JOB_ID", "")}
+  return {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+  }
 
 
 def stale_reason(holder: dict, age_s: float) -> str | None:
@@ -97,9 +100,12 @@ class WorkdirLock:
         raise WorkdirLockedError(
             f"workdir {os.path.dirname(self.path)} is in use by another trainer (host {holder.get('host')}, pid "
             f"{holder.get('pid')}, started {holder.get('start')}); wait for it to finish, stop it, or use another "
-            f"--workdir (if that trainer is gone, delete {self.path})")
-      self.took_over = (f"took over the stale lock {self.path} of host {holder.get('host')} pid {holder.get('pid')} "
-                        f"(started {holder.get('start')}): {reason}")
+            f"--workdir (if that trainer is gone, delete {self.path})"
+        )
+      self.took_over = (
+          f"took over the stale lock {self.path} of host {holder.get('host')} pid {holder.get('pid')} "
+          f"(started {holder.get('start')}): {reason}"
+      )
       try:
         os.remove(self.path)
       except FileNotFoundError:

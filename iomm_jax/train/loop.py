@@ -29,7 +29,9 @@ def check_workdir(workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise SystemExit(f"--workdir={workdir!r} is not writable ({e.strerror}); choose a directory you can write to") from e
+    raise SystemExit(
+        f"--workdir={workdir!r} is not writable ({e.strerror}); choose a directory you can write to"
+    ) from e
 
 
 def save_resolved_config(config, workdir: str) -> None:
@@ -42,9 +44,15 @@ def make_data_iter(run, workdir: str):
   """(this process's batch iterator, the number of examples in the dataset — the captioned set for 'mix')."""
   parallel.batch_size_per_process(run.config.train.global_batch, run.mesh)  # validates; the pipeline slices itself
   source = sources.make_source(data_config.from_config(run.config.data), workdir)
-  ds = pipeline.make_dataset(run.config.data, global_batch=run.config.train.global_batch,
-                             process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir,
-                             tokenize=run.tokenize, source=source)
+  ds = pipeline.make_dataset(
+      run.config.data,
+      global_batch=run.config.train.global_batch,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      workdir=workdir,
+      tokenize=run.tokenize,
+      source=source,
+  )
   it = iter(ds)
   if run.config.data.cached:
     check_cached_shapes(run, ds)
@@ -54,13 +62,14 @@ def make_data_iter(run, workdir: str):
 def check_cached_shapes(run, ds) -> None:
   """A cache built for another resolution or model fails here, naming the cache, not deep inside jit."""
   first = next(iter(ds))
-  want = {"latent": tuple(run.latent_shape),
-          "vit_tokens": (run.mcfg.num_image_tokens, run.mcfg.text.hidden_size)}
+  want = {"latent": tuple(run.latent_shape), "vit_tokens": (run.mcfg.num_image_tokens, run.mcfg.text.hidden_size)}
   for key, shape in want.items():
     got = tuple(first[key].shape[1:])
     if got != shape:
-      raise SystemExit(f"config.data.cache_path={run.config.data.cache_path!r}: cached {key} has shape {got} but "
-                       f"this run needs {shape}; rebuild the cache with python -m iomm_jax.cache for this config")
+      raise SystemExit(
+          f"config.data.cache_path={run.config.data.cache_path!r}: cached {key} has shape {got} but "
+          f"this run needs {shape}; rebuild the cache with python -m iomm_jax.cache for this config"
+      )
 
 
 def model_batch(batch: dict, cached: bool) -> dict:
@@ -86,8 +95,13 @@ class SampleGrids:
     recon = generate_lib.generate(self.run, params, vit_pixels=self.vit, rng=rng)
     rows = [self.ref, generate_lib.to_uint8(recon)]
     for i, prompt in enumerate(c.sample.prompts):
-      rows.append(generate_lib.to_uint8(generate_lib.generate(self.run, params, prompts=[prompt] * c.sample.num,
-                                                          rng=jax.random.fold_in(rng, i + 1))))
+      rows.append(
+          generate_lib.to_uint8(
+              generate_lib.generate(
+                  self.run, params, prompts=[prompt] * c.sample.num, rng=jax.random.fold_in(rng, i + 1)
+              )
+          )
+      )
     image = generate_lib.grid(rows)
     path = os.path.join(self.dir, f"step_{step:07d}.png")
     if jax.process_index() == 0:
@@ -118,8 +132,11 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     data_iter, dataset_size = make_data_iter(run, workdir)
     num_steps = schedule.num_steps(config.train, dataset_size)
     if config.train.epochs > 0 and is_main:
-      print(f"train.epochs={config.train.epochs} over {dataset_size} examples at batch {config.train.global_batch}: "
-            f"{num_steps} steps", flush=True)
+      print(
+          f"train.epochs={config.train.epochs} over {dataset_size} examples at batch {config.train.global_batch}: "
+          f"{num_steps} steps",
+          flush=True,
+      )
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, cleanup_tmp=True)
     summary = _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_steps)
     ckpt.close()
@@ -140,9 +157,13 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
   t = config.train
   if ckpt.latest_step() is not None:
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-    state, start, _ = ckpt.restore_newest_intact(abstract_with_shardings(run.abstract_state, run.state_shardings),
-                                                 data_iter, fallback=bool(t.restore_fallback),
-                                                 is_finite=guard.tree_is_finite, log=log)
+    state, start, _ = ckpt.restore_newest_intact(
+        abstract_with_shardings(run.abstract_state, run.state_shardings),
+        data_iter,
+        fallback=bool(t.restore_fallback),
+        is_finite=guard.tree_is_finite,
+        log=log,
+    )
     dropped = writer.truncate_after(start)
     log(f"resumed from {ckpt.directory} at step {start} (dropped {dropped} metrics rows logged after it)")
   else:
@@ -192,8 +213,10 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     nonlocal last_saved
     check_finite()
     if not guard.tree_is_finite(state):
-      raise guard.NonFiniteError(f"non-finite values in the train state at step {step} (loss and grad norm were "
-                                 f"finite); not saved. The last checkpoint is step {last_saved}")
+      raise guard.NonFiniteError(
+          f"non-finite values in the train state at step {step} (loss and grad norm were "
+          f"finite); not saved. The last checkpoint is step {last_saved}"
+      )
     ckpt.save(step, state, data_iter, json.loads(config.to_json_best_effort()), force=force)
     last_saved = step
 

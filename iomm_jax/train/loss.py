@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def sample_t(rng, batch: int, *, kind: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-             shift: float = 1.0) -> jax.Array:
+def sample_t(
+    rng, batch: int, *, kind: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0
+) -> jax.Array:
   """t ∈ (0, 1): uniform (paper) or logit-normal, then the resolution shift t ← s·t / (1 + (s − 1)·t)."""
   if kind == "uniform":
     t = jax.random.uniform(rng, (batch,), jnp.float32)

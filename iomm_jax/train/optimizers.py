@@ -12,7 +12,8 @@ def lr_schedule(train_cfg):
     return optax.constant_schedule(train_cfg.lr)
   return optax.join_schedules(
       [optax.linear_schedule(0.0, train_cfg.lr, train_cfg.warmup_steps), optax.constant_schedule(train_cfg.lr)],
-      [train_cfg.warmup_steps])
+      [train_cfg.warmup_steps],
+  )
 
 
 # Muon's update RMS for every hidden matrix (Liu et al. 2025, "Muon is scalable": 0.2·sqrt(max(fan_in, fan_out))
@@ -29,10 +30,12 @@ def muon_labels(params, hidden_blocks: dict[str, tuple[str, ...]]):
   that component (the modules' HIDDEN_BLOCKS). Embedders, the output projection, biases, norms and the RQA's
   meta-queries are not hidden matrices: Muon orthogonalises a matrix's update, which suits a map between two hidden
   spaces but not a lookup/embedding or the final read-out (Jordan et al.; Liu et al.)."""
+
   def label(path, leaf):
     keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
     hidden = len(keys) > 2 and keys[1] in hidden_blocks.get(keys[0], ())
     return "muon" if hidden and keys[-1] == "kernel" and leaf.ndim == 2 else "adam"
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -41,19 +44,20 @@ def make_optimizer(train_cfg, hidden_blocks: dict[str, tuple[str, ...]] | None =
 
   `hidden_blocks` (Muon only) names each component's hidden block stacks (see `muon_labels`)."""
   schedule = lr_schedule(train_cfg)
-  adamw = lambda: optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,  # noqa: E731
-                              weight_decay=train_cfg.weight_decay)
+  adamw = lambda: optax.adamw(
+      schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps, weight_decay=train_cfg.weight_decay  # noqa: E731
+  )
   if train_cfg.optimizer == "adamw":
     opt = adamw()
   elif train_cfg.optimizer == "muon":
     if hidden_blocks is None:
       raise ValueError("make_optimizer: Muon needs hidden_blocks (which block stacks hold the hidden matrices)")
-    muon = optax.contrib.muon(schedule, beta=train_cfg.muon_momentum, weight_decay=train_cfg.weight_decay,
-                              consistent_rms=MUON_UPDATE_RMS)
+    muon = optax.contrib.muon(
+        schedule, beta=train_cfg.muon_momentum, weight_decay=train_cfg.weight_decay, consistent_rms=MUON_UPDATE_RMS
+    )
     # optax.contrib.muon applies AdamW itself to what it does not orthogonalise, but only by dimensionality; the
     # explicit partition keeps embedders, read-out and meta-queries on the same AdamW as the 'adamw' optimizer.
-    opt = optax.multi_transform({"muon": muon, "adam": adamw()},
-                                lambda params: muon_labels(params, hidden_blocks))
+    opt = optax.multi_transform({"muon": muon, "adam": adamw()}, lambda params: muon_labels(params, hidden_blocks))
   else:
     raise ValueError(f"config.train.optimizer={train_cfg.optimizer!r}: expected 'adamw' or 'muon'")
   if train_cfg.grad_clip and train_cfg.grad_clip > 0:

@@ -21,8 +21,10 @@ class Preempted(Exception):
   """Raised by the loop after the preemption checkpoint is saved; main exits with EXIT_PREEMPTED."""
 
   def __init__(self, step: int, signame: str):
-    super().__init__(f"preempted by {signame}: saved the checkpoint at step {step}; exiting with status "
-                     f"{EXIT_PREEMPTED} (rerun the same command to resume)")
+    super().__init__(
+        f"preempted by {signame}: saved the checkpoint at step {step}; exiting with status "
+        f"{EXIT_PREEMPTED} (rerun the same command to resume)"
+    )
     self.step, self.signame = step, signame
 
 
@@ -56,6 +58,7 @@ class PreemptionWatch:
     if jax.process_count() == 1:
       return local
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.int32(local))
     if np.any(flags) and self.received is None:
       self.received = "a peer's signal"

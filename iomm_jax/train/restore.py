@@ -16,6 +16,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise SystemExit(f"{path} not found: --workdir must be a training workdir written by python -m iomm_jax.main")
   import json
+
   with open(path) as f:
     saved = _tuples(json.load(f))
   # Fields added to the schema after the run started take their defaults, so older workdirs still load.

@@ -16,6 +16,8 @@ def num_steps(train_cfg, dataset_size: int | None) -> int:
   if epochs <= 0:
     return int(train_cfg.num_steps)
   if not dataset_size:
-    raise ValueError(f"config.train.epochs={epochs} needs a dataset of known size; this source reports none — "
-                     "set config.train.num_steps instead (and config.train.epochs=0)")
+    raise ValueError(
+        f"config.train.epochs={epochs} needs a dataset of known size; this source reports none — "
+        "set config.train.num_steps instead (and config.train.epochs=0)"
+    )
   return max(1, math.ceil(epochs * int(dataset_size) / int(train_cfg.global_batch)))

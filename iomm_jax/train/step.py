@@ -19,6 +19,7 @@ from iomm_jax.train.state import TrainState
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class StepStatics:
   """Everything static the step closes over: graph definitions, templates and the relevant config values."""
+
   gen_def: Any
   mllm_def: Any
   ae_def: Any
@@ -28,10 +29,12 @@ class StepStatics:
   condition: str
   t_kwargs: dict
   ema_decay: float
-  needs_vit: bool      # False for text-only recipes: skip the ViT entirely
-  cached: bool         # batch carries 'vit_tokens' and 'latent' instead of pixels
+  needs_vit: bool  # False for text-only recipes: skip the ViT entirely
+  cached: bool  # batch carries 'vit_tokens' and 'latent' instead of pixels
   grad_accum: int = 1  # microbatches per update (gradient accumulation)
-  skip_nonfinite: bool = False  # config.train.on_nonfinite == 'skip': keep the old state when loss/grad norm is not finite
+  skip_nonfinite: bool = (
+      False  # config.train.on_nonfinite == 'skip': keep the old state when loss/grad norm is not finite
+  )
 
 
 def condition_inputs(st: StepStatics, mllm, ae, batch, rng):
@@ -48,8 +51,9 @@ def condition_inputs(st: StepStatics, mllm, ae, batch, rng):
     tokens = jax.lax.stop_gradient(tokens)
   b = x.shape[0]
   drop = jax.random.bernoulli(r_drop, st.p_uncond, (b,))
-  ids, valid, use_image = iomm.condition_ids(st.templates, batch["caption_ids"], batch["caption_len"],
-                                             batch["is_image_only"], drop)
+  ids, valid, use_image = iomm.condition_ids(
+      st.templates, batch["caption_ids"], batch["caption_len"], batch["is_image_only"], drop
+  )
   keep = iomm.sample_keep_mask(r_mask, (b, len(st.templates.image_positions)), st.mask_ratio)
   return x, ids, valid, tokens, keep, use_image
 
@@ -61,8 +65,7 @@ def compute_loss(st: StepStatics, params, frozen, batch, rng):
   ae = nnx.merge(st.ae_def, frozen["ae"])
   x, ids, valid, tokens, keep, use_image = condition_inputs(st, mllm, ae, batch, r_cond)
   gen = nnx.merge(st.gen_def, params)
-  h, h_mask = iomm.encode_condition(gen.rqa, mllm, st.templates, ids, valid, tokens, keep, use_image,
-                                    mode=st.condition)
+  h, h_mask = iomm.encode_condition(gen.rqa, mllm, st.templates, ids, valid, tokens, keep, use_image, mode=st.condition)
 
   def velocity(x_t, t):
     return gen.velocity(x_t, t, h, h_mask, masked=st.condition == "all")
@@ -78,8 +81,10 @@ def microbatches(batch, n: int):
   Strided rather than contiguous: each device's contiguous block of the batch then contributes equally to every
   microbatch, so a microbatch stays sharded over (data, fsdp) like the batch instead of living on 1/n of the devices.
   """
+
   def split(x):
     return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+
   return jax.tree.map(split, batch)
 
 
@@ -114,8 +119,13 @@ def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, 
   ema = ema_update(state.ema_params, params, st.ema_decay) if st.ema_decay > 0 else state.ema_params
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(state.step),
-             "kept_fraction": aux["kept_fraction"], "nonfinite": (~finite).astype(jnp.int32)}
+  metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "lr": lr_fn(state.step),
+      "kept_fraction": aux["kept_fraction"],
+      "nonfinite": (~finite).astype(jnp.int32),
+  }
   for key in ("skipped", "skipped_uncaptioned"):
     if key in batch:
       metrics[key] = jnp.sum(batch[key])

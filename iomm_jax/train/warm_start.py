@@ -33,12 +33,16 @@ def params_from_workdir(config, abstract_state, state_shardings):
   for field in ("train.optimizer", "model.dit.kind"):
     theirs, ours = _same(src, config, field)
     if theirs != ours:
-      raise WarmStartError(f"config.init.workdir={workdir!r} was trained with {field}={theirs!r} but this run has "
-                           f"{field}={ours!r}; set config.{field}={theirs!r} or start from another workdir")
+      raise WarmStartError(
+          f"config.init.workdir={workdir!r} was trained with {field}={theirs!r} but this run has "
+          f"{field}={ours!r}; set config.{field}={theirs!r} or start from another workdir"
+      )
   src_ema = float(src.get("train", {}).get("ema_decay", 0.0)) > 0
   if src_ema != (config.train.ema_decay > 0):
-    raise WarmStartError(f"config.init.workdir={workdir!r} {'has' if src_ema else 'has no'} EMA weights but this run "
-                         f"has config.train.ema_decay={config.train.ema_decay}; make both use EMA or neither")
+    raise WarmStartError(
+        f"config.init.workdir={workdir!r} {'has' if src_ema else 'has no'} EMA weights but this run "
+        f"has config.train.ema_decay={config.train.ema_decay}; make both use EMA or neither"
+    )
   ckpt = checkpoint.Checkpointer(workdir, with_data=False)
   try:
     if ckpt.latest_step() is None:
@@ -46,8 +50,10 @@ def params_from_workdir(config, abstract_state, state_shardings):
     try:
       state, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract_state, state_shardings))
     except (ValueError, KeyError, TypeError) as e:
-      raise WarmStartError(f"config.init.workdir={workdir!r}: its checkpoint does not fit this run's model "
-                           f"({str(e).splitlines()[0][:300]}); the DiT, RQA and MLLM width must be the same") from None
+      raise WarmStartError(
+          f"config.init.workdir={workdir!r}: its checkpoint does not fit this run's model "
+          f"({str(e).splitlines()[0][:300]}); the DiT, RQA and MLLM width must be the same"
+      ) from None
   finally:
     ckpt.close()
   return state.ema_params if config.init.use_ema and state.ema_params else state.params

@@ -35,15 +35,16 @@ def _same_key(key: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """How one kind of component converts. Callables take/return our frozen config dataclass."""
-  kind: str                       # 'mmdit' | 's3dit' | 'vae' | 'rqa' | 'mllm'
-  component: str                  # CLI name: 'transformer' | 'vae' | 'rqa' | 'mllm'
-  torch_class: str                # `_class_name` (diffusers) / architectures[0] (transformers) / ours
-  weights_prefix: str             # safetensors file stem written by to-torch
+
+  kind: str  # 'mmdit' | 's3dit' | 'vae' | 'rqa' | 'mllm'
+  component: str  # CLI name: 'transformer' | 'vae' | 'rqa' | 'mllm'
+  torch_class: str  # `_class_name` (diffusers) / architectures[0] (transformers) / ours
+  weights_prefix: str  # safetensors file stem written by to-torch
   config_from_torch: Callable[[Mapping[str, Any]], Any]
   config_to_torch: Callable[[Any], dict]
-  build: Callable[..., nnx.Module]          # build(cfg, dtype=, param_dtype=, rngs=)
+  build: Callable[..., nnx.Module]  # build(cfg, dtype=, param_dtype=, rngs=)
   config_cls: type
-  table: Callable[[Any], keymap.KeyTable]   # the key table for a config (reads the module attribute each call)
+  table: Callable[[Any], keymap.KeyTable]  # the key table for a config (reads the module attribute each call)
   # Our config fields that do not describe the weights (not compared when checking a checkpoint against a run).
   runtime_fields: tuple[str, ...] = ()
   # File-layout key renames (InternVL files use the llava layout); identity for the others.
@@ -52,8 +53,9 @@ class Spec:
 
   def abstract_model(self, cfg, *, param_dtype=jnp.float32, dtype=None) -> nnx.Module:
     """The model with ShapeDtypeStruct leaves (no memory, no random init)."""
-    return nnx.eval_shape(lambda: self.build(cfg, dtype=dtype or param_dtype, param_dtype=param_dtype,
-                                             rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(
+        lambda: self.build(cfg, dtype=dtype or param_dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
 
   def expected_shapes(self, cfg) -> dict[str, tuple[int, ...]]:
     """{our dotted path: shape} for every parameter."""
@@ -109,8 +111,10 @@ def _from_json(cls, d: Mapping[str, Any]):
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(d) - set(fields))
   if unknown:
-    raise ConvertError(f"component.json config has fields {unknown} that {cls.__name__} does not know; "
-                       "the checkpoint was written by a different iomm_jax version")
+    raise ConvertError(
+        f"component.json config has fields {unknown} that {cls.__name__} does not know; "
+        "the checkpoint was written by a different iomm_jax version"
+    )
   kw = {}
   for k, v in d.items():
     default = fields[k].default_factory() if fields[k].default_factory is not dataclasses.MISSING else None
@@ -125,26 +129,31 @@ def _from_json(cls, d: Mapping[str, Any]):
 
 def _build_mmdit(cfg, **kw):
   from iomm_jax.models.mmdit import MMDiT
+
   return MMDiT(cfg, **kw)
 
 
 def _build_s3dit(cfg, **kw):
   from iomm_jax.models.s3dit import S3DiT
+
   return S3DiT(cfg, **kw)
 
 
 def _build_vae(cfg, **kw):
   from iomm_jax.models.flux_vae import FluxVAE
+
   return FluxVAE(cfg, **kw)
 
 
 def _build_rqa(cfg, **kw):
   from iomm_jax.models.rqa import RQA
+
   return RQA(cfg, **kw)
 
 
 def _build_mllm(cfg, **kw):
   from iomm_jax.models.internvl import InternVL
+
   return InternVL(cfg, **kw)
 
 
@@ -154,22 +163,70 @@ def _specs() -> dict[str, Spec]:
   from iomm_jax.models.mmdit import MMDiTConfig
   from iomm_jax.models.rqa import RQAConfig
   from iomm_jax.models.s3dit import S3DiTConfig
+
   return {
-      "mmdit": Spec("mmdit", "transformer", "FluxTransformer2DModel", "diffusion_pytorch_model",
-                    mmdit_keys.config_from_torch, mmdit_keys.config_to_torch, _build_mmdit, MMDiTConfig,
-                    lambda cfg: mmdit_keys.KEY_TABLE, ("remat", "scan_layers", "zero_init", "attention")),
-      "s3dit": Spec("s3dit", "transformer", "ZImageTransformer2DModel", "diffusion_pytorch_model",
-                    s3dit_keys.config_from_torch, s3dit_keys.config_to_torch, _build_s3dit, S3DiTConfig,
-                    lambda cfg: s3dit_keys.KEY_TABLE, ("remat", "scan_layers", "attention")),
-      "vae": Spec("vae", "vae", "AutoencoderKL", "diffusion_pytorch_model", vae_keys.config_from_diffusers,
-                  vae_keys.config_to_diffusers, _build_vae, FluxVAEConfig, lambda cfg: vae_keys.KEY_TABLE,
-                  ("attention",)),
-      "rqa": Spec("rqa", "rqa", "TorchRQA", "model", _rqa_config_from_torch, rqa_keys.config_to_torch, _build_rqa,
-                  RQAConfig, lambda cfg: rqa_keys.KEY_TABLE, ("attention",)),
-      "mllm": Spec("mllm", "mllm", "InternVLForConditionalGeneration", "model", internvl_keys.config_from_torch,
-                   internvl_keys.config_to_torch, _build_mllm, InternVLConfig,
-                   lambda cfg: internvl_keys.key_table(cfg.with_lm_head), ("remat", "scan_layers", "attention"),
-                   internvl_keys.normalize_torch_key, internvl_keys.to_checkpoint_key),
+      "mmdit": Spec(
+          "mmdit",
+          "transformer",
+          "FluxTransformer2DModel",
+          "diffusion_pytorch_model",
+          mmdit_keys.config_from_torch,
+          mmdit_keys.config_to_torch,
+          _build_mmdit,
+          MMDiTConfig,
+          lambda cfg: mmdit_keys.KEY_TABLE,
+          ("remat", "scan_layers", "zero_init", "attention"),
+      ),
+      "s3dit": Spec(
+          "s3dit",
+          "transformer",
+          "ZImageTransformer2DModel",
+          "diffusion_pytorch_model",
+          s3dit_keys.config_from_torch,
+          s3dit_keys.config_to_torch,
+          _build_s3dit,
+          S3DiTConfig,
+          lambda cfg: s3dit_keys.KEY_TABLE,
+          ("remat", "scan_layers", "attention"),
+      ),
+      "vae": Spec(
+          "vae",
+          "vae",
+          "AutoencoderKL",
+          "diffusion_pytorch_model",
+          vae_keys.config_from_diffusers,
+          vae_keys.config_to_diffusers,
+          _build_vae,
+          FluxVAEConfig,
+          lambda cfg: vae_keys.KEY_TABLE,
+          ("attention",),
+      ),
+      "rqa": Spec(
+          "rqa",
+          "rqa",
+          "TorchRQA",
+          "model",
+          _rqa_config_from_torch,
+          rqa_keys.config_to_torch,
+          _build_rqa,
+          RQAConfig,
+          lambda cfg: rqa_keys.KEY_TABLE,
+          ("attention",),
+      ),
+      "mllm": Spec(
+          "mllm",
+          "mllm",
+          "InternVLForConditionalGeneration",
+          "model",
+          internvl_keys.config_from_torch,
+          internvl_keys.config_to_torch,
+          _build_mllm,
+          InternVLConfig,
+          lambda cfg: internvl_keys.key_table(cfg.with_lm_head),
+          ("remat", "scan_layers", "attention"),
+          internvl_keys.normalize_torch_key,
+          internvl_keys.to_checkpoint_key,
+      ),
   }
 
 
@@ -202,15 +259,19 @@ def transformer_kind(config: Mapping[str, Any] | None, keys=()) -> str:
   if name == "ZImageTransformer2DModel":
     return "s3dit"
   if name:
-    raise ConvertError(f"config _class_name={name!r} is not a supported transformer; expected "
-                       "FluxTransformer2DModel (MM-DiT) or ZImageTransformer2DModel (S3-DiT)")
+    raise ConvertError(
+        f"config _class_name={name!r} is not a supported transformer; expected "
+        "FluxTransformer2DModel (MM-DiT) or ZImageTransformer2DModel (S3-DiT)"
+    )
   keys = list(keys)
   if any(k.startswith(m) for k in keys for m in _S3DIT_MARKERS):
     return "s3dit"
   if any(k.startswith(m) for k in keys for m in _MMDIT_MARKERS):
     return "mmdit"
-  raise ConvertError("cannot tell whether the transformer is an MM-DiT (FLUX) or an S3-DiT (Z-Image): the config "
-                     "has no _class_name and the keys match neither; add \"_class_name\" to the config JSON")
+  raise ConvertError(
+      "cannot tell whether the transformer is an MM-DiT (FLUX) or an S3-DiT (Z-Image): the config "
+      'has no _class_name and the keys match neither; add "_class_name" to the config JSON'
+  )
 
 
 def resolve_kind(component: str, config: Mapping[str, Any] | None, keys=()) -> str:

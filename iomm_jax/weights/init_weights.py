@@ -53,7 +53,8 @@ def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, whe
     raise InitWeightsError(
         f"config.{field}={path} holds a {meta.get('component')} of kind {meta.get('kind')!r}, but the run needs "
         f"a {kind!r} ({where}); convert the right checkpoint with to-jax --component "
-        f"{components.spec(kind).component}")
+        f"{components.spec(kind).component}"
+    )
   spec = components.spec(kind)
   stored = spec.config_from_json(meta["config"])
   diffs = spec.config_diff(stored, run_cfg)
@@ -64,7 +65,8 @@ def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, whe
     raise InitWeightsError(
         f"config.{field}={path}: the checkpoint has {name}={theirs!r} but the run has {name}={ours!r} "
         f"({origin}){more}. Set the run's config to the checkpoint's (see {path}/{orbax_io.META_FILE}) or convert "
-        "a checkpoint that matches the run.")
+        "a checkpoint that matches the run."
+    )
 
   leaves = dict(_tuples(current))
   sh = dict(_tuples(shardings))
@@ -72,8 +74,11 @@ def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, whe
   stored_shapes = orbax_io.shapes(path)
   missing = sorted(k for k in dotted if k not in stored_shapes)
   unexpected = sorted(k for k in stored_shapes if k not in dotted)
-  misshaped = [(k, stored_shapes[k][0], tuple(leaves[dotted[k]].shape)) for k in sorted(dotted)
-               if k in stored_shapes and stored_shapes[k][0] != tuple(leaves[dotted[k]].shape)]
+  misshaped = [
+      (k, stored_shapes[k][0], tuple(leaves[dotted[k]].shape))
+      for k in sorted(dotted)
+      if k in stored_shapes and stored_shapes[k][0] != tuple(leaves[dotted[k]].shape)
+  ]
   if missing or unexpected or misshaped:
     raise KeyMismatchError(f"config.{field}={path}", missing, unexpected, misshaped)
   target = {d: jax.ShapeDtypeStruct(leaves[k].shape, leaves[k].dtype, sharding=sh[k]) for d, k in dotted.items()}
@@ -87,14 +92,28 @@ def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, whe
 def apply(config, params: dict, param_shardings: dict) -> dict:
   """params with 'dit' replaced from config.init.transformer and 'rqa' from config.init.rqa (when set)."""
   from iomm_jax.models import factory
+
   mcfg = factory.mllm_config(config)
   width = factory.mllm_width(mcfg)
   out = dict(params)
   if config.init.transformer:
-    out["dit"] = load_into("init.transformer", config.init.transformer, config.model.dit.kind,
-                           factory.dit_config(config, width), params["dit"], param_shardings["dit"],
-                           f"config.model.dit.kind={config.model.dit.kind!r}")
+    out["dit"] = load_into(
+        "init.transformer",
+        config.init.transformer,
+        config.model.dit.kind,
+        factory.dit_config(config, width),
+        params["dit"],
+        param_shardings["dit"],
+        f"config.model.dit.kind={config.model.dit.kind!r}",
+    )
   if config.init.rqa:
-    out["rqa"] = load_into("init.rqa", config.init.rqa, "rqa", factory.rqa_config(config, width), params["rqa"],
-                           param_shardings["rqa"], "config.model.rqa")
+    out["rqa"] = load_into(
+        "init.rqa",
+        config.init.rqa,
+        "rqa",
+        factory.rqa_config(config, width),
+        params["rqa"],
+        param_shardings["rqa"],
+        "config.model.rqa",
+    )
   return out

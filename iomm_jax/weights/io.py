@@ -28,8 +28,10 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 def _layout_help() -> str:
-  return ("expected a directory with model.safetensors, or sharded *.safetensors plus their "
-          "*.safetensors.index.json, or a single .safetensors / .pt / .bin file")
+  return (
+      "expected a directory with model.safetensors, or sharded *.safetensors plus their "
+      "*.safetensors.index.json, or a single .safetensors / .pt / .bin file"
+  )
 
 
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
@@ -72,6 +74,7 @@ def tensor_specs(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], st
   if tf is not None:
     return {k: (tuple(v.shape), str(v.dtype)) for k, v in _torch_load(tf).items()}
   from safetensors import safe_open
+
   out = {}
   for f in safetensors_files(path):
     with safe_open(str(f), framework="numpy") as h:
@@ -91,6 +94,7 @@ def iter_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> 
         yield k, _torch_to_numpy(v)
     return
   from safetensors import safe_open
+
   for f in safetensors_files(path):
     with safe_open(str(f), framework="numpy") as h:
       for k in h.keys():
@@ -105,6 +109,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _torch_load(path: Path):
   import torch  # only for .pt/.bin sources
+
   sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
   if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
     sd = sd["state_dict"]
@@ -116,19 +121,26 @@ def _torch_load(path: Path):
 def _torch_to_numpy(t) -> np.ndarray:
   import ml_dtypes
   import torch
+
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
 
 
-def write_safetensors(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-                      out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2 ** 30,
-                      prefix: str = "model", metadata: Mapping[str, str] | None = None) -> list[Path]:
+def write_safetensors(
+    tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    prefix: str = "model",
+    metadata: Mapping[str, str] | None = None,
+) -> list[Path]:
   """Write tensors as `{prefix}.safetensors`, or shards `{prefix}-0000i-of-0000n.safetensors` plus
   `{prefix}.safetensors.index.json` when they exceed `max_shard_bytes`. Accepts a mapping or an iterator of
   (key, array) pairs; only one shard's worth of arrays is held at a time. Returns the written files."""
   from safetensors.numpy import save_file
+
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   items = tensors.items() if isinstance(tensors, Mapping) else tensors

@@ -21,6 +21,7 @@ from iomm_jax.weights import io
 from iomm_jax.models.keymap import TRANSFORMS, KeyMismatchError, flatten_state
 from iomm_jax.models.internvl import InternVL, InternVLConfig
 
+
 def abstract_model(cfg: InternVLConfig, *, dtype=jnp.bfloat16, param_dtype=None) -> InternVL:
   """The model with ShapeDtypeStruct leaves (no parameter memory)."""
   return nnx.eval_shape(lambda: InternVL(cfg, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0)))
@@ -53,8 +54,15 @@ def _sharding_lookup(shardings) -> Callable[[str, tuple[int, ...]], Any]:
   return lookup
 
 
-def load_internvl(path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None, shardings=None,
-                  return_split: bool = False, **config_overrides):
+def load_internvl(
+    path: str | Path,
+    *,
+    dtype=jnp.bfloat16,
+    compute_dtype=None,
+    shardings=None,
+    return_split: bool = False,
+    **config_overrides,
+):
   """Load DIR (config.json + safetensors) into an `InternVL`.
 
   dtype: parameter dtype (bf16 or fp32); compute_dtype: matmul dtype (default = dtype).
@@ -99,12 +107,11 @@ def load_internvl(path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None, s
   wanted = {source_key[k] for k in plan}
   for raw_key, arr in io.iter_tensors(path, keys=wanted):
     dotted, tname, shape = plan[internvl_keys.normalize_torch_key(raw_key)]
-    arr = TRANSFORMS[tname][1](arr).astype(dtype, copy=False)   # per tensor: at most one extra copy
+    arr = TRANSFORMS[tname][1](arr).astype(dtype, copy=False)  # per tensor: at most one extra copy
     sh = sharding_of(dotted, shape)
     values[dotted] = jax.device_put(arr, sh) if sh is not None else jnp.asarray(arr)
     del arr
-  state = nnx.from_flat_state([
-      (p, var.replace(values[".".join(str(x) for x in p)])) for p, var in flat_abstract])
+  state = nnx.from_flat_state([(p, var.replace(values[".".join(str(x) for x in p)])) for p, var in flat_abstract])
   if return_split:
     return graphdef, state
   return nnx.merge(graphdef, state)

@@ -51,24 +51,42 @@ def _flatten(tree, prefix=()) -> dict[str, Any]:
   return out
 
 
-def save(dst: str | Path, *, component: str, kind: str, config: dict, params: Mapping[str, Any],
-         torch_config: dict | None = None, source: str | None = None, overwrite: bool = False) -> Path:
+def save(
+    dst: str | Path,
+    *,
+    component: str,
+    kind: str,
+    config: dict,
+    params: Mapping[str, Any],
+    torch_config: dict | None = None,
+    source: str | None = None,
+    overwrite: bool = False,
+) -> Path:
   """Write `params` ({our dotted path: array}) and component.json to DST; returns DST."""
   import orbax.checkpoint as ocp
+
   dst = Path(dst).absolute()
   if dst.exists() and any(dst.iterdir()):
     if not overwrite:
       raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
     import shutil
+
     shutil.rmtree(dst)
   dst.mkdir(parents=True, exist_ok=True)
   # Host numpy arrays (bf16 via ml_dtypes) are written as they are: no device copy of the whole model.
   tree = _nest({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(dst / PARAMS_DIR, tree)
-  meta = {"format": FORMAT, "version": VERSION, "component": component, "kind": kind, "config": config,
-          "torch_config": torch_config, "source": source,
-          "dtypes": sorted({str(np.dtype(getattr(v, "dtype", np.float32))) for v in params.values()})}
+  meta = {
+      "format": FORMAT,
+      "version": VERSION,
+      "component": component,
+      "kind": kind,
+      "config": config,
+      "torch_config": torch_config,
+      "source": source,
+      "dtypes": sorted({str(np.dtype(getattr(v, "dtype", np.float32))) for v in params.values()}),
+  }
   (dst / META_FILE).write_text(json.dumps(meta, indent=2))
   return dst
 
@@ -77,13 +95,17 @@ def read_meta(src: str | Path, *, what: str = "--src") -> dict:
   """component.json of a component directory, validated."""
   p = Path(src)
   if not p.is_dir():
-    raise ConvertError(f"{what}={p} is not a directory; expected a component directory written by "
-                       "`python -m iomm_jax.convert to-jax` (component.json + params/)")
+    raise ConvertError(
+        f"{what}={p} is not a directory; expected a component directory written by "
+        "`python -m iomm_jax.convert to-jax` (component.json + params/)"
+    )
   f = p / META_FILE
   if not f.is_file() or not (p / PARAMS_DIR).is_dir():
-    raise ConvertError(f"{what}={p} has no {META_FILE} and {PARAMS_DIR}/; it is not a component directory. "
-                       "Convert the PyTorch checkpoint first: python -m iomm_jax.convert to-jax --component ... "
-                       f"--src TORCH_PATH --dst {p}")
+    raise ConvertError(
+        f"{what}={p} has no {META_FILE} and {PARAMS_DIR}/; it is not a component directory. "
+        "Convert the PyTorch checkpoint first: python -m iomm_jax.convert to-jax --component ... "
+        f"--src TORCH_PATH --dst {p}"
+    )
   try:
     meta = json.loads(f.read_text())
   except json.JSONDecodeError as e:
@@ -96,6 +118,7 @@ def read_meta(src: str | Path, *, what: str = "--src") -> dict:
 def shapes(src: str | Path) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{dotted path: (shape, dtype)} from the Orbax metadata (no data read)."""
   import orbax.checkpoint as ocp
+
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.metadata(Path(src).absolute() / PARAMS_DIR).item_metadata.tree
   return {k: (tuple(m.shape), m.dtype) for k, m in _flatten(tree).items()}
@@ -109,6 +132,7 @@ def load(src: str | Path, *, target: Mapping[str, Any] | None = None) -> tuple[d
   numpy arrays in the stored dtypes come back.
   """
   import orbax.checkpoint as ocp
+
   meta = read_meta(src)
   path = Path(src).absolute() / PARAMS_DIR
   with ocp.StandardCheckpointer() as ckptr:

@@ -72,8 +72,10 @@ def plan(spec: Spec, cfg, file_specs: Mapping[str, tuple]) -> dict[str, tuple[st
   for path, shape in spec.expected_shapes(cfg).items():
     key, tname = table.torch_key(path, len(shape))
     if key in wanted:
-      raise ConvertError(f"{spec.kind}: our parameters {wanted[key][0]!r} and {path!r} both map to torch key "
-                         f"{key!r}; the key table ({spec.kind}_keys.KEY_TABLE) is wrong")
+      raise ConvertError(
+          f"{spec.kind}: our parameters {wanted[key][0]!r} and {path!r} both map to torch key "
+          f"{key!r}; the key table ({spec.kind}_keys.KEY_TABLE) is wrong"
+      )
     wanted[key] = (path, tname, tuple(shape))
   missing = sorted(k for k in wanted if k not in by_norm)
   unexpected = sorted(by_norm[k] for k in by_norm if k not in wanted and not table.ignored(k))
@@ -105,8 +107,11 @@ def check_flat(spec: Spec, cfg, flat: Mapping[str, Any], where: str) -> None:
   expected = spec.expected_shapes(cfg)
   missing = sorted(k for k in expected if k not in flat)
   unexpected = sorted(k for k in flat if k not in expected)
-  misshaped = [(k, tuple(np.shape(flat[k])), expected[k]) for k in sorted(expected)
-               if k in flat and tuple(np.shape(flat[k])) != expected[k]]
+  misshaped = [
+      (k, tuple(np.shape(flat[k])), expected[k])
+      for k in sorted(expected)
+      if k in flat and tuple(np.shape(flat[k])) != expected[k]
+  ]
   if missing or unexpected or misshaped:
     raise KeyMismatchError(f"{spec.kind} ({where})", missing, unexpected, misshaped)
 
@@ -123,8 +128,16 @@ def ours_to_torch(spec: Spec, cfg, flat: Mapping[str, Any], *, dtype=None) -> di
   return out
 
 
-def write_torch_folder(spec: Spec, cfg, flat: Mapping[str, Any], dst: str | Path, *, torch_config: dict | None = None,
-                       dtype=None, max_shard_bytes: int = 5 * 2 ** 30) -> list[Path]:
+def write_torch_folder(
+    spec: Spec,
+    cfg,
+    flat: Mapping[str, Any],
+    dst: str | Path,
+    *,
+    torch_config: dict | None = None,
+    dtype=None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> list[Path]:
   """config.json (+ `_class_name`) and `{prefix}.safetensors` (sharded past max_shard_bytes) in DST."""
   tensors = ours_to_torch(spec, cfg, flat, dtype=dtype)
   out = Path(dst)
@@ -141,7 +154,9 @@ def module_from_flat(spec: Spec, cfg, flat: Mapping[str, Any], *, dtype=jnp.floa
   check_flat(spec, cfg, flat, "our parameters")
   model = spec.abstract_model(cfg, param_dtype=dtype)
   state = nnx.state(model, nnx.Param)
-  new = [(path, var.replace(jnp.asarray(np.asarray(flat[".".join(map(str, path))]), dtype)))
-         for path, var in nnx.to_flat_state(state)]
+  new = [
+      (path, var.replace(jnp.asarray(np.asarray(flat[".".join(map(str, path))]), dtype)))
+      for path, var in nnx.to_flat_state(state)
+  ]
   nnx.update(model, nnx.from_flat_state(new))
   return model
