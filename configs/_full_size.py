@@ -38,7 +38,7 @@ def full_size_config(arg, *, pretrain_batch, ema_decay, mask_ratio):
   c.data.cached = "cached" in flags
   if stage == "finetune":
     c.train.global_batch = FINETUNE_BATCH[c.data.resolution]
-    c.train.num_steps = 10_000  # ≈10 epochs of the 210K fine-tuning set at batch 256
+    c.train.epochs = 10.0  # the paper: 10 epochs of the fine-tuning set, whatever the batch (256 at 512², 96 at 1024²)
     c.train.warmup_steps = 200
   else:
     c.train.global_batch = pretrain_batch

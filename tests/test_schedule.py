@@ -40,3 +40,13 @@ def test_a_run_trains_epochs_of_its_dataset(tmp_path, capsys):
   summary = loop.train(c, str(tmp_path / "w"))
   assert summary["step"] == 5, summary
   assert "5 steps" in capsys.readouterr().out
+
+
+def test_full_size_finetunes_are_ten_epochs():
+  from helpers import load_config
+
+  for arg in ("finetune", "finetune,1024"):
+    c = load_config("iomm_b", arg)
+    # 210K captioned images: 8204 steps at batch 256 (512²), 21875 at batch 96 (1024²): the same 10 epochs.
+    assert c.train.epochs == 10.0
+    assert schedule.num_steps(c.train, 210_000) == -(-10 * 210_000 // c.train.global_batch)
