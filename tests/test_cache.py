@@ -126,6 +126,7 @@ def test_cached_batches_have_the_keys_and_shapes_the_step_expects(data, cached_r
       "is_image_only",
       "skipped",
       "skipped_uncaptioned",
+      "caption_truncated",
       "latent",
       "vit_tokens",
   }

@@ -32,3 +32,15 @@ def test_time_grid_shift_moves_the_steps_towards_noise():
   plain, shifted = np.asarray(sampling.time_grid(4)), np.asarray(sampling.time_grid(4, 3.0))
   assert plain[0] == shifted[0] == 1.0 and plain[-1] == shifted[-1] == 0.0
   assert (shifted[1:-1] > plain[1:-1]).all()
+
+
+def test_tokenize_reports_truncation_and_keeps_the_template_end():
+  from iomm_jax.models import iomm
+  from iomm_jax.models.processor import Processor
+
+  proc = Processor.tiny()
+  full = proc.text_prompt_ids("a red circle above a blue square")
+  tok = iomm.Tokenize(proc, len(full) - 2)
+  ids, cut = tok.with_truncation("a red circle above a blue square")
+  assert cut and len(ids) == len(full) - 2 and ids[-tok.suffix :] == full[-tok.suffix :]
+  assert tok.with_truncation("a red circle") == (proc.text_prompt_ids("a red circle"), False)

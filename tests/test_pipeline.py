@@ -122,6 +122,7 @@ def test_batch_shapes_dtypes_and_ranges():
       "is_image_only": (np.bool_, (4,)),
       "skipped": (np.int32, (4,)),
       "skipped_uncaptioned": (np.int32, (4,)),
+      "caption_truncated": (np.int32, (4,)),
       "index": (np.int64, (4,)),
   }
   assert set(b) == set(expect)
@@ -277,3 +278,15 @@ def test_cached_feature_mode(tmp_path):
   assert b["caption_ids"][0, : b["caption_len"][0]].tolist() == list(range(b["caption_len"][0]))
   with pytest.raises(pipeline.DataConfigError, match="set data.cached=True"):
     pipeline.make_dataset(cfg(source="arrayrecord", path=str(path.parent)), global_batch=2)
+
+
+def test_truncated_captions_are_flagged():
+  """A caption longer than max_text_tokens is cut and flagged (summed into captions_truncated_total)."""
+  long_tokenize = lambda text: list(range(1, 3 * T + 1))  # noqa: E731  longer than T whatever the caption
+  b = next(iter(pipeline.make_dataset(cfg(recipe="pair"), global_batch=4, tokenize=long_tokenize)))
+  assert (b["caption_truncated"] == 1).all() and (b["caption_len"] == T).all()
+  short_tokenize = lambda text: [1, 2]  # noqa: E731
+  b = next(iter(pipeline.make_dataset(cfg(recipe="pair"), global_batch=4, tokenize=short_tokenize)))
+  assert (b["caption_truncated"] == 0).all()
+  b = next(iter(pipeline.make_dataset(cfg(recipe="image"), global_batch=4, tokenize=long_tokenize)))
+  assert (b["caption_truncated"] == 0).all()  # image-only samples use no caption

@@ -15,6 +15,7 @@ has_caption         bool (b,)          the record has a caption
 is_image_only       bool (b,)          recipe 'image': all True; 'pair': all False; 'mix': Bernoulli(λ)
 skipped             int32 (b,)         unreadable records skipped to fill this slot (sum it into the metrics)
 skipped_uncaptioned int32 (b,)         caption-less records skipped in a slot that needs a caption
+caption_truncated   int32 (b,)         1 where a used caption was longer than T and was cut (counted in metrics)
 index               int64 (b,)         source index of the record used (debugging, tests)
 from_image_set      bool (b,)          only with ``data.image_source``: the record came from the image set
 =================== ================== ==========================================================================
@@ -128,10 +129,16 @@ class LoadExample:
     ids = np.zeros((t,), np.int32)
     caption = rec.get("caption")
     stored = rec.get("caption_ids")
+    truncated = False
     if stored is not None:
-      toks = np.asarray(stored, np.int32).reshape(-1)[:t]
+      full = np.asarray(stored, np.int32).reshape(-1)
+      toks, truncated = full[:t], len(full) > t
     elif caption is not None and self.tokenize is not None:
-      toks = np.asarray(list(self.tokenize(caption))[:t], np.int32)
+      if hasattr(self.tokenize, "with_truncation"):  # iomm.Tokenize cuts the caption, never the template
+        full, truncated = self.tokenize.with_truncation(caption)
+      else:
+        full = list(self.tokenize(caption))
+      toks, truncated = np.asarray(full[:t], np.int32), truncated or len(full) > t
     else:
       toks = np.zeros((0,), np.int32)
     ids[: len(toks)] = toks
@@ -139,6 +146,7 @@ class LoadExample:
         "caption_ids": ids,
         "caption_len": np.int32(len(toks)),
         "has_caption": np.bool_(caption is not None or stored is not None),
+        "caption_truncated": np.int32(truncated),
     }
 
   def _payload(self, rec: dict, image_set: bool = False, bucket: int = -1) -> dict:
@@ -211,6 +219,8 @@ class LoadExample:
         first_error = first_error or f"{rec.get('id', j)}: {type(e).__name__}: {e}"
         continue
       out.update(self._caption_fields(rec))
+      if image_only:  # the caption is not used, so its length does not matter
+        out["caption_truncated"] = np.int32(0)
       out.update(
           is_image_only=np.bool_(image_only),
           skipped=np.int32(skipped),

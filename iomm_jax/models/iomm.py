@@ -76,10 +76,14 @@ class Tokenize:
     self.suffix = len(empty) - prefix
 
   def __call__(self, text: str) -> list[int]:
+    return self.with_truncation(text)[0]
+
+  def with_truncation(self, text: str) -> tuple[list[int], bool]:
+    """(ids, whether the caption was cut to fit max_len)."""
     ids = list(self.processor.text_prompt_ids(text or ""))
-    if len(ids) > self.max_len:
-      ids = ids[: self.max_len - self.suffix] + ids[len(ids) - self.suffix :]
-    return ids
+    if len(ids) <= self.max_len:
+      return ids, False
+    return ids[: self.max_len - self.suffix] + ids[len(ids) - self.suffix :], True
 
 
 def condition_ids(tpl: Templates, caption_ids, caption_len, is_image, drop):

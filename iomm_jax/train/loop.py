@@ -17,6 +17,7 @@ from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, sc
 from iomm_jax.train import flops as flops_lib
 from iomm_jax.train import generate as generate_lib
 from iomm_jax.train import lock as lock_lib
+from iomm_jax.train import step as step_lib
 from iomm_jax.train.checkpoint import abstract_with_shardings
 
 
@@ -74,7 +75,7 @@ def check_cached_shapes(run, ds) -> None:
 
 def model_batch(batch: dict, cached: bool) -> dict:
   """The arrays the step consumes (drops ids and other host-only fields)."""
-  keys = ["caption_ids", "caption_len", "is_image_only", "skipped", "skipped_uncaptioned"]
+  keys = ["caption_ids", "caption_len", "is_image_only", *step_lib.BATCH_COUNTS]
   keys += ["latent", "vit_tokens"] if cached else ["pixels", "vit_pixels"]
   return {k: batch[k] for k in keys if k in batch}
 
@@ -174,6 +175,7 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
   skipped_total = int(previous[-1].get("skipped_total", 0)) if previous else 0
   uncaptioned_total = int(previous[-1].get("skipped_uncaptioned_total", 0)) if previous else 0
   nonfinite_total = int(previous[-1].get("nonfinite_total", 0)) if previous else 0
+  truncated_total = int(previous[-1].get("captions_truncated_total", 0)) if previous else 0
   end = num_steps if max_steps is None else min(num_steps, start + max_steps)
   grids = SampleGrids(run, workdir) if (t.sample_every and config.data.source == "shapes") else None
   flops = flops_lib.flops_per_step(run)
@@ -193,17 +195,27 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     unchecked, unchecked_from = [], step + 1
 
   def log_window():
-    nonlocal window, last, skipped_total, uncaptioned_total, nonfinite_total
+    nonlocal window, last, skipped_total, uncaptioned_total, nonfinite_total, truncated_total
     host = jax.device_get(window)
     skipped_total += int(sum(x.get("skipped", 0) for x in host))
     uncaptioned_total += int(sum(x.get("skipped_uncaptioned", 0) for x in host))
     nonfinite_total += int(sum(x.get("nonfinite", 0) for x in host))
+    newly_truncated = int(sum(x.get("caption_truncated", 0) for x in host))
+    if newly_truncated and not truncated_total and is_main:
+      print(
+          f"warning: captions longer than config.data.max_text_tokens={config.data.max_text_tokens} template tokens "
+          "are cut to fit (counted as captions_truncated_total in metrics); raise data.max_text_tokens to keep "
+          "them whole",
+          flush=True,
+      )
+    truncated_total += newly_truncated
     last = {k: float(np.mean([x[k] for x in host])) for k in ("loss", "grad_norm", "kept_fraction")}
     last["lr"] = float(host[-1]["lr"])
     last["steps_averaged"] = len(host)  # fewer than log_every on the first row after a resume or a preemption
     last["skipped_total"] = skipped_total
     last["skipped_uncaptioned_total"] = uncaptioned_total
     last["nonfinite_total"] = nonfinite_total
+    last["captions_truncated_total"] = truncated_total
     last.update(timer.summary(t.global_batch, jax.device_count(), tokens_per_image, flops, t.peak_flops))
     writer.scalars(step, last)
     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")

@@ -109,10 +109,14 @@ def loss_and_grads(st: StepStatics, params, frozen, batch, rng):
   return jax.tree.map(lambda x: x / n, total)
 
 
+# Per-example counts the pipeline attaches to a batch; the step sums them into the metrics and the model never sees them.
+BATCH_COUNTS = ("skipped", "skipped_uncaptioned", "caption_truncated")
+
+
 def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, state: TrainState, frozen, batch):
   """One update. Pure: the same state, frozen weights and batch give the same result on any mesh."""
   rng = jax.random.fold_in(state.rng, state.step)
-  model_batch = {k: v for k, v in batch.items() if k not in ("skipped", "skipped_uncaptioned")}
+  model_batch = {k: v for k, v in batch.items() if k not in BATCH_COUNTS}
   (loss, aux), grads = loss_and_grads(st, state.params, frozen, model_batch, rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -126,7 +130,7 @@ def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, 
       "kept_fraction": aux["kept_fraction"],
       "nonfinite": (~finite).astype(jnp.int32),
   }
-  for key in ("skipped", "skipped_uncaptioned"):
+  for key in BATCH_COUNTS:
     if key in batch:
       metrics[key] = jnp.sum(batch[key])
   if st.skip_nonfinite:
