@@ -4,6 +4,7 @@ bench/faults.py; SIGTERM / SIGUSR1 in tests/test_preemption.py."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -242,3 +243,31 @@ def test_sample_prompt_notes():
   assert len(notes) == 2
   assert "prompt 1 is empty" in notes[0] and "unconditional" in notes[0]
   assert "prompt 2" in notes[1] and "23 template tokens" in notes[1] and "first 8" in notes[1]
+
+
+@pytest.mark.slow
+def test_divergent_run_stops_or_skips_end_to_end(tmp_path):
+  """lr 1e4 diverges within a few steps: 'stop' raises naming the step and saves nothing non-finite; 'skip' finishes
+  with the skipped updates counted and only finite checkpoints on disk."""
+  from helpers import tiny_config
+  from iomm_jax import metrics
+  from iomm_jax.train import checkpoint as ckpt_lib
+  from iomm_jax.train import loop
+
+  def cfg(mode):
+    c = tiny_config("pretrain,short", train__lr=1e4, train__warmup_steps=0, train__on_nonfinite=mode)
+    c.train.num_steps, c.train.log_every, c.train.ckpt_every, c.train.sample_every = 12, 2, 4, 0
+    return c
+
+  stop = tmp_path / "stop"
+  with pytest.raises(guard.NonFiniteError, match=r"non-finite .*step \d+") as err:
+    loop.train(cfg("stop"), str(stop))
+  bad_step = int(re.search(r"step (\d+)", str(err.value)).group(1))
+  assert all(s < bad_step for s in ckpt_lib.Checkpointer(str(stop)).steps_on_disk())  # nothing saved at/after it
+
+  skip = tmp_path / "skip"
+  assert loop.train(cfg("skip"), str(skip))["step"] == 12
+  assert metrics.read_metrics(str(skip))[-1]["nonfinite_total"] > 0
+  # Resuming checks every restored tree for NaN/Inf: the final checkpoint is finite, nothing is moved aside.
+  assert loop.train(cfg("skip"), str(skip))["step"] == 12
+  assert not (skip / "damaged_checkpoints").exists()
