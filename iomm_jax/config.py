@@ -14,6 +14,8 @@ import ml_collections
 from iomm_jax import data_kinds
 from iomm_jax.models.layers import ATTENTION_IMPLS
 
+LR_DECAYS = ("constant", "cosine")  # train.lr_decay (train/optimizers.lr_schedule)
+
 C = ml_collections.ConfigDict
 
 # Logical axis → mesh axis (or None = replicated). Parameters carry the logical names (models/layers.py);
@@ -94,7 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eps = 1e-8
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0          # global-norm clip
-  c.train.warmup_steps = 1000      # linear warm-up from 0, then constant
+  c.train.warmup_steps = 1000      # linear warm-up from 0, then train.lr_decay
+  c.train.lr_decay = "constant"    # after warm-up: 'constant' (paper) or 'cosine' to lr × lr_final_fraction at the run's end
+  c.train.lr_final_fraction = 0.0  # cosine only: the lr at the last step as a fraction of train.lr
   c.train.ema_decay = 0.999        # 0 disables EMA
   c.train.log_every = 50           # steps between metrics.jsonl / TensorBoard entries
   c.train.ckpt_every = 2000        # steps between checkpoints (the last step is always saved)
@@ -179,6 +183,7 @@ _CHOICES = {
     "train.stage": ("pretrain", "finetune"),
     "train.t_sampling": ("uniform", "logit_normal"),
     "train.optimizer": ("adamw", "muon"),
+    "train.lr_decay": LR_DECAYS,
     "train.on_nonfinite": ("stop", "skip"),
     "data.source": data_kinds.SOURCES,
     "data.recipe": data_kinds.RECIPES,
@@ -239,6 +244,8 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
       raise ConfigError(f"config.train.{name}={t[name]} must be positive")
   if t.warmup_steps < 0 or t.sample_every < 0:
     raise ConfigError("config.train.warmup_steps and config.train.sample_every must be >= 0")
+  if not 0.0 <= t.lr_final_fraction <= 1.0:
+    raise ConfigError(f"config.train.lr_final_fraction={t.lr_final_fraction} must be in [0, 1]")
   ps = tuple(t.profile_steps)
   if len(ps) != 2 or any(int(x) != x or x < 0 for x in ps):
     raise ConfigError(f"config.train.profile_steps={t.profile_steps} must be (first step, count), two integers >= 0")

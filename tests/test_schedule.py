@@ -50,3 +50,51 @@ def test_full_size_finetunes_are_ten_epochs():
     # 210K captioned images: 8204 steps at batch 256 (512²), 21875 at batch 96 (1024²): the same 10 epochs.
     assert c.train.epochs == 10.0
     assert schedule.num_steps(c.train, 210_000) == -(-10 * 210_000 // c.train.global_batch)
+
+
+def test_cosine_lr_decays_to_its_final_fraction_after_warmup():
+  from iomm_jax.train import optimizers
+
+  t = _t(lr=2e-3, warmup_steps=10, lr_decay="cosine", lr_final_fraction=0.1, num_steps=999)
+  lr = optimizers.lr_schedule(t, 110)  # the resolved length wins over train.num_steps
+  assert float(lr(5)) == pytest.approx(1e-3)  # half-way through the warm-up
+  assert float(lr(10)) == pytest.approx(2e-3)
+  assert float(lr(60)) == pytest.approx(2e-3 * (0.1 + 0.9 * 0.5))  # half-way down the cosine
+  assert float(lr(110)) == pytest.approx(2e-4)
+  constant = optimizers.lr_schedule(_t(lr=2e-3, warmup_steps=10), 110)
+  assert float(constant(110)) == pytest.approx(2e-3)  # the paper's default does not decay
+
+
+def test_unknown_lr_decay_and_fraction_are_refused():
+  from iomm_jax.config import ConfigError, validate
+  from helpers import tiny_config
+
+  c = tiny_config("pretrain,short")
+  c.train.lr_decay = "linear"
+  with pytest.raises(ConfigError, match="train.lr_decay"):
+    validate(c, needs_data=False)
+  c = tiny_config("pretrain,short")
+  c.train.lr_final_fraction = 1.5
+  with pytest.raises(ConfigError, match="train.lr_final_fraction"):
+    validate(c, needs_data=False)
+
+
+def test_a_cosine_run_decays_over_the_steps_its_epochs_give(tmp_path):
+  """train.epochs=1.5 of 24 images at batch 8 is 5 steps: the cosine reaches its floor at step 5, not at
+  train.num_steps (20 in the short config)."""
+  import json
+
+  from helpers import tiny_config
+  from iomm_jax.train import loop, optimizers
+
+  c = tiny_config("pretrain,short")
+  c.data.num_images, c.train.global_batch, c.train.epochs = 24, 8, 1.5
+  c.train.sample_every, c.train.warmup_steps, c.train.log_every = 0, 0, 1
+  c.train.lr_decay, c.train.lr_final_fraction = "cosine", 0.2
+  loop.train(c, str(tmp_path / "w"))
+  rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl") if '"lr"' in line]
+  expected = optimizers.lr_schedule(c.train, 5)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+  for r in rows:  # the row of step s logs the lr of its update, s − 1
+    assert r["lr"] == pytest.approx(float(expected(r["step"] - 1)), rel=1e-5)
+  assert rows[-1]["lr"] < 0.5 * c.train.lr  # decayed over 5 steps; over 20 it would still be ≈0.97·lr

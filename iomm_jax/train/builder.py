@@ -35,6 +35,7 @@ class Run:
   statics: step_lib.StepStatics
   optimizer: optax.GradientTransformation
   lr_fn: Any
+  hidden_blocks: dict
   param_shardings: Any
   state_shardings: Any
   frozen_shardings: Any
@@ -71,6 +72,13 @@ class Run:
       return state_lib.create(params, self.optimizer, ema=self.config.train.ema_decay > 0, rng=rng)
 
     return jax.jit(create, out_shardings=self.state_shardings)(params)
+
+  def with_num_steps(self, num_steps: int) -> "Run":
+    """This run with its optimizer and lr schedule for a run of `num_steps` updates (a decaying schedule needs the
+    resolved length, known only once the dataset's size is: train.epochs). The optimizer state's structure does not
+    depend on the schedule, so `abstract_state` and the shardings stay valid."""
+    optimizer = optimizers.make_optimizer(self.config.train, self.hidden_blocks, num_steps)
+    return dataclasses.replace(self, optimizer=optimizer, lr_fn=optimizers.lr_schedule(self.config.train, num_steps))
 
   @functools.cached_property
   def train_step(self):
@@ -184,6 +192,7 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
       statics=statics,
       optimizer=optimizer,
       lr_fn=lr_fn,
+      hidden_blocks=hidden_blocks,
       param_shardings=param_sh,
       state_shardings=state_sh,
       frozen_shardings=frozen_sh,

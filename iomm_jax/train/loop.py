@@ -132,6 +132,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     data_iter, dataset_size = make_data_iter(run, workdir)
     num_steps = schedule.num_steps(config.train, dataset_size)
+    run = run.with_num_steps(num_steps)
     if config.train.epochs > 0 and is_main:
       print(
           f"train.epochs={config.train.epochs} over {dataset_size} examples at batch {config.train.global_batch}: "

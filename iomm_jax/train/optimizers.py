@@ -5,15 +5,26 @@ from __future__ import annotations
 import jax
 import optax
 
+from iomm_jax.config import LR_DECAYS
 
-def lr_schedule(train_cfg):
-  """Linear warm-up from 0 to lr over warmup_steps, then constant (the paper states no decay)."""
-  if train_cfg.warmup_steps <= 0:
-    return optax.constant_schedule(train_cfg.lr)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, train_cfg.lr, train_cfg.warmup_steps), optax.constant_schedule(train_cfg.lr)],
-      [train_cfg.warmup_steps],
-  )
+
+def lr_schedule(train_cfg, total_steps: int | None = None):
+  """Linear warm-up from 0 to lr over warmup_steps, then `train.lr_decay`: 'constant' (the paper states no decay) or
+  'cosine' down to lr·lr_final_fraction at `total_steps` (the run's resolved length: num_steps, or the steps that
+  train.epochs gives). A short run at a high lr ends with noisy weights; decaying the step cleans its samples."""
+  warmup = max(0, int(train_cfg.warmup_steps))
+  if train_cfg.lr_decay == "constant":
+    after = optax.constant_schedule(train_cfg.lr)
+  elif train_cfg.lr_decay == "cosine":
+    total = int(total_steps if total_steps is not None else train_cfg.num_steps)
+    after = optax.cosine_decay_schedule(
+        train_cfg.lr, decay_steps=max(1, total - warmup), alpha=float(train_cfg.lr_final_fraction)
+    )
+  else:
+    raise ValueError(f"config.train.lr_decay={train_cfg.lr_decay!r}: expected one of {LR_DECAYS}")
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, train_cfg.lr, warmup), after], [warmup])
 
 
 # Muon's update RMS for every hidden matrix (Liu et al. 2025, "Muon is scalable": 0.2·sqrt(max(fan_in, fan_out))
@@ -39,11 +50,14 @@ def muon_labels(params, hidden_blocks: dict[str, tuple[str, ...]]):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(train_cfg, hidden_blocks: dict[str, tuple[str, ...]] | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    train_cfg, hidden_blocks: dict[str, tuple[str, ...]] | None = None, total_steps: int | None = None
+) -> optax.GradientTransformation:
   """clip_by_global_norm(grad_clip) → AdamW(β, eps, wd), or Muon on the hidden matrices + AdamW on the rest.
 
-  `hidden_blocks` (Muon only) names each component's hidden block stacks (see `muon_labels`)."""
-  schedule = lr_schedule(train_cfg)
+  `hidden_blocks` (Muon only) names each component's hidden block stacks (see `muon_labels`); `total_steps` is the
+  run's length for a decaying schedule (`lr_schedule`)."""
+  schedule = lr_schedule(train_cfg, total_steps)
   adamw = lambda: optax.adamw(
       schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps, weight_decay=train_cfg.weight_decay  # noqa: E731
   )
