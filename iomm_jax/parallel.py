@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from iomm_jax import tree_paths
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -79,17 +81,7 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> dict:
     meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
     value = var.get_value() if hasattr(var, "get_value") else var
     flat[path] = NamedSharding(mesh, logical_spec(meta.get("axes"), value.shape, rules, mesh))
-  return _unflatten(flat)
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
+  return tree_paths.nest(flat)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -54,3 +54,15 @@ def copy_folder(src, dst):
   for p in src.iterdir():
     (dst / p.name).write_bytes(p.read_bytes())
   return dst
+
+
+def subprocess_env(tmp_path) -> dict:
+  """Environment for a training subprocess: CPU, and one persistent compilation cache under tmp_path, so the
+  second and later subprocesses of a test reuse the first one's compiled step."""
+  return dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )

@@ -72,6 +72,7 @@ def cached_run(data):
 
 
 # ------------------------------------------------------------------------------------------------ the cache files
+@pytest.mark.slow
 def test_cli_writes_every_record_once_in_order(data):
   s = data["summary"]
   assert (s["written"], s["skipped"], s["uncaptioned"], s["records"]) == (NUM, 0, 0, NUM)
@@ -86,6 +87,7 @@ def test_cli_writes_every_record_once_in_order(data):
   assert rec["caption"] == src[7]["caption"] and rec["caption_ids"].dtype == np.int32
 
 
+@pytest.mark.slow
 def test_cached_features_equal_the_live_path(data, cached_run):
   """ViT tokens and latents from the cache equal what the live step computes for the same images (fp16 rounding)."""
   run = cached_run
@@ -111,6 +113,7 @@ def test_cached_features_equal_the_live_path(data, cached_run):
 
 
 # --------------------------------------------------------------------------------------------- training on it
+@pytest.mark.slow
 def test_cached_batches_have_the_keys_and_shapes_the_step_expects(data, cached_run):
   run = cached_run
   c = run.config
@@ -143,6 +146,7 @@ def _final_params(run, workdir):
   return step, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_train_on_cache_and_resume_exactly(data, cached_run, tmp_path):
   """main's loop on cached data: 6 steps straight == 3 steps, stop, resume 3 steps (losses and params)."""
   c = cached_run.config
@@ -171,6 +175,7 @@ def _step_jaxpr(run, statics, batch):
   return str(jax.make_jaxpr(fn)(run.abstract_state, run.frozen, batch))
 
 
+@pytest.mark.slow
 def test_cached_step_never_runs_the_vit_or_the_encoder(data, cached_run):
   run = cached_run
   c = run.config
@@ -202,6 +207,7 @@ def test_cached_step_never_runs_the_vit_or_the_encoder(data, cached_run):
 
 
 # ----------------------------------------------------------------------------------------------- the writer
+@pytest.mark.slow
 def test_writer_resumes_skips_bad_images_and_refuses_mixing(data, cached_run, tmp_path):
   """Kill one shard (and leave a temp file): a rerun rewrites only it; bad images are counted, not written."""
   dst = tmp_path / "features"

@@ -85,6 +85,7 @@ def _batch(run, n=4, image=True):
   }
 
 
+@pytest.mark.slow
 def test_rqa_gets_gradients_through_frozen_llm():
   run = builder.build(tiny_config(train__warmup_steps=0))
   state = run.init_state()

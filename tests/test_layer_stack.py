@@ -179,6 +179,7 @@ def test_scan_changes_the_result_when_a_layer_is_skipped():
 # ---------------------------------------------------------------- the whole IOMM loss (tiny config)
 
 
+@pytest.mark.slow
 def test_tiny_loss_and_grads_same_with_scan_and_remat():
   """The tiny config's IOMM loss and gradients: DiT and LLM unrolled without remat == scanned with remat 'full'."""
   results = []

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, subprocess_env
 from iomm_jax import metrics as metrics_lib
 from iomm_jax.train import checkpoint
 from iomm_jax.train.preemption import EXIT_PREEMPTED
@@ -27,16 +27,6 @@ ARGS = [
     "--config.train.sample_every=0",
     "--config.train.warmup_steps=5",
 ]
-
-
-def _env(tmp_path):
-  return dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
 
 
 def _cmd(workdir):
@@ -76,7 +66,7 @@ def _interrupt(work, env, sig, after_step):
 
 @pytest.mark.slow
 def test_signals_save_at_the_step_and_resume_exactly(tmp_path):
-  env = _env(tmp_path)
+  env = subprocess_env(tmp_path)
   ref = subprocess.run(_cmd(tmp_path / "ref"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert ref.returncode == 0, ref.stderr[-3000:]
   work = tmp_path / "preempted"

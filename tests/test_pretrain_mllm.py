@@ -26,6 +26,7 @@ def mllm_dir(tmp_path_factory):
   return out, report
 
 
+@pytest.mark.slow
 def test_short_run_captions_beat_chance(mllm_dir):
   out, report = mllm_dir
   held, chance = report["heldout"], report["chance"]
@@ -36,6 +37,7 @@ def test_short_run_captions_beat_chance(mllm_dir):
   assert saved["heldout"]["colour"] == held["colour"]
 
 
+@pytest.mark.slow
 def test_folder_is_an_internvl_hf_folder(mllm_dir):
   out, _ = mllm_dir
   for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
@@ -55,6 +57,7 @@ def test_folder_is_an_internvl_hf_folder(mllm_dir):
   assert loaded.tokenizer.unk_token_id not in loaded.text_prompt_ids("a red hexagon above a blue star")
 
 
+@pytest.mark.slow
 def test_iomm_loads_the_folder_through_mllm_path(mllm_dir):
   """model.mllm.path = the folder: the run's frozen MLLM holds the trained weights (LM head left out)."""
   out, _ = mllm_dir
@@ -76,6 +79,7 @@ def _edit_config(src, dst, edit):
   return dst
 
 
+@pytest.mark.slow
 def test_mismatched_folders_fail_at_start_naming_file_and_field(mllm_dir, tmp_path):
   from iomm_jax.models.internvl_keys import MLLMCheckpointError
   from iomm_jax.train import builder

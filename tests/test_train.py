@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, tiny_config, subprocess_env
 from iomm_jax import metrics as metrics_lib
 from iomm_jax.train import checkpoint, loop
 
@@ -22,17 +22,6 @@ SHORT = [
     "--config.train.sample_every=0",
     "--config.train.warmup_steps=5",
 ]
-
-
-def _env(tmp_path):
-  # A shared persistent compilation cache: the second and third subprocess reuse the first one's compiled step.
-  return dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
 
 
 def _cmd(workdir, steps, ckpt_every):
@@ -62,9 +51,10 @@ def _final_params(workdir, step):
   return {"params": state["params"], "ema_params": state["ema_params"], "opt_state": state["opt_state"]}
 
 
+@pytest.mark.slow
 def test_sigkill_resume_is_exact(tmp_path):
   steps, kill_after = 30, 8
-  env = _env(tmp_path)
+  env = subprocess_env(tmp_path)
   ref = subprocess.run(_cmd(tmp_path / "ref", steps, 4), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
   work = tmp_path / "killed"
@@ -111,6 +101,7 @@ def trained(tmp_path_factory):
   return work, summary
 
 
+@pytest.mark.slow
 def test_loss_decreases(trained):
   work, summary = trained
   rows = metrics_lib.read_metrics(str(work))
@@ -123,6 +114,7 @@ def test_loss_decreases(trained):
   assert any(p.name.startswith("events") for p in (work / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_samples_follow_their_condition(trained):
   """Same noise, different conditioning images → different samples; same image → the same sample.
 
@@ -147,6 +139,7 @@ def test_samples_follow_their_condition(trained):
   assert set(stats) == {"mse_to_condition", "mse_to_others", "margin", "top1_retrieval"}
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_grids(trained, tmp_path):
   work, _ = trained
   from PIL import Image
@@ -167,7 +160,7 @@ def test_sample_cli_writes_grids(trained, tmp_path):
           f"--out={tmp_path / 'out'}",
       ],
       cwd=ROOT,
-      env=_env(tmp_path),
+      env=subprocess_env(tmp_path),
       capture_output=True,
       text=True,
       timeout=600,
@@ -180,6 +173,7 @@ def test_sample_cli_writes_grids(trained, tmp_path):
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.std() > 0
 
 
+@pytest.mark.slow
 def test_sample_cli_bad_input(trained, tmp_path):
   work, _ = trained
   bad = tmp_path / "not_an_image.png"
@@ -187,7 +181,7 @@ def test_sample_cli_bad_input(trained, tmp_path):
   r = subprocess.run(
       [sys.executable, "-m", "iomm_jax.sample", f"--workdir={work}", f"--image={bad}", "--num=1"],
       cwd=ROOT,
-      env=_env(tmp_path),
+      env=subprocess_env(tmp_path),
       capture_output=True,
       text=True,
       timeout=600,

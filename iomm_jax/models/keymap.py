@@ -22,6 +22,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from iomm_jax import tree_paths
+
 
 def _linear(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.T)
@@ -144,17 +146,10 @@ def flatten_state(state) -> dict[str, object]:
   """nnx.State (or nested dict) → {dotted path: leaf value}."""
   from flax import nnx
 
+  if not isinstance(state, nnx.State):
+    return {path: (v.get_value() if hasattr(v, "get_value") else v) for path, v in tree_paths.flatten(state).items()}
   flat = {}
-  items = nnx.to_flat_state(state) if isinstance(state, nnx.State) else _flatten_dict(state)
-  for path, leaf in items:
+  for path, leaf in nnx.to_flat_state(state):
     value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
     flat[".".join(str(p) for p in path)] = value
   return flat
-
-
-def _flatten_dict(d, prefix=()):
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      yield from _flatten_dict(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v

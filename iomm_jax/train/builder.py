@@ -14,7 +14,7 @@ import jax
 import optax
 from flax import nnx
 
-from iomm_jax import parallel
+from iomm_jax import parallel, tree_paths
 from iomm_jax.models import factory, iomm
 from iomm_jax.models.layers import count_params
 from iomm_jax.train import optimizers
@@ -246,11 +246,5 @@ def load_vae_weights(config, shardings, dtype) -> dict:
   flat_sh = keymap.flatten_state(shardings)
   theirs = dict(convert_io.iter_tensors(config.model.autoencoder.path))
   ours = keymap.to_jax(theirs, vae_keys.KEY_TABLE, {k: tuple(v.shape) for k, v in flat_abs.items()})
-  out: dict = {}
-  for dotted, value in ours.items():
-    node = out
-    parts = [int(p) if p.isdigit() else p for p in dotted.split(".")]
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = jax.device_put(np.asarray(value).astype(dtype), flat_sh[dotted])
-  return out
+  placed = {k: jax.device_put(np.asarray(v).astype(dtype), flat_sh[k]) for k, v in ours.items()}
+  return tree_paths.nest(placed, int_keys=True)

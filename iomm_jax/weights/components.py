@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from iomm_jax import tree_paths
 from iomm_jax.models import internvl_keys, keymap, mmdit_keys, rqa_keys, s3dit_keys, vae_keys
 
 COMPONENTS = ("transformer", "vae", "rqa", "mllm")
@@ -79,9 +80,9 @@ class Spec:
 
   def config_diff(self, a, b) -> list[tuple[str, Any, Any]]:
     """[(field, a's value, b's value)] over the fields that describe the weights (nested with dots)."""
-    fb = dict(_flat_items(self.config_to_json(b)))
+    fb = tree_paths.flatten(self.config_to_json(b))
     out = []
-    for path, va in _flat_items(self.config_to_json(a)):
+    for path, va in tree_paths.flatten(self.config_to_json(a)).items():
       if path.split(".")[-1] in self.runtime_fields:
         continue
       vb = fb.get(path)
@@ -96,14 +97,6 @@ def _jsonable(x):
   if isinstance(x, (list, tuple)):
     return [_jsonable(v) for v in x]
   return x
-
-
-def _flat_items(d, prefix=""):
-  for k, v in d.items():
-    if isinstance(v, dict):
-      yield from _flat_items(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
 
 
 def _from_json(cls, d: Mapping[str, Any]):

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from iomm_jax import tree_paths
 from iomm_jax.weights.components import ConvertError
 
 FORMAT = "iomm_jax.component"
@@ -28,27 +29,6 @@ PARAMS_DIR = "params"
 
 def is_component_dir(path: str | Path) -> bool:
   return (Path(path) / META_FILE).is_file()
-
-
-def _nest(flat: Mapping[str, Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    parts = path.split(".")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = value
-  return out
-
-
-def _flatten(tree, prefix=()) -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (str(k),)))
-    else:
-      out[".".join(prefix + (str(k),))] = v
-  return out
 
 
 def save(
@@ -74,7 +54,7 @@ def save(
     shutil.rmtree(dst)
   dst.mkdir(parents=True, exist_ok=True)
   # Host numpy arrays (bf16 via ml_dtypes) are written as they are: no device copy of the whole model.
-  tree = _nest({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
+  tree = tree_paths.nest({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(dst / PARAMS_DIR, tree)
   meta = {
@@ -121,7 +101,7 @@ def shapes(src: str | Path) -> dict[str, tuple[tuple[int, ...], Any]]:
 
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.metadata(Path(src).absolute() / PARAMS_DIR).item_metadata.tree
-  return {k: (tuple(m.shape), m.dtype) for k, m in _flatten(tree).items()}
+  return {k: (tuple(m.shape), m.dtype) for k, m in tree_paths.flatten(tree).items()}
 
 
 def load(src: str | Path, *, target: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, Any]]:
@@ -138,7 +118,7 @@ def load(src: str | Path, *, target: Mapping[str, Any] | None = None) -> tuple[d
   with ocp.StandardCheckpointer() as ckptr:
     if target is None:
       tree = ckptr.restore(path)
-      flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(tree).items()}
+      flat = {k: np.asarray(jax.device_get(v)) for k, v in tree_paths.flatten(tree).items()}
     else:
-      flat = _flatten(ckptr.restore(path, _nest(dict(target))))
+      flat = tree_paths.flatten(ckptr.restore(path, tree_paths.nest(dict(target))))
   return meta, flat
