@@ -15,6 +15,7 @@ from iomm_jax import data_kinds
 from iomm_jax.models.layers import ATTENTION_IMPLS
 
 LR_DECAYS = ("constant", "cosine")  # train.lr_decay (train/optimizers.lr_schedule)
+LOSS_SPACES = ("velocity", "clean")  # train.loss_space (train/loss.flow_matching_loss)
 
 C = ml_collections.ConfigDict
 
@@ -87,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.logit_mean = 0.0         # logit-normal location
   c.train.logit_std = 1.0          # logit-normal scale
   c.train.time_shift = 1.0         # resolution shift s: t ← s·t / (1 + (s−1)·t); 1 = none
+  c.train.loss_space = "velocity"  # 'velocity' (paper): MSE of v; 'clean': MSE of the implied clean latent (= t²·velocity
+                                   #   MSE), which stops nearly clean inputs dominating the gradient
   c.train.optimizer = "adamw"      # 'adamw' or 'muon' (IOMM-XL: Muon on the hidden blocks' 2-D kernels, update RMS
                                    #   matched to AdamW's; AdamW with b1/b2 on embedders, read-out, biases, norms, queries)
   c.train.muon_momentum = 0.95     # Muon's (Nesterov) momentum; used only when optimizer = 'muon'
@@ -184,6 +187,7 @@ _CHOICES = {
     "train.t_sampling": ("uniform", "logit_normal"),
     "train.optimizer": ("adamw", "muon"),
     "train.lr_decay": LR_DECAYS,
+    "train.loss_space": LOSS_SPACES,
     "train.on_nonfinite": ("stop", "skip"),
     "data.source": data_kinds.SOURCES,
     "data.recipe": data_kinds.RECIPES,

@@ -170,6 +170,7 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
       p_uncond=t.p_uncond,
       condition=config.model.condition,
       t_kwargs=dict(kind=t.t_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.time_shift),
+      loss_space=t.loss_space,
       ema_decay=t.ema_decay,
       needs_vit=config.data.recipe != "pair",
       cached=bool(config.data.cached),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from iomm_jax.config import LOSS_SPACES
+
 
 def sample_t(
     rng, batch: int, *, kind: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0
@@ -27,9 +29,12 @@ def interpolate(x, z, t):
   return (1.0 - tb) * x + tb * z
 
 
-def flow_matching_loss(velocity_fn, x, rng, *, t_kwargs=None):
+def flow_matching_loss(velocity_fn, x, rng, *, t_kwargs=None, space: str = "velocity"):
   """mean((v − (z − x))²) over every latent element; `velocity_fn(x_t, t) -> v`.
 
+  space 'velocity' (FLUX, the paper) weighs every t alike in velocity; 'clean' multiplies each sample's loss by t²,
+  which is the squared error of the clean latent the velocity implies, x̂ = x_t − t·v: the same minimiser, but the
+  nearly clean inputs (small t, where the condition barely matters) no longer dominate the gradient by 1/t².
   Returns (loss, aux) with aux = {'t': t, 'per_sample': (B,) losses}.
   """
   rng_t, rng_z = jax.random.split(rng)
@@ -38,4 +43,8 @@ def flow_matching_loss(velocity_fn, x, rng, *, t_kwargs=None):
   v = velocity_fn(interpolate(x, z, t), t)
   err = jnp.square(v.astype(jnp.float32) - (z - x).astype(jnp.float32))
   per_sample = err.reshape(err.shape[0], -1).mean(axis=1)
+  if space == "clean":
+    per_sample = per_sample * jnp.square(t)
+  elif space != "velocity":
+    raise ValueError(f"config.train.loss_space={space!r}: expected one of {LOSS_SPACES}")
   return per_sample.mean(), {"t": t, "per_sample": per_sample}

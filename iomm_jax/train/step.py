@@ -28,6 +28,7 @@ class StepStatics:
   p_uncond: float
   condition: str
   t_kwargs: dict
+  loss_space: str
   ema_decay: float
   needs_vit: bool  # False for text-only recipes: skip the ViT entirely
   cached: bool  # batch carries 'vit_tokens' and 'latent' instead of pixels
@@ -70,7 +71,7 @@ def compute_loss(st: StepStatics, params, frozen, batch, rng):
   def velocity(x_t, t):
     return gen.velocity(x_t, t, h, h_mask, masked=st.condition == "all")
 
-  loss, aux = loss_lib.flow_matching_loss(velocity, x, r_loss, t_kwargs=st.t_kwargs)
+  loss, aux = loss_lib.flow_matching_loss(velocity, x, r_loss, t_kwargs=st.t_kwargs, space=st.loss_space)
   aux["kept_fraction"] = keep.mean()
   return loss, aux
 
