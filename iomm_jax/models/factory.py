@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from iomm_jax.models import dit_families
 from iomm_jax.models.autoencoder import make_autoencoder
 from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.internvl import InternVL, InternVLConfig
@@ -71,19 +72,11 @@ def dit_config(config, width: int):
           f"--config.model.attention (one of {ATTENTION_IMPLS})"
       )
   arch["attention"] = config.model.attention
-  if config.model.dit.kind == "mmdit":
-    from iomm_jax.models.mmdit import MMDiTConfig
-
-    cfg = MMDiTConfig(**_known(MMDiTConfig, arch, "config.model.dit.arch"))
-    for name in ("joint_attention_dim", "pooled_projection_dim"):
-      if getattr(cfg, name) != width:
-        raise ValueError(f"config.model.dit.arch.{name}={getattr(cfg, name)} must equal the MLLM width {width}")
-    return cfg
-  from iomm_jax.models.s3dit import S3DiTConfig
-
-  cfg = S3DiTConfig(**_known(S3DiTConfig, arch, "config.model.dit.arch"))
-  if cfg.cap_feat_dim != width:
-    raise ValueError(f"config.model.dit.arch.cap_feat_dim={cfg.cap_feat_dim} must equal the MLLM width {width}")
+  fam = dit_families.family(config.model.dit.kind)
+  cfg = fam.config(**_known(fam.config, arch, "config.model.dit.arch"))
+  for name in fam.condition_fields:
+    if getattr(cfg, name) != width:
+      raise ValueError(f"config.model.dit.arch.{name}={getattr(cfg, name)} must equal the MLLM width {width}")
   return cfg
 
 

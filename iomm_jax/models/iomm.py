@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iomm_jax.models import latents as latent_ops
+from iomm_jax.models import dit_families
 from iomm_jax.models.rqa import RQA, RQAConfig
 
 
@@ -167,16 +167,7 @@ class Generator(nnx.Module):
     if prediction not in PREDICTIONS:
       raise ValueError(f"config.model.prediction={prediction!r}: expected one of {PREDICTIONS}")
     self.dit_kind, self.prediction = dit_kind, prediction
-    if dit_kind == "mmdit":
-      from iomm_jax.models.mmdit import MMDiT
-
-      self.dit = MMDiT(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    elif dit_kind == "s3dit":
-      from iomm_jax.models.s3dit import S3DiT
-
-      self.dit = S3DiT(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    else:
-      raise ValueError(f"config.model.dit.kind={dit_kind!r}: expected 'mmdit' or 's3dit'")
+    self.dit = dit_families.family(dit_kind).module(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.rqa = RQA(rqa_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def velocity(self, x_t, t, h, h_mask, *, masked: bool = False):
@@ -191,20 +182,4 @@ class Generator(nnx.Module):
     return out
 
   def _dit_output(self, x_t, t, h, h_mask, masked: bool):
-    h_mask_arg = h_mask if masked else None
-    if self.dit_kind == "mmdit":
-      b, height, width, channels = x_t.shape
-      tokens = latent_ops.pack(x_t)
-      hm = h_mask.astype(jnp.float32)[..., None]
-      pooled = (h.astype(jnp.float32) * hm).sum(1) / jnp.maximum(hm.sum(1), 1.0)
-      out = self.dit(
-          tokens,
-          h,
-          pooled.astype(h.dtype),
-          t,
-          latent_ops.image_ids(height // 2, width // 2),
-          latent_ops.text_ids(h.shape[1]),
-          encoder_attention_mask=h_mask_arg,
-      )
-      return latent_ops.unpack(out, height, width, channels)
-    return self.dit(x_t, t, h, h_mask if h_mask_arg is not None else jnp.ones(h.shape[:2], bool))
+    return dit_families.family(self.dit_kind).predict(self.dit, x_t, t, h, h_mask, masked)

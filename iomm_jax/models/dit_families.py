@@ -1,0 +1,68 @@
+"""The DiT families IOMM can train, each with its module, config and one common call: `predict(dit, x_t, t, h,
+h_mask) -> clean-latent-or-velocity latents (B, H, W, C)`. The generator and the factory look a family up here
+instead of branching on `config.model.dit.kind`; a new family is one entry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from iomm_jax.models import latents as latent_ops
+from iomm_jax.models.mmdit import MMDiT, MMDiTConfig
+from iomm_jax.models.s3dit import S3DiT, S3DiTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTFamily:
+  kind: str  # the value of config.model.dit.kind
+  module: type  # the nnx.Module: module(cfg, *, dtype, param_dtype, rngs)
+  config: type  # its config dataclass (fields = the reference implementation's names)
+  condition_fields: tuple[str, ...]  # config fields that must equal the MLLM width
+  # (dit, x_t (B,H,W,C), t (B,), h (B,L,D), h_mask (B,L) bool, masked) -> (B,H,W,C); `masked`: the DiT's attention
+  # honours h_mask (condition='all'); 'query' conditions have no padding, so attention then runs unmasked.
+  predict: Callable[..., jax.Array]
+
+
+def _mmdit_predict(dit: MMDiT, x_t, t, h, h_mask, masked: bool):
+  """FLUX: packed 2×2 tokens, the pooled vector = the condition's (masked) mean, RoPE ids."""
+  _, height, width, channels = x_t.shape
+  hm = h_mask.astype(jnp.float32)[..., None]
+  pooled = (h.astype(jnp.float32) * hm).sum(1) / jnp.maximum(hm.sum(1), 1.0)
+  out = dit(
+      latent_ops.pack(x_t),
+      h,
+      pooled.astype(h.dtype),
+      t,
+      latent_ops.image_ids(height // 2, width // 2),
+      latent_ops.text_ids(h.shape[1]),
+      encoder_attention_mask=h_mask if masked else None,
+  )
+  return latent_ops.unpack(out, height, width, channels)
+
+
+def _s3dit_predict(dit: S3DiT, x_t, t, h, h_mask, masked: bool):
+  return dit(x_t, t, h, h_mask if masked else jnp.ones(h.shape[:2], bool))
+
+
+DIT_FAMILIES: dict[str, DiTFamily] = {
+    "mmdit": DiTFamily("mmdit", MMDiT, MMDiTConfig, ("joint_attention_dim", "pooled_projection_dim"), _mmdit_predict),
+    "s3dit": DiTFamily("s3dit", S3DiT, S3DiTConfig, ("cap_feat_dim",), _s3dit_predict),
+}
+
+
+def family(kind: str) -> DiTFamily:
+  """The family of config.model.dit.kind, or one line naming the known kinds."""
+  if kind not in DIT_FAMILIES:
+    raise ValueError(f"config.model.dit.kind={kind!r}: expected one of {tuple(DIT_FAMILIES)}")
+  return DIT_FAMILIES[kind]
+
+
+def family_of(module: Any) -> DiTFamily:
+  """The family of a built DiT module."""
+  for fam in DIT_FAMILIES.values():
+    if isinstance(module, fam.module):
+      return fam
+  raise TypeError(f"{type(module).__name__} is not a registered DiT family")
