@@ -52,3 +52,9 @@ def test_components_scale_with_their_own_sequences():
   dit, llm = base["per_image"]["dit"], base["per_image"]["llm"]
   assert dit["backward"] == 2 * dit["forward"]
   assert llm["forward"] < llm["backward"] < 2 * llm["forward"]
+
+
+def test_every_dit_family_has_a_flops_formula():
+  from iomm_jax.models import dit_families
+
+  assert set(flops.DIT_FORWARD) == set(dit_families.DIT_FAMILIES)

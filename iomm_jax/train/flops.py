@@ -106,6 +106,11 @@ def vae_encoder_forward(cfg, resolution: int) -> float:
   return f + 2.0 * hw * 9 * c * 2 * cfg.latent_channels  # conv_out (mean, logvar)
 
 
+# Forward FLOPs per image of each DiT family (models/dit_families.DIT_FAMILIES); tests/test_flops.py checks that every
+# registered family has an entry.
+DIT_FORWARD = {"mmdit": mmdit_forward, "s3dit": s3dit_forward}
+
+
 def step_flops(run) -> dict:
   """FLOPs of one training step of `run` (train/builder.Run), per component and in total.
 
@@ -124,10 +129,7 @@ def step_flops(run) -> dict:
   llm_tokens = ctx + q
   cond_tokens = q if c.model.condition == "query" else llm_tokens
   dit_cfg = factory.dit_config(c, width)
-  if c.model.dit.kind == "mmdit":
-    dit = mmdit_forward(dit_cfg, image_tokens, cond_tokens)
-  else:
-    dit = s3dit_forward(dit_cfg, image_tokens, cond_tokens)
+  dit = DIT_FORWARD[c.model.dit.kind](dit_cfg, image_tokens, cond_tokens)
   rqa = rqa_forward(factory.rqa_config(c, width), ctx)
   llm_dense, llm_attn = llm_forward(mcfg.text, llm_tokens)
   per_image = {
