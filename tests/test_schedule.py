@@ -79,6 +79,7 @@ def test_unknown_lr_decay_and_fraction_are_refused():
     validate(c, needs_data=False)
 
 
+@pytest.mark.slow  # one in-process training run
 def test_a_cosine_run_decays_over_the_steps_its_epochs_give(tmp_path):
   """train.epochs=1.5 of 24 images at batch 8 is 5 steps: the cosine reaches its floor at step 5, not at
   train.num_steps (20 in the short config)."""
