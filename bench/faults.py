@@ -75,7 +75,7 @@ class Suite:
   def losses(self, work) -> dict:
     from iomm_jax import metrics
 
-    return {r["step"]: r["loss"] for r in metrics.read_metrics(str(work))}
+    return {r["step"]: r["loss"] for r in metrics.read_metrics(str(work)) if "loss" in r}
 
   def params(self, work):
     import jax

@@ -77,6 +77,7 @@ def get_config(arg: str | None = None):
   c.train.ckpt_every = c.train.num_steps
   c.train.keep_checkpoints = 2
   c.train.sample_every = c.train.num_steps
+  c.train.eval_every = c.train.num_steps  # validation losses on the held-out draw of the world, at the end
   c.train.peak_flops = 1e11  # nominal CPU peak; MFU on CPU is only indicative
 
   c.data.source = "shapes"
@@ -104,6 +105,7 @@ def get_config(arg: str | None = None):
     c.train.log_every = 5
     c.train.ckpt_every = 10
     c.train.sample_every = 0
+    c.train.eval_every = 0
     c.train.warmup_steps = 5
     c.sample.steps = 4
   return c

@@ -16,6 +16,7 @@ from iomm_jax.models.layers import ATTENTION_IMPLS
 
 LR_DECAYS = ("constant", "cosine")  # train.lr_decay (train/optimizers.lr_schedule)
 LOSS_SPACES = ("velocity", "clean")  # train.loss_space (train/loss.flow_matching_loss)
+RQA_KINDS = ("rqa", "metaquery", "none")  # model.rqa.kind (models/rqa.py)
 
 C = ml_collections.ConfigDict
 
@@ -57,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rqa.num_heads = 12       # cross-attention heads (width / 128)
   c.model.rqa.mlp_ratio = 4.0      # MLP hidden = ratio × width (4× gives the paper's ≈29M)
   c.model.rqa.num_layers = 1       # query blocks (paper: one)
+  c.model.rqa.kind = "rqa"         # models/rqa.RQA_KINDS: 'rqa' (the paper); ablations: 'metaquery' (the learned queries
+                                   #   alone, no adapter), 'none' (no queries: the DiT reads every LLM output position,
+                                   #   needs model.condition='all')
   c.model.mllm = C()
   c.model.mllm.path = ""           # local InternVL3-2B-hf directory (config.json + safetensors + tokenizer); '' = random init from arch
   c.model.mllm.arch = C()          # InternVLConfig overrides when path is '' (tiny config); ignored when path is set
@@ -106,7 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50           # steps between metrics.jsonl / TensorBoard entries
   c.train.ckpt_every = 2000        # steps between checkpoints (the last step is always saved)
   c.train.keep_checkpoints = 3     # checkpoints kept on disk
-  c.train.sample_every = 5000      # steps between training-time sample grids (0 = never)
+  c.train.sample_every = 5000      # steps between training-time sample grids (0 = never): text prompts and
+                                   #   reconstructions of held-out images (data.val_*), any data source
+  c.train.eval_every = 1000        # steps between validation losses on the held-out set (0 = never; data.val_*)
+  c.train.eval_timesteps = (0.125, 0.375, 0.625, 0.875)  # the fixed t of the validation loss (each held-out image
+                                   #   at every one, with fixed noise and masks: comparable across runs and resumes)
   c.train.peak_flops = 989e12      # per-device peak for MFU (H100 bf16 dense)
   c.train.on_nonfinite = "stop"    # non-finite loss or grad norm: 'stop' (one line, exit non-zero, never saved) or
                                    #   'skip' (keep the old state for that step; counted as nonfinite_total in metrics)
@@ -147,6 +155,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split = "train"           # tfds: the split to read
   c.data.shapes_seed = 0           # shapes: the procedural world's content (data.seed only orders it)
   c.data.num_threads = 2           # Grain reader threads per process (decode runs in these)
+  c.data.val_fraction = 0.0        # hold out this fraction of data.path's records (a seeded choice, never trained on)
+                                   #   for validation losses and grids
+  c.data.val_path = ""             # or: a separate validation set of data.source's kind (with data.cached, its cache)
+  c.data.val_num = 64              # held-out examples used (the first of the held-out set); shapes without val_* use
+                                   #   another draw of the world
   c.data.max_image_pixels = data_kinds.MAX_IMAGE_PIXELS  # images with more pixels (width × height, from the
                                    #   header) are skipped and counted, never decoded (decompression bombs); 0 = none
 
@@ -155,6 +168,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.cfg_scale = 4.5         # w in v = v_u + w (v_c − v_u)
   c.sample.num = 8                 # images per training-time grid
   c.sample.prompts = ("a red circle above a blue square",)  # training-time text prompts (grids)
+  c.sample.prompts_file = ""       # or: a JSONL prompts file (GenEval metadata, {"prompt": ...} per line) for the grids
   c.sample.use_ema = True          # sample with EMA weights when present
 
   c.mesh = C()
@@ -181,6 +195,7 @@ _CHOICES = {
     "model.condition": ("query", "all"),
     "model.prediction": ("v", "x"),
     "model.dit.kind": ("mmdit", "s3dit"),
+    "model.rqa.kind": RQA_KINDS,
     "model.mllm.remat": ("none", "full", "dots_saveable"),
     "model.autoencoder.kind": ("identity", "flux_vae"),
     "train.stage": ("pretrain", "finetune"),
@@ -246,8 +261,11 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   for name in ("num_steps", "global_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
     if t[name] <= 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be positive")
-  if t.warmup_steps < 0 or t.sample_every < 0:
-    raise ConfigError("config.train.warmup_steps and config.train.sample_every must be >= 0")
+  for name in ("warmup_steps", "sample_every", "eval_every"):
+    if t[name] < 0:
+      raise ConfigError(f"config.train.{name}={t[name]} must be >= 0")
+  if not t.eval_timesteps or any(not 0.0 < float(x) <= 1.0 for x in t.eval_timesteps):
+    raise ConfigError(f"config.train.eval_timesteps={t.eval_timesteps} must list one or more t in (0, 1]")
   if not 0.0 <= t.lr_final_fraction <= 1.0:
     raise ConfigError(f"config.train.lr_final_fraction={t.lr_final_fraction} must be in [0, 1]")
   ps = tuple(t.profile_steps)
@@ -275,6 +293,11 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   for name, axis in config.mesh.rules:
     if axis not in (None, "data", "fsdp", "tensor"):
       raise ConfigError(f"config.mesh.rules maps {name!r} to {axis!r}; mesh axes are 'data', 'fsdp', 'tensor' or None")
+  if config.model.rqa.kind == "none" and config.model.condition != "all":
+    raise ConfigError(
+        "config.model.rqa.kind='none' adds no query tokens, so the DiT must read every LLM output position; set "
+        "config.model.condition='all'"
+    )
   if not config.sample.prompts:
     raise ConfigError("config.sample.prompts must list at least one prompt")
 
@@ -309,6 +332,20 @@ def validate_data(d: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     )
   _validate_image_set(d)
   _validate_buckets(d)
+  _validate_holdout(d)
+
+
+def _validate_holdout(d: ml_collections.ConfigDict) -> None:
+  """data.val_fraction / val_path / val_num: the held-out set of validation losses and grids."""
+  if not 0.0 <= d.val_fraction <= 0.5:
+    raise ConfigError(f"config.data.val_fraction={d.val_fraction} must be in [0, 0.5]")
+  if d.val_fraction and d.val_path:
+    raise ConfigError(
+        f"config.data.val_fraction={d.val_fraction} and config.data.val_path={d.val_path!r} are both set; hold "
+        "out a fraction of data.path or name a separate validation set, not both"
+    )
+  if d.val_num <= 0:
+    raise ConfigError(f"config.data.val_num={d.val_num} must be positive")
 
 
 IMAGE_SOURCES = ("",) + data_kinds.SOURCES  # data.image_source: '' = the pair set's own images

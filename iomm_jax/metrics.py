@@ -85,6 +85,10 @@ class Throughput:
   def add_wait(self, seconds: float):
     self.data_wait += seconds
 
+  def exclude(self, seconds: float):
+    """Leave `seconds` of work that is not training (validation, grids) out of this window's step time."""
+    self.start += seconds
+
   def summary(
       self, global_batch: int, num_devices: int, tokens_per_image: int, flops_per_step: float, peak_flops: float
   ) -> dict:

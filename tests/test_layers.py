@@ -17,6 +17,7 @@ LAYERS = {
         "iomm_jax.parallel",
         "iomm_jax.distributed",
         "iomm_jax.metrics",
+        "iomm_jax.geneval_layout",  # a file format (prompts files, sample folders): read by training's grids too
         "iomm_jax.models.layers",
         "iomm_jax.models.rope",
         "iomm_jax",
@@ -32,7 +33,6 @@ LAYERS = {
         "iomm_jax.eval_recon",
         "iomm_jax.eval_shapes",
         "iomm_jax.shapes_detector",
-        "iomm_jax.geneval_layout",
         "iomm_jax.demo_summary",
         "iomm_jax.pretrain_mllm",
         "iomm_jax.convert",

@@ -43,6 +43,9 @@ class DataConfig:
   shapes_seed: int
   num_threads: int
   max_image_pixels: int
+  val_fraction: float
+  val_path: str
+  val_num: int
 
   @property
   def where(self) -> str:
@@ -60,6 +63,11 @@ class DataConfig:
   def has_image_set(self) -> bool:
     """'mix' reads its image-only samples from a separate image set (data.image_source)."""
     return bool(self.image_source)
+
+  @property
+  def has_holdout(self) -> bool:
+    """A held-out set is configured (data.val_fraction or data.val_path)."""
+    return bool(self.val_fraction or self.val_path)
 
   def as_image_set(self) -> DataConfig:
     """The image set of 'mix' as a source config of its own (source/path/cache_path/num_images replaced)."""

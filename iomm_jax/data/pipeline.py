@@ -45,13 +45,14 @@ buckets every image is centre-cropped to a square of side ``data.resolution``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import grain
 import numpy as np
 
 from iomm_jax.data import buckets as buckets_lib
-from iomm_jax.data import data_config, decode, mix, sources
+from iomm_jax.data import data_config, decode, holdout, mix, sources
 from iomm_jax.data.data_config import DataConfig
 
 MAX_CONSECUTIVE_SKIPS = 256  # unreadable/uncaptioned records tolerated in a row before the pipeline fails
@@ -308,7 +309,7 @@ def make_dataset(
   """Builds this process's Grain pipeline (see the module docstring); ``iter()`` it to get the iterator.
 
   ``data_cfg``: ``config.data`` or a :class:`DataConfig` (``data_config.from_config`` validates it once).
-  ``source`` overrides ``sources.make_source(data_cfg, workdir)`` (tests, custom data), ``image_source`` likewise
+  ``source`` overrides ``holdout.train_source(data_cfg, workdir)`` (tests, custom data), ``image_source`` likewise
   the image set of 'mix' (only with ``data.image_source`` set). ``tokenize`` must be picklable when
   ``data_cfg.num_workers > 0``.
   """
@@ -322,7 +323,7 @@ def make_dataset(
   spec = data_config.from_config(data_cfg)  # validated once, before any data is opened
   workers = spec.num_workers
   if source is None:
-    source = sources.make_source(spec, workdir)
+    source = holdout.train_source(spec, workdir)
   if spec.has_image_set and image_source is None:
     image_source = sources.make_source(spec.as_image_set(), workdir)
   elif image_source is not None and not spec.has_image_set:
@@ -358,3 +359,16 @@ def make_dataset(
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
   return it
+
+
+def load_examples(data_cfg: Any, source: Any, num: int, tokenize: Callable[[str], list[int]] | None = None) -> dict:
+  """The first ``num`` readable records of ``source`` (fewer if it is smaller) as one batch of numpy arrays, made
+  exactly as training makes them (:class:`LoadExample`: the same decode, crop, ViT view and caption template), square
+  at data.resolution. Every example is marked image-only, so caption-less records are kept (``has_caption`` says)."""
+  d = data_config.from_config(data_cfg)
+  spec = dataclasses.replace(d, recipe="image", image_source="", image_path="", image_cache_path="", buckets=())
+  load = LoadExample(source, spec, tokenize)
+  rows = [load(mix.Slot(i, i)) for i in range(min(num, len(source)))]
+  if not rows:
+    raise DataConfigError(f"the held-out set of {d.where} is empty; check data.val_path / data.val_fraction")
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

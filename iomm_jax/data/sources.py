@@ -199,16 +199,22 @@ def heldout_shapes(data_cfg, num: int, start: int = 0) -> tuple[np.ndarray, np.n
   which no training stage reads. ``data_cfg``: ``config.data`` or a DataConfig."""
   from PIL import Image
 
-  from iomm_jax.data import decode, shapes
+  from iomm_jax.data import decode
 
   data_cfg = data_config.from_config(data_cfg)
-  seed = data_cfg.seed + HELDOUT_SEED_OFFSET
+  held = heldout_source(data_cfg, start + num)
   refs, vits = [], []
   for i in range(num):
-    img = Image.fromarray(shapes.render(start + i, render_size(data_cfg), seed)[0])
+    img = Image.fromarray(held[start + i]["image"])
     refs.append(np.asarray(decode.centre_square(img, data_cfg.resolution), np.uint8))
     vits.append(decode.views(img, data_cfg.resolution, data_cfg.vit_size)[1])
   return np.stack(refs), np.stack(vits).astype(np.float32)
+
+
+def heldout_source(data_cfg, num: int) -> "ShapesSource":
+  """The held-out draw of the shapes world: ``num`` images of world seed ``data.seed + HELDOUT_SEED_OFFSET``."""
+  data_cfg = data_config.from_config(data_cfg)
+  return ShapesSource(num, render_size(data_cfg), data_cfg.seed + HELDOUT_SEED_OFFSET)
 
 
 class ShapesSource:

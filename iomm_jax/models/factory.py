@@ -91,6 +91,7 @@ def rqa_config(config, width: int) -> RQAConfig:
       mlp_ratio=r.mlp_ratio,
       num_layers=r.num_layers,
       attention=config.model.attention,
+      kind=r.kind,
   )
 
 

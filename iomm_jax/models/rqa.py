@@ -11,6 +11,11 @@ The paper (§2.3) states a 29M-parameter adapter with 256 learned queries; the r
 
 Its output is appended after c before the frozen LLM runs. Parameter paths mirror the PyTorch reference
 (`iomm_jax.convert.torch_rqa.TorchRQA`); `iomm_jax.models.rqa_keys` maps the fused in_proj.
+
+Two ablation kinds (`RQAConfig.kind`, config.model.rqa.kind; the paper's Fig. 2b and 4a): 'metaquery' keeps the
+learned queries alone — appended to the MLLM input as they are, with no adapter looking at c (MetaQuery's learnable
+queries) — and 'none' adds no queries at all, so the DiT must read the frozen MLLM's raw output at every position
+("Raw"; needs config.model.condition='all').
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iomm_jax.config import RQA_KINDS
 from iomm_jax.models.layers import DType, Linear, attention, gelu_tanh, layer_norm
 
 
@@ -36,8 +42,11 @@ class RQAConfig:
   num_layers: int = 1  # stacked query blocks
   eps: float = 1e-6  # LayerNorm epsilon (all LayerNorms are parameter-free)
   attention: str = "auto"  # ours, not the reference's: layers.ATTENTION_IMPLS (config.model.attention)
+  kind: str = "rqa"  # RQA_KINDS: 'rqa' (the paper), 'metaquery' (learned queries only), 'none' (no queries)
 
   def __post_init__(self):
+    if self.kind not in RQA_KINDS:
+      raise ValueError(f"config.model.rqa.kind={self.kind!r} is not one of {RQA_KINDS}")
     if self.dim % self.num_heads:
       raise ValueError(
           f"RQAConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}; " "pick num_heads that divides dim"
@@ -156,13 +165,15 @@ class RQA(nnx.Module):
       rngs: nnx.Rngs,
   ):
     self.cfg, self.dtype = cfg, dtype
-    # N(0, 1/D): unit-scale rows after the parameter-free LayerNorm either way, small at init.
-    self.meta_queries = nnx.Param(
-        jax.random.normal(rngs.params(), (cfg.num_queries, cfg.dim), param_dtype) / math.sqrt(cfg.dim),
-        axes=(None, "embed"),
-    )
+    if cfg.kind != "none":
+      # N(0, 1/D): unit-scale rows after the parameter-free LayerNorm either way, small at init.
+      self.meta_queries = nnx.Param(
+          jax.random.normal(rngs.params(), (cfg.num_queries, cfg.dim), param_dtype) / math.sqrt(cfg.dim),
+          axes=(None, "embed"),
+      )
+    blocks = cfg.num_layers if cfg.kind == "rqa" else 0
     self.query_blocks = nnx.List(
-        [QueryBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        [QueryBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(blocks)]
     )
 
   def __call__(self, c: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
@@ -172,6 +183,8 @@ class RQA(nnx.Module):
       if key_mask.shape != c.shape[:2]:
         raise ValueError(f"RQA key_mask must have shape {c.shape[:2]} (B, L), got {key_mask.shape}")
       key_mask = key_mask.astype(bool)
+    if self.cfg.kind == "none":
+      return jnp.zeros((c.shape[0], 0, c.shape[-1]), self.dtype)
     kv = layer_norm(c.astype(self.dtype), self.cfg.eps)
     q = jnp.broadcast_to(self.meta_queries[...].astype(self.dtype), (c.shape[0],) + self.meta_queries.shape)
     for block in self.query_blocks:

@@ -179,7 +179,7 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   )
   counts = {
       "dit": count_params(gen_abs["dit"]),
-      "rqa": count_params(gen_abs["rqa"]),
+      "rqa": count_params(gen_abs["rqa"]) if "rqa" in gen_abs else 0,  # model.rqa.kind="none": no parameters
       "mllm": count_params(mllm_abs),
       "autoencoder": count_params(ae_abs),
   }

@@ -56,7 +56,10 @@ def s3dit_forward(cfg, image_tokens: int, cond_tokens: int) -> float:
 
 
 def rqa_forward(cfg, context_tokens: int) -> float:
-  """RQA forward for one image: Q queries cross-attend to L context tokens, then the MLP on the queries."""
+  """RQA forward for one image: Q queries cross-attend to L context tokens, then the MLP on the queries (kinds
+  'metaquery' and 'none' have no query blocks: 0)."""
+  if cfg.kind != "rqa":
+    return 0.0
   d, q, l = cfg.dim, cfg.num_queries, context_tokens
   hidden = int(d * cfg.mlp_ratio)
   per_layer = 2.0 * q * d * d + 2.0 * l * d * 2 * d + 2.0 * q * d * d + _attn(q, l, d) + 2.0 * q * 2 * d * hidden
@@ -124,7 +127,7 @@ def step_flops(run) -> dict:
   width = factory.mllm_width(mcfg)
   side = run.latent_shape[0]
   image_tokens = (side // 2) * (run.latent_shape[1] // 2)
-  q = c.model.rqa.num_queries
+  q = 0 if c.model.rqa.kind == "none" else c.model.rqa.num_queries
   ctx = run.templates.length
   llm_tokens = ctx + q
   cond_tokens = q if c.model.condition == "query" else llm_tokens

@@ -1,4 +1,5 @@
-"""The training loop: data → jitted step → metrics / checkpoints / sample grids, resumable at any checkpoint."""
+"""The training loop: data → jitted step → metrics / checkpoints / validation / sample grids, resumable at any
+checkpoint."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from tqdm import tqdm
 
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
-from iomm_jax.data import data_config, pipeline, sources
-from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, schedule
+from iomm_jax.data import holdout, pipeline
+from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, sample_grids, schedule, validation
 from iomm_jax.train import flops as flops_lib
-from iomm_jax.train import generate as generate_lib
 from iomm_jax.train import lock as lock_lib
 from iomm_jax.train import step as step_lib
 from iomm_jax.train.checkpoint import abstract_with_shardings
@@ -44,7 +44,7 @@ def save_resolved_config(config, workdir: str) -> None:
 def make_data_iter(run, workdir: str):
   """(this process's batch iterator, the number of examples in the dataset — the captioned set for 'mix')."""
   parallel.batch_size_per_process(run.config.train.global_batch, run.mesh)  # validates; the pipeline slices itself
-  source = sources.make_source(data_config.from_config(run.config.data), workdir)
+  source = holdout.train_source(run.config.data, workdir)  # without the held-out records
   ds = pipeline.make_dataset(
       run.config.data,
       global_batch=run.config.train.global_batch,
@@ -80,35 +80,28 @@ def model_batch(batch: dict, cached: bool) -> dict:
   return {k: batch[k] for k in keys if k in batch}
 
 
-class SampleGrids:
-  """Training-time grids: held-out shapes images, their self-conditioned samples, and text-prompt samples."""
+def sampling_params(config, state):
+  """The weights that grids and validation use: EMA when sample.use_ema and the run keeps one."""
+  return state.ema_params if (config.sample.use_ema and state.ema_params) else state.params
 
-  def __init__(self, run, workdir: str):
-    self.run, self.dir = run, os.path.join(workdir, "samples")
-    c = run.config
-    n = c.sample.num
-    # Held-out: another draw of the world, so these images were never trained on.
-    self.ref, self.vit = sources.heldout_shapes(c.data, n)
 
-  def __call__(self, step: int, params, writer) -> str:
-    c = self.run.config
-    rng = jax.random.key(c.seed + 17)
-    recon = generate_lib.generate(self.run, params, vit_pixels=self.vit, rng=rng)
-    rows = [self.ref, generate_lib.to_uint8(recon)]
-    for i, prompt in enumerate(c.sample.prompts):
-      rows.append(
-          generate_lib.to_uint8(
-              generate_lib.generate(
-                  self.run, params, prompts=[prompt] * c.sample.num, rng=jax.random.fold_in(rng, i + 1)
-              )
-          )
-      )
-    image = generate_lib.grid(rows)
-    path = os.path.join(self.dir, f"step_{step:07d}.png")
-    if jax.process_index() == 0:
-      generate_lib.save_png(path, image, upscale=max(1, 96 // c.data.resolution))
-      writer.image(step, "samples", image)
-    return path
+def _validation(config, workdir: str, run, is_main: bool):
+  """(Validator or None, SampleGrids or None) for this run; the held-out examples are read once, here."""
+  t = config.train
+  if not (t.eval_every or t.sample_every):
+    return None, None
+  held = validation.HeldOut(run, workdir)
+  validator = None
+  if t.eval_every and len(held):
+    validator = validation.Validator(run, held)
+  elif t.eval_every and is_main:
+    print(
+        f"note: no held-out set for config.data.source={config.data.source!r}, so no validation loss; set "
+        "config.data.val_fraction (e.g. 0.01) or config.data.val_path, or config.train.eval_every=0",
+        flush=True,
+    )
+  grids = sample_grids.SampleGrids(run, workdir, held.examples) if t.sample_every else None
+  return validator, grids
 
 
 def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
@@ -171,14 +164,14 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
   else:
     state, start = run.init_state(), 0
     writer.truncate_after(0)  # rows of an earlier attempt that stopped before its first checkpoint (e.g. NaN)
-  previous = metrics_lib.read_metrics(workdir) if is_main else []
-  # Skip counts are carried across resumes.
+  previous = [r for r in metrics_lib.read_metrics(workdir) if "loss" in r] if is_main else []
+  # Skip counts are carried across resumes (from the last training row: a validation-only row has no totals).
   skipped_total = int(previous[-1].get("skipped_total", 0)) if previous else 0
   uncaptioned_total = int(previous[-1].get("skipped_uncaptioned_total", 0)) if previous else 0
   nonfinite_total = int(previous[-1].get("nonfinite_total", 0)) if previous else 0
   truncated_total = int(previous[-1].get("captions_truncated_total", 0)) if previous else 0
   end = num_steps if max_steps is None else min(num_steps, start + max_steps)
-  grids = SampleGrids(run, workdir) if (t.sample_every and config.data.source == "shapes") else None
+  validator, grids = _validation(config, workdir, run, is_main)
   flops = flops_lib.flops_per_step(run)
   profiler = profiling.StepProfiler(*config.train.profile_steps, os.path.join(workdir, "profile"))
   tokens_per_image = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
@@ -195,7 +188,7 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
       guard.check_rows(jax.device_get(unchecked), unchecked_from, last_saved)
     unchecked, unchecked_from = [], step + 1
 
-  def log_window():
+  def log_window(extra: dict | None = None):
     nonlocal window, last, skipped_total, uncaptioned_total, nonfinite_total, truncated_total
     host = jax.device_get(window)
     skipped_total += int(sum(x.get("skipped", 0) for x in host))
@@ -218,7 +211,7 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     last["nonfinite_total"] = nonfinite_total
     last["captions_truncated_total"] = truncated_total
     last.update(timer.summary(t.global_batch, jax.device_count(), tokens_per_image, flops, t.peak_flops))
-    writer.scalars(step, last)
+    writer.scalars(step, {**last, **(extra or {})})
     bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.1f}")
     window, _ = [], timer.reset()
 
@@ -248,15 +241,22 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     unchecked.append(m)
     bar.update(1)
     ckpt.check_save()  # a failed async save stops the run here, not at the next save
+    extra = {}  # validation and grid figures of this step: in its metrics row when it logs one, else their own
+    if validator is not None and step % t.eval_every == 0:
+      extra.update(validator(sampling_params(config, state)))
+      if is_main:
+        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+    if grids is not None and (step % t.sample_every == 0 or step == end):
+      grids(step, sampling_params(config, state), writer)
+      extra["grid_seconds"] = grids.seconds
+    timer.exclude(extra.get("val_seconds", 0.0) + extra.get("grid_seconds", 0.0))
     if step % t.log_every == 0 or step == end:
       check_finite()
-      log_window()
+      log_window(extra)
+    elif extra:
+      writer.scalars(step, extra)
     if step % t.ckpt_every == 0 or step == end:
       save(force=step == end)
-    if grids is not None and (step % t.sample_every == 0 or step == end):
-      params = state.ema_params if (config.sample.use_ema and state.ema_params) else state.params
-      grids(step, params, writer)
-      timer.reset()
     if watch.requested():
       check_finite()
       if window:
