@@ -47,7 +47,7 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
 
-# The edit-test loop: every test not marked slow (under 3 minutes on 2 cores).
+# The edit-test loop: every test not marked slow (the heavy training and multi-device runs are marked).
 test-fast: install-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 

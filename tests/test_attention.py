@@ -138,6 +138,7 @@ def _write_vae_folder(path):
     json.dump(cfg, f)
 
 
+@pytest.mark.slow
 def test_model_attention_reaches_every_module(spy, tmp_path):
   setting = "cudnn"  # a non-default value; the spy runs the XLA path, so nothing needs a GPU
   c = tiny_config()

@@ -87,6 +87,7 @@ def test_cli_unwritable_workdir_fails(tmp_path):
   assert "not writable" in (r.stderr + r.stdout)
 
 
+@pytest.mark.slow
 def test_cli_missing_data_dir_fails(tmp_path):
   r = _main(
       "--config=configs/tiny.py",

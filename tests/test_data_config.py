@@ -69,6 +69,7 @@ def test_data_code_reads_and_names_only_schema_fields():
   assert {"image_key", "split", "max_image_pixels", "image_source"} <= named  # the scan sees the messages
 
 
+@pytest.mark.slow
 def test_parquet_source_trains_through_main(tmp_path):
   from iomm_jax.data import shapes
 

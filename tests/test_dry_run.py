@@ -11,6 +11,7 @@ from iomm_jax.train import dry_run
 GB = dry_run.GB
 
 
+@pytest.mark.slow
 def test_tiny_dry_run_compiles_on_an_fsdp_mesh_and_reports_memory():
   c = tiny_config()
   c.model.dit.arch.num_layers = c.model.dit.arch.num_single_layers = 1

@@ -179,6 +179,7 @@ def untrained(tmp_path_factory):
   return work, c.data.resolution
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_the_geneval_layout(untrained, tmp_path, capsys):
   from iomm_jax import sample as sample_lib
 
@@ -198,6 +199,7 @@ def test_sample_cli_writes_the_geneval_layout(untrained, tmp_path, capsys):
   assert (out / "00001" / "grid.png").exists()
 
 
+@pytest.mark.slow
 def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
   from iomm_jax import sample as sample_lib
 

@@ -14,6 +14,7 @@ def _run(c, devices=1):
   return builder.build(c, mesh=parallel.make_mesh(c.mesh, devices=jax.devices()[:devices]), load_frozen=False)
 
 
+@pytest.mark.slow
 def test_analytic_flops_match_xla_cost_analysis_of_the_tiny_step():
   """Within 15%: XLA also counts every elementwise op (norms, GELU/SiLU, softmax, RoPE, the loss, AdamW and EMA
   updates, 1 FLOP per element each), which the analytic matmul + attention count leaves out, so XLA's figure is

@@ -51,6 +51,7 @@ def one_device():
   return run, run.init_state()
 
 
+@pytest.mark.slow
 def test_grads_are_the_mean_over_strided_microbatches(one_device):
   run, state = one_device
   batch = {k: jnp.asarray(v) for k, v in make_batch(run.config, 0).items()}
@@ -80,6 +81,7 @@ def test_grads_are_the_mean_over_strided_microbatches(one_device):
   assert abs(float(contiguous[0][0]) - float(parts[0][0][0])) > 1e-4
 
 
+@pytest.mark.slow
 def test_same_losses_on_one_device_and_a_2x2x2_mesh(one_device):
   run1, state1 = one_device
   run8 = run_on((2, 2, 2), 2)

@@ -106,6 +106,7 @@ def test_rqa_gets_gradients_through_frozen_llm():
   assert np.abs(mq).max() > 0  # the queries themselves learn, via the LLM
 
 
+@pytest.mark.slow
 def test_image_condition_changes_the_condition(run):
   """With r = 0 the condition depends on the image; with all tokens masked it does not."""
   state = run.init_state()
@@ -126,6 +127,7 @@ def test_image_condition_changes_the_condition(run):
   np.testing.assert_allclose(none[0], none[1], atol=1e-5)  # everything masked → identical conditions
 
 
+@pytest.mark.slow
 def test_bf16_frozen_weights_fp32_trainables():
   run = builder.build(tiny_config(model__frozen_dtype="bfloat16"))
   assert {x.dtype for x in jax.tree_util.tree_leaves(run.frozen["mllm"])} == {jnp.dtype(jnp.bfloat16)}
@@ -135,6 +137,7 @@ def test_bf16_frozen_weights_fp32_trainables():
   assert np.isfinite(float(loss))
 
 
+@pytest.mark.slow
 def test_x_prediction_turns_the_dit_output_into_a_velocity():
   """prediction='x': the DiT output is the clean latent x̂ and velocity() returns (x_t − x̂)/max(t, t_min); with the
   same weights, prediction='v' returns the raw output."""

@@ -37,6 +37,7 @@ def write_pngs(folder, n, res, uncaptioned=()):
         ("finetune_image", "image", "finetune"),
     ],
 )
+@pytest.mark.slow
 def test_each_recipe_trains_a_step(arg, recipe, stage, tmp_path):
   c = tiny_config(arg, **STEP)
   assert (c.data.recipe, c.train.stage) == (recipe, stage)

@@ -124,6 +124,7 @@ def samples(trained):
   return sample_own_and_swapped(run, params, vit)
 
 
+@pytest.mark.slow
 def test_samples_reconstruct_their_conditioning_image(trained, samples):
   _, _, refs, _, losses = trained
   own, _, _ = samples
@@ -135,6 +136,7 @@ def test_samples_reconstruct_their_conditioning_image(trained, samples):
   assert stats["top1_retrieval"] >= 0.5, f"top-1 retrieval near chance ({1 / NUM_IMAGES:.2f}): {stats}"
 
 
+@pytest.mark.slow
 def test_margin_comes_from_the_condition(trained, samples):
   """Same noise, neighbour's condition → the neighbour's image, and no longer the original one."""
   _, _, refs, _, _ = trained

@@ -47,6 +47,7 @@ def test_bad_kind_and_raw_without_all_positions_name_the_field():
     config_lib.validate(tiny_config("short", model__rqa__kind="none"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, condition", [("metaquery", "query"), ("none", "all")])
 def test_each_kind_trains(kind, condition):
   c = tiny_config("short", model__rqa__kind=kind, model__condition=condition, train__warmup_steps=0)

@@ -165,6 +165,7 @@ def ref(tmp_path_factory):
   return Ref(tmp_path_factory.mktemp("data"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_same_losses_on_8_devices(ref, shape):
   run = mesh_run(shape)
@@ -218,6 +219,7 @@ def test_checkpoint_reshards_from_2_2_2_to_1_4_2(ref, tmp_path):
 _BASE: dict = {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_remat_policy_keeps_loss_and_grads(ref, policy):
   """DiT blocks and LLM layers rematerialised: same loss and gradients as without remat (one device)."""

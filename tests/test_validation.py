@@ -92,6 +92,7 @@ def _validator(c, devices):
   return run, validation.Validator(run, held)
 
 
+@pytest.mark.slow
 def test_validation_loss_is_the_same_on_1_and_8_devices():
   # 10 held-out rows in chunks of 8: the second chunk is padded, and the padding must not count.
   c = tiny_config("short", data__val_num=10)

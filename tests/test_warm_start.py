@@ -48,6 +48,7 @@ def test_ema_and_raw_weights_differ(stage1):
   assert any(not np.array_equal(a, b) for a, b in zip(_leaves(ema), _leaves(raw)))
 
 
+@pytest.mark.slow
 def test_workdirs_that_do_not_fit_fail_naming_the_field(stage1, tmp_path):
   with pytest.raises(config_lib.ConfigError, match="config.init.workdir=.* is not a training workdir"):
     config_lib.validate(tiny_config("finetune,short", init__workdir=str(tmp_path)))

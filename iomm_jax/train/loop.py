@@ -242,11 +242,15 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     bar.update(1)
     ckpt.check_save()  # a failed async save stops the run here, not at the next save
     extra = {}  # validation and grid figures of this step: in its metrics row when it logs one, else their own
-    if validator is not None and step % t.eval_every == 0:
+    evaluate = validator is not None and step % t.eval_every == 0
+    draw = grids is not None and (step % t.sample_every == 0 or step == end)
+    if evaluate or draw:  # finish the dispatched steps first, so that their time is not counted as validation's
+      jax.block_until_ready(state.params)
+    if evaluate:
       extra.update(validator(sampling_params(config, state)))
       if is_main:
         bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
-    if grids is not None and (step % t.sample_every == 0 or step == end):
+    if draw:
       grids(step, sampling_params(config, state), writer)
       extra["grid_seconds"] = grids.seconds
     timer.exclude(extra.get("val_seconds", 0.0) + extra.get("grid_seconds", 0.0))
