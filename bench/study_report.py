@@ -83,11 +83,12 @@ def plot(study: str, rows: list[dict], path: str, size=(720, 420)) -> None:
     y = bottom - (bottom - top) * k / 5
     d.line([(left - 4, y), (left, y)], fill="black")
     d.text((left - 34, y - 6), f"{k / 5:.1f}", fill="black")
-  d.text((left, 8), f"{study}: mini-GenEval overall (paper's figure as a grey mark)", fill="black")
   final = max(r["finetune_steps"] for r in rows)
   arms = list(dict.fromkeys(r["arm"] for r in rows))
-  y_of = lambda v: bottom - (bottom - top) * max(0.0, min(1.0, v))  # noqa: E731
   steps = sorted({r["finetune_steps"] for r in rows})
+  note = " against fine-tuning steps" if len(steps) > 1 else " (the paper's figure as a grey mark)"
+  d.text((left, 8), f"{study}: mini-GenEval overall{note}", fill="black")
+  y_of = lambda v: bottom - (bottom - top) * max(0.0, min(1.0, v))  # noqa: E731
   if len(steps) > 1:  # GenEval against fine-tuning steps, one curve per arm
     x_of = lambda s: left + (right - left) * (steps.index(s) + 0.5) / len(steps)  # noqa: E731
     for s in steps:
