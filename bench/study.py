@@ -99,7 +99,7 @@ def _run(cmd: list[str], log: str) -> None:
 
 def _key(variant: str, flags: tuple) -> str:
   """A folder name for a stage-1 run: arms with the same variant and overrides share it."""
-  tail = "_".join(f.split(".")[-1].replace("=", "") for f in flags)
+  tail = "_".join(f.removeprefix("--config.").replace(".", "-").replace("=", "") for f in flags)
   return variant + (f"_{tail}" if tail else "")
 
 

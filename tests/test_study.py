@@ -94,3 +94,17 @@ def test_one_arm_runs_end_to_end(tmp_path):
   assert all(0.0 <= r["geneval"]["overall"] <= 1.0 and "margin" in r["recon"] for r in rows)
   assert "--config.model.rqa.kind=none" in rows[0]["overrides"]
   assert (out / "table.md").exists() and (out / "plot.png").exists()
+
+
+def test_stage1_folders_differ_whenever_the_overrides_do():
+  keys = {
+      study._key("pretrain", flags)
+      for flags in [
+          (),
+          ("--config.train.mask_ratio=0.5",),
+          ("--config.data.mix_lambda=0.5",),
+          ("--config.train.mask_ratio=0.05",),
+          ("--config.train.mask_ratio=0.0", *study.RAW),
+      ]
+  }
+  assert len(keys) == 5
