@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (absl's flag parser for the override strings below)
 
 from helpers import ROOT, load_config, subprocess_env
 from iomm_jax import config as config_lib
