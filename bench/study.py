@@ -181,6 +181,10 @@ class Study:
     points = sorted(set(a.curve_steps if self.args.study in CURVES else ()) | {a.finetune_steps})
     rows = []
     for steps in points:
+      cached = os.path.exists(os.path.join(ft, f"study_eval_{steps}.json"))
+      if not cached and steps < self.trained(ft):  # a checkpoint older than the latest is not kept
+        print(f"study: {arm.label}: no score at {steps} fine-tuning steps (trained past it); skipped", flush=True)
+        continue
       self.stage(arm.finetune, arm.finetune_flags + arm.both, ft, steps, init=pre)
       figures = self.evaluate(ft, steps)
       rows.append(

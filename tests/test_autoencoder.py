@@ -247,7 +247,7 @@ def test_run_loads_the_vae_from_a_diffusers_folder(tmp_path):
   from safetensors.torch import load_file, save_file
 
   from helpers import tiny_config
-  from iomm_jax import parallel
+  from iomm_jax import parallel, tree_paths
   from iomm_jax.models import factory
   from iomm_jax.train import builder
 
@@ -260,6 +260,8 @@ def test_run_loads_the_vae_from_a_diffusers_folder(tmp_path):
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: factory.make_ae(c, nnx.Rngs(0))))
   shardings = parallel.param_shardings(abstract, mesh, c.mesh.rules)
   params = builder.load_vae_weights(c, shardings, jnp.float32)
+  flat_params, flat_sh = tree_paths.flatten(params), tree_paths.flatten(shardings)
+  assert all(v.sharding == flat_sh[k] for k, v in flat_params.items())  # placed on the run's shardings as read
   ae = nnx.merge(graphdef, params)
   assert ae.latent_channels == 16 and ae.downsample == 4  # from the folder's config.json, not FLUX.1's defaults
   images = _images(2, 16, 16)

@@ -20,6 +20,8 @@ from iomm_jax.models.layers import count_params
 from iomm_jax.train import optimizers
 from iomm_jax.train import state as state_lib
 from iomm_jax.train import step as step_lib
+from iomm_jax.train import warm_start
+from iomm_jax.weights import components, init_weights, load_internvl, transfer
 
 
 @dataclasses.dataclass
@@ -59,12 +61,8 @@ class Run:
 
     params = jax.jit(init_params, out_shardings=self.param_shardings)()
     if self.config.init.workdir:
-      from iomm_jax.train import warm_start
-
       params = warm_start.params_from_workdir(self.config, self.abstract_state, self.state_shardings)
     if self.config.init.transformer or self.config.init.rqa:
-      from iomm_jax.weights import init_weights
-
       params = init_weights.apply(self.config, params, self.param_shardings)
 
     def create(params):
@@ -210,9 +208,7 @@ def load_frozen_weights(config, run: Run) -> dict:
   """The frozen MLLM and autoencoder weights, sharded: loaded from disk when paths are set, else random (seeded)."""
   seed = config.seed + 7919  # frozen random weights never share a stream with the trainable init
   if config.model.mllm.path:
-    from iomm_jax.weights.load_internvl import load_internvl
-
-    _, state = load_internvl(
+    _, state = load_internvl.load_internvl(
         config.model.mllm.path,
         dtype=factory.DTYPES[config.model.frozen_dtype],
         shardings=run.frozen_shardings["mllm"],
@@ -237,15 +233,14 @@ def load_frozen_weights(config, run: Run) -> dict:
 
 def load_vae_weights(config, shardings, dtype) -> dict:
   """The diffusers AutoencoderKL folder config.model.autoencoder.path as our pure dict, each tensor placed on its
-  sharding. Strict: missing, unexpected or mis-shaped keys raise convert.keymap.KeyMismatchError listing them."""
-  import numpy as np
-  from iomm_jax.weights import io as convert_io
-  from iomm_jax.models import keymap, vae_keys
-
-  _, abstract = _split_pure(nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0))))
-  flat_abs = keymap.flatten_state(abstract)
-  flat_sh = keymap.flatten_state(shardings)
-  theirs = dict(convert_io.iter_tensors(config.model.autoencoder.path))
-  ours = keymap.to_jax(theirs, vae_keys.KEY_TABLE, {k: tuple(v.shape) for k, v in flat_abs.items()})
-  placed = {k: jax.device_put(np.asarray(v).astype(dtype), flat_sh[k]) for k, v in ours.items()}
+  sharding as it is read (the one streaming loader, weights.transfer.load_placed). Strict: missing, unexpected or
+  mis-shaped keys raise models.keymap.KeyMismatchError listing them."""
+  flat_sh = tree_paths.flatten(shardings)
+  placed = transfer.load_placed(
+      components.spec("vae"),
+      factory.vae_config(config),
+      config.model.autoencoder.path,
+      dtype=dtype,
+      sharding_of=lambda path, shape: flat_sh[path],
+  )
   return tree_paths.nest(placed, int_keys=True)

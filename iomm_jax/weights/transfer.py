@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -92,13 +92,29 @@ def plan(spec: Spec, cfg, file_specs: Mapping[str, tuple]) -> dict[str, tuple[st
   return out
 
 
-def torch_to_ours(spec: Spec, cfg, src: str | Path, *, dtype=None) -> dict[str, np.ndarray]:
-  """Read a PyTorch-layout checkpoint into {our dotted path: numpy array}, one tensor at a time."""
+def stream(spec: Spec, cfg, src: str | Path, *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+  """(our dotted path, array in our layout and `dtype`) for every tensor of a PyTorch-layout checkpoint, one at a
+  time, after the strict check of every name and shape against the headers (the one reader of torch checkpoints:
+  the converter, `init.*`, the MLLM and the VAE of a training run all load through it)."""
   p = plan(spec, cfg, io.tensor_specs(src))
-  out = {}
   for raw, arr in io.iter_tensors(src, keys=p):
     path, tname, _ = p[raw]
-    out[path] = cast(TRANSFORMS[tname][1](arr), dtype)
+    yield path, cast(TRANSFORMS[tname][1](arr), dtype)
+
+
+def torch_to_ours(spec: Spec, cfg, src: str | Path, *, dtype=None) -> dict[str, np.ndarray]:
+  """Read a PyTorch-layout checkpoint into {our dotted path: numpy array}, one tensor at a time."""
+  return dict(stream(spec, cfg, src, dtype=dtype))
+
+
+def load_placed(spec: Spec, cfg, src: str | Path, *, dtype, sharding_of=None) -> dict[str, jax.Array]:
+  """{our dotted path: device array}: each tensor is placed as soon as it is read (`sharding_of(path, shape)` →
+  a sharding, or None for the default device), so host memory holds one tensor at a time."""
+  out = {}
+  for path, arr in stream(spec, cfg, src, dtype=dtype):
+    sh = sharding_of(path, arr.shape) if sharding_of is not None else None
+    out[path] = jax.device_put(arr, sh) if sh is not None else jnp.asarray(arr)
+    del arr
   return out
 
 
