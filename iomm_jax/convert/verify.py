@@ -12,6 +12,7 @@ torch is imported here only.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +49,8 @@ def _torch_module(spec, cfg, tensors: dict):
   """The reference module (fp32, eval) holding `tensors` (checkpoint-file keys), loaded strictly."""
   import torch
 
+  cls = getattr(importlib.import_module(spec.torch_module), spec.torch_class)
   kw = spec.config_to_torch(cfg)
-  if spec.kind == "mmdit":
-    from diffusers import FluxTransformer2DModel as cls
-  elif spec.kind == "s3dit":
-    from diffusers import ZImageTransformer2DModel as cls
-  elif spec.kind == "vae":
-    from diffusers import AutoencoderKL as cls
-  elif spec.kind == "rqa":
-    from iomm_jax.convert.torch_rqa import TorchRQA as cls
-  else:
-    raise ConvertError(f"no torch module builder for {spec.kind!r}")
   module = cls(**kw)
   sd = {k: torch.from_numpy(np.asarray(v, np.float32).copy()) for k, v in tensors.items()}
   module.load_state_dict(sd, strict=True)

@@ -51,6 +51,7 @@ class Spec:
   # File-layout key renames (InternVL files use the llava layout); identity for the others.
   from_file_key: Callable[[str], str] = _same_key
   to_file_key: Callable[[str], str] = _same_key
+  torch_module: str = "diffusers"  # where `torch_class` is imported from (by the verifier; torch only there)
 
   def abstract_model(self, cfg, *, param_dtype=jnp.float32, dtype=None) -> nnx.Module:
     """The model with ShapeDtypeStruct leaves (no memory, no random init)."""
@@ -205,6 +206,7 @@ def _specs() -> dict[str, Spec]:
           RQAConfig,
           lambda cfg: rqa_keys.KEY_TABLE,
           ("attention",),
+          torch_module="iomm_jax.convert.torch_rqa",
       ),
       "mllm": Spec(
           "mllm",
@@ -219,6 +221,7 @@ def _specs() -> dict[str, Spec]:
           ("remat", "scan_layers", "attention"),
           internvl_keys.normalize_torch_key,
           internvl_keys.to_checkpoint_key,
+          torch_module="transformers",
       ),
   }
 
@@ -240,6 +243,12 @@ def spec(kind: str) -> Spec:
   return _SPECS[kind]
 
 
+def kinds() -> tuple[str, ...]:
+  """Every component kind the registry knows."""
+  spec("mmdit")  # builds the table once
+  return tuple(_SPECS)
+
+
 _MMDIT_MARKERS = ("x_embedder.weight", "context_embedder.weight", "time_text_embed.")
 _S3DIT_MARKERS = ("cap_embedder.", "all_x_embedder.", "x_pad_token")
 
@@ -247,14 +256,12 @@ _S3DIT_MARKERS = ("cap_embedder.", "all_x_embedder.", "x_pad_token")
 def transformer_kind(config: Mapping[str, Any] | None, keys=()) -> str:
   """'mmdit' or 's3dit' from a diffusers config's `_class_name`, else from the checkpoint keys."""
   name = (config or {}).get("_class_name")
-  if name == "FluxTransformer2DModel":
-    return "mmdit"
-  if name == "ZImageTransformer2DModel":
-    return "s3dit"
+  by_class = {spec(k).torch_class: k for k in kinds() if spec(k).component == "transformer"}
+  if name in by_class:
+    return by_class[name]
   if name:
     raise ConvertError(
-        f"config _class_name={name!r} is not a supported transformer; expected "
-        "FluxTransformer2DModel (MM-DiT) or ZImageTransformer2DModel (S3-DiT)"
+        f"config _class_name={name!r} is not a supported transformer; expected one of {sorted(by_class)}"
     )
   keys = list(keys)
   if any(k.startswith(m) for k in keys for m in _S3DIT_MARKERS):
