@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iomm_jax.data import prepare
+from iomm_jax.data import prepare, prepare_items
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
       buf = io.BytesIO()
       Image.fromarray(rng.integers(0, 256, (a.size, a.size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
       (src / f"{i:05d}.jpg").write_bytes(buf.getvalue())
-    items = prepare.enumerate_items(str(src))
+    items = prepare_items.enumerate_items(str(src))
     rates = {"full_decode": [], "fast_verify": []}
     for r in range(a.repeats):
       for name in rates:

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from PIL import Image, ImageDraw
 
-from iomm_jax.eval_shapes import CATEGORIES
+from iomm_jax.shapes_benchmark import CATEGORIES
 
 # The paper's GenEval overall for each arm (its Table 9, Fig. 2b, Fig. 4b/4c; IOMM-XL ablations, full scale).
 # None: the paper only plots it.

@@ -39,6 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from iomm_jax import parallel
+from iomm_jax.data import records
+from iomm_jax.data import cache_reader
+from iomm_jax.train import builder
+from iomm_jax import distributed
+from iomm_jax.config import ConfigError, validate
 
 STATE_DIR = ".cache_state"
 PLAN_FILE = "plan.json"
@@ -59,8 +65,6 @@ def make_encoder(run) -> Any:
   """
   import jax
   from flax import nnx
-
-  from iomm_jax import parallel
 
   st = run.statics
 
@@ -141,9 +145,6 @@ def _check_dst(dst: Path, plan: dict, names: set[str]) -> None:
 def _write_shard(dst: Path, name: str, batches, encode, run, dtype: np.dtype, active: bool, progress=None) -> dict:
   """Encodes every batch; when ``active`` writes the readable rows to ``name`` (temp → rename) and its stats."""
   from array_record.python import array_record_module as ar
-
-  from iomm_jax import parallel
-  from iomm_jax.data import records
 
   stats = {"written": 0, "skipped": 0, "uncaptioned": 0, "errors": []}
   tmp = dst / f".{name}.tmp-{os.getpid()}"
@@ -230,9 +231,6 @@ def write_cache(
   """
   import jax
 
-  from iomm_jax import parallel
-  from iomm_jax.data import cache_reader
-
   t0 = time.time()
   if dtype not in DTYPES:
     raise ValueError(
@@ -243,7 +241,6 @@ def write_cache(
     raise ValueError(f"--shards={shards} must be positive")
   spec = cache_reader.image_spec(config.data)
   if run is None:
-    from iomm_jax.train import builder
 
     run = builder.build(config)
   batch = int(batch or config.train.global_batch)
@@ -332,10 +329,8 @@ def main(argv) -> int:
 
   logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
-  from iomm_jax import distributed
 
   distributed.initialize_from_config(config)  # every process joins before touching devices
-  from iomm_jax.config import ConfigError, validate
 
   try:
     validate(config)

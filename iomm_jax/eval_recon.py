@@ -16,6 +16,9 @@ import sys
 
 import jax
 import numpy as np
+from iomm_jax.train import generate as sample_lib
+from iomm_jax.data.sources import heldout_shapes
+from iomm_jax.train import restore
 
 
 def mse_matrix(samples: np.ndarray, refs: np.ndarray) -> np.ndarray:
@@ -41,8 +44,6 @@ def evaluate(
     run, params, *, num: int = 16, seed: int = 0, steps: int | None = None, cfg_scale: float | None = None
 ) -> dict:
   """Reconstruction statistics of `params` on `num` held-out shapes images (another draw of the world)."""
-  from iomm_jax.train import generate as sample_lib
-  from iomm_jax.data.sources import heldout_shapes
 
   c = run.config
   imgs, vit = heldout_shapes(c.data, num, start=1000)  # past the training grids' held-out images too
@@ -61,7 +62,6 @@ def main(argv=None) -> int:
   ap.add_argument("--num", type=int, default=16)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
-  from iomm_jax.train import restore
 
   run, params, step = restore.load_for_inference(args.workdir)
   stats = {"checkpoint_step": step, "num": args.num, **evaluate(run, params, num=args.num, seed=args.seed)}

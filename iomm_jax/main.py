@@ -13,6 +13,18 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+from iomm_jax import distributed
+from iomm_jax.config import ConfigError, validate
+from iomm_jax.train import dry_run
+from iomm_jax.train import loop, preemption
+from iomm_jax.weights.init_weights import InitWeightsError
+from iomm_jax.models.keymap import KeyMismatchError
+from iomm_jax.models.internvl_keys import MLLMCheckpointError
+from iomm_jax.train.warm_start import WarmStartError
+from iomm_jax.train.checkpoint import CheckpointRestoreError, SaveFailedError
+from iomm_jax.train.guard import NonFiniteError
+from iomm_jax.train.lock import WorkdirLockedError
+from iomm_jax.config import unknown_field_message
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
@@ -31,23 +43,19 @@ def main(argv):
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-  from iomm_jax import distributed
 
   distributed.initialize_from_config(_CONFIG.value)  # first thing: every process must join before touching devices
-  from iomm_jax.config import ConfigError, validate
 
   try:
     validate(_CONFIG.value, needs_data=not _DRY_RUN.value)  # a dry run reads no data
   except ConfigError as e:
     raise SystemExit(f"config error: {e}") from e
   if _DRY_RUN.value:
-    from iomm_jax.train import dry_run
 
     print(json.dumps(dry_run.report(_CONFIG.value)))
     return 0
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  from iomm_jax.train import loop, preemption
 
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
@@ -65,13 +73,6 @@ def main(argv):
 
 def user_errors() -> tuple[type[Exception], ...]:
   """Exceptions that describe a user's mistake (a path or weights that do not fit the run): one line, no traceback."""
-  from iomm_jax.weights.init_weights import InitWeightsError
-  from iomm_jax.models.keymap import KeyMismatchError
-  from iomm_jax.models.internvl_keys import MLLMCheckpointError
-  from iomm_jax.train.warm_start import WarmStartError
-  from iomm_jax.train.checkpoint import CheckpointRestoreError, SaveFailedError
-  from iomm_jax.train.guard import NonFiniteError
-  from iomm_jax.train.lock import WorkdirLockedError
 
   return (
       InitWeightsError,
@@ -87,7 +88,6 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with every config problem as one line (unknown field + nearest ones, bad value, bad file)."""
-  from iomm_jax.config import unknown_field_message
 
   try:
     rest = flags.FLAGS(argv)

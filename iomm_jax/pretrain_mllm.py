@@ -15,6 +15,7 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+from iomm_jax.mllm_pretrain import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/tiny_mllm.py[:short]", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "the -hf folder to write (replaced if it exists)")
@@ -25,7 +26,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override config fields")
   if not _OUT.value:
     raise app.UsageError("--out is required")
-  from iomm_jax.mllm_pretrain import trainer
 
   report = trainer.pretrain(_CONFIG.value, _OUT.value)
   print(json.dumps({"out": _OUT.value, **report}))

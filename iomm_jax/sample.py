@@ -21,6 +21,8 @@ import numpy as np
 from iomm_jax import geneval_layout
 from iomm_jax.models import iomm
 from iomm_jax.train.generate import generate, grid, prompt_notes, save_png, to_uint8
+from iomm_jax.data import decode
+from iomm_jax.train import restore
 
 
 def write_geneval(
@@ -44,7 +46,6 @@ def write_geneval(
 def load_image_views(path: str, data_cfg) -> tuple[np.ndarray, np.ndarray]:
   """(pixels in [-1,1] at data.resolution, ViT view) of one image file, through training's own preparation path
   (EXIF orientation, transparency on white, one resize + centre crop, ViT view from the original)."""
-  from iomm_jax.data import decode
 
   try:
     img = decode.load_file(path, data_cfg.max_image_pixels)
@@ -88,8 +89,6 @@ def main(argv=None) -> int:
       raise SystemExit(f"--prompts_file: {e}") from None
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
       raise SystemExit(f"--out={args.out} exists and is not a folder")
-
-  from iomm_jax.train import restore
 
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   out = args.out or os.path.join(args.workdir, "samples")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from helpers import assert_batches_equal, copy_folder, take, tiny_config
 from iomm_jax import config as config_lib
-from iomm_jax.data import buckets, data_config, decode, pipeline, prepare, sources
+from iomm_jax.data import buckets, data_config, decode, pipeline, prepare, prepare_items, sources
 
 BUCKETS = ((32, 32), (16, 48), (48, 16))  # square, wide (3:1), tall (1:3)
 VIT, T, G = 14, 6, 8
@@ -178,7 +178,7 @@ def test_unreadable_record_is_replaced_within_its_bucket(folder, tmp_path):
 # -------------------------------------------------------------------------------------- prepare's sidecar
 def test_prepare_writes_a_sizes_sidecar_that_record_sizes_uses(folder, tmp_path, monkeypatch):
   dst = tmp_path / "shards"
-  items = prepare.enumerate_items(str(folder))
+  items = prepare_items.enumerate_items(str(folder))
   prepare.write_shards(items, dst, 3, min_size=0, progress=False)
   src = sources.ArrayRecordSource(dst)
   want = np.array([SIZES[int(src[i]["caption"].split()[-1])] for i in range(len(src))])

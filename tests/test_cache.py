@@ -14,7 +14,7 @@ from flax import nnx
 
 from helpers import ROOT, tiny_config
 from iomm_jax import cache, metrics, parallel
-from iomm_jax.data import decode, pipeline, shapes, sources
+from iomm_jax.data import decode, pipeline, shapes, shapes_shards, sources
 from iomm_jax.train import builder, checkpoint, loop, step as step_lib
 
 NUM = 40  # records in the procedural ArrayRecord set
@@ -44,7 +44,7 @@ def data(tmp_path_factory):
   """prepare: the shapes set as ArrayRecord shards, then the feature cache through the CLI (a subprocess)."""
   root = tmp_path_factory.mktemp("cache_e2e")
   c = image_config(root / "src")
-  shapes.write_arrayrecord(root / "src", NUM, c.data.resolution, seed=0, shards=2, progress=False)
+  shapes_shards.write_arrayrecord(root / "src", NUM, c.data.resolution, seed=0, shards=2, progress=False)
   dst = root / "features"
   cmd = [
       sys.executable,

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from iomm_jax import sample
-from iomm_jax.data import data_config, decode, pipeline, prepare, shapes, sources
+from iomm_jax.data import data_config, decode, pipeline, prepare, prepare_items, shapes, sources
 
 
 def png(im: Image.Image, **kw) -> bytes:
@@ -101,7 +101,7 @@ def test_pixel_limit_skips_and_counts(tmp_path):
   out = load((0, 1))
   assert out["skipped"] == 1 and out["index"] == 2
   s = prepare.write_shards(
-      prepare.enumerate_items(str(folder)), tmp_path / "out", 1, min_size=0, progress=False, max_pixels=2000
+      prepare_items.enumerate_items(str(folder)), tmp_path / "out", 1, min_size=0, progress=False, max_pixels=2000
   )
   assert (s["written"], s["skipped_too_large"], s["skipped_unreadable"]) == (3, 1, 0)
 
@@ -160,7 +160,7 @@ def test_parquet_image_bytes_and_structs_are_read(tmp_path, kind):
   for i in (0, 4, 6, 2):  # across row groups of 3, and back
     assert src[i]["image_bytes"] == pngs[i][0] and src[i]["caption"] == captions[i]
   s = prepare.write_shards(
-      prepare.enumerate_items(str(tmp_path / "t.parquet")), tmp_path / "out", 2, min_size=0, progress=False
+      prepare_items.enumerate_items(str(tmp_path / "t.parquet")), tmp_path / "out", 2, min_size=0, progress=False
   )
   assert s["written"] == 7
   recs = sources.ArrayRecordSource(tmp_path / "out")

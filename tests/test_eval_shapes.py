@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from iomm_jax import eval_shapes as ev
+from iomm_jax import shapes_benchmark as bench
 from iomm_jax import geneval_layout as layout
 from iomm_jax import shapes_detector as sd
 from iomm_jax.data import shapes
@@ -49,16 +50,16 @@ def test_detector_accuracy_on_held_out_dataset_renders():
 
 
 def test_prompt_set_is_fixed_balanced_and_in_the_worlds_language():
-  ps = ev.prompt_set()
-  assert ps == ev.prompt_set() and len(ps) == 72 and len({p["prompt"] for p in ps}) == 72
-  assert collections.Counter(p["tag"] for p in ps) == ev.PROMPTS_PER_TAG
+  ps = bench.prompt_set()
+  assert ps == bench.prompt_set() and len(ps) == 72 and len({p["prompt"] for p in ps}) == 72
+  assert collections.Counter(p["tag"] for p in ps) == bench.PROMPTS_PER_TAG
   rng = np.random.default_rng(0)
-  for tag in ev.PROMPTS_PER_TAG:
-    named = [o for p in ps if p["tag"] == tag for o in ev.parse_prompt(p["prompt"])[0]]
+  for tag in bench.PROMPTS_PER_TAG:
+    named = [o for p in ps if p["tag"] == tag for o in bench.parse_prompt(p["prompt"])[0]]
     for counts in (collections.Counter(c for c, _ in named), collections.Counter(s for _, s in named)):
       assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) in (6, 7), (tag, counts)
   for p in ps:
-    sc = ev.scene_for(p["prompt"], rng)
+    sc = bench.scene_for(p["prompt"], rng)
     assert shapes.caption_of(sc["objects"]) == p["prompt"]  # the grammar the model was trained on
 
 
@@ -67,64 +68,64 @@ def _o(colour, shape, x, y):
 
 
 def test_scoring_rules():
-  ps = {p["prompt"]: p for p in ev.prompt_set()}
+  ps = {p["prompt"]: p for p in bench.prompt_set()}
   pos = next(p for p in ps.values() if p["tag"] == "position" and " above " in p["prompt"])
-  (ca, sa), (cb, sb) = ev.parse_prompt(pos["prompt"])[0]  # "a {ca} {sa} above a {cb} {sb}"; y grows downwards
-  assert ev.score(pos, [_o(ca, sa, 0.5, 0.2), _o(cb, sb, 0.45, 0.8)])["position"]
-  assert ev.score(pos, [_o("red", sa, 0.5, 0.2), _o("red", sb, 0.45, 0.8)])["position"]  # classes only, as GenEval
-  assert not ev.score(pos, [_o(ca, sa, 0.5, 0.8), _o(cb, sb, 0.45, 0.2)])["position"]
-  assert not ev.score(pos, [_o(ca, sa, 0.2, 0.4), _o(cb, sb, 0.8, 0.5)])["position"]  # mostly beside: left of
+  (ca, sa), (cb, sb) = bench.parse_prompt(pos["prompt"])[0]  # "a {ca} {sa} above a {cb} {sb}"; y grows downwards
+  assert bench.score(pos, [_o(ca, sa, 0.5, 0.2), _o(cb, sb, 0.45, 0.8)])["position"]
+  assert bench.score(pos, [_o("red", sa, 0.5, 0.2), _o("red", sb, 0.45, 0.8)])["position"]  # classes only, as GenEval
+  assert not bench.score(pos, [_o(ca, sa, 0.5, 0.8), _o(cb, sb, 0.45, 0.2)])["position"]
+  assert not bench.score(pos, [_o(ca, sa, 0.2, 0.4), _o(cb, sb, 0.8, 0.5)])["position"]  # mostly beside: left of
   two = next(p for p in ps.values() if p["tag"] == "two_object")
   attr = next(p for p in ps.values() if p["tag"] == "colour_attr")
   for meta in (two, attr):
-    (ca, sa), (cb, sb) = ev.parse_prompt(meta["prompt"])[0]
+    (ca, sa), (cb, sb) = bench.parse_prompt(meta["prompt"])[0]
     right = [_o(ca, sa, 0.2, 0.2), _o(cb, sb, 0.8, 0.8)]
     swapped = [_o(cb, sa, 0.2, 0.2), _o(ca, sb, 0.8, 0.8)]
-    assert ev.score(meta, right) == {meta["tag"]: True, "counting": True}
-    assert ev.score(meta, swapped)[meta["tag"]] == (meta["tag"] == "two_object")  # colours only count in colour_attr
-    assert not ev.score(meta, right[:1])[meta["tag"]]
-    assert ev.score(meta, right + [_o("red", "star", 0.5, 0.5)]) == {meta["tag"]: True, "counting": False}
+    assert bench.score(meta, right) == {meta["tag"]: True, "counting": True}
+    assert bench.score(meta, swapped)[meta["tag"]] == (meta["tag"] == "two_object")  # colours only count in colour_attr
+    assert not bench.score(meta, right[:1])[meta["tag"]]
+    assert bench.score(meta, right + [_o("red", "star", 0.5, 0.5)]) == {meta["tag"]: True, "counting": False}
     many = right + [_o(c, "star", 0.1 * i, 0.5) for i, c in enumerate(("red", "green"))]
-    assert not any(ev.score(meta, many).values())  # more objects than the world draws: not one of its scenes
+    assert not any(bench.score(meta, many).values())  # more objects than the world draws: not one of its scenes
   three = next(p for p in ps.values() if p["tag"] == "three_object")
-  objs = [_o(c, s, x, 0.5) for (c, s), x in zip(ev.parse_prompt(three["prompt"])[0], (0.2, 0.5, 0.8))]
-  assert ev.score(three, objs)["three_object"]
-  assert not ev.score(three, [dict(o, x=1 - o["x"]) for o in objs])["three_object"]  # mirrored: order wrong
+  objs = [_o(c, s, x, 0.5) for (c, s), x in zip(bench.parse_prompt(three["prompt"])[0], (0.2, 0.5, 0.8))]
+  assert bench.score(three, objs)["three_object"]
+  assert not bench.score(three, [dict(o, x=1 - o["x"]) for o in objs])["three_object"]  # mirrored: order wrong
   single = next(p for p in ps.values() if p["tag"] == "single_object")
-  ((c, s),) = ev.parse_prompt(single["prompt"])[0]
+  ((c, s),) = bench.parse_prompt(single["prompt"])[0]
   other = shapes.SHAPES[shapes.SHAPES.index(s) - 1]
-  assert ev.score(single, [_o(c, other, 0.5, 0.5)]) == {
+  assert bench.score(single, [_o(c, other, 0.5, 0.5)]) == {
       "single_object_shape": False,
       "single_object_colour": True,
       "counting": True,
   }
-  assert ev.score(single, [_o("red" if c != "red" else "blue", s, 0.5, 0.5)])["single_object_shape"]
+  assert bench.score(single, [_o("red" if c != "red" else "blue", s, 0.5, 0.5)])["single_object_shape"]
 
 
 def test_chance_levels_match_the_dataset_distribution():
-  ch = ev.chance(ev.prompt_set())
+  ch = bench.chance(bench.prompt_set())
   # Objects per image are uniform on {1, 2, 3}; shapes are drawn with replacement, colours without.
   p_shape = np.mean([1 - (5 / 6) ** n for n in (1, 2, 3)])
   assert abs(ch["single_object_shape"] - p_shape) < 0.03
   assert abs(ch["single_object_colour"] - np.mean([n / 7 for n in (1, 2, 3)])) < 0.03
   assert abs(ch["counting"] - 1 / 3) < 0.03
   assert ch["three_object"] < 0.01 and ch["colour_attr"] < 0.01
-  assert ch["overall"] == pytest.approx(np.mean([ch[c] for c in ev.CATEGORIES]))
+  assert ch["overall"] == pytest.approx(np.mean([ch[c] for c in bench.CATEGORIES]))
 
 
 def test_validation_true_renders_score_high_and_unrelated_ones_near_chance():
-  v = ev.validate(RES, num=2)
-  assert set(v["ground_truth"]) == set(ev.CATEGORIES) | {"overall"}
-  for c in ev.CATEGORIES:
+  v = bench.validate(RES, num=2)
+  assert set(v["ground_truth"]) == set(bench.CATEGORIES) | {"overall"}
+  for c in bench.CATEGORIES:
     assert v["ground_truth"][c] >= 0.95, (c, v["ground_truth"])
     assert abs(v["unrelated"][c] - v["chance"][c]) < 0.25, (c, v["unrelated"], v["chance"])
   assert v["unrelated"]["overall"] < 0.3
 
 
 def test_noise_and_empty_backgrounds_score_no_better_than_chance():
-  metadata = ev.prompt_set()
+  metadata = bench.prompt_set()
   rng = np.random.default_rng(0)
-  ch = ev.chance(metadata)
+  ch = bench.chance(metadata)
   noise = [
       np.round((np.clip(rng.normal(0, 1, (2, RES, RES, 3)), -1, 1) + 1) * 127.5).astype(np.uint8) for _ in metadata
   ]
@@ -134,19 +135,19 @@ def test_noise_and_empty_backgrounds_score_no_better_than_chance():
       for _ in metadata
   ]
   for images in (noise, blank, blobs):
-    res = ev.score_images(metadata, images)
-    assert all(res["scores"][c] <= ch[c] + 0.05 for c in ev.CATEGORIES), res["scores"]
-  assert ev.score_images(metadata, blank)["overall"] == 0.0
+    res = bench.score_images(metadata, images)
+    assert all(res["scores"][c] <= ch[c] + 0.05 for c in bench.CATEGORIES), res["scores"]
+  assert bench.score_images(metadata, blank)["overall"] == 0.0
 
 
 def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
-  ps = ev.prompt_set()
+  ps = bench.prompt_set()
   metadata = [p for p in ps if p["tag"] == "position"][:3] + [p for p in ps if p["tag"] == "three_object"][:3]
   rng = np.random.default_rng(1)
   layout.write(
       tmp_path / "s",
       metadata,
-      [np.stack([ev.render_prompt(m["prompt"], RES, rng) for _ in range(2)]) for m in metadata],
+      [np.stack([bench.render_prompt(m["prompt"], RES, rng) for _ in range(2)]) for m in metadata],
   )
   assert ev.main([f"--samples={tmp_path / 's'}"]) == 0
   line = capsys.readouterr().out.strip()
@@ -204,7 +205,7 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
   from iomm_jax import sample as sample_lib
 
   work, res = untrained
-  subset = [next(p for p in ev.prompt_set() if p["tag"] == t) for t in ev.TAGS]
+  subset = [next(p for p in bench.prompt_set() if p["tag"] == t) for t in bench.TAGS]
   monkeypatch.setattr(ev, "prompt_set", lambda: subset)  # 5 prompts keep the CPU test short
   conditioned_on = []
   generate = sample_lib.generate
@@ -234,18 +235,18 @@ def test_dominant_colour_diagnostic():
   """The shape-blind colour reading: the largest object's colour on a render, None on a bare background, and the
   diagnostic is reported beside the categories (not inside `overall`)."""
   from iomm_jax.data import shapes
-  from iomm_jax import shapes_detector, eval_shapes
+  from iomm_jax import shapes_detector
 
   big = dict(shape="star", colour="purple", x=0.3, y=0.3, r=0.25)
   small = dict(shape="circle", colour="green", x=0.8, y=0.8, r=0.08)
   img = shapes.render_objects([big, small], 32, (230, 230, 230))
   assert shapes_detector.dominant_colour(img) == "purple"
   assert shapes_detector.dominant_colour(np.full((32, 32, 3), 230, np.uint8)) is None
-  meta = [m for m in eval_shapes.prompt_set() if m["tag"] == "single_object"][:2]
+  meta = [m for m in bench.prompt_set() if m["tag"] == "single_object"][:2]
   imgs = [
       np.stack([shapes.render_objects([dict(big, colour=m["include"][0]["color"])], 32, (230, 230, 230))] * 2)
       for m in meta
   ]
-  res = eval_shapes.score_images(meta, imgs)
+  res = bench.score_images(meta, imgs)
   assert res["diagnostics"] == {"single_object_dominant_colour": 1.0}
-  assert abs(eval_shapes.chance(meta)["single_object_dominant_colour"] - 1 / 7) < 0.08
+  assert abs(bench.chance(meta)["single_object_dominant_colour"] - 1 / 7) < 0.08

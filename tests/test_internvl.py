@@ -221,7 +221,7 @@ def test_key_mismatch_and_sharded_and_bin(checkpoints, tmp_path):
   files = io.write_safetensors(as_module, shard_dir, max_shard_bytes=20_000)
   assert len(files) > 1 and (shard_dir / "model.safetensors.index.json").is_file()
   shutil.copy(path / "config.json", shard_dir / "config.json")
-  text, _, _ = _inputs(spec, InternVLConfig.from_hf(json.loads((path / "config.json").read_text())))
+  text, _, _ = _inputs(spec, internvl_keys.config_from_torch(json.loads((path / "config.json").read_text())))
   theirs, _ = _torch_forward(torch_model, text)
   _assert_close(_jit(load_internvl(shard_dir, dtype=jnp.float32), lambda m, t: m(t), text), theirs)
 
@@ -248,7 +248,7 @@ def test_key_mismatch_and_sharded_and_bin(checkpoints, tmp_path):
 def test_missing_directory_errors(tmp_path):
   with pytest.raises(MLLMCheckpointError, match="InternVL3-2B-hf"):
     load_internvl(tmp_path / "nope")
-  (tmp_path / "config.json").write_text(json.dumps(InternVLConfig().to_hf()))
+  (tmp_path / "config.json").write_text(json.dumps(internvl_keys.config_to_torch(InternVLConfig())))
   with pytest.raises(MLLMCheckpointError, match="safetensors"):
     load_internvl(tmp_path)
 
@@ -277,10 +277,10 @@ def test_bf16_load_and_sharded_placement(checkpoints):
 
 def test_config_round_trip_and_from_hf():
   cfg = InternVLConfig()
-  assert InternVLConfig.from_hf(cfg.to_hf()) == cfg
-  hf = HFInternVLConfig(**cfg.to_hf())  # transformers accepts our dict
+  assert internvl_keys.config_from_torch(internvl_keys.config_to_torch(cfg)) == cfg
+  hf = HFInternVLConfig(**internvl_keys.config_to_torch(cfg))  # transformers accepts our dict
   assert hf.text_config.num_key_value_heads == 2 and hf.vision_config.attention_bias
-  assert InternVLConfig.from_hf(hf.to_diff_dict()) == cfg
+  assert internvl_keys.config_from_torch(hf.to_diff_dict()) == cfg
   assert cfg.num_image_tokens == 256
   with pytest.raises(ValueError, match="remat"):
     InternVLConfig(remat="sometimes")
@@ -297,7 +297,7 @@ def test_full_size_param_count():
 def test_gradient_path_through_frozen_llm(checkpoints):
   """An RQA-like trainable tensor gets non-zero grads through the frozen LLM; remat 'full' == 'none'."""
   spec, path, _ = checkpoints["gqa8_interp"]
-  text, _, _ = _inputs(spec, InternVLConfig.from_hf(json.loads((path / "config.json").read_text())))
+  text, _, _ = _inputs(spec, internvl_keys.config_from_torch(json.loads((path / "config.json").read_text())))
   text = jnp.asarray(text)
   n_q, d = 3, spec["text"]["hidden_size"]
   trainable = {

@@ -1,7 +1,8 @@
 """Imports run one way: core → models → weights → data → train → apps (docs/design.md §3).
 
-Every `import iomm_jax...` — at module level or inside a function — may only name a module of the same or a
-lower layer, and no two modules may import each other at module level (a cycle)."""
+Every `import iomm_jax...` may only name a module of the same or a lower layer, no two modules may import each other
+(a cycle), and package imports sit at module level, where the checks see them: only optional heavy dependencies
+(torch, diffusers, transformers, ...) are imported inside functions."""
 
 import ast
 import pathlib
@@ -32,6 +33,7 @@ LAYERS = {
         "iomm_jax.cache",
         "iomm_jax.eval_recon",
         "iomm_jax.eval_shapes",
+        "iomm_jax.shapes_benchmark",
         "iomm_jax.shapes_detector",
         "iomm_jax.demo_summary",
         "iomm_jax.pretrain_mllm",
@@ -115,6 +117,28 @@ def test_no_module_level_cycles():
   for m in graph:
     visit(m)
   assert not cycles, cycles
+
+
+def test_package_imports_are_at_module_level():
+  inside = [
+      f"{path.relative_to(ROOT)}:{line} imports {target}"
+      for name, path in _modules().items()
+      for target, line, top in _imports(name, path)
+      if not top and not _type_checking_only(path, line)
+  ]
+  assert not inside, "function-level imports of the package (hoist them; break the cycle they hid):\n" + "\n".join(
+      inside
+  )
+
+
+def _type_checking_only(path: pathlib.Path, line: int) -> bool:
+  """An import under `if TYPE_CHECKING:` (never executed) is allowed where a type would otherwise need a cycle."""
+  tree = ast.parse(path.read_text())
+  for node in tree.body:
+    if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+      if node.lineno <= line <= node.end_lineno:
+        return True
+  return False
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iomm_jax.data import data_config, pipeline, prepare, records, shapes, sources
+from iomm_jax.data import data_config, pipeline, prepare, prepare_items, records, shapes, shapes_shards, sources
 
 
 def cfg(path, **kw):
@@ -94,7 +94,7 @@ def test_prepare_from_jsonl_and_csv(tmp_path):
   (tmp_path / "t.csv").write_text("path,text\n" + "".join(f"{r['path']},{r['text']}\n" for r in rows))
   outs = []
   for kind in ("jsonl", "csv"):
-    items = prepare.enumerate_items(str(tmp_path / f"t.{kind}"), image_key="path", caption_key="text")
+    items = prepare_items.enumerate_items(str(tmp_path / f"t.{kind}"), image_key="path", caption_key="text")
     s = prepare.write_shards(items, tmp_path / kind, 2, progress=False)
     assert s["written"] == 6
     outs.append(sorted((r["id"], r["caption"], r["image_bytes"]) for r in read_all(tmp_path / kind)))
@@ -115,7 +115,7 @@ def test_prepare_from_webdataset_tars(tmp_path):
           info = tarfile.TarInfo(name)
           info.size = len(data)
           tf.addfile(info, io.BytesIO(data))
-  s = prepare.write_shards(prepare.enumerate_items(str(tmp_path / "*.tar")), tmp_path / "out", 2, progress=False)
+  s = prepare.write_shards(prepare_items.enumerate_items(str(tmp_path / "*.tar")), tmp_path / "out", 2, progress=False)
   assert s["written"] == 8 and s["skipped_unreadable"] == 0
   recs = read_all(tmp_path / "out")
   assert {r["caption"] for r in recs} == {f"cap {t}{i:03d}" for t in range(2) for i in range(4)}
@@ -152,7 +152,7 @@ def test_prepare_from_tfds_builder_dir(tmp_path):
   builder.download_and_prepare()
   src = sources.TfdsSource(builder.data_dir, "train", "image", "caption")
   assert len(src) == 5 and {src[i]["caption"] for i in range(5)} == {f"tfds {i}" for i in range(5)}
-  s = prepare.write_shards(prepare.enumerate_items(str(builder.data_dir)), tmp_path / "out", 1, progress=False)
+  s = prepare.write_shards(prepare_items.enumerate_items(str(builder.data_dir)), tmp_path / "out", 1, progress=False)
   assert s["written"] == 5
   assert {r["caption"] for r in read_all(tmp_path / "out")} == {f"tfds {i}" for i in range(5)}
   b = next(iter(pipeline.make_dataset(cfg(builder.data_dir, source="tfds", caption_key="caption"), global_batch=5)))
@@ -161,24 +161,24 @@ def test_prepare_from_tfds_builder_dir(tmp_path):
 
 def test_shapes_to_arrayrecord_and_rerun_skips_finished_shards(tmp_path):
   dst = tmp_path / "ar"
-  s1 = shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=4)
+  s1 = shapes_shards.write_arrayrecord(dst, 20, 24, seed=1, shards=4)
   assert (s1["written"], s1["shards_written"]) == (20, 4)
   stamps = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.array_record")}
-  s2 = shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=4)
+  s2 = shapes_shards.write_arrayrecord(dst, 20, 24, seed=1, shards=4)
   assert (s2["written"], s2["shards_written"], s2["shards_already_done"]) == (20, 0, 4)
   assert stamps == {p.name: p.stat().st_mtime_ns for p in dst.glob("*.array_record")}
   recs = read_all(dst)
   by_caption = {r["caption"] for r in recs}
   assert by_caption == {shapes.render(i, 24, 1)[1] for i in range(20)}
   with pytest.raises(ValueError, match="different input"):
-    shapes.write_arrayrecord(dst, 21, 24, seed=1, shards=4)
+    shapes_shards.write_arrayrecord(dst, 21, 24, seed=1, shards=4)
   with pytest.raises(ValueError, match="different input or shard count"):
-    shapes.write_arrayrecord(dst, 20, 24, seed=1, shards=3)
+    shapes_shards.write_arrayrecord(dst, 20, 24, seed=1, shards=3)
 
 
 def test_parallel_workers_write_the_same_shards(tmp_path):
-  shapes.write_arrayrecord(tmp_path / "w0", 12, 16, shards=3, workers=0)
-  shapes.write_arrayrecord(tmp_path / "w2", 12, 16, shards=3, workers=2)
+  shapes_shards.write_arrayrecord(tmp_path / "w0", 12, 16, shards=3, workers=0)
+  shapes_shards.write_arrayrecord(tmp_path / "w2", 12, 16, shards=3, workers=2)
   for name in (f"data-0000{s}-of-00003.array_record" for s in range(3)):
     a = sources.ArrayRecordSource(tmp_path / "w0" / name)
     b = sources.ArrayRecordSource(tmp_path / "w2" / name)
@@ -196,12 +196,12 @@ def _dies(i):
 
 
 def _good_items():
-  return [prepare.Item(f"k{i:02d}", functools.partial(shapes.render_png, i, 16, 0)) for i in range(12)]
+  return [prepare_items.Item(f"k{i:02d}", functools.partial(shapes.render_png, i, 16, 0)) for i in range(12)]
 
 
 def test_an_exception_mid_shard_leaves_only_finished_shards(tmp_path):
   dst = tmp_path / "out"
-  items = [prepare.Item(f"k{i:02d}", functools.partial(_dies, i)) for i in range(12)]
+  items = [prepare_items.Item(f"k{i:02d}", functools.partial(_dies, i)) for i in range(12)]
   with pytest.raises(_Interrupt):  # dies inside shard 1 (3 shards of 4 items)
     prepare.write_shards(items, dst, 3, min_size=0, progress=False)
   assert sorted(p.name for p in dst.iterdir()) == [".prepare", "data-00000-of-00003.array_record"]
@@ -210,14 +210,14 @@ def test_an_exception_mid_shard_leaves_only_finished_shards(tmp_path):
 
 _KILLED_RUN = """
 import functools, os, signal, sys
-from iomm_jax.data import prepare, shapes
+from iomm_jax.data import prepare, prepare_items, shapes
 
 def load(i):
     if i == 7:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind can run
     return shapes.render_png(i, 16, 0)
 
-items = [prepare.Item(f"k{i:02d}", functools.partial(load, i)) for i in range(12)]
+items = [prepare_items.Item(f"k{i:02d}", functools.partial(load, i)) for i in range(12)]
 prepare.write_shards(items, sys.argv[1], 3, min_size=0, progress=False)
 """
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from iomm_jax.models import internvl_keys
 from iomm_jax.models.internvl import InternVLConfig
 from iomm_jax.models.processor import (DEFAULT_AUX_PROMPT, IMAGENET_MEAN, IMAGENET_STD, Processor, chat_template)
 
@@ -71,7 +72,7 @@ def test_preprocess_image(tiny):
 def test_from_pretrained_offline(tiny, tmp_path):
   tiny.tokenizer.save_pretrained(tmp_path)
   cfg = InternVLConfig()
-  (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+  (tmp_path / "config.json").write_text(json.dumps(internvl_keys.config_to_torch(cfg)))
   proc = Processor.from_pretrained(tmp_path)
   assert proc.num_image_tokens == 256 and proc.image_size == 448
   assert proc.text_prompt_ids("red square") == tiny.text_prompt_ids("red square")

@@ -19,6 +19,10 @@ from pathlib import Path
 from iomm_jax.weights import components, io
 from iomm_jax.models import keymap
 from iomm_jax.weights.components import COMPONENTS, ConvertError
+from iomm_jax.weights import orbax_io, transfer
+from iomm_jax.convert import export
+from iomm_jax.convert import verify
+from iomm_jax.models.internvl_keys import MLLMCheckpointError
 
 USER_ERROR = 2
 
@@ -69,7 +73,6 @@ def _require_exists(path: str, flag: str) -> None:
 
 def to_jax(args) -> dict:
   """PyTorch checkpoint → component directory."""
-  from iomm_jax.weights import orbax_io, transfer
 
   _require_exists(args.src, "--src")
   raw_cfg = transfer.read_torch_config(args.src, args.config)
@@ -110,8 +113,6 @@ def to_jax(args) -> dict:
 
 def to_torch(args) -> dict:
   """Component directory → PyTorch folder, or a training workdir → pipeline folder."""
-  from iomm_jax.convert import export
-  from iomm_jax.weights import orbax_io, transfer
 
   _require_exists(args.src, "--src")
   dtype = transfer.DTYPES.get(args.dtype)
@@ -156,8 +157,6 @@ def to_torch(args) -> dict:
 
 
 def verify_cmd(args) -> dict:
-  from iomm_jax.convert import verify
-
   _require_exists(args.src, "--src")
   if args.jax:
     _require_exists(args.jax, "--jax")
@@ -169,7 +168,6 @@ def verify_cmd(args) -> dict:
 def main(argv=None) -> int:
   """Entry point; returns the exit code (argparse usage errors exit 2 by themselves)."""
   args = _parser().parse_args(argv)
-  from iomm_jax.models.internvl_keys import MLLMCheckpointError
 
   try:
     if args.command == "to-jax":

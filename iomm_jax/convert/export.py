@@ -17,8 +17,11 @@ from typing import Any
 import jax
 
 from iomm_jax.weights import components, transfer
-from iomm_jax.models import keymap
+from iomm_jax.models import internvl_keys, keymap
 from iomm_jax.weights.components import ConvertError
+from iomm_jax.models.flux_vae import FluxVAEConfig
+from iomm_jax.train import builder, checkpoint, restore
+from iomm_jax.models import factory
 
 PIPELINE_FILE = "iomm_pipeline.json"
 
@@ -33,8 +36,6 @@ def _flat(tree) -> dict[str, Any]:
 
 
 def _vae_config(config):
-  from iomm_jax.models.flux_vae import FluxVAEConfig
-
   path = config.model.autoencoder.path
   if path:
     raw = transfer.read_torch_config(path)
@@ -51,7 +52,6 @@ def load_generator(workdir: str | Path, *, step: int | None = None, use_ema: boo
   shardings), minus the frozen weights: an export needs only the DiT and RQA (and reads a real VAE from its
   own folder), and loading a 2B-parameter MLLM for nothing would dominate the export.
   """
-  from iomm_jax.train import builder, checkpoint, restore
 
   config = restore.load_config(str(workdir))
   run = builder.build(config, load_frozen=False)
@@ -80,8 +80,6 @@ def export_workdir(
     overwrite: bool = False,
 ) -> dict:
   """Write the pipeline folder for `workdir`'s checkpoint (latest unless `step`); returns iomm_pipeline.json."""
-  from iomm_jax.models import factory
-  from iomm_jax.train import restore
 
   prediction = restore.load_config(str(workdir)).model.prediction
   if prediction != "v":
@@ -115,7 +113,6 @@ def export_workdir(
     if ae.path:  # the run's VAE folder, re-written through the converter (its own precision, checked keys)
       vae_flat = transfer.torch_to_ours(vae_spec, vae_cfg, ae.path)
     else:  # a random-init VAE (dry runs): rebuild the run's frozen weights, seeded as in training
-      from iomm_jax.train import builder
 
       vae_flat = _flat(builder.load_frozen_weights(config, run)["ae"])
       ae_info["note"] = "random-init FLUX VAE built by iomm_jax (train/builder.load_frozen_weights)"
@@ -133,7 +130,9 @@ def export_workdir(
   mllm_info = {
       "path": mllm.path or None,
       "aux_prompt": mllm.aux_prompt,
-      "config": run.mcfg.to_hf() if mllm.path else components.spec("mllm").config_to_json(run.mcfg),
+      "config": internvl_keys.config_to_torch(run.mcfg)
+      if mllm.path
+      else components.spec("mllm").config_to_json(run.mcfg),
   }
   if not mllm.path:
     mllm_info.update(

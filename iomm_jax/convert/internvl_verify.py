@@ -7,6 +7,7 @@ only (tests/converter dependency, not training).
 from __future__ import annotations
 
 import numpy as np
+from iomm_jax.weights.load_internvl import load_internvl
 
 
 def _diffs(ours: np.ndarray, theirs: np.ndarray) -> dict:
@@ -28,8 +29,6 @@ def verify_mllm(src_dir, *, seed: int = 0, atol_rel: float = 1e-4, text_len: int
   import torch
   from flax import nnx
   from transformers import InternVLForConditionalGeneration
-
-  from iomm_jax.weights.load_internvl import load_internvl
 
   ours = load_internvl(src_dir, dtype=jnp.float32)
   cfg = ours.cfg

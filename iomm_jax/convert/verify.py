@@ -23,6 +23,8 @@ from flax import nnx
 
 from iomm_jax.weights import components, io, orbax_io, transfer
 from iomm_jax.weights.components import ConvertError
+from iomm_jax.models import latents
+from iomm_jax.convert.internvl_verify import verify_mllm
 
 
 def diffs(ours, theirs) -> dict:
@@ -59,7 +61,6 @@ def _torch_module(spec, cfg, tensors: dict):
 
 def _compare_mmdit(ours, theirs, cfg, rng) -> dict:
   import torch
-  from iomm_jax.models import latents
 
   b, (gh, gw), lc = 2, (2, 3), 5
   x = rng.standard_normal((b, gh * gw, cfg.in_channels)).astype(np.float32)
@@ -217,8 +218,6 @@ def _check_component(meta: dict, component: str, where) -> None:
 
 
 def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
-  from iomm_jax.convert.internvl_verify import verify_mllm
-
   if not Path(src).is_dir():
     raise ConvertError(f"--src={src}: mllm verify needs a transformers InternVL folder (config.json + safetensors)")
   report = verify_mllm(src, seed=seed, atol_rel=tol)

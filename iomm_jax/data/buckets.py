@@ -29,6 +29,7 @@ import numpy as np
 
 from iomm_jax.data import decode, mix, sources
 from iomm_jax.data_kinds import DIVISOR, check_buckets  # noqa: F401  (part of this module's API)
+from iomm_jax.data import prepare
 
 _SCAN_WARN = 10_000  # scanning more records than this for sizes logs a hint to use prepare's sidecar
 _log = logging.getLogger(__name__)
@@ -73,8 +74,6 @@ def _safe_record_size(source: Any, i: int) -> tuple[int, int]:
 
 
 def _sidecar_sizes(source: sources.ArrayRecordSource) -> np.ndarray | None:
-  from iomm_jax.data import prepare
-
   parts = []
   for p in source.paths:
     f = prepare.sizes_path(p)

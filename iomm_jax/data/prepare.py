@@ -25,26 +25,22 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
-import functools
-import glob
 import hashlib
 import io
 import json
 import multiprocessing as mp
 import os
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from iomm_jax import data_kinds
-from iomm_jax.data import decode, records, sources
+from iomm_jax.data import decode, prepare_items, records
 
 SHARD_PATTERN = "data-{:05d}-of-{:05d}.array_record"
 STATE_DIR = ".prepare"  # plan + per-shard stats; hidden so shard globs never see it
@@ -82,159 +78,6 @@ def backfill_sizes(shard: str | os.PathLike) -> int:
     reader.close()
   _write_sizes(Path(shard), sizes)
   return len(sizes)
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-  """One input image: a stable ``key`` (its id is sha1(key)) and a picklable ``loader() -> (bytes, caption)``."""
-
-  key: str
-  loader: Callable[[], tuple[bytes, str | None]]
-
-
-# ---------------------------------------------------------------------------------------------- loaders (picklable)
-def _load_file(path: str, caption: str | None = None, sidecar: str | None = None) -> tuple[bytes, str | None]:
-  with open(path, "rb") as f:
-    data = f.read()
-  if sidecar is not None:
-    caption = sources._decode_text(Path(sidecar).read_text(encoding="utf-8"))  # pylint: disable=protected-access
-  return data, caption
-
-
-def _load_range(path: str, offset: int, size: int, caption: str | None) -> tuple[bytes, str | None]:
-  with open(path, "rb") as f:
-    f.seek(offset)
-    data = f.read(size)
-  if len(data) != size:
-    raise OSError(f"{path}: member at offset {offset} is truncated ({len(data)} of {size} bytes)")
-  return data, caption
-
-
-@functools.lru_cache(maxsize=4)
-def _parquet_images(path: str, column: str) -> sources.ParquetImages:
-  return sources.ParquetImages(path, column)
-
-
-def _load_parquet(path: str, column: str, row: int, caption: str | None) -> tuple[bytes, str | None]:
-  return _parquet_images(path, column)[row], caption
-
-
-@functools.lru_cache(maxsize=4)
-def _tfds(builder_dir: str, split: str, image_key: str, caption_key: str | None) -> sources.TfdsSource:
-  return sources.TfdsSource(builder_dir, split, image_key, caption_key)
-
-
-def _load_tfds(
-    builder_dir: str, split: str, index: int, image_key: str, caption_key: str | None
-) -> tuple[bytes, str | None]:
-  rec = _tfds(builder_dir, split, image_key, caption_key)[index]
-  if "image_bytes" in rec:
-    return rec["image_bytes"], rec["caption"]
-  buf = io.BytesIO()
-  Image.fromarray(rec["image"]).save(buf, format="PNG")  # decoded in TFDS: store losslessly
-  return buf.getvalue(), rec["caption"]
-
-
-# -------------------------------------------------------------------------------------------------- enumeration
-def _folder_items(root: Path) -> list[Item]:
-  jsonl = root / sources.CAPTIONS_FILE
-  captions = sources.read_captions_jsonl(jsonl) if jsonl.exists() else {}
-  items = []
-  for path, sidecar in sources.list_images(root):
-    rel = path.relative_to(root).as_posix()
-    items.append(
-        Item(
-            rel, functools.partial(_load_file, str(path), captions.get(rel), None if sidecar is None else str(sidecar))
-        )
-    )
-  return items
-
-
-def _table_items(path: Path, image_key: str, caption_key: str | None) -> list[Item]:
-  items = []
-  for img, cap in sources.read_table(path, image_key, caption_key):
-    if isinstance(img, int):  # encoded image in the table (Parquet bytes / struct): read by row when written
-      items.append(Item(f"{path.name}/{img:09d}", functools.partial(_load_parquet, str(path), image_key, img, cap)))
-    else:
-      items.append(Item(img, functools.partial(_load_file, str(path.parent / img), cap)))
-  return items
-
-
-_TAR_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
-
-
-def _tar_items(tars: Sequence[str]) -> list[Item]:
-  items = []
-  for tar in tars:
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    try:
-      with tarfile.open(tar, "r:") as tf:  # uncompressed only: members are read by offset
-        for m in tf:
-          if not m.isfile():
-            continue
-          d, base = os.path.split(m.name)
-          if "." not in base or base.startswith("."):
-            continue
-          stem, ext = base.split(".", 1)  # webdataset: the key ends at the first dot of the basename
-          groups.setdefault(f"{d}/{stem}" if d else stem, {})[ext.lower()] = m
-        captions = {}
-        for key, members in groups.items():
-          if "txt" in members:
-            captions[key] = sources._decode_text(  # pylint: disable=protected-access
-                tf.extractfile(members["txt"]).read()
-            )
-    except tarfile.ReadError as e:
-      raise ValueError(f"{tar}: not an uncompressed tar ({e}); decompress .tar.gz shards first") from e
-    name = os.path.basename(tar)
-    for key in sorted(groups):
-      ext = next((e for e in _TAR_IMAGE_EXT if e in groups[key]), None)
-      if ext is None:
-        continue
-      m = groups[key][ext]
-      items.append(Item(f"{name}/{key}", functools.partial(_load_range, tar, m.offset_data, m.size, captions.get(key))))
-  return items
-
-
-def _tfds_items(builder_dir: str, split: str, image_key: str, caption_key: str | None) -> list[Item]:
-  n = len(_tfds(builder_dir, split, image_key, caption_key))
-  return [
-      Item(
-          f"tfds:{Path(builder_dir).name}/{split}/{i:09d}",
-          functools.partial(_load_tfds, builder_dir, split, i, image_key, caption_key),
-      )
-      for i in range(n)
-  ]
-
-
-def enumerate_items(
-    src: str, image_key: str = "image", caption_key: str | None = "caption", split: str = "train"
-) -> list[Item]:
-  """Items of ``src`` (kind detected from the path; see the module docstring), sorted by key."""
-  p = Path(os.path.expanduser(src))
-  if any(c in src for c in "*?["):
-    tars = sorted(glob.glob(os.path.expanduser(src)))
-    if not tars or not all(t.endswith(".tar") for t in tars):
-      raise ValueError(f"--src {src}: the glob must match .tar shards (matched {len(tars)} files)")
-    items = _tar_items(tars)
-  elif not p.exists():
-    raise ValueError(
-        f"--src {src} does not exist; give a folder of images, a .jsonl/.csv/.parquet table, "
-        ".tar shards or a TFDS builder directory"
-    )
-  elif p.is_dir() and (p / "dataset_info.json").exists():
-    items = _tfds_items(str(p), split, image_key, caption_key)
-  elif p.is_dir():
-    tars = sorted(str(t) for t in p.glob("*.tar"))
-    has_images = any(True for _ in sources.list_images(p)[:1])
-    items = _tar_items(tars) if tars and not has_images else _folder_items(p)
-  elif p.suffix == ".tar":
-    items = _tar_items([str(p)])
-  else:
-    items = _table_items(p, image_key, caption_key)
-  if not items:
-    raise ValueError(f"--src {src} holds no images ({', '.join(sources.IMAGE_EXTENSIONS)}); check the path")
-  items.sort(key=lambda it: it.key)
-  return items
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -296,7 +139,7 @@ _MAX_ERRORS = 5  # first errors kept per shard, for the summary
 def write_shard(
     dst: str,
     name: str,
-    items: Sequence[Item],
+    items: Sequence[prepare_items.Item],
     min_size: int,
     full_decode: bool,
     max_pixels: int = data_kinds.MAX_IMAGE_PIXELS,
@@ -341,7 +184,7 @@ def write_shard(
   return stats
 
 
-def _plan(items: Sequence[Item], shards: int, min_size: int, fingerprint: dict | None) -> dict:
+def _plan(items: Sequence[prepare_items.Item], shards: int, min_size: int, fingerprint: dict | None) -> dict:
   h = hashlib.sha1()
   for it in items:
     h.update(it.key.encode("utf-8") + b"\0")
@@ -355,7 +198,7 @@ def _plan(items: Sequence[Item], shards: int, min_size: int, fingerprint: dict |
 
 
 def write_shards(
-    items: Sequence[Item],
+    items: Sequence[prepare_items.Item],
     dst: str | os.PathLike,
     shards: int,
     *,
@@ -492,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   a = ap.parse_args(argv)
   t0 = time.time()
   try:
-    items = enumerate_items(a.src, a.image_key, a.caption_key or None, a.split)
+    items = prepare_items.enumerate_items(a.src, a.image_key, a.caption_key or None, a.split)
     summary = write_shards(
         items,
         a.dst,

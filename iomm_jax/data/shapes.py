@@ -7,12 +7,11 @@ right ("a red circle, a blue square and a green triangle"). Relations are made u
 dominant axis of the displacement is at least 1.5× the other).
 
 The same data can be rendered on the fly (``sources.ShapesSource``), written as a folder of PNGs
-(:func:`write_folder`) or as ArrayRecord shards through ``prepare`` (:func:`write_arrayrecord`).
+(:func:`write_folder`) or as ArrayRecord shards through ``prepare`` (``shapes_shards.write_arrayrecord``).
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
@@ -148,7 +147,7 @@ def render_png(index: int, resolution: int, seed: int = 0) -> tuple[bytes, str]:
   return buf.getvalue(), caption
 
 
-def _params(num: int, resolution: int, seed: int) -> dict:
+def dataset_params(num: int, resolution: int, seed: int) -> dict:
   return {
       "generator": "iomm_jax.data.shapes",
       "version": _VERSION,
@@ -169,7 +168,7 @@ def write_folder(dst: str | os.PathLike, num: int, resolution: int, seed: int = 
   delete user data).
   """
   dst = Path(dst)
-  params = _params(num, resolution, seed)
+  params = dataset_params(num, resolution, seed)
   if dst.exists():
     _check_existing(dst, params)
     return dst
@@ -204,32 +203,3 @@ def _check_existing(dst: Path, params: dict) -> None:
         f"{dst} exists but does not hold the shapes dataset {params} (found {found}); delete it or "
         "point data.path somewhere else"
     )
-
-
-def write_arrayrecord(
-    dst: str | os.PathLike,
-    num: int,
-    resolution: int,
-    seed: int = 0,
-    shards: int = 1,
-    workers: int = 0,
-    progress: bool = True,
-) -> dict:
-  """Writes the dataset as ArrayRecord shards through ``prepare`` (resumable); returns prepare's summary."""
-  from iomm_jax.data import prepare  # local import: prepare is the heavier module
-
-  items = [
-      prepare.Item(
-          key=f"shapes-s{seed}-r{resolution}/{i:08d}", loader=functools.partial(render_png, i, resolution, seed)
-      )
-      for i in range(num)
-  ]
-  return prepare.write_shards(
-      items,
-      dst,
-      shards,
-      workers=workers,
-      min_size=0,
-      fingerprint={"source": _params(num, resolution, seed)},
-      progress=progress,
-  )

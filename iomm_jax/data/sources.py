@@ -11,178 +11,18 @@ dropped on pickling.
 
 from __future__ import annotations
 
-import csv
 import glob
-import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from iomm_jax import data_kinds
-from iomm_jax.data import data_config
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-CAPTIONS_FILE = "captions.jsonl"
-_FILE_KEYS = ("file", "image", "path", "file_name")
-_CAPTION_KEYS = ("caption", "text")
-
-
-def _decode_text(value: Any) -> str | None:
-  if value is None:
-    return None
-  if isinstance(value, bytes):
-    value = value.decode("utf-8")
-  value = str(value)
-  return value if value.strip() else None  # an empty caption is no caption
-
-
-def list_images(root: str | os.PathLike) -> list[tuple[Path, Path | None]]:
-  """Image files under ``root`` (recursive, sorted, hidden entries skipped) with their sidecar ``.txt`` if any."""
-  root = Path(root)
-  found = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    names = set(filenames)
-    for name in sorted(filenames):
-      if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
-        continue
-      txt = Path(name).stem + ".txt"
-      found.append((Path(dirpath) / name, Path(dirpath) / txt if txt in names else None))
-  found.sort(key=lambda p: p[0].relative_to(root).as_posix())
-  return found
-
-
-def read_captions_jsonl(path: Path) -> dict[str, str | None]:
-  """``captions.jsonl`` lines ``{"file": relative path, "caption": text}`` → {relative path: caption}."""
-  out = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      row = json.loads(line)
-      key = next((row[k] for k in _FILE_KEYS if k in row), None)
-      if key is None:
-        raise ValueError(
-            f"{path}:{n}: no image field (one of {_FILE_KEYS}); each line must be "
-            '{"file": "relative/path.png", "caption": "..."}'
-        )
-      out[Path(key).as_posix()] = _decode_text(next((row[k] for k in _CAPTION_KEYS if k in row), None))
-  return out
-
-
-class ParquetImages:
-  """Random access to a Parquet image column holding encoded bytes or ``{bytes, path}`` structs (how HF datasets
-  store an ``Image`` feature); one row group is read (and kept) at a time, so the table never sits in memory.
-  A struct without bytes is read from its ``path`` (relative to the table's folder)."""
-
-  def __init__(self, path: str | os.PathLike, column: str):
-    import pyarrow.parquet as pq  # optional dependency, only for parquet input
-
-    self.path, self.column = str(path), column
-    meta = pq.ParquetFile(self.path).metadata
-    self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-    self._init_cache()
-
-  def _init_cache(self) -> None:
-    self._lock, self._file, self._group = threading.Lock(), None, (-1, [])
-
-  def __getstate__(self):
-    return {"path": self.path, "column": self.column, "starts": self.starts}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._init_cache()
-
-  def __len__(self) -> int:
-    return int(self.starts[-1])
-
-  def __getitem__(self, i: int) -> bytes:
-    g = int(np.searchsorted(self.starts, int(i), side="right")) - 1
-    with self._lock:  # Grain's reader threads share this object
-      if self._group[0] != g:
-        if self._file is None:
-          import pyarrow.parquet as pq
-
-          self._file = pq.ParquetFile(self.path)
-        self._group = (g, self._file.read_row_group(g, columns=[self.column]).column(0).to_pylist())
-      value = self._group[1][int(i) - int(self.starts[g])]
-    if isinstance(value, dict):
-      if value.get("bytes"):
-        return value["bytes"]
-      if value.get("path"):
-        with open(Path(self.path).parent / value["path"], "rb") as f:
-          return f.read()
-      raise ValueError(f"{self.path}: row {i}: {self.column!r} holds neither bytes nor a path")
-    if not value:
-      raise ValueError(f"{self.path}: row {i}: {self.column!r} is empty")
-    return bytes(value)
-
-
-def _read_parquet(path: Path, image_key: str, caption_key: str | None) -> list[tuple[str | int, str | None]]:
-  import pyarrow as pa
-  import pyarrow.parquet as pq
-
-  schema = pq.ParquetFile(path).schema_arrow
-  if image_key not in schema.names:
-    raise ValueError(
-        f"{path} has no {image_key!r} column (columns: {schema.names}); pass the right name with "
-        "--image_key / data.image_key"
-    )
-  kind = schema.field(image_key).type
-  if pa.types.is_string(kind) or pa.types.is_large_string(kind):  # image paths
-    return _table_rows(path, pq.read_table(path).to_pylist(), image_key, caption_key)
-  if not (
-      pa.types.is_binary(kind)
-      or pa.types.is_large_binary(kind)
-      or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
-  ):
-    raise ValueError(
-        f"{path}: column {image_key!r} is {kind}; it must hold image paths (string), encoded bytes "
-        "(binary) or {bytes, path} structs"
-    )
-  # encoded images: only the caption column is read now; the images row group by row group, when drawn
-  n = pq.ParquetFile(path).metadata.num_rows
-  if caption_key and caption_key in schema.names:
-    captions = [_decode_text(c) for c in pq.read_table(path, columns=[caption_key]).column(0).to_pylist()]
-  else:
-    captions = [None] * n
-  return list(zip(range(n), captions))
-
-
-def _table_rows(path: Path, rows: list[dict], image_key: str, caption_key: str | None):
-  out = []
-  for n, row in enumerate(rows, 1):
-    if image_key not in row or not row[image_key]:
-      raise ValueError(
-          f"{path}: row {n} has no {image_key!r} column/field (columns: {sorted(row)}); "
-          "pass the right name with --image_key / data.image_key"
-      )
-    out.append((str(row[image_key]), _decode_text(row.get(caption_key)) if caption_key else None))
-  return out
-
-
-def read_table(
-    path: str | os.PathLike, image_key: str = "image", caption_key: str | None = "caption"
-) -> list[tuple[str | int, str | None]]:
-  """Rows (image, caption) of a .jsonl/.json, .csv/.tsv or .parquet table. ``image`` is the path as written, or,
-  for a Parquet column of encoded bytes / ``{bytes, path}`` structs, the row number (read with ParquetImages)."""
-  path = Path(path)
-  suffix = path.suffix.lower()
-  if suffix in (".jsonl", ".json"):
-    with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  elif suffix in (".csv", ".tsv"):
-    with open(path, newline="") as f:
-      rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-  elif suffix == ".parquet":
-    return _read_parquet(path, image_key, caption_key)
-  else:
-    raise ValueError(f"{path}: unknown table type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
-  return _table_rows(path, rows, image_key, caption_key)
-
+from iomm_jax.data import corpus_files, data_config
+from iomm_jax.data import decode
+from iomm_jax.data import shapes
+from iomm_jax.data import records
 
 HELDOUT_SEED_OFFSET = 1000  # held-out shapes come from another draw of the world: no stage's training set holds them
 
@@ -198,8 +38,6 @@ def heldout_shapes(data_cfg, num: int, start: int = 0) -> tuple[np.ndarray, np.n
   data.resolution, float32 ViT views). Images ``start …`` of the world seed ``data.seed + HELDOUT_SEED_OFFSET``,
   which no training stage reads. ``data_cfg``: ``config.data`` or a DataConfig."""
   from PIL import Image
-
-  from iomm_jax.data import decode
 
   data_cfg = data_config.from_config(data_cfg)
   held = heldout_source(data_cfg, start + num)
@@ -229,14 +67,10 @@ class ShapesSource:
     return self.num
 
   def __getitem__(self, i: int) -> dict:
-    from iomm_jax.data import shapes
-
     image, caption = shapes.render(int(i), self.resolution, self.seed)
     return {"image": image, "caption": caption, "id": f"shapes-s{self.seed}/{int(i):08d}"}
 
   def caption(self, i: int) -> str | None:
-    from iomm_jax.data import shapes
-
     return shapes.scene(int(i), self.seed)["caption"]
 
 
@@ -249,7 +83,7 @@ class FolderSource:
     if not self.root.exists():
       raise ValueError(
           f"image folder {self.root} does not exist; set data.path to a folder of images "
-          f"({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}, searched recursively) or use "
+          f"({'/'.join(e[1:] for e in corpus_files.IMAGE_EXTENSIONS)}, searched recursively) or use "
           "data.source='shapes'"
       )
     if not self.root.is_dir():
@@ -257,24 +91,24 @@ class FolderSource:
           f"data.path {self.root} is a file, not a folder; for a table of image paths use "
           "data.source='jsonl' or 'csv', for shards 'arrayrecord'"
       )
-    found = list_images(self.root)
+    found = corpus_files.list_images(self.root)
     if not found:
       raise ValueError(
-          f"image folder {self.root} contains no images ({', '.join(IMAGE_EXTENSIONS)}, "
+          f"image folder {self.root} contains no images ({', '.join(corpus_files.IMAGE_EXTENSIONS)}, "
           "searched recursively); put images there or point data.path at the right folder"
       )
     self.files = [str(p) for p, _ in found]
     self.sidecars = [None if t is None else str(t) for _, t in found]
     self.ids = [p.relative_to(self.root).as_posix() for p, _ in found]
-    jsonl = self.root / CAPTIONS_FILE
-    self.jsonl_captions = read_captions_jsonl(jsonl) if jsonl.exists() else {}
+    jsonl = self.root / corpus_files.CAPTIONS_FILE
+    self.jsonl_captions = corpus_files.read_captions_jsonl(jsonl) if jsonl.exists() else {}
 
   def __len__(self) -> int:
     return len(self.files)
 
   def caption(self, i: int) -> str | None:
     if self.sidecars[i] is not None:
-      return _decode_text(Path(self.sidecars[i]).read_text(encoding="utf-8"))
+      return corpus_files.decode_text(Path(self.sidecars[i]).read_text(encoding="utf-8"))
     return self.jsonl_captions.get(self.ids[i])
 
   def __getitem__(self, i: int) -> dict:
@@ -294,13 +128,13 @@ class _TableSource:
           f"table {path} does not exist; set data.path to a {type(self).__name__[:-6].lower()} "
           f"file with {image_key!r} and {caption_key!r} columns"
       )
-    rows = read_table(path, image_key, caption_key)
+    rows = corpus_files.read_table(path, image_key, caption_key)
     if not rows:
       raise ValueError(f"table {path} has no rows; add (image, caption) rows or point data.path elsewhere")
     self.captions = [r[1] for r in rows]
     self.images = None  # encoded images in the table itself (Parquet bytes / structs)
     if isinstance(rows[0][0], int):
-      self.images = ParquetImages(path, image_key)
+      self.images = corpus_files.ParquetImages(path, image_key)
       self.ids = [f"{path.name}/{r[0]:09d}" for r in rows]
     else:  # image paths; `files` also lets buckets read sizes from the headers
       self.ids = [r[0] for r in rows]
@@ -374,8 +208,6 @@ class ArrayRecordSource:
     return self._len
 
   def __getitem__(self, i: int) -> dict:
-    from iomm_jax.data import records
-
     rec = records.decode_record(self._reader()[int(i)])
     rec.setdefault("caption", None)
     return rec
@@ -434,7 +266,7 @@ class TfdsSource:
       raise KeyError(f"TFDS record has no {self.image_key!r} (keys {sorted(rec)}); set data.image_key")
     img = rec[self.image_key]
     out = {"image_bytes": img} if isinstance(img, bytes) else {"image": np.asarray(img, np.uint8)}
-    out["caption"] = _decode_text(rec.get(self.caption_key)) if self.caption_key else None
+    out["caption"] = corpus_files.decode_text(rec.get(self.caption_key)) if self.caption_key else None
     out["id"] = f"{self.split}/{int(i)}"
     return out
 
@@ -468,7 +300,6 @@ def make_source(data_cfg: Any, workdir: str | os.PathLike | None = None):
 def _shapes(d: data_config.DataConfig, path: str, workdir) -> Any:
   if not path:
     return ShapesSource(d.num_images, render_size(d), d.shapes_seed)
-  from iomm_jax.data import shapes
 
   return FolderSource(shapes.write_folder(_resolve(path, workdir), d.num_images, d.resolution, d.shapes_seed))
 

@@ -16,6 +16,9 @@ from iomm_jax.models.layers import ATTENTION_IMPLS
 from iomm_jax.models.processor import Processor
 from iomm_jax.models.qwen2 import Qwen2Config
 from iomm_jax.models.rqa import RQAConfig
+from iomm_jax.models.internvl_keys import read_config
+from iomm_jax.models.flux_vae import FluxVAEConfig
+from iomm_jax.models.internvl_keys import MLLMCheckpointError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -35,7 +38,6 @@ def mllm_config(config) -> InternVLConfig:
   from that tokenizer.
   """
   if config.model.mllm.path:
-    from iomm_jax.models.internvl_keys import read_config
 
     cfg = read_config(config.model.mllm.path)
   else:
@@ -127,7 +129,6 @@ def make_ae(config, rngs: nnx.Rngs):
 
 def vae_config(config):
   """The FLUX VAE config: from the diffusers folder's config.json when model.autoencoder.path is set, else FLUX.1's."""
-  from iomm_jax.models.flux_vae import FluxVAEConfig
 
   path = config.model.autoencoder.path
   if not path:
@@ -153,7 +154,6 @@ def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
   """
   mcfg = mcfg or mllm_config(config)
   if config.model.mllm.path:
-    from iomm_jax.models.internvl_keys import MLLMCheckpointError
 
     path = config.model.mllm.path
     try:
@@ -169,7 +169,6 @@ def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
 
 def check_mllm_fits(config, mcfg: InternVLConfig, processor: Processor) -> None:
   """The MLLM folder's tokenizer and config agree with each other and with this run's data settings."""
-  from iomm_jax.models.internvl_keys import MLLMCheckpointError
 
   where = f"{config.model.mllm.path}/config.json"
   if processor.vocab_size > mcfg.text.vocab_size:

@@ -9,7 +9,7 @@ states after its final norm. The attribute tree equals InternVLModel's state-dic
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,19 +61,6 @@ class InternVLConfig:
   def num_image_tokens(self) -> int:
     """Image tokens per image at the configured ViT size (256 for 448² with patch 14, ratio 0.5)."""
     return int(self.vision.grid * self.downsample_ratio) ** 2
-
-  @classmethod
-  def from_hf(cls, config: Mapping[str, Any], **overrides) -> "InternVLConfig":
-    """Our config from a transformers InternVLConfig json dict (the `config.json` of an -hf checkpoint)."""
-    from iomm_jax.models.internvl_keys import config_from_torch
-
-    return config_from_torch(config, **overrides)
-
-  def to_hf(self) -> dict:
-    """The transformers InternVLConfig dict for this config (inverse of from_hf)."""
-    from iomm_jax.models.internvl_keys import config_to_torch
-
-    return config_to_torch(self)
 
 
 _ACT = {"gelu": layers.gelu_exact, "gelu_pytorch_tanh": layers.gelu_tanh, "silu": jax.nn.silu}

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
+from iomm_jax.models.internvit import InternViTConfig
+from iomm_jax.models.internvl import InternVLConfig
 from iomm_jax.models.keymap import KeyTable
-
-if TYPE_CHECKING:
-  from iomm_jax.models.internvl import InternVLConfig
+from iomm_jax.models.qwen2 import Qwen2Config
 
 LM_HEAD = "lm_head.weight"
 
@@ -114,10 +114,6 @@ def _rope_theta(text: Mapping[str, Any]) -> float:
 
 def config_from_torch(config: Mapping[str, Any], **overrides):
   """A transformers InternVLConfig dict → `InternVLConfig` (`overrides` set top-level fields, e.g. remat)."""
-  from iomm_jax.models.internvit import InternViTConfig
-  from iomm_jax.models.internvl import InternVLConfig
-  from iomm_jax.models.qwen2 import Qwen2Config
-
   if config.get("model_type", "internvl") != "internvl":
     raise ValueError(
         f"config.json model_type={config.get('model_type')!r}; expected 'internvl' (a transformers "

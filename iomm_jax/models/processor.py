@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from iomm_jax.models.internvl_keys import read_config
 
 DEFAULT_AUX_PROMPT = "Generate an image that is identical to the reference image:"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -103,7 +104,6 @@ class Processor:
       )
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if (p / "config.json").is_file():
-      from iomm_jax.models.internvl_keys import read_config
 
       cfg = read_config(p)
       kwargs.setdefault("num_image_tokens", cfg.num_image_tokens)

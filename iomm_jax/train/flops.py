@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 from iomm_jax.models.internvl import InternVLConfig
+from iomm_jax.models import factory
 
 
 def _attn(lq: int, lk: int, width: int) -> float:
@@ -120,7 +121,6 @@ def step_flops(run) -> dict:
   Keys: per_image {component: {'forward', 'backward'}}, remat_per_image (LLM recompute), model (forward + backward
   for the global batch: the MFU numerator), remat, hardware (model + remat).
   """
-  from iomm_jax.models import factory
 
   c = run.config
   mcfg = run.mcfg

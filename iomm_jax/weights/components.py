@@ -21,6 +21,16 @@ from flax import nnx
 
 from iomm_jax import tree_paths
 from iomm_jax.models import internvl_keys, keymap, mmdit_keys, rqa_keys, s3dit_keys, vae_keys
+from iomm_jax.models.mmdit import MMDiT
+from iomm_jax.models.s3dit import S3DiT
+from iomm_jax.models.flux_vae import FluxVAE
+from iomm_jax.models.rqa import RQA
+from iomm_jax.models.internvl import InternVL
+from iomm_jax.models.flux_vae import FluxVAEConfig
+from iomm_jax.models.internvl import InternVLConfig
+from iomm_jax.models.mmdit import MMDiTConfig
+from iomm_jax.models.rqa import RQAConfig
+from iomm_jax.models.s3dit import S3DiTConfig
 
 COMPONENTS = ("transformer", "vae", "rqa", "mllm")
 
@@ -122,42 +132,26 @@ def _from_json(cls, d: Mapping[str, Any]):
 
 
 def _build_mmdit(cfg, **kw):
-  from iomm_jax.models.mmdit import MMDiT
-
   return MMDiT(cfg, **kw)
 
 
 def _build_s3dit(cfg, **kw):
-  from iomm_jax.models.s3dit import S3DiT
-
   return S3DiT(cfg, **kw)
 
 
 def _build_vae(cfg, **kw):
-  from iomm_jax.models.flux_vae import FluxVAE
-
   return FluxVAE(cfg, **kw)
 
 
 def _build_rqa(cfg, **kw):
-  from iomm_jax.models.rqa import RQA
-
   return RQA(cfg, **kw)
 
 
 def _build_mllm(cfg, **kw):
-  from iomm_jax.models.internvl import InternVL
-
   return InternVL(cfg, **kw)
 
 
 def _specs() -> dict[str, Spec]:
-  from iomm_jax.models.flux_vae import FluxVAEConfig
-  from iomm_jax.models.internvl import InternVLConfig
-  from iomm_jax.models.mmdit import MMDiTConfig
-  from iomm_jax.models.rqa import RQAConfig
-  from iomm_jax.models.s3dit import S3DiTConfig
-
   return {
       "mmdit": Spec(
           "mmdit",

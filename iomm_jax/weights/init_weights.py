@@ -14,6 +14,7 @@ import jax
 
 from iomm_jax.weights import components, orbax_io
 from iomm_jax.models.keymap import KeyMismatchError
+from iomm_jax.models import factory
 
 
 class InitWeightsError(ValueError):
@@ -91,7 +92,6 @@ def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, whe
 
 def apply(config, params: dict, param_shardings: dict) -> dict:
   """params with 'dit' replaced from config.init.transformer and 'rqa' from config.init.rqa (when set)."""
-  from iomm_jax.models import factory
 
   mcfg = factory.mllm_config(config)
   width = factory.mllm_width(mcfg)

@@ -1,0 +1,174 @@
+"""Reading a corpus as it lies on disk: image files under a folder (with sidecar ``.txt`` captions), a
+``captions.jsonl``, a ``.jsonl``/``.csv``/``.tsv``/``.parquet`` table of (image, caption), and a Parquet image column
+read row group by row group. Shared by the training sources (``sources``) and ``prepare``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTIONS_FILE = "captions.jsonl"
+_FILE_KEYS = ("file", "image", "path", "file_name")
+_CAPTION_KEYS = ("caption", "text")
+
+
+def decode_text(value: Any) -> str | None:
+  """A caption as stored (bytes or text) → str, or None when missing or blank."""
+  if value is None:
+    return None
+  if isinstance(value, bytes):
+    value = value.decode("utf-8")
+  value = str(value)
+  return value if value.strip() else None  # an empty caption is no caption
+
+
+def list_images(root: str | os.PathLike) -> list[tuple[Path, Path | None]]:
+  """Image files under ``root`` (recursive, sorted, hidden entries skipped) with their sidecar ``.txt`` if any."""
+  root = Path(root)
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    names = set(filenames)
+    for name in sorted(filenames):
+      if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+        continue
+      txt = Path(name).stem + ".txt"
+      found.append((Path(dirpath) / name, Path(dirpath) / txt if txt in names else None))
+  found.sort(key=lambda p: p[0].relative_to(root).as_posix())
+  return found
+
+
+def read_captions_jsonl(path: Path) -> dict[str, str | None]:
+  """``captions.jsonl`` lines ``{"file": relative path, "caption": text}`` → {relative path: caption}."""
+  out = {}
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      row = json.loads(line)
+      key = next((row[k] for k in _FILE_KEYS if k in row), None)
+      if key is None:
+        raise ValueError(
+            f"{path}:{n}: no image field (one of {_FILE_KEYS}); each line must be "
+            '{"file": "relative/path.png", "caption": "..."}'
+        )
+      out[Path(key).as_posix()] = decode_text(next((row[k] for k in _CAPTION_KEYS if k in row), None))
+  return out
+
+
+class ParquetImages:
+  """Random access to a Parquet image column holding encoded bytes or ``{bytes, path}`` structs (how HF datasets
+  store an ``Image`` feature); one row group is read (and kept) at a time, so the table never sits in memory.
+  A struct without bytes is read from its ``path`` (relative to the table's folder)."""
+
+  def __init__(self, path: str | os.PathLike, column: str):
+    import pyarrow.parquet as pq  # optional dependency, only for parquet input
+
+    self.path, self.column = str(path), column
+    meta = pq.ParquetFile(self.path).metadata
+    self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    self._init_cache()
+
+  def _init_cache(self) -> None:
+    self._lock, self._file, self._group = threading.Lock(), None, (-1, [])
+
+  def __getstate__(self):
+    return {"path": self.path, "column": self.column, "starts": self.starts}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._init_cache()
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def __getitem__(self, i: int) -> bytes:
+    g = int(np.searchsorted(self.starts, int(i), side="right")) - 1
+    with self._lock:  # Grain's reader threads share this object
+      if self._group[0] != g:
+        if self._file is None:
+          import pyarrow.parquet as pq
+
+          self._file = pq.ParquetFile(self.path)
+        self._group = (g, self._file.read_row_group(g, columns=[self.column]).column(0).to_pylist())
+      value = self._group[1][int(i) - int(self.starts[g])]
+    if isinstance(value, dict):
+      if value.get("bytes"):
+        return value["bytes"]
+      if value.get("path"):
+        with open(Path(self.path).parent / value["path"], "rb") as f:
+          return f.read()
+      raise ValueError(f"{self.path}: row {i}: {self.column!r} holds neither bytes nor a path")
+    if not value:
+      raise ValueError(f"{self.path}: row {i}: {self.column!r} is empty")
+    return bytes(value)
+
+
+def _read_parquet(path: Path, image_key: str, caption_key: str | None) -> list[tuple[str | int, str | None]]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  schema = pq.ParquetFile(path).schema_arrow
+  if image_key not in schema.names:
+    raise ValueError(
+        f"{path} has no {image_key!r} column (columns: {schema.names}); pass the right name with "
+        "--image_key / data.image_key"
+    )
+  kind = schema.field(image_key).type
+  if pa.types.is_string(kind) or pa.types.is_large_string(kind):  # image paths
+    return _table_rows(path, pq.read_table(path).to_pylist(), image_key, caption_key)
+  if not (
+      pa.types.is_binary(kind)
+      or pa.types.is_large_binary(kind)
+      or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
+  ):
+    raise ValueError(
+        f"{path}: column {image_key!r} is {kind}; it must hold image paths (string), encoded bytes "
+        "(binary) or {bytes, path} structs"
+    )
+  # encoded images: only the caption column is read now; the images row group by row group, when drawn
+  n = pq.ParquetFile(path).metadata.num_rows
+  if caption_key and caption_key in schema.names:
+    captions = [decode_text(c) for c in pq.read_table(path, columns=[caption_key]).column(0).to_pylist()]
+  else:
+    captions = [None] * n
+  return list(zip(range(n), captions))
+
+
+def _table_rows(path: Path, rows: list[dict], image_key: str, caption_key: str | None):
+  out = []
+  for n, row in enumerate(rows, 1):
+    if image_key not in row or not row[image_key]:
+      raise ValueError(
+          f"{path}: row {n} has no {image_key!r} column/field (columns: {sorted(row)}); "
+          "pass the right name with --image_key / data.image_key"
+      )
+    out.append((str(row[image_key]), decode_text(row.get(caption_key)) if caption_key else None))
+  return out
+
+
+def read_table(
+    path: str | os.PathLike, image_key: str = "image", caption_key: str | None = "caption"
+) -> list[tuple[str | int, str | None]]:
+  """Rows (image, caption) of a .jsonl/.json, .csv/.tsv or .parquet table. ``image`` is the path as written, or,
+  for a Parquet column of encoded bytes / ``{bytes, path}`` structs, the row number (read with ParquetImages)."""
+  path = Path(path)
+  suffix = path.suffix.lower()
+  if suffix in (".jsonl", ".json"):
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  elif suffix in (".csv", ".tsv"):
+    with open(path, newline="") as f:
+      rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+  elif suffix == ".parquet":
+    return _read_parquet(path, image_key, caption_key)
+  else:
+    raise ValueError(f"{path}: unknown table type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+  return _table_rows(path, rows, image_key, caption_key)
