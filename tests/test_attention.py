@@ -71,6 +71,7 @@ def test_auto_equals_xla_and_a_naive_reference(hk, masking):
     assert np.all(np.asarray(auto)[0, 3] == 0) and np.all(np.asarray(ref)[0, 3] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hk,causal", [(H, False), (2, False), (2, True)], ids=["mha", "gqa", "gqa_causal"])
 def test_splash_kernel_matches_xla_in_interpret_mode(hk, causal):
   """The TPU Pallas kernel, run by the Pallas interpreter on CPU: forward and the gradient of q, k, v."""

@@ -139,6 +139,7 @@ def test_every_batch_is_one_bucket_with_the_right_crops(folder):
   assert sorted(idx.tolist()) == list(range(len(SIZES)))  # an epoch: every record exactly once
 
 
+@pytest.mark.slow
 def test_same_batches_for_workers_and_processes(folder):
   c = cfg(folder, recipe="mix")
   ref = take(iter(pipeline.make_dataset(c, global_batch=G)), 6)

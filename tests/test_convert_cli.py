@@ -259,6 +259,7 @@ def test_swapped_mapping_fails_verify(ckpts, tmp_path, monkeypatch):
   assert _cli("verify", "--component", "transformer", "--src", flux) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mmdit", "s3dit_bf16", "vae_file", "rqa", "mllm"])
 def test_verify_passes_on_good_checkpoints(ckpts, capsys, name):
   component, src, extra = ckpts[name]

@@ -19,6 +19,7 @@ def test_unknown_kind_is_one_line_naming_the_known_ones():
     dit_families.family("unet")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mmdit", "s3dit"])
 def test_generator_of_each_kind_runs_its_family(kind):
   from helpers import tiny_config

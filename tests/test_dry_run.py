@@ -32,6 +32,7 @@ def test_tiny_dry_run_compiles_on_an_fsdp_mesh_and_reports_memory():
   assert out["compile_s"] > 0
 
 
+@pytest.mark.slow
 def test_full_size_state_bytes_per_device_without_compiling():
   """IOMM-B widths on fsdp = 8, abstract only (one block per stack to keep it quick): the per-device bytes of the
   fp32 params, AdamW state and EMA are 1/8 of their totals, since every large leaf divides by 8."""

@@ -206,6 +206,7 @@ def test_unknown_config_field_names_nearest():
   assert "config.train.on_nonfinite" in config_lib.unknown_field_message("train.nonexistent")
 
 
+@pytest.mark.slow
 def test_main_config_errors_are_one_line():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   for args, want in (

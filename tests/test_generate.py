@@ -1,6 +1,7 @@
 """Generation from a run samples on the training time grid (config.train.time_shift)."""
 
 import jax
+import pytest
 import numpy as np
 
 from iomm_jax import sampling
@@ -9,6 +10,7 @@ from iomm_jax.train import generate as generate_lib
 from helpers import tiny_config
 
 
+@pytest.mark.slow
 def test_sampling_uses_the_training_time_shift(monkeypatch):
   seen = []
   real = sampling.generate

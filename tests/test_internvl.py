@@ -163,6 +163,7 @@ def checkpoints(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity_text_image_projector(checkpoints, name):
   spec, path, torch_model = checkpoints[name]
@@ -253,6 +254,7 @@ def test_missing_directory_errors(tmp_path):
     load_internvl(tmp_path)
 
 
+@pytest.mark.slow
 def test_bf16_load_and_sharded_placement(checkpoints):
   spec, path, torch_model = checkpoints["ln_gqa3"]
   mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -286,6 +288,7 @@ def test_config_round_trip_and_from_hf():
     InternVLConfig(remat="sometimes")
 
 
+@pytest.mark.slow
 def test_full_size_param_count():
   """InternVL3-2B: ≈2.09e9 with the (untied) lm_head as published; ≈1.86e9 for InternVLModel alone."""
   model = nnx.eval_shape(lambda: InternVL(InternVLConfig(with_lm_head=True), rngs=nnx.Rngs(0)))
@@ -294,6 +297,7 @@ def test_full_size_param_count():
   assert model.lm_head.kernel.shape == (1536, 151674)
 
 
+@pytest.mark.slow
 def test_gradient_path_through_frozen_llm(checkpoints):
   """An RQA-like trainable tensor gets non-zero grads through the frozen LLM; remat 'full' == 'none'."""
   spec, path, _ = checkpoints["gqa8_interp"]
@@ -326,6 +330,7 @@ def test_gradient_path_through_frozen_llm(checkpoints):
   assert g_bf16["queries"].dtype == jnp.float32 and float(jnp.max(jnp.abs(g_bf16["queries"]))) > 0
 
 
+@pytest.mark.slow
 def test_verify_mllm(checkpoints):
   from iomm_jax.convert.internvl_verify import verify_mllm
 

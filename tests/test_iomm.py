@@ -25,6 +25,7 @@ def test_mask_fraction_matches_ratio(r):
   assert r == 0.0 or counts.std() > 0
 
 
+@pytest.mark.slow
 def test_templates(run):
   tpl = run.templates
   assert len(tpl.image_positions) == run.mcfg.num_image_tokens

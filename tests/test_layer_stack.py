@@ -81,6 +81,7 @@ def mmdit_base():
   return _value_and_grad(lambda c: MMDiT(c, rngs=nnx.Rngs(0)), MMDIT, _mmdit_loss)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat,scan", MODES)
 def test_mmdit_scan_equals_unrolled(mmdit_base, remat, scan):
   cfg = dataclasses.replace(MMDIT, remat=remat, scan_layers=scan)
@@ -113,6 +114,7 @@ def _s3dit_loss(model):
   return jnp.mean(model(lat, jnp.asarray([0.2, 0.7]), cap, mask) ** 2)
 
 
+@pytest.mark.slow
 def test_s3dit_scan_equals_unrolled():
   make = lambda c: S3DiT(c, rngs=nnx.Rngs(0))  # noqa: E731
   base = _value_and_grad(make, S3DIT, _s3dit_loss)
@@ -134,6 +136,7 @@ QWEN = Qwen2Config(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_qwen2_scan_equals_unrolled(remat):
   rng = np.random.default_rng(2)

@@ -119,6 +119,7 @@ def test_each_set_is_walked_in_order_not_redrawn(image_folder):
   assert image_idx[:N_IMG].tolist() != list(range(N_IMG))  # shuffled, not in file order
 
 
+@pytest.mark.slow
 def test_same_batches_for_workers_and_processes(image_folder):
   c = cfg(image_folder)
   ref = take(iter(pipeline.make_dataset(c, global_batch=8, tokenize=tokenize)), 4)

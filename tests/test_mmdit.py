@@ -246,6 +246,7 @@ def test_remat_wraps_every_block_with_its_policy():
     assert all(e.params["policy"] is policy for e in eqns), name
 
 
+@pytest.mark.slow
 def test_remat_full_same_output_and_grad():
   cfg, grid, lc, rand_ids = SMALL, (2, 3), 3, False
   sd = torch_sd(torch_model(cfg))
@@ -278,6 +279,7 @@ def test_bf16_compute_close_to_fp32():
   assert_close(ours, theirs, 5e-2)
 
 
+@pytest.mark.slow
 def test_zero_init_gives_zero_output_and_nonzero_grad():
   cfg = dataclasses.replace(SMALL, zero_init=True)
   create = lambda: MMDiT(cfg, rngs=nnx.Rngs(0))  # noqa: E731

@@ -95,11 +95,13 @@ def _update_rms(optimizer: str, shape=(256, 384)) -> float:
   return float(np.mean([jnp.sqrt(jnp.mean(u**2)) for u in _updates(_train_cfg(optimizer), shape)[-10:]]))
 
 
+@pytest.mark.slow
 def test_muon_update_rms_matches_adamw():
   muon, adam = _update_rms("muon"), _update_rms("adamw")
   assert 0.7 < muon / adam < 1.4, (muon, adam)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(64, 64), (512, 128)])
 def test_muon_update_rms_independent_of_shape(shape):
   assert _update_rms("muon", shape) == pytest.approx(optimizers.MUON_UPDATE_RMS, rel=0.25)

@@ -185,6 +185,7 @@ def test_mix_fraction_matches_lambda_and_recipes():
   assert next(iter(pipeline.make_dataset(cfg(recipe="image"), global_batch=8)))["is_image_only"].all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_iterator_state_round_trip_is_exact(workers):
   c = cfg(recipe="mix", num_workers=workers, num_images=10)

@@ -90,6 +90,7 @@ def test_mix_fraction_is_lambda_and_reproducible(lam, tmp_path):
   assert (a != _image_only(c)).mean() > 0.1  # and another seed other draws
 
 
+@pytest.mark.slow
 def test_uncaptioned_record_fails_a_pair_recipe_at_start(tmp_path):
   folder = write_pngs(tmp_path / "imgs", 16, 32, uncaptioned=(3,))
   c = tiny_config("finetune_pair", data__source="folder", data__path=str(folder), **STEP)
@@ -107,6 +108,7 @@ def test_uncaptioned_record_fails_a_pair_recipe_at_start(tmp_path):
   assert out["step"] == 1 and np.isfinite(out["loss"])
 
 
+@pytest.mark.slow
 def test_five_percent_bad_images_train_to_the_end_through_main(tmp_path, monkeypatch):
   """40 images, one zero-byte and one truncated (5%): main trains one epoch; metrics count both skips."""
   from absl import flags

@@ -29,6 +29,7 @@ def test_parameter_sets_per_kind():
   assert meta == {"meta_queries"} and none == set()
 
 
+@pytest.mark.slow
 def test_metaquery_ignores_its_input_and_none_adds_nothing():
   c = jax.random.normal(jax.random.key(0), (2, 5, 32))
   meta = RQA(dataclasses.replace(TINY, kind="metaquery"), rngs=nnx.Rngs(0))

@@ -213,6 +213,7 @@ def test_round_trip_bit_exact(model_b):
     keymap.to_jax(partial, KEY_TABLE, shapes)
 
 
+@pytest.mark.slow
 def test_remat_modes_equal():
   """Loss and gradients agree for remat 'none', 'full' and 'dots_saveable' (same init, ragged captions)."""
   # One block keeps the three backward compiles cheap; every block goes through the same S3DiT._block.

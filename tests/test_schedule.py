@@ -29,6 +29,7 @@ def test_epochs_without_dataset_size_is_refused():
     schedule.num_steps(_t(epochs=2.0), None)
 
 
+@pytest.mark.slow
 def test_a_run_trains_epochs_of_its_dataset(tmp_path, capsys):
   """train.epochs reaches the loop: 1.5 epochs of 24 shapes images at batch 8 is 5 steps."""
   from helpers import tiny_config

@@ -178,6 +178,7 @@ def test_same_losses_on_8_devices(ref, shape):
     assert any(any(ax is not None for ax in spec) for spec in specs)
 
 
+@pytest.mark.slow
 def test_losses_differ_when_the_batch_differs(ref):
   """The equality above can fail: one changed example changes the loss beyond the tolerance."""
   batches = [dict(b) for b in ref.batches[:1]]
@@ -187,6 +188,7 @@ def test_losses_differ_when_the_batch_differs(ref):
   assert abs(losses[0] - ref.losses[0]) > 10 * RTOL * abs(ref.losses[0])
 
 
+@pytest.mark.slow
 def test_checkpoint_reshards_from_2_2_2_to_1_4_2(ref, tmp_path):
   """Two steps on (2,2,2), checkpoint (state + data iterator), restore onto (1,4,2), one more step: the loss and
   the next batch equal the uninterrupted run's."""

@@ -23,6 +23,7 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_ema", [True, False])
 def test_stage2_starts_from_stage1_weights(stage1, use_ema):
   _, src_params, step = restore.load_for_inference(str(stage1), use_ema=use_ema)
@@ -42,6 +43,7 @@ def test_stage2_starts_from_stage1_weights(stage1, use_ema):
   assert any(not np.array_equal(a, b) for a, b in zip(_leaves(fresh.params), _leaves(src_params)))
 
 
+@pytest.mark.slow
 def test_ema_and_raw_weights_differ(stage1):
   _, ema, _ = restore.load_for_inference(str(stage1), use_ema=True)
   _, raw, _ = restore.load_for_inference(str(stage1), use_ema=False)
