@@ -71,9 +71,9 @@ def _ascii(label: str) -> str:
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def plot(study: str, rows: list[dict], path: str, size=(720, 420)) -> None:
-  """Bars (one per arm, overall at the last step) or curves (overall against the swept value, and against the
-  fine-tuning step per arm when several steps were scored). PIL only; axes 0–1."""
+def plot(study: str, rows: list[dict], path: str, size=(720, 420)) -> str:
+  """Bars (one per arm, overall at the last step) or curves (overall against the swept value, or against the
+  fine-tuning step per arm when several steps were scored). PIL only; axes 0–1. Returns which: bars|values|steps."""
   w, h = size
   img = Image.new("RGB", size, "white")
   d = ImageDraw.Draw(img)
@@ -86,10 +86,29 @@ def plot(study: str, rows: list[dict], path: str, size=(720, 420)) -> None:
   final = max(r["finetune_steps"] for r in rows)
   arms = list(dict.fromkeys(r["arm"] for r in rows))
   steps = sorted({r["finetune_steps"] for r in rows})
-  note = " against fine-tuning steps" if len(steps) > 1 else " (the paper's figure as a grey mark)"
+  note = " against fine-tuning steps" if len(steps) > 1 else " (the paper's figures in grey)"
   d.text((left, 8), f"{study}: mini-GenEval overall{note}", fill="black")
   y_of = lambda v: bottom - (bottom - top) * max(0.0, min(1.0, v))  # noqa: E731
-  if len(steps) > 1:  # GenEval against fine-tuning steps, one curve per arm
+  values = [r.get("value") for r in rows]
+  if len(steps) == 1 and all(isinstance(v, (int, float)) for v in values) and len(set(values)) > 1:
+    mode = "values"  # a sweep scored once: overall against the swept value (Fig. 4b), the paper's points in grey
+    lo, hi = min(values), max(values)
+    x_of = lambda v: left + 20 + (right - left - 40) * (v - lo) / (hi - lo)  # noqa: E731
+    swept = sorted(set(values))
+    for v in swept:
+      d.text((x_of(v) - 12, bottom + 6), f"{v:g}", fill="black")
+    d.text(((left + right) // 2 - 40, bottom + 24), "swept value", fill="black")
+    pts = [(x_of(v), y_of(statistics.mean(r["geneval"]["overall"] for r in rows if r["value"] == v))) for v in swept]
+    d.line(pts, fill=COLOURS[0], width=2)
+    for p in pts:
+      d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=COLOURS[0])
+    for r in rows:
+      paper = PAPER.get(study, {}).get(r["arm"])
+      if paper is not None:
+        x, y = x_of(r["value"]), y_of(paper)
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], outline=(120, 120, 120), width=2)
+  elif len(steps) > 1:
+    mode = "steps"  # GenEval against fine-tuning steps, one curve per arm
     x_of = lambda s: left + (right - left) * (steps.index(s) + 0.5) / len(steps)  # noqa: E731
     for s in steps:
       d.text((x_of(s) - 12, bottom + 6), str(s), fill="black")
@@ -109,6 +128,7 @@ def plot(study: str, rows: list[dict], path: str, size=(720, 420)) -> None:
         d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=COLOURS[i % len(COLOURS)])
       d.text((right - 130, top + 14 * i), _ascii(arm), fill=COLOURS[i % len(COLOURS)])
   else:  # bars at the final step
+    mode = "bars"
     slot = (right - left) / max(1, len(arms))
     for i, arm in enumerate(arms):
       vals = [r["geneval"]["overall"] for r in rows if r["arm"] == arm and r["finetune_steps"] == final]
@@ -121,6 +141,7 @@ def plot(study: str, rows: list[dict], path: str, size=(720, 420)) -> None:
       d.text((x0, bottom + 6 + 12 * (i % 2)), _ascii(arm), fill="black")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img.save(path)
+  return mode
 
 
 def write(out: str, study: str, rows: list[dict]) -> dict:

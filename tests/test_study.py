@@ -80,6 +80,18 @@ def test_report_table_and_plot(tmp_path):
   assert os.path.getsize(paths["plot"]) > 1000
 
 
+def test_plot_draws_a_sweep_as_a_curve_and_steps_as_curves_per_arm(tmp_path):
+  def row(arm, value, steps, overall):
+    return {"arm": arm, "value": value, "finetune_steps": steps, "geneval": {"overall": overall}}
+
+  sweep = [row(f"r = {v}", v, 600, 0.2 + v / 10) for v in (0.0, 0.45, 0.95)]
+  assert study_report.plot("mask_ratio", sweep, str(tmp_path / "a.png")) == "values"
+  curves = [row("λ = 0.5", 0.5, s, 0.2) for s in (200, 600)]
+  assert study_report.plot("mix_ratio", curves, str(tmp_path / "b.png")) == "steps"
+  bars = [row(a, None, 600, 0.2) for a in ("image + mix", "pair + pair")]
+  assert study_report.plot("recipes", bars, str(tmp_path / "c.png")) == "bars"
+
+
 @pytest.mark.slow
 def test_one_arm_runs_end_to_end(tmp_path):
   """The 'raw' components arm (the model.rqa.kind switch) for a few steps, scored at two fine-tuning steps."""
