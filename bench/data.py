@@ -125,10 +125,10 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     path = a.path if a.config_obj is None else (a.path or a.config_obj.data.path)
     if a.source == "arrayrecord" and not path:
-      from iomm_jax.data import shapes
+      from iomm_jax.data import shapes_shards
 
       path = os.path.join(tmp, "images")
-      shapes.write_arrayrecord(path, a.num_images, a.resolution, seed=0, shards=4, progress=False)
+      shapes_shards.write_arrayrecord(path, a.num_images, a.resolution, seed=0, shards=4, progress=False)
     out = {
         "bench": "data",
         "source": a.source,

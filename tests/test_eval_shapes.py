@@ -206,7 +206,7 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
 
   work, res = untrained
   subset = [next(p for p in bench.prompt_set() if p["tag"] == t) for t in bench.TAGS]
-  monkeypatch.setattr(ev, "prompt_set", lambda: subset)  # 5 prompts keep the CPU test short
+  monkeypatch.setattr(bench, "prompt_set", lambda: subset)  # 5 prompts keep the CPU test short
   conditioned_on = []
   generate = sample_lib.generate
 

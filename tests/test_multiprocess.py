@@ -198,11 +198,11 @@ def test_feature_cache_from_two_processes_equals_one_process(tmp_path, launcher)
   on 1 process × 8 devices (each process encodes a contiguous range; shard names sort into source order)."""
   import numpy as np
 
-  from iomm_jax.data import shapes, sources
+  from iomm_jax.data import shapes_shards, sources
 
   num = 20  # not a multiple of the batch: the last batch of each process is padded
   src = tmp_path / "src"
-  shapes.write_arrayrecord(src, num, 64, seed=3, shards=2, progress=False)
+  shapes_shards.write_arrayrecord(src, num, 64, seed=3, shards=2, progress=False)
   base = SMALL + ["--config.data.source=arrayrecord", f"--config.data.path={src}", "--shards=2", "--no_progress"]
   for n in (1, 2):
     launcher.run(
