@@ -47,7 +47,8 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
 
-# The edit-test loop: every test not marked slow (the heavy training and multi-device runs are marked).
+# The edit-test loop: every test not marked slow (the heavy training and multi-device runs are marked); about 2 min
+# on an idle 2-core machine.
 test-fast: install-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
