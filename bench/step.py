@@ -27,7 +27,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "--compare_torch: alternating torc
 _DIT_ONLY = flags.DEFINE_bool(
     "dit_only", False, "--compare_torch: skip the full IOMM step (its compile), time " "only the DiT-only comparison"
 )
-_PROFILE = flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 timed steps into this folder")
+_PROFILE = flags.DEFINE_string(
+    "profile", "", "write a jax.profiler trace of 3 timed steps into this folder (and its op time summary)"
+)
 _CACHE = flags.DEFINE_string(
     "compile_cache",
     "",
@@ -117,9 +119,11 @@ def main(argv):
   if _PROFILE.value:
     prof = profiling.StepProfiler(0, 3, _PROFILE.value)
     for i in range(3):
-      prof.before(i)
+      prof.before(i, state)
       state, m = compiled(state, run.frozen, batch)
       prof.after(i + 1, m)
+    summary_path = os.path.join(_PROFILE.value, "op_summary.json")
+    profile_ops = json.load(open(summary_path)) if os.path.exists(summary_path) else None
   n_dev = jax.device_count()
   tokens = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
   counted = flops_lib.step_flops(run)
@@ -145,6 +149,7 @@ def main(argv):
       "mfu": round(flops_lib.mfu(flops, step_s, config.train.peak_flops, n_dev), 4),
       "attention": config.model.attention,
       "profile": _PROFILE.value or None,
+      "profile_ops": profile_ops if _PROFILE.value else None,
       "params": run.param_counts,
       "loss": float(m["loss"]),
   }

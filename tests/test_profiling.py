@@ -1,7 +1,9 @@
 """train/profiling.py: the step profiler writes a trace for exactly the configured steps; the compile-cache folder."""
 
 import glob
+import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -44,3 +46,28 @@ def test_profile_steps_must_be_two_counts(bad):
   c.train.profile_steps = bad
   with pytest.raises(ConfigError, match="profile_steps"):
     validate(c)
+
+
+def test_op_summary_reads_back_the_traced_ops(tmp_path):
+  """The summary written after a trace names op kinds of the compiled program, each run once per traced step."""
+  f = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x + 1.0)
+  x = jnp.ones((128, 128)) * 0.01
+  hlo = f.lower(x).compile().as_text()
+  prof = profiling.StepProfiler(1, 3, str(tmp_path / "profile"))
+  y = x
+  for step in range(5):
+    prof.before(step, y)
+    y = f(x)
+    prof.after(step + 1, y)
+  summary = json.load(open(tmp_path / "profile" / "op_summary.json"))
+  assert summary == profiling.op_time_summary(str(tmp_path / "profile"), 3)
+  assert summary["ops"] and summary["op_s_per_step"] > 0
+  for op in summary["ops"]:
+    assert re.search(rf"\b{re.escape(op['kind'])}(\.\d+)? = ", hlo), op["kind"]  # an instruction of the program
+    assert op["per_step"] == int(op["per_step"]) >= 1  # the same ops every step: whole counts per step
+    assert op["s_per_step"] > 0
+  assert abs(sum(op["share"] for op in summary["ops"]) - 1.0) < 0.01  # a small program: every kind is in the top
+  with pytest.raises(ValueError, match="steps=0"):
+    profiling.op_time_summary(str(tmp_path / "profile"), 0)
+  with pytest.raises(FileNotFoundError, match="no jax.profiler trace"):
+    profiling.op_time_summary(str(tmp_path / "elsewhere"), 1)

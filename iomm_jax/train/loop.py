@@ -232,7 +232,7 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     local = next(data_iter)
     timer.add_wait(time.perf_counter() - t0)
     batch = parallel.global_batch(model_batch(local, bool(config.data.cached)), run.mesh)
-    profiler.before(step)
+    profiler.before(step, state)
     state, m = step_fn(state, run.frozen, batch)
     step += 1
     profiler.after(step, m)
