@@ -116,6 +116,7 @@ def main(argv):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
+  profile_ops = None
   if _PROFILE.value:
     prof = profiling.StepProfiler(0, 3, _PROFILE.value)
     for i in range(3):
@@ -149,7 +150,7 @@ def main(argv):
       "mfu": round(flops_lib.mfu(flops, step_s, config.train.peak_flops, n_dev), 4),
       "attention": config.model.attention,
       "profile": _PROFILE.value or None,
-      "profile_ops": profile_ops if _PROFILE.value else None,
+      "profile_ops": profile_ops,
       "params": run.param_counts,
       "loss": float(m["loss"]),
   }
