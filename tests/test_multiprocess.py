@@ -5,6 +5,7 @@ Every run is a subprocess group started by the launcher on a free port; the fixt
 failure. The model is the tiny config cut to one block per stack, compiled with unoptimised CPU code generation.
 """
 
+import glob
 import json
 import os
 import signal
@@ -116,7 +117,8 @@ def runs(tmp_path_factory):
   try:
     ref, two = str(tmp / "ref"), str(tmp / "two")
     lau.run(1, SMALL + steps + mesh222 + [f"--workdir={ref}"], str(tmp / "ref.log"))
-    lau.run(2, SMALL + steps + mesh222 + [f"--workdir={two}", "--max_steps=2"], str(tmp / "two.log"))
+    profile = ["--config.train.profile_steps=1,1"]  # each process traces its second step into its own folder
+    lau.run(2, SMALL + steps + mesh222 + profile + [f"--workdir={two}", "--max_steps=2"], str(tmp / "two.log"))
     two_losses = _losses(two)
     resume = lau.start(1, SMALL + steps + mesh142 + [f"--workdir={two}"], str(tmp / "resume.log"))
     resume_rc = resume.wait(timeout=600)
@@ -136,6 +138,16 @@ def test_two_processes_train_and_checkpoint(runs):
   assert sorted(runs["two"]) == [1, 2]  # metrics from process 0 only (no duplicate rows)
   ckpts = os.listdir(os.path.join(runs["two_dir"], "checkpoints"))
   assert "2" in ckpts, ckpts
+
+
+def test_each_process_writes_its_own_profile(runs):
+  """Processes on one host would overwrite each other's `<host>.xplane.pb` in a shared folder: each has its own."""
+  for k in (0, 1):
+    folder = os.path.join(runs["two_dir"], "profile", f"process_{k}")
+    assert glob.glob(os.path.join(folder, "plugins", "profile", "*", "*.xplane.pb")), folder
+    with open(os.path.join(folder, "op_summary.json")) as f:
+      assert json.load(f)["op_s_per_step"] > 0
+  assert not os.path.exists(os.path.join(runs["two_dir"], "profile", "op_summary.json"))
 
 
 def test_two_processes_match_one_process(runs):

@@ -32,6 +32,12 @@ def test_profiler_traces_the_configured_steps_only(tmp_path):
   assert not off.active and not os.path.exists(tmp_path / "none")
 
 
+def test_profile_folder_is_per_process_when_several_share_the_workdir():
+  assert profiling.profile_dir("w", 0, 1) == os.path.join("w", "profile")
+  assert profiling.profile_dir("w", 0, 2) == os.path.join("w", "profile", "process_0")
+  assert profiling.profile_dir("w", 1, 2) == os.path.join("w", "profile", "process_1")
+
+
 def test_compile_cache_folder_defaults_beside_the_workdir(tmp_path):
   work = str(tmp_path / "runs" / "tiny")
   assert profiling.compile_cache_dir("", work) == str(tmp_path / "runs" / "xla_cache")

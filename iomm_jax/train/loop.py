@@ -173,7 +173,9 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
   end = num_steps if max_steps is None else min(num_steps, start + max_steps)
   validator, grids = _validation(config, workdir, run, is_main)
   flops = flops_lib.flops_per_step(run)
-  profiler = profiling.StepProfiler(*config.train.profile_steps, os.path.join(workdir, "profile"))
+  profiler = profiling.StepProfiler(
+      *config.train.profile_steps, profiling.profile_dir(workdir, jax.process_index(), jax.process_count())
+  )
   tokens_per_image = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
   step_fn = run.train_step
   timer = metrics_lib.Throughput()

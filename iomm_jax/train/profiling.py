@@ -1,7 +1,8 @@
 """Step profiling and the persistent compilation cache: the two start-up/run-time speed hooks of the trainer.
 
 Profile: `--config.train.profile_steps=FIRST,COUNT` traces steps FIRST … FIRST+COUNT−1 with `jax.profiler` into
-`<workdir>/profile/` (TensorBoard's profile plugin or https://ui.perfetto.dev read it; README "Performance").
+`<workdir>/profile/` (TensorBoard's profile plugin or https://ui.perfetto.dev read it; README "Performance"); with
+several processes each traces into `<workdir>/profile/process_<k>/` (`profile_dir`).
 `op_time_summary(dir, steps)` reads a trace back: XLA op time per step by op kind (where the step's time went).
 Compile cache: `train.compile_cache_dir` keeps XLA's compiled programs on disk, so a restart or requeue of the same
 config skips compilation ('' = `<workdir's parent>/xla_cache`, shared by every run beside it; 'off' = none).
@@ -43,6 +44,14 @@ def enable_compile_cache(setting: str, workdir: str) -> str | None:
   # Cache every program that took over a second to compile (the train step takes tens of seconds to minutes).
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return path
+
+
+def profile_dir(workdir: str, process_index: int, process_count: int) -> str:
+  """Where a process writes its traces and op_summary.json: `<workdir>/profile`, or `.../profile/process_<k>` when
+  several processes share the workdir. jax.profiler names a trace after the host, so processes on one host would
+  overwrite each other's traces in a shared folder, and every op_summary.json would be one process's view."""
+  base = os.path.join(workdir, "profile")
+  return base if process_count <= 1 else os.path.join(base, f"process_{process_index}")
 
 
 class StepProfiler:
