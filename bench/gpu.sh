@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Time IOMM-B's training step on one GPU: random weights, cached-feature batch shapes (ViT tokens + 64×64×16
-# latents of 512² images), global batch 8. Prints bench/step.py's JSON line, then images/s and MFU.
+# The GPU figures in one call: checks the machine, installs what the step imports, then runs bench/gpu_sweep.py —
+# IOMM-B's training step (random weights, cached-feature batch shapes: ViT tokens + 64×64×16 latents of 512² images)
+# at global batch 8/16/32, then attention auto/xla/cudnn and DiT remat none/dots_saveable/full at batch 16: images/s,
+# MFU, measured peak device memory beside XLA's estimate, compile time. Writes $IOMM_BENCH_OUT/points.jsonl and
+# table.md and prints one JSON summary line; no new point starts after $IOMM_BENCH_BUDGET_S seconds.
 #
-#   bench/gpu.sh [extra --config.* / bench flags...]        e.g. bench/gpu.sh --config.model.attention=cudnn
+#   bench/gpu.sh [extra --config.* / bench/step.py flags passed to every point...]
+#   IOMM_BENCH_SWEEP=0 bench/gpu.sh --config.model.attention=cudnn     one point only (batch $IOMM_BENCH_BATCH)
 # --config.model.attention reaches every module (DiT, RQA, VAE, ViT, LLM): auto (default) | cudnn | xla | splash (TPU).
 # --profile=DIR adds a jax.profiler trace of 3 steps; --compile_cache=DIR keeps compiled programs between runs.
 #
@@ -10,8 +14,11 @@
 # upgraded. Python packages the step imports that are missing are installed from ./wheels (pip --no-index) when
 # that folder has them, else from PyPI, pinned to constraints.txt where it names them. Environment knobs:
 #   IOMM_BENCH_CONFIG     config file (default configs/iomm_b.py)
-#   IOMM_BENCH_BATCH      global batch (default 8)
-#   IOMM_BENCH_STEPS      timed steps (default 20)
+#   IOMM_BENCH_OUT        sweep output folder (default bench_gpu)
+#   IOMM_BENCH_BUDGET_S   sweep: start no new point after this many seconds (default 480)
+#   IOMM_BENCH_SWEEP      0: one point instead of the sweep
+#   IOMM_BENCH_BATCH      global batch of the one point (default 8)
+#   IOMM_BENCH_STEPS      timed steps per point (default 10)
 #   IOMM_BENCH_ALLOW_CPU  1: run even without a GPU (smoke test of this script; figures are then meaningless)
 #   PYTHON                interpreter (default python3)
 set -euo pipefail
@@ -19,7 +26,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CONFIG=${IOMM_BENCH_CONFIG:-configs/iomm_b.py}
 BATCH=${IOMM_BENCH_BATCH:-8}
-STEPS=${IOMM_BENCH_STEPS:-20}
+STEPS=${IOMM_BENCH_STEPS:-10}
 
 "$PY" -c "import jax" 2>/dev/null || {
   echo "gpu.sh: jax is not importable by $PY; install jax with its CUDA plugin first (pip install 'jax[cuda12]')" >&2
@@ -61,6 +68,13 @@ if [[ "$PLATFORM" != "gpu" && "${IOMM_BENCH_ALLOW_CPU:-0}" != "1" ]]; then
   echo "gpu.sh: JAX sees no GPU (platform '$PLATFORM'); check the CUDA plugin (python -c 'import jax; print(jax.devices())')," \
        "or set IOMM_BENCH_ALLOW_CPU=1 for a smoke test" >&2
   exit 3
+fi
+
+if [[ "${IOMM_BENCH_SWEEP:-1}" != "0" ]]; then
+  ALLOW=()
+  [[ "$PLATFORM" != "gpu" ]] && ALLOW=(--allow_cpu)
+  exec "$PY" bench/gpu_sweep.py --config="$CONFIG" --out="${IOMM_BENCH_OUT:-bench_gpu}" --steps="$STEPS" \
+    --budget_s="${IOMM_BENCH_BUDGET_S:-480}" "${ALLOW[@]}" "$@"
 fi
 
 OUT=$(mktemp)

@@ -67,7 +67,7 @@ def main(argv):
   import jax
   from iomm_jax import parallel
   from iomm_jax.config import validate
-  from iomm_jax.train import builder, flops as flops_lib, loop, profiling
+  from iomm_jax.train import builder, dry_run, flops as flops_lib, loop, profiling
 
   config = _CONFIG.value
   validate(config)
@@ -149,6 +149,10 @@ def main(argv):
       "flops_remat_per_step": counted["remat"],
       "mfu": round(flops_lib.mfu(flops, step_s, config.train.peak_flops, n_dev), 4),
       "attention": config.model.attention,
+      "dit_remat": config.model.dit.arch.get("remat", "none"),
+      # Measured (GPU/TPU; None on CPU) beside XLA's estimate for the same program (the dry run's figure).
+      "peak_memory_gb": dry_run.peak_device_memory_gb(),
+      "memory_estimate_gb": dry_run.xla_memory(compiled).get("peak_gb_estimate"),
       "profile": _PROFILE.value or None,
       "profile_ops": profile_ops,
       "params": run.param_counts,

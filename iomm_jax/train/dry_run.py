@@ -79,6 +79,35 @@ def abstract_batch(run: builder.Run) -> dict:
   }
 
 
+def xla_memory(compiled) -> dict:
+  """XLA's memory analysis of a compiled program, per device: {'xla_gb': {argument, output, alias, temp,
+  generated_code}, 'peak_gb_estimate': argument + output − alias + temp + generated code}; {} where the backend
+  gives none. Used by the dry run and by bench/step.py (beside the measured peak)."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  xla = {
+      "argument": mem.argument_size_in_bytes,
+      "output": mem.output_size_in_bytes,
+      "alias": mem.alias_size_in_bytes,
+      "temp": mem.temp_size_in_bytes,
+      "generated_code": mem.generated_code_size_in_bytes,
+  }
+  peak = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
+  return {"xla_gb": {k: round(v / GB, 3) for k, v in xla.items()}, "peak_gb_estimate": round(peak / GB, 3)}
+
+
+def peak_device_memory_gb() -> float | None:
+  """The largest `peak_bytes_in_use` of this process's devices (GPU/TPU) in GB; None where the backend keeps no
+  memory statistics (CPU)."""
+  peaks = []
+  for d in jax.local_devices():
+    stats = d.memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(stats["peak_bytes_in_use"])
+  return round(max(peaks) / GB, 3) if peaks else None
+
+
 def report(config, *, mesh=None, compile_step: bool = True) -> dict:
   """Compile the step for the configured mesh (abstract arrays only) and report per-device memory and FLOPs.
 
@@ -131,17 +160,6 @@ def report(config, *, mesh=None, compile_step: bool = True) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and "flops" in cost:
       out["xla_flops_per_device"] = float(cost["flops"])
-    mem = compiled.memory_analysis()
-    if mem is not None:
-      xla = {
-          "argument": mem.argument_size_in_bytes,
-          "output": mem.output_size_in_bytes,
-          "alias": mem.alias_size_in_bytes,
-          "temp": mem.temp_size_in_bytes,
-          "generated_code": mem.generated_code_size_in_bytes,
-      }
-      out["xla_gb"] = {k: round(v / GB, 3) for k, v in xla.items()}
-      peak = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
-      out["peak_gb_estimate"] = round(peak / GB, 3)
+    out.update(xla_memory(compiled))
   out["total_s"] = round(time.perf_counter() - t0, 1)
   return out
