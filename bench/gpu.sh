@@ -5,8 +5,8 @@
 # MFU, measured peak device memory beside XLA's estimate, compile time. Writes $IOMM_BENCH_OUT/points.jsonl and
 # table.md and prints one JSON summary line; no new point starts after $IOMM_BENCH_BUDGET_S seconds.
 #
-#   bench/gpu.sh [extra --config.* / bench/step.py flags passed to every point...]
-#   IOMM_BENCH_SWEEP=0 bench/gpu.sh --config.model.attention=cudnn     one point only (batch $IOMM_BENCH_BATCH)
+#   bench/gpu.sh [gpu_sweep.py flags] [extra --config.* / bench/step.py flags passed to every point...]
+#   bench/gpu.sh --batches=8 --attention= --remat=        one point only (the config's attention and remat)
 # --config.model.attention reaches every module (DiT, RQA, VAE, ViT, LLM): auto (default) | cudnn | xla | splash (TPU).
 # --profile=DIR adds a jax.profiler trace of 3 steps; --compile_cache=DIR keeps compiled programs between runs.
 #
@@ -16,8 +16,6 @@
 #   IOMM_BENCH_CONFIG     config file (default configs/iomm_b.py)
 #   IOMM_BENCH_OUT        sweep output folder (default bench_gpu)
 #   IOMM_BENCH_BUDGET_S   sweep: start no new point after this many seconds (default 480)
-#   IOMM_BENCH_SWEEP      0: one point instead of the sweep
-#   IOMM_BENCH_BATCH      global batch of the one point (default 8)
 #   IOMM_BENCH_STEPS      timed steps per point (default 10)
 #   IOMM_BENCH_ALLOW_CPU  1: run even without a GPU (smoke test of this script; figures are then meaningless)
 #   PYTHON                interpreter (default python3)
@@ -25,7 +23,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CONFIG=${IOMM_BENCH_CONFIG:-configs/iomm_b.py}
-BATCH=${IOMM_BENCH_BATCH:-8}
 STEPS=${IOMM_BENCH_STEPS:-10}
 
 "$PY" -c "import jax" 2>/dev/null || {
@@ -70,23 +67,7 @@ if [[ "$PLATFORM" != "gpu" && "${IOMM_BENCH_ALLOW_CPU:-0}" != "1" ]]; then
   exit 3
 fi
 
-if [[ "${IOMM_BENCH_SWEEP:-1}" != "0" ]]; then
-  ALLOW=()
-  [[ "$PLATFORM" != "gpu" ]] && ALLOW=(--allow_cpu)
-  exec "$PY" bench/gpu_sweep.py --config="$CONFIG" --out="${IOMM_BENCH_OUT:-bench_gpu}" --steps="$STEPS" \
-    --budget_s="${IOMM_BENCH_BUDGET_S:-480}" "${ALLOW[@]}" "$@"
-fi
-
-OUT=$(mktemp)
-"$PY" bench/step.py --config="$CONFIG" --synthetic --steps="$STEPS" --warmup=3 \
-  --config.data.cached=True --config.data.cache_path=unused --config.train.global_batch="$BATCH" \
-  --config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1 "$@" | tee "$OUT"
-"$PY" - "$OUT" <<'PYEOF'
-import json, sys
-line = [l for l in open(sys.argv[1]) if l.startswith("{")][-1]
-r = json.loads(line)
-print(f"{r['device_kind']} x{r['devices']}: {r['images_per_s']} images/s, MFU {100 * r['mfu']:.1f}% "
-      f"(step {1000 * r['step_s_median']:.1f} ms, batch {r['global_batch']} @ {r['resolution']}², "
-      f"attention {r['attention']}, compile {r['compile_s']} s cold / {r['compile_s_warm_cache']} s warm cache)")
-PYEOF
-rm -f "$OUT"
+ALLOW=()
+[[ "$PLATFORM" != "gpu" ]] && ALLOW=(--allow_cpu)
+exec "$PY" bench/gpu_sweep.py --config="$CONFIG" --out="${IOMM_BENCH_OUT:-bench_gpu}" --steps="$STEPS" \
+  --budget_s="${IOMM_BENCH_BUDGET_S:-480}" "${ALLOW[@]}" "$@"
