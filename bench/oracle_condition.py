@@ -25,13 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] (its DiT, training and sampler)")
-_STEPS = flags.DEFINE_integer("steps", 0, "training steps (0 = config.train.num_steps)")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 600, "score the EMA weights every this many steps (and at the end)")
-_NUM = flags.DEFINE_integer("num", 84, "samples per score: the 6 × 7 (shape, colour) pairs in turn")
-_IMAGES = flags.DEFINE_integer("images", 4096, "single-object training images (rendered once)")
-_GRID = flags.DEFINE_string("grid", "", "write the last score's samples as a PNG grid here")
-
 
 def single_object_set(num: int, resolution: int, seed: int = 0):
   """`num` single-object scenes of the shapes world: uint8 images (num, R, R, 3) and (shape, colour) indices."""
@@ -69,6 +62,18 @@ def score(images, labels) -> dict:
       one += len(found) == 1
   n = len(images)
   return dict(shape=round(shape_ok / n, 3), colour=round(colour_ok / n, 3), one_object=round(one / n, 3))
+
+
+def _define_flags():
+  """The command line, defined only when run as a script: importing this module (its tests do) defines no absl flag
+  that could collide with another module's in the same process."""
+  global _CONFIG, _STEPS, _EVAL_EVERY, _NUM, _IMAGES, _GRID
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] (its DiT, training and sampler)")
+  _STEPS = flags.DEFINE_integer("steps", 0, "training steps (0 = config.train.num_steps)")
+  _EVAL_EVERY = flags.DEFINE_integer("eval_every", 600, "score the EMA weights every this many steps (and at the end)")
+  _NUM = flags.DEFINE_integer("num", 84, "samples per score: the 6 × 7 (shape, colour) pairs in turn")
+  _IMAGES = flags.DEFINE_integer("images", 4096, "single-object training images (rendered once)")
+  _GRID = flags.DEFINE_string("grid", "", "write the last score's samples as a PNG grid here")
 
 
 def main(argv):
@@ -178,5 +183,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flag_as_required("config")
   app.run(main)
