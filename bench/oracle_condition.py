@@ -89,6 +89,7 @@ def main(argv):
   from iomm_jax.sampling import euler, guided
   from iomm_jax.train import loss as loss_lib
   from iomm_jax.train import optimizers
+  from iomm_jax.train.generate import to_uint8
 
   config = _CONFIG.value
   t = config.train
@@ -103,9 +104,12 @@ def main(argv):
   # Token 0 is the dropped condition (CFG's unconditional branch); then the shapes, then the colours.
   table = nnx.Embed(1 + n_shapes + n_colours, width, rngs=rngs)
 
+  def tokens(labels):  # (shape, colour) indices → the condition's two token ids
+    return jnp.asarray(np.stack([1 + labels[:, 0], 1 + n_shapes + labels[:, 1]], axis=1))
+
   images, labels = single_object_set(_IMAGES.value, res, config.seed)
   x_all = ae.encode(jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
-  cond_all = jnp.asarray(np.stack([1 + labels[:, 0], 1 + n_shapes + labels[:, 1]], axis=1))
+  cond_all = tokens(labels)
 
   def velocity(gen, table, x_t, tt, cond):
     h = table(cond)
@@ -136,7 +140,7 @@ def main(argv):
     return params, opt_state, optimizers.ema_update(ema, params, t.ema_decay) if t.ema_decay > 0 else params, loss
 
   eval_labels = np.asarray([(i % n_shapes, (i // n_shapes) % n_colours) for i in range(_NUM.value)], np.int32)
-  eval_cond = jnp.asarray(np.stack([1 + eval_labels[:, 0], 1 + n_shapes + eval_labels[:, 1]], axis=1))
+  eval_cond = tokens(eval_labels)
   noise = jax.random.normal(jax.random.key(config.seed + 1), (_NUM.value,) + x_all.shape[1:], jnp.float32)
 
   @jax.jit
@@ -155,7 +159,7 @@ def main(argv):
       loss.block_until_ready()
       train_s += time.perf_counter() - start
     if (i + 1) % _EVAL_EVERY.value == 0 or i + 1 == steps:
-      samples = np.asarray(jnp.clip((draw(ema) + 1.0) * 127.5, 0, 255).round().astype(jnp.uint8))
+      samples = to_uint8(draw(ema))
       curve.append(dict(step=i + 1, loss=round(float(loss), 4), **score(samples, eval_labels)))
       print(json.dumps(curve[-1]), file=sys.stderr, flush=True)
   if _GRID.value:
