@@ -37,8 +37,10 @@ def plan(batches, attentions, remats, base_batch, default_attention, default_rem
   return unique
 
 
-def step_command(config: str, point: dict, steps: int, extra: list[str]) -> list[str]:
-  """The bench/step.py command line of one point (as bench/gpu.sh used to run it for one batch)."""
+def step_command(config: str, point: dict, steps: int, extra: list[str], compile_cache: str) -> list[str]:
+  """The bench/step.py command line of one point. All points share `compile_cache`: the programs they have in
+  common (the random frozen weights, the generator's init) compile once; each point's train step differs, so its
+  compile_s stays a cold figure."""
   return [
       sys.executable,
       os.path.join(HERE, "step.py"),
@@ -46,6 +48,7 @@ def step_command(config: str, point: dict, steps: int, extra: list[str]) -> list
       "--synthetic",
       f"--steps={steps}",
       "--warmup=2",
+      f"--compile_cache={compile_cache}",
       "--config.data.cached=True",
       "--config.data.cache_path=unused",
       f"--config.train.global_batch={point['batch']}",
@@ -62,8 +65,13 @@ def run_point(cmd: list[str], timeout_s: float) -> dict:
   """bench/step.py's JSON line, or {'error': its last output line} when it failed (e.g. out of memory)."""
   try:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timed out after {timeout_s:.0f} s"}
+  except subprocess.TimeoutExpired as e:
+    # bench/step.py logs each start-up phase as it ends: the last one says how far it got.
+    err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+    done = [l for l in err.splitlines() if l.startswith("bench/step.py: ")]
+    return {
+        "error": f"timed out after {timeout_s:.0f} s; " + (f"last done: {done[-1][15:]}" if done else "no phase done")
+    }
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode == 0 and lines:
     return json.loads(lines[-1])
@@ -139,7 +147,8 @@ def main(argv=None) -> int:
       if time.time() - t0 > args.budget_s:
         skipped.append(point)
         continue
-      result = run_point(step_command(args.config, point, args.steps, extra), args.point_timeout_s)
+      command = step_command(args.config, point, args.steps, extra, os.path.join(args.out, "xla_cache"))
+      result = run_point(command, args.point_timeout_s)
       rows.append({"point": point, "result": result})
       f.write(json.dumps({"point": point, **result}) + "\n")
       f.flush()

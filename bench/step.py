@@ -88,7 +88,19 @@ def main(argv):
     return
   cache_dir = _CACHE.value or tempfile.mkdtemp(prefix="iomm_bench_xla_cache_")
   cache_dir = profiling.enable_compile_cache(cache_dir, "")
-  run = builder.build(config)
+  phases = {}  # seconds per start-up phase; each is also logged as it ends, so a run killed mid-way says where
+
+  def phase_done(name: str, since: float) -> None:
+    phases[name] = round(time.perf_counter() - since, 2)
+    print(f"bench/step.py: {name} {phases[name]} s", file=sys.stderr, flush=True)
+
+  t0 = time.perf_counter()
+  run = builder.build(config, load_frozen=False)
+  phase_done("build", t0)
+  t0 = time.perf_counter()
+  run.frozen = builder.load_frozen_weights(config, run)
+  jax.block_until_ready(run.frozen)
+  phase_done("frozen_weights", t0)
   per_process = parallel.batch_size_per_process(config.train.global_batch, run.mesh)
   if _SYNTHETIC.value:
     local = synthetic_batch(run, per_process)
@@ -97,12 +109,16 @@ def main(argv):
 
     local = loop.model_batch(next(loop.make_data_iter(run, tempfile.mkdtemp())[0]), bool(config.data.cached))
   batch = parallel.global_batch(local, run.mesh)
+  t0 = time.perf_counter()
   state = run.init_state()
+  jax.block_until_ready(state)
+  phase_done("train_state", t0)
   # Cold: compiled and written to the persistent cache; warm: the same program again, read back from it (what a
   # restarted or requeued job pays).
   t0 = time.perf_counter()
   compiled = run.train_step.lower(state, run.frozen, batch).compile()
   compile_s = time.perf_counter() - t0
+  phase_done("compile", t0)
   t0 = time.perf_counter()
   compiled = run.train_step.lower(state, run.frozen, batch).compile()
   compile_warm_s = time.perf_counter() - t0
@@ -137,6 +153,7 @@ def main(argv):
       "mesh": dict(run.mesh.shape),
       "global_batch": config.train.global_batch,
       "resolution": config.data.resolution,
+      "startup_s": phases,  # build, frozen weights (random or read), train state: before the step compiles
       "compile_s": round(compile_s, 2),
       "compile_s_warm_cache": round(compile_warm_s, 2),
       "compile_cache": cache_dir,

@@ -46,6 +46,12 @@ def test_table_shows_measured_and_estimated_memory_and_failures():
   assert rows[3].startswith("| 32 | xla | none | failed: RESOURCE_EXHAUSTED")
 
 
+def test_every_point_shares_one_compile_cache():
+  points = gpu_sweep.plan([8, 16], [], [], 16, "auto", "full")
+  caches = [[a for a in gpu_sweep.step_command("c.py", p, 5, [], "out/xla") if "compile" in a] for p in points]
+  assert caches == [["--compile_cache=out/xla"]] * 2
+
+
 def test_cpu_refused_without_allow_cpu(tmp_path, capsys):
   assert gpu_sweep.main(["--out", str(tmp_path), "--config=configs/tiny.py"]) == 3
   assert "--allow_cpu" in capsys.readouterr().out
@@ -76,6 +82,20 @@ def test_smoke_run_records_a_failed_point_and_goes_on(tmp_path, capsys):
   assert good["point"] == {"batch": 8, "attention": "auto", "remat": "none"}
   assert good["images_per_s"] > 0 and good["global_batch"] == 8 and good["memory_estimate_gb"] > 0
   assert good["peak_memory_gb"] is None  # CPU keeps no device memory statistics
+  assert set(good["startup_s"]) == {"build", "frozen_weights", "train_state", "compile"}
   assert bad["point"]["attention"] == "bogus" and "attention" in bad["error"]
   table = (tmp_path / "table.md").read_text()
   assert "| 8 | auto | none |" in table and "| 8 | bogus | none | failed:" in table
+
+
+def test_a_timed_out_point_says_which_start_up_phase_it_finished_last():
+  """On the H200 every point of the first sweep timed out with no word of where; bench/step.py now logs each phase."""
+  slow_step = (
+      "import sys, time; print('bench/step.py: build 1.5 s', file=sys.stderr, flush=True); "
+      "print('bench/step.py: frozen_weights 2.0 s', file=sys.stderr, flush=True); time.sleep(60)"
+  )
+  result = gpu_sweep.run_point([sys.executable, "-c", slow_step], timeout_s=3)
+  assert result == {"error": "timed out after 3 s; last done: frozen_weights 2.0 s"}
+  assert gpu_sweep.run_point([sys.executable, "-c", "import time; time.sleep(60)"], 1) == {
+      "error": "timed out after 1 s; no phase done"
+  }

@@ -1,11 +1,13 @@
 """Build everything a run needs, already sharded: mesh, modules, frozen weights, train state, jitted step.
 
 Parameters are born sharded: shapes come from `nnx.eval_shape`, shardings from the logical-axis rules, and
-`jax.jit(init, out_shardings=...)` creates each array directly on its devices.
+`random_init` (`jax.jit(init, out_shardings=...)`, with the threefry GPU kernel) creates each array directly on its
+devices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -59,7 +61,7 @@ class Run:
       gen = factory.make_generator(self.config, nnx.Rngs(seed), self.mcfg)
       return nnx.to_pure_dict(nnx.state(gen, nnx.Param))
 
-    params = jax.jit(init_params, out_shardings=self.param_shardings)()
+    params = random_init(init_params, self.param_shardings)
     if self.config.init.workdir:
       params = warm_start.params_from_workdir(self.config, self.abstract_state, self.state_shardings)
     if self.config.init.transformer or self.config.init.rqa:
@@ -204,6 +206,29 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   return run
 
 
+@contextlib.contextmanager
+def threefry_gpu_kernel():
+  """Within: JAX lowers threefry random bits on GPU to its one CUDA kernel instead of inlining the hash.
+
+  Inlined, the 20-round hash lands in every initialiser's fusion, and ptxas compiles each: IOMM-B's random frozen
+  MLLM init was still compiling after 3 minutes on an H200 (bench/gpu.sh, every point timed out). The kernel gives
+  the same bits, so a seed still gives the same weights; off GPU the setting changes nothing.
+  """
+  before = jax.config.jax_threefry_gpu_kernel_lowering
+  jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", before)
+
+
+def random_init(fn, out_shardings):
+  """`fn()` — a program that draws random weights — jitted straight onto `out_shardings`, under
+  `threefry_gpu_kernel` so that it compiles in seconds on GPU."""
+  with threefry_gpu_kernel():
+    return jax.jit(fn, out_shardings=out_shardings)()
+
+
 def load_frozen_weights(config, run: Run) -> dict:
   """The frozen MLLM and autoencoder weights, sharded: loaded from disk when paths are set, else random (seeded)."""
   seed = config.seed + 7919  # frozen random weights never share a stream with the trainable init
@@ -217,17 +242,17 @@ def load_frozen_weights(config, run: Run) -> dict:
     )
     mllm = nnx.to_pure_dict(state)
   else:
-    mllm = jax.jit(
+    mllm = random_init(
         lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(seed), run.mcfg), nnx.Param)),
-        out_shardings=run.frozen_shardings["mllm"],
-    )()
+        run.frozen_shardings["mllm"],
+    )
   if config.model.autoencoder.kind == "flux_vae" and config.model.autoencoder.path:
     ae = load_vae_weights(config, run.frozen_shardings["ae"], factory.DTYPES[config.model.frozen_dtype])
   else:
-    ae = jax.jit(
+    ae = random_init(
         lambda: nnx.to_pure_dict(nnx.state(factory.make_ae(config, nnx.Rngs(seed + 1)), nnx.Param)),
-        out_shardings=run.frozen_shardings["ae"],
-    )()
+        run.frozen_shardings["ae"],
+    )
   return {"mllm": mllm, "ae": ae}
 
 

@@ -1,0 +1,57 @@
+"""Random weights compile fast on GPU: every init program is lowered with JAX's threefry kernel, not the inlined hash.
+
+No GPU is needed: the init programs are lowered for CUDA from this CPU and their StableHLO read.
+"""
+
+import jax
+from flax import nnx
+
+from iomm_jax.models import factory
+from iomm_jax.train import builder
+from tests.helpers import tiny_config
+
+# The inlined threefry hash rotates with shifts; the kernel is one custom call.
+KERNEL = "cu_threefry2x32"
+INLINED = "stablehlo.shift_left"
+
+
+def _mllm_init_for_cuda(config) -> str:
+  mcfg = factory.mllm_config(config)
+  fn = lambda: nnx.to_pure_dict(nnx.state(factory.make_mllm(config, nnx.Rngs(0), mcfg), nnx.Param))  # noqa: E731
+  return jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_threefry_gpu_kernel_replaces_the_inlined_hash_and_restores_the_setting():
+  config = tiny_config()
+  plain = _mllm_init_for_cuda(config)
+  assert INLINED in plain and KERNEL not in plain  # the control: without it, the hash is inlined
+  before = jax.config.jax_threefry_gpu_kernel_lowering
+  with builder.threefry_gpu_kernel():
+    kernel = _mllm_init_for_cuda(config)
+  assert KERNEL in kernel and INLINED not in kernel
+  assert len(kernel) < len(plain) / 2
+  assert jax.config.jax_threefry_gpu_kernel_lowering == before
+
+
+def test_every_random_init_of_a_run_draws_through_the_kernel(monkeypatch):
+  """Generator init, frozen MLLM and frozen autoencoder: three programs, each jitted inside the setting."""
+  flags = []
+  real_jit = jax.jit
+
+  def spy(fn, **kw):
+    jitted = real_jit(fn, **kw)
+
+    def call(*a):
+      flags.append(jax.config.jax_threefry_gpu_kernel_lowering)
+      return jitted(*a)
+
+    return call
+
+  monkeypatch.setattr(builder.jax, "jit", spy)
+  run = builder.build(tiny_config(), load_frozen=False)
+  flags.clear()  # build() itself draws nothing
+  run.frozen = builder.load_frozen_weights(run.config, run)
+  assert flags == [True, True]
+  flags.clear()
+  run.init_state()
+  assert flags == [True, False]  # the generator's weights; then the optimizer state, which draws nothing
