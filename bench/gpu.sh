@@ -40,10 +40,11 @@ for pair in $NEEDED; do
 done
 if (( ${#MISSING[@]} )); then
   echo "gpu.sh: installing missing packages: ${MISSING[*]}" >&2
-  # Pin what constraints.txt pins, except jax/jaxlib and their plugins: keep the machine's own JAX.
+  # Pin what constraints.txt pins, except jax/jaxlib and their plugins (keep the machine's own JAX) and flax, which
+  # follows JAX: the pinned flax 0.12.8 does not import under JAX 0.11 (seen on an H200 with JAX 0.11.2; 0.12.12 ran).
   CONS=$(mktemp)
   trap 'rm -f "$CONS"' EXIT
-  if [[ -f constraints.txt ]]; then grep -viE '^(jax|jaxlib|jax-cuda|jax_cuda|torch|nvidia-)' constraints.txt > "$CONS"; fi
+  if [[ -f constraints.txt ]]; then grep -viE '^(jax|jaxlib|jax-cuda|jax_cuda|torch|nvidia-|flax=)' constraints.txt > "$CONS"; fi
   "$PY" - >> "$CONS" <<'PYEOF'
 import importlib.metadata as md
 for name in ("jax", "jaxlib"):
