@@ -11,8 +11,10 @@
 # --profile=DIR adds a jax.profiler trace of 3 steps; --compile_cache=DIR keeps compiled programs between runs.
 #
 # Needs the JAX already installed on the CUDA machine (jax + its CUDA plugin); it is never reinstalled or
-# upgraded. Python packages the step imports that are missing are installed from ./wheels (pip --no-index) when
-# that folder has them, else from PyPI, pinned to constraints.txt where it names them. Environment knobs:
+# upgraded. Python packages the step imports that are missing come from ./wheels when that folder exists (a machine
+# without network: fetch them elsewhere with bench/gpu_wheels.sh and carry the folder; they are installed into
+# $IOMM_BENCH_SITE, default /tmp/iomm_bench_site, put first on PYTHONPATH), else from PyPI, pinned to
+# constraints.txt where it names them. Environment knobs:
 #   IOMM_BENCH_CONFIG     config file (default configs/iomm_b.py)
 #   IOMM_BENCH_OUT        sweep output folder (default bench_gpu)
 #   IOMM_BENCH_BUDGET_S   sweep: start no new point after this many seconds (default 480)
@@ -29,17 +31,25 @@ STEPS=${IOMM_BENCH_STEPS:-10}
   echo "gpu.sh: jax is not importable by $PY; install jax with its CUDA plugin first (pip install 'jax[cuda12]')" >&2
   exit 2; }
 
-# module:pip-name of everything the step imports besides jax/numpy.
+# module:pip-name of everything the step imports besides jax/numpy (flax.nnx: an old flax imports, its nnx not).
 NEEDED="grain:grain ml_collections:ml_collections array_record:array_record tensorboardX:tensorboardX
-flax:flax optax:optax orbax.checkpoint:orbax-checkpoint chex:chex absl:absl-py tqdm:tqdm PIL:pillow
+flax.nnx:flax optax:optax orbax.checkpoint:orbax-checkpoint chex:chex absl:absl-py tqdm:tqdm PIL:pillow
 msgpack:msgpack tokenizers:tokenizers transformers:transformers"
-MISSING=()
-for pair in $NEEDED; do
-  mod=${pair%%:*}; pkg=${pair##*:}
-  "$PY" -c "import $mod" 2>/dev/null || MISSING+=("$pkg")
-done
+missing() {
+  for pair in $NEEDED; do "$PY" -c "import ${pair%%:*}" 2>/dev/null || echo "${pair##*:}"; done
+}
+MISSING=($(missing))
+if (( ${#MISSING[@]} )) && [[ -d wheels ]]; then
+  # An offline machine: the wheels carried in ./wheels (bench/gpu_wheels.sh) go into a folder of their own, first
+  # on PYTHONPATH, without dependency resolution and without touching the machine's own packages.
+  SITE=${IOMM_BENCH_SITE:-/tmp/iomm_bench_site}
+  echo "gpu.sh: missing ${MISSING[*]}; installing ./wheels into $SITE" >&2
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" wheels/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  MISSING=($(missing))
+fi
 if (( ${#MISSING[@]} )); then
-  echo "gpu.sh: installing missing packages: ${MISSING[*]}" >&2
+  echo "gpu.sh: installing missing packages from PyPI: ${MISSING[*]}" >&2
   # Pin what constraints.txt pins, except jax/jaxlib and their plugins (keep the machine's own JAX) and flax, which
   # follows JAX: the pinned flax 0.12.8 does not import under JAX 0.11 (seen on an H200 with JAX 0.11.2; 0.12.12 ran).
   CONS=$(mktemp)
@@ -53,12 +63,7 @@ for name in ("jax", "jaxlib"):
     except md.PackageNotFoundError:
         pass
 PYEOF
-  if [[ -d wheels ]] && "$PY" -m pip install -q --no-index --find-links wheels -c "$CONS" "${MISSING[@]}"; then
-    :
-  else
-    [[ -d wheels ]] && echo "gpu.sh: ./wheels lacks some of them; trying PyPI" >&2
-    "$PY" -m pip install -q -c "$CONS" "${MISSING[@]}"
-  fi
+  "$PY" -m pip install -q -c "$CONS" "${MISSING[@]}"
 fi
 
 PLATFORM=$("$PY" -c "import jax; print(jax.devices()[0].platform)")
