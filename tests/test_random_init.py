@@ -6,6 +6,7 @@ No GPU is needed: the init programs are lowered for CUDA from this CPU and their
 import jax
 from flax import nnx
 
+from iomm_jax import parallel
 from iomm_jax.models import factory
 from iomm_jax.train import builder
 from tests.helpers import tiny_config
@@ -33,8 +34,8 @@ def test_threefry_gpu_kernel_replaces_the_inlined_hash_and_restores_the_setting(
   assert jax.config.jax_threefry_gpu_kernel_lowering == before
 
 
-def test_every_random_init_of_a_run_draws_through_the_kernel(monkeypatch):
-  """Generator init, frozen MLLM and frozen autoencoder: three programs, each jitted inside the setting."""
+def _init_flags(monkeypatch, mesh) -> tuple[list, list]:
+  """The kernel setting at each jitted call of a run's frozen-weight load and its train-state init."""
   flags = []
   real_jit = jax.jit
 
@@ -48,10 +49,23 @@ def test_every_random_init_of_a_run_draws_through_the_kernel(monkeypatch):
     return call
 
   monkeypatch.setattr(builder.jax, "jit", spy)
-  run = builder.build(tiny_config(), load_frozen=False)
+  run = builder.build(tiny_config(), mesh=mesh, load_frozen=False)
   flags.clear()  # build() itself draws nothing
   run.frozen = builder.load_frozen_weights(run.config, run)
-  assert flags == [True, True]
+  frozen = list(flags)
   flags.clear()
   run.init_state()
-  assert flags == [True, False]  # the generator's weights; then the optimizer state, which draws nothing
+  return frozen, flags
+
+
+def test_on_one_device_every_random_init_draws_through_the_kernel(monkeypatch):
+  """The frozen MLLM, then the generator: each jitted inside the setting. Outside it: the tiny config's identity
+  autoencoder (no weights, so no device) and the optimizer state (zeros)."""
+  mesh = parallel.make_mesh(tiny_config().mesh, jax.devices()[:1])
+  assert _init_flags(monkeypatch, mesh) == ([True, False], [True, False])
+
+
+def test_across_devices_the_hash_stays_inlined_and_partitioned(monkeypatch):
+  assert len(jax.devices()) == 8
+  mesh = parallel.make_mesh(tiny_config().mesh)
+  assert _init_flags(monkeypatch, mesh) == ([False, False], [False, False])

@@ -223,9 +223,16 @@ def threefry_gpu_kernel():
 
 
 def random_init(fn, out_shardings):
-  """`fn()` — a program that draws random weights — jitted straight onto `out_shardings`, under
-  `threefry_gpu_kernel` so that it compiles in seconds on GPU."""
-  with threefry_gpu_kernel():
+  """`fn()` — a program that draws random weights — jitted straight onto `out_shardings`; on one device under
+  `threefry_gpu_kernel`, so that it compiles in seconds on a GPU.
+
+  Across several devices the hash stays inlined: the kernel is a custom call that XLA's partitioner cannot split, so
+  every device would draw each whole array (with its 32-bit counters: several GB for the largest stacked weights),
+  where the inlined, partitionable hash draws only its own shard. There the first start pays the compile and the
+  persistent compile cache spares restarts.
+  """
+  devices = {d for s in jax.tree_util.tree_leaves(out_shardings) for d in s.device_set}
+  with threefry_gpu_kernel() if len(devices) == 1 else contextlib.nullcontext():
     return jax.jit(fn, out_shardings=out_shardings)()
 
 
