@@ -95,26 +95,41 @@ def torch_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int, 
   return _median_time(step, steps, warmup, lambda loss: loss.item())
 
 
-def jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int, warmup: int) -> float:
-  """Median seconds of the same DiT-only step in JAX (our MMDiT, the training optimizer), one device."""
+def jax_dit_step(config, dit_cfg, latent_shape, cond_len, width, devices=None):
+  """The same DiT-only step in JAX (our MMDiT, the training optimizer) as `run() -> loss`, data-parallel over
+  `devices` (default: every local device that divides the batch evenly; parameters replicated, batch split).
+
+  On a CPU, JAX uses several cores for a small model best as several host devices, one per core
+  (XLA_FLAGS=--xla_force_host_platform_device_count=N): each runs half the batch's small ops on its own thread, where
+  one device runs them one after another.
+  """
   import jax
   import jax.numpy as jnp
   import optax
   from flax import nnx
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from iomm_jax.models import factory, latents
   from iomm_jax.models.mmdit import MMDiT
   from iomm_jax.train import loss as loss_lib
   from iomm_jax.train import optimizers
 
+  b, h, w, c = latent_shape
+  if devices is None:
+    devices = jax.local_devices()
+    while b % len(devices):
+      devices = devices[:-1]
+  mesh = jax.make_mesh((len(devices),), ("batch",), axis_types=(AxisType.Auto,), devices=devices)
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
   model = MMDiT(dit_cfg, dtype=factory.DTYPES[config.model.dtype], param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   tx = optimizers.make_optimizer(config.train)
-  opt_state = tx.init(params)
-  b, h, w, c = latent_shape
+  params = jax.device_put(params, replicated)
+  opt_state = jax.device_put(tx.init(params), replicated)
   img_ids, txt_ids = latents.image_ids(h // 2, w // 2), latents.text_ids(cond_len)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(replicated, replicated, replicated))
   def step(params, opt_state, x, cond, rng):
     def loss_fn(p):
       m = nnx.merge(graphdef, p)
@@ -126,8 +141,8 @@ def jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int
     return optax.apply_updates(params, updates), opt_state, loss
 
   key = jax.random.key(0)
-  x = jax.random.normal(jax.random.fold_in(key, 1), latent_shape)
-  cond = jax.random.normal(jax.random.fold_in(key, 2), (b, cond_len, width))
+  x = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), latent_shape), split)
+  cond = jax.device_put(jax.random.normal(jax.random.fold_in(key, 2), (b, cond_len, width)), split)
   carry = {"params": params, "opt": opt_state, "i": 0}
 
   def run():
@@ -137,7 +152,16 @@ def jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int
     )
     return loss
 
-  return _median_time(run, steps, max(warmup, 1), jax.block_until_ready)
+  run.devices = len(devices)
+  return run
+
+
+def jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps: int, warmup: int) -> tuple[float, int]:
+  """Median seconds of `jax_dit_step` on every local device that divides the batch, and that device count."""
+  import jax
+
+  run = jax_dit_step(config, dit_cfg, latent_shape, cond_len, width)
+  return _median_time(run, steps, max(warmup, 1), jax.block_until_ready), run.devices
 
 
 def compare(config, jax_step_s: float, steps: int = 20, warmup: int = 2, repeats: int = 3) -> dict:
@@ -153,7 +177,8 @@ def compare(config, jax_step_s: float, steps: int = 20, warmup: int = 2, repeats
   torch_runs, jax_runs = [], []
   for _ in range(repeats):
     torch_runs.append(torch_step_time(config, dit_cfg, latent_shape, cond_len, width, steps, warmup))
-    jax_runs.append(jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps, warmup))
+    jax_s, jax_devices = jax_dit_step_time(config, dit_cfg, latent_shape, cond_len, width, steps, warmup)
+    jax_runs.append(jax_s)
   torch_s, jax_s = statistics.median(torch_runs), statistics.median(jax_runs)
   return {
       "torch_step_s_median": round(torch_s, 4),
@@ -171,7 +196,7 @@ def compare(config, jax_step_s: float, steps: int = 20, warmup: int = 2, repeats
           "dit_blocks": [dit_cfg.num_layers, dit_cfg.num_single_layers],
       },
       "torch_threads": torch.get_num_threads(),
-      "jax_dit_devices": 1,
+      "jax_dit_devices": jax_devices,  # data-parallel; one per core is fastest on a CPU (see jax_dit_step)
       "jax_full_step_s_median": None if jax_step_s is None else round(jax_step_s, 4),
       "jax_platform": jax.devices()[0].platform,
       "jax_attention": config.model.attention,
