@@ -22,6 +22,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/step.py writes one stderr line with this prefix as each start-up phase ends ("<prefix>build 1.2 s").
+PHASE_LOG = "bench/step.py: "
 ROOT = os.path.dirname(HERE)
 
 
@@ -68,10 +70,8 @@ def run_point(cmd: list[str], timeout_s: float) -> dict:
   except subprocess.TimeoutExpired as e:
     # bench/step.py logs each start-up phase as it ends: the last one says how far it got.
     err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-    done = [l for l in err.splitlines() if l.startswith("bench/step.py: ")]
-    return {
-        "error": f"timed out after {timeout_s:.0f} s; " + (f"last done: {done[-1][15:]}" if done else "no phase done")
-    }
+    done = [l[len(PHASE_LOG) :] for l in err.splitlines() if l.startswith(PHASE_LOG)]
+    return {"error": f"timed out after {timeout_s:.0f} s; " + (f"last done: {done[-1]}" if done else "no phase done")}
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode == 0 and lines:
     return json.loads(lines[-1])

@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bench.gpu_sweep import PHASE_LOG  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]")
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after warm-up)")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
@@ -92,7 +94,7 @@ def main(argv):
 
   def phase_done(name: str, since: float) -> None:
     phases[name] = round(time.perf_counter() - since, 2)
-    print(f"bench/step.py: {name} {phases[name]} s", file=sys.stderr, flush=True)
+    print(f"{PHASE_LOG}{name} {phases[name]} s", file=sys.stderr, flush=True)
 
   t0 = time.perf_counter()
   run = builder.build(config, load_frozen=False)

@@ -90,9 +90,10 @@ def test_smoke_run_records_a_failed_point_and_goes_on(tmp_path, capsys):
 
 def test_a_timed_out_point_says_which_start_up_phase_it_finished_last():
   """On the H200 every point of the first sweep timed out with no word of where; bench/step.py now logs each phase."""
+  log = gpu_sweep.PHASE_LOG
   slow_step = (
-      "import sys, time; print('bench/step.py: build 1.5 s', file=sys.stderr, flush=True); "
-      "print('bench/step.py: frozen_weights 2.0 s', file=sys.stderr, flush=True); time.sleep(60)"
+      f"import sys, time; print('{log}build 1.5 s', file=sys.stderr, flush=True); "
+      f"print('{log}frozen_weights 2.0 s', file=sys.stderr, flush=True); time.sleep(60)"
   )
   result = gpu_sweep.run_point([sys.executable, "-c", slow_step], timeout_s=3)
   assert result == {"error": "timed out after 3 s; last done: frozen_weights 2.0 s"}

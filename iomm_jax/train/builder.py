@@ -1,8 +1,8 @@
 """Build everything a run needs, already sharded: mesh, modules, frozen weights, train state, jitted step.
 
 Parameters are born sharded: shapes come from `nnx.eval_shape`, shardings from the logical-axis rules, and
-`random_init` (`jax.jit(init, out_shardings=...)`, with the threefry GPU kernel) creates each array directly on its
-devices.
+`random_init` (`jax.jit(init, out_shardings=...)`; on one device with the threefry GPU kernel) creates each array
+directly on its devices.
 """
 
 from __future__ import annotations
