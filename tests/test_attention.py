@@ -13,7 +13,7 @@ from flax import nnx
 
 from helpers import tiny_config
 from iomm_jax.config import ConfigError, validate
-from iomm_jax.models import factory, flux_vae, layers, rqa, s3dit_blocks
+from iomm_jax.models import attention_kernels, factory, flux_vae, layers, rqa, s3dit_blocks
 
 B, LQ, LK, H, D = 2, 12, 19, 4, 8
 
@@ -69,6 +69,52 @@ def test_auto_equals_xla_and_a_naive_reference(hk, masking):
   np.testing.assert_allclose(np.asarray(auto), np.asarray(ref), atol=1e-5)
   if masking == "full4d":
     assert np.all(np.asarray(auto)[0, 3] == 0) and np.all(np.asarray(ref)[0, 3] == 0)
+
+
+@pytest.mark.parametrize("hk", [H, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("masking", ["none", "keys", "full4d_empty_row", "causal"])
+def test_saved_probs_backward_equals_autodiff_of_the_reference(hk, masking):
+  """The hand-written backward of 'auto' on CPU (attention_kernels.saved_probs_attention): output and the
+  gradients of q, k, v equal JAX's autodiff of the 'xla' reference, masked, GQA, causal, with an empty row."""
+  q, k, v = _qkv(11, hk=hk, lk=LQ)
+  mask, causal = None, masking == "causal"
+  if masking == "keys":
+    mask = attention_kernels.mask4(_key_mask(LQ))
+  if masking == "full4d_empty_row":
+    m = np.random.default_rng(3).random((B, 1, LQ, LQ)) > 0.4
+    m[1, 0, 5, :] = False
+    mask = jnp.asarray(m)
+  w = jnp.asarray(np.random.default_rng(4).standard_normal((B, LQ, H, D)), jnp.float32)
+
+  def loss(fn, q, k, v):
+    o = fn(q, k, v, mask, causal)
+    return jnp.sum(w * o * jnp.cos(o)), o
+
+  grad = lambda fn: jax.jit(jax.value_and_grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2), has_aux=True))  # noqa: E731
+  (_, ref), gref = grad(attention_kernels.xla_attention)(q, k, v)
+  (_, out), gout = grad(attention_kernels.saved_probs_attention)(q, k, v)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
+  for name, a, b in zip("qkv", gout, gref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=f"d{name}")
+  if masking == "full4d_empty_row":
+    assert np.all(np.asarray(gout[0])[1, 5] == 0)  # a query with no key gets no gradient
+
+
+def test_auto_on_cpu_runs_the_saved_probs_backward():
+  q, k, v = _qkv(0)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda q: layers.attention(q, k, v, implementation="auto"))(q))
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda q: layers.attention(q, k, v, implementation="xla"))(q))
+
+
+def test_linear_is_one_2d_matmul_over_all_leading_axes():
+  """So that autodiff's weight gradient is a plain 2-D product (XLA:CPU copies N-D gradients into a transposed
+  layout first); the result equals the N-D product."""
+  lin = layers.Linear(6, 5, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 6)), jnp.float32)
+  dots = [e for e in jax.make_jaxpr(lin)(x).jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert [e.invars[0].aval.shape for e in dots] == [(24, 6)]
+  ref = jnp.einsum("abci,io->abco", x, lin.kernel[...]) + lin.bias[...]
+  np.testing.assert_allclose(np.asarray(lin(x)), np.asarray(ref), atol=1e-5)
 
 
 @pytest.mark.slow

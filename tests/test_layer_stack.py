@@ -209,3 +209,39 @@ def test_tiny_loss_and_grads_same_with_scan_and_remat():
     results.append((value, grads, str(jax.make_jaxpr(fn)(state.params))))
   _assert_same(results[0], results[1], "tiny IOMM loss")
   assert " scan[" not in results[0][2] and results[1][2].count(" scan[") >= 3  # DiT: 2 stacks, LLM: 1
+
+
+def test_gradient_fence_passes_values_and_gradients_unchanged():
+  """The fence is the identity both ways (its predicate's draw is not 0 on this backend), integer leaves too."""
+  x = jnp.linspace(-2.0, 3.0, 12).reshape(3, 4)
+  n = jnp.arange(3)
+  fenced = lambda x: jnp.sum(jnp.sin(layer_stack.gradient_fence({"x": x * 2.0, "n": n})["x"]) ** 2)  # noqa: E731
+  plain = lambda x: jnp.sum(jnp.sin(x * 2.0) ** 2)  # noqa: E731
+  np.testing.assert_array_equal(jax.jit(fenced)(x), jax.jit(plain)(x))
+  np.testing.assert_array_equal(jax.jit(jax.grad(fenced))(x), jax.jit(jax.grad(plain))(x))
+  assert layer_stack.gradient_fence({"n": n})["n"] is n
+
+
+def _unrolled_mmdit_grad_hlo(platform: str) -> str:
+  cfg = MMDiTConfig(
+      in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+      joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+  )  # fmt: skip
+  graphdef, params = nnx.split(MMDiT(cfg, rngs=nnx.Rngs(0)))
+  x, cond = jnp.ones((2, 4, 8)), jnp.ones((2, 3, 16))
+  ids = jnp.zeros((4, 3)), jnp.zeros((3, 3))
+
+  def loss(p):
+    return jnp.sum(nnx.merge(graphdef, p)(x, cond, cond.mean(1), jnp.full((2,), 0.5), *ids) ** 2)
+
+  lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=(platform,))
+  return lowered.compile().as_text() if platform == "cpu" else lowered.as_text()
+
+
+def test_gradient_fence_survives_xla_cpu_between_unrolled_blocks_and_vanishes_elsewhere():
+  """Each unrolled block's input is fenced: the CPU program keeps one conditional per fenced carry array (2 per
+  MM-DiT block: text and image streams), which XLA would drop if it could see through it; a CUDA lowering draws
+  no predicate (only the constant platform switch of `platform_dependent` remains, which XLA folds)."""
+  cpu = _unrolled_mmdit_grad_hlo("cpu")
+  assert cpu.count(" conditional(") == 2 * 4, cpu.count(" conditional(")
+  assert "rng_bit_generator" not in _unrolled_mmdit_grad_hlo("cuda")

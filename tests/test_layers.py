@@ -20,6 +20,7 @@ LAYERS = {
         "iomm_jax.metrics",
         "iomm_jax.geneval_layout",  # a file format (prompts files, sample folders): read by training's grids too
         "iomm_jax.models.layers",
+        "iomm_jax.models.attention_kernels",
         "iomm_jax.models.rope",
         "iomm_jax",
     ],

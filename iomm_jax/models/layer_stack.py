@@ -10,6 +10,10 @@
   conversion, checkpoints and sharding rules are the same in both modes. The price is one stacked copy of the blocks'
   weights inside the step (sharded like the weights, so 1/fsdp of them per device); `--dry_run` reports it.
 
+Unrolled on a CPU, each block's input passes through `gradient_fence`: XLA:CPU otherwise fuses the residual
+stream's gradient, a chain of cheap adds through every later block, into each of its consumers and recomputes it
+there, work that grows with the square of the depth (the mid-size DiT step: 23% of its time).
+
 Remat wraps the per-block function in `jax.checkpoint` over a pure function of the block's state, so weights are
 inputs rather than saved residuals and only the policy's residuals survive to the backward pass.
 """
@@ -56,7 +60,7 @@ def run_blocks(
   if not scan:
     for block in blocks:
       graphdef, state = nnx.split(block)
-      carry = _block_fn(graphdef, call, remat)(state, carry, *consts)
+      carry = _block_fn(graphdef, call, remat)(state, gradient_fence(carry), *consts)
     return carry
   if not blocks:
     return carry
@@ -88,3 +92,40 @@ def _block_fn(graphdef, call, remat: str):
     return call(nnx.merge(graphdef, state), carry, *consts)
 
   return pure if remat == "none" else jax.checkpoint(pure, policy=REMAT_POLICIES[remat])
+
+
+@jax.custom_vjp
+def gradient_fence(tree: Any) -> Any:
+  """The identity; on CPU its gradient is materialised once instead of being fused into (and recomputed by) every
+  consumer. Elsewhere it compiles to nothing.
+
+  XLA removes optimisation barriers on CPU before fusing, so the fence is a conditional that XLA cannot see
+  through: its predicate is a bit drawn by `rng_bit_generator` from a constant key, which XLA does not fold and
+  which needs no communication between devices (a predicate read from the gradient itself would add a collective
+  per block when the batch is sharded). The draw is never 0 (`tests/test_layer_stack.py` checks it), so the
+  gradient passes through unchanged; the other branch (NaN) only makes the two branches differ, which keeps XLA
+  from folding the conditional away.
+  """
+  return tree
+
+
+def _fence_fwd(tree):
+  return tree, None
+
+
+def _fence_cotangent(g):
+  if not jnp.issubdtype(g.dtype, jnp.floating):
+    return g
+
+  def cpu(g):
+    _, bit = jax.lax.rng_bit_generator(jnp.zeros((4,), jnp.uint32), (), dtype=jnp.uint32)
+    return jax.lax.cond(bit == 0, lambda g: jnp.full_like(g, jnp.nan), lambda g: g, g)
+
+  return jax.lax.platform_dependent(g, cpu=cpu, default=lambda g: g)
+
+
+def _fence_bwd(_, g):
+  return (jax.tree.map(_fence_cotangent, g),)
+
+
+gradient_fence.defvjp(_fence_fwd, _fence_bwd)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import iomm_jax.models.attention_kernels as attention_kernels
+
 Axes = tuple[str | None, ...]
 DType = Any
 
@@ -68,7 +70,11 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
-    y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+    # As one 2-D matmul over all leading axes: autodiff then computes the weight gradient as a plain (tokens, in)ᵀ ×
+    # (tokens, out) product. From the N-D form XLA:CPU builds it with a contraction over two axes, for which it
+    # copies the output gradient into a transposed layout first (measured: ≈ 13% of the mid-size DiT step).
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), self.kernel[...].astype(dtype))
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -196,9 +202,10 @@ def layer_norm(x: jax.Array, eps: float, weight: jax.Array | None = None, bias: 
 
 
 # The one attention setting of every module (config.model.attention; docs/design.md §4):
-#   'auto'   jax.nn.dot_product_attention(implementation=None): XLA picks (cuDNN on GPU where it can)
+#   'auto'   jax.nn.dot_product_attention(implementation=None): XLA picks (cuDNN on GPU where it can); on CPU the
+#            'xla' math with a hand-written backward from the saved probabilities (attention_kernels)
 #   'cudnn'  the cuDNN fused kernel (GPU, bf16/fp16); fails loudly where cuDNN cannot run the shapes
-#   'xla'    the explicit fp32-softmax path below, the reference the others are tested against
+#   'xla'    the explicit fp32-softmax path, the reference the others are tested against
 #   'splash' the Pallas splash-attention kernel shipped with JAX (TPU; `interpret=True` runs it on CPU in tests)
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", "splash")
 
@@ -225,123 +232,19 @@ def attention(
   True = attend: a (B, Lk) key-padding mask, or any 4-D mask broadcastable to (B, H, Lq, Lk). Query rows with no
   key to attend (fully padded) return zeros on every path. `implementation` is one of ATTENTION_IMPLS.
   """
+  m = None if mask is None else attention_kernels.mask4(mask)
   if implementation == "xla":
-    # The XLA path: explicit fp32 softmax, also for bf16 inputs (docs/design.md §4 precision).
-    return _xla_attention(q, k, v, None if mask is None else _mask4(mask), is_causal)
+    return attention_kernels.xla_attention(q, k, v, m, is_causal)
   if implementation == "splash":
-    return _splash_attention(q, k, v, mask, is_causal)
+    return attention_kernels.splash_attention(q, k, v, mask, is_causal)
   impl = {"auto": None, "cudnn": "cudnn"}[check_attention(implementation, "attention implementation")]
-  m = None
-  if mask is not None:
-    m = _mask4(mask)
-    if impl == "cudnn":
-      # cuDNN takes a full (B, 1|H, Lq, Lk) mask, not a broadcastable (B, 1, 1, Lk) one.
-      m = jnp.broadcast_to(m, (q.shape[0], m.shape[1], q.shape[1], k.shape[1]))
+  if impl is None and jax.default_backend() == "cpu":
+    return attention_kernels.saved_probs_attention(q, k, v, m, is_causal)
+  if m is not None and impl == "cudnn":
+    # cuDNN takes a full (B, 1|H, Lq, Lk) mask, not a broadcastable (B, 1, 1, Lk) one.
+    m = jnp.broadcast_to(m, (q.shape[0], m.shape[1], q.shape[1], k.shape[1]))
   out = jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=is_causal, implementation=impl)
-  return out if m is None else _zero_empty_rows(out, m, is_causal, k.shape[1])
-
-
-def _mask4(mask: jax.Array) -> jax.Array:
-  """A (B, Lk) key-padding mask as (B, 1, 1, Lk); 4-D masks as they are."""
-  mask = mask.astype(bool)
-  return mask[:, None, None, :] if mask.ndim == 2 else mask
-
-
-def _zero_empty_rows(out, mask4, is_causal, lk):
-  """Zero the outputs of query rows with no valid key (the fused paths average over all keys there)."""
-  valid = mask4
-  if is_causal:
-    lq = out.shape[1]
-    valid = jnp.logical_and(valid, jnp.tril(jnp.ones((lq, lk), bool), lk - lq))
-  any_key = jnp.any(valid, axis=-1)  # (B, 1|H, 1|Lq)
-  any_key = jnp.transpose(any_key, (0, 2, 1))[..., None]  # (B, 1|Lq, 1|H, 1)
-  return jnp.where(any_key, out, jnp.zeros((), out.dtype))
-
-
-def _xla_attention(q, k, v, mask, is_causal):
-  b, lq, h, d = q.shape
-  lk, hk = k.shape[1], k.shape[2]
-  # GQA without repeating K/V: query heads grouped as (kv head, group).
-  qg = q.reshape(b, lq, hk, h // hk, d)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-  if is_causal:
-    causal = jnp.tril(jnp.ones((lq, lk), bool), lk - lq)
-    mask = causal if mask is None else jnp.logical_and(mask, causal)
-  if mask is not None:
-    # (B|1, 1|H, Lq|1, Lk) → grouped (B|1, 1|Hk, 1|G, Lq|1, Lk).
-    mask = jnp.broadcast_to(mask, (1,) * (4 - mask.ndim) + mask.shape)
-    mh = mask.shape[1]
-    mask = mask[:, :, None] if mh == 1 else mask.reshape(mask.shape[0], hk, h // hk, *mask.shape[2:])
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if mask is not None:
-    # Rows with no valid key (fully padded queries) give zeros, not a uniform average.
-    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
-  return out.reshape(b, lq, h, v.shape[-1])
-
-
-_SPLASH_BLOCK = 128  # the kernel's sequence tile; sequences are padded to a multiple of it
-
-
-def _splash_attention(q, k, v, mask, is_causal, *, interpret: bool | None = None):
-  """The Pallas splash-attention kernel (TPU). Padding is expressed with segment ids: a query attends to keys of
-  its own segment (1 = real, 0 = padding), so only (B, Lk) key-padding masks (with or without is_causal) can be
-  expressed; GQA runs the multi-query kernel once per KV head."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-  if mask is not None and mask.ndim != 2:
-    raise ValueError(
-        f"attention implementation 'splash' takes a (B, Lk) key-padding mask, got shape {mask.shape}; "
-        "use model.attention='auto' for general masks"
-    )
-  if interpret is None:
-    interpret = jax.devices()[0].platform != "tpu"
-  b, lq, h, d = q.shape
-  lk, hk = k.shape[1], k.shape[2]
-  pq, pk = -lq % _SPLASH_BLOCK, -lk % _SPLASH_BLOCK
-  Lq, Lk = lq + pq, lk + pk
-  kv_valid = jnp.ones((b, lk), bool) if mask is None else mask.astype(bool)
-  # A query row with at least one valid key is segment 1 (it sees exactly the valid keys, as the reference); a row
-  # with none is segment 0, so it attends padding keys instead of an empty row (the kernel's softmax would divide
-  # by zero) and is zeroed below. Under is_causal, row i sees keys ≤ i + lk − lq.
-  if is_causal:
-    seen = jnp.cumsum(kv_valid, axis=1)[:, jnp.clip(jnp.arange(lq) + lk - lq, 0, lk - 1)]
-    q_valid = jnp.logical_and(seen > 0, (jnp.arange(lq) + lk - lq >= 0)[None])
-  else:
-    q_valid = jnp.broadcast_to(jnp.any(kv_valid, axis=1, keepdims=True), (b, lq))
-  kv_seg = jnp.pad(kv_valid.astype(jnp.int32), ((0, 0), (0, pk)))
-  # Tail rows added to fill the last tile see every valid key (never an empty row, whose NaN would reach dk/dv).
-  tail = jnp.broadcast_to(jnp.any(kv_valid, axis=1, keepdims=True), (b, pq))
-  q_seg = jnp.concatenate([q_valid, tail], axis=1).astype(jnp.int32)
-  if is_causal:
-    base = sm.CausalMask((Lq, Lk), offset=Lk - Lq)
-  else:
-    base = sm.FullMask((Lq, Lk))
-  g = h // hk
-  blocks = sk.BlockSizes(
-      block_q=_SPLASH_BLOCK,
-      block_kv=_SPLASH_BLOCK,
-      block_kv_compute=_SPLASH_BLOCK,
-      block_q_dkv=_SPLASH_BLOCK,
-      block_kv_dkv=_SPLASH_BLOCK,
-      block_kv_dkv_compute=_SPLASH_BLOCK,
-      block_q_dq=_SPLASH_BLOCK,
-      block_kv_dq=_SPLASH_BLOCK,
-  )
-  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([base] * g), block_sizes=blocks, interpret=interpret)
-  scale = 1.0 / math.sqrt(d)
-  # (B, L, H, D) → per batch and KV head: q (G, Lq, D), k/v (Lk, D).
-  qh = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, pq), (0, 0), (0, 0)))
-  qh = qh.reshape(b, Lq, hk, g, d).transpose(0, 2, 3, 1, 4)
-  kh = jnp.pad(k, ((0, 0), (0, pk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  vh = jnp.pad(v, ((0, 0), (0, pk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  seg = sk.SegmentIds(q=q_seg, kv=kv_seg)
-  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over KV heads
-  out = jax.vmap(per_head, in_axes=(0, 0, 0, sk.SegmentIds(0, 0)))(qh, kh, vh, seg)  # over the batch
-  out = out.transpose(0, 3, 1, 2, 4).reshape(b, Lq, h, d)[:, :lq]
-  return out if mask is None else _zero_empty_rows(out, _mask4(mask), is_causal, lk)
+  return out if m is None else attention_kernels.zero_empty_rows(out, m, is_causal, k.shape[1])
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
