@@ -106,15 +106,22 @@ def test_auto_on_cpu_runs_the_saved_probs_backward():
   assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda q: layers.attention(q, k, v, implementation="xla"))(q))
 
 
-def test_linear_is_one_2d_matmul_over_all_leading_axes():
-  """So that autodiff's weight gradient is a plain 2-D product (XLA:CPU copies N-D gradients into a transposed
-  layout first); the result equals the N-D product."""
+def test_linear_weight_gradient_is_one_2d_matmul_on_cpu():
+  """On CPU, Linear's weight gradient is a plain 2-D product over all leading axes (XLA:CPU copies N-D gradients
+  into a transposed layout first); output and gradients equal autodiff of the N-D product."""
   lin = layers.Linear(6, 5, rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4, 6)), jnp.float32)
-  dots = [e for e in jax.make_jaxpr(lin)(x).jaxpr.eqns if e.primitive.name == "dot_general"]
-  assert [e.invars[0].aval.shape for e in dots] == [(24, 6)]
-  ref = jnp.einsum("abci,io->abco", x, lin.kernel[...]) + lin.bias[...]
-  np.testing.assert_allclose(np.asarray(lin(x)), np.asarray(ref), atol=1e-5)
+  w, b = lin.kernel[...], lin.bias[...]
+  r = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 4, 5)), jnp.float32)
+  ours = lambda x, w: jnp.sum(r * jnp.tanh(layers.matmul_2d_weight_grad(x, w) + b))  # noqa: E731
+  ref = lambda x, w: jnp.sum(r * jnp.tanh(jnp.einsum("abci,io->abco", x, w) + b))  # noqa: E731
+  dots = [e for e in jax.make_jaxpr(jax.grad(ours, argnums=1))(x, w).jaxpr.eqns if e.primitive.name == "dot_general"]
+  weight_grad = [e for e in dots if e.outvars[0].aval.shape == (6, 5)]
+  assert [tuple(v.aval.shape) for v in weight_grad[0].invars] == [(6, 24), (24, 5)]
+  np.testing.assert_allclose(np.asarray(lin(x)), np.asarray(jnp.einsum("abci,io->abco", x, w) + b), atol=1e-5)
+  for a, e in zip(jax.grad(ours, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=1e-5)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lin)(x))
 
 
 @pytest.mark.slow
