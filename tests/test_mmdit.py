@@ -417,3 +417,28 @@ def test_rope_errors():
     rope.rope_frequencies(jnp.zeros((3, 2)), (4, 4, 4))
   with pytest.raises(ValueError, match="even"):
     rope.rope_frequencies(jnp.zeros((3, 3)), (4, 3, 5))
+
+
+def test_rope_tables_are_constants_of_the_traced_program():
+  """With ids from `latents` (host arrays, known at trace time) MMDiT builds its RoPE cos/sin tables eagerly, so
+  the program holds them as constants (XLA:CPU would otherwise evaluate cos/sin per rotated element); traced ids
+  still work. The only cos left in the program is the timestep embedding's."""
+  cfg = MMDiTConfig(
+      in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+      joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+  )  # fmt: skip
+  dit = MMDiT(cfg, rngs=nnx.Rngs(0))
+  x, cond, t = jnp.ones((2, 4, 8)), jnp.ones((2, 3, 16)), jnp.full((2,), 0.5)
+  img_ids, txt_ids = latents.image_ids(2, 2), latents.text_ids(3)
+  assert isinstance(img_ids, np.ndarray) and isinstance(txt_ids, np.ndarray)
+
+  def cos_count(fn, *args):
+    return sum(e.primitive.name == "cos" for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns)
+
+  assert cos_count(lambda x: dit(x, cond, cond.mean(1), t, img_ids, txt_ids), x) == 1
+  traced = lambda x, i, c: dit(x, cond, cond.mean(1), t, i, c)  # noqa: E731
+  assert cos_count(traced, x, img_ids, txt_ids) == 2
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(traced)(x, img_ids, txt_ids)), np.asarray(dit(x, cond, cond.mean(1), t, img_ids, txt_ids)),
+      atol=1e-6,
+  )  # fmt: skip

@@ -8,7 +8,7 @@ proj_out) work unchanged although our latents are NHWC and diffusers' are NCHW.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 
 def pack(latents: jax.Array) -> jax.Array:
@@ -39,14 +39,15 @@ def unpack(tokens: jax.Array, height: int, width: int, channels: int) -> jax.Arr
   return x.reshape(b, height, width, channels)
 
 
-def image_ids(h_tokens: int, w_tokens: int) -> jax.Array:
-  """(h·w, 3) float32 ids (0, row, col) in row-major order, as FluxPipeline._prepare_latent_image_ids."""
-  rows = jnp.broadcast_to(jnp.arange(h_tokens, dtype=jnp.float32)[:, None], (h_tokens, w_tokens))
-  cols = jnp.broadcast_to(jnp.arange(w_tokens, dtype=jnp.float32)[None, :], (h_tokens, w_tokens))
-  ids = jnp.stack([jnp.zeros_like(rows), rows, cols], axis=-1)
-  return ids.reshape(h_tokens * w_tokens, 3)
+def image_ids(h_tokens: int, w_tokens: int) -> np.ndarray:
+  """(h·w, 3) float32 ids (0, row, col) in row-major order, as FluxPipeline._prepare_latent_image_ids.
+
+  A host array: the ids depend only on the shape, so the DiT's RoPE tables built from them are constants of the
+  compiled program (see MMDiT.__call__)."""
+  rows, cols = np.meshgrid(np.arange(h_tokens, dtype=np.float32), np.arange(w_tokens, dtype=np.float32), indexing="ij")
+  return np.stack([np.zeros_like(rows), rows, cols], axis=-1).reshape(h_tokens * w_tokens, 3)
 
 
-def text_ids(length: int) -> jax.Array:
-  """(L, 3) float32 zeros: FLUX gives every text token position (0, 0, 0)."""
-  return jnp.zeros((length, 3), jnp.float32)
+def text_ids(length: int) -> np.ndarray:
+  """(L, 3) float32 zeros: FLUX gives every text token position (0, 0, 0). A host array, as `image_ids`."""
+  return np.zeros((length, 3), np.float32)

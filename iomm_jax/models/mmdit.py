@@ -199,7 +199,11 @@ class MMDiT(nnx.Module):
     hidden = self.x_embedder(hidden_states).astype(jnp.float32)
     temb = self.time_text_embed(timestep.astype(jnp.float32) * 1000.0, pooled_projections)
     context = self.context_embedder(encoder_hidden_states).astype(jnp.float32)
-    cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope, cfg.rope_theta)
+    # Position ids are known when tracing (they depend only on the shapes): computed here, the cos/sin tables enter
+    # the program as constants. Traced, XLA:CPU fuses cos/sin into every block's RoPE and evaluates them once per
+    # rotated element (measured: ≈ 5% of the mid-size CPU step).
+    with jax.ensure_compile_time_eval():
+      cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope, cfg.rope_theta)
 
     key_mask = None
     if encoder_attention_mask is not None:
