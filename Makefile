@@ -9,11 +9,6 @@ WORKDIR ?= runs/tiny
 MLLM_DIR ?= runs/tiny_mllm
 STAGE1 ?= runs/tiny_pretrain
 MLLM_FLAG := --config.model.mllm.path=$(MLLM_DIR)
-# The two IOMM stages run data-parallel over one XLA host device per core: one CPU device runs a small step's ops one
-# after another (measured on 2 cores: the tiny train step 0.044 s on one device, 0.031 s on two). The tiny batch (16)
-# must divide by it; the MLLM pre-training and the evaluations use one device.
-DEMO_CPU_DEVICES ?= 2
-STAGE_ENV := XLA_FLAGS="--xla_force_host_platform_device_count=$(DEMO_CPU_DEVICES) $(XLA_FLAGS)"
 # pytest-xdist workers, one test file per worker at a time: XLA compiles on one thread, so 2 workers on 2 cores
 # cut the suite from 22 to 14 minutes.
 TEST_WORKERS ?= 2
@@ -41,9 +36,9 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/python -m iomm_jax.pretrain_mllm --config=configs/tiny_mllm.py --out=$(MLLM_DIR)
-	$(STAGE_ENV) $(BIN)/python -m iomm_jax.main --config=configs/tiny.py --workdir=$(STAGE1) $(MLLM_FLAG) \
-	  --config.train.sample_every=0 --config.train.eval_every=0
-	$(STAGE_ENV) $(BIN)/python -m iomm_jax.main --config=configs/tiny.py:finetune --workdir=$(WORKDIR) $(MLLM_FLAG) \
+	$(BIN)/python -m iomm_jax.main --config=configs/tiny.py --workdir=$(STAGE1) $(MLLM_FLAG) --config.train.sample_every=0 \
+	  --config.train.eval_every=0
+	$(BIN)/python -m iomm_jax.main --config=configs/tiny.py:finetune --workdir=$(WORKDIR) $(MLLM_FLAG) \
 	  --config.init.workdir=$(STAGE1) --config.train.eval_every=0
 	$(BIN)/python -m iomm_jax.eval_recon --workdir=$(WORKDIR)
 	$(BIN)/python -m iomm_jax.eval_shapes --workdir=$(WORKDIR)
