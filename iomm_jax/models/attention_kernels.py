@@ -27,9 +27,9 @@ def mask4(mask: jax.Array) -> jax.Array:
   return mask[:, None, None, :] if mask.ndim == 2 else mask
 
 
-def zero_empty_rows(out, valid4, is_causal, lk):
-  """Zero the outputs of query rows with no valid key (the fused paths average over all keys there)."""
-  valid = valid4
+def zero_empty_rows(out, valid, is_causal, lk):
+  """Zero the outputs of query rows with no valid key (the fused paths average over all keys there); `valid` is the
+  4-D mask."""
   if is_causal:
     lq = out.shape[1]
     valid = jnp.logical_and(valid, jnp.tril(jnp.ones((lq, lk), bool), lk - lq))

@@ -12,7 +12,7 @@
 
 Unrolled on a CPU, each block's input passes through `gradient_fence`: XLA:CPU otherwise fuses the residual
 stream's gradient, a chain of cheap adds through every later block, into each of its consumers and recomputes it
-there, work that grows with the square of the depth (the mid-size DiT step: 23% of its time).
+there, work that grows with the square of the depth (23% of the mid-size DiT's gradient on one core).
 
 Remat wraps the per-block function in `jax.checkpoint` over a pure function of the block's state, so weights are
 inputs rather than saved residuals and only the policy's residuals survive to the backward pass.

@@ -47,8 +47,8 @@ def matmul_2d_weight_grad(x: jax.Array, w: jax.Array) -> jax.Array:
   """x @ w whose weight gradient is one 2-D product, (tokens, in)ᵀ × (tokens, out), over all leading axes of x.
 
   What `Linear` runs on CPU. Autodiff of the N-D product contracts two or more axes for the weight gradient, and
-  XLA:CPU first copies the output gradient into a transposed layout for it (measured: ≈ 13% of the mid-size DiT
-  step). Reshaping x to 2-D in the forward pass instead gives the same gain on one device but is slower with the
+  XLA:CPU first copies the output gradient into a transposed layout for it (measured: ≈ 12% of the mid-size
+  DiT's gradient on one core). Reshaping x to 2-D in the forward pass instead gives the same gain on one device but is slower with the
   batch split over two host devices (0.41 s against 0.35 s a step), so the forward stays N-D.
   """
   return jnp.dot(x, w)
