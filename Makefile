@@ -9,6 +9,21 @@ WORKDIR ?= runs/tiny
 MLLM_DIR ?= runs/tiny_mllm
 STAGE1 ?= runs/tiny_pretrain
 MLLM_FLAG := --config.model.mllm.path=$(MLLM_DIR)
+# The demo's clock: DEMO_MINUTES from when make starts (the install included). Each IOMM stage trains towards its
+# configs/tiny.py step count but ends by its mark, DEMO_STAGE1_END / DEMO_STAGE2_END percent of the budget, less
+# DEMO_STAGE_OVERHEAD_S for its start-up and final save (train.time_budget_s; never under DEMO_MIN_TRAIN_S), so a
+# faster machine trains more steps and a slower one still finishes in time: the evaluation needs the rest (1.6 min
+# on the slowest machine measured). DEMO_MINUTES=0 trains the configured step counts whatever the time.
+DEMO_MINUTES ?= 15
+DEMO_STAGE1_END ?= 56
+DEMO_STAGE2_END ?= 80
+DEMO_STAGE_OVERHEAD_S ?= 30
+DEMO_MIN_TRAIN_S ?= 60
+DEMO_START := $(shell date +%s)
+# $(call stage_budget,END_PERCENT): a stage's training seconds, in the shell of its recipe line.
+stage_budget = $$(left=$$(( $(DEMO_START) + $(DEMO_MINUTES) * 60 * $(1) / 100 - $(DEMO_STAGE_OVERHEAD_S) - $$(date +%s) )); \
+  if [ $(DEMO_MINUTES) = 0 ]; then echo 0; elif [ $$left -lt $(DEMO_MIN_TRAIN_S) ]; then echo $(DEMO_MIN_TRAIN_S); \
+  else echo $$left; fi)
 # pytest-xdist workers, one test file per worker at a time: XLA compiles on one thread, so 2 workers on 2 cores
 # cut the suite from 22 to 14 minutes.
 TEST_WORKERS ?= 2
@@ -36,10 +51,12 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/python -m iomm_jax.pretrain_mllm --config=configs/tiny_mllm.py --out=$(MLLM_DIR)
+	@budget=$(call stage_budget,$(DEMO_STAGE1_END)); set -x; \
 	$(BIN)/python -m iomm_jax.main --config=configs/tiny.py --workdir=$(STAGE1) $(MLLM_FLAG) --config.train.sample_every=0 \
-	  --config.train.eval_every=0
+	  --config.train.eval_every=0 --config.train.time_budget_s=$$budget
+	@budget=$(call stage_budget,$(DEMO_STAGE2_END)); set -x; \
 	$(BIN)/python -m iomm_jax.main --config=configs/tiny.py:finetune --workdir=$(WORKDIR) $(MLLM_FLAG) \
-	  --config.init.workdir=$(STAGE1) --config.train.eval_every=0
+	  --config.init.workdir=$(STAGE1) --config.train.eval_every=0 --config.train.time_budget_s=$$budget
 	$(BIN)/python -m iomm_jax.eval_recon --workdir=$(WORKDIR)
 	$(BIN)/python -m iomm_jax.eval_shapes --workdir=$(WORKDIR)
 	$(BIN)/python -m iomm_jax.demo_summary --mllm=$(MLLM_DIR) --workdir=$(WORKDIR)

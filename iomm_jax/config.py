@@ -82,6 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = C()
   c.train.stage = "pretrain"       # 'pretrain' or 'finetune' (documentation; the recipe is data.recipe)
   c.train.num_steps = 100_000      # total optimizer updates (unless train.epochs > 0)
+  c.train.time_budget_s = 0.0      # > 0: this call trains for at most this many seconds of wall time, its last step
+                                   #   saved as at num_steps; rerunning resumes (train/time_budget.py); 0 = no limit
   c.train.epochs = 0.0             # > 0: train this many passes over the dataset (for 'mix', the captioned set), converted
                                    #   to steps from its size and global_batch (train/schedule.py); 0 = use num_steps
   c.train.global_batch = 1024      # images per update, over all processes
@@ -261,7 +263,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   for name in ("num_steps", "global_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
     if t[name] <= 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be positive")
-  for name in ("warmup_steps", "sample_every", "eval_every"):
+  for name in ("warmup_steps", "sample_every", "eval_every", "time_budget_s"):
     if t[name] < 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be >= 0")
   if not t.eval_timesteps or any(not 0.0 < float(x) <= 1.0 for x in t.eval_timesteps):

@@ -3,8 +3,10 @@ mini-GenEval of the fine-tuned run, each beside its chance level or target.
 
   python -m iomm_jax.demo_summary --mllm=runs/tiny_mllm --workdir=runs/tiny
 
-Reads <mllm>/mllm_pretrain.json, <workdir>/recon.json and <workdir>/eval_shapes.json (whichever exist); prints a
-short table and then one JSON line with every figure.
+Reads <mllm>/mllm_pretrain.json, <workdir>/recon.json and <workdir>/eval_shapes.json (whichever exist), and the
+steps each IOMM stage trained (the fine-tuned run's metrics and, through its config.init.workdir, stage 1's: the
+demo's stages stop on its clock, so the counts depend on the machine); prints a short table and then one JSON line
+with every figure.
 """
 
 from __future__ import annotations
@@ -31,13 +33,36 @@ def _read(path: str) -> dict | None:
     return json.load(f)
 
 
+def _trained_steps(workdir: str) -> int | None:
+  """The last training step in `workdir`'s metrics (None when it logged none)."""
+  from iomm_jax import metrics as metrics_lib
+
+  steps = [int(r["step"]) for r in metrics_lib.read_metrics(workdir) if "loss" in r]
+  return max(steps) if steps else None
+
+
+def training_steps(workdir: str) -> dict:
+  """{'stage2_steps': ..., 'stage1_steps': ...} for the fine-tuned `workdir` and the run it started from."""
+  out = {}
+  config = _read(os.path.join(workdir, "config.json")) or {}
+  init = config.get("init", {}).get("workdir", "")
+  for name, path in (("stage1_steps", init), ("stage2_steps", workdir)):
+    steps = _trained_steps(path) if path else None
+    if steps is not None:
+      out[name] = steps
+  return out
+
+
 def collect(mllm_dir: str, workdir: str) -> dict:
-  """{'mllm': {...}, 'recon': {...}, 'geneval': {...}} from the files the demo's steps wrote."""
+  """{'mllm': {...}, 'training': {...}, 'recon': {...}, 'geneval': {...}} from the files the demo's steps wrote."""
   out: dict = {}
   rep = _read(os.path.join(mllm_dir, "mllm_pretrain.json"))
   if rep:
     out["mllm"] = {k: rep["heldout"][k] for k in ("exact", "colour", "shape", "relation")}
     out["mllm_chance"] = rep.get("chance", {})
+  steps = training_steps(workdir)
+  if steps:
+    out["training"] = steps
   recon = _read(os.path.join(workdir, "recon.json"))
   if recon:
     out["recon"] = {k: recon[k] for k in ("margin", "top1_retrieval") if k in recon}
@@ -60,7 +85,7 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   figures = collect(args.mllm, args.workdir)
   lines = []
-  for group in ("mllm", "recon", "geneval"):
+  for group in ("mllm", "training", "recon", "geneval"):
     chance = figures.get(f"{group}_chance", {})
     for name, value in figures.get(group, {}).items():
       target = TARGETS.get(f"{group}.{name}")
@@ -68,7 +93,8 @@ def main(argv=None) -> int:
       if name in chance:
         note = (note + ", " if note else "") + f"chance {chance[name]:.2f}"
       mark = "" if target is None else ("  ok" if value >= target else "  below target")
-      lines.append(f"  {group + '.' + name:36s} {value:6.3f}   {note}{mark}")
+      shown = f"{value:6d}" if isinstance(value, int) else f"{value:6.3f}"
+      lines.append(f"  {group + '.' + name:36s} {shown}   {note}{mark}")
   print("demo figures:\n" + "\n".join(lines))
   print(json.dumps(figures))
   return 0

@@ -18,6 +18,12 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
       )
   )
   (work / "recon.json").write_text(json.dumps({"margin": 2.5, "top1_retrieval": 0.5, "num": 16}))
+  # The stages' step counts: the fine-tuned run's last training row, and stage 1's through its config.init.workdir.
+  stage1 = tmp_path / "stage1"
+  stage1.mkdir()
+  (stage1 / "metrics.jsonl").write_text('{"step": 25, "loss": 0.1}\n{"step": 4010, "loss": 0.05}\n')
+  (work / "config.json").write_text(json.dumps({"init": {"workdir": str(stage1)}}))
+  (work / "metrics.jsonl").write_text('{"step": 1990, "loss": 0.04}\n{"step": 1990, "val_loss": 0.2}\n')
   (work / "eval_shapes.json").write_text(
       json.dumps(
           {
@@ -31,11 +37,13 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
   out = capsys.readouterr().out.splitlines()
   figures = json.loads(out[-1])
   assert figures["mllm"]["shape"] == 0.6 and figures["recon"]["margin"] == 2.5
+  assert figures["training"] == {"stage1_steps": 4010, "stage2_steps": 1990}
   assert figures["geneval"] == {"single_object_colour": 0.95, "position": 0.25, "overall": 0.61}
   lines = {line.split()[0]: line for line in out[1:-1]}
   assert lines["recon.margin"].endswith("ok") and lines["recon.top1_retrieval"].endswith("below target")
   assert "chance 0.29" in lines["geneval.single_object_colour"] and lines["geneval.position"].endswith("below target")
   assert "chance 0.17" in lines["mllm.shape"]
+  assert lines["training.stage1_steps"].split()[1] == "4010"
 
 
 def test_summary_of_a_partial_demo_lists_what_exists(tmp_path, capsys):

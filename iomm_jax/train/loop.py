@@ -14,7 +14,8 @@ from tqdm import tqdm
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
 from iomm_jax.data import holdout, pipeline
-from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, sample_grids, schedule, validation
+from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, sample_grids, schedule, time_budget
+from iomm_jax.train import validation
 from iomm_jax.train import flops as flops_lib
 from iomm_jax.train import lock as lock_lib
 from iomm_jax.train import step as step_lib
@@ -105,8 +106,9 @@ def _validation(config, workdir: str, run, is_main: bool):
 
 
 def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
-  """Train (or resume) in `workdir`; stops after config.train.num_steps (or train.epochs over the dataset), or after
-  `max_steps` updates in this call.
+  """Train (or resume) in `workdir`; stops after config.train.num_steps (or train.epochs over the dataset), after
+  `max_steps` updates in this call, or at the first step that ends after config.train.time_budget_s seconds (the
+  summary's "stopped_by" says which).
 
   Holds the workdir lock (process 0) for the whole call; raises preemption.Preempted after saving when SIGTERM or
   SIGUSR1 arrived, guard.NonFiniteError on divergence (nothing saved), checkpoint.SaveFailedError when a save failed.
@@ -228,6 +230,8 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     ckpt.save(step, state, data_iter, json.loads(config.to_json_best_effort()), force=force)
     last_saved = step
 
+  budget = time_budget.TimeBudget(t.time_budget_s, check_every=t.log_every)
+  stopped_by = "num_steps" if end == num_steps else "max_steps"
   step = start
   while step < end:
     t0 = time.perf_counter()
@@ -242,6 +246,13 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
     window.append(m)
     unchecked.append(m)
     bar.update(1)
+    if step < end and budget.spent(step):  # this step becomes the call's last: logged, drawn and saved as such
+      end, stopped_by = step, "time_budget"
+      if is_main:
+        bar.write(
+            f"config.train.time_budget_s={t.time_budget_s:g} spent ({budget.elapsed():.0f} s): stopping at step "
+            f"{step} of {num_steps}; rerun the same command to train on from here"
+        )
     ckpt.check_save()  # a failed async save stops the run here, not at the next save
     extra = {}  # validation and grid figures of this step: in its metrics row when it logs one, else their own
     evaluate = validator is not None and step % t.eval_every == 0
@@ -274,4 +285,4 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
       raise preemption.Preempted(step, watch.received)
   bar.close()
   profiler.close()
-  return {"step": step, "start_step": start, **last}
+  return {"step": step, "start_step": start, "stopped_by": stopped_by, **last}

@@ -1,0 +1,67 @@
+"""train.time_budget_s: the run ends at the first step that finishes after the budget, saved as a last step, and
+rerunning resumes there."""
+
+import json
+
+import pytest
+
+from helpers import tiny_config
+from iomm_jax import config as schema
+from iomm_jax import metrics as metrics_lib
+from iomm_jax.train import checkpoint, loop, time_budget
+
+
+class _Clock:
+
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_budget_is_spent_after_its_seconds():
+  clock = _Clock()
+  budget = time_budget.TimeBudget(30.0, clock=clock)
+  clock.now += 29.9
+  assert not budget.spent(1)
+  clock.now += 0.1
+  assert budget.spent(2) and budget.elapsed() == pytest.approx(30.0)
+
+
+def test_zero_budget_never_stops():
+  clock = _Clock()
+  budget = time_budget.TimeBudget(0.0, clock=clock)
+  clock.now += 1e9
+  assert not budget.spent(1)
+
+
+def test_negative_budget_is_refused():
+  c = tiny_config()
+  c.train.time_budget_s = -5.0
+  with pytest.raises(schema.ConfigError, match="time_budget_s"):
+    schema.validate(c)
+
+
+def _config(**train):
+  c = tiny_config()
+  c.train.update(num_steps=6, warmup_steps=2, log_every=2, ckpt_every=100, sample_every=0, eval_every=0, **train)
+  return c
+
+
+@pytest.mark.slow
+def test_spent_budget_ends_the_call_and_a_rerun_resumes(tmp_path):
+  work = str(tmp_path / "run")
+  # A budget of a nanosecond is spent by the end of the first step: that step is the call's last.
+  first = loop.train(_config(time_budget_s=1e-9), work)
+  assert first["step"] == 1 and first["stopped_by"] == "time_budget"
+  ck = checkpoint.Checkpointer(work, with_data=False)
+  assert ck.latest_step() == 1  # saved although ckpt_every is 100: the last step of a call is always saved
+  ck.close()
+  assert [r["step"] for r in metrics_lib.read_metrics(work)] == [1]  # its metrics row is written too
+  saved = json.load(open(tmp_path / "run" / "config.json"))
+  assert saved["train"]["time_budget_s"] == 1e-9
+  # The same run without a budget resumes at step 1 and trains on to num_steps.
+  second = loop.train(_config(), work)
+  assert second["start_step"] == 1 and second["step"] == 6 and second["stopped_by"] == "num_steps"
+  assert [r["step"] for r in metrics_lib.read_metrics(work)] == [1, 2, 4, 6]
