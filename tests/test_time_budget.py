@@ -3,6 +3,7 @@ rerunning resumes there."""
 
 import json
 
+import numpy as np
 import pytest
 
 from helpers import tiny_config
@@ -34,6 +35,28 @@ def test_zero_budget_never_stops():
   budget = time_budget.TimeBudget(0.0, clock=clock)
   clock.now += 1e9
   assert not budget.spent(1)
+
+
+def test_several_processes_follow_process_zero_at_check_steps(monkeypatch):
+  """With more than one process the answer is process 0's (broadcast), asked only every check_every steps."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  sent = []
+
+  def broadcast(x):  # process 0's clock says "not spent" although this process's says "spent"
+    sent.append(int(x))
+    return np.int32(0)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+  clock = _Clock()
+  budget = time_budget.TimeBudget(10.0, check_every=5, clock=clock)
+  clock.now += 60
+  assert not budget.spent(3) and sent == []  # not a check step: no collective
+  assert not budget.spent(5) and sent == [1]  # a check step: this process's flag sent, process 0's answer taken
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: np.int32(1))
+  assert budget.spent(10)
 
 
 def test_negative_budget_is_refused():
