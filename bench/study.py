@@ -213,8 +213,8 @@ def main(argv=None) -> int:
       "--mllm", default="", help="a tiny MLLM folder (pretrain_mllm --out); '' = train one into --out; 'random' = none"
   )
   ap.add_argument("--seeds", default="0", help="comma-separated seeds; several give the spread")
-  ap.add_argument("--pretrain_steps", type=int, default=1200, help="stage 1 steps (the demo's)")
-  ap.add_argument("--finetune_steps", type=int, default=600, help="stage 2 steps (the demo's)")
+  ap.add_argument("--pretrain_steps", type=int, default=1200, help="stage 1 steps (the README's tables: 1200)")
+  ap.add_argument("--finetune_steps", type=int, default=600, help="stage 2 steps (the README's tables: 600)")
   ap.add_argument("--curve_steps", default="200,400", help="extra fine-tuning steps scored in curve studies")
   ap.add_argument("--eval_num", type=int, default=4, help="mini-GenEval samples per prompt")
   ap.add_argument("--recon_num", type=int, default=16, help="held-out images of the reconstruction check")
