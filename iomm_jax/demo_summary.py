@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from iomm_jax import metrics as metrics_lib
+
 # The demo's targets (README): what a working tiny IOMM should reach on 2 CPU cores.
 TARGETS = {
     "geneval.single_object_colour": 0.9,
@@ -35,8 +37,6 @@ def _read(path: str) -> dict | None:
 
 def _trained_steps(workdir: str) -> int | None:
   """The last training step in `workdir`'s metrics (None when it logged none)."""
-  from iomm_jax import metrics as metrics_lib
-
   steps = [int(r["step"]) for r in metrics_lib.read_metrics(workdir) if "loss" in r]
   return max(steps) if steps else None
 
