@@ -4,9 +4,9 @@ mini-GenEval of the fine-tuned run, each beside its chance level or target.
   python -m iomm_jax.demo_summary --mllm=runs/tiny_mllm --workdir=runs/tiny
 
 Reads <mllm>/mllm_pretrain.json, <workdir>/recon.json and <workdir>/eval_shapes.json (whichever exist), and the
-steps each IOMM stage trained (the fine-tuned run's metrics and, through its config.init.workdir, stage 1's: the
-demo's stages stop on its clock, so the counts depend on the machine); prints a short table and then one JSON line
-with every figure.
+steps each IOMM stage trained (the fine-tuned run's metrics and, through its config.init.workdir, stage 1's: on a
+machine too slow for the demo's 15 minutes its clock stops a stage early); prints a short table and then one JSON
+line with every figure.
 """
 
 from __future__ import annotations
