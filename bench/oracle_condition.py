@@ -26,25 +26,6 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 
-def single_object_set(num: int, resolution: int, seed: int = 0):
-  """`num` single-object scenes of the shapes world: uint8 images (num, R, R, 3) and (shape, colour) indices."""
-  import numpy as np
-
-  from iomm_jax.data import shapes
-
-  colours = list(shapes.COLOURS)
-  images, labels, index = [], [], 0
-  while len(images) < num:
-    sc = shapes.scene(index, seed)
-    index += 1
-    if len(sc["objects"]) != 1:
-      continue
-    o = sc["objects"][0]
-    images.append(shapes.render_objects([o], resolution, sc["background"]))
-    labels.append((shapes.SHAPES.index(o["shape"]), colours.index(o["colour"])))
-  return np.stack(images), np.asarray(labels, np.int32)
-
-
 def score(images, labels) -> dict:
   """Detector scores of uint8 images against their (shape, colour) indices: the largest detected object's shape and
   colour, and the fraction of images with exactly one object (an image with none fails all three)."""
@@ -107,7 +88,7 @@ def main(argv):
   def tokens(labels):  # (shape, colour) indices → the condition's two token ids
     return jnp.asarray(np.stack([1 + labels[:, 0], 1 + n_shapes + labels[:, 1]], axis=1))
 
-  images, labels = single_object_set(_IMAGES.value, res, config.seed)
+  images, labels = shapes.single_object_set(_IMAGES.value, res, config.seed)
   x_all = ae.encode(jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
   cond_all = tokens(labels)
 

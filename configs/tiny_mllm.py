@@ -41,8 +41,21 @@ def get_config(arg: str | None = None):
   c.data.eval_num = 256
   c.data.text_only_fraction = 0.15  # share of text-only turns (the user says a caption, the assistant repeats it)
   c.data.max_len = 64  # tokens per training sequence (template + 16 image tokens + caption)
+  # Phase 1: the ViT alone, as a classifier of the object's shape on single-object scenes of data.seed's draw (a head
+  # on its mean patch token, discarded after); captioning alone does not teach this ViT shape (mllm_pretrain/
+  # vision_pretrain.py says what was measured). 0 steps: captioning from a random ViT.
+  c.vision_pretrain = ml_collections.ConfigDict()
+  c.vision_pretrain.num_steps = 1000
+  c.vision_pretrain.num_images = 1400  # single-object scenes (about a third of the draw's scenes have one object)
+  c.vision_pretrain.eval_num = 300  # held-out single-object scenes of data.eval_seed's draw, for its report
+  c.vision_pretrain.batch = 32
+  c.vision_pretrain.lr = 3e-3
+  c.vision_pretrain.warmup_steps = 50
+  c.vision_pretrain.weight_decay = 0.01
+  c.vision_pretrain.grad_clip = 1.0
+  # Phase 2: the whole MLLM on captioning and text-only turns.
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 600
+  c.train.num_steps = 1800
   c.train.batch = 32
   c.train.lr = 3e-3  # AdamW peak lr, linear warm-up then cosine decay to 10%
   c.train.warmup_steps = 50
@@ -53,6 +66,9 @@ def get_config(arg: str | None = None):
     c.data.num_images = 512
     c.data.eval_num = 32
     c.train.num_steps = 60
+    c.vision_pretrain.num_steps = 60
+    c.vision_pretrain.num_images = 256
+    c.vision_pretrain.eval_num = 64
     c.train.log_every = 20
   c.lock()
   return c

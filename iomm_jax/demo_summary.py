@@ -59,7 +59,12 @@ def collect(mllm_dir: str, workdir: str) -> dict:
   rep = _read(os.path.join(mllm_dir, "mllm_pretrain.json"))
   if rep:
     out["mllm"] = {k: rep["heldout"][k] for k in ("exact", "colour", "shape", "relation")}
-    out["mllm_chance"] = rep.get("chance", {})
+    single = rep["heldout"].get("by_objects", {}).get("1")
+    if single:  # shape on single objects: the pooled figure credits lucky guesses on multi-object scenes
+      out["mllm"]["single_object_shape"] = single["shape"]
+    out["mllm_chance"] = dict(rep.get("chance", {}))
+    if "shape" in out["mllm_chance"]:
+      out["mllm_chance"]["single_object_shape"] = out["mllm_chance"]["shape"]
   steps = training_steps(workdir)
   if steps:
     out["training"] = steps

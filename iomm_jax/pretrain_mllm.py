@@ -2,9 +2,11 @@
 
   python -m iomm_jax.pretrain_mllm --config=configs/tiny_mllm.py --out=runs/tiny_mllm [--config.train.num_steps=N]
 
-Trains captioning turns (image + instruction → caption) and text-only turns (caption → caption) with a next-token
-loss, as InternVL is trained; reports held-out caption accuracy by greedy decoding (exact caption, colour, shape,
-relation, against chance), and writes a transformers InternVL -hf folder (config.json, model.safetensors, tokenizer
+Two phases, as InternVL starts from a vision encoder pre-trained on its own: first the ViT alone as a classifier of
+the object's shape on single-object scenes (config.vision_pretrain; its head is discarded), then the whole MLLM on
+captioning turns (image + instruction → caption) and text-only turns (caption → caption) with a next-token loss.
+Reports held-out caption accuracy by greedy decoding (exact caption, colour, shape, relation, against chance; also
+per number of objects in the scene), and writes a transformers InternVL -hf folder (config.json, model.safetensors, tokenizer
 files, mllm_pretrain.json) that IOMM loads with --config.model.mllm.path=DIR. Prints one JSON line.
 """
 
@@ -15,6 +17,7 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+from iomm_jax.config import ConfigError
 from iomm_jax.mllm_pretrain import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/tiny_mllm.py[:short]", lock_config=True)
@@ -27,7 +30,10 @@ def main(argv):
   if not _OUT.value:
     raise app.UsageError("--out is required")
 
-  report = trainer.pretrain(_CONFIG.value, _OUT.value)
+  try:
+    report = trainer.pretrain(_CONFIG.value, _OUT.value)
+  except ConfigError as e:
+    raise SystemExit(f"config error: {e}") from None
   print(json.dumps({"out": _OUT.value, **report}))
   return 0
 

@@ -12,7 +12,14 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
   (mllm / "mllm_pretrain.json").write_text(
       json.dumps(
           {
-              "heldout": {"exact": 0.5, "colour": 0.97, "shape": 0.6, "relation": 0.4, "examples": []},
+              "heldout": {
+                  "exact": 0.5,
+                  "colour": 0.97,
+                  "shape": 0.6,
+                  "relation": 0.4,
+                  "examples": [],
+                  "by_objects": {"1": {"shape": 0.3}, "2": {"shape": 0.7}},
+              },
               "chance": {"colour": 1 / 7, "shape": 1 / 6, "relation": 0.25},
           }
       )
@@ -43,6 +50,7 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
   assert lines["recon.margin"].endswith("ok") and lines["recon.top1_retrieval"].endswith("below target")
   assert "chance 0.29" in lines["geneval.single_object_colour"] and lines["geneval.position"].endswith("below target")
   assert "chance 0.17" in lines["mllm.shape"]
+  assert figures["mllm"]["single_object_shape"] == 0.3 and "chance 0.17" in lines["mllm.single_object_shape"]
   assert lines["training.stage1_steps"].split()[1] == "4010"
 
 

@@ -10,13 +10,14 @@ import pytest
 from PIL import Image
 
 from helpers import ROOT
+from iomm_jax.data import shapes
 
 sys.path.insert(0, ROOT)
 from bench import oracle_condition  # noqa: E402
 
 
 def test_score_reads_ground_truth_and_rejects_wrong_labels():
-  images, labels = oracle_condition.single_object_set(42, 32, seed=3)
+  images, labels = shapes.single_object_set(42, 32, seed=3)
   assert images.shape == (42, 32, 32, 3) and labels.shape == (42, 2)
   truth = oracle_condition.score(images, labels)
   assert truth["shape"] >= 0.9 and truth["colour"] >= 0.95 and truth["one_object"] >= 0.95

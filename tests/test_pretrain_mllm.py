@@ -34,6 +34,10 @@ def test_short_run_captions_beat_chance(mllm_dir):
   assert held["colour"] > 2 * chance["colour"], held
   saved = json.loads((out / "mllm_pretrain.json").read_text())
   assert saved["history"][-1]["loss"] < 0.5 * saved["history"][0]["loss"]
+  # The vision phase ran first and is reported; the held-out figures are also split by objects per scene.
+  assert saved["vision_pretrain"]["steps"] == 60 and report["vision_pretrain"] == saved["vision_pretrain"]
+  assert set(held["by_objects"]) == {"1", "2", "3"}
+  assert sum(b["num_captions"] for b in held["by_objects"].values()) == held["num_captions"]
   assert saved["heldout"]["colour"] == held["colour"]
 
 
@@ -151,6 +155,11 @@ def test_caption_accuracy_scores_attributes():
   assert s["colour"] == 1.0
   assert s["shape"] == pytest.approx(7 / 8)
   assert s["relation"] == pytest.approx(1 / 2)
+  by = ca.score_by_objects(pred, truth)
+  assert sorted(by) == ["1", "2", "3"]
+  assert by["1"]["num_captions"] == 1 and by["1"]["shape"] == 1.0
+  assert by["2"]["num_captions"] == 2 and by["2"]["shape"] == pytest.approx(3 / 4)
+  assert by["2"]["relation"] == pytest.approx(1 / 2) and by["3"]["exact"] == 1.0
   assert ca.parse("a black hexagon to the left of a yellow diamond") == {
       "objects": [("black", "hexagon"), ("yellow", "diamond")],
       "relation": "to the left of",

@@ -139,6 +139,22 @@ def render(index: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, str]
   return render_objects(sc["objects"], resolution, sc["background"]), sc["caption"]
 
 
+def single_object_set(num: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The first `num` single-object scenes of the dataset `seed`: uint8 images (num, R, R, 3) and (shape, colour)
+  indices into SHAPES and COLOURS, int32 (num, 2)."""
+  colours = list(COLOURS)
+  images, labels, index = [], [], 0
+  while len(images) < num:
+    sc = scene(index, seed)
+    index += 1
+    if len(sc["objects"]) != 1:
+      continue
+    o = sc["objects"][0]
+    images.append(render_objects([o], resolution, sc["background"]))
+    labels.append((SHAPES.index(o["shape"]), colours.index(o["colour"])))
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
 def render_png(index: int, resolution: int, seed: int = 0) -> tuple[bytes, str]:
   """:func:`render` encoded as PNG bytes (the loader that ``prepare`` uses for shapes)."""
   arr, caption = render(index, resolution, seed)

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from iomm_jax.config import ConfigError
 from iomm_jax.models.processor import (
     DEFAULT_AUX_PROMPT,
     IM_END,
@@ -76,7 +77,7 @@ class SequenceBuilder:
     b = len(rows)
     longest = max(len(r) for r, _ in rows)
     if longest > self.max_len:
-      raise ValueError(f"a training sequence has {longest} tokens, more than data.max_len={self.max_len}; raise it")
+      raise ConfigError(f"a training sequence has {longest} tokens, more than data.max_len={self.max_len}; raise it")
     length = min(self.max_len, -(-longest // 8) * 8)
     ids = np.full((b, length), self.processor.pad_id, np.int32)
     valid = np.zeros((b, length), bool)

@@ -9,12 +9,39 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from iomm_jax.config import ConfigError
 from iomm_jax.data import shapes
-from iomm_jax.mllm_pretrain import caption_accuracy, examples, hf_folder, step
+from iomm_jax.mllm_pretrain import caption_accuracy, examples, hf_folder, step, vision_pretrain
 from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.internvl import InternVL, InternVLConfig
 from iomm_jax.models.processor import IM_END, Processor
 from iomm_jax.models.qwen2 import Qwen2Config
+
+# Fields of configs/tiny_mllm.py that count something: at least 1 (or 0 for the step counts: that phase is skipped).
+_AT_LEAST_ONE = (
+    "data.num_images",
+    "data.eval_num",
+    "data.max_len",
+    "train.batch",
+    "vision_pretrain.num_images",
+    "vision_pretrain.eval_num",
+    "vision_pretrain.batch",
+)
+_AT_LEAST_ZERO = ("train.num_steps", "vision_pretrain.num_steps")
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first count field below its minimum or a learning rate that is not positive."""
+  for names, low in ((_AT_LEAST_ONE, 1), (_AT_LEAST_ZERO, 0)):
+    for name in names:
+      section, field = name.split(".")
+      value = config[section][field]
+      if not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}={value!r}; it must be an integer >= {low}")
+  for name in ("train.lr", "vision_pretrain.lr"):
+    section, field = name.split(".")
+    if not config[section][field] > 0:
+      raise ConfigError(f"{name}={config[section][field]!r}; it must be > 0")
 
 
 def model_config(config) -> tuple[InternVLConfig, Processor]:
@@ -26,7 +53,7 @@ def model_config(config) -> tuple[InternVLConfig, Processor]:
   text = Qwen2Config(**dict(arch["text"], vocab_size=processor.vocab_size))
   cfg = InternVLConfig(vision=vision, text=text, image_token_id=processor.image_token_id, with_lm_head=True)
   if cfg.num_image_tokens != processor.num_image_tokens:
-    raise ValueError(
+    raise ConfigError(
         f"config.arch: {cfg.num_image_tokens} image tokens, the processor expects " f"{processor.num_image_tokens}"
     )
   return cfg, processor
@@ -65,6 +92,10 @@ def caption_report(
     ):
       predicted.append(processor.tokenizer.decode(answer))
   out = caption_accuracy.score(predicted, captions)
+  out["by_objects"] = {
+      n: {k: s[k] for k in ("exact", "colour", "shape", "relation", "num_captions")}
+      for n, s in caption_accuracy.score_by_objects(predicted, captions).items()
+  }
   out["examples"] = [{"true": t, "predicted": p} for t, p in list(zip(captions, predicted))[:8]]
   return out
 
@@ -72,6 +103,7 @@ def caption_report(
 def pretrain(config, out: str) -> dict:
   """Train, evaluate and write the -hf folder at `out`; returns the report (also saved in the folder)."""
   t0 = time.time()
+  validate(config)
   cfg, processor = model_config(config)
   builder = examples.SequenceBuilder(processor, config.data.max_len)
   d, t = config.data, config.train
@@ -79,6 +111,12 @@ def pretrain(config, out: str) -> dict:
   eval_pixels, eval_captions = render_set(d.eval_num, d.resolution, d.eval_seed, processor)
 
   model = InternVL(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
+  vision_report = None
+  if config.vision_pretrain.num_steps > 0:
+    vision_report = vision_pretrain.pretrain_vision(
+        model.vision_tower, config.vision_pretrain, processor, seed=d.seed, eval_seed=d.eval_seed
+    )
+    print(json.dumps({"vision_pretrain": vision_report}), flush=True)
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)
   optimizer = step.make_optimizer(t)
@@ -101,6 +139,7 @@ def pretrain(config, out: str) -> dict:
       print(json.dumps({"step": i, **{k: round(v, 4) for k, v in m.items()}}), flush=True)
   train_s = time.time() - t_train
   report = {
+      "vision_pretrain": vision_report,
       "steps": t.num_steps,
       "batch": t.batch,
       "train_seconds": round(train_s, 1),
@@ -115,4 +154,5 @@ def pretrain(config, out: str) -> dict:
   report["heldout_aux_prompt"].pop("examples")
   hf_folder.write(out, cfg, params, processor.tokenizer, report)
   report["total_seconds"] = round(time.time() - t0, 1)
-  return {k: report[k] for k in ("steps", "train_seconds", "total_seconds", "heldout", "heldout_aux_prompt", "chance")}
+  keys = ("vision_pretrain", "steps", "train_seconds", "total_seconds", "heldout", "heldout_aux_prompt", "chance")
+  return {k: report[k] for k in keys}
