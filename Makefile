@@ -9,12 +9,13 @@ WORKDIR ?= runs/tiny
 MLLM_DIR ?= runs/tiny_mllm
 STAGE1 ?= runs/tiny_pretrain
 MLLM_FLAG := --config.model.mllm.path=$(MLLM_DIR)
-# The demo's clock: DEMO_MINUTES from when make starts (the install included). Each IOMM stage trains its
-# configs/tiny.py steps unless its mark comes first: DEMO_STAGE1_END / DEMO_STAGE2_END percent of the budget, less
-# DEMO_STAGE_OVERHEAD_S for its start-up and final save (train.time_budget_s; never under DEMO_MIN_TRAIN_S). The
-# marks leave the evaluation the 1.6 min it took on the slowest machine measured, where the stages just fit: on a
-# slower one they stop early instead of overrunning. DEMO_MINUTES=0: no clock.
+# The demo's clock: DEMO_MINUTES from when make starts (the install included). The MLLM's captioning phase and each
+# IOMM stage train their configured steps unless their mark comes first: DEMO_MLLM_END / DEMO_STAGE1_END /
+# DEMO_STAGE2_END percent of the budget, less DEMO_STAGE_OVERHEAD_S for start-up, evaluation and the final save
+# (train.time_budget_s; never under DEMO_MIN_TRAIN_S). The marks leave the evaluation the 1.6 min it took on the
+# slowest machine measured: on a slower one the phases stop early instead of overrunning. DEMO_MINUTES=0: no clock.
 DEMO_MINUTES ?= 15
+DEMO_MLLM_END ?= 35
 DEMO_STAGE1_END ?= 62
 DEMO_STAGE2_END ?= 85
 DEMO_STAGE_OVERHEAD_S ?= 30
@@ -50,7 +51,9 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/python -m iomm_jax.pretrain_mllm --config=configs/tiny_mllm.py --out=$(MLLM_DIR)
+	@budget=$(call stage_budget,$(DEMO_MLLM_END)); set -x; \
+	$(BIN)/python -m iomm_jax.pretrain_mllm --config=configs/tiny_mllm.py --out=$(MLLM_DIR) \
+	  --config.train.time_budget_s=$$budget
 	@budget=$(call stage_budget,$(DEMO_STAGE1_END)); set -x; \
 	$(BIN)/python -m iomm_jax.main --config=configs/tiny.py --workdir=$(STAGE1) $(MLLM_FLAG) --config.train.sample_every=0 \
 	  --config.train.eval_every=0 --config.train.time_budget_s=$$budget

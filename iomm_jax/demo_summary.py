@@ -4,8 +4,9 @@ mini-GenEval of the fine-tuned run, each beside its chance level or target.
   python -m iomm_jax.demo_summary --mllm=runs/tiny_mllm --workdir=runs/tiny
 
 Reads <mllm>/mllm_pretrain.json, <workdir>/recon.json and <workdir>/eval_shapes.json (whichever exist), and the
-steps each IOMM stage trained (the fine-tuned run's metrics and, through its config.init.workdir, stage 1's: on a
-machine too slow for the demo's 15 minutes its clock stops a stage early); prints a short table and then one JSON
+steps the MLLM's captioning and each IOMM stage trained (the MLLM's report; the fine-tuned run's metrics and,
+through its config.init.workdir, stage 1's: on a machine too slow for the demo's 15 minutes its clock stops a phase
+early); prints a short table and then one JSON
 line with every figure.
 """
 
@@ -66,6 +67,8 @@ def collect(mllm_dir: str, workdir: str) -> dict:
     if "shape" in out["mllm_chance"]:
       out["mllm_chance"]["single_object_shape"] = out["mllm_chance"]["shape"]
   steps = training_steps(workdir)
+  if rep and isinstance(rep.get("steps"), int):  # the MLLM's captioning steps (fewer if the demo's clock stopped it)
+    steps = {"mllm_steps": rep["steps"], **steps}
   if steps:
     out["training"] = steps
   recon = _read(os.path.join(workdir, "recon.json"))

@@ -21,6 +21,7 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
                   "by_objects": {"1": {"shape": 0.3}, "2": {"shape": 0.7}},
               },
               "chance": {"colour": 1 / 7, "shape": 1 / 6, "relation": 0.25},
+              "steps": 1234,
           }
       )
   )
@@ -44,7 +45,7 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
   out = capsys.readouterr().out.splitlines()
   figures = json.loads(out[-1])
   assert figures["mllm"]["shape"] == 0.6 and figures["recon"]["margin"] == 2.5
-  assert figures["training"] == {"stage1_steps": 4010, "stage2_steps": 1990}
+  assert figures["training"] == {"mllm_steps": 1234, "stage1_steps": 4010, "stage2_steps": 1990}
   assert figures["geneval"] == {"single_object_colour": 0.95, "position": 0.25, "overall": 0.61}
   lines = {line.split()[0]: line for line in out[1:-1]}
   assert lines["recon.margin"].endswith("ok") and lines["recon.top1_retrieval"].endswith("below target")

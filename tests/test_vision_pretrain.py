@@ -1,5 +1,6 @@
 """The tiny MLLM's vision pre-training: the ViT handed to captioning sees shape (a linear probe says so, against a
-random ViT), a 0-step phase leaves it alone, and bad counts fail in one line naming the field."""
+random ViT), a 0-step phase leaves it alone; the captioning phase's time budget; bad values fail in one line naming
+the field."""
 
 import subprocess
 import sys
@@ -58,7 +59,11 @@ def test_zero_steps_leave_the_tower_untouched():
 
 @pytest.mark.parametrize(
     "override, field",
-    [("vision_pretrain.num_images=0", "vision_pretrain.num_images"), ("train.lr=0.0", "train.lr")],
+    [
+        ("vision_pretrain.num_images=0", "vision_pretrain.num_images"),
+        ("train.lr=0.0", "train.lr"),
+        ("train.time_budget_s=-1.0", "train.time_budget_s"),
+    ],
 )
 def test_bad_counts_fail_in_one_line_naming_the_field(tmp_path, override, field):
   r = subprocess.run(
@@ -79,3 +84,16 @@ def test_bad_counts_fail_in_one_line_naming_the_field(tmp_path, override, field)
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert f"config error: {field}=" in r.stderr
   assert not (tmp_path / "m").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_time_budget_ends_captioning_early_and_still_saves(tmp_path):
+  c = load_config("tiny_mllm", "short")
+  c.unlock()
+  c.vision_pretrain.num_steps, c.train.time_budget_s = 5, 1e-9  # spent before the first captioning step ends
+  report = trainer.pretrain(c, str(tmp_path / "m"))
+  assert report["steps"] == 1 and report["stopped_by"] == "time_budget", report
+  assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "mllm_pretrain.json").is_file()
+  c.train.time_budget_s = 0.0  # no budget: the configured steps
+  full = trainer.pretrain(c, str(tmp_path / "n"))
+  assert full["steps"] == c.train.num_steps and full["stopped_by"] == "num_steps"

@@ -16,6 +16,7 @@ from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.internvl import InternVL, InternVLConfig
 from iomm_jax.models.processor import IM_END, Processor
 from iomm_jax.models.qwen2 import Qwen2Config
+from iomm_jax.train.time_budget import TimeBudget
 
 # Fields of configs/tiny_mllm.py that count something: at least 1 (or 0 for the step counts: that phase is skipped).
 _AT_LEAST_ONE = (
@@ -38,6 +39,8 @@ def validate(config) -> None:
       value = config[section][field]
       if not isinstance(value, int) or value < low:
         raise ConfigError(f"{name}={value!r}; it must be an integer >= {low}")
+  if not config.train.time_budget_s >= 0:
+    raise ConfigError(f"train.time_budget_s={config.train.time_budget_s!r}; it must be >= 0 (0: no budget)")
   for name in ("train.lr", "vision_pretrain.lr"):
     section, field = name.split(".")
     if not config[section][field] > 0:
@@ -104,6 +107,7 @@ def pretrain(config, out: str) -> dict:
   """Train, evaluate and write the -hf folder at `out`; returns the report (also saved in the folder)."""
   t0 = time.time()
   validate(config)
+  budget = TimeBudget(config.train.time_budget_s)  # from the command's start: rendering and the ViT phase count
   cfg, processor = model_config(config)
   builder = examples.SequenceBuilder(processor, config.data.max_len)
   d, t = config.data, config.train
@@ -124,7 +128,7 @@ def pretrain(config, out: str) -> dict:
   train_step = step.make_train_step(graphdef, optimizer)
   next_token = step.make_next_token(graphdef)
   rng = np.random.default_rng(config.seed)
-  history, window, t_train = [], [], time.time()
+  history, window, t_train, stopped_by, done = [], [], time.time(), "num_steps", 0
   for i in range(1, t.num_steps + 1):
     idx = rng.integers(0, d.num_images, size=t.batch)
     b = examples.make_batch(builder, pixels[idx], [captions[j] for j in idx], rng, d.text_only_fraction)
@@ -132,15 +136,21 @@ def pretrain(config, out: str) -> dict:
         params, opt_state, jnp.asarray(b.ids), jnp.asarray(b.valid), jnp.asarray(b.loss_mask), jnp.asarray(b.pixels)
     )
     window.append(metrics)
-    if i % t.log_every == 0 or i == t.num_steps:
+    done = i
+    last = i == t.num_steps or budget.spent(i)
+    if i % t.log_every == 0 or last:
       m = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
       window = []
       history.append({"step": i, **m})
       print(json.dumps({"step": i, **{k: round(v, 4) for k, v in m.items()}}), flush=True)
+    if last:
+      stopped_by = "num_steps" if i == t.num_steps else "time_budget"
+      break
   train_s = time.time() - t_train
   report = {
       "vision_pretrain": vision_report,
-      "steps": t.num_steps,
+      "steps": done,
+      "stopped_by": stopped_by,
       "batch": t.batch,
       "train_seconds": round(train_s, 1),
       "history": history,
@@ -154,5 +164,6 @@ def pretrain(config, out: str) -> dict:
   report["heldout_aux_prompt"].pop("examples")
   hf_folder.write(out, cfg, params, processor.tokenizer, report)
   report["total_seconds"] = round(time.time() - t0, 1)
-  keys = ("vision_pretrain", "steps", "train_seconds", "total_seconds", "heldout", "heldout_aux_prompt", "chance")
+  keys = ("vision_pretrain", "steps", "stopped_by", "train_seconds", "total_seconds", "heldout", "heldout_aux_prompt")
+  keys += ("chance",)
   return {k: report[k] for k in keys}
