@@ -62,8 +62,8 @@ def get_config(arg: str | None = None):
   c.train.weight_decay = 0.01
   c.train.grad_clip = 1.0
   c.train.log_every = 100
-  # Seconds from the command's start (rendering and the ViT phase included) after which the captioning phase ends at
-  # the step it is on, then is evaluated and saved as usual (report: stopped_by); 0 = no budget. make demo sets it.
+  # Seconds after its first step at which the captioning phase ends at the step it is on, then is evaluated and saved
+  # as usual (report: stopped_by); the ViT phase is not on this clock. 0 = no budget. make demo sets it.
   c.train.time_budget_s = 0.0
   if "short" in flags:
     c.data.num_images = 512

@@ -107,7 +107,6 @@ def pretrain(config, out: str) -> dict:
   """Train, evaluate and write the -hf folder at `out`; returns the report (also saved in the folder)."""
   t0 = time.time()
   validate(config)
-  budget = TimeBudget(config.train.time_budget_s)  # from the command's start: rendering and the ViT phase count
   cfg, processor = model_config(config)
   builder = examples.SequenceBuilder(processor, config.data.max_len)
   d, t = config.data, config.train
@@ -128,6 +127,7 @@ def pretrain(config, out: str) -> dict:
   train_step = step.make_train_step(graphdef, optimizer)
   next_token = step.make_next_token(graphdef)
   rng = np.random.default_rng(config.seed)
+  budget = TimeBudget(t.time_budget_s)  # the captioning phase's clock, as the IOMM loop's: from its first step
   history, window, t_train, stopped_by, done = [], [], time.time(), "num_steps", 0
   for i in range(1, t.num_steps + 1):
     idx = rng.integers(0, d.num_images, size=t.batch)
