@@ -2,8 +2,9 @@
 
 InternVL never teaches its vision encoder to see through captions alone: InternViT is pre-trained first, and the
 MLLM stages start from it. The tiny world's ViT needs the same, for a reason measured on this world: trained from
-scratch through captioning (600 or 1800 steps), its features carry no more shape than a random ViT's (a linear
-probe, ``bench/mllm_vision_probe.py``), and the MLLM names the shape of a single object at chance. Every objective
+scratch through 600 steps of captioning, its features carry no more shape than a random ViT's (a linear probe,
+``bench/mllm_vision_probe.py``) and the MLLM names the shape of a single object at chance (3x the steps: held-out
+shape 0.32 over all scenes, against 0.26). Every objective
 tried in which colour can be predicted too (contrastive image-caption, with shape-swapped hard negatives, caption
 words as labels, dense per-patch labels, colour-and-shape classes) learned colour within a few hundred steps and
 stalled on shape: the easy feature starves the hard one. A classifier of the shape alone, on single-object scenes,
