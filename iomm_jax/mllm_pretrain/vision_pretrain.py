@@ -5,9 +5,10 @@ MLLM stages start from it. The tiny world's ViT needs the same, for a reason mea
 scratch through 600 steps of captioning, its features carry no more shape than a random ViT's (a linear probe,
 ``bench/mllm_vision_probe.py``) and the MLLM names the shape of a single object at chance (3x the steps: held-out
 shape 0.32 over all scenes, against 0.26). Every objective
-tried in which colour can be predicted too (contrastive image-caption, with shape-swapped hard negatives, caption
-words as labels, dense per-patch labels, colour-and-shape classes) learned colour within a few hundred steps and
-stalled on shape: the easy feature starves the hard one. A classifier of the shape alone, on single-object scenes,
+tried in which an easier feature can be predicted too (contrastive image-caption, with shape-swapped hard negatives,
+caption words as labels, dense per-patch shape and colour labels, colour-and-shape classes; dense shape labels alone,
+where object against background is the easy part) learned that feature within a few hundred steps and stalled on
+shape: the easy feature starves the hard one. A classifier of the shape alone, on single-object scenes,
 learns it in a few hundred steps, and the captioning that follows keeps it.
 
 So the first phase here trains ViT + a mean-pool linear head (discarded afterwards) to name the object of
