@@ -96,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.time_shift = 1.0         # resolution shift s: t ← s·t / (1 + (s−1)·t); 1 = none
   c.train.loss_space = "velocity"  # 'velocity' (paper): MSE of v; 'clean': MSE of the implied clean latent (= t²·velocity
                                    #   MSE), which stops nearly clean inputs dominating the gradient
+  c.train.repa_weight = 0.0        # > 0: add this × REPA, aligning the DiT's inner image tokens with the frozen MLLM's
+                                   #   tokens of the clean image (models/repa.py; not in the paper); 0 = off
   c.train.optimizer = "adamw"      # 'adamw' or 'muon' (IOMM-XL: Muon on the hidden blocks' 2-D kernels, update RMS
                                    #   matched to AdamW's; AdamW with b1/b2 on embedders, read-out, biases, norms, queries)
   c.train.muon_momentum = 0.95     # Muon's (Nesterov) momentum; used only when optimizer = 'muon'
@@ -263,7 +265,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   for name in ("num_steps", "global_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
     if t[name] <= 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be positive")
-  for name in ("warmup_steps", "sample_every", "eval_every", "time_budget_s"):
+  for name in ("warmup_steps", "sample_every", "eval_every", "time_budget_s", "repa_weight"):
     if t[name] < 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be >= 0")
   if not t.eval_timesteps or any(not 0.0 < float(x) <= 1.0 for x in t.eval_timesteps):

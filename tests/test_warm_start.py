@@ -60,6 +60,8 @@ def test_workdirs_that_do_not_fit_fail_naming_the_field(stage1, tmp_path):
     builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__optimizer="muon")).init_state()
   with pytest.raises(WarmStartError, match="EMA"):
     builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__ema_decay=0.0)).init_state()
+  with pytest.raises(WarmStartError, match="without REPA's head but this run has config.train.repa_weight=0.5"):
+    builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__repa_weight=0.5)).init_state()
   wider = tiny_config("finetune,short", init__workdir=str(stage1))
   wider.model.dit.arch.num_single_layers = 3
   with pytest.raises(WarmStartError, match="does not fit this run's model"):

@@ -1,5 +1,6 @@
 """The DiT families IOMM can train, each with its module, config and one common call: `predict(dit, x_t, t, h,
-h_mask) -> clean-latent-or-velocity latents (B, H, W, C)`. The generator and the factory look a family up here
+h_mask, masked, features=False) -> clean-latent-or-velocity latents (B, H, W, C)`, with `features=True` also
+(image tokens (B, h, w, D) from inside the DiT, for representation alignment). The generator and the factory look a family up here
 instead of branching on `config.model.dit.kind`; a new family is one entry."""
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ class DiTFamily:
   condition_fields: tuple[str, ...]  # config fields that must equal the MLLM width
   # (dit, x_t (B,H,W,C), t (B,), h (B,L,D), h_mask (B,L) bool, masked) -> (B,H,W,C); `masked`: the DiT's attention
   # honours h_mask (condition='all'); 'query' conditions have no padding, so attention then runs unmasked.
-  predict: Callable[..., jax.Array]
+  # features=True: (latents, image tokens (B, h, w, feature_width(cfg)) from inside the DiT).
+  predict: Callable[..., Any]
+  feature_width: Callable[[Any], int]  # cfg -> the width of the tokens `predict(..., features=True)` returns
 
 
-def _mmdit_predict(dit: MMDiT, x_t, t, h, h_mask, masked: bool):
+def _mmdit_predict(dit: MMDiT, x_t, t, h, h_mask, masked: bool, features: bool = False):
   """FLUX: packed 2×2 tokens, the pooled vector = the condition's (masked) mean, RoPE ids."""
   _, height, width, channels = x_t.shape
   hm = h_mask.astype(jnp.float32)[..., None]
@@ -39,17 +42,33 @@ def _mmdit_predict(dit: MMDiT, x_t, t, h, h_mask, masked: bool):
       latent_ops.image_ids(height // 2, width // 2),
       latent_ops.text_ids(h.shape[1]),
       encoder_attention_mask=h_mask if masked else None,
+      return_features=features,
   )
-  return latent_ops.unpack(out, height, width, channels)
+  if not features:
+    return latent_ops.unpack(out, height, width, channels)
+  out, feats = out
+  return latent_ops.unpack(out, height, width, channels), feats.reshape(feats.shape[0], height // 2, width // 2, -1)
 
 
-def _s3dit_predict(dit: S3DiT, x_t, t, h, h_mask, masked: bool):
-  return dit(x_t, t, h, h_mask if masked else jnp.ones(h.shape[:2], bool))
+def _s3dit_predict(dit: S3DiT, x_t, t, h, h_mask, masked: bool, features: bool = False):
+  out = dit(x_t, t, h, h_mask if masked else jnp.ones(h.shape[:2], bool), return_features=features)
+  if not features:
+    return out
+  out, feats = out
+  p = dit.cfg.all_patch_size[0]
+  return out, feats.reshape(feats.shape[0], x_t.shape[1] // p, x_t.shape[2] // p, -1)
 
 
 DIT_FAMILIES: dict[str, DiTFamily] = {
-    "mmdit": DiTFamily("mmdit", MMDiT, MMDiTConfig, ("joint_attention_dim", "pooled_projection_dim"), _mmdit_predict),
-    "s3dit": DiTFamily("s3dit", S3DiT, S3DiTConfig, ("cap_feat_dim",), _s3dit_predict),
+    "mmdit": DiTFamily(
+        "mmdit",
+        MMDiT,
+        MMDiTConfig,
+        ("joint_attention_dim", "pooled_projection_dim"),
+        _mmdit_predict,
+        lambda cfg: cfg.inner_dim,
+    ),
+    "s3dit": DiTFamily("s3dit", S3DiT, S3DiTConfig, ("cap_feat_dim",), _s3dit_predict, lambda cfg: cfg.dim),
 }
 
 

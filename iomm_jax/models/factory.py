@@ -106,6 +106,7 @@ def make_generator(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -
       dit_config(config, width),
       rqa_config(config, width),
       prediction=config.model.prediction,
+      repa_dim=width if config.train.repa_weight > 0 else 0,  # the head maps onto the MLLM's image tokens
       dtype=DTYPES[config.model.dtype],
       param_dtype=jnp.float32,
       rngs=rngs,

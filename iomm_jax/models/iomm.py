@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from iomm_jax.models import dit_families
+from iomm_jax.models.repa import RepaProjector
 from iomm_jax.models.rqa import RQA, RQAConfig
 
 
@@ -151,6 +152,9 @@ class Generator(nnx.Module):
   turned into v = (x_t − x̂)/t, so the loss and the sampler are unchanged. A DiT whose tokens carry more values than
   its width (pixel space with large patches) cannot pass the noise through to predict v; predicting the clean image,
   which lies on a low-dimensional manifold, it can.
+
+  repa_dim: when > 0, a representation-alignment head (`models/repa.py`) from the DiT's inner image tokens to
+  repa_dim (the MLLM width), trained with the generator and used by the loss only.
   """
 
   def __init__(
@@ -160,6 +164,7 @@ class Generator(nnx.Module):
       rqa_cfg: RQAConfig,
       *,
       prediction: str = "v",
+      repa_dim: int = 0,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       rngs: nnx.Rngs,
@@ -169,17 +174,26 @@ class Generator(nnx.Module):
     self.dit_kind, self.prediction = dit_kind, prediction
     self.dit = dit_families.family(dit_kind).module(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.rqa = RQA(rqa_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    family = dit_families.family(dit_kind)
+    self.repa = (
+        RepaProjector(family.feature_width(dit_cfg), repa_dim, param_dtype=param_dtype, rngs=rngs) if repa_dim else None
+    )
 
   def velocity(self, x_t, t, h, h_mask, *, masked: bool = False):
     """Predicted velocity (z − x) for latents x_t (B, H, W, C) at times t (B,) given condition h (B, L, D).
 
     `masked`: pass h_mask to the DiT (needed for condition='all'; 'query' conditions have no padding).
     """
-    out = self._dit_output(x_t, t, h, h_mask, masked)
+    out = dit_families.family(self.dit_kind).predict(self.dit, x_t, t, h, h_mask, masked)
+    return self._to_velocity(x_t, t, out)
+
+  def velocity_and_features(self, x_t, t, h, h_mask, *, masked: bool = False):
+    """(velocity as `velocity`, the DiT's inner image tokens (B, h, w, D)) from one forward pass."""
+    out, feats = dit_families.family(self.dit_kind).predict(self.dit, x_t, t, h, h_mask, masked, features=True)
+    return self._to_velocity(x_t, t, out), feats
+
+  def _to_velocity(self, x_t, t, out):
     if self.prediction == "x":
       tb = jnp.maximum(t, X_PRED_T_MIN).reshape((-1,) + (1,) * (x_t.ndim - 1)).astype(jnp.float32)
       return ((x_t.astype(jnp.float32) - out.astype(jnp.float32)) / tb).astype(out.dtype)
     return out
-
-  def _dit_output(self, x_t, t, h, h_mask, masked: bool):
-    return dit_families.family(self.dit_kind).predict(self.dit, x_t, t, h, h_mask, masked)

@@ -172,12 +172,16 @@ class MMDiT(nnx.Module):
       img_ids: jax.Array,
       txt_ids: jax.Array,
       encoder_attention_mask: jax.Array | None = None,
-  ) -> jax.Array:
+      *,
+      return_features: bool = False,
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Velocity for packed latent tokens.
 
     hidden_states (B, N, in_channels); encoder_hidden_states (B, L, joint_attention_dim); pooled_projections
     (B, pooled_projection_dim); timestep (B,) in [0, 1] (×1000 inside, as diffusers); img_ids (N, 3);
-    txt_ids (L, 3); encoder_attention_mask (B, L) bool, True = real token, or None. Returns (B, N, C_out) fp32.
+    txt_ids (L, 3); encoder_attention_mask (B, L) bool, True = real token, or None. Returns (B, N, C_out) fp32;
+    with `return_features` also the image tokens after the double-stream blocks (B, N, inner_dim), fp32, which
+    representation alignment (`train.repa_weight`) reads.
     """
     cfg = self.cfg
     if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
@@ -216,11 +220,14 @@ class MMDiT(nnx.Module):
       key_mask = jnp.concatenate([encoder_attention_mask.astype(bool), image_keys], axis=1)
 
     carry = (context, hidden)
+    features = None
     for stack in (self.transformer_blocks, self.single_transformer_blocks):
       carry = layer_stack.run_blocks(
           stack, carry, temb, cos, sin, key_mask, call=_run_block, remat=cfg.remat, scan=cfg.scan_layers
       )
+      features = carry[1] if features is None else features
     context, hidden = carry
 
     out = self.norm_out(hidden, temb)
-    return self.proj_out(out if self.dtype is None else out.astype(self.dtype)).astype(jnp.float32)
+    out = self.proj_out(out if self.dtype is None else out.astype(self.dtype)).astype(jnp.float32)
+    return (out, features.astype(jnp.float32)) if return_features else out

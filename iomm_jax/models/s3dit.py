@@ -242,10 +242,13 @@ class S3DiT(nnx.Module):
       cap_mask: jax.Array | None = None,
       *,
       patch_size: int | None = None,
-  ) -> jax.Array:
+      return_features: bool = False,
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Velocity v ≈ z − x (float32, (B, H, W, C)) for latents x_t (B, H, W, C) at t (B,) ∈ [0, 1], t = 1 noise.
 
     cap_feats (B, L, cap_feat_dim) are the condition tokens, cap_mask (B, L) bool (True = valid; None = all).
+    With `return_features` also the image tokens (B, ht·wt, dim) fp32 after the first third of the main layers,
+    which representation alignment (`train.repa_weight`) reads.
     """
     cfg = self.cfg
     p = patch_size or cfg.all_patch_size[0]
@@ -308,9 +311,14 @@ class S3DiT(nnx.Module):
     u = jnp.concatenate([x, cap], axis=1)
     mask = jnp.concatenate([jnp.ones((b, nx), bool), live], axis=1)
     cos_u, sin_u = jnp.concatenate([cos_x, cos_c], axis=1), jnp.concatenate([sin_x, sin_c], axis=1)
-    u = self._blocks(self.layers, u, mask, cos_u, sin_u, adaln)
+    # Two runs over the main layers give the same result as one; the split exposes the tokens REPA aligns.
+    split = len(self.layers) // 3 if return_features else 0
+    u = self._blocks(list(self.layers)[:split], u, mask, cos_u, sin_u, adaln)
+    features = u[:, :n].astype(jnp.float32)
+    u = self._blocks(list(self.layers)[split:], u, mask, cos_u, sin_u, adaln)
 
     # The final layer is per token: only the real image tokens are needed.
     out = self.all_final_layer[key](u[:, :n], adaln)
     out = out.reshape(b, ht, wt, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-    return -out.astype(jnp.float32)  # Z-Image predicts x − z; ours is z − x.
+    out = -out.astype(jnp.float32)  # Z-Image predicts x − z; ours is z − x.
+    return (out, features) if return_features else out

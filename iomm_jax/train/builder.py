@@ -172,9 +172,10 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
       t_kwargs=dict(kind=t.t_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.time_shift),
       loss_space=t.loss_space,
       ema_decay=t.ema_decay,
-      needs_vit=config.data.recipe != "pair",
+      needs_vit=config.data.recipe != "pair" or t.repa_weight > 0,  # REPA's target is the image's MLLM tokens
       cached=bool(config.data.cached),
       grad_accum=int(t.grad_accum),
+      repa_weight=float(t.repa_weight),
       skip_nonfinite=t.on_nonfinite == "skip",
   )
   counts = {

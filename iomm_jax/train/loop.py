@@ -207,7 +207,8 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
           flush=True,
       )
     truncated_total += newly_truncated
-    last = {k: float(np.mean([x[k] for x in host])) for k in ("loss", "grad_norm", "kept_fraction")}
+    means = ("loss", "grad_norm", "kept_fraction") + (("repa",) if "repa" in host[0] else ())  # total loss incl. REPA
+    last = {k: float(np.mean([x[k] for x in host])) for k in means}
     last["lr"] = float(host[-1]["lr"])
     last["steps_averaged"] = len(host)  # fewer than log_every on the first row after a resume or a preemption
     last["skipped_total"] = skipped_total

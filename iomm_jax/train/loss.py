@@ -29,14 +29,22 @@ def interpolate(x, z, t):
   return (1.0 - tb) * x + tb * z
 
 
-def per_sample_loss(velocity_fn, x, z, t, *, space: str = "velocity"):
+def per_sample_loss(velocity_fn, x, z, t, *, space: str = "velocity", has_aux: bool = False):
   """(B,) mean squared error of ``velocity_fn(x_t, t)`` against z − x at given t (B,) and noise z (flow_matching_loss).
 
   space 'velocity' (FLUX, the paper) weighs every t alike in velocity; 'clean' multiplies each sample's loss by t²,
   which is the squared error of the clean latent the velocity implies, x̂ = x_t − t·v: the same minimiser, but the
   nearly clean inputs (small t, where the condition barely matters) no longer dominate the gradient by 1/t².
+  ``has_aux``: velocity_fn returns (v, extra); the result is then (per-sample losses, extra).
   """
   v = velocity_fn(interpolate(x, z, t), t)
+  if has_aux:
+    v, extra = v
+    return _weighted(v, x, z, t, space), extra
+  return _weighted(v, x, z, t, space)
+
+
+def _weighted(v, x, z, t, space: str):
   err = jnp.square(v.astype(jnp.float32) - (z - x).astype(jnp.float32))
   per_sample = err.reshape(err.shape[0], -1).mean(axis=1)
   if space == "clean":
@@ -46,13 +54,18 @@ def per_sample_loss(velocity_fn, x, z, t, *, space: str = "velocity"):
   return per_sample
 
 
-def flow_matching_loss(velocity_fn, x, rng, *, t_kwargs=None, space: str = "velocity"):
+def flow_matching_loss(velocity_fn, x, rng, *, t_kwargs=None, space: str = "velocity", has_aux: bool = False):
   """mean((v − (z − x))²) over every latent element at t ~ sample_t and z ~ N(0, I); `velocity_fn(x_t, t) -> v`.
 
-  ``space``: see :func:`per_sample_loss`. Returns (loss, aux) with aux = {'t': t, 'per_sample': (B,) losses}.
+  ``space``, ``has_aux``: see :func:`per_sample_loss`. Returns (loss, aux) with aux = {'t': t, 'per_sample': (B,)
+  losses}, plus 'velocity_aux' (velocity_fn's extra output) with has_aux.
   """
   rng_t, rng_z = jax.random.split(rng)
   t = sample_t(rng_t, x.shape[0], **(t_kwargs or {}))
   z = jax.random.normal(rng_z, x.shape, jnp.float32).astype(x.dtype)
-  per_sample = per_sample_loss(velocity_fn, x, z, t, space=space)
-  return per_sample.mean(), {"t": t, "per_sample": per_sample}
+  out = per_sample_loss(velocity_fn, x, z, t, space=space, has_aux=has_aux)
+  per_sample, extra = out if has_aux else (out, None)
+  aux = {"t": t, "per_sample": per_sample}
+  if has_aux:
+    aux["velocity_aux"] = extra
+  return per_sample.mean(), aux

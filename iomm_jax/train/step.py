@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from iomm_jax.models import iomm
+from iomm_jax.models import iomm, repa
 from iomm_jax.train import loss as loss_lib
 from iomm_jax.train.optimizers import ema_update
 from iomm_jax.train.state import TrainState
@@ -33,6 +33,9 @@ class StepStatics:
   needs_vit: bool  # False for text-only recipes: skip the ViT entirely
   cached: bool  # batch carries 'vit_tokens' and 'latent' instead of pixels
   grad_accum: int = 1  # microbatches per update (gradient accumulation)
+  repa_weight: float = (
+      0.0  # > 0: + this × the REPA alignment of the DiT's inner tokens with the MLLM's (models/repa.py)
+  )
   skip_nonfinite: bool = (
       False  # config.train.on_nonfinite == 'skip': keep the old state when loss/grad norm is not finite
   )
@@ -68,12 +71,26 @@ def compute_loss(st: StepStatics, params, frozen, batch, rng):
   gen = nnx.merge(st.gen_def, params)
   h, h_mask = iomm.encode_condition(gen.rqa, mllm, st.templates, ids, valid, tokens, keep, use_image, mode=st.condition)
 
-  def velocity(x_t, t):
-    return gen.velocity(x_t, t, h, h_mask, masked=st.condition == "all")
+  masked = st.condition == "all"
+  if st.repa_weight <= 0:
+    loss, aux = loss_lib.flow_matching_loss(
+        lambda x_t, t: gen.velocity(x_t, t, h, h_mask, masked=masked),
+        x,
+        r_loss,
+        t_kwargs=st.t_kwargs,
+        space=st.loss_space,
+    )
+    aux["kept_fraction"] = keep.mean()
+    return loss, aux
 
-  loss, aux = loss_lib.flow_matching_loss(velocity, x, r_loss, t_kwargs=st.t_kwargs, space=st.loss_space)
-  aux["kept_fraction"] = keep.mean()
-  return loss, aux
+  def velocity(x_t, t):
+    return gen.velocity_and_features(x_t, t, h, h_mask, masked=masked)
+
+  loss, aux = loss_lib.flow_matching_loss(velocity, x, r_loss, t_kwargs=st.t_kwargs, space=st.loss_space, has_aux=True)
+  # The target is the MLLM's tokens of the clean, unmasked image: the masking only touches the condition.
+  align = repa.alignment_loss(gen.repa, aux.pop("velocity_aux"), tokens).mean()
+  aux["kept_fraction"], aux["repa"] = keep.mean(), align
+  return loss + st.repa_weight * align, aux
 
 
 def microbatches(batch, n: int):
@@ -129,6 +146,7 @@ def train_step(st: StepStatics, optimizer: optax.GradientTransformation, lr_fn, 
       "grad_norm": grad_norm,
       "lr": lr_fn(state.step),
       "kept_fraction": aux["kept_fraction"],
+      **({"repa": aux["repa"]} if "repa" in aux else {}),
       "nonfinite": (~finite).astype(jnp.int32),
   }
   for key in BATCH_COUNTS:

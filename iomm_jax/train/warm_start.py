@@ -43,6 +43,12 @@ def params_from_workdir(config, abstract_state, state_shardings):
         f"config.init.workdir={workdir!r} {'has' if src_ema else 'has no'} EMA weights but this run "
         f"has config.train.ema_decay={config.train.ema_decay}; make both use EMA or neither"
     )
+  src_repa = float(src.get("train", {}).get("repa_weight", 0.0)) > 0
+  if src_repa != (config.train.repa_weight > 0):
+    raise WarmStartError(
+        f"config.init.workdir={workdir!r} was trained {'with' if src_repa else 'without'} REPA's head but this run "
+        f"has config.train.repa_weight={config.train.repa_weight}; use REPA in both stages or in neither"
+    )
   ckpt = checkpoint.Checkpointer(workdir, with_data=False)
   try:
     if ckpt.latest_step() is None:
