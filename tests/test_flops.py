@@ -15,11 +15,12 @@ def _run(c, devices=1):
 
 
 @pytest.mark.slow
-def test_analytic_flops_match_xla_cost_analysis_of_the_tiny_step():
+@pytest.mark.parametrize("repa_weight", [0.0, 0.5])
+def test_analytic_flops_match_xla_cost_analysis_of_the_tiny_step(repa_weight):
   """Within 15%: XLA also counts every elementwise op (norms, GELU/SiLU, softmax, RoPE, the loss, AdamW and EMA
   updates, 1 FLOP per element each), which the analytic matmul + attention count leaves out, so XLA's figure is
-  the higher one (measured: analytic / XLA = 0.92 on the tiny step)."""
-  run = _run(tiny_config())
+  the higher one (measured: analytic / XLA = 0.92 on the tiny step, with or without the REPA head)."""
+  run = _run(tiny_config(train__repa_weight=repa_weight))
   counted = flops.step_flops(run)
   state = dry_run.abstract_with_shardings(run.abstract_state, run.state_shardings)
   compiled = run.train_step.lower(state, dry_run.abstract_frozen(run), dry_run.abstract_batch(run)).compile()
@@ -49,6 +50,15 @@ def test_components_scale_with_their_own_sequences():
   c4 = tiny_config()
   c4.data.cached, c4.data.cache_path = True, "unused"
   assert "vit" not in flops.step_flops(_run(c4))["per_image"]
+  # REPA: its head on the DiT's image tokens (8×8 here: width 64 → 128 → 128 → the LLM's 64), trained; off by default.
+  assert "repa" not in base["per_image"]
+  c5 = tiny_config(train__repa_weight=0.5)
+  head = flops.step_flops(_run(c5))["per_image"]["repa"]
+  assert head == {"forward": 2.0 * 64 * (64 * 128 + 128 * 128 + 128 * 64), "backward": 2 * head["forward"]}
+  # The pair recipe skips the ViT, unless REPA needs the image's MLLM tokens.
+  assert flops.step_flops(_run(tiny_config("finetune_pair")))["per_image"]["vit"]["forward"] == 0.0
+  paired = flops.step_flops(_run(tiny_config("finetune_pair", train__repa_weight=0.5)))["per_image"]["vit"]
+  assert paired["forward"] == base["per_image"]["vit"]["forward"]
   # Trainable parts: backward twice the forward; the frozen LLM's weights get no gradient.
   dit, llm = base["per_image"]["dit"], base["per_image"]["llm"]
   assert dit["backward"] == 2 * dit["forward"]

@@ -19,11 +19,16 @@ from iomm_jax.models.layers import Linear
 MAX_HIDDEN = 2048  # the head's hidden width is min(2 × DiT width, this): REPA's 2048 for a 1152-wide DiT
 
 
+def hidden_width(in_dim: int) -> int:
+  """The head's hidden width for a DiT of width ``in_dim``."""
+  return min(2 * in_dim, MAX_HIDDEN)
+
+
 class RepaProjector(nnx.Module):
   """Three Linear layers with SiLU between: DiT width → hidden → hidden → MLLM width."""
 
   def __init__(self, in_dim: int, out_dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    hidden = min(2 * in_dim, MAX_HIDDEN)
+    hidden = hidden_width(in_dim)
     kw = dict(param_dtype=param_dtype, rngs=rngs)
     self.fc1 = Linear(in_dim, hidden, axes=("embed", "mlp"), **kw)
     self.fc2 = Linear(hidden, hidden, axes=("mlp", None), **kw)

@@ -4,7 +4,7 @@
 'xla' and 'auto' paths compute it, causal or not) only: norms, activations, softmax and the optimizer are left out.
 Forward FLOPs per image come from each architecture's shapes; the backward pass is derived per component:
 
-- DiT and RQA (trainable): backward = 2 × forward (a gradient for the weights and one for the activations).
+- DiT, RQA and the REPA head when `train.repa_weight` > 0 (trainable): backward = 2 × forward (a gradient for the weights and one for the activations).
 - LLM (frozen, but the gradient flows through it to the RQA): backward = 1 × forward for its weight matmuls (the
   activation gradient only) + 2 × forward for attention (dQ, dK and dV all depend on activations); with remat on,
   the forward runs again in the backward pass — reported as `remat`, separately from the model FLOPs.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from iomm_jax.models.internvl import InternVLConfig
-from iomm_jax.models import factory
+from iomm_jax.models import dit_families, factory, repa
 
 
 def _attn(lq: int, lk: int, width: int) -> float:
@@ -65,6 +65,13 @@ def rqa_forward(cfg, context_tokens: int) -> float:
   hidden = int(d * cfg.mlp_ratio)
   per_layer = 2.0 * q * d * d + 2.0 * l * d * 2 * d + 2.0 * q * d * d + _attn(q, l, d) + 2.0 * q * 2 * d * hidden
   return cfg.num_layers * per_layer
+
+
+def repa_forward(dit_width: int, mllm_width: int, image_tokens: int) -> float:
+  """The REPA head (models/repa.py) on one image's DiT tokens: three Linear layers, DiT width → hidden → hidden →
+  MLLM width."""
+  hidden = repa.hidden_width(dit_width)
+  return 2.0 * image_tokens * (dit_width * hidden + hidden * hidden + hidden * mllm_width)
 
 
 def llm_forward(cfg, tokens: int) -> tuple[float, float]:
@@ -140,9 +147,12 @@ def step_flops(run) -> dict:
       "rqa": {"forward": rqa, "backward": 2.0 * rqa},
       "llm": {"forward": llm_dense + llm_attn, "backward": llm_dense + 2.0 * llm_attn},
   }
+  if c.train.repa_weight > 0:
+    head = repa_forward(dit_families.family(c.model.dit.kind).feature_width(dit_cfg), width, image_tokens)
+    per_image["repa"] = {"forward": head, "backward": 2.0 * head}
   if not c.data.cached:
-    # Text-only recipes skip the ViT; the pair recipe still encodes latents.
-    per_image["vit"] = {"forward": vit_forward(mcfg) if c.data.recipe != "pair" else 0.0, "backward": 0.0}
+    # The pair recipe skips the ViT unless REPA needs its tokens; latents are still encoded.
+    per_image["vit"] = {"forward": vit_forward(mcfg) if run.statics.needs_vit else 0.0, "backward": 0.0}
     if c.model.autoencoder.kind == "flux_vae":
       per_image["vae"] = {"forward": vae_encoder_forward(factory.vae_config(c), c.data.resolution), "backward": 0.0}
   remat = llm_dense + llm_attn if c.model.mllm.remat != "none" else 0.0
