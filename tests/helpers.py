@@ -27,6 +27,17 @@ def tiny_config(arg: str | None = None, **overrides):
   return c
 
 
+def with_tiny_s3dit(c, n_layers: int = 3):
+  """Config c with its DiT swapped for a small Z-Image S3-DiT of `n_layers` main layers, reading the MLLM's width."""
+  width = c.model.mllm.arch["text"]["hidden_size"]
+  c.model.dit.kind = "s3dit"
+  c.model.dit.arch = dict(
+      dim=32, n_layers=n_layers, n_refiner_layers=1, n_heads=2, n_kv_heads=2, in_channels=12, cap_feat_dim=width,
+      axes_dims=(4, 6, 6), axes_lens=(64, 32, 32),
+  )  # fmt: skip
+  return c
+
+
 def take(it, n: int) -> list:
   """The next n elements of an iterator."""
   return [next(it) for _ in range(n)]

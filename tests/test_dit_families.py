@@ -22,16 +22,11 @@ def test_unknown_kind_is_one_line_naming_the_known_ones():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mmdit", "s3dit"])
 def test_generator_of_each_kind_runs_its_family(kind):
-  from helpers import tiny_config
+  from helpers import tiny_config, with_tiny_s3dit
 
   c = tiny_config()
   if kind == "s3dit":
-    width = c.model.mllm.arch["text"]["hidden_size"]
-    c.model.dit.kind = "s3dit"
-    c.model.dit.arch = dict(
-        dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, in_channels=12, cap_feat_dim=width,
-        axes_dims=(4, 6, 6), axes_lens=(64, 32, 32),
-    )  # fmt: skip
+    c = with_tiny_s3dit(c, n_layers=1)
   gen = factory.make_generator(c, nnx.Rngs(0))
   fam = dit_families.family(kind)
   assert isinstance(gen.dit, fam.module) and dit_families.family_of(gen.dit) is fam

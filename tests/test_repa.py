@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_config
+from helpers import tiny_config, with_tiny_s3dit
 from iomm_jax import config as config_lib
 from iomm_jax.models import factory, repa
 from iomm_jax.train import builder, step as step_lib
@@ -39,21 +39,11 @@ def test_non_square_mllm_tokens_are_refused():
     repa.alignment_loss(identity, jnp.ones((1, 4, 4, 3)), jnp.ones((1, 12, 3)))
 
 
-def _s3dit(c):
-  width = c.model.mllm.arch["text"]["hidden_size"]
-  c.model.dit.kind = "s3dit"
-  c.model.dit.arch = dict(
-      dim=32, n_layers=3, n_refiner_layers=1, n_heads=2, n_kv_heads=2, in_channels=12, cap_feat_dim=width,
-      axes_dims=(4, 6, 6), axes_lens=(64, 32, 32),
-  )  # fmt: skip
-  return c
-
-
 @pytest.mark.parametrize("kind", ["mmdit", "s3dit"])
 def test_features_come_from_the_same_forward_pass(kind):
   c = tiny_config(train__repa_weight=0.5)
   if kind == "s3dit":
-    c = _s3dit(c)
+    c = with_tiny_s3dit(c)
   gen = factory.make_generator(c, nnx.Rngs(0))
   assert gen.repa is not None
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))
@@ -67,7 +57,7 @@ def test_features_come_from_the_same_forward_pass(kind):
   _, other = gen.velocity_and_features(x + 1.0, t, h, mask)
   assert float(jnp.abs(other - feats).max()) > 1e-3
   # Without REPA the generator has no head (and no parameters for it in checkpoints).
-  plain = factory.make_generator(tiny_config() if kind == "mmdit" else _s3dit(tiny_config()), nnx.Rngs(0))
+  plain = factory.make_generator(tiny_config() if kind == "mmdit" else with_tiny_s3dit(tiny_config()), nnx.Rngs(0))
   assert plain.repa is None and "repa" not in nnx.to_pure_dict(nnx.state(plain, nnx.Param))
 
 
