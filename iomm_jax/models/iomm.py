@@ -172,9 +172,9 @@ class Generator(nnx.Module):
     if prediction not in PREDICTIONS:
       raise ValueError(f"config.model.prediction={prediction!r}: expected one of {PREDICTIONS}")
     self.dit_kind, self.prediction = dit_kind, prediction
-    self.dit = dit_families.family(dit_kind).module(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.rqa = RQA(rqa_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     family = dit_families.family(dit_kind)
+    self.dit = family.module(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.rqa = RQA(rqa_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.repa = (
         RepaProjector(family.feature_width(dit_cfg), repa_dim, param_dtype=param_dtype, rngs=rngs) if repa_dim else None
     )

@@ -311,11 +311,13 @@ class S3DiT(nnx.Module):
     u = jnp.concatenate([x, cap], axis=1)
     mask = jnp.concatenate([jnp.ones((b, nx), bool), live], axis=1)
     cos_u, sin_u = jnp.concatenate([cos_x, cos_c], axis=1), jnp.concatenate([sin_x, sin_c], axis=1)
-    # Two runs over the main layers give the same result as one; the split exposes the tokens REPA aligns.
-    split = len(self.layers) // 3 if return_features else 0
-    u = self._blocks(list(self.layers)[:split], u, mask, cos_u, sin_u, adaln)
-    features = u[:, :n].astype(jnp.float32)
-    u = self._blocks(list(self.layers)[split:], u, mask, cos_u, sin_u, adaln)
+    if return_features:  # two runs over the main layers equal one; the split exposes the tokens REPA aligns
+      split = len(self.layers) // 3
+      u = self._blocks(list(self.layers)[:split], u, mask, cos_u, sin_u, adaln)
+      features = u[:, :n].astype(jnp.float32)
+      u = self._blocks(list(self.layers)[split:], u, mask, cos_u, sin_u, adaln)
+    else:
+      u = self._blocks(self.layers, u, mask, cos_u, sin_u, adaln)
 
     # The final layer is per token: only the real image tokens are needed.
     out = self.all_final_layer[key](u[:, :n], adaln)
