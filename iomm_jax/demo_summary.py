@@ -1,9 +1,12 @@
 """The figures `make demo` ends with: the tiny MLLM's held-out captioning, image-conditioned reconstruction and
-mini-GenEval of the fine-tuned run, each beside its chance level or target.
+mini-GenEval of the fine-tuned run, each beside its chance level or target, and mini-GenEval's single-object figures
+of the image-only stage 1 (text prompts to a generator that has never seen a caption: what it follows there it learnt
+from images through the frozen MLLM, IOMM's premise).
 
   python -m iomm_jax.demo_summary --mllm=runs/tiny_mllm --workdir=runs/tiny
 
-Reads <mllm>/mllm_pretrain.json, <workdir>/recon.json and <workdir>/eval_shapes.json (whichever exist), and the
+Reads <mllm>/mllm_pretrain.json, <workdir>/recon.json, <workdir>/eval_shapes.json and stage 1's eval_shapes.json
+(in the fine-tuned run's config.init.workdir; whichever exist), and the
 steps the MLLM's captioning and each IOMM stage trained (the MLLM's report; the fine-tuned run's metrics and,
 through its config.init.workdir, stage 1's: on a machine too slow for the demo's 15 minutes its clock stops a phase
 early); prints a short table and then one JSON
@@ -27,6 +30,8 @@ TARGETS = {
     "recon.margin": 2.0,
     "recon.top1_retrieval": 0.8,
 }
+# What a group's lines add to their note.
+GROUP_NOTES = {"geneval_stage1": "image-only stage 1, no caption seen"}
 
 
 def _read(path: str) -> dict | None:
@@ -42,12 +47,31 @@ def _trained_steps(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
+# Stage 1's mini-GenEval figures shown: single objects carry the signal at this scale (README).
+STAGE1_GENEVAL = ("single_object_colour", "single_object_shape", "overall", "single_object_dominant_colour")
+
+
+def _init_workdir(workdir: str) -> str:
+  """The run the fine-tuned `workdir` started from (its config.init.workdir; '' when none)."""
+  config = _read(os.path.join(workdir, "config.json")) or {}
+  return config.get("init", {}).get("workdir", "")
+
+
+def _geneval(workdir: str, keys=None) -> tuple[dict, dict]:
+  """(figures, chance) of `workdir`'s eval_shapes.json, limited to `keys` when given; ({}, {}) when absent."""
+  gen = _read(os.path.join(workdir, "eval_shapes.json")) if workdir else None
+  if not gen:
+    return {}, {}
+  figures = {**gen["scores"], "overall": gen["overall"], **gen.get("diagnostics", {})}
+  if keys is not None:
+    figures = {k: figures[k] for k in keys if k in figures}
+  return figures, dict(gen.get("chance", {}))
+
+
 def training_steps(workdir: str) -> dict:
   """{'stage2_steps': ..., 'stage1_steps': ...} for the fine-tuned `workdir` and the run it started from."""
   out = {}
-  config = _read(os.path.join(workdir, "config.json")) or {}
-  init = config.get("init", {}).get("workdir", "")
-  for name, path in (("stage1_steps", init), ("stage2_steps", workdir)):
+  for name, path in (("stage1_steps", _init_workdir(workdir)), ("stage2_steps", workdir)):
     steps = _trained_steps(path) if path else None
     if steps is not None:
       out[name] = steps
@@ -55,7 +79,8 @@ def training_steps(workdir: str) -> dict:
 
 
 def collect(mllm_dir: str, workdir: str) -> dict:
-  """{'mllm': {...}, 'training': {...}, 'recon': {...}, 'geneval': {...}} from the files the demo's steps wrote."""
+  """{'mllm': {...}, 'training': {...}, 'recon': {...}, 'geneval_stage1': {...}, 'geneval': {...}} (with their
+  chance levels) from the files the demo's steps wrote."""
   out: dict = {}
   rep = _read(os.path.join(mllm_dir, "mllm_pretrain.json"))
   if rep:
@@ -74,11 +99,12 @@ def collect(mllm_dir: str, workdir: str) -> dict:
   recon = _read(os.path.join(workdir, "recon.json"))
   if recon:
     out["recon"] = {k: recon[k] for k in ("margin", "top1_retrieval") if k in recon}
-  gen = _read(os.path.join(workdir, "eval_shapes.json"))
-  if gen:
-    out["geneval"] = {**gen["scores"], "overall": gen["overall"], **gen.get("diagnostics", {})}
-    if "chance" in gen:
-      out["geneval_chance"] = gen["chance"]
+  for group, path, keys in (("geneval_stage1", _init_workdir(workdir), STAGE1_GENEVAL), ("geneval", workdir, None)):
+    figures, chance = _geneval(path, keys)
+    if figures:
+      out[group] = figures
+    if figures and chance:
+      out[f"{group}_chance"] = chance
   return out
 
 
@@ -93,16 +119,16 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   figures = collect(args.mllm, args.workdir)
   lines = []
-  for group in ("mllm", "training", "recon", "geneval"):
+  for group in ("mllm", "training", "recon", "geneval_stage1", "geneval"):
     chance = figures.get(f"{group}_chance", {})
     for name, value in figures.get(group, {}).items():
       target = TARGETS.get(f"{group}.{name}")
-      note = f"target {target}" if target is not None else ""
+      note = ", ".join(n for n in (GROUP_NOTES.get(group), f"target {target}" if target is not None else None) if n)
       if name in chance:
         note = (note + ", " if note else "") + f"chance {chance[name]:.2f}"
       mark = "" if target is None else ("  ok" if value >= target else "  below target")
       shown = f"{value:6d}" if isinstance(value, int) else f"{value:6.3f}"
-      lines.append(f"  {group + '.' + name:36s} {shown}   {note}{mark}")
+      lines.append(f"  {group + '.' + name:46s} {shown}   {note}{mark}")
   print("demo figures:\n" + "\n".join(lines))
   print(json.dumps(figures))
   return 0

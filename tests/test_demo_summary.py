@@ -30,6 +30,17 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
   stage1 = tmp_path / "stage1"
   stage1.mkdir()
   (stage1 / "metrics.jsonl").write_text('{"step": 25, "loss": 0.1}\n{"step": 4010, "loss": 0.05}\n')
+  # Stage 1's text-prompt figures (before any caption): the single-object ones, beside their chance levels.
+  (stage1 / "eval_shapes.json").write_text(
+      json.dumps(
+          {
+              "scores": {"single_object_colour": 0.6, "single_object_shape": 0.2, "position": 0.0},
+              "overall": 0.18,
+              "diagnostics": {"single_object_dominant_colour": 0.9},
+              "chance": {"single_object_colour": 0.29, "single_object_shape": 0.3},
+          }
+      )
+  )
   (work / "config.json").write_text(json.dumps({"init": {"workdir": str(stage1)}}))
   (work / "metrics.jsonl").write_text('{"step": 1990, "loss": 0.04}\n{"step": 1990, "val_loss": 0.2}\n')
   (work / "eval_shapes.json").write_text(
@@ -53,6 +64,15 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
   assert "chance 0.17" in lines["mllm.shape"]
   assert figures["mllm"]["single_object_shape"] == 0.3 and "chance 0.17" in lines["mllm.single_object_shape"]
   assert lines["training.stage1_steps"].split()[1] == "4010"
+  assert figures["geneval_stage1"] == {
+      "single_object_colour": 0.6,
+      "single_object_shape": 0.2,
+      "overall": 0.18,
+      "single_object_dominant_colour": 0.9,
+  }
+  assert "no caption seen" in lines["geneval_stage1.single_object_colour"]
+  assert "chance 0.29" in lines["geneval_stage1.single_object_colour"]
+  assert "target" not in lines["geneval_stage1.overall"] and "no caption" not in lines["geneval.overall"]
 
 
 def test_summary_of_a_partial_demo_lists_what_exists(tmp_path, capsys):
