@@ -1,7 +1,10 @@
 """Shared test helpers: load a config file by name, build a small tiny-config run."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,3 +80,15 @@ def subprocess_env(tmp_path) -> dict:
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
+
+
+def run_bench(script: str, *args: str, timeout: int = 900) -> dict:
+  """Run `bench/<script>` with `args` on one CPU device; assert it succeeded and printed ONE JSON line; return it."""
+  cmd = [sys.executable, f"bench/{script}", *args]
+  out = subprocess.run(
+      cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "XLA_FLAGS": ""}
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 1, lines
+  return json.loads(lines[0])

@@ -1,14 +1,11 @@
 """bench/condition_alignment.py: probes fitted on image conditions, scored on images and on captions."""
 
-import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, run_bench
 
 sys.path.insert(0, ROOT)
 from bench import condition_alignment  # noqa: E402
@@ -45,12 +42,7 @@ def test_directions_that_differ_between_modalities_stay_unread_after_centring():
 
 @pytest.mark.slow
 def test_a_random_generator_prints_one_json_line():
-  cmd = [sys.executable, "bench/condition_alignment.py", "--config=configs/tiny.py", "--num_train=24", "--num_eval=12"]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.strip().splitlines()
-  assert len(lines) == 1
-  result = json.loads(lines[0])
+  result = run_bench("condition_alignment.py", "--config=configs/tiny.py", "--num_train=24", "--num_eval=12")
   assert result["bench"] == "condition_alignment" and result["init"] == "random" and result["mllm"] == "random"
   for attr in ("shape", "colour"):
     assert set(result[attr]) == {"image_to_image", "image_to_text", "image_to_text_centred"}

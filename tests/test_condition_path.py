@@ -1,15 +1,12 @@
 """bench/condition_path.py: the generator through the real MLLM → adapter condition — its captions, views and one
 short run."""
 
-import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, run_bench
 from iomm_jax.data import decode, shapes
 
 sys.path.insert(0, ROOT)
@@ -36,9 +33,8 @@ def test_caption_arrays_left_align_each_caption():
 
 @pytest.mark.slow
 def test_short_image_path_run_prints_one_json_line():
-  cmd = [
-      sys.executable,
-      "bench/condition_path.py",
+  result = run_bench(
+      "condition_path.py",
       "--config=configs/tiny.py",
       "--path=image",
       "--steps=2",
@@ -46,12 +42,7 @@ def test_short_image_path_run_prints_one_json_line():
       "--num=6",
       "--images=32",
       "--config.train.repa_weight=0.5",
-  ]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.strip().splitlines()
-  assert len(lines) == 1
-  result = json.loads(lines[0])
+  )
   assert result["bench"] == "condition_path" and result["path"] == "image" and result["mllm"] == "random"
   assert result["steps"] == 2 and result["repa_weight"] == 0.5 and result["mask_ratio"] == 0.5
   (point,) = result["curve"]

@@ -1,15 +1,12 @@
 """bench/oracle_condition.py: the perfect-condition generator bench — its scoring and one short run."""
 
-import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT
+from helpers import ROOT, run_bench
 from iomm_jax.data import shapes
 
 sys.path.insert(0, ROOT)
@@ -31,21 +28,16 @@ def test_score_reads_ground_truth_and_rejects_wrong_labels():
 @pytest.mark.slow
 def test_short_run_prints_one_json_line_and_a_grid(tmp_path):
   grid = tmp_path / "grid.png"
-  cmd = [
-      sys.executable,
-      "bench/oracle_condition.py",
+  result = run_bench(
+      "oracle_condition.py",
       "--config=configs/tiny.py",
       "--steps=4",
       "--eval_every=2",
       "--num=12",
       "--images=64",
       f"--grid={grid}",
-  ]
-  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-  assert out.returncode == 0, out.stderr[-2000:]
-  lines = out.stdout.strip().splitlines()
-  assert len(lines) == 1
-  result = json.loads(lines[0])
+      timeout=600,
+  )
   assert result["bench"] == "oracle_condition" and result["steps"] == 4 and result["global_batch"] == 16
   assert [p["step"] for p in result["curve"]] == [2, 4]
   assert all(0.0 <= p[k] <= 1.0 for p in result["curve"] for k in ("shape", "colour", "one_object"))
