@@ -109,9 +109,11 @@ def main(argv):
   text_labels = np.asarray([(s, c) for s in range(len(shapes.SHAPES)) for c in range(len(shapes.COLOURS))], np.int32)
   h_train, h_eval, h_text = of_images(train_images), of_images(eval_images), of_captions(text_labels)
   result = dict(
-      bench="condition_alignment", init=config.init.workdir or "random", mllm=config.model.mllm.path or "random"
+      bench="condition_alignment",
+      init=config.init.workdir or "random",
+      mllm=config.model.mllm.path or "random",
+      rqa_kind=config.model.rqa.kind,
   )
-  result["rqa_kind"] = config.model.rqa.kind
   for k, (attr, n) in enumerate((("shape", len(shapes.SHAPES)), ("colour", len(shapes.COLOURS)))):
     result[attr] = alignment(h_train, train_labels[:, k], h_eval, eval_labels[:, k], h_text, text_labels[:, k], n)
   result["chance"] = {"shape": round(1 / len(shapes.SHAPES), 3), "colour": round(1 / len(shapes.COLOURS), 3)}
