@@ -9,13 +9,7 @@ FINETUNE_BATCH = {512: 256, 1024: 96}
 def full_size_config(arg, *, pretrain_batch, ema_decay, mask_ratio):
   """Base for iomm_b/l/xl. arg: recipe word (pretrain | pair_pretrain | finetune | finetune_pair | finetune_image)
   plus optional flags: '1024' (fine-tune at 1024²), 'cached' (read the offline feature cache)."""
-  stage, recipe, flags = schema.parse_variant(arg)
-  unknown = flags - {"1024", "cached"}
-  if unknown:
-    raise schema.ConfigError(
-        f"unknown config variant flag(s) {sorted(unknown)}; known: 1024, cached, and the recipes "
-        f"{sorted(k for k in schema.VARIANTS if k)}"
-    )
+  stage, recipe, flags = schema.parse_variant(arg, known_flags=frozenset({"1024", "cached"}))
   c = schema.base_config()
   c.model.autoencoder.kind = "flux_vae"
   c.model.mllm.path = ""  # set --config.model.mllm.path=/path/to/InternVL3-2B-hf for real training

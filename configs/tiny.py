@@ -1,4 +1,4 @@
-"""Tiny IOMM on procedural shapes: pixel space (identity autoencoder), a ≈1M-parameter MM-DiT and a frozen
+"""Tiny IOMM on procedural shapes: pixel space (identity autoencoder), a 0.47M-parameter MM-DiT and a frozen
 InternVL-structured MLLM. Runs on 2 CPU cores in minutes (`make demo`).
 
 The MLLM is the one `python -m iomm_jax.pretrain_mllm --config=configs/tiny_mllm.py --out=DIR` trains: pass
@@ -28,7 +28,7 @@ _LATENT_CHANNELS = 3 * _AE_FACTOR**2
 
 
 def get_config(arg: str | None = None):
-  stage, recipe, flags = schema.parse_variant(arg)
+  stage, recipe, flags = schema.parse_variant(arg, known_flags=frozenset({"short"}))
   c = schema.base_config()
   c.seed = 0
   c.model.dtype = "float32"

@@ -44,7 +44,8 @@ from iomm_jax.data import records
 from iomm_jax.data import cache_reader
 from iomm_jax.train import builder
 from iomm_jax import distributed
-from iomm_jax.config import ConfigError, validate
+from iomm_jax import config_cli
+from iomm_jax.config import ConfigError, unknown_field_message, validate
 
 STATE_DIR = ".cache_state"
 PLAN_FILE = "plan.json"
@@ -352,20 +353,20 @@ def main(argv) -> int:
   return 0
 
 
-def _define_flags() -> None:
+def _define_flags():
   from absl import flags
   from ml_collections import config_flags
 
-  config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
+  config = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
   flags.DEFINE_string("dst", None, "output folder for the feature shards", required=True)
   flags.DEFINE_integer("shards", 1, "shards per process")
   flags.DEFINE_enum("dtype", "float16", sorted(DTYPES), "storage dtype of ViT tokens and latents")
   flags.DEFINE_integer("batch", 0, "global images per encoder call (0 = config.train.global_batch)")
   flags.DEFINE_bool("no_progress", False, "no progress bar")
+  return config
 
 
 if __name__ == "__main__":
   from absl import app
 
-  _define_flags()
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=config_cli.flags_parser(_define_flags(), unknown_field=unknown_field_message)))

@@ -434,11 +434,20 @@ VARIANTS = {
 }
 
 
-def parse_variant(arg: str | None) -> tuple[str, str, set[str]]:
-  """'finetune,1024' → ('finetune', 'mix', {'1024'}): the recipe word plus free-form flags."""
+def parse_variant(arg: str | None, known_flags: frozenset[str] = frozenset()) -> tuple[str, str, set[str]]:
+  """'finetune,1024' → ('finetune', 'mix', {'1024'}): the recipe word plus the config's own flags.
+
+  A word that is neither a recipe nor one of `known_flags` (a typo such as 'finetnue') is a ConfigError naming both
+  lists: silently ignored, it would have trained the default recipe."""
   words = [w for w in (arg or "").split(",") if w]
   recipe_words = [w for w in words if w in VARIANTS]
   if len(recipe_words) > 1:
     raise ConfigError(f"config variant {arg!r} names more than one recipe: {recipe_words}")
+  unknown = sorted(set(words) - set(recipe_words) - set(known_flags))
+  if unknown:
+    raise ConfigError(
+        f"unknown config variant word(s) {unknown} in {arg!r}; recipes: {sorted(k for k in VARIANTS if k)}; "
+        f"flags: {sorted(known_flags) or 'none'}"
+    )
   stage, recipe = VARIANTS[recipe_words[0] if recipe_words else ""]
   return stage, recipe, set(words) - set(recipe_words)

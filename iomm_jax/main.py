@@ -8,12 +8,11 @@ Rerunning the same command in the same workdir resumes from the latest checkpoin
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-from iomm_jax import distributed
+from iomm_jax import config_cli, distributed
 from iomm_jax.config import ConfigError, validate
 from iomm_jax.train import dry_run
 from iomm_jax.train import loop, preemption
@@ -86,38 +85,8 @@ def user_errors() -> tuple[type[Exception], ...]:
   )
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing with every config problem as one line (unknown field + nearest ones, bad value, bad file)."""
-
-  try:
-    rest = flags.FLAGS(argv)
-    if _CONFIG.value is None:
-      raise SystemExit("config error: --config=configs/<name>.py[:arg] is required")
-    _CONFIG.value.keys()  # a config file that failed to load raises only when first touched
-    return rest
-  except SystemExit:
-    raise
-  except (AttributeError, KeyError) as e:  # ml_collections: an override names a field the config does not have
-    found = re.search(r"'([^'\\]+)", str(e))
-    name = found.group(1) if found else str(e)
-    field = next(
-        (
-            a.split("=", 1)[0][len("--config.") :]
-            for a in argv[1:]
-            if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")
-        ),
-        name,
-    )
-    raise SystemExit(f"config error: {unknown_field_message(field)}") from None
-  except flags.Error as e:
-    raise SystemExit(f"config error: {str(e).splitlines()[0]}") from None
-  except Exception as e:  # noqa: BLE001 — the config file itself failed to load (missing file, error in get_config)
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    raise SystemExit(f"config error: {' '.join(lines)[:400]}") from None
-
-
 def run():
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_cli.flags_parser(_CONFIG, unknown_field=unknown_field_message))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+from iomm_jax import config_cli
 from iomm_jax.config import ConfigError
 from iomm_jax.mllm_pretrain import trainer
 
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=config_cli.flags_parser(_CONFIG)))

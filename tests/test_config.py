@@ -114,3 +114,45 @@ def test_workdir_config_from_an_older_schema_gets_new_fields_defaults(tmp_path):
   assert (c.train.grad_accum, c.model.mllm.scan_layers, c.train.global_batch) == (1, False, 24)
   assert dict(c.model.dit.arch) == {"num_layers": 2}
   assert isinstance(c.mesh.rules, tuple)
+
+
+@pytest.mark.parametrize("name,arg,known", [("tiny", "finetnue", "short"), ("iomm_b", "finetune,2048", "1024")])
+def test_a_mistyped_variant_word_fails_naming_it(name, arg, known):
+  """A word that is neither a recipe nor the config's own flag fails (ignored, it would train the default recipe)."""
+  bad = arg.split(",")[-1]
+  with pytest.raises(schema.ConfigError, match=rf"\['{bad}'\].*finetune_pair.*flags: \['{known}'"):
+    load(name, arg)
+  assert load(name, f"finetune,{known}").train.stage == "finetune"  # the known flag still goes with a recipe
+
+
+def _cli(module, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+
+
+@pytest.mark.parametrize(
+    "module,args,needle",
+    [
+        (
+            "iomm_jax.main",
+            ["--config=configs/tiny.py:pretrian", "--workdir=W"],
+            "unknown config variant word(s) ['pretrian']",
+        ),
+        ("iomm_jax.cache", ["--config=configs/iomm_b.py:cahced", "--dst=W"], "['cahced'] in 'cahced'; recipes:"),
+        ("iomm_jax.cache", ["--config=configs/iomm_b.py", "--config.train.lrr=1", "--dst=W"], "nearest known fields"),
+        (
+            "iomm_jax.pretrain_mllm",
+            ["--config=configs/tiny_mllm.py", "--config.train.lrr=1", "--out=W"],
+            "--config.train.lrr: configs/tiny_mllm.py sets no such field",
+        ),
+        ("iomm_jax.pretrain_mllm", ["--config=configs/tiny_mllm.py:shrot", "--out=W"], "['shrot']; known: short"),
+    ],
+)
+def test_every_app_reports_a_config_mistake_in_one_line(tmp_path, module, args, needle):
+  r = _cli(module, *[a.replace("=W", f"={tmp_path / 'out'}") for a in args])
+  assert r.returncode != 0
+  lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("[transformers]")]
+  assert lines == [lines[0]] and lines[0].startswith("config error: ") and needle in lines[0], r.stderr
+  assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

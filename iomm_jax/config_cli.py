@@ -1,0 +1,73 @@
+"""The apps' command line for a `--config=configs/<name>.py[:arg]` flag: every problem with the config file, its
+variant word or a `--config.<field>=<value>` override as one line, no traceback.
+
+    app.run(main, flags_parser=config_cli.flags_parser(_CONFIG, unknown_field=unknown_field_message))
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from absl import flags
+
+
+def flag_error_line(e: Exception) -> str:
+  """absl's flag error as one line. When a config file's get_config raised, absl's message is the flag, then that
+  exception's traceback: keep the flag and the exception's own message (its last line), without the traceback."""
+  lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+  if any(x.startswith("Traceback (most recent call last)") for x in lines[1:]):
+    reason = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
+    return f"{lines[0]} {reason}"
+  return lines[0]
+
+
+def overridden_field(name: str, argv: list[str]) -> str:
+  """The dotted field of the `--config.<field>=` override in `argv` whose path holds `name` (the key ml_collections
+  reported missing), else `name`."""
+  for a in argv[1:]:
+    if a.startswith("--config."):
+      field = a.split("=", 1)[0][len("--config.") :]
+      if name in field.split("."):
+        return field
+  return name
+
+
+def _config_file(argv: list[str]) -> str:
+  """The config file named by `--config=FILE[:arg]` in `argv` ('the config' if none)."""
+  for a in argv[1:]:
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":", 1)[0]
+  return "the config"
+
+
+def flags_parser(
+    config_flag: flags.FlagHolder, *, unknown_field: Callable[[str], str] | None = None
+) -> Callable[[list[str]], list[str]]:
+  """An absl `flags_parser` for app.run that turns config problems into `SystemExit('config error: …')`.
+
+  `unknown_field(field)` words the line for an override naming a field the config lacks (the IOMM schema's
+  `config.unknown_field_message` lists the nearest known fields); without it the line names the field and the file."""
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      rest = flags.FLAGS(argv)
+      if config_flag.value is None:
+        raise SystemExit("config error: --config=configs/<name>.py[:arg] is required")
+      config_flag.value.keys()  # a config file that failed to load raises only when first touched
+      return rest
+    except SystemExit:
+      raise
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names a field the config does not have
+      found = re.search(r"'([^'\\]+)", str(e))
+      field = overridden_field(found.group(1) if found else str(e), argv)
+      if unknown_field is None:
+        raise SystemExit(f"config error: --config.{field}: {_config_file(argv)} sets no such field") from None
+      raise SystemExit(f"config error: {unknown_field(field)}") from None
+    except flags.Error as e:
+      raise SystemExit(f"config error: {flag_error_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 — the config file itself failed to load (missing file, error in get_config)
+      lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+      raise SystemExit(f"config error: {' '.join(lines)[:400]}") from None
+
+  return parse
