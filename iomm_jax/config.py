@@ -213,6 +213,38 @@ _CHOICES = {
 }
 
 
+# The fields that name a local file or folder. A run saves them absolute (train/loop.save_resolved_config), so that
+# sample, the evaluators and a later stage's init.workdir find them from any working directory.
+PATH_FIELDS = (
+    "model.mllm.path",
+    "model.autoencoder.path",
+    "init.workdir",
+    "init.transformer",
+    "init.rqa",
+    "train.compile_cache_dir",
+    "data.path",
+    "data.image_path",
+    "data.cache_path",
+    "data.image_cache_path",
+    "data.val_path",
+    "sample.prompts_file",
+)
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose non-empty PATH_FIELDS are absolute (`~` expanded; a URL such as gs://… kept)."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  for field in PATH_FIELDS:
+    section, _, key = field.rpartition(".")
+    node = out
+    for part in section.split("."):
+      node = node[part]
+    value = node[key]
+    if value and "://" not in value:
+      node[key] = os.path.abspath(os.path.expanduser(value))
+  return out
+
+
 class ConfigError(ValueError):
   """A config field is missing, unknown or inconsistent; the message names it."""
 

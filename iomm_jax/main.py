@@ -13,17 +13,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 from iomm_jax import config_cli, distributed
-from iomm_jax.config import ConfigError, validate
+from iomm_jax.config import ConfigError, unknown_field_message, validate
 from iomm_jax.train import dry_run
 from iomm_jax.train import loop, preemption
-from iomm_jax.weights.init_weights import InitWeightsError
-from iomm_jax.models.keymap import KeyMismatchError
-from iomm_jax.models.internvl_keys import MLLMCheckpointError
-from iomm_jax.train.warm_start import WarmStartError
-from iomm_jax.train.checkpoint import CheckpointRestoreError, SaveFailedError
-from iomm_jax.train.guard import NonFiniteError
-from iomm_jax.train.lock import WorkdirLockedError
-from iomm_jax.config import unknown_field_message
+from iomm_jax.train.user_errors import USER_ERRORS
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
@@ -58,7 +51,7 @@ def main(argv):
 
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
-  except user_errors() as e:
+  except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
   except preemption.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
@@ -68,21 +61,6 @@ def main(argv):
   if jax.process_index() == 0:
     print(json.dumps({"done": summary}))
   return 0
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-  """Exceptions that describe a user's mistake (a path or weights that do not fit the run): one line, no traceback."""
-
-  return (
-      InitWeightsError,
-      KeyMismatchError,
-      MLLMCheckpointError,
-      WarmStartError,
-      NonFiniteError,
-      WorkdirLockedError,
-      CheckpointRestoreError,
-      SaveFailedError,
-  )
 
 
 def run():

@@ -193,3 +193,18 @@ def test_sample_cli_bad_input(trained, tmp_path):
       timeout=600,
   )
   assert r.returncode != 0 and "cannot be read" in r.stderr
+  # A checkpoint step the run does not have: one line listing the steps it has.
+  r = subprocess.run(
+      [sys.executable, "-m", "iomm_jax.sample", f"--workdir={work}", "--prompt=x", "--step=7", "--num=1"],
+      cwd=ROOT,
+      env=subprocess_env(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert (
+      r.stderr.strip()
+      .splitlines()[-1]
+      .endswith("--step=7: no such checkpoint under " f"{work}/checkpoints; it has steps [300]")
+  )

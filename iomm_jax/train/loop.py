@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from iomm_jax import config as config_lib
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
 from iomm_jax.data import holdout, pipeline
@@ -37,9 +38,10 @@ def check_workdir(workdir: str) -> None:
 
 
 def save_resolved_config(config, workdir: str) -> None:
+  """`<workdir>/config.json`: the run's config, its local paths absolute (what sample and the evaluators load)."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      f.write(config_lib.with_absolute_paths(config).to_json_best_effort(indent=2, sort_keys=True))
 
 
 def make_data_iter(run, workdir: str):

@@ -8,6 +8,7 @@ import ml_collections
 
 from iomm_jax import config as config_lib
 from iomm_jax.train import builder, checkpoint
+from iomm_jax.train.user_errors import USER_ERRORS
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -45,11 +46,35 @@ def _tuples(node):
 def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool = True):
   """(run, params, step): the run built from the saved config and the checkpoint's (EMA) generator params."""
   config = load_config(workdir)
-  run = builder.build(config)
-  ckpt = checkpoint.Checkpointer(workdir, with_data=False)
-  if ckpt.latest_step() is None:
-    raise SystemExit(f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main --workdir={workdir})")
-  state, step = ckpt.restore(checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings), step=step)
-  ckpt.close()
+  try:
+    run = builder.build(config)
+    ckpt = checkpoint.Checkpointer(workdir, with_data=False)
+    if ckpt.latest_step() is None:
+      raise SystemExit(
+          f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main --workdir={workdir})"
+      )
+    if step is not None and step not in ckpt.steps_on_disk():
+      raise SystemExit(f"--step={step}: no such checkpoint under {ckpt.directory}; it has steps {ckpt.steps_on_disk()}")
+    state, step = ckpt.restore(checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings), step=step)
+    ckpt.close()
+  except USER_ERRORS as e:
+    raise SystemExit(f"error: {e}{_relative_paths_hint(config, workdir)}") from None
   params = state.ema_params if (use_ema and state.ema_params) else state.params
   return run, params, step
+
+
+def _relative_paths_hint(config, workdir: str) -> str:
+  """For a workdir saved before runs wrote absolute paths: which of its paths are read from the current directory."""
+  relative = []
+  for field in config_lib.PATH_FIELDS:
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+      relative.append(f"{field}={value!r}")
+  if not relative:
+    return ""
+  return (
+      f" ({os.path.join(workdir, 'config.json')} names {', '.join(relative)} relative to the directory its training "
+      "started in: run from that directory)"
+  )

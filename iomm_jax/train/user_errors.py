@@ -1,0 +1,23 @@
+"""The exceptions that describe a user's mistake — a path, weights or a workdir that do not fit the run — which every
+app reports as one line, without a traceback."""
+
+from iomm_jax.config import ConfigError
+from iomm_jax.models.internvl_keys import MLLMCheckpointError
+from iomm_jax.models.keymap import KeyMismatchError
+from iomm_jax.train.checkpoint import CheckpointRestoreError, SaveFailedError
+from iomm_jax.train.guard import NonFiniteError
+from iomm_jax.train.lock import WorkdirLockedError
+from iomm_jax.train.warm_start import WarmStartError
+from iomm_jax.weights.init_weights import InitWeightsError
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    InitWeightsError,
+    KeyMismatchError,
+    MLLMCheckpointError,
+    WarmStartError,
+    NonFiniteError,
+    WorkdirLockedError,
+    CheckpointRestoreError,
+    SaveFailedError,
+)

@@ -1,0 +1,58 @@
+"""A run's saved config names its files absolutely, so sample and the evaluators work from any directory; a workdir
+that still names them relatively fails in one line saying so."""
+
+import json
+import os
+import re
+
+import pytest
+
+from helpers import tiny_config
+from iomm_jax import config as config_lib
+from iomm_jax.train import loop, restore
+
+
+def test_every_path_like_field_is_a_path_field():
+  """A new field that names a file must join PATH_FIELDS, or runs would save it relative again."""
+  path_like = [f for f in config_lib.known_fields() if re.search(r"(path|workdir|_dir|_file)$", f)]
+  assert path_like and set(path_like) <= set(config_lib.PATH_FIELDS)
+  assert set(config_lib.PATH_FIELDS) <= set(config_lib.known_fields())
+
+
+def test_with_absolute_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  c = tiny_config()
+  c.model.mllm.path = "runs/tiny_mllm"
+  c.init.workdir = "~/stage1"
+  c.data.path = "gs://bucket/shards"
+  out = config_lib.with_absolute_paths(c)
+  assert out.model.mllm.path == str(tmp_path / "runs" / "tiny_mllm")
+  assert out.init.workdir == os.path.join(os.path.expanduser("~"), "stage1")
+  assert out.data.path == "gs://bucket/shards" and out.data.val_path == ""  # a URL and an unset field stay
+  assert c.model.mllm.path == "runs/tiny_mllm"  # the run's own config is not changed
+  assert out.train.lr == c.train.lr and out.sample.prompts == c.sample.prompts
+
+
+def test_saved_config_has_absolute_paths_and_loads_back(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  c = tiny_config()
+  c.model.mllm.path = "runs/tiny_mllm"
+  work = tmp_path / "work"
+  work.mkdir()
+  loop.save_resolved_config(c, str(work))
+  assert json.loads((work / "config.json").read_text())["model"]["mllm"]["path"] == str(tmp_path / "runs/tiny_mllm")
+  assert restore.load_config(str(work)).model.mllm.path == str(tmp_path / "runs/tiny_mllm")
+
+
+def test_a_relative_path_from_an_older_workdir_fails_in_one_line_naming_it(tmp_path, monkeypatch):
+  c = tiny_config()
+  c.model.mllm.path = "runs/tiny_mllm"  # as workdirs saved before 2026-12-06 hold it
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "config.json").write_text(c.to_json_best_effort())
+  monkeypatch.chdir(tmp_path)  # there is no runs/tiny_mllm here
+  with pytest.raises(SystemExit) as e:
+    restore.load_for_inference(str(work))
+  msg = str(e.value)
+  assert msg.startswith("error: MLLM path runs/tiny_mllm is not a directory") and "\n" not in msg
+  assert "model.mllm.path='runs/tiny_mllm' relative to the directory its training started in" in msg
