@@ -20,7 +20,7 @@ from iomm_jax.weights import components, transfer
 from iomm_jax.models import internvl_keys, keymap
 from iomm_jax.weights.components import ConvertError
 from iomm_jax.models.flux_vae import FluxVAEConfig
-from iomm_jax.train import builder, checkpoint, restore
+from iomm_jax.train import builder, restore
 from iomm_jax.models import factory
 
 PIPELINE_FILE = "iomm_pipeline.json"
@@ -48,26 +48,14 @@ def _vae_config(config):
 def load_generator(workdir: str | Path, *, step: int | None = None, use_ema: bool = True):
   """(run, generator params, step) of a workdir's checkpoint, without loading the frozen MLLM/VAE.
 
-  The same restore as train/restore.load_for_inference (saved config → build → Orbax restore onto the
-  shardings), minus the frozen weights: an export needs only the DiT and RQA (and reads a real VAE from its
-  own folder), and loading a 2B-parameter MLLM for nothing would dominate the export.
+  train/restore.restore_run without the frozen weights: an export needs only the DiT and RQA (and reads a real VAE
+  from its own folder), and loading a 2B-parameter MLLM for nothing would dominate the export.
   """
 
-  config = restore.load_config(str(workdir))
-  run = builder.build(config, load_frozen=False)
-  ckpt = checkpoint.Checkpointer(str(workdir), with_data=False)
   try:
-    if ckpt.latest_step() is None:
-      raise ConvertError(
-          f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main " f"--workdir={workdir})"
-      )
-    if step is not None and step not in ckpt.manager.all_steps():
-      raise ConvertError(f"--step={step}: no such checkpoint in {ckpt.directory} (have {ckpt.manager.all_steps()})")
-    state, got = ckpt.restore(checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings), step=step)
-  finally:
-    ckpt.close()
-  params = state.ema_params if (use_ema and state.ema_params) else state.params
-  return run, params, got
+    return restore.restore_run(str(workdir), step=step, use_ema=use_ema, load_frozen=False)
+  except restore.RunRestoreError as e:
+    raise ConvertError(str(e)) from None
 
 
 def export_workdir(

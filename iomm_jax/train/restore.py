@@ -43,24 +43,43 @@ def _tuples(node):
   return node
 
 
-def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool = True):
-  """(run, params, step): the run built from the saved config and the checkpoint's (EMA) generator params."""
+class RunRestoreError(ValueError):
+  """A workdir that cannot be loaded for inference: no checkpoint, no such step, or a file it names is missing."""
+
+
+def restore_run(workdir: str, *, step: int | None = None, use_ema: bool = True, load_frozen: bool = True):
+  """(run, params, step): the run built from the saved config and the checkpoint's (EMA) generator params.
+
+  `load_frozen=False` builds the run without the frozen MLLM / autoencoder weights (an export needs only the DiT and
+  the RQA). Raises RunRestoreError, one line naming what is wrong."""
   config = load_config(workdir)
   try:
-    run = builder.build(config)
+    run = builder.build(config, load_frozen=load_frozen)
     ckpt = checkpoint.Checkpointer(workdir, with_data=False)
-    if ckpt.latest_step() is None:
-      raise SystemExit(
-          f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main --workdir={workdir})"
-      )
-    if step is not None and step not in ckpt.steps_on_disk():
-      raise SystemExit(f"--step={step}: no such checkpoint under {ckpt.directory}; it has steps {ckpt.steps_on_disk()}")
-    state, step = ckpt.restore(checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings), step=step)
-    ckpt.close()
+    try:
+      have = ckpt.steps_on_disk()
+      if not have:
+        raise RunRestoreError(
+            f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main --workdir={workdir})"
+        )
+      if step is not None and step not in have:
+        raise RunRestoreError(f"--step={step}: no such checkpoint under {ckpt.directory}; it has steps {have}")
+      abstract = checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings)
+      state, step = ckpt.restore(abstract, step=step)
+    finally:
+      ckpt.close()
   except USER_ERRORS as e:
-    raise SystemExit(f"error: {e}{_relative_paths_hint(config, workdir)}") from None
+    raise RunRestoreError(f"{e}{_relative_paths_hint(config, workdir)}") from None
   params = state.ema_params if (use_ema and state.ema_params) else state.params
   return run, params, step
+
+
+def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool = True):
+  """restore_run for the apps (sample, the evaluators): a RunRestoreError becomes one line and exit status 1."""
+  try:
+    return restore_run(workdir, step=step, use_ema=use_ema)
+  except RunRestoreError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def _relative_paths_hint(config, workdir: str) -> str:
