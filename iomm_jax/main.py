@@ -55,7 +55,7 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
   except preemption.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
-    sys.exit(preemption.EXIT_PREEMPTED)
+    sys.exit(e.exit_code)
   import jax
 
   if jax.process_index() == 0:

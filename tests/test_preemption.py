@@ -1,5 +1,5 @@
-"""Preemption: SIGTERM / SIGUSR1 save at the next step boundary and exit with EXIT_PREEMPTED; the rerun resumes to the
-same per-step losses and final parameters as an uninterrupted run."""
+"""Preemption: SIGTERM / SIGUSR1 save at the next step boundary and exit with EXIT_PREEMPTED (Ctrl-C: the same save,
+EXIT_INTERRUPTED); the rerun resumes to the same per-step losses and final parameters as an uninterrupted run."""
 
 import os
 import signal
@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, subprocess_env
 from iomm_jax import metrics as metrics_lib
 from iomm_jax.train import checkpoint
-from iomm_jax.train.preemption import EXIT_PREEMPTED
+from iomm_jax.train.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 STEPS = 30
 ARGS = [
@@ -80,6 +80,11 @@ def test_signals_save_at_the_step_and_resume_exactly(tmp_path):
   rc, err, saved = _interrupt(work, env, signal.SIGUSR1, first + 2)  # the resumed run, preempted again
   assert rc == EXIT_PREEMPTED and f"preempted by SIGUSR1: saved the checkpoint at step {saved[-1]}" in err, err[-3000:]
   assert saved[-1] > first
+  second = saved[-1]
+  rc, err, saved = _interrupt(work, env, signal.SIGINT, second + 2)  # Ctrl-C: the same save, the shell's exit code
+  assert rc == EXIT_INTERRUPTED, err[-3000:]
+  assert f"interrupted by Ctrl-C (SIGINT): saved the checkpoint at step {saved[-1]}" in err, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err and saved[-1] > second
   res = subprocess.run(_cmd(work), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
   assert not (work / "trainer.lock").exists()

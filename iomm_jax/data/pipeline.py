@@ -46,6 +46,7 @@ buckets every image is centre-cropped to a square of side ``data.resolution``.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from typing import Any, Callable
 
 import grain
@@ -357,8 +358,16 @@ def make_dataset(
   prefetch, threads = spec.prefetch_buffer, spec.num_threads
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
   if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+    options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch))
+    it = it.mp_prefetch(options, worker_init_fn=_worker_ignores_ctrl_c)
   return it
+
+
+def _worker_ignores_ctrl_c(worker_index: int, num_workers: int) -> None:
+  """Grain worker start-up. A terminal's Ctrl-C reaches the whole process group; the trainer answers it by saving
+  and then closes its workers itself, so a worker must not die of it first (one KeyboardInterrupt traceback each)."""
+  del worker_index, num_workers
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_examples(data_cfg: Any, source: Any, num: int, tokenize: Callable[[str], list[int]] | None = None) -> dict:

@@ -112,8 +112,9 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   `max_steps` updates in this call, or at the first step that ends after config.train.time_budget_s seconds (the
   summary's "stopped_by" says which).
 
-  Holds the workdir lock (process 0) for the whole call; raises preemption.Preempted after saving when SIGTERM or
-  SIGUSR1 arrived, guard.NonFiniteError on divergence (nothing saved), checkpoint.SaveFailedError when a save failed.
+  Holds the workdir lock (process 0) for the whole call; raises preemption.Preempted after saving when SIGTERM,
+  SIGUSR1 or Ctrl-C (SIGINT) arrived, guard.NonFiniteError on divergence (nothing saved),
+  checkpoint.SaveFailedError when a save failed.
   """
   check_workdir(workdir)
   is_main = jax.process_index() == 0
@@ -121,7 +122,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   if lock.took_over:
     print(lock.took_over, flush=True)
   watch = preemption.PreemptionWatch().install()
-  ckpt = writer = None
+  ckpt = writer = data_iter = None
   try:
     save_resolved_config(config, workdir)
     profiling.enable_compile_cache(config.train.compile_cache_dir, workdir)
@@ -145,6 +146,8 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
       ckpt.abandon()
     raise
   finally:
+    if data_iter is not None:  # stops Grain's worker processes and frees their shared memory, on every way out
+      data_iter.close()
     if writer is not None:
       writer.close()
     watch.uninstall()

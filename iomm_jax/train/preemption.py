@@ -1,5 +1,8 @@
 """Preemption: SIGTERM / SIGUSR1 ask the run to save at the next step boundary and exit with EXIT_PREEMPTED.
 
+Ctrl-C (SIGINT) does the same for a person at the terminal, exiting with EXIT_INTERRUPTED (130, the shell's code for
+it, so launchers do not requeue); a second Ctrl-C stops at once without saving, as Python's default does.
+
 The handler only sets a flag. At every step boundary the processes agree on it (one tiny all-gather when there is
 more than one process, so all of them see the request at the same step even when the signal reached only some),
 then each saves that step's checkpoint and exits with EXIT_PREEMPTED, which the launchers requeue on
@@ -8,22 +11,26 @@ then each saves that step's checkpoint and exits with EXIT_PREEMPTED, which the 
 
 from __future__ import annotations
 
+import os
 import signal
 
 import jax
 import numpy as np
 
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: "try again later"; launchers requeue on it
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a Ctrl-C'd command
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
   """Raised by the loop after the preemption checkpoint is saved; main exits with EXIT_PREEMPTED."""
 
   def __init__(self, step: int, signame: str):
+    self.exit_code = EXIT_INTERRUPTED if signame == "SIGINT" else EXIT_PREEMPTED
+    what = "interrupted by Ctrl-C (SIGINT)" if signame == "SIGINT" else f"preempted by {signame}"
     super().__init__(
-        f"preempted by {signame}: saved the checkpoint at step {step}; exiting with status "
-        f"{EXIT_PREEMPTED} (rerun the same command to resume)"
+        f"{what}: saved the checkpoint at step {step}; exiting with status {self.exit_code} (rerun the same "
+        "command to resume)"
     )
     self.step, self.signame = step, signame
 
@@ -38,9 +45,14 @@ class PreemptionWatch:
   def _handler(self, signum, frame):
     del frame
     self.received = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # the next Ctrl-C raises KeyboardInterrupt: a way out if the save itself hangs
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      os.write(2, b"\nCtrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again: stop now)\n")
 
   def install(self) -> "PreemptionWatch":
     for sig in SIGNALS:
+      if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+        continue  # started in the background by a non-interactive shell: Ctrl-C is not meant for it
       try:
         self._previous[sig] = signal.signal(sig, self._handler)
       except ValueError:  # not the main thread (e.g. a test calling train() from a thread): no handler
