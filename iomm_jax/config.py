@@ -292,12 +292,27 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     raise ConfigError(f"config.train.mask_ratio={t.mask_ratio} must be in [0, 1)")
   if not 0.0 <= t.p_uncond < 1.0:
     raise ConfigError(f"config.train.p_uncond={t.p_uncond} must be in [0, 1)")
+  if not t.lr > 0:
+    raise ConfigError(f"config.train.lr={t.lr} must be positive")
+  for name in ("b1", "b2", "muon_momentum"):
+    if not 0.0 <= t[name] < 1.0:
+      raise ConfigError(f"config.train.{name}={t[name]} must be in [0, 1)")
+  if not t.eps > 0:
+    raise ConfigError(f"config.train.eps={t.eps} must be positive")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
   for name in ("num_steps", "global_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
     if t[name] <= 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be positive")
-  for name in ("warmup_steps", "sample_every", "eval_every", "time_budget_s", "repa_weight"):
+  for name in (
+      "warmup_steps",
+      "sample_every",
+      "eval_every",
+      "time_budget_s",
+      "repa_weight",
+      "weight_decay",
+      "grad_clip",
+  ):
     if t[name] < 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be >= 0")
   if not t.eval_timesteps or any(not 0.0 < float(x) <= 1.0 for x in t.eval_timesteps):

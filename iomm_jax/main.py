@@ -38,19 +38,16 @@ def main(argv):
 
   distributed.initialize_from_config(_CONFIG.value)  # first thing: every process must join before touching devices
 
+  if not _DRY_RUN.value and not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
   try:
     validate(_CONFIG.value, needs_data=not _DRY_RUN.value)  # a dry run reads no data
-  except ConfigError as e:
-    raise SystemExit(f"config error: {e}") from e
-  if _DRY_RUN.value:
-
-    print(json.dumps(dry_run.report(_CONFIG.value)))
-    return 0
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-
-  try:
+    if _DRY_RUN.value:
+      print(json.dumps(dry_run.report(_CONFIG.value)))
+      return 0
     summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  except ConfigError as e:  # also what only the built run can check: the mesh against the devices, the batch split
+    raise SystemExit(f"config error: {e}") from None
   except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
   except preemption.Preempted as e:

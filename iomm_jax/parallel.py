@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from iomm_jax import tree_paths
+from iomm_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -25,17 +26,17 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """Resolve (data, fsdp, tensor) sizes, filling one −1 from the device count."""
   sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    raise ConfigError(f"config.mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(
+      raise ConfigError(
           f"config.mesh {sizes}: the fixed sizes (product {known}) do not divide the "
           f"{num_devices} devices; change config.mesh.*"
       )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
         f"{num_devices} are available; set one axis to -1 or make the product match"
     )
@@ -97,9 +98,9 @@ def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
   """This process's share of the global batch; errors when it does not divide evenly."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % shards:
-    raise ValueError(f"config.train.global_batch={global_batch} is not divisible by data×fsdp={shards}")
+    raise ConfigError(f"config.train.global_batch={global_batch} is not divisible by data×fsdp={shards}")
   if global_batch % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
         f"config.train.global_batch={global_batch} is not divisible by the {jax.process_count()} processes"
     )
   return global_batch // jax.process_count()

@@ -48,6 +48,9 @@ def test_paper_settings():
         ("data.recipe", "captions", "data.recipe"),
         ("mesh.fsdp", 0, "config.mesh"),
         ("train.global_batch", 0, "train.global_batch"),
+        ("train.lr", -1.0, "train.lr"),
+        ("train.b2", 1.0, "train.b2"),
+        ("train.grad_clip", -1.0, "train.grad_clip"),
     ],
 )
 def test_bad_values_name_the_field(field, value, needle):
@@ -148,6 +151,8 @@ def _cli(module, *args):
             "--config.train.lrr: configs/tiny_mllm.py sets no such field",
         ),
         ("iomm_jax.pretrain_mllm", ["--config=configs/tiny_mllm.py:shrot", "--out=W"], "['shrot']; known: short"),
+        # checked only once the mesh is built against the devices (the tests' 8)
+        ("iomm_jax.main", ["--config=configs/tiny.py", "--config.mesh.fsdp=3", "--dry_run"], "do not divide the 8"),
     ],
 )
 def test_every_app_reports_a_config_mistake_in_one_line(tmp_path, module, args, needle):
@@ -156,3 +161,12 @@ def test_every_app_reports_a_config_mistake_in_one_line(tmp_path, module, args, 
   lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("[transformers]")]
   assert lines == [lines[0]] and lines[0].startswith("config error: ") and needle in lines[0], r.stderr
   assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_resolution_the_latent_patches_do_not_divide_fails_naming_both_factors():
+  from iomm_jax.train import builder
+
+  c = load("tiny")
+  c.data.resolution = 30  # even, but its 15² latent does not split into 2×2 patches
+  with pytest.raises(schema.ConfigError, match=r"resolution=30 must be a multiple of 4: .* 2× downsampling .* 2×2"):
+    builder.build(c, load_frozen=False)

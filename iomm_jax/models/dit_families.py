@@ -26,6 +26,7 @@ class DiTFamily:
   # features=True: (latents, image tokens (B, h, w, feature_width(cfg)) from inside the DiT).
   predict: Callable[..., Any]
   feature_width: Callable[[Any], int]  # cfg -> the width of the tokens `predict(..., features=True)` returns
+  patch: Callable[[Any], int]  # cfg -> the side of its square latent patches (the latent must divide into them)
 
 
 def _mmdit_predict(dit: MMDiT, x_t, t, h, h_mask, masked: bool, features: bool = False):
@@ -66,8 +67,17 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         ("joint_attention_dim", "pooled_projection_dim"),
         _mmdit_predict,
         lambda cfg: cfg.inner_dim,
+        lambda cfg: latent_ops.PATCH,
     ),
-    "s3dit": DiTFamily("s3dit", S3DiT, S3DiTConfig, ("cap_feat_dim",), _s3dit_predict, lambda cfg: cfg.dim),
+    "s3dit": DiTFamily(
+        "s3dit",
+        S3DiT,
+        S3DiTConfig,
+        ("cap_feat_dim",),
+        _s3dit_predict,
+        lambda cfg: cfg.dim,
+        lambda cfg: cfg.all_patch_size[0],
+    ),
 }
 
 

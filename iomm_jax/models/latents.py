@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+PATCH = 2  # the side of the MM-DiT's latent patches: pack / unpack fold 2×2 latent positions into one token
+
 
 def pack(latents: jax.Array) -> jax.Array:
   """(B, H, W, C) → (B, (H/2)·(W/2), 4C), row-major over the 2×2 patches."""

@@ -17,7 +17,8 @@ import optax
 from flax import nnx
 
 from iomm_jax import parallel, tree_paths
-from iomm_jax.models import factory, iomm
+from iomm_jax.config import ConfigError
+from iomm_jax.models import dit_families, factory, iomm
 from iomm_jax.models.layers import count_params
 from iomm_jax.train import optimizers
 from iomm_jax.train import state as state_lib
@@ -118,10 +119,11 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   mllm_def, mllm_abs = _split_pure(nnx.eval_shape(lambda: factory.make_mllm(config, nnx.Rngs(0), mcfg)))
   ae_module = nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0)))
   ae_def, ae_abs = _split_pure(ae_module)
-  if config.data.resolution % ae_module.downsample:
-    raise ValueError(
-        f"config.data.resolution={config.data.resolution} is not divisible by the autoencoder's "
-        f"downsampling factor {ae_module.downsample}"
+  patch = dit_families.family(config.model.dit.kind).patch(gen_module.dit.cfg)
+  if config.data.resolution % (ae_module.downsample * patch):
+    raise ConfigError(
+        f"config.data.resolution={config.data.resolution} must be a multiple of {ae_module.downsample * patch}: "
+        f"the autoencoder's {ae_module.downsample}× downsampling × the DiT's {patch}×{patch} latent patches"
     )
   side = config.data.resolution // ae_module.downsample
 
@@ -156,7 +158,7 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   t = config.train
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if t.global_batch % (t.grad_accum * shards):
-    raise ValueError(
+    raise ConfigError(
         f"config.train.global_batch={t.global_batch} must be divisible by config.train.grad_accum="
         f"{t.grad_accum} × the batch shards data×fsdp={shards}, so that every microbatch is spread "
         "evenly over the devices; change the batch, the accumulation or the mesh"

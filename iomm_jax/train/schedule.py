@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from iomm_jax.config import ConfigError
+
 
 def num_steps(train_cfg, dataset_size: int | None) -> int:
   """Optimizer updates for this run.
@@ -16,7 +18,7 @@ def num_steps(train_cfg, dataset_size: int | None) -> int:
   if epochs <= 0:
     return int(train_cfg.num_steps)
   if not dataset_size:
-    raise ValueError(
+    raise ConfigError(
         f"config.train.epochs={epochs} needs a dataset of known size; this source reports none — "
         "set config.train.num_steps instead (and config.train.epochs=0)"
     )
