@@ -191,3 +191,26 @@ def test_shapes_vocabulary_is_in_the_tiny_tokenizer():
   unk = p.tokenizer.unk_token_id
   for word in list(shapes.COLOURS) + list(shapes.SHAPES) + ["above", "below", "left", "right", "and", ","]:
     assert unk not in p.tokenizer(word, add_special_tokens=False)["input_ids"], word
+
+
+def test_out_that_this_command_did_not_write_is_refused_before_training(tmp_path):
+  """--out is replaced when written: a file or a foreign non-empty folder (--out=runs) fails at start, untouched."""
+  from iomm_jax.config import ConfigError
+  from iomm_jax.mllm_pretrain import hf_folder, trainer
+
+  runs = tmp_path / "runs"
+  (runs / "tiny").mkdir(parents=True)
+  (runs / "tiny" / "config.json").write_text("{}")
+  c = load_config("tiny_mllm", "short")
+  with pytest.raises(ConfigError, match=r"--out=.*runs is a non-empty folder that this command did not write"):
+    trainer.pretrain(c, str(runs))
+  assert (runs / "tiny" / "config.json").read_text() == "{}"
+  with pytest.raises(ConfigError, match="is a file"):
+    hf_folder.check_replaceable(runs / "tiny" / "config.json")
+  hf_folder.check_replaceable(tmp_path / "new")  # a new folder, an empty one, an earlier MLLM folder: fine
+  (tmp_path / "empty").mkdir()
+  hf_folder.check_replaceable(tmp_path / "empty")
+  (tmp_path / "earlier").mkdir()
+  (tmp_path / "earlier" / hf_folder.REPORT_FILE).write_text("{}")
+  (tmp_path / "earlier" / "model.safetensors").write_text("")
+  hf_folder.check_replaceable(tmp_path / "earlier")

@@ -107,6 +107,7 @@ def pretrain(config, out: str) -> dict:
   """Train, evaluate and write the -hf folder at `out`; returns the report (also saved in the folder)."""
   t0 = time.time()
   validate(config)
+  hf_folder.check_replaceable(out)
   cfg, processor = model_config(config)
   builder = examples.SequenceBuilder(processor, config.data.max_len)
   d, t = config.data, config.train
