@@ -56,3 +56,18 @@ def test_a_relative_path_from_an_older_workdir_fails_in_one_line_naming_it(tmp_p
   msg = str(e.value)
   assert msg.startswith("error: MLLM path runs/tiny_mllm is not a directory") and "\n" not in msg
   assert "model.mllm.path='runs/tiny_mllm' relative to the directory its training started in" in msg
+
+
+def test_a_workdir_holding_another_config_json_is_refused_untouched(tmp_path):
+  """--workdir=runs/tiny_mllm (a model folder) must not have its config.json overwritten by the run's."""
+  model = tmp_path / "tiny_mllm"
+  model.mkdir()
+  (model / "config.json").write_text('{"model_type": "internvl"}')
+  with pytest.raises(SystemExit, match="holds a config.json that is not a training run's"):
+    loop.train(tiny_config(), str(model))
+  assert (model / "config.json").read_text() == '{"model_type": "internvl"}' and len(list(model.iterdir())) == 1
+  run = tmp_path / "run"
+  run.mkdir()
+  loop.save_resolved_config(tiny_config(), str(run))
+  loop.check_workdir(str(run))  # a run's own config.json: the rerun resumes there
+  assert [p.name for p in run.iterdir()] == ["config.json"]

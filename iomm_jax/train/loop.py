@@ -24,7 +24,14 @@ from iomm_jax.train.checkpoint import abstract_with_shardings
 
 
 def check_workdir(workdir: str) -> None:
-  """Create the workdir or fail clearly when it cannot be written."""
+  """Create the workdir or fail clearly when it cannot be written, or when it holds a config.json that is not a
+  run's (a model folder such as the MLLM's: the run would overwrite it)."""
+  saved = os.path.join(workdir, "config.json")
+  if os.path.isfile(saved) and not _is_run_config(saved):
+    raise SystemExit(
+        f"--workdir={workdir!r} holds a config.json that is not a training run's (a model folder?); training there "
+        "would overwrite it: give the run a folder of its own"
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")
@@ -37,11 +44,22 @@ def check_workdir(workdir: str) -> None:
     ) from e
 
 
+def _is_run_config(path: str) -> bool:
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(saved, dict) and {"model", "train", "data"} <= set(saved)
+
+
 def save_resolved_config(config, workdir: str) -> None:
   """`<workdir>/config.json`: the run's config, its local paths absolute (what sample and the evaluators load)."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+  if jax.process_index() == 0:  # written whole, then renamed: a crash never leaves a half file for the next start
+    tmp = os.path.join(workdir, f".config.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
       f.write(config_lib.with_absolute_paths(config).to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
 def make_data_iter(run, workdir: str):
