@@ -62,7 +62,20 @@ def test_workdirs_that_do_not_fit_fail_naming_the_field(stage1, tmp_path):
     builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__ema_decay=0.0)).init_state()
   with pytest.raises(WarmStartError, match="without REPA's head but this run has config.train.repa_weight=0.5"):
     builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__repa_weight=0.5)).init_state()
+  deeper = tiny_config("finetune,short", init__workdir=str(stage1))
+  deeper.model.dit.arch.num_single_layers = 3
+  with pytest.raises(
+      WarmStartError,
+      match=r"does not fit this run's model \(dit\.single_transformer_blocks\.2\..*: in this run, not in the checkpoint",
+  ):
+    builder.build(deeper).init_state()
+  shallower = tiny_config("finetune,short", init__workdir=str(stage1))
+  shallower.model.dit.arch.num_single_layers = 1
+  with pytest.raises(
+      WarmStartError, match=r"dit\.single_transformer_blocks\.1\..*: in the checkpoint, not in this run"
+  ):
+    builder.build(shallower).init_state()
   wider = tiny_config("finetune,short", init__workdir=str(stage1))
-  wider.model.dit.arch.num_single_layers = 3
-  with pytest.raises(WarmStartError, match="does not fit this run's model"):
+  wider.model.dit.arch.num_attention_heads = 8  # width 128 against the stored 64
+  with pytest.raises(WarmStartError, match=r"dit\.context_embedder\.bias: stored \(64,\), this run \(128,\)"):
     builder.build(wider).init_state()

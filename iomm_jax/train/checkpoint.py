@@ -25,6 +25,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from iomm_jax import tree_paths
+
 DAMAGED_DIR = "damaged_checkpoints"
 
 
@@ -37,9 +39,12 @@ class SaveFailedError(RuntimeError):
 
 
 class _QuietOrbaxThreads(logging.Filter):
-  """Drop Orbax's background-thread tracebacks for failed saves: check_save re-raises them as one line."""
+  """Drop Orbax's background-thread tracebacks for failed saves (check_save re-raises them as one line), and its
+  warning that an item a reader did not ask for (the data iterator's state) has no handler."""
 
   def filter(self, record):
+    if "orbax" in record.pathname and "was found in the checkpoint, but could not be restored" in record.getMessage():
+      return False
     return not (record.exc_info and "orbax" in record.pathname and record.levelno >= logging.ERROR)
 
 
@@ -235,6 +240,24 @@ class Checkpointer:
     self.manager.reload()
     return dest
 
+  def param_mismatch(self, abstract_params, step: int | None = None) -> str | None:
+    """The first generator parameter where the checkpoint and `abstract_params` (pure dict of ShapeDtypeStructs)
+    differ — another shape, or present in only one — read from the checkpoint's metadata, no arrays read.
+
+    None when they agree. Checked before a restore that would fail: a failed Orbax read leaves reads in flight,
+    whose threads print 'Event loop is closed' tracebacks at exit."""
+    step = self.latest_step() if step is None else step
+    metadata = jax.tree_util.tree_flatten_with_path(self.manager.item_metadata(step)["state"])[0]
+    stored = {_dotted(p[1:]): tuple(getattr(x, "shape", ()) or ()) for p, x in metadata if _dotted(p[:1]) == "params"}
+    ours = {path: tuple(x.shape) for path, x in tree_paths.flatten(abstract_params).items()}
+    for path, shape in ours.items():
+      if path not in stored:
+        return f"{path}: in this run, not in the checkpoint"
+      if stored[path] != shape:
+        return f"{path}: stored {stored[path]}, this run {shape}"
+    extra = sorted(set(stored) - set(ours))
+    return f"{extra[0]}: in the checkpoint, not in this run" if extra else None
+
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -287,6 +310,11 @@ def _root_message(exc: BaseException) -> str:
   msg = str(root).splitlines()[0] if str(root) else type(root).__name__
   msg = re.sub(r"\s*\[tensorstore_spec=.*", "", msg)
   return msg if len(msg) <= 400 else f"{msg[:200]} … {msg[-190:]}"  # the OS error is at the end
+
+
+def _dotted(path) -> str:
+  """A jax key path as tree_paths' dotted string ('dit.blocks.0.kernel'), whatever the key types."""
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def _collect_quietly() -> None:

@@ -66,8 +66,10 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool = True, 
         raise RunRestoreError(f"--step={step}: no such checkpoint under {ckpt.directory}; it has steps {have}")
       abstract = checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings)
       state, step = ckpt.restore(abstract, step=step)
-    finally:
-      ckpt.close()
+    except BaseException:
+      ckpt.abandon()  # without the 'Event loop is closed' tracebacks a failed Orbax read prints at exit
+      raise
+    ckpt.close()
   except USER_ERRORS as e:
     raise RunRestoreError(f"{e}{_relative_paths_hint(config, workdir)}") from None
   params = state.ema_params if (use_ema and state.ema_params) else state.params

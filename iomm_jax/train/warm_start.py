@@ -53,13 +53,21 @@ def params_from_workdir(config, abstract_state, state_shardings):
   try:
     if ckpt.latest_step() is None:
       raise WarmStartError(f"config.init.workdir={workdir!r} has no checkpoint yet; finish that run first")
+    mismatch = ckpt.param_mismatch(abstract_state.params)
+    if mismatch:
+      raise WarmStartError(
+          f"config.init.workdir={workdir!r}: its checkpoint does not fit this run's model ({mismatch}); the DiT, "
+          "RQA and MLLM architectures (widths, depths) must be the same"
+      )
     try:
       state, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract_state, state_shardings))
     except (ValueError, KeyError, TypeError) as e:
       raise WarmStartError(
           f"config.init.workdir={workdir!r}: its checkpoint does not fit this run's model "
-          f"({str(e).splitlines()[0][:300]}); the DiT, RQA and MLLM width must be the same"
+          f"({str(e).splitlines()[0][:300]}); the DiT, RQA and MLLM architectures (widths, depths) must be the same"
       ) from None
-  finally:
-    ckpt.close()
+  except BaseException:
+    ckpt.abandon()  # a failed Orbax read leaves coroutines behind: closed quietly, or they print tracebacks at exit
+    raise
+  ckpt.close()
   return state.ema_params if config.init.use_ema and state.ema_params else state.params
