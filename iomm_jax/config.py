@@ -231,18 +231,28 @@ PATH_FIELDS = (
 )
 
 
+def _is_local(value: str) -> bool:
+  return bool(value) and "://" not in value  # set, and not a URL such as gs://…
+
+
 def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` whose non-empty PATH_FIELDS are absolute (`~` expanded; a URL such as gs://… kept)."""
+  """A copy of `config` whose set PATH_FIELDS are absolute (`~` expanded; a URL kept)."""
   out = ml_collections.ConfigDict(config.to_dict())
   for field in PATH_FIELDS:
     section, _, key = field.rpartition(".")
-    node = out
-    for part in section.split("."):
-      node = node[part]
-    value = node[key]
-    if value and "://" not in value:
-      node[key] = os.path.abspath(os.path.expanduser(value))
+    node = _get(out, section)
+    if _is_local(node[key]):
+      node[key] = os.path.abspath(os.path.expanduser(node[key]))
   return out
+
+
+def relative_paths(config: ml_collections.ConfigDict) -> list[str]:
+  """'field=value' for each set PATH_FIELD that is relative (read from the current directory)."""
+  return [
+      f"{field}={_get(config, field)!r}"
+      for field in PATH_FIELDS
+      if _is_local(_get(config, field)) and not os.path.isabs(os.path.expanduser(_get(config, field)))
+  ]
 
 
 class ConfigError(ValueError):

@@ -86,13 +86,7 @@ def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool =
 
 def _relative_paths_hint(config, workdir: str) -> str:
   """For a workdir saved before runs wrote absolute paths: which of its paths are read from the current directory."""
-  relative = []
-  for field in config_lib.PATH_FIELDS:
-    value = config
-    for part in field.split("."):
-      value = value[part]
-    if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
-      relative.append(f"{field}={value!r}")
+  relative = config_lib.relative_paths(config)
   if not relative:
     return ""
   return (
