@@ -64,14 +64,14 @@ def main(argv):
   from flax import nnx
 
   from bench.condition_path import caption, views_of
-  from iomm_jax import config as config_lib
+  from iomm_jax import config_validation
   from iomm_jax.data import shapes
   from iomm_jax.models import iomm
   from iomm_jax.train import builder
   from iomm_jax.train.generate import image_condition, text_condition
 
   config = _CONFIG.value
-  config_lib.validate(config)
+  config_validation.validate(config)
   d = config.data
   run = builder.build(config)
   state = run.init_state()  # random, or config.init.workdir's weights (its EMA unless init.use_ema=False)

@@ -81,13 +81,13 @@ def main(argv):
   import numpy as np
 
   from bench.oracle_condition import score
-  from iomm_jax import config as config_lib
+  from iomm_jax import config_validation
   from iomm_jax.data import shapes
   from iomm_jax.train import builder
   from iomm_jax.train.generate import generate, to_uint8
 
   config = _CONFIG.value
-  config_lib.validate(config)
+  config_validation.validate(config)
   steps = _STEPS.value or int(config.train.num_steps)
   path, num = _PATH.value, _NUM.value
   d, batch = config.data, int(config.train.global_batch)

@@ -68,7 +68,7 @@ def main(argv):
 
   import jax
   from iomm_jax import parallel
-  from iomm_jax.config import validate
+  from iomm_jax.config_validation import validate
   from iomm_jax.train import builder, dry_run, flops as flops_lib, loop, profiling
 
   config = _CONFIG.value

@@ -21,6 +21,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from iomm_jax import config as schema  # noqa: E402
+from iomm_jax import config_validation  # noqa: E402
 from iomm_jax import metrics  # noqa: E402
 from iomm_jax.train import loop  # noqa: E402
 
@@ -34,7 +35,7 @@ _SAMPLE_EVERY = flags.DEFINE_integer("sample_every", _DEFAULTS.sample_every, "..
 
 def main(_) -> None:
   c = _CONFIG.value
-  schema.validate(c)
+  config_validation.validate(c)
   every = _EVERY.value
   c.train.num_steps, c.train.log_every = _STEPS.value, every
   c.train.eval_every = c.train.sample_every = every

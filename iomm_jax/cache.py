@@ -45,7 +45,8 @@ from iomm_jax.data import cache_reader
 from iomm_jax.train import builder
 from iomm_jax import distributed
 from iomm_jax import config_cli
-from iomm_jax.config import ConfigError, unknown_field_message, validate
+from iomm_jax.config import ConfigError
+from iomm_jax.config_validation import unknown_field_message, validate
 
 STATE_DIR = ".cache_state"
 PLAN_FILE = "plan.json"

@@ -47,7 +47,8 @@ def flags_parser(
   """An absl `flags_parser` for app.run that turns config problems into `SystemExit('config error: …')`.
 
   `unknown_field(field)` words the line for an override naming a field the config lacks (the IOMM schema's
-  `config.unknown_field_message` lists the nearest known fields); without it the line names the field and the file."""
+  `config_validation.unknown_field_message` lists the nearest known fields); without it the line names the field and the file.
+  """
 
   def parse(argv: list[str]) -> list[str]:
     try:

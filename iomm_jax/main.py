@@ -13,7 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 from iomm_jax import config_cli, distributed
-from iomm_jax.config import ConfigError, unknown_field_message, validate
+from iomm_jax.config import ConfigError
+from iomm_jax.config_validation import unknown_field_message, validate
 from iomm_jax.train import dry_run
 from iomm_jax.train import loop, preemption
 from iomm_jax.train.user_errors import USER_ERRORS

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from helpers import tiny_config
-from iomm_jax.config import ConfigError, validate
+from iomm_jax.config import ConfigError
+from iomm_jax.config_validation import validate
 from iomm_jax.models import attention_kernels, factory, flux_vae, layers, rqa, s3dit_blocks
 
 B, LQ, LK, H, D = 2, 12, 19, 4, 8

@@ -10,6 +10,7 @@ from PIL import Image
 
 from helpers import assert_batches_equal, copy_folder, take, tiny_config
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax.data import buckets, data_config, decode, pipeline, prepare, prepare_items, sources
 
 BUCKETS = ((32, 32), (16, 48), (48, 16))  # square, wide (3:1), tall (1:3)
@@ -77,13 +78,13 @@ def test_check_buckets_names_the_field():
   c = tiny_config("short")
   c.data.buckets = ((32, 30),)
   with pytest.raises(config_lib.ConfigError, match=r"config.data.buckets: bucket \(32, 30\)"):
-    config_lib.validate(c)
+    config_validation.validate(c)
   c = tiny_config("short", data__buckets=BUCKETS, data__cached=True, data__cache_path="x")
   with pytest.raises(config_lib.ConfigError, match=r"config.data.buckets is not supported with config.data.cached"):
-    config_lib.validate(c)
+    config_validation.validate(c)
   with pytest.raises(config_lib.ConfigError, match=r"config.data.buckets is not supported with config.data.cached"):
     cfg("x", cached=True, cache_path="x")  # the data config is checked by the schema's own function
-  config_lib.validate(tiny_config("short", data__buckets=BUCKETS))
+  config_validation.validate(tiny_config("short", data__buckets=BUCKETS))
 
 
 def test_cover_crop_keeps_the_centre_and_equals_the_square_path():
@@ -223,7 +224,7 @@ def test_two_training_steps_with_buckets(folder, tmp_path):
       train__num_steps=2,
       train__log_every=1,
   )
-  config_lib.validate(c)
+  config_validation.validate(c)
   assert c.train.global_batch == G
   first = take(iter(pipeline.make_dataset(c.data, global_batch=G)), 2)
   assert [b["pixels"].shape[1:3] for b in first] == [(16, 48), (16, 48)]

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from iomm_jax import config as schema
+from iomm_jax import config_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def test_six_recipes_validate(name, arg):
   c = load(name, arg)
   if name != "tiny":
     c.data.path = "/data/x"
-  schema.validate(c)
+  config_validation.validate(c)
   stage, recipe = schema.VARIANTS[arg]
   assert (c.train.stage, c.data.recipe) == (stage, recipe)
 
@@ -58,7 +59,7 @@ def test_bad_values_name_the_field(field, value, needle):
   section, key = field.split(".")
   c[section][key] = value
   with pytest.raises(schema.ConfigError, match=needle.replace(".", r"\.")):
-    schema.validate(c)
+    config_validation.validate(c)
 
 
 def test_missing_mllm_dir_explains_layout(tmp_path):
@@ -66,7 +67,7 @@ def test_missing_mllm_dir_explains_layout(tmp_path):
   c.data.path = "/data/x"
   c.model.mllm.path = str(tmp_path / "nope")
   with pytest.raises(schema.ConfigError, match="config.json"):
-    schema.validate(c)
+    config_validation.validate(c)
 
 
 def _main(*args, cwd=ROOT):

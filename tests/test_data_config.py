@@ -15,6 +15,7 @@ import pytest
 
 from helpers import ROOT, tiny_config
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax import data_kinds
 from iomm_jax.data import data_config, sources
 
@@ -32,10 +33,10 @@ def test_data_config_fields_are_the_schema_fields():
 
 
 def test_sources_come_from_one_registry_and_parquet_is_accepted(tmp_path):
-  assert config_lib._CHOICES["data.source"] == sources.SOURCES == data_kinds.SOURCES
+  assert config_validation.CHOICES["data.source"] == sources.SOURCES == data_kinds.SOURCES
   assert tuple(sources._MAKERS) == sources.SOURCES  # make_source handles exactly the allowed kinds
-  assert config_lib.IMAGE_SOURCES == ("",) + sources.SOURCES
-  config_lib.validate(tiny_config("short", data__source="parquet", data__path=str(tmp_path / "t.parquet")))
+  assert config_validation.IMAGE_SOURCES == ("",) + sources.SOURCES
+  config_validation.validate(tiny_config("short", data__source="parquet", data__path=str(tmp_path / "t.parquet")))
   with pytest.raises(config_lib.ConfigError, match=r"config.data.source='bogus' is not one of \('shapes'"):
     data_config.from_config(source="bogus", path="x")
 

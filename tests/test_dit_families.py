@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from iomm_jax import config as schema
+from iomm_jax import config_validation
 from iomm_jax.models import dit_families, factory
 
 
 def test_config_kinds_are_the_registry():
-  assert set(schema._CHOICES["model.dit.kind"]) == set(dit_families.DIT_FAMILIES)
+  assert set(config_validation.CHOICES["model.dit.kind"]) == set(dit_families.DIT_FAMILIES)
 
 
 def test_unknown_kind_is_one_line_naming_the_known_ones():

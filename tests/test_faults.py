@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
-from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax.train import checkpoint, guard
 from iomm_jax.train import lock as lock_lib
 
@@ -201,9 +201,9 @@ def test_low_space_warns_before_a_save(tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_config_field_names_nearest():
-  msg = config_lib.unknown_field_message("train.lrr")
+  msg = config_validation.unknown_field_message("train.lrr")
   assert msg.startswith("unknown config field config.train.lrr") and "config.train.lr" in msg
-  assert "config.train.on_nonfinite" in config_lib.unknown_field_message("train.nonexistent")
+  assert "config.train.on_nonfinite" in config_validation.unknown_field_message("train.nonexistent")
 
 
 @pytest.mark.slow

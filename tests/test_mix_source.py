@@ -9,6 +9,7 @@ from PIL import Image
 from helpers import copy_folder, take, tiny_config
 from helpers import word_lengths as tokenize
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax.data import data_config, mix, pipeline, records, shapes
 
 RES, VIT, T = 16, 14, 6
@@ -234,16 +235,16 @@ def test_bad_image_source_settings_name_the_field(image_folder):
   # the config schema: validate() names the field too
   c = tiny_config("finetune", data__image_source="imgs")
   with pytest.raises(config_lib.ConfigError, match=r"config.data.image_source='imgs' is not one of"):
-    config_lib.validate(c)
+    config_validation.validate(c)
   c = tiny_config("finetune_image", data__image_source="folder", data__image_path=str(image_folder))
   with pytest.raises(config_lib.ConfigError, match=r"config.data.image_source='folder'.*recipe 'mix'"):
-    config_lib.validate(c)
+    config_validation.validate(c)
   c = tiny_config("finetune", data__image_source="arrayrecord")
   with pytest.raises(config_lib.ConfigError, match=r"config.data.image_path is empty"):
-    config_lib.validate(c)
+    config_validation.validate(c)
   c = tiny_config(
       "finetune", data__image_source="arrayrecord", data__image_path="x", data__cached=True, data__cache_path="y"
   )
   with pytest.raises(config_lib.ConfigError, match=r"config.data.image_cache_path"):
-    config_lib.validate(c)
-  config_lib.validate(tiny_config("finetune", data__image_source="folder", data__image_path=str(image_folder)))
+    config_validation.validate(c)
+  config_validation.validate(tiny_config("finetune", data__image_source="folder", data__image_path=str(image_folder)))

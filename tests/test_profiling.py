@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import tiny_config
-from iomm_jax.config import ConfigError, validate
+from iomm_jax.config import ConfigError
+from iomm_jax.config_validation import validate
 from iomm_jax.train import profiling
 
 

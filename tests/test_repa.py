@@ -11,6 +11,7 @@ from flax import nnx
 
 from helpers import tiny_config, with_tiny_s3dit
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax.models import factory, repa
 from iomm_jax.train import builder, step as step_lib
 
@@ -99,4 +100,4 @@ def test_the_step_adds_the_weighted_alignment_and_trains_the_head():
 
 def test_a_negative_weight_is_refused():
   with pytest.raises(config_lib.ConfigError, match="config.train.repa_weight=-0.1 must be >= 0"):
-    config_lib.validate(tiny_config(train__repa_weight=-0.1))
+    config_validation.validate(tiny_config(train__repa_weight=-0.1))

@@ -11,6 +11,7 @@ from flax import nnx
 
 from helpers import tiny_config
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax.models.rqa import RQA, RQAConfig
 from iomm_jax.train import builder
 
@@ -43,16 +44,16 @@ def test_metaquery_ignores_its_input_and_none_adds_nothing():
 
 def test_bad_kind_and_raw_without_all_positions_name_the_field():
   with pytest.raises(config_lib.ConfigError, match=r"config\.model\.rqa\.kind='bogus'"):
-    config_lib.validate(tiny_config("short", model__rqa__kind="bogus"))
+    config_validation.validate(tiny_config("short", model__rqa__kind="bogus"))
   with pytest.raises(config_lib.ConfigError, match=r"set config\.model\.condition='all'"):
-    config_lib.validate(tiny_config("short", model__rqa__kind="none"))
+    config_validation.validate(tiny_config("short", model__rqa__kind="none"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, condition", [("metaquery", "query"), ("none", "all")])
 def test_each_kind_trains(kind, condition):
   c = tiny_config("short", model__rqa__kind=kind, model__condition=condition, train__warmup_steps=0)
-  config_lib.validate(c)
+  config_validation.validate(c)
   run = builder.build(c)
   assert run.param_counts["rqa"] == (c.model.rqa.num_queries * run.mcfg.text.hidden_size if kind == "metaquery" else 0)
   state = run.init_state()

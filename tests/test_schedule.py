@@ -67,7 +67,8 @@ def test_cosine_lr_decays_to_its_final_fraction_after_warmup():
 
 
 def test_unknown_lr_decay_and_fraction_are_refused():
-  from iomm_jax.config import ConfigError, validate
+  from iomm_jax.config import ConfigError
+  from iomm_jax.config_validation import validate
   from helpers import tiny_config
 
   c = tiny_config("pretrain,short")

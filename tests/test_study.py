@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import ROOT, load_config, subprocess_env
-from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 
 sys.path.insert(0, ROOT)
 from bench import study, study_report  # noqa: E402
@@ -51,7 +51,7 @@ def test_every_arms_overrides_make_a_valid_config(name):
         (arm.pretrain, arm.pretrain_flags + arm.both),
         (arm.finetune, arm.finetune_flags + arm.both),
     ):
-      config_lib.validate(_apply(load_config("tiny", variant), flags))
+      config_validation.validate(_apply(load_config("tiny", variant), flags))
     if name == "mask_ratio":  # the swept value reaches the field it names, in the stage it sweeps
       assert _apply(load_config("tiny", arm.pretrain), arm.pretrain_flags).train.mask_ratio == arm.value
     if name == "mix_ratio":

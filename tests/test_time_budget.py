@@ -8,6 +8,7 @@ import pytest
 
 from helpers import tiny_config
 from iomm_jax import config as schema
+from iomm_jax import config_validation
 from iomm_jax import metrics as metrics_lib
 from iomm_jax.train import checkpoint, loop, time_budget
 
@@ -63,7 +64,7 @@ def test_negative_budget_is_refused():
   c = tiny_config()
   c.train.time_budget_s = -5.0
   with pytest.raises(schema.ConfigError, match="time_budget_s"):
-    schema.validate(c)
+    config_validation.validate(c)
 
 
 def _config(**train):

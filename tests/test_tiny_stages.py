@@ -4,7 +4,7 @@ set, and held-out images lie past both."""
 import numpy as np
 
 from helpers import load_config, take
-from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax.data import pipeline
 from iomm_jax.data import shapes
 from iomm_jax.data.sources import heldout_shapes
@@ -14,7 +14,7 @@ from iomm_jax.models import iomm
 
 def test_finetune_mix_reads_a_small_captioned_subset_and_the_whole_image_set():
   c = load_config("tiny", "finetune")
-  config_lib.validate(c)
+  config_validation.validate(c)
   assert c.data.recipe == "mix" and c.data.mix_lambda == 0.5
   pairs, images = c.data.num_images, c.data.image_num_images
   assert images >= 8 * pairs  # the captioned subset is much smaller than the image set, as in the paper

@@ -8,6 +8,7 @@ from PIL import Image
 
 from helpers import tiny_config
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax import metrics, parallel
 from iomm_jax.data import data_config, holdout, pipeline, sources
 from iomm_jax.train import builder, loop, validation
@@ -80,7 +81,7 @@ def test_load_examples_match_the_training_preprocessing(folder):
 )
 def test_bad_holdout_settings_name_the_field(overrides, field):
   with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.").replace("(", r"\(")):
-    config_lib.validate(tiny_config("short", **overrides))
+    config_validation.validate(tiny_config("short", **overrides))
 
 
 # ------------------------------------------------------------------------------------ the validation loss

@@ -7,6 +7,7 @@ import pytest
 
 from helpers import tiny_config
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax.train import builder, loop, restore
 from iomm_jax.train.warm_start import WarmStartError
 
@@ -29,7 +30,7 @@ def test_stage2_starts_from_stage1_weights(stage1, use_ema):
   _, src_params, step = restore.load_for_inference(str(stage1), use_ema=use_ema)
   assert step == 6
   c = tiny_config("finetune,short", init__workdir=str(stage1), init__use_ema=use_ema)
-  config_lib.validate(c)
+  config_validation.validate(c)
   state = builder.build(c).init_state()
   assert int(state.step) == 0
   for got, want in zip(_leaves(state.params), _leaves(src_params)):
@@ -53,9 +54,9 @@ def test_ema_and_raw_weights_differ(stage1):
 @pytest.mark.slow
 def test_workdirs_that_do_not_fit_fail_naming_the_field(stage1, tmp_path):
   with pytest.raises(config_lib.ConfigError, match="config.init.workdir=.* is not a training workdir"):
-    config_lib.validate(tiny_config("finetune,short", init__workdir=str(tmp_path)))
+    config_validation.validate(tiny_config("finetune,short", init__workdir=str(tmp_path)))
   with pytest.raises(config_lib.ConfigError, match="config.init.workdir is set together with"):
-    config_lib.validate(tiny_config("finetune,short", init__workdir=str(stage1), init__rqa=str(tmp_path)))
+    config_validation.validate(tiny_config("finetune,short", init__workdir=str(stage1), init__rqa=str(tmp_path)))
   with pytest.raises(WarmStartError, match="train.optimizer='adamw'"):
     builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__optimizer="muon")).init_state()
   with pytest.raises(WarmStartError, match="EMA"):

@@ -9,14 +9,15 @@ import pytest
 
 from helpers import tiny_config
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax.train import loop, restore
 
 
 def test_every_path_like_field_is_a_path_field():
   """A new field that names a file must join PATH_FIELDS, or runs would save it relative again."""
-  path_like = [f for f in config_lib.known_fields() if re.search(r"(path|workdir|_dir|_file)$", f)]
+  path_like = [f for f in config_validation.known_fields() if re.search(r"(path|workdir|_dir|_file)$", f)]
   assert path_like and set(path_like) <= set(config_lib.PATH_FIELDS)
-  assert set(config_lib.PATH_FIELDS) <= set(config_lib.known_fields())
+  assert set(config_lib.PATH_FIELDS) <= set(config_validation.known_fields())
 
 
 def test_with_absolute_paths(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The data config: one frozen, validated object that the data package reads (never the raw ConfigDict).
 
-``from_config(config.data)`` checks the section once with the schema's own ``config.validate_data`` and returns a
+``from_config(config.data)`` checks the section once with ``config_validation.validate_data`` and returns a
 :class:`DataConfig` whose fields are exactly the schema's ``data.*`` fields (their meanings are documented in
 ``config.py``). Tests and tools build it the same way: ``from_config(source="folder", path=...)`` starts from the
 schema defaults, so a field the schema lacks is an error here too.
@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from iomm_jax import config as schema
+from iomm_jax import config_validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ def from_config(data: Any = None, **overrides: Any) -> DataConfig:
       d[key] = value
     except TypeError as e:
       raise schema.ConfigError(f"config.data.{key}={value!r}: {e}") from None
-  schema.validate_data(d)
+  config_validation.validate_data(d)
   values = {k: d[k] for k in d.keys()}
   values["buckets"] = tuple((int(h), int(w)) for h, w in (d.buckets or ()))
   return DataConfig(**values)

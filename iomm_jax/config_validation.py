@@ -1,0 +1,249 @@
+"""Start-up validation of a config: each check fails with one line naming the field (`ConfigError`).
+
+`validate(config)` runs before anything is built (main, cache, pretrain_mllm, the benches); `validate_data` checks the
+data section alone (`data.data_config.from_config` runs it). The schema itself — every field and its default — is
+`config.base_config()`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+import ml_collections
+
+from iomm_jax import data_kinds
+from iomm_jax.config import LOSS_SPACES, LR_DECAYS, RQA_KINDS, ConfigError, base_config, get_field
+from iomm_jax.models.layers import ATTENTION_IMPLS
+
+# The fields whose value must be one of a fixed list.
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.frozen_dtype": ("float32", "bfloat16"),
+    "model.attention": ATTENTION_IMPLS,
+    "model.condition": ("query", "all"),
+    "model.prediction": ("v", "x"),
+    "model.dit.kind": ("mmdit", "s3dit"),
+    "model.rqa.kind": RQA_KINDS,
+    "model.mllm.remat": ("none", "full", "dots_saveable"),
+    "model.autoencoder.kind": ("identity", "flux_vae"),
+    "train.stage": ("pretrain", "finetune"),
+    "train.t_sampling": ("uniform", "logit_normal"),
+    "train.optimizer": ("adamw", "muon"),
+    "train.lr_decay": LR_DECAYS,
+    "train.loss_space": LOSS_SPACES,
+    "train.on_nonfinite": ("stop", "skip"),
+    "data.source": data_kinds.SOURCES,
+    "data.recipe": data_kinds.RECIPES,
+}
+
+
+def known_fields(node=None, prefix: str = "") -> list[str]:
+  """Every dotted field of the schema (`base_config()`), e.g. 'train.lr'."""
+  node = base_config() if node is None else node
+  out = []
+  for key, value in node.items():
+    name = f"{prefix}{key}"
+    out += known_fields(value, name + ".") if isinstance(value, ml_collections.ConfigDict) else [name]
+  return out
+
+
+def unknown_field_message(field: str) -> str:
+  """One line naming an unknown `field` ('train.nonexistent') and the nearest known fields."""
+  known = known_fields()
+  section = field.rsplit(".", 1)[0] + "." if "." in field else ""
+  near = difflib.get_close_matches(field, known, n=3, cutoff=0.6)
+  if not near and section:  # nothing close: list the section's own fields
+    near = [k for k in known if k.startswith(section)][:8]
+  hint = f"; nearest known fields: {', '.join('config.' + n for n in near)}" if near else ""
+  return f"unknown config field config.{field}{hint}"
+
+
+def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
+  """Fail at start, naming the field, on any inconsistent or out-of-range setting.
+
+  `needs_data=False` (the dry run: it compiles with abstract arrays) skips the checks that a dataset path is set."""
+  for field, choices in CHOICES.items():
+    value = get_field(config, field)
+    if value not in choices:
+      raise ConfigError(f"config.{field}={value!r} is not one of {choices}")
+  t = config.train
+  if not 0.0 <= t.mask_ratio < 1.0:
+    raise ConfigError(f"config.train.mask_ratio={t.mask_ratio} must be in [0, 1)")
+  if not 0.0 <= t.p_uncond < 1.0:
+    raise ConfigError(f"config.train.p_uncond={t.p_uncond} must be in [0, 1)")
+  if not t.lr > 0:
+    raise ConfigError(f"config.train.lr={t.lr} must be positive")
+  for name in ("b1", "b2", "muon_momentum"):
+    if not 0.0 <= t[name] < 1.0:
+      raise ConfigError(f"config.train.{name}={t[name]} must be in [0, 1)")
+  if not t.eps > 0:
+    raise ConfigError(f"config.train.eps={t.eps} must be positive")
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
+  for name in ("num_steps", "global_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
+    if t[name] <= 0:
+      raise ConfigError(f"config.train.{name}={t[name]} must be positive")
+  for name in (
+      "warmup_steps",
+      "sample_every",
+      "eval_every",
+      "time_budget_s",
+      "repa_weight",
+      "weight_decay",
+      "grad_clip",
+  ):
+    if t[name] < 0:
+      raise ConfigError(f"config.train.{name}={t[name]} must be >= 0")
+  if not t.eval_timesteps or any(not 0.0 < float(x) <= 1.0 for x in t.eval_timesteps):
+    raise ConfigError(f"config.train.eval_timesteps={t.eval_timesteps} must list one or more t in (0, 1]")
+  if not 0.0 <= t.lr_final_fraction <= 1.0:
+    raise ConfigError(f"config.train.lr_final_fraction={t.lr_final_fraction} must be in [0, 1]")
+  ps = tuple(t.profile_steps)
+  if len(ps) != 2 or any(int(x) != x or x < 0 for x in ps):
+    raise ConfigError(f"config.train.profile_steps={t.profile_steps} must be (first step, count), two integers >= 0")
+  if config.data.resolution % 16 and config.model.autoencoder.kind == "flux_vae":
+    raise ConfigError(
+        f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)"
+    )
+  validate_data(config.data, needs_data=needs_data)
+  _validate_init(config.init)
+  if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
+    raise ConfigError(
+        f"config.model.mllm.path={config.model.mllm.path!r} is not a directory. Point it at a local copy of "
+        "InternVL3-2B-hf: a folder with config.json, model*.safetensors (+ model.safetensors.index.json when sharded) "
+        "and the tokenizer files (tokenizer.json, tokenizer_config.json)."
+    )
+  sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+  if sum(1 for s in sizes if s == -1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"config.mesh sizes {sizes}: each must be positive, and at most one may be -1")
+  logical = {name for name, _ in config.mesh.rules}
+  for name in ("embed", "mlp", "heads", "kv", "vocab"):
+    if name not in logical:
+      raise ConfigError(f"config.mesh.rules has no entry for logical axis {name!r}")
+  for name, axis in config.mesh.rules:
+    if axis not in (None, "data", "fsdp", "tensor"):
+      raise ConfigError(f"config.mesh.rules maps {name!r} to {axis!r}; mesh axes are 'data', 'fsdp', 'tensor' or None")
+  if config.model.rqa.kind == "none" and config.model.condition != "all":
+    raise ConfigError(
+        "config.model.rqa.kind='none' adds no query tokens, so the DiT must read every LLM output position; set "
+        "config.model.condition='all'"
+    )
+  if not config.sample.prompts:
+    raise ConfigError("config.sample.prompts must list at least one prompt")
+
+
+def validate_data(d: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
+  """The data section alone (`data.data_config.from_config` runs it too, so the data code never re-checks)."""
+  for field, choices in CHOICES.items():
+    if field.startswith("data.") and d[field[5:]] not in choices:
+      raise ConfigError(f"config.{field}={d[field[5:]]!r} is not one of {choices}")
+  if not 0.0 <= d.mix_lambda <= 1.0:
+    raise ConfigError(f"config.data.mix_lambda={d.mix_lambda} must be in [0, 1]")
+  for name in ("resolution", "vit_size", "max_text_tokens", "num_threads"):
+    if d[name] <= 0:
+      raise ConfigError(f"config.data.{name}={d[name]} must be positive")
+  for name in ("num_workers", "prefetch_buffer", "max_image_pixels", "num_images", "image_num_images"):
+    if d[name] < 0:
+      raise ConfigError(f"config.data.{name}={d[name]} must be >= 0")
+  if d.resolution % 2:
+    raise ConfigError(f"config.data.resolution={d.resolution} must be even (2×2 patches)")
+  if needs_data and d.cached and not d.cache_path:
+    raise ConfigError("config.data.cached=True needs config.data.cache_path (write it with python -m iomm_jax.cache)")
+  if needs_data and d.source != "shapes" and not d.cached and not d.path:
+    raise ConfigError(f"config.data.path is empty but config.data.source={d.source!r} needs a dataset path")
+  if not d.image_key:
+    raise ConfigError(
+        "config.data.image_key is empty; name the image field/column of the table or TFDS dataset " "(default 'image')"
+    )
+  if d.source == "shapes" and not d.cached and not d.num_images:
+    raise ConfigError(
+        "config.data.num_images=0 but config.data.source='shapes' renders that many images; set it "
+        "to a positive number"
+    )
+  _validate_image_set(d)
+  _validate_buckets(d)
+  _validate_holdout(d)
+
+
+def _validate_holdout(d: ml_collections.ConfigDict) -> None:
+  """data.val_fraction / val_path / val_num: the held-out set of validation losses and grids."""
+  if not 0.0 <= d.val_fraction <= 0.5:
+    raise ConfigError(f"config.data.val_fraction={d.val_fraction} must be in [0, 0.5]")
+  if d.val_fraction and d.val_path:
+    raise ConfigError(
+        f"config.data.val_fraction={d.val_fraction} and config.data.val_path={d.val_path!r} are both set; hold "
+        "out a fraction of data.path or name a separate validation set, not both"
+    )
+  if d.val_num <= 0:
+    raise ConfigError(f"config.data.val_num={d.val_num} must be positive")
+
+
+IMAGE_SOURCES = ("",) + data_kinds.SOURCES  # data.image_source: '' = the pair set's own images
+
+
+def _validate_image_set(d: ml_collections.ConfigDict) -> None:
+  """data.image_source / image_path / image_cache_path: the separate image half of recipe 'mix'."""
+  if d.image_source not in IMAGE_SOURCES:
+    raise ConfigError(
+        f"config.data.image_source={d.image_source!r} is not one of {IMAGE_SOURCES} ('' = the "
+        "image-only samples of 'mix' are the pair set's images with their captions dropped)"
+    )
+  if not d.image_source:
+    for name in ("image_path", "image_cache_path"):
+      if d[name]:
+        raise ConfigError(
+            f"config.data.{name}={d[name]!r} is set but config.data.image_source is ''; set "
+            f"config.data.image_source to the image set's kind (e.g. 'arrayrecord'), or clear it"
+        )
+    return
+  if d.recipe != "mix":
+    raise ConfigError(
+        f"config.data.image_source={d.image_source!r} feeds the image-only half of recipe 'mix', but "
+        f"config.data.recipe={d.recipe!r}; for image-only training set data.source/data.path instead"
+    )
+  if d.cached and not d.image_cache_path:
+    raise ConfigError(
+        "config.data.image_source is set and config.data.cached=True: config.data.image_cache_path "
+        "must name the image set's feature cache (python -m iomm_jax.cache with data.source/data.path "
+        "set to the image set)"
+    )
+  if not d.cached and d.image_source != "shapes" and not d.image_path:
+    raise ConfigError(
+        f"config.data.image_path is empty but config.data.image_source={d.image_source!r} needs the " "image set's path"
+    )
+
+
+def _validate_init(i: ml_collections.ConfigDict) -> None:
+  """init.workdir (a training workdir) and init.transformer / init.rqa (converted weights) exclude each other."""
+  if not i.workdir:
+    return
+  if i.transformer or i.rqa:
+    raise ConfigError(
+        "config.init.workdir is set together with config.init.transformer/init.rqa; start either from a "
+        "training workdir or from converted weights, not both"
+    )
+  if not os.path.isfile(os.path.join(i.workdir, "config.json")) or not os.path.isdir(
+      os.path.join(i.workdir, "checkpoints")
+  ):
+    raise ConfigError(
+        f"config.init.workdir={i.workdir!r} is not a training workdir (config.json + checkpoints/); "
+        "point it at the workdir of a finished run (python -m iomm_jax.main --workdir=...)"
+    )
+
+
+def _validate_buckets(d: ml_collections.ConfigDict) -> None:
+  """data.buckets: well-formed shapes; not with the feature cache or a separate image set."""
+  if not d.buckets:
+    return
+  try:
+    data_kinds.check_buckets(d.buckets, field="config.data.buckets")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if d.cached:
+    raise ConfigError(
+        "config.data.buckets is not supported with config.data.cached=True (the feature cache holds "
+        "one square crop per image); set config.data.buckets=() or train from images"
+    )
+  if d.image_source:
+    raise ConfigError("config.data.buckets with config.data.image_source is not supported; use one of them")
