@@ -14,19 +14,24 @@ import ml_collections
 
 from iomm_jax import data_kinds
 from iomm_jax.config import LOSS_SPACES, LR_DECAYS, RQA_KINDS, ConfigError, base_config, get_field
+from iomm_jax.models.autoencoder import AUTOENCODERS
+from iomm_jax.models.dit_families import DIT_FAMILIES
+from iomm_jax.models.factory import DTYPES
+from iomm_jax.models.iomm import PREDICTIONS
+from iomm_jax.models.layer_stack import REMAT_POLICIES
 from iomm_jax.models.layers import ATTENTION_IMPLS
 
-# The fields whose value must be one of a fixed list.
+# The fields whose value must be one of a fixed list: each list is imported from the code that acts on the value.
 CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
-    "model.frozen_dtype": ("float32", "bfloat16"),
+    "model.dtype": tuple(DTYPES),
+    "model.frozen_dtype": tuple(DTYPES),
     "model.attention": ATTENTION_IMPLS,
     "model.condition": ("query", "all"),
-    "model.prediction": ("v", "x"),
-    "model.dit.kind": ("mmdit", "s3dit"),
+    "model.prediction": PREDICTIONS,
+    "model.dit.kind": tuple(DIT_FAMILIES),
     "model.rqa.kind": RQA_KINDS,
-    "model.mllm.remat": ("none", "full", "dots_saveable"),
-    "model.autoencoder.kind": ("identity", "flux_vae"),
+    "model.mllm.remat": tuple(REMAT_POLICIES),
+    "model.autoencoder.kind": AUTOENCODERS,
     "train.stage": ("pretrain", "finetune"),
     "train.t_sampling": ("uniform", "logit_normal"),
     "train.optimizer": ("adamw", "muon"),

@@ -7,11 +7,17 @@ import pytest
 from flax import nnx
 
 from iomm_jax import config_validation
+from iomm_jax.config import ConfigError
 from iomm_jax.models import dit_families, factory
 
 
-def test_config_kinds_are_the_registry():
-  assert set(config_validation.CHOICES["model.dit.kind"]) == set(dit_families.DIT_FAMILIES)
+def test_config_accepts_each_registered_kind_and_no_other():
+  from helpers import tiny_config
+
+  for kind in dit_families.DIT_FAMILIES:
+    config_validation.validate(tiny_config("short", model__dit__kind=kind))
+  with pytest.raises(ConfigError, match=r"config.model.dit.kind='unet' is not one of \('mmdit', 's3dit'\)"):
+    config_validation.validate(tiny_config("short", model__dit__kind="unet"))
 
 
 def test_unknown_kind_is_one_line_naming_the_known_ones():

@@ -24,7 +24,8 @@ LAYERS = {
         "iomm_jax.models.rope",
         "iomm_jax",
     ],
-    "models": ["iomm_jax.models", "iomm_jax.sampling"],
+    # config_validation checks a config against the models' own lists of kinds (DiT families, autoencoders, …)
+    "models": ["iomm_jax.models", "iomm_jax.sampling", "iomm_jax.config_validation"],
     "weights": ["iomm_jax.weights"],
     "data": ["iomm_jax.data"],
     "train": ["iomm_jax.train", "iomm_jax.mllm_pretrain"],
