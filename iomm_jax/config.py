@@ -16,6 +16,8 @@ from iomm_jax import data_kinds
 
 LR_DECAYS = ("constant", "cosine")  # train.lr_decay (train/optimizers.lr_schedule)
 LOSS_SPACES = ("velocity", "clean")  # train.loss_space (train/loss.flow_matching_loss)
+T_SAMPLINGS = ("uniform", "logit_normal")  # train.t_sampling (train/loss.sample_t)
+OPTIMIZERS = ("adamw", "muon")  # train.optimizer (train/optimizers.make_optimizer)
 RQA_KINDS = ("rqa", "metaquery", "none")  # model.rqa.kind (models/rqa.py)
 
 C = ml_collections.ConfigDict

@@ -13,7 +13,16 @@ import os
 import ml_collections
 
 from iomm_jax import data_kinds
-from iomm_jax.config import LOSS_SPACES, LR_DECAYS, RQA_KINDS, ConfigError, base_config, get_field
+from iomm_jax.config import (
+    LOSS_SPACES,
+    LR_DECAYS,
+    OPTIMIZERS,
+    RQA_KINDS,
+    T_SAMPLINGS,
+    ConfigError,
+    base_config,
+    get_field,
+)
 from iomm_jax.models.autoencoder import AUTOENCODERS
 from iomm_jax.models.dit_families import DIT_FAMILIES
 from iomm_jax.models.factory import DTYPES
@@ -33,8 +42,8 @@ CHOICES = {
     "model.mllm.remat": tuple(REMAT_POLICIES),
     "model.autoencoder.kind": AUTOENCODERS,
     "train.stage": ("pretrain", "finetune"),
-    "train.t_sampling": ("uniform", "logit_normal"),
-    "train.optimizer": ("adamw", "muon"),
+    "train.t_sampling": T_SAMPLINGS,
+    "train.optimizer": OPTIMIZERS,
     "train.lr_decay": LR_DECAYS,
     "train.loss_space": LOSS_SPACES,
     "train.on_nonfinite": ("stop", "skip"),

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -60,6 +61,36 @@ def test_bad_values_name_the_field(field, value, needle):
   c[section][key] = value
   with pytest.raises(schema.ConfigError, match=needle.replace(".", r"\.")):
     config_validation.validate(c)
+
+
+@pytest.mark.parametrize("field", sorted(config_validation.CHOICES))
+def test_each_listed_field_rejects_a_value_outside_its_list(field):
+  c = load("tiny")
+  section, _, key = field.rpartition(".")
+  schema.get_field(c, section)[key] = "bogus"
+  allowed = config_validation.CHOICES[field]
+  with pytest.raises(schema.ConfigError, match=rf"config\.{field}='bogus' is not one of {re.escape(str(allowed))}"):
+    config_validation.validate(c)
+
+
+def test_each_allowed_training_choice_is_one_the_training_code_runs():
+  import jax
+  import optax
+
+  from iomm_jax.train import loss, optimizers
+
+  for kind in schema.T_SAMPLINGS:
+    assert loss.sample_t(jax.random.key(0), 4, kind=kind).shape == (4,)
+  with pytest.raises(ValueError, match=r"t_sampling='bogus'.*'uniform', 'logit_normal'"):
+    loss.sample_t(jax.random.key(0), 4, kind="bogus")
+  for name in schema.OPTIMIZERS:
+    c = load("tiny").train
+    c.optimizer = name
+    tx = optimizers.make_optimizer(c, hidden_blocks={})
+    assert isinstance(tx, optax.GradientTransformation)
+  c.optimizer = "sgd"
+  with pytest.raises(ValueError, match=r"optimizer='sgd'.*'adamw', 'muon'"):
+    optimizers.make_optimizer(c)
 
 
 def test_missing_mllm_dir_explains_layout(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from iomm_jax.config import LOSS_SPACES
+from iomm_jax.config import LOSS_SPACES, T_SAMPLINGS
 
 
 def sample_t(
@@ -17,7 +17,7 @@ def sample_t(
   elif kind == "logit_normal":
     t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,), jnp.float32))
   else:
-    raise ValueError(f"config.train.t_sampling={kind!r}: expected 'uniform' or 'logit_normal'")
+    raise ValueError(f"config.train.t_sampling={kind!r}: expected one of {T_SAMPLINGS}")
   if shift != 1.0:
     t = shift * t / (1.0 + (shift - 1.0) * t)
   return t

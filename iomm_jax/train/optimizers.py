@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from iomm_jax.config import LR_DECAYS
+from iomm_jax.config import LR_DECAYS, OPTIMIZERS
 
 
 def lr_schedule(train_cfg, total_steps: int | None = None):
@@ -73,7 +73,7 @@ def make_optimizer(
     # explicit partition keeps embedders, read-out and meta-queries on the same AdamW as the 'adamw' optimizer.
     opt = optax.multi_transform({"muon": muon, "adam": adamw()}, lambda params: muon_labels(params, hidden_blocks))
   else:
-    raise ValueError(f"config.train.optimizer={train_cfg.optimizer!r}: expected 'adamw' or 'muon'")
+    raise ValueError(f"config.train.optimizer={train_cfg.optimizer!r}: expected one of {OPTIMIZERS}")
   if train_cfg.grad_clip and train_cfg.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), opt)
   return opt
