@@ -26,7 +26,7 @@ from iomm_jax.config import (
 from iomm_jax.models.autoencoder import AUTOENCODERS
 from iomm_jax.models.dit_families import DIT_FAMILIES
 from iomm_jax.models.factory import DTYPES
-from iomm_jax.models.iomm import PREDICTIONS
+from iomm_jax.models.iomm import CONDITION_MODES, PREDICTIONS
 from iomm_jax.models.layer_stack import REMAT_POLICIES
 from iomm_jax.models.layers import ATTENTION_IMPLS
 
@@ -35,7 +35,7 @@ CHOICES = {
     "model.dtype": tuple(DTYPES),
     "model.frozen_dtype": tuple(DTYPES),
     "model.attention": ATTENTION_IMPLS,
-    "model.condition": ("query", "all"),
+    "model.condition": CONDITION_MODES,
     "model.prediction": PREDICTIONS,
     "model.dit.kind": tuple(DIT_FAMILIES),
     "model.rqa.kind": RQA_KINDS,

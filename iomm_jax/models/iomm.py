@@ -121,12 +121,19 @@ def splice_image_tokens(emb, tpl: Templates, image_tokens, keep, use_image):
   return emb.at[:, pos].set(jnp.where(use_image[:, None, None], tokens, emb[:, pos]))
 
 
+# What the DiT reads of the LLM's output: 'query' the adapter's query positions (the paper), 'all' every position.
+CONDITION_MODES = ("query", "all")
+
+
 def encode_condition(rqa: RQA, mllm, tpl: Templates, ids, valid, image_tokens, keep, use_image, *, mode: str = "query"):
   """The generator condition h (B, Lh, D) and its validity mask (B, Lh).
 
-  image_tokens: (B, N, D) ViT+projector tokens (or None for text-only batches); keep: (B, N) bool.
+  image_tokens: (B, N, D) ViT+projector tokens (or None for text-only batches); keep: (B, N) bool; mode: one of
+  CONDITION_MODES (config.model.condition).
   Gradients reach the RQA through the frozen LLM's activations; the LLM's weights are constants here.
   """
+  if mode not in CONDITION_MODES:
+    raise ValueError(f"config.model.condition={mode!r}: expected one of {CONDITION_MODES}")
   emb = mllm.embed_tokens(ids)
   if image_tokens is not None:
     emb = splice_image_tokens(emb, tpl, image_tokens, keep, use_image)
