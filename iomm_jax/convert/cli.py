@@ -37,14 +37,14 @@ def _parser() -> argparse.ArgumentParser:
   tj.add_argument("--src", required=True, help="diffusers/transformers folder, .safetensors, or .pt/.bin")
   tj.add_argument("--dst", required=True, help="output component directory")
   tj.add_argument("--config", default=None, help="JSON config (needed for a bare .safetensors/.pt/.bin)")
-  tj.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast weights (default: keep)")
+  tj.add_argument("--dtype", choices=tuple(transfer.DTYPES), default=None, help="cast weights (default: keep)")
   tj.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
 
   tt = sub.add_parser("to-torch", help="component directory (or training workdir) → PyTorch folder")
   tt.add_argument("--component", choices=COMPONENTS, default=None, help="required unless --src is a workdir")
   tt.add_argument("--src", required=True, help="component directory from to-jax, or a training workdir")
   tt.add_argument("--dst", required=True, help="output folder")
-  tt.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast weights (default: keep)")
+  tt.add_argument("--dtype", choices=tuple(transfer.DTYPES), default=None, help="cast weights (default: keep)")
   tt.add_argument(
       "--use-ema",
       dest="use_ema",
