@@ -14,7 +14,7 @@ from flax import nnx
 from helpers import tiny_config
 from iomm_jax.config import ConfigError
 from iomm_jax.config_validation import validate
-from iomm_jax.models import attention_kernels, factory, flux_vae, layers, rqa, s3dit_blocks
+from iomm_jax.models import attention_kernels, factory, flux_vae, flux_vae_blocks, layers, rqa, s3dit_blocks
 
 B, LQ, LK, H, D = 2, 12, 19, 4, 8
 
@@ -171,7 +171,7 @@ def spy(monkeypatch):
     return real(q, k, v, implementation="xla", **kw)
 
   monkeypatch.setattr(layers, "attention", fake)
-  for mod in (flux_vae, rqa, s3dit_blocks):  # they import the function by name
+  for mod in (flux_vae_blocks, rqa, s3dit_blocks):  # they import the function by name
     monkeypatch.setattr(mod, "attention", fake)
   return calls
 
@@ -243,6 +243,6 @@ def test_model_attention_reaches_every_module(spy, tmp_path):
   seen = {}
   for where, impl in spy:
     seen.setdefault(where, set()).add(impl)
-  want = {"rqa.py", "mmdit_blocks.py", "internvit.py", "qwen2.py", "flux_vae.py", "s3dit_blocks.py"}
+  want = {"rqa.py", "mmdit_blocks.py", "internvit.py", "qwen2.py", "flux_vae_blocks.py", "s3dit_blocks.py"}
   assert set(seen) == want
   assert all(v == {setting} for v in seen.values()), seen

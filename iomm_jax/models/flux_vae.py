@@ -3,7 +3,8 @@
 NHWC throughout. Attribute names follow diffusers' module tree, so our parameter paths equal the
 AutoencoderKL state-dict keys up to `kernel`↔`weight` (`encoder.down_blocks.0.resnets.0.norm1.weight`,
 `encoder.mid_block.attentions.0.to_q.kernel`, ...); `iomm_jax.models.vae_keys` holds the table.
-GroupNorm statistics and the attention softmax are fp32; convolutions run in `dtype`.
+GroupNorm statistics and the attention softmax are fp32; convolutions run in `dtype`. The blocks are in
+`flux_vae_blocks.py`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iomm_jax.models.layers import Conv2d, DType, Linear, attention
-
-_CONV_AXES = (None, None, "conv_in", "conv_out")
+from iomm_jax.models.flux_vae_blocks import DownEncoderBlock2D, GroupNorm, UNetMidBlock2D, UpDecoderBlock2D, conv
+from iomm_jax.models.layers import DType
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,195 +119,13 @@ class FluxVAEConfig:
     return d
 
 
-class GroupNorm(nnx.Module):
-  """torch.nn.GroupNorm (affine) over the channel (last) axis of NHWC input, fp32 statistics."""
-
-  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-6, param_dtype: DType = jnp.float32):
-    if num_channels % num_groups:
-      raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by {num_groups} groups")
-    self.num_groups, self.eps = num_groups, eps
-    self.weight = nnx.Param(jnp.ones((num_channels,), param_dtype), axes=(None,))
-    self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype), axes=(None,))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    *lead, c = x.shape
-    xf = x.astype(jnp.float32).reshape(*lead, self.num_groups, c // self.num_groups)
-    axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)  # every spatial axis and the channels of a group
-    mean = jnp.mean(xf, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
-    y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-    y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-def _conv(cin: int, cout: int, k: int, *, padding: int, stride: int = 1, dtype, param_dtype, rngs) -> Conv2d:
-  return Conv2d(
-      cin, cout, k, stride=stride, padding=padding, axes=_CONV_AXES, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-  )
-
-
-class ResnetBlock2D(nnx.Module):
-  """norm1 → SiLU → conv1 → norm2 → SiLU → conv2, plus the (1×1 `conv_shortcut` when widths differ) skip."""
-
-  def __init__(
-      self,
-      cin: int,
-      cout: int,
-      groups: int,
-      *,
-      eps: float = 1e-6,
-      dtype: DType = None,
-      param_dtype: DType = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = GroupNorm(groups, cin, eps=eps, param_dtype=param_dtype)
-    self.conv1 = _conv(cin, cout, 3, padding=1, **kw)
-    self.norm2 = GroupNorm(groups, cout, eps=eps, param_dtype=param_dtype)
-    self.conv2 = _conv(cout, cout, 3, padding=1, **kw)
-    self.conv_shortcut = _conv(cin, cout, 1, padding=0, **kw) if cin != cout else None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
-    skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-    return skip.astype(h.dtype) + h
-
-
-class Downsample2D(nnx.Module):
-  """Zero-pad one row/column at the bottom/right, then a 3×3 stride-2 conv (diffusers' padding=0 path)."""
-
-  def __init__(self, channels: int, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
-    self.conv = _conv(channels, channels, 3, padding=0, stride=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
-
-
-class Upsample2D(nnx.Module):
-  """Nearest-neighbour 2× upsampling, then a 3×3 conv."""
-
-  def __init__(self, channels: int, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
-    self.conv = _conv(channels, channels, 3, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
-
-
-class SpatialSelfAttention(nnx.Module):
-  """diffusers' mid-block Attention: GroupNorm, one head over all H·W positions, residual."""
-
-  def __init__(
-      self,
-      channels: int,
-      groups: int,
-      *,
-      eps: float = 1e-6,
-      attn_implementation: str = "auto",
-      dtype: DType = None,
-      param_dtype: DType = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
-    self.attn_implementation = attn_implementation
-    kw = dict(axes=("conv_in", "conv_out"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.group_norm = GroupNorm(groups, channels, eps=eps, param_dtype=param_dtype)
-    self.to_q = Linear(channels, channels, **kw)
-    self.to_k = Linear(channels, channels, **kw)
-    self.to_v = Linear(channels, channels, **kw)
-    self.to_out = nnx.List([Linear(channels, channels, **kw)])  # torch: to_out = [Linear, Dropout]
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    t = self.group_norm(x).reshape(b, h * w, 1, c)
-    o = attention(self.to_q(t), self.to_k(t), self.to_v(t), implementation=self.attn_implementation)
-    return x + self.to_out[0](o.reshape(b, h, w, c)).astype(x.dtype)
-
-
-class UNetMidBlock2D(nnx.Module):
-  """resnet → (attention) → resnet at the lowest resolution."""
-
-  def __init__(
-      self,
-      channels: int,
-      groups: int,
-      *,
-      add_attention: bool,
-      attn_implementation: str,
-      dtype: DType = None,
-      param_dtype: DType = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, **kw) for _ in range(2)])
-    # diffusers keeps `attentions = [None]` without attention; we keep no attribute for it then.
-    self.attentions = (
-        nnx.List([SpatialSelfAttention(channels, groups, attn_implementation=attn_implementation, **kw)])
-        if add_attention
-        else None
-    )
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.resnets[0](x)
-    if self.attentions is not None:
-      x = self.attentions[0](x)
-    return self.resnets[1](x)
-
-
-class DownEncoderBlock2D(nnx.Module):
-
-  def __init__(
-      self,
-      cin: int,
-      cout: int,
-      num_layers: int,
-      groups: int,
-      *,
-      add_downsample: bool,
-      dtype: DType = None,
-      param_dtype: DType = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
-    self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for resnet in self.resnets:
-      x = resnet(x)
-    return self.downsamplers[0](x) if self.downsamplers is not None else x
-
-
-class UpDecoderBlock2D(nnx.Module):
-
-  def __init__(
-      self,
-      cin: int,
-      cout: int,
-      num_layers: int,
-      groups: int,
-      *,
-      add_upsample: bool,
-      dtype: DType = None,
-      param_dtype: DType = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
-    self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for resnet in self.resnets:
-      x = resnet(x)
-    return self.upsamplers[0](x) if self.upsamplers is not None else x
-
-
 class Encoder(nnx.Module):
   """Image (B,H,W,in) → posterior moments (B,H/f,W/f,2·latent): [mean | logvar] on the channel axis."""
 
   def __init__(self, cfg: FluxVAEConfig, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch, g = cfg.block_out_channels, cfg.norm_num_groups
-    self.conv_in = _conv(cfg.in_channels, ch[0], 3, padding=1, **kw)
+    self.conv_in = conv(cfg.in_channels, ch[0], 3, padding=1, **kw)
     self.down_blocks = nnx.List(
         [
             DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, add_downsample=i < len(ch) - 1, **kw)
@@ -318,7 +136,7 @@ class Encoder(nnx.Module):
         ch[-1], g, add_attention=cfg.mid_block_add_attention, attn_implementation=cfg.attention, **kw
     )
     self.conv_norm_out = GroupNorm(g, ch[-1], param_dtype=param_dtype)
-    self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels, 3, padding=1, **kw)
+    self.conv_out = conv(ch[-1], 2 * cfg.latent_channels, 3, padding=1, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.conv_in(x)
@@ -334,7 +152,7 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: FluxVAEConfig, *, dtype: DType = None, param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-    self.conv_in = _conv(cfg.latent_channels, ch[0], 3, padding=1, **kw)
+    self.conv_in = conv(cfg.latent_channels, ch[0], 3, padding=1, **kw)
     self.mid_block = UNetMidBlock2D(
         ch[0], g, add_attention=cfg.mid_block_add_attention, attn_implementation=cfg.attention, **kw
     )
@@ -345,7 +163,7 @@ class Decoder(nnx.Module):
         ]
     )
     self.conv_norm_out = GroupNorm(g, ch[-1], param_dtype=param_dtype)
-    self.conv_out = _conv(ch[-1], cfg.out_channels, 3, padding=1, **kw)
+    self.conv_out = conv(ch[-1], cfg.out_channels, 3, padding=1, **kw)
 
   def __call__(self, z: jax.Array) -> jax.Array:
     x = self.mid_block(self.conv_in(z))
@@ -374,8 +192,8 @@ class FluxVAE(nnx.Module):
     self.encoder = Encoder(cfg, **kw)
     self.decoder = Decoder(cfg, **kw)
     lc = cfg.latent_channels
-    self.quant_conv = _conv(2 * lc, 2 * lc, 1, padding=0, **kw) if cfg.use_quant_conv else None
-    self.post_quant_conv = _conv(lc, lc, 1, padding=0, **kw) if cfg.use_post_quant_conv else None
+    self.quant_conv = conv(2 * lc, 2 * lc, 1, padding=0, **kw) if cfg.use_quant_conv else None
+    self.post_quant_conv = conv(lc, lc, 1, padding=0, **kw) if cfg.use_post_quant_conv else None
 
   @property
   def latent_channels(self) -> int:
