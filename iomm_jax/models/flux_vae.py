@@ -128,7 +128,7 @@ class Encoder(nnx.Module):
     self.conv_in = conv(cfg.in_channels, ch[0], 3, padding=1, **kw)
     self.down_blocks = nnx.List(
         [
-            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, add_downsample=i < len(ch) - 1, **kw)
+            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, resample=i < len(ch) - 1, **kw)
             for i in range(len(ch))
         ]
     )
@@ -158,7 +158,7 @@ class Decoder(nnx.Module):
     )
     self.up_blocks = nnx.List(
         [
-            UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, add_upsample=i < len(ch) - 1, **kw)
+            UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, resample=i < len(ch) - 1, **kw)
             for i in range(len(ch))
         ]
     )

@@ -149,7 +149,12 @@ class UNetMidBlock2D(nnx.Module):
     return self.resnets[1](x)
 
 
-class DownEncoderBlock2D(nnx.Module):
+class _ResnetStack(nnx.Module):
+  """`num_layers` ResnetBlock2Ds (the first cin → cout), then an optional 2× resampler, kept under the attribute
+  name diffusers gives it (`RESAMPLER`: 'downsamplers' / 'upsamplers') so parameter paths match its keys."""
+
+  RESAMPLER: str
+  RESAMPLER_CLASS: type
 
   def __init__(
       self,
@@ -158,40 +163,29 @@ class DownEncoderBlock2D(nnx.Module):
       num_layers: int,
       groups: int,
       *,
-      add_downsample: bool,
+      resample: bool,
       dtype: DType = None,
       param_dtype: DType = jnp.float32,
       rngs: nnx.Rngs,
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
-    self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if add_downsample else None
+    setattr(self, self.RESAMPLER, nnx.List([self.RESAMPLER_CLASS(cout, **kw)]) if resample else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for resnet in self.resnets:
       x = resnet(x)
-    return self.downsamplers[0](x) if self.downsamplers is not None else x
+    resampler = getattr(self, self.RESAMPLER)
+    return resampler[0](x) if resampler is not None else x
 
 
-class UpDecoderBlock2D(nnx.Module):
+class DownEncoderBlock2D(_ResnetStack):
+  """diffusers' DownEncoderBlock2D: resnets, then a stride-2 convolution unless it is the last block."""
 
-  def __init__(
-      self,
-      cin: int,
-      cout: int,
-      num_layers: int,
-      groups: int,
-      *,
-      add_upsample: bool,
-      dtype: DType = None,
-      param_dtype: DType = jnp.float32,
-      rngs: nnx.Rngs,
-  ):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, **kw) for i in range(num_layers)])
-    self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if add_upsample else None
+  RESAMPLER, RESAMPLER_CLASS = "downsamplers", Downsample2D
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for resnet in self.resnets:
-      x = resnet(x)
-    return self.upsamplers[0](x) if self.upsamplers is not None else x
+
+class UpDecoderBlock2D(_ResnetStack):
+  """diffusers' UpDecoderBlock2D: resnets, then nearest 2× upsampling + convolution unless it is the last block."""
+
+  RESAMPLER, RESAMPLER_CLASS = "upsamplers", Upsample2D
