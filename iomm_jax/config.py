@@ -18,6 +18,8 @@ LR_DECAYS = ("constant", "cosine")  # train.lr_decay (train/optimizers.lr_schedu
 LOSS_SPACES = ("velocity", "clean")  # train.loss_space (train/loss.flow_matching_loss)
 T_SAMPLINGS = ("uniform", "logit_normal")  # train.t_sampling (train/loss.sample_t)
 OPTIMIZERS = ("adamw", "muon")  # train.optimizer (train/optimizers.make_optimizer)
+STAGES = ("pretrain", "finetune")  # train.stage (a label for the run; the data recipe is data.recipe)
+ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite (train/guard.py; train/step.py keeps the old state on skip)
 RQA_KINDS = ("rqa", "metaquery", "none")  # model.rqa.kind (models/rqa.py)
 
 C = ml_collections.ConfigDict

@@ -16,8 +16,10 @@ from iomm_jax import data_kinds
 from iomm_jax.config import (
     LOSS_SPACES,
     LR_DECAYS,
+    ON_NONFINITE,
     OPTIMIZERS,
     RQA_KINDS,
+    STAGES,
     T_SAMPLINGS,
     ConfigError,
     base_config,
@@ -29,6 +31,7 @@ from iomm_jax.models.factory import DTYPES
 from iomm_jax.models.iomm import CONDITION_MODES, PREDICTIONS
 from iomm_jax.models.layer_stack import REMAT_POLICIES
 from iomm_jax.models.layers import ATTENTION_IMPLS
+from iomm_jax.parallel import MESH_AXES
 
 # The fields whose value must be one of a fixed list: each list is imported from the code that acts on the value.
 CHOICES = {
@@ -41,12 +44,12 @@ CHOICES = {
     "model.rqa.kind": RQA_KINDS,
     "model.mllm.remat": tuple(REMAT_POLICIES),
     "model.autoencoder.kind": AUTOENCODERS,
-    "train.stage": ("pretrain", "finetune"),
+    "train.stage": STAGES,
     "train.t_sampling": T_SAMPLINGS,
     "train.optimizer": OPTIMIZERS,
     "train.lr_decay": LR_DECAYS,
     "train.loss_space": LOSS_SPACES,
-    "train.on_nonfinite": ("stop", "skip"),
+    "train.on_nonfinite": ON_NONFINITE,
     "data.source": data_kinds.SOURCES,
     "data.recipe": data_kinds.RECIPES,
 }
@@ -136,8 +139,10 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     if name not in logical:
       raise ConfigError(f"config.mesh.rules has no entry for logical axis {name!r}")
   for name, axis in config.mesh.rules:
-    if axis not in (None, "data", "fsdp", "tensor"):
-      raise ConfigError(f"config.mesh.rules maps {name!r} to {axis!r}; mesh axes are 'data', 'fsdp', 'tensor' or None")
+    if axis is not None and axis not in MESH_AXES:
+      raise ConfigError(
+          f"config.mesh.rules maps {name!r} to {axis!r}; mesh axes are {', '.join(map(repr, MESH_AXES))} or None"
+      )
   if config.model.rqa.kind == "none" and config.model.condition != "all":
     raise ConfigError(
         "config.model.rqa.kind='none' adds no query tokens, so the DiT must read every LLM output position; set "

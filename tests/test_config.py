@@ -202,3 +202,14 @@ def test_a_resolution_the_latent_patches_do_not_divide_fails_naming_both_factors
   c.data.resolution = 30  # even, but its 15² latent does not split into 2×2 patches
   with pytest.raises(schema.ConfigError, match=r"resolution=30 must be a multiple of 4: .* 2× downsampling .* 2×2"):
     builder.build(c, load_frozen=False)
+
+
+def test_a_mesh_rule_to_an_unknown_mesh_axis_fails_naming_the_axes():
+  c = load("tiny")
+  c.mesh.rules = tuple((name, "model" if name == "mlp" else axis) for name, axis in c.mesh.rules)
+  with pytest.raises(
+      schema.ConfigError, match=r"maps 'mlp' to 'model'; mesh axes are 'data', 'fsdp', 'tensor' or None"
+  ):
+    config_validation.validate(c)
+  c.mesh.rules = tuple((name, None if name == "mlp" else axis) for name, axis in c.mesh.rules)
+  config_validation.validate(c)  # None (replicated) is allowed
