@@ -107,23 +107,6 @@ def test_auto_on_cpu_runs_the_saved_probs_backward():
   assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda q: layers.attention(q, k, v, implementation="xla"))(q))
 
 
-@pytest.mark.parametrize("hk", [H, 2], ids=["mha", "gqa"])
-def test_saved_probs_products_run_head_major(hk):
-  """Every product of the CPU attention path, forward and backward, batches over (batch, heads) as its two leading
-  axes: XLA:CPU's batched matmuls are several times slower on the (B, L, H, D) layout the projections produce
-  (README, "Where JAX lost to PyTorch")."""
-  q, k, v = _qkv(3, hk=hk)
-  f = lambda q, k, v: jnp.sum(attention_kernels.saved_probs_attention(q, k, v, None, False) ** 2)  # noqa: E731
-  dots = [
-      e for e in jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v).jaxpr.eqns if e.primitive.name == "dot_general"
-  ]
-  products = [e for e in dots if len(e.params["dimension_numbers"][1][0]) > 0]
-  assert len(products) == 7  # QKᵀ, PV; dV, dP, rowsum(dO ∘ O), dQ, dK
-  for e in products:  # batched over (B, H) — with GQA (B, Hk), the group a free axis — as the two leading axes
-    (_, _), (lhs_batch, rhs_batch) = e.params["dimension_numbers"]
-    assert tuple(lhs_batch[:2]) == tuple(rhs_batch[:2]) == (0, 1), e
-
-
 def test_linear_weight_gradient_is_one_2d_matmul_on_cpu():
   """On CPU, Linear's weight gradient is a plain 2-D product over all leading axes (XLA:CPU copies N-D gradients
   into a transposed layout first); output and gradients equal autodiff of the N-D product."""
