@@ -5,8 +5,7 @@
 - `saved_probs_attention`: the same forward with a hand-written backward from the saved probabilities
   (dV = PᵀdO, dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O)), dQ = dS·K/√d, dK = dSᵀ·Q/√d), what `'auto'` runs on CPU. XLA:CPU
   compiles autodiff's softmax backward into several fusions that each recompute the exponentials and broadcast
-  the row sums; this one reads P once, and runs every product head-major (B, H, L, D), where XLA:CPU's batched
-  matmuls are faster (bench/step.py --compare_torch measures the whole step).
+  the row sums; this one reads P once (bench/step.py --compare_torch measures the whole step).
 - `splash_attention`: the Pallas splash-attention kernel shipped with JAX (TPU; interpreted on CPU in tests).
 
 All take (B, L, H, D) q and (B, Lk, Hk, D) k/v, and a boolean mask broadcastable to (B, H, Lq, Lk) (True =
@@ -54,14 +53,10 @@ def _split_heads(x, hk):
 
 def _probs(q, k, mask, is_causal):
   """Softmax probabilities in fp32 over the keys, laid out as `_subscripts` says; rows with no valid key are zero."""
-  sq, sk, sp = _subscripts(q.shape[2], k.shape[2])
-  logits = jnp.einsum(f"{sq},{sk}->{sp}", _split_heads(q, k.shape[2]), k, preferred_element_type=jnp.float32)
-  return _masked_softmax(logits, mask, is_causal, q.shape[2], k.shape[2], q.shape[-1])
-
-
-def _masked_softmax(logits, mask, is_causal, h, hk, d):
-  """fp32 softmax of (B, H, Lq, Lk) logits (GQA: (B, Hk, G, Lq, Lk)) scaled by 1/√d, under `mask` and causality."""
-  lq, lk = logits.shape[-2:]
+  b, lq, h, d = q.shape
+  lk, hk = k.shape[1], k.shape[2]
+  sq, sk, sp = _subscripts(h, hk)
+  logits = jnp.einsum(f"{sq},{sk}->{sp}", _split_heads(q, hk), k, preferred_element_type=jnp.float32)
   logits = logits * (1.0 / math.sqrt(d))
   if is_causal:
     causal = jnp.tril(jnp.ones((lq, lk), bool), lk - lq)
@@ -90,58 +85,33 @@ def xla_attention(q, k, v, mask, is_causal):
   return _weighted_values(_probs(q, k, mask, is_causal), v, q.shape)
 
 
-# Head-major subscripts for the saved-probabilities path: (queries/outputs, keys/values, probabilities).
-_HEAD_MAJOR = {False: ("bhqd", "bhsd", "bhqs"), True: ("bkgqd", "bksd", "bkgqs")}
-
-
-def _heads_first(x, hk):
-  """(B, L, H, D) → (B, H, L, D), or (B, Hk, G, L, D) grouped for GQA when H > hk."""
-  b, l, h, d = x.shape
-  if h == hk:
-    return jnp.transpose(x, (0, 2, 1, 3))
-  return jnp.transpose(x.reshape(b, l, hk, h // hk, d), (0, 2, 3, 1, 4))
-
-
-def _heads_last(x):
-  """The inverse of `_heads_first`: back to (B, L, H, D)."""
-  if x.ndim == 4:
-    return jnp.transpose(x, (0, 2, 1, 3))
-  b, hk, g, l, d = x.shape
-  return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, l, hk * g, d)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def saved_probs_attention(q, k, v, mask, is_causal):
   """`xla_attention` with a hand-written backward that reuses the forward's probabilities (see the module doc)."""
-  return _saved_probs_fwd(q, k, v, mask, is_causal)[0]
+  return xla_attention(q, k, v, mask, is_causal)
 
 
 def _saved_probs_fwd(q, k, v, mask, is_causal):
-  # Every product here runs head-major, (B, H, L, D): XLA:CPU's batched matmuls are several times slower on the
-  # (B, L, H, D) layout the projections produce, and one transpose of q, k, v and the output costs less.
-  h, hk = q.shape[2], k.shape[2]
-  sq, sk, sp = _HEAD_MAJOR[h != hk]
-  qh, kh, vh = _heads_first(q, hk), _heads_first(k, hk), _heads_first(v, hk)
-  logits = jnp.einsum(f"{sq},{sk}->{sp}", qh, kh, preferred_element_type=jnp.float32)
-  probs = _masked_softmax(logits, mask, is_causal, h, hk, q.shape[-1])
-  out_h = jnp.einsum(f"{sp},{sk}->{sq}", probs.astype(v.dtype), vh)
-  return _heads_last(out_h), (qh, kh, vh, probs, out_h)
+  probs = _probs(q, k, mask, is_causal)
+  out = _weighted_values(probs, v, q.shape)
+  return out, (q, k, v, mask, probs, out)
 
 
 def _saved_probs_bwd(is_causal, residuals, d_out):
   del is_causal  # already applied to the saved probabilities
-  qh, kh, vh, probs, out_h = residuals
-  sq, sk, sp = _HEAD_MAJOR[qh.ndim == 5]
-  do = _heads_first(d_out, kh.shape[1])
+  q, k, v, mask, probs, out = residuals
+  d, hk = q.shape[-1], k.shape[2]
+  sq, sk, sp = _subscripts(q.shape[2], hk)
+  do = _split_heads(d_out, hk)
   dv = jnp.einsum(f"{sp},{sq}->{sk}", probs.astype(do.dtype), do)
-  dp = jnp.einsum(f"{sq},{sk}->{sp}", do, vh, preferred_element_type=jnp.float32)
+  dp = jnp.einsum(f"{sq},{sk}->{sp}", do, v, preferred_element_type=jnp.float32)
   # rowsum(P ∘ dP) = rowsum(dO ∘ O): one pass over (Lq, D) instead of (Lq, Lk).
   f32 = jnp.float32
-  delta = jnp.einsum(f"{sq},{sq}->{sp[:-1]}", do.astype(f32), out_h.astype(f32))[..., None]
-  ds = probs * (dp - delta) * (1.0 / math.sqrt(qh.shape[-1]))
-  dq = _heads_last(jnp.einsum(f"{sp},{sk}->{sq}", ds.astype(qh.dtype), kh))
-  dk = _heads_last(jnp.einsum(f"{sp},{sq}->{sk}", ds.astype(kh.dtype), qh))
-  return dq, dk, _heads_last(dv.astype(vh.dtype)), None
+  delta = jnp.einsum(f"{sq},{sq}->{sp[:-1]}", do.astype(f32), _split_heads(out, hk).astype(f32))[..., None]
+  ds = probs * (dp - delta) * (1.0 / math.sqrt(d))
+  dq = jnp.einsum(f"{sp},{sk}->{sq}", ds.astype(q.dtype), k).reshape(q.shape)
+  dk = jnp.einsum(f"{sp},{sq}->{sk}", ds.astype(k.dtype), _split_heads(q, hk))
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 saved_probs_attention.defvjp(_saved_probs_fwd, _saved_probs_bwd)
