@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 from iomm_jax.weights.load_internvl import load_internvl
 
+# The outputs compared, each a key of verify_mllm's report: the LLM on text alone, on an image prompt, the projector.
+MLLM_PARTS = ("text_only", "image_text", "projector")
+
 
 def _diffs(ours: np.ndarray, theirs: np.ndarray) -> dict:
   ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
@@ -65,10 +68,8 @@ def verify_mllm(src_dir, *, seed: int = 0, atol_rel: float = 1e-4, text_len: int
     o_text, o_proj, o_image = (np.asarray(x) for x in run(state, text_ids, image_ids, pixels))
 
   report = {
-      "text_only": _diffs(o_text, t_text),
-      "image_text": _diffs(o_image, t_image),
-      "projector": _diffs(o_proj, t_proj),
+      **dict(zip(MLLM_PARTS, (_diffs(o_text, t_text), _diffs(o_image, t_image), _diffs(o_proj, t_proj)))),
       "atol_rel": atol_rel,
   }
-  report["passed"] = all(report[k]["max_rel_diff"] <= atol_rel for k in ("text_only", "image_text", "projector"))
+  report["passed"] = all(report[k]["max_rel_diff"] <= atol_rel for k in MLLM_PARTS)
   return report

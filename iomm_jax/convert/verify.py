@@ -24,7 +24,7 @@ from flax import nnx
 from iomm_jax.weights import components, io, orbax_io, transfer
 from iomm_jax.weights.components import ConvertError
 from iomm_jax.models import latents
-from iomm_jax.convert.internvl_verify import verify_mllm
+from iomm_jax.convert.internvl_verify import MLLM_PARTS, verify_mllm
 
 
 def diffs(ours, theirs) -> dict:
@@ -221,7 +221,7 @@ def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
   if not Path(src).is_dir():
     raise ConvertError(f"--src={src}: mllm verify needs a transformers InternVL folder (config.json + safetensors)")
   report = verify_mllm(src, seed=seed, atol_rel=tol)
-  outputs = {k: report[k] for k in ("text_only", "image_text", "projector")}
+  outputs = {k: report[k] for k in MLLM_PARTS}
   if jax_dir:
     meta, flat = orbax_io.load(jax_dir)
     _check_component(meta, "mllm", jax_dir)

@@ -58,6 +58,8 @@ from iomm_jax.data.data_config import DataConfig
 
 MAX_CONSECUTIVE_SKIPS = 256  # unreadable/uncaptioned records tolerated in a row before the pipeline fails
 CAPTION_CHECK_RECORDS = 64  # pair recipes check the first N source records for captions at start
+# The image arrays an example carries: cached features (data.cached=True) or raw pixels for the autoencoder and ViT.
+IMAGE_KEYS = {True: ("latent", "vit_tokens"), False: ("pixels", "vit_pixels")}
 
 
 class DataConfigError(ValueError):
@@ -163,7 +165,7 @@ class LoadExample:
             f"features; point data.{prefix}cache_path at the output of "
             "`python -m iomm_jax.cache`"
         )
-      return {"vit_tokens": np.array(rec["vit_tokens"]), "latent": np.array(rec["latent"])}
+      return {k: np.array(rec[k]) for k in IMAGE_KEYS[True]}
     if kind == "features":
       raise DataConfigError(f"{where} holds cached features; set data.cached=True and data.{prefix}cache_path " "to it")
     if bucket >= 0:
@@ -173,7 +175,7 @@ class LoadExample:
     else:
       im = decode.to_rgb(rec, draft_size=s.resolution, max_pixels=s.max_image_pixels)
       pixels, vit_pixels = decode.views(im, s.resolution, s.vit_size)
-    return {"pixels": pixels, "vit_pixels": vit_pixels}
+    return dict(zip(IMAGE_KEYS[False], (pixels, vit_pixels)))
 
   def __call__(self, slot: tuple) -> dict:
     slot = mix.Slot(*slot)
@@ -259,7 +261,7 @@ def check_same_features(pair_source: Any, image_source: Any, spec: DataConfig) -
   a, b = _first_features(pair_source), _first_features(image_source)
   if a is None or b is None:
     return  # raw records or nothing readable: _payload reports it with the right field name
-  for key in ("vit_tokens", "latent"):
+  for key in IMAGE_KEYS[True]:
     if np.shape(a[key]) != np.shape(b[key]):
       raise DataConfigError(
           f"data.image_cache_path={spec.image_where!r} holds {key} of shape {np.shape(b[key])} but "

@@ -97,7 +97,7 @@ def check_cached_shapes(run, ds) -> None:
 def model_batch(batch: dict, cached: bool) -> dict:
   """The arrays the step consumes (drops ids and other host-only fields)."""
   keys = ["caption_ids", "caption_len", "is_image_only", *step_lib.BATCH_COUNTS]
-  keys += ["latent", "vit_tokens"] if cached else ["pixels", "vit_pixels"]
+  keys += pipeline.IMAGE_KEYS[bool(cached)]
   return {k: batch[k] for k in keys if k in batch}
 
 

@@ -101,7 +101,7 @@ class Validator:
     self.run, self.mesh = run, run.mesh
     self.chunk = c.train.global_batch // c.train.grad_accum
     self.per_process = self.chunk // jax.process_count()
-    keys = ["caption_ids", "caption_len"] + (["latent", "vit_tokens"] if c.data.cached else ["pixels", "vit_pixels"])
+    keys = ["caption_ids", "caption_len", *pipeline.IMAGE_KEYS[bool(c.data.cached)]]
     rows = len(held)
     padded = math.ceil(rows / self.chunk) * self.chunk
     take = np.arange(padded) % rows  # padding repeats real rows (weight 0), so shapes and dtypes stay valid
