@@ -1,9 +1,27 @@
 """Shared settings of the paper-size configs (IOMM-B/L/XL): 512² images, FLUX VAE, InternVL3-2B, AdamW (0.9, 0.95)."""
 
 from iomm_jax import config as schema
+from iomm_jax.models.qwen2 import INTERNVL3_2B_LLM_WIDTH
 
 # Paper Table 5: fine-tuning global batch by resolution.
 FINETUNE_BATCH = {512: 256, 1024: 96}
+
+
+def flux_mmdit(num_attention_heads: int) -> dict:
+  """IOMM-B/L's DiT (`model.dit.arch`, diffusers FluxTransformer2DModel fields): 10 double + 20 single blocks of
+  heads × 128, reading FLUX VAE latents (16 channels, 2×2 packed) and InternVL3-2B's hidden states."""
+  return dict(
+      in_channels=64,
+      num_layers=10,
+      num_single_layers=20,
+      attention_head_dim=128,
+      num_attention_heads=num_attention_heads,
+      joint_attention_dim=INTERNVL3_2B_LLM_WIDTH,
+      pooled_projection_dim=INTERNVL3_2B_LLM_WIDTH,
+      axes_dims_rope=(16, 56, 56),
+      remat="full",
+      scan_layers=True,
+  )
 
 
 def full_size_config(arg, *, pretrain_batch, ema_decay, mask_ratio):
@@ -30,6 +48,7 @@ def full_size_config(arg, *, pretrain_batch, ema_decay, mask_ratio):
   if "1024" in flags and stage != "finetune":
     raise schema.ConfigError("the paper has no 1024² pre-training; use '1024' with a finetune variant")
   c.data.cached = "cached" in flags
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over every device
   if stage == "finetune":
     c.train.global_batch = FINETUNE_BATCH[c.data.resolution]
     c.train.epochs = 10.0  # the paper: 10 epochs of the fine-tuning set, whatever the batch (256 at 512², 96 at 1024²)

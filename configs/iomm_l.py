@@ -5,7 +5,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _full_size import full_size_config  # noqa: E402
+from _full_size import flux_mmdit, full_size_config  # noqa: E402
 
 
 def get_config(arg: str | None = None):
@@ -13,18 +13,5 @@ def get_config(arg: str | None = None):
   if c.train.stage == "pretrain":
     c.train.num_steps = 107_000  # 11M × 5 epochs / 512
   c.model.dit.kind = "mmdit"
-  c.model.dit.arch = dict(
-      in_channels=64,
-      num_layers=10,
-      num_single_layers=20,
-      attention_head_dim=128,
-      num_attention_heads=16,
-      joint_attention_dim=1536,
-      pooled_projection_dim=1536,
-      axes_dims_rope=(16, 56, 56),
-      remat="full",
-      scan_layers=True,
-  )
-  c.model.rqa.num_heads = 12
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.model.dit.arch = flux_mmdit(num_attention_heads=16)
   return c

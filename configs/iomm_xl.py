@@ -7,6 +7,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 from _full_size import full_size_config  # noqa: E402
 
+from iomm_jax.models.qwen2 import INTERNVL3_2B_LLM_WIDTH  # noqa: E402
+
 
 def get_config(arg: str | None = None):
   c = full_size_config(arg, pretrain_batch=4096, ema_decay=0.0, mask_ratio=0.45)
@@ -15,8 +17,12 @@ def get_config(arg: str | None = None):
   c.train.optimizer = "muon"
   c.model.dit.kind = "s3dit"
   c.model.dit.arch = dict(
-      dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, cap_feat_dim=1536, remat="full", scan_layers=True
+      dim=3840,
+      n_layers=30,
+      n_refiner_layers=2,
+      n_heads=30,
+      cap_feat_dim=INTERNVL3_2B_LLM_WIDTH,
+      remat="full",
+      scan_layers=True,
   )
-  c.model.rqa.num_heads = 12
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   return c

@@ -204,6 +204,25 @@ def test_a_resolution_the_latent_patches_do_not_divide_fails_naming_both_factors
     builder.build(c, load_frozen=False)
 
 
+def test_dit_channels_that_do_not_fit_the_autoencoder_fail_naming_the_field_and_the_value_to_use():
+  from iomm_jax.models import dit_families
+  from iomm_jax.models.mmdit import MMDiTConfig
+  from iomm_jax.models.s3dit import S3DiTConfig
+  from iomm_jax.train import builder
+
+  c = load("tiny")  # identity autoencoder, factor 2: 12 latent channels, packed 2×2 → 48 a token
+  c.model.dit.arch.in_channels = 64
+  with pytest.raises(
+      schema.ConfigError, match=r"arch.in_channels=64 must be 48: the autoencoder's 12 latent .*'identity'"
+  ):
+    builder.build(c, load_frozen=False)
+  mmdit, s3dit = dit_families.family("mmdit"), dit_families.family("s3dit")
+  assert mmdit.channel_mismatch(MMDiTConfig(in_channels=64), 16) is None  # FLUX: 16 VAE channels × 2×2
+  assert "patch_size=2 makes 256 output" in mmdit.channel_mismatch(MMDiTConfig(in_channels=64, patch_size=2), 16)
+  assert s3dit.channel_mismatch(S3DiTConfig(in_channels=16), 16) is None  # Z-Image patchifies inside
+  assert "in_channels=16 must be the autoencoder's 12" in s3dit.channel_mismatch(S3DiTConfig(in_channels=16), 12)
+
+
 def test_a_mesh_rule_to_an_unknown_mesh_axis_fails_naming_the_axes():
   c = load("tiny")
   c.mesh.rules = tuple((name, "model" if name == "mlp" else axis) for name, axis in c.mesh.rules)

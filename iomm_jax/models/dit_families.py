@@ -27,6 +27,9 @@ class DiTFamily:
   predict: Callable[..., Any]
   feature_width: Callable[[Any], int]  # cfg -> the width of the tokens `predict(..., features=True)` returns
   patch: Callable[[Any], int]  # cfg -> the side of its square latent patches (the latent must divide into them)
+  # (cfg, the autoencoder's latent channels) -> None when the DiT reads and predicts latents of that many channels,
+  # else what is wrong, starting with the `model.dit.arch` field to change (the builder makes it one line)
+  channel_mismatch: Callable[[Any, int], str | None]
 
 
 def _mmdit_predict(dit: MMDiT, x_t, t, h, h_mask, masked: bool, features: bool = False):
@@ -50,6 +53,27 @@ def _mmdit_predict(dit: MMDiT, x_t, t, h, h_mask, masked: bool, features: bool =
   return latent_ops.unpack(out, height, width, channels), feats.reshape(feats.shape[0], height // 2, width // 2, -1)
 
 
+def _mmdit_channel_mismatch(cfg: MMDiTConfig, latent_channels: int) -> str | None:
+  want = latent_channels * latent_ops.PATCH**2
+  if cfg.in_channels != want:
+    return (
+        f"in_channels={cfg.in_channels} must be {want}: the autoencoder's {latent_channels} latent channels × the "
+        f"{latent_ops.PATCH}×{latent_ops.PATCH} latent positions packed into one token"
+    )
+  if cfg.output_channels != want:
+    return (
+        f"out_channels={cfg.out_channels} with patch_size={cfg.patch_size} makes {cfg.output_channels} output "
+        f"channels a token where the latent needs {want}; leave out_channels unset and patch_size 1"
+    )
+  return None
+
+
+def _s3dit_channel_mismatch(cfg: S3DiTConfig, latent_channels: int) -> str | None:
+  if cfg.in_channels != latent_channels:
+    return f"in_channels={cfg.in_channels} must be the autoencoder's {latent_channels} latent channels"
+  return None
+
+
 def _s3dit_predict(dit: S3DiT, x_t, t, h, h_mask, masked: bool, features: bool = False):
   out = dit(x_t, t, h, h_mask if masked else jnp.ones(h.shape[:2], bool), return_features=features)
   if not features:
@@ -68,6 +92,7 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         _mmdit_predict,
         lambda cfg: cfg.inner_dim,
         lambda cfg: latent_ops.PATCH,
+        _mmdit_channel_mismatch,
     ),
     "s3dit": DiTFamily(
         "s3dit",
@@ -77,6 +102,7 @@ DIT_FAMILIES: dict[str, DiTFamily] = {
         _s3dit_predict,
         lambda cfg: cfg.dim,
         lambda cfg: cfg.all_patch_size[0],
+        _s3dit_channel_mismatch,
     ),
 }
 

@@ -22,6 +22,7 @@ from iomm_jax.models.mmdit_blocks import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
 )
+from iomm_jax.models.qwen2 import INTERNVL3_2B_LLM_WIDTH
 from iomm_jax.models.rope import rope_frequencies
 
 REMAT_POLICIES = tuple(layer_stack.REMAT_POLICIES)
@@ -53,8 +54,8 @@ class MMDiTConfig:
   num_single_layers: int = 20  # single-stream blocks
   attention_head_dim: int = 128
   num_attention_heads: int = 12  # width = heads × head_dim = 1536
-  joint_attention_dim: int = 1536  # MLLM hidden width (encoder_hidden_states)
-  pooled_projection_dim: int = 1536  # MLLM hidden width (mean-pooled condition)
+  joint_attention_dim: int = INTERNVL3_2B_LLM_WIDTH  # MLLM hidden width (encoder_hidden_states)
+  pooled_projection_dim: int = INTERNVL3_2B_LLM_WIDTH  # MLLM hidden width (mean-pooled condition)
   guidance_embeds: bool = False  # guidance-distilled variant: not supported
   axes_dims_rope: tuple[int, ...] = (16, 56, 56)  # RoPE dims per id axis; sums to attention_head_dim
   rope_theta: float = 10000.0  # diffusers hard-codes 10000

@@ -20,13 +20,17 @@ from flax import nnx
 from iomm_jax.models import layer_stack, layers
 from iomm_jax.models.layer_stack import REMAT_POLICIES
 
+# The hidden size of InternVL3-2B's LLM (Qwen2.5-1.5B): the width of IOMM's condition, hence the default of every
+# module that reads it (the DiTs' condition fields, the RQA), which the factory checks against the loaded MLLM.
+INTERNVL3_2B_LLM_WIDTH = 1536
+
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
   """Qwen2 decoder sizes; defaults are the LLM of InternVL3-2B (Qwen2.5-1.5B layout)."""
 
   vocab_size: int = 151674
-  hidden_size: int = 1536
+  hidden_size: int = INTERNVL3_2B_LLM_WIDTH
   intermediate_size: int = 8960
   num_hidden_layers: int = 28
   num_attention_heads: int = 12

@@ -29,13 +29,14 @@ from flax import nnx
 
 from iomm_jax.config import RQA_KINDS
 from iomm_jax.models.layers import DType, Linear, attention, gelu_tanh, layer_norm
+from iomm_jax.models.qwen2 import INTERNVL3_2B_LLM_WIDTH
 
 
 @dataclasses.dataclass(frozen=True)
 class RQAConfig:
   """RQA sizes; defaults are the full-size IOMM adapter (≈28.7M parameters)."""
 
-  dim: int = 1536  # width of the MLLM input embeddings (= LLM hidden size)
+  dim: int = INTERNVL3_2B_LLM_WIDTH  # width of the MLLM input embeddings (= LLM hidden size)
   num_queries: int = 256  # learned query tokens appended after c
   num_heads: int = 12  # attention heads (head dim = dim // num_heads)
   mlp_ratio: float = 4.0  # FFN hidden = int(dim * mlp_ratio)

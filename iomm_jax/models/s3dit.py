@@ -36,6 +36,7 @@ from flax import nnx
 
 from iomm_jax.models import layer_stack
 from iomm_jax.models.layers import Linear, RMSNorm
+from iomm_jax.models.qwen2 import INTERNVL3_2B_LLM_WIDTH
 from iomm_jax.models.s3dit_blocks import (
     ADALN_EMBED_DIM,
     SEQ_MULTI_OF,
@@ -87,7 +88,7 @@ class S3DiTConfig:
   n_kv_heads: int = 30  # Z-Image ignores it (always full MHA); must equal n_heads
   norm_eps: float = 1e-5
   qk_norm: bool = True
-  cap_feat_dim: int = 1536  # the MLLM width (Qwen2.5-1.5B), not Z-Image's 2560
+  cap_feat_dim: int = INTERNVL3_2B_LLM_WIDTH  # the MLLM width (Qwen2.5-1.5B), not Z-Image's 2560
   rope_theta: float = 256.0
   t_scale: float = 1000.0
   axes_dims: tuple[int, ...] = (32, 48, 48)  # RoPE dims per axis (caption/frame, h, w); sum = head dim

@@ -119,7 +119,14 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
   mllm_def, mllm_abs = _split_pure(nnx.eval_shape(lambda: factory.make_mllm(config, nnx.Rngs(0), mcfg)))
   ae_module = nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0)))
   ae_def, ae_abs = _split_pure(ae_module)
-  patch = dit_families.family(config.model.dit.kind).patch(gen_module.dit.cfg)
+  fam = dit_families.family(config.model.dit.kind)
+  mismatch = fam.channel_mismatch(gen_module.dit.cfg, ae_module.latent_channels)
+  if mismatch:
+    raise ConfigError(
+        f"config.model.dit.arch.{mismatch} (config.model.autoencoder.kind={config.model.autoencoder.kind!r}); "
+        "change the DiT's channels or the autoencoder"
+    )
+  patch = fam.patch(gen_module.dit.cfg)
   if config.data.resolution % (ae_module.downsample * patch):
     raise ConfigError(
         f"config.data.resolution={config.data.resolution} must be a multiple of {ae_module.downsample * patch}: "
