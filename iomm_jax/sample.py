@@ -81,16 +81,21 @@ def main(argv=None) -> int:
     ap.error("give at least one --prompt, --image or --prompts_file")
   if args.num < 1:
     ap.error(f"--num={args.num}: give 1 or more samples per prompt")
+  if args.steps is not None and args.steps < 1:
+    ap.error(f"--steps={args.steps}: give 1 or more Euler steps")
+  if args.edit and not args.image:
+    ap.error("--edit is an instruction for the --image inputs; give one or more --image")
+  if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+    ap.error(f"--out={args.out} exists and is not a folder")
   metadata = None
   if args.prompts_file:  # checked before the (slow) model load, and before anything is written
     try:
       metadata = geneval_layout.read_prompts(args.prompts_file)
     except geneval_layout.PromptsFileError as e:
       raise SystemExit(f"--prompts_file: {e}") from None
-    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-      raise SystemExit(f"--out={args.out} exists and is not a folder")
 
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
+  image_views = [load_image_views(path, run.config.data) for path in args.image]  # all read before anything is written
   out = args.out or os.path.join(args.workdir, "samples")
   texts = list(args.prompt) + ([m["prompt"] for m in metadata] if metadata else [])
   for note in prompt_notes(run.tokenize, texts):
@@ -107,8 +112,7 @@ def main(argv=None) -> int:
   tpl = run.templates
   if args.edit:
     tpl = iomm.make_templates(run.processor, args.edit, run.config.data.max_text_tokens)
-  for i, image_path in enumerate(args.image):
-    pixels, vit = load_image_views(image_path, run.config.data)
+  for i, (image_path, (pixels, vit)) in enumerate(zip(args.image, image_views)):
     imgs = generate(
         run,
         params,

@@ -115,3 +115,21 @@ def test_empty_or_missing_prompts_file_is_an_error(tmp_path):
     layout.read_prompts(tmp_path / "empty.jsonl")
   with pytest.raises(layout.PromptsFileError, match="cannot read"):
     layout.read_prompts(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt=x", "--steps=0"], "--steps=0: give 1 or more Euler steps"),
+        (["--prompt=x", "--edit=make it blue"], "--edit is an instruction for the --image inputs"),
+        (["--prompt=x", "--out={file}"], "exists and is not a folder"),
+    ],
+)
+def test_sample_argument_mistakes_fail_in_one_line_before_any_model_is_loaded(tmp_path, capsys, args, message):
+  (tmp_path / "file.txt").write_text("x")
+  args = [a.replace("{file}", str(tmp_path / "file.txt")) for a in args]
+  with pytest.raises(SystemExit) as e:
+    sample_lib.main([f"--workdir={tmp_path / 'no_such_run'}", *args])  # a missing workdir would fail later
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err.strip().splitlines()[-1]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]

@@ -184,15 +184,26 @@ def test_sample_cli_bad_input(trained, tmp_path):
   work, _ = trained
   bad = tmp_path / "not_an_image.png"
   bad.write_bytes(b"garbage")
+  out = tmp_path / "out"
   r = subprocess.run(
-      [sys.executable, "-m", "iomm_jax.sample", f"--workdir={work}", f"--image={bad}", "--num=1"],
+      [
+          sys.executable,
+          "-m",
+          "iomm_jax.sample",
+          f"--workdir={work}",
+          "--prompt=a red circle",
+          f"--image={bad}",
+          "--num=1",
+          f"--out={out}",
+      ],
       cwd=ROOT,
       env=subprocess_env(tmp_path),
       capture_output=True,
       text=True,
       timeout=600,
   )
-  assert r.returncode != 0 and "cannot be read" in r.stderr
+  assert r.returncode != 0 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
+  assert not out.exists()  # every image is read before the prompt's grid would have been written
   # A checkpoint step the run does not have: one line listing the steps it has.
   r = subprocess.run(
       [sys.executable, "-m", "iomm_jax.sample", f"--workdir={work}", "--prompt=x", "--step=7", "--num=1"],
