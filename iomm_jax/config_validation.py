@@ -150,6 +150,9 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     )
   if not config.sample.prompts:
     raise ConfigError("config.sample.prompts must list at least one prompt")
+  for field in ("steps", "num"):
+    if config.sample[field] < 1:
+      raise ConfigError(f"config.sample.{field}={config.sample[field]} must be 1 or more")
 
 
 def validate_data(d: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:

@@ -25,7 +25,9 @@ def mse_matrix(samples: np.ndarray, refs: np.ndarray) -> np.ndarray:
   """(K, K) mean squared error between every sample i and every reference j (images in [-1, 1])."""
   s = samples.reshape(len(samples), -1).astype(np.float64)
   r = refs.reshape(len(refs), -1).astype(np.float64)
-  return ((s[:, None, :] - r[None, :, :]) ** 2).mean(-1)
+  # |s − r|² expanded, so memory grows with K², not K² × pixels (float64 keeps the cancellation harmless).
+  sq = (s * s).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2.0 * (s @ r.T)
+  return np.maximum(sq, 0.0) / s.shape[1]
 
 
 def margin_stats(m: np.ndarray) -> dict:
@@ -41,15 +43,38 @@ def margin_stats(m: np.ndarray) -> dict:
 
 
 def evaluate(
-    run, params, *, num: int = 16, seed: int = 0, steps: int | None = None, cfg_scale: float | None = None
+    run,
+    params,
+    *,
+    num: int = 16,
+    seed: int = 0,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    batch: int = 64,
 ) -> dict:
-  """Reconstruction statistics of `params` on `num` held-out shapes images (another draw of the world)."""
-
+  """Reconstruction statistics of `params` on `num` held-out shapes images (another draw of the world), sampled
+  `batch` at a time (the first batch with the seed's own key, so a `num` within one batch draws the same noise
+  whatever `batch` is)."""
+  if num < 2:
+    raise ValueError(f"num={num}: the margin compares each sample with the other images; use 2 or more")
   c = run.config
   imgs, vit = heldout_shapes(c.data, num, start=1000)  # past the training grids' held-out images too
   refs = imgs.astype(np.float32) / 127.5 - 1.0
-  out = sample_lib.generate(run, params, vit_pixels=vit, rng=jax.random.key(seed), steps=steps, cfg_scale=cfg_scale)
-  return margin_stats(mse_matrix(np.asarray(out), refs))
+  key = jax.random.key(seed)
+  out = [
+      np.asarray(
+          sample_lib.generate(
+              run,
+              params,
+              vit_pixels=vit[i : i + batch],
+              rng=key if i == 0 else jax.random.fold_in(key, i // batch),
+              steps=steps,
+              cfg_scale=cfg_scale,
+          )
+      )
+      for i in range(0, num, batch)
+  ]
+  return margin_stats(mse_matrix(np.concatenate(out), refs))
 
 
 def main(argv=None) -> int:
@@ -59,12 +84,21 @@ def main(argv=None) -> int:
       prog="python -m iomm_jax.eval_recon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   ap.add_argument("--workdir", required=True)
-  ap.add_argument("--num", type=int, default=16)
+  ap.add_argument("--num", type=int, default=16, help="held-out images (2 or more)")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--batch", type=int, default=64, help="images sampled at a time (lower it if memory runs out)")
   args = ap.parse_args(argv)
+  if args.num < 2:
+    ap.error(f"--num={args.num}: the margin compares each sample with the other images; give 2 or more")
+  if args.batch < 1:
+    ap.error(f"--batch={args.batch}: give 1 or more")
 
   run, params, step = restore.load_for_inference(args.workdir)
-  stats = {"checkpoint_step": step, "num": args.num, **evaluate(run, params, num=args.num, seed=args.seed)}
+  stats = {
+      "checkpoint_step": step,
+      "num": args.num,
+      **evaluate(run, params, num=args.num, seed=args.seed, batch=args.batch),
+  }
   with open(os.path.join(args.workdir, "recon.json"), "w") as f:
     json.dump(stats, f, indent=2)
   print(json.dumps(stats))

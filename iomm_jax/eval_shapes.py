@@ -23,6 +23,7 @@ import numpy as np
 from iomm_jax import geneval_layout, shapes_benchmark
 from iomm_jax import sample as sample_lib
 from iomm_jax.train import restore
+from iomm_jax.train.generate import add_sampling_flags, check_sampling_flags
 
 # ---------------------------------------------------------------------------------------------------- outputs
 
@@ -122,19 +123,15 @@ def main(argv=None) -> int:
       prog="python -m iomm_jax.eval_shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   ap.add_argument("--workdir", default=None, help="training workdir: sample from its checkpoint, write reports in it")
-  ap.add_argument("--num", type=int, default=4, help="samples per prompt")
+  add_sampling_flags(ap, num=4, num_help="samples per prompt")
   ap.add_argument("--out", default=None, help="samples folder (default <workdir>/eval_shapes/samples)")
   ap.add_argument("--uncond", action="store_true", help="sample with the empty prompt (chance-level reference)")
   ap.add_argument("--samples", default=None, help="score this GenEval-layout folder instead of sampling")
   ap.add_argument("--validate", action="store_true", help="score true renders of the prompts (no model)")
   ap.add_argument("--resolution", type=int, default=32, help="with --validate: render resolution")
   ap.add_argument("--write_prompts", default=None, help="write the prompt set as JSONL here and exit")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--steps", type=int, default=None, help="Euler steps (default config.sample.steps)")
-  ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default config.sample.cfg_scale)")
   args = ap.parse_args(argv)
-  if args.num < 1:
-    ap.error(f"--num={args.num}: give 1 or more samples per prompt")
+  check_sampling_flags(ap, args)
   if args.write_prompts:
     geneval_layout.write_prompts(args.write_prompts, shapes_benchmark.prompt_set())
     print(json.dumps({"prompts": len(shapes_benchmark.prompt_set()), "path": args.write_prompts}))

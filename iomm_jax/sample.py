@@ -20,7 +20,15 @@ import numpy as np
 
 from iomm_jax import geneval_layout
 from iomm_jax.models import iomm
-from iomm_jax.train.generate import generate, grid, prompt_notes, save_png, to_uint8
+from iomm_jax.train.generate import (
+    add_sampling_flags,
+    check_sampling_flags,
+    generate,
+    grid,
+    prompt_notes,
+    save_png,
+    to_uint8,
+)
 from iomm_jax.data import decode
 from iomm_jax.train import restore
 
@@ -69,20 +77,14 @@ def main(argv=None) -> int:
       help='JSONL of GenEval metadata objects ({"prompt": ...}); writes GenEval\'s folder layout',
   )
   ap.add_argument("--edit", default=None, help="with --image: an edit instruction instead of the aux prompt")
-  ap.add_argument("--num", type=int, default=8, help="samples per prompt/image")
+  add_sampling_flags(ap, num=8, num_help="samples per prompt/image")
   ap.add_argument("--out", default=None, help="output folder (default <workdir>/samples)")
-  ap.add_argument("--steps", type=int, default=None, help="Euler steps (default config.sample.steps)")
-  ap.add_argument("--cfg", type=float, default=None, help="guidance scale w (default config.sample.cfg_scale)")
-  ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
   ap.add_argument("--no-ema", dest="use_ema", action="store_false", help="use raw params even if EMA exists")
   args = ap.parse_args(argv)
   if not args.prompt and not args.image and not args.prompts_file:
     ap.error("give at least one --prompt, --image or --prompts_file")
-  if args.num < 1:
-    ap.error(f"--num={args.num}: give 1 or more samples per prompt")
-  if args.steps is not None and args.steps < 1:
-    ap.error(f"--steps={args.steps}: give 1 or more Euler steps")
+  check_sampling_flags(ap, args)
   if args.edit and not args.image:
     ap.error("--edit is an instruction for the --image inputs; give one or more --image")
   if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -53,6 +53,8 @@ def test_paper_settings():
         ("train.lr", -1.0, "train.lr"),
         ("train.b2", 1.0, "train.b2"),
         ("train.grad_clip", -1.0, "train.grad_clip"),
+        ("sample.steps", 0, "sample.steps=0 must be 1 or more"),
+        ("sample.num", 0, "sample.num=0 must be 1 or more"),
     ],
 )
 def test_bad_values_name_the_field(field, value, needle):

@@ -153,3 +153,21 @@ def test_margin_comes_from_the_condition(trained, samples):
   assert changed > 0.1, f"the condition does not change the samples (mean |Δ| {changed:.4f})"
   assert follows >= 0.5 and stays <= 0.25, f"samples do not follow the swapped condition ({follows=}, {stays=})"
   assert ratio < 0.8, f"swapped-condition samples are not closer to the new condition: {stats}"
+
+
+def test_mse_matrix_is_each_pair_s_mean_squared_error_and_scales_to_many_images():
+  rng = np.random.default_rng(0)
+  s, r = rng.uniform(-1, 1, (5, 4, 4, 3)), rng.uniform(-1, 1, (5, 4, 4, 3))
+  m = eval_recon.mse_matrix(s, r)
+  for i in range(5):
+    for j in range(5):
+      np.testing.assert_allclose(m[i, j], np.mean((s[i] - r[j]) ** 2), rtol=1e-12)
+  assert eval_recon.mse_matrix(s, s).diagonal().max() < 1e-12 and (m >= 0).all()
+  # 3000 images of 32²: a (K, K, pixels) difference tensor would need 221 GB; the matrix alone needs 72 MB.
+  big = rng.uniform(-1, 1, (3000, 3072)).astype(np.float32)
+  assert eval_recon.mse_matrix(big, big[::-1]).shape == (3000, 3000)
+
+
+def test_fewer_than_two_images_have_no_margin():
+  with pytest.raises(ValueError, match="num=1: the margin compares each sample with the other images"):
+    eval_recon.evaluate(None, None, num=1)

@@ -143,6 +143,13 @@ def test_samples_follow_their_condition(trained):
   assert np.abs(a[1] - b[1]).max() > 1e-2  # sample 1: same noise, other image
   stats = eval_recon.margin_stats(eval_recon.mse_matrix(a, np.stack(imgs).astype(np.float32) / 127.5 - 1))
   assert set(stats) == {"mse_to_condition", "mse_to_others", "margin", "top1_retrieval"}
+  with pytest.raises(ValueError, match="steps=0: the sampler needs 1 or more"):  # not the config's default
+    sample_lib.generate(run, params, vit_pixels=vit[:1], rng=key, steps=0)
+  # Sampled a batch at a time: the first batch keeps the seed's key, so a run that fits one batch is unchanged.
+  one = eval_recon.evaluate(run, params, num=3, steps=2, batch=64)
+  assert eval_recon.evaluate(run, params, num=3, steps=2, batch=3) == one
+  split = eval_recon.evaluate(run, params, num=3, steps=2, batch=2)
+  assert split != one and all(np.isfinite(v) for v in split.values())
 
 
 @pytest.mark.slow

@@ -104,6 +104,9 @@ def generate(run, params, *, prompts=None, vit_pixels=None, tpl=None, rng, steps
   The ODE's time grid uses the run's training time shift (config.train.time_shift), so a model trained with a
   shifted schedule is sampled on the same one."""
   cfg = run.config
+  steps = cfg.sample.steps if steps is None else int(steps)
+  if steps < 1:
+    raise ValueError(f"steps={steps}: the sampler needs 1 or more Euler steps")
   tpl = tpl or run.templates
   if prompts is not None:
     ids, valid, use = text_condition(tpl, run.tokenize, prompts)
@@ -122,11 +125,27 @@ def generate(run, params, *, prompts=None, vit_pixels=None, tpl=None, rng, steps
       statics=run.statics,
       tpl=tpl,
       latent_shape=run.latent_shape,
-      steps=steps or cfg.sample.steps,
+      steps=steps,
       cfg_scale=float(cfg.sample.cfg_scale if cfg_scale is None else cfg_scale),
       condition=cfg.model.condition,
       shift=float(cfg.train.time_shift),
   )
+
+
+def add_sampling_flags(ap, *, num: int, num_help: str) -> None:
+  """The flags every app that samples a run shares (argparse): --num, --steps, --cfg, --seed."""
+  ap.add_argument("--num", type=int, default=num, help=num_help)
+  ap.add_argument("--steps", type=int, default=None, help="Euler steps (default config.sample.steps)")
+  ap.add_argument("--cfg", type=float, default=None, help="guidance scale w (default config.sample.cfg_scale)")
+  ap.add_argument("--seed", type=int, default=0)
+
+
+def check_sampling_flags(ap, args) -> None:
+  """One argparse error line (exit status 2) for a --num or --steps no sampler can use."""
+  if args.num < 1:
+    ap.error(f"--num={args.num}: give 1 or more samples per prompt")
+  if args.steps is not None and args.steps < 1:
+    ap.error(f"--steps={args.steps}: give 1 or more Euler steps")
 
 
 def to_uint8(images) -> np.ndarray:
