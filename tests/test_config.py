@@ -187,6 +187,17 @@ def _cli(module, *args):
         ("iomm_jax.pretrain_mllm", ["--config=configs/tiny_mllm.py:shrot", "--out=W"], "['shrot']; known: short"),
         # checked only once the mesh is built against the devices (the tests' 8)
         ("iomm_jax.main", ["--config=configs/tiny.py", "--config.mesh.fsdp=3", "--dry_run"], "do not divide the 8"),
+        # a module config's own check, reached through the factory
+        (
+            "iomm_jax.main",
+            ["--config=configs/tiny.py", "--config.model.mllm.arch.text.hidden_size=30", "--workdir=W"],
+            "config.model.mllm.arch: Qwen2Config: hidden_size=30 is not a multiple of num_attention_heads=4",
+        ),
+        (
+            "iomm_jax.pretrain_mllm",
+            ["--config=configs/tiny_mllm.py", "--config.arch.vision.image_size=60", "--out=W"],
+            "config.arch: InternVLConfig: the ViT grid 7 times downsample_ratio 0.5 is not an integer",
+        ),
     ],
 )
 def test_every_app_reports_a_config_mistake_in_one_line(tmp_path, module, args, needle):
@@ -194,7 +205,8 @@ def test_every_app_reports_a_config_mistake_in_one_line(tmp_path, module, args, 
   assert r.returncode != 0
   lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("[transformers]")]
   assert lines == [lines[0]] and lines[0].startswith("config error: ") and needle in lines[0], r.stderr
-  assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+  # Nothing written: the workdir, when an app got as far as creating it (main does, to lock it), is left empty.
+  assert "Traceback" not in r.stderr and not [*(tmp_path / "out").rglob("*")]
 
 
 def test_a_resolution_the_latent_patches_do_not_divide_fails_naming_both_factors():
@@ -223,6 +235,38 @@ def test_dit_channels_that_do_not_fit_the_autoencoder_fail_naming_the_field_and_
   assert "patch_size=2 makes 256 output" in mmdit.channel_mismatch(MMDiTConfig(in_channels=64, patch_size=2), 16)
   assert s3dit.channel_mismatch(S3DiTConfig(in_channels=16), 16) is None  # Z-Image patchifies inside
   assert "in_channels=16 must be the autoencoder's 12" in s3dit.channel_mismatch(S3DiTConfig(in_channels=16), 12)
+
+
+@pytest.mark.parametrize(
+    "section,field,value,needle",
+    [
+        ("mllm.arch.text", "hidden_size", 30, r"config\.model\.mllm\.arch: Qwen2Config: hidden_size=30"),
+        ("mllm.arch.vision", "patch_size", 7, r"config\.model\.mllm\.arch: InternVLConfig: the ViT grid 9"),
+        ("dit.arch", "axes_dims_rope", (4, 6, 4), r"config\.model\.dit\.arch: MMDiTConfig\.axes_dims_rope"),
+        ("rqa", "num_queries", 0, r"config\.model\.rqa: RQAConfig needs .* num_queries >= 1"),
+        ("rqa", "num_heads", 5, r"config\.model\.rqa\.num_heads=5 does not divide the MLLM width 64"),
+    ],
+)
+def test_a_module_config_s_own_check_is_a_config_error_naming_its_section(section, field, value, needle):
+  from iomm_jax.train import builder
+
+  c = load("tiny")
+  node = c.model
+  for part in section.split("."):
+    node = node[part]
+  node[field] = value
+  with pytest.raises(schema.ConfigError, match=needle):
+    builder.build(c, load_frozen=False)
+
+
+def test_a_qwen2_head_dimension_rope_cannot_rotate_is_refused():
+  from iomm_jax.models.qwen2 import Qwen2Config
+
+  with pytest.raises(ValueError, match="head dimension 7 must be even"):
+    Qwen2Config(hidden_size=28, num_attention_heads=4, num_key_value_heads=2)
+  with pytest.raises(ValueError, match="hidden_size=30 is not a multiple of num_attention_heads=4"):
+    Qwen2Config(hidden_size=30, num_attention_heads=4, num_key_value_heads=2)
+  assert Qwen2Config(hidden_size=30, num_attention_heads=4, num_key_value_heads=2, head_dim=8).resolved_head_dim == 8
 
 
 def test_a_mesh_rule_to_an_unknown_mesh_axis_fails_naming_the_axes():

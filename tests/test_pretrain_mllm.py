@@ -214,3 +214,33 @@ def test_out_that_this_command_did_not_write_is_refused_before_training(tmp_path
   (tmp_path / "earlier" / hf_folder.REPORT_FILE).write_text("{}")
   (tmp_path / "earlier" / "model.safetensors").write_text("")
   hf_folder.check_replaceable(tmp_path / "earlier")
+
+
+@pytest.mark.parametrize(
+    "section,field,value,needle",
+    [
+        ("data", "text_only_fraction", 1.5, r"data\.text_only_fraction=1\.5; it must be within \[0, 1\]"),
+        ("data", "max_len", 8, r"a training sequence has \d+ tokens, more than data\.max_len=8"),
+        ("arch.vision", "image_size", 60, r"config\.arch: InternVLConfig: the ViT grid 7"),
+        ("arch.text", "hidden_size", 30, r"config\.arch: Qwen2Config: hidden_size=30"),
+    ],
+)
+def test_config_mistakes_fail_before_any_training_naming_the_field(
+    tmp_path, monkeypatch, section, field, value, needle
+):
+  from iomm_jax.config import ConfigError
+  from iomm_jax.mllm_pretrain import trainer, vision_pretrain
+
+  def no_training(*a, **k):
+    raise AssertionError("the ViT phase started before the config was checked")
+
+  monkeypatch.setattr(vision_pretrain, "pretrain_vision", no_training)
+  c = load_config("tiny_mllm", "short")
+  node = c
+  for part in section.split("."):
+    node = node[part]
+  with c.unlocked():
+    node[field] = value
+  with pytest.raises(ConfigError, match=needle):
+    trainer.pretrain(c, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

@@ -72,12 +72,24 @@ class SequenceBuilder:
     loss = [False] * len(head) + [True] * len(said) + [False] * len(tail) + [True] * len(answer)
     return ids, loss
 
+  def check_fits(self, captions: list[str]) -> None:
+    """Raises the ConfigError `pad` would, before any training: the longest turn any of `captions` makes (text-only,
+    or captioning after any training or evaluation instruction) must fit data.max_len."""
+    longest = 0
+    for cap in set(captions):
+      longest = max(longest, len(self.text_only(cap)[0]))
+      longest = max([longest] + [len(self.captioning(i, cap)[0]) for i in (*INSTRUCTIONS, EVAL_INSTRUCTION)])
+    self._check_length(longest)
+
+  def _check_length(self, longest: int) -> None:
+    if longest > self.max_len:
+      raise ConfigError(f"a training sequence has {longest} tokens, more than data.max_len={self.max_len}; raise it")
+
   def pad(self, rows: list[tuple[list[int], list[bool]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Right-padded to the longest row rounded up to a multiple of 8 (a few compiled shapes, no wasted tokens)."""
     b = len(rows)
     longest = max(len(r) for r, _ in rows)
-    if longest > self.max_len:
-      raise ConfigError(f"a training sequence has {longest} tokens, more than data.max_len={self.max_len}; raise it")
+    self._check_length(longest)
     length = min(self.max_len, -(-longest // 8) * 8)
     ids = np.full((b, length), self.processor.pad_id, np.int32)
     valid = np.zeros((b, length), bool)

@@ -45,16 +45,21 @@ def validate(config) -> None:
     section, field = name.split(".")
     if not config[section][field] > 0:
       raise ConfigError(f"{name}={config[section][field]!r}; it must be > 0")
+  if not 0.0 <= config.data.text_only_fraction <= 1.0:
+    raise ConfigError(f"data.text_only_fraction={config.data.text_only_fraction!r}; it must be within [0, 1]")
 
 
 def model_config(config) -> tuple[InternVLConfig, Processor]:
   """InternVLConfig (with LM head) from config.arch, its vocabulary and image-token id from the tiny tokenizer."""
   arch = config.arch.to_dict() if hasattr(config.arch, "to_dict") else dict(config.arch)
-  vision = InternViTConfig(**arch["vision"])
-  grid = vision.image_size // vision.patch_size
-  processor = Processor.tiny(num_image_tokens=(grid // 2) ** 2, image_size=vision.image_size)
-  text = Qwen2Config(**dict(arch["text"], vocab_size=processor.vocab_size))
-  cfg = InternVLConfig(vision=vision, text=text, image_token_id=processor.image_token_id, with_lm_head=True)
+  try:  # the model configs check their own fields; a mistake there is the user's, so one line naming config.arch
+    vision = InternViTConfig(**arch["vision"])
+    grid = vision.image_size // vision.patch_size
+    processor = Processor.tiny(num_image_tokens=(grid // 2) ** 2, image_size=vision.image_size)
+    text = Qwen2Config(**dict(arch["text"], vocab_size=processor.vocab_size))
+    cfg = InternVLConfig(vision=vision, text=text, image_token_id=processor.image_token_id, with_lm_head=True)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.arch: {e}") from None
   if cfg.num_image_tokens != processor.num_image_tokens:
     raise ConfigError(
         f"config.arch: {cfg.num_image_tokens} image tokens, the processor expects " f"{processor.num_image_tokens}"
@@ -113,6 +118,7 @@ def pretrain(config, out: str) -> dict:
   d, t = config.data, config.train
   pixels, captions = render_set(d.num_images, d.resolution, d.seed, processor)
   eval_pixels, eval_captions = render_set(d.eval_num, d.resolution, d.eval_seed, processor)
+  builder.check_fits(captions + eval_captions)  # before the ViT phase, not after it
 
   model = InternVL(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
   vision_report = None

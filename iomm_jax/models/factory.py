@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax.numpy as jnp
 from flax import nnx
 
+from iomm_jax.config import ConfigError
 from iomm_jax.models import dit_families
 from iomm_jax.models.autoencoder import make_autoencoder
 from iomm_jax.models.internvit import InternViTConfig
@@ -27,8 +29,20 @@ def _known(cls, fields: dict, where: str) -> dict:
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(fields) - names)
   if unknown:
-    raise ValueError(f"{where} has unknown field(s) {unknown}; {cls.__name__} fields are {sorted(names)}")
+    raise ConfigError(f"{where} has unknown field(s) {unknown}; {cls.__name__} fields are {sorted(names)}")
   return fields
+
+
+@contextlib.contextmanager
+def _config_fields(where: str):
+  """A module config's own check (a ValueError or TypeError from its dataclass) becomes a ConfigError naming the
+  config section it was built from, so the apps report it in one line."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: {e}") from None
 
 
 def mllm_config(config) -> InternVLConfig:
@@ -45,13 +59,14 @@ def mllm_config(config) -> InternVLConfig:
         k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) if k in ("vision", "text") else v
         for k, v in dict(config.model.mllm.arch).items()
     }
-    vision = InternViTConfig(**_known(InternViTConfig, arch.pop("vision", {}), "config.model.mllm.arch.vision"))
-    text = arch.pop("text", {})
-    _known(Qwen2Config, text, "config.model.mllm.arch.text")
-    cfg = InternVLConfig(vision=vision, **_known(InternVLConfig, arch, "config.model.mllm.arch"))
-    tok = Processor.tiny(num_image_tokens=cfg.num_image_tokens, image_size=vision.image_size)
-    text = dict(text, vocab_size=tok.vocab_size)
-    cfg = dataclasses.replace(cfg, text=Qwen2Config(**text), image_token_id=tok.image_token_id)
+    with _config_fields("config.model.mllm.arch"):
+      vision = InternViTConfig(**_known(InternViTConfig, arch.pop("vision", {}), "config.model.mllm.arch.vision"))
+      text = arch.pop("text", {})
+      _known(Qwen2Config, text, "config.model.mllm.arch.text")
+      cfg = InternVLConfig(vision=vision, **_known(InternVLConfig, arch, "config.model.mllm.arch"))
+      tok = Processor.tiny(num_image_tokens=cfg.num_image_tokens, image_size=vision.image_size)
+      text = dict(text, vocab_size=tok.vocab_size)
+      cfg = dataclasses.replace(cfg, text=Qwen2Config(**text), image_token_id=tok.image_token_id)
   return dataclasses.replace(
       cfg,
       remat=config.model.mllm.remat,
@@ -69,32 +84,34 @@ def dit_config(config, width: int):
   arch = dict(config.model.dit.arch)
   for name in ("attention", "attention_impl", "attn_implementation"):
     if name in arch:
-      raise ValueError(
+      raise ConfigError(
           f"config.model.dit.arch.{name} is not a DiT field: attention is one setting for every module, "
           f"--config.model.attention (one of {ATTENTION_IMPLS})"
       )
   arch["attention"] = config.model.attention
   fam = dit_families.family(config.model.dit.kind)
-  cfg = fam.config(**_known(fam.config, arch, "config.model.dit.arch"))
+  with _config_fields("config.model.dit.arch"):
+    cfg = fam.config(**_known(fam.config, arch, "config.model.dit.arch"))
   for name in fam.condition_fields:
     if getattr(cfg, name) != width:
-      raise ValueError(f"config.model.dit.arch.{name}={getattr(cfg, name)} must equal the MLLM width {width}")
+      raise ConfigError(f"config.model.dit.arch.{name}={getattr(cfg, name)} must equal the MLLM width {width}")
   return cfg
 
 
 def rqa_config(config, width: int) -> RQAConfig:
   r = config.model.rqa
   if width % r.num_heads:
-    raise ValueError(f"config.model.rqa.num_heads={r.num_heads} does not divide the MLLM width {width}")
-  return RQAConfig(
-      dim=width,
-      num_queries=r.num_queries,
-      num_heads=r.num_heads,
-      mlp_ratio=r.mlp_ratio,
-      num_layers=r.num_layers,
-      attention=config.model.attention,
-      kind=r.kind,
-  )
+    raise ConfigError(f"config.model.rqa.num_heads={r.num_heads} does not divide the MLLM width {width}")
+  with _config_fields("config.model.rqa"):
+    return RQAConfig(
+        dim=width,
+        num_queries=r.num_queries,
+        num_heads=r.num_heads,
+        mlp_ratio=r.mlp_ratio,
+        num_layers=r.num_layers,
+        attention=config.model.attention,
+        kind=r.kind,
+    )
 
 
 def make_generator(config, rngs: nnx.Rngs, mcfg: InternVLConfig | None = None) -> Generator:
@@ -133,17 +150,18 @@ def vae_config(config):
 
   path = config.model.autoencoder.path
   if not path:
-    return FluxVAEConfig(attention=config.model.attention)
+    with _config_fields("config.model"):
+      return FluxVAEConfig(attention=config.model.attention)
   import json
   import os
 
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
-    raise ValueError(
+    raise ConfigError(
         f"config.model.autoencoder.path={path!r} has no config.json; expected a diffusers AutoencoderKL "
         "folder (config.json + diffusion_pytorch_model.safetensors), e.g. the FLUX.1 'vae' subfolder"
     )
-  with open(cfg_file) as f:
+  with open(cfg_file) as f, _config_fields(cfg_file):
     return dataclasses.replace(FluxVAEConfig.from_diffusers(json.load(f)), attention=config.model.attention)
 
 

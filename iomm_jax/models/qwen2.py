@@ -53,6 +53,13 @@ class Qwen2Config:
       )
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"Qwen2Config.hidden_act={self.hidden_act!r}; supported: {sorted(ACTIVATIONS)}")
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"Qwen2Config: hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+          f"{self.num_attention_heads} (or give head_dim)"
+      )
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"Qwen2Config: the head dimension {self.resolved_head_dim} must be even (RoPE rotates halves)")
 
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": layers.gelu_exact, "gelu_pytorch_tanh": layers.gelu_tanh}

@@ -142,9 +142,9 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   watch = preemption.PreemptionWatch().install()
   ckpt = writer = data_iter = None
   try:
-    save_resolved_config(config, workdir)
     profiling.enable_compile_cache(config.train.compile_cache_dir, workdir)
     run = builder.build(config)
+    save_resolved_config(config, workdir)  # once the run builds: a config that cannot leaves no run folder behind
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     data_iter, dataset_size = make_data_iter(run, workdir)
     num_steps = schedule.num_steps(config.train, dataset_size)
