@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from iomm_jax import jsonl
+
 
 class PromptsFileError(ValueError):
   """A prompts file line that is not a GenEval metadata object; the message names the file and line."""
@@ -28,26 +30,14 @@ class PromptsFileError(ValueError):
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:
   """The metadata objects of a JSONL prompts file, in file order; blank lines are skipped."""
-  path = Path(path)
-  try:
-    text = path.read_text(encoding="utf-8")
-  except (OSError, UnicodeDecodeError) as e:
-    raise PromptsFileError(f"{path}: cannot read the prompts file ({e})") from e
   out = []
-  for lineno, line in enumerate(text.splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise PromptsFileError(
-          f"{path}:{lineno}: not JSON ({e.msg}); each line must be an object such as " '{"prompt": "a red circle"}'
-      ) from None
-    if not isinstance(obj, dict):
-      raise PromptsFileError(f'{path}:{lineno}: a JSON {type(obj).__name__}, not an object with a "prompt"')
-    if not isinstance(obj.get("prompt"), str):
-      raise PromptsFileError(f'{path}:{lineno}: no string "prompt" field (keys: {sorted(obj)})')
-    out.append(obj)
+  try:
+    for lineno, obj in jsonl.objects(path, example='{"prompt": "a red circle"}'):
+      if not isinstance(obj.get("prompt"), str):
+        raise PromptsFileError(f'{path}:{lineno}: no string "prompt" field (keys: {sorted(obj)})')
+      out.append(obj)
+  except jsonl.JsonLinesError as e:
+    raise PromptsFileError(str(e)) from None
   if not out:
     raise PromptsFileError(f"{path}: no prompts in the file")
   return out

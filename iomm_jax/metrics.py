@@ -68,7 +68,23 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  # Rows are appended whole, so only the last can be cut short (a kill or a full disk mid-write): with no newline
+  # after it, a row that does not parse is dropped, and the resumed run logs that step again.
+  tail = lines.pop()
+  rows = []
+  for n, line in enumerate(lines, 1):
+    if line.strip():
+      try:
+        rows.append(json.loads(line))
+      except ValueError as e:
+        raise ValueError(f"{path}:{n}: not a metrics row ({e}); delete or repair that line") from None
+  if tail.strip():
+    try:
+      rows.append(json.loads(tail))
+    except ValueError:
+      pass
+  return rows
 
 
 class Throughput:

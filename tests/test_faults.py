@@ -272,3 +272,29 @@ def test_divergent_run_stops_or_skips_end_to_end(tmp_path):
   # Resuming checks every restored tree for NaN/Inf: the final checkpoint is finite, nothing is moved aside.
   assert loop.train(cfg("skip"), str(skip))["step"] == 12
   assert not (skip / "damaged_checkpoints").exists()
+
+
+# ---- metrics.jsonl cut short ------------------------------------------------------------------------------------
+
+
+def test_a_metrics_row_cut_short_by_a_kill_is_dropped_and_the_resume_relogs_it(tmp_path):
+  from iomm_jax import metrics
+
+  w = metrics.MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    w.scalars(step, {"loss": 0.5 / step})
+  w.close()
+  path = tmp_path / "metrics.jsonl"
+  with open(path, "a") as f:
+    f.write('{"step": 4, "lo')  # the append a SIGKILL or a full disk interrupted
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3]
+  w = metrics.MetricsWriter(str(tmp_path))
+  assert w.truncate_after(2) == 1  # the resume from step 2 drops step 3 (and the torn row) before re-logging
+  w.scalars(3, {"loss": 0.1})
+  w.close()
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [1, 2, 3]
+  assert path.read_text().endswith("}\n")
+  # A damaged row anywhere else is not a kill's doing: one error naming the line.
+  path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics row"):
+    metrics.read_metrics(str(tmp_path))

@@ -244,6 +244,27 @@ def test_prepare_errors(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   assert prepare.main(["--src", str(tmp_path / "empty"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
   assert "holds no images" in capsys.readouterr().err
+  # A table's bad line or row is named: the line of a .jsonl, the row of a .csv as a spreadsheet numbers it.
+  (tmp_path / "img.jpg").write_bytes(jpeg(0))
+  (tmp_path / "t.jsonl").write_text('{"image": "img.jpg"}\n\nnot json\n')
+  assert prepare.main(["--src", str(tmp_path / "t.jsonl"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
+  assert "t.jsonl:3: not JSON" in capsys.readouterr().err
+  (tmp_path / "t.jsonl").write_text('{"image": "img.jpg"}\n["img.jpg"]\n')
+  assert prepare.main(["--src", str(tmp_path / "t.jsonl"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
+  assert "t.jsonl:2: a JSON list, not an object" in capsys.readouterr().err
+  (tmp_path / "t.csv").write_text("image,caption\nimg.jpg,a\n,b\n")
+  assert prepare.main(["--src", str(tmp_path / "t.csv"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
+  assert "t.csv: row 3 has no 'image' column/field" in capsys.readouterr().err
+  assert not (tmp_path / "o").exists()
+  for bad, message in (
+      (["--min_size", "-1"], "--min_size=-1 must be 0 or more"),
+      (["--workers", "-2"], "--workers=-2 must be 0 or more"),
+      (["--dst", str(tmp_path / "img.jpg")], "img.jpg exists and is not a folder"),
+  ):
+    args = ["--src", str(tmp_path / "t.csv"), "--dst", str(tmp_path / "o"), "--shards", "1", *bad]
+    with pytest.raises(SystemExit):
+      prepare.main(args)
+    assert message in capsys.readouterr().err
   assert (
       records.decode_record(records.encode_image_record(image_bytes=b"x", caption="c", width=1, height=1, id="i"))[
           "caption"

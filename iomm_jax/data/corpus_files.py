@@ -5,13 +5,14 @@ read row group by row group. Shared by the training sources (``sources``) and ``
 from __future__ import annotations
 
 import csv
-import json
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from iomm_jax import jsonl
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTIONS_FILE = "captions.jsonl"
@@ -48,18 +49,14 @@ def list_images(root: str | os.PathLike) -> list[tuple[Path, Path | None]]:
 def read_captions_jsonl(path: Path) -> dict[str, str | None]:
   """``captions.jsonl`` lines ``{"file": relative path, "caption": text}`` → {relative path: caption}."""
   out = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      row = json.loads(line)
-      key = next((row[k] for k in _FILE_KEYS if k in row), None)
-      if key is None:
-        raise ValueError(
-            f"{path}:{n}: no image field (one of {_FILE_KEYS}); each line must be "
-            '{"file": "relative/path.png", "caption": "..."}'
-        )
-      out[Path(key).as_posix()] = decode_text(next((row[k] for k in _CAPTION_KEYS if k in row), None))
+  for n, row in jsonl.objects(path, example='{"file": "relative/path.png", "caption": "..."}'):
+    key = next((row[k] for k in _FILE_KEYS if k in row), None)
+    if key is None:
+      raise ValueError(
+          f"{path}:{n}: no image field (one of {_FILE_KEYS}); each line must be "
+          '{"file": "relative/path.png", "caption": "..."}'
+      )
+    out[Path(key).as_posix()] = decode_text(next((row[k] for k in _CAPTION_KEYS if k in row), None))
   return out
 
 
@@ -123,7 +120,9 @@ def _read_parquet(path: Path, image_key: str, caption_key: str | None) -> list[t
     )
   kind = schema.field(image_key).type
   if pa.types.is_string(kind) or pa.types.is_large_string(kind):  # image paths
-    return _table_rows(path, pq.read_table(path).to_pylist(), image_key, caption_key)
+    return _table_rows(
+        path, [(f"row {n}", r) for n, r in enumerate(pq.read_table(path).to_pylist(), 1)], image_key, caption_key
+    )
   if not (
       pa.types.is_binary(kind)
       or pa.types.is_large_binary(kind)
@@ -142,12 +141,13 @@ def _read_parquet(path: Path, image_key: str, caption_key: str | None) -> list[t
   return list(zip(range(n), captions))
 
 
-def _table_rows(path: Path, rows: list[dict], image_key: str, caption_key: str | None):
+def _table_rows(path: Path, rows: list[tuple[str, dict]], image_key: str, caption_key: str | None):
+  """(image, caption) of each (where, row) pair; `where` ("line 3", "row 3") names the row in an error."""
   out = []
-  for n, row in enumerate(rows, 1):
+  for where, row in rows:
     if image_key not in row or not row[image_key]:
       raise ValueError(
-          f"{path}: row {n} has no {image_key!r} column/field (columns: {sorted(row)}); "
+          f"{path}: {where} has no {image_key!r} column/field (columns: {sorted(row)}); "
           "pass the right name with --image_key / data.image_key"
       )
     out.append((str(row[image_key]), decode_text(row.get(caption_key)) if caption_key else None))
@@ -162,11 +162,14 @@ def read_table(
   path = Path(path)
   suffix = path.suffix.lower()
   if suffix in (".jsonl", ".json"):
-    with open(path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    rows = [
+        (f"line {n}", row) for n, row in jsonl.objects(path, example='{"file": "relative/path.png", "caption": "..."}')
+    ]
   elif suffix in (".csv", ".tsv"):
-    with open(path, newline="") as f:
-      rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    with open(path, newline="") as f:  # row 1 is the header; data rows count from 2, as a spreadsheet shows them
+      rows = [
+          (f"row {n}", row) for n, row in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2)
+      ]
   elif suffix == ".parquet":
     return _read_parquet(path, image_key, caption_key)
   else:

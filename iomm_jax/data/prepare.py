@@ -333,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   ap.add_argument("--no_progress", action="store_true", help="no progress bar")
   a = ap.parse_args(argv)
+  for flag in ("min_size", "workers", "max_image_pixels"):
+    if getattr(a, flag) < 0:
+      ap.error(f"--{flag}={getattr(a, flag)} must be 0 or more")
+  if os.path.exists(a.dst) and not os.path.isdir(a.dst):
+    ap.error(f"--dst={a.dst} exists and is not a folder; give a folder for the shards")
   t0 = time.time()
   try:
     items = prepare_items.enumerate_items(a.src, a.image_key, a.caption_key or None, a.split)
