@@ -9,6 +9,10 @@ import time
 import numpy as np
 
 
+class MetricsWriteError(OSError):
+  """metrics.jsonl could not be appended to (a full disk, a read-only mount); the message says what to do."""
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars/images to TensorBoard."""
 
@@ -27,8 +31,14 @@ class MetricsWriter:
       return
     row = {"step": int(step)}
     row.update({k: _py(v) for k, v in values.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a row cut short by this is dropped when the resumed run reads the file
+      raise MetricsWriteError(
+          f"{self.path}: cannot log step {row['step']} ({e.strerror or e}); free space or move the workdir, then "
+          "rerun: training resumes from its newest checkpoint"
+      ) from None
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)

@@ -298,3 +298,15 @@ def test_a_metrics_row_cut_short_by_a_kill_is_dropped_and_the_resume_relogs_it(t
   path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
   with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics row"):
     metrics.read_metrics(str(tmp_path))
+
+
+def test_a_metrics_row_that_cannot_be_written_is_one_error_saying_what_to_do(tmp_path):
+  from iomm_jax import metrics
+  from iomm_jax.train.user_errors import USER_ERRORS
+
+  w = metrics.MetricsWriter(str(tmp_path))
+  w.path = "/dev/full"  # every write fails with ENOSPC, as on a full disk
+  with pytest.raises(metrics.MetricsWriteError, match=r"/dev/full: cannot log step 7 \(No space left on device\)"):
+    w.scalars(7, {"loss": 1.0})
+  w.close()
+  assert issubclass(metrics.MetricsWriteError, USER_ERRORS)  # the apps print it in one line

@@ -2,6 +2,7 @@
 app reports as one line, without a traceback."""
 
 from iomm_jax.config import ConfigError
+from iomm_jax.metrics import MetricsWriteError
 from iomm_jax.models.internvl_keys import MLLMCheckpointError
 from iomm_jax.models.keymap import KeyMismatchError
 from iomm_jax.train.checkpoint import CheckpointRestoreError, SaveFailedError
@@ -20,4 +21,5 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     WorkdirLockedError,
     CheckpointRestoreError,
     SaveFailedError,
+    MetricsWriteError,
 )
