@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,17 @@ def test_user_errors_exit_2(ckpts, tmp_path, capsys):
       == 2
   )
   assert "--config" in capsys.readouterr().err
+  # Files that are not what their names say (a truncated download): one line naming the file.
+  config = tmp_path / "flux_config.json"
+  config.write_text((Path(flux) / "config.json").read_text())
+  for name, data in (("cut.safetensors", b"\x08\x00"), ("cut.pt", b"not a torch pickle")):
+    (tmp_path / name).write_bytes(data)
+    src = tmp_path / name
+    assert (
+        run_cli("to-jax", "--component", "transformer", "--src", src, "--config", config, "--dst", tmp_path / "d") == 2
+    )
+    assert f"{src} cannot be read as a checkpoint" in capsys.readouterr().err
+  assert not (tmp_path / "d").exists()
   # to-torch: not a component directory, then the wrong component for one.
   assert run_cli("to-torch", "--component", "rqa", "--src", flux, "--dst", tmp_path / "d") == 2
   assert "component.json" in capsys.readouterr().err

@@ -108,6 +108,15 @@ def test_mismatched_folders_fail_at_start_naming_file_and_field(mllm_dir, tmp_pa
   (tmp_path / "empty").mkdir()
   with pytest.raises(MLLMCheckpointError, match="has no config.json"):
     build(tmp_path / "empty")
+  # Weights cut short (an interrupted copy): found when the frozen MLLM is read, named, one error.
+  import shutil
+
+  cut = tmp_path / "cut"
+  shutil.copytree(out, cut)
+  data = (cut / "model.safetensors").read_bytes()
+  (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+  with pytest.raises(MLLMCheckpointError, match=r"cut/model\.safetensors cannot be read as a checkpoint"):
+    builder.build(tiny_config(model__mllm__path=str(cut)))
 
 
 def test_main_reports_a_bad_mllm_folder_in_one_line(tmp_path):

@@ -176,7 +176,13 @@ def main(argv=None) -> int:
       out = to_torch(args)
     else:
       out = verify_cmd(args)
-  except (ConvertError, keymap.KeyMismatchError, io.CheckpointNotFoundError, MLLMCheckpointError) as e:
+  except (
+      ConvertError,
+      keymap.KeyMismatchError,
+      io.CheckpointNotFoundError,
+      io.CheckpointUnreadableError,
+      MLLMCheckpointError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr)
     return USER_ERROR
   print(json.dumps(out, indent=2, default=str))

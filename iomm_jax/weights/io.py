@@ -12,8 +12,10 @@ second full copy of the checkpoint is held in host memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -25,6 +27,27 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 class CheckpointNotFoundError(FileNotFoundError):
   """The path holds no checkpoint in a layout we read."""
+
+
+class CheckpointUnreadableError(ValueError):
+  """A file in a layout we read that cannot be parsed (truncated, not safetensors, not a torch pickle)."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+  """Errors of the safetensors / torch readers become one CheckpointUnreadableError naming the file."""
+  from safetensors import SafetensorError
+
+  try:
+    yield
+  except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    if isinstance(e, (CheckpointNotFoundError, CheckpointUnreadableError)):
+      raise
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise CheckpointUnreadableError(
+        f"{path} cannot be read as a checkpoint ({type(e).__name__}: {first}); it may be truncated or not the "
+        "format its name says: download or export it again"
+    ) from None
 
 
 def _layout_help() -> str:
@@ -77,7 +100,7 @@ def tensor_specs(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], st
 
   out = {}
   for f in safetensors_files(path):
-    with safe_open(str(f), framework="numpy") as h:
+    with _reading(f), safe_open(str(f), framework="numpy") as h:
       for k in h.keys():
         s = h.get_slice(k)
         out[k] = (tuple(s.get_shape()), s.get_dtype())
@@ -96,10 +119,14 @@ def iter_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> 
   from safetensors import safe_open
 
   for f in safetensors_files(path):
-    with safe_open(str(f), framework="numpy") as h:
+    with _reading(f):
+      handle = safe_open(str(f), framework="numpy")
+    with handle as h:
       for k in h.keys():
         if wanted is None or k in wanted:
-          yield k, h.get_tensor(k)
+          with _reading(f):  # not around the yield: the consumer's own errors are not this file's
+            tensor = h.get_tensor(k)
+          yield k, tensor
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -110,7 +137,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _torch_load(path: Path):
   import torch  # only for .pt/.bin sources
 
-  sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+  with _reading(path):
+    sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
   if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
     sd = sd["state_dict"]
   if not isinstance(sd, Mapping):

@@ -67,9 +67,12 @@ def load_internvl(
     raise MLLMCheckpointError(f"{e}. {EXPECTED_LAYOUT}") from e
   model = abstract_model(cfg, dtype=compute_dtype or dtype, param_dtype=dtype)
   graphdef, abstract = nnx.split(model)
-  values = transfer.load_placed(
-      components.spec("mllm"), cfg, path, dtype=dtype, sharding_of=_sharding_lookup(shardings)
-  )
+  try:
+    values = transfer.load_placed(
+        components.spec("mllm"), cfg, path, dtype=dtype, sharding_of=_sharding_lookup(shardings)
+    )
+  except io.CheckpointUnreadableError as e:
+    raise MLLMCheckpointError(str(e)) from None
   state = nnx.from_flat_state(
       [(p, var.replace(values[".".join(str(x) for x in p)])) for p, var in nnx.to_flat_state(abstract)]
   )
