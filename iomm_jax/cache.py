@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from iomm_jax import parallel
 from iomm_jax.data import records
-from iomm_jax.data import cache_reader
+from iomm_jax.data import cache_reader, shard_dir
 from iomm_jax.train import builder
 from iomm_jax import distributed
 from iomm_jax import config_cli
@@ -249,8 +249,7 @@ def write_cache(
   per_process = parallel.batch_size_per_process(batch, run.mesh)
   source = cache_reader.make_source(config.data, workdir)
   n, pid, nproc = len(source), jax.process_index(), jax.process_count()
-  dst = Path(dst)
-  (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+  dst = shard_dir.make(dst, STATE_DIR)
   names = [shard_name(pid, nproc, s, shards) for s in range(shards)]
   all_names = {shard_name(p, nproc, s, shards) for p in range(nproc) for s in range(shards)}
   plan = fingerprint(config, n, nproc, shards, dtype)

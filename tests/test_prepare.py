@@ -259,12 +259,14 @@ def test_prepare_errors(tmp_path, capsys):
   for bad, message in (
       (["--min_size", "-1"], "--min_size=-1 must be 0 or more"),
       (["--workers", "-2"], "--workers=-2 must be 0 or more"),
-      (["--dst", str(tmp_path / "img.jpg")], "img.jpg exists and is not a folder"),
   ):
     args = ["--src", str(tmp_path / "t.csv"), "--dst", str(tmp_path / "o"), "--shards", "1", *bad]
     with pytest.raises(SystemExit):
       prepare.main(args)
     assert message in capsys.readouterr().err
+  (tmp_path / "t.csv").write_text("image,caption\nimg.jpg,a\n")
+  assert prepare.main(["--src", str(tmp_path / "t.csv"), "--dst", str(tmp_path / "img.jpg"), "--shards", "1"]) == 2
+  assert "--dst=" + str(tmp_path / "img.jpg") + " exists and is not a folder" in capsys.readouterr().err
   assert (
       records.decode_record(records.encode_image_record(image_bytes=b"x", caption="c", width=1, height=1, id="i"))[
           "caption"

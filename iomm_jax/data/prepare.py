@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from iomm_jax import data_kinds
-from iomm_jax.data import decode, prepare_items, records
+from iomm_jax.data import decode, prepare_items, records, shard_dir
 
 SHARD_PATTERN = "data-{:05d}-of-{:05d}.array_record"
 STATE_DIR = ".prepare"  # plan + per-shard stats; hidden so shard globs never see it
@@ -217,8 +217,7 @@ def write_shards(
     raise ValueError(f"--shards={shards} must be positive")
   if not items:
     raise ValueError("nothing to write: the source holds no items")
-  dst = Path(dst)
-  (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+  dst = shard_dir.make(dst, STATE_DIR)
   plan = _plan(items, shards, min_size, fingerprint)
   plan_file = dst / STATE_DIR / "plan.json"
   names = [SHARD_PATTERN.format(s, shards) for s in range(shards)]
@@ -336,8 +335,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   for flag in ("min_size", "workers", "max_image_pixels"):
     if getattr(a, flag) < 0:
       ap.error(f"--{flag}={getattr(a, flag)} must be 0 or more")
-  if os.path.exists(a.dst) and not os.path.isdir(a.dst):
-    ap.error(f"--dst={a.dst} exists and is not a folder; give a folder for the shards")
   t0 = time.time()
   try:
     items = prepare_items.enumerate_items(a.src, a.image_key, a.caption_key or None, a.split)
