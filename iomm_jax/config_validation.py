@@ -94,8 +94,9 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   for name in ("b1", "b2", "muon_momentum"):
     if not 0.0 <= t[name] < 1.0:
       raise ConfigError(f"config.train.{name}={t[name]} must be in [0, 1)")
-  if not t.eps > 0:
-    raise ConfigError(f"config.train.eps={t.eps} must be positive")
+  for name in ("eps", "time_shift", "logit_std"):  # a zero shift or spread puts every t at one point
+    if not t[name] > 0:
+      raise ConfigError(f"config.train.{name}={t[name]} must be positive")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1) (0 disables EMA)")
   for name in ("num_steps", "global_batch", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints"):
@@ -109,6 +110,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
       "repa_weight",
       "weight_decay",
       "grad_clip",
+      "epochs",
   ):
     if t[name] < 0:
       raise ConfigError(f"config.train.{name}={t[name]} must be >= 0")
@@ -148,6 +150,8 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         "config.model.rqa.kind='none' adds no query tokens, so the DiT must read every LLM output position; set "
         "config.model.condition='all'"
     )
+  if not config.model.rqa.mlp_ratio > 0:
+    raise ConfigError(f"config.model.rqa.mlp_ratio={config.model.rqa.mlp_ratio} must be positive")
   if not config.sample.prompts:
     raise ConfigError("config.sample.prompts must list at least one prompt")
   for field in ("steps", "num"):

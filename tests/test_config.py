@@ -54,6 +54,9 @@ def test_paper_settings():
         ("train.b2", 1.0, "train.b2"),
         ("train.grad_clip", -1.0, "train.grad_clip"),
         ("sample.steps", 0, "sample.steps=0 must be 1 or more"),
+        ("train.time_shift", 0.0, "train.time_shift=0.0 must be positive"),
+        ("train.logit_std", 0.0, "train.logit_std=0.0 must be positive"),
+        ("train.epochs", -1.0, "train.epochs=-1.0 must be >= 0"),
         ("sample.num", 0, "sample.num=0 must be 1 or more"),
     ],
 )
@@ -278,3 +281,10 @@ def test_a_mesh_rule_to_an_unknown_mesh_axis_fails_naming_the_axes():
     config_validation.validate(c)
   c.mesh.rules = tuple((name, None if name == "mlp" else axis) for name, axis in c.mesh.rules)
   config_validation.validate(c)  # None (replicated) is allowed
+
+
+def test_an_rqa_without_an_mlp_is_refused():
+  c = load("tiny")
+  c.model.rqa.mlp_ratio = 0.0
+  with pytest.raises(schema.ConfigError, match=r"config\.model\.rqa\.mlp_ratio=0\.0 must be positive"):
+    config_validation.validate(c)
