@@ -43,7 +43,12 @@ def score_folder(folder: str) -> tuple[list[dict], dict]:
           f"expected one of {sorted(shapes_benchmark.TAGS)} with an 'include' list)"
       )
     metadata.append(meta)
-    images.append(np.stack([geneval_layout.load_image(p) for p in pngs]))
+    loaded = [geneval_layout.load_image(p) for p in pngs]
+    size = (images[0] if images else loaded[0]).shape[-3:]
+    for path, img in zip(pngs, loaded):
+      if img.shape != size:  # the detector's chance and grid assume one resolution
+        raise ValueError(f"{path} is {img.shape[1]}×{img.shape[0]}, the folder's samples {size[1]}×{size[0]}")
+    images.append(np.stack(loaded))
   return metadata, {
       **shapes_benchmark.score_images(metadata, images),
       "resolution": int(images[0].shape[1]),

@@ -140,10 +140,9 @@ def read(out_dir: str | os.PathLike) -> list[tuple[int, dict, list[Path]]]:
   out = []
   for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and _is_index(p.name)):
     meta_path = folder / "metadata.jsonl"
-    try:
-      metadata = json.loads(meta_path.read_text().strip().splitlines()[0])
-    except (OSError, IndexError, json.JSONDecodeError) as e:
-      raise ValueError(f"{meta_path}: no readable metadata line ({e})") from e
+    metadata = next((obj for _, obj in jsonl.objects(meta_path)), None)  # a bad line raises naming it
+    if metadata is None:
+      raise ValueError(f"{meta_path}: no metadata line")
     samples = folder / "samples"
     pngs = sorted(p for p in samples.iterdir() if p.suffix == ".png" and p.stem.isdigit()) if samples.is_dir() else []
     out.append((int(folder.name), metadata, pngs))
@@ -151,6 +150,9 @@ def read(out_dir: str | os.PathLike) -> list[tuple[int, dict, list[Path]]]:
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-  """A sample PNG as uint8 (H, W, 3)."""
-  with Image.open(path) as img:
-    return np.asarray(img.convert("RGB"), np.uint8)
+  """A sample PNG as uint8 (H, W, 3); a file that is not a readable image raises ValueError naming it."""
+  try:
+    with Image.open(path) as img:
+      return np.asarray(img.convert("RGB"), np.uint8)
+  except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+    raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}); write the sample again") from None

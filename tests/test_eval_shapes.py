@@ -159,6 +159,16 @@ def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
   assert [p["prompt"] for p in full["per_prompt"]] == [m["prompt"] for m in metadata]
   assert full["picture_rows"] == [m["prompt"] for m in metadata[:2] + metadata[3:5]]
   assert Image.open(tmp_path / "s" / "eval_shapes.png").size[1] > 4 * 128
+  # A sample that is not an image, or not at the folder's resolution: one line naming the file.
+  sample = tmp_path / "s" / "00001" / "samples" / "0001.png"
+  good = sample.read_bytes()
+  sample.write_bytes(b"not a png")
+  with pytest.raises(SystemExit, match=r"00001/samples/0001\.png: not a readable image"):
+    ev.main([f"--samples={tmp_path / 's'}"])
+  Image.new("RGB", (RES + 2, RES), "white").save(sample)
+  with pytest.raises(SystemExit, match=rf"0001\.png is {RES + 2}×{RES}, the folder's samples {RES}×{RES}"):
+    ev.main([f"--samples={tmp_path / 's'}"])
+  sample.write_bytes(good)
   (tmp_path / "s" / "00000" / "metadata.jsonl").write_text(json.dumps({"prompt": "a dog"}) + "\n")
   with pytest.raises(SystemExit, match="not eval_shapes metadata"):
     ev.main([f"--samples={tmp_path / 's'}"])
