@@ -331,9 +331,8 @@ def main(argv) -> int:
   logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS.config
 
-  distributed.initialize_from_config(config)  # every process joins before touching devices
-
   try:
+    distributed.initialize_from_config(config)  # every process joins before touching devices
     validate(config)
     summary = write_cache(
         config,
@@ -343,7 +342,7 @@ def main(argv) -> int:
         batch=flags.FLAGS.batch or None,
         progress=not flags.FLAGS.no_progress,
     )
-  except (ConfigError, ValueError) as e:
+  except (ConfigError, ValueError, distributed.DistributedStartError) as e:
     print(f"cache: error: {e}", file=sys.stderr)
     return 2
   import jax

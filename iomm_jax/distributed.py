@@ -86,6 +86,14 @@ def initialize_from_config(config) -> bool:
       if s["coordinator"]
       else "SLURM auto-detection"
   )
+  # JAX's client aborts the process (no Python exception) when it cannot register with the coordinator in time, so
+  # say beforehand what is being tried, for the person reading that abort.
+  print(
+      f"distributed: joining the job ({where}), waiting up to config.distributed.init_timeout_s="
+      f"{s['init_timeout_s']} s; an abort below mentioning RegisterTask means process 0 was not reachable there",
+      file=sys.stderr,
+      flush=True,
+  )
   t0 = time.monotonic()
   try:
     jax.distributed.initialize(**kwargs)

@@ -37,7 +37,10 @@ def main(argv):
 
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
 
-  distributed.initialize_from_config(_CONFIG.value)  # first thing: every process must join before touching devices
+  try:  # first thing: every process must join before touching devices
+    distributed.initialize_from_config(_CONFIG.value)
+  except distributed.DistributedStartError as e:
+    raise SystemExit(f"error: {e}") from None
 
   if not _DRY_RUN.value and not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
