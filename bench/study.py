@@ -33,6 +33,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import study_report  # noqa: E402
+from iomm_jax.config import parse_variant, variant_word  # noqa: E402
+from iomm_jax.data_kinds import RECIPES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny.py")
@@ -51,8 +53,6 @@ class Arm:
   value: float | None = None  # the swept value (mask ratio, λ), for curves
 
 
-RECIPE_VARIANTS = {"image": "pretrain", "pair": "pair_pretrain"}
-FINETUNE_VARIANTS = {"image": "finetune_image", "pair": "finetune_pair", "mix": "finetune"}
 MASK_RATIOS = (0.0, 0.25, 0.45, 0.65, 0.85, 0.95)
 MIX_RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -61,9 +61,9 @@ def arms(study: str) -> list[Arm]:
   """The arms of `study` (module docstring)."""
   if study == "recipes":
     return [
-        Arm(f"{p} + {f}", RECIPE_VARIANTS[p], FINETUNE_VARIANTS[f])
-        for p in ("image", "pair")
-        for f in ("image", "pair", "mix")
+        Arm(f"{p} + {f}", variant_word("pretrain", p), variant_word("finetune", f))
+        for p in ("image", "pair")  # the paper pre-trains on images or pairs (a mix is not a pre-training recipe)
+        for f in RECIPES
     ]
   if study == "mask_ratio":
     return [Arm(f"r = {r}", "pretrain", "finetune", (f"--config.train.mask_ratio={r}",), value=r) for r in MASK_RATIOS]
@@ -140,7 +140,7 @@ class Study:
     open(done, "w").close()
 
   def total(self, variant: str) -> int:
-    return self.args.pretrain_steps if variant in RECIPE_VARIANTS.values() else self.args.finetune_steps
+    return self.args.pretrain_steps if parse_variant(variant)[0] == "pretrain" else self.args.finetune_steps
 
   @staticmethod
   def trained(workdir: str) -> int:

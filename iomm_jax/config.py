@@ -262,6 +262,14 @@ VARIANTS = {
 }
 
 
+def variant_word(stage: str, recipe: str) -> str:
+  """The config variant word of (stage, recipe), e.g. ('finetune', 'pair') → 'finetune_pair': parse_variant's inverse."""
+  for word, stage_recipe in VARIANTS.items():
+    if word and stage_recipe == (stage, recipe):
+      return word
+  raise ConfigError(f"no config variant trains recipe {recipe!r} in stage {stage!r}")
+
+
 def parse_variant(arg: str | None, known_flags: frozenset[str] = frozenset()) -> tuple[str, str, set[str]]:
   """'finetune,1024' → ('finetune', 'mix', {'1024'}): the recipe word plus the config's own flags.
 

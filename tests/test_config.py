@@ -288,3 +288,12 @@ def test_an_rqa_without_an_mlp_is_refused():
   c.model.rqa.mlp_ratio = 0.0
   with pytest.raises(schema.ConfigError, match=r"config\.model\.rqa\.mlp_ratio=0\.0 must be positive"):
     config_validation.validate(c)
+
+
+def test_variant_word_inverts_parse_variant():
+  for word in (w for w in schema.VARIANTS if w):
+    stage, recipe, _ = schema.parse_variant(word)
+    assert schema.parse_variant(schema.variant_word(stage, recipe))[:2] == (stage, recipe)
+  assert schema.variant_word("finetune", "mix") == "finetune" and schema.variant_word("pretrain", "image") == "pretrain"
+  with pytest.raises(schema.ConfigError, match="no config variant trains recipe 'mix' in stage 'pretrain'"):
+    schema.variant_word("pretrain", "mix")
