@@ -32,6 +32,7 @@ from iomm_jax.models.iomm import CONDITION_MODES, PREDICTIONS
 from iomm_jax.models.layer_stack import REMAT_POLICIES
 from iomm_jax.models.layers import ATTENTION_IMPLS
 from iomm_jax.parallel import MESH_AXES
+from iomm_jax import workdir_layout
 
 # The fields whose value must be one of a fixed list: each list is imported from the code that acts on the value.
 CHOICES = {
@@ -249,9 +250,7 @@ def _validate_init(i: ml_collections.ConfigDict) -> None:
         "config.init.workdir is set together with config.init.transformer/init.rqa; start either from a "
         "training workdir or from converted weights, not both"
     )
-  if not os.path.isfile(os.path.join(i.workdir, "config.json")) or not os.path.isdir(
-      os.path.join(i.workdir, "checkpoints")
-  ):
+  if not workdir_layout.is_run(i.workdir):
     raise ConfigError(
         f"config.init.workdir={i.workdir!r} is not a training workdir (config.json + checkpoints/); "
         "point it at the workdir of a finished run (python -m iomm_jax.main --workdir=...)"

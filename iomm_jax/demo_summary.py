@@ -20,6 +20,8 @@ import os
 import sys
 
 from iomm_jax import metrics as metrics_lib
+from iomm_jax import workdir_layout
+from iomm_jax.mllm_pretrain import hf_folder
 
 # The demo's targets (README): what a working tiny IOMM should reach on 2 CPU cores.
 TARGETS = {
@@ -53,13 +55,13 @@ STAGE1_GENEVAL = ("single_object_colour", "single_object_shape", "overall", "sin
 
 def _init_workdir(workdir: str) -> str:
   """The run the fine-tuned `workdir` started from (its config.init.workdir; '' when none)."""
-  config = _read(os.path.join(workdir, "config.json")) or {}
+  config = _read(workdir_layout.path(workdir, workdir_layout.CONFIG)) or {}
   return config.get("init", {}).get("workdir", "")
 
 
 def _geneval(workdir: str, keys=None) -> tuple[dict, dict]:
   """(figures, chance) of `workdir`'s eval_shapes.json, limited to `keys` when given; ({}, {}) when absent."""
-  gen = _read(os.path.join(workdir, "eval_shapes.json")) if workdir else None
+  gen = _read(workdir_layout.path(workdir, workdir_layout.EVAL_SHAPES + ".json")) if workdir else None
   if not gen:
     return {}, {}
   figures = {**gen["scores"], "overall": gen["overall"], **gen.get("diagnostics", {})}
@@ -82,7 +84,7 @@ def collect(mllm_dir: str, workdir: str) -> dict:
   """{'mllm': {...}, 'training': {...}, 'recon': {...}, 'geneval_stage1': {...}, 'geneval': {...}} (with their
   chance levels) from the files the demo's steps wrote."""
   out: dict = {}
-  rep = _read(os.path.join(mllm_dir, "mllm_pretrain.json"))
+  rep = _read(os.path.join(mllm_dir, hf_folder.REPORT_FILE))
   if rep:
     out["mllm"] = {k: rep["heldout"][k] for k in ("exact", "colour", "shape", "relation")}
     single = rep["heldout"].get("by_objects", {}).get("1")
@@ -96,7 +98,7 @@ def collect(mllm_dir: str, workdir: str) -> dict:
     steps = {"mllm_steps": rep["steps"], **steps}
   if steps:
     out["training"] = steps
-  recon = _read(os.path.join(workdir, "recon.json"))
+  recon = _read(workdir_layout.path(workdir, workdir_layout.RECON_REPORT))
   if recon:
     out["recon"] = {k: recon[k] for k in ("margin", "top1_retrieval") if k in recon}
   for group, path, keys in (("geneval_stage1", _init_workdir(workdir), STAGE1_GENEVAL), ("geneval", workdir, None)):

@@ -11,7 +11,6 @@ their condition's content) and top-1 retrieval accuracy. Prints one JSON line an
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from iomm_jax.train import generate as sample_lib
 from iomm_jax.data.sources import heldout_shapes
 from iomm_jax.train import restore
+from iomm_jax import workdir_layout
 
 
 def mse_matrix(samples: np.ndarray, refs: np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
       "num": args.num,
       **evaluate(run, params, num=args.num, seed=args.seed, batch=args.batch),
   }
-  with open(os.path.join(args.workdir, "recon.json"), "w") as f:
+  with open(workdir_layout.path(args.workdir, workdir_layout.RECON_REPORT), "w") as f:
     json.dump(stats, f, indent=2)
   print(json.dumps(stats))
   return 0

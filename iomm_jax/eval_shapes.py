@@ -24,6 +24,7 @@ from iomm_jax import geneval_layout, shapes_benchmark
 from iomm_jax import sample as sample_lib
 from iomm_jax.train import restore
 from iomm_jax.train.generate import add_sampling_flags, check_sampling_flags
+from iomm_jax import workdir_layout
 
 # ---------------------------------------------------------------------------------------------------- outputs
 
@@ -151,9 +152,9 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.samples):
       raise SystemExit(f"--samples={args.samples} is not a folder")
     base = (
-        os.path.join(args.workdir, f"eval_shapes{suffix}")
+        workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix)
         if args.workdir
-        else os.path.join(args.samples, "eval_shapes")
+        else workdir_layout.path(args.samples, workdir_layout.EVAL_SHAPES)
     )
     try:
       summary = report(args.samples, base + ".json", base + ".png")
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     return 0
   if not args.workdir:
     ap.error("give --workdir (sample and score), --samples=DIR, --validate or --write_prompts")
-  out = args.out or os.path.join(args.workdir, f"eval_shapes{suffix}", "samples")
+  out = args.out or os.path.join(args.workdir, workdir_layout.EVAL_SHAPES + suffix, workdir_layout.SAMPLES)
   if os.path.exists(out) and not os.path.isdir(out):
     raise SystemExit(f"--out={out} exists and is not a folder")
   import jax
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
       cfg_scale=args.cfg,
       prompt_of=(lambda m: "") if args.uncond else None,
   )
-  base = os.path.join(args.workdir, f"eval_shapes{suffix}")
+  base = workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix)
   summary = report(out, base + ".json", base + ".png", extra={"checkpoint_step": int(step), "uncond": args.uncond})
   print(json.dumps(summary))
   return 0

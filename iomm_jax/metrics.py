@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from iomm_jax import workdir_layout
+
 
 class MetricsWriteError(OSError):
   """metrics.jsonl could not be appended to (a full disk, a read-only mount); the message says what to do."""
@@ -18,7 +20,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = workdir_layout.path(workdir, workdir_layout.METRICS)
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
@@ -74,7 +76,7 @@ def _py(v):
 
 def read_metrics(workdir: str) -> list[dict]:
   """All rows of `<workdir>/metrics.jsonl` (empty list if none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = workdir_layout.path(workdir, workdir_layout.METRICS)
   if not os.path.exists(path):
     return []
   with open(path) as f:

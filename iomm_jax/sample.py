@@ -31,6 +31,7 @@ from iomm_jax.train.generate import (
 )
 from iomm_jax.data import decode
 from iomm_jax.train import restore
+from iomm_jax import workdir_layout
 
 
 def write_geneval(
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
 
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   image_views = [load_image_views(path, run.config.data) for path in args.image]  # all read before anything is written
-  out = args.out or os.path.join(args.workdir, "samples")
+  out = args.out or workdir_layout.path(args.workdir, workdir_layout.SAMPLES)
   texts = list(args.prompt) + ([m["prompt"] for m in metadata] if metadata else [])
   for note in prompt_notes(run.tokenize, texts):
     print(note, file=sys.stderr)
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     save_png(path, grid([np.concatenate([ref, to_uint8(imgs)])]), upscale=max(1, 128 // imgs.shape[1]))
     written.append({"image": image_path, "edit": args.edit, "path": path})
   if metadata is not None:
-    folder = args.out or os.path.join(args.workdir, "samples", "geneval")
+    folder = args.out or os.path.join(args.workdir, workdir_layout.SAMPLES, "geneval")
     write_geneval(
         run,
         params,

@@ -22,13 +22,13 @@ from iomm_jax.weights.components import ConvertError
 from iomm_jax.models.flux_vae import FluxVAEConfig
 from iomm_jax.train import builder, restore
 from iomm_jax.models import factory
+from iomm_jax import workdir_layout
 
 PIPELINE_FILE = "iomm_pipeline.json"
 
 
 def is_workdir(path: str | Path) -> bool:
-  p = Path(path)
-  return (p / "config.json").is_file() and (p / "checkpoints").is_dir()
+  return workdir_layout.is_run(path)
 
 
 def _flat(tree) -> dict[str, Any]:

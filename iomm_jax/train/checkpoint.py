@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from iomm_jax import tree_paths
+from iomm_jax import workdir_layout
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -63,7 +64,7 @@ class Checkpointer:
       with_data: bool = True,
       cleanup_tmp: bool = False,
   ):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = os.path.abspath(workdir_layout.path(workdir, workdir_layout.CHECKPOINTS))
     self.with_data = with_data
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
     if with_data:

@@ -21,12 +21,13 @@ from iomm_jax.train import flops as flops_lib
 from iomm_jax.train import lock as lock_lib
 from iomm_jax.train import step as step_lib
 from iomm_jax.train.checkpoint import abstract_with_shardings
+from iomm_jax import workdir_layout
 
 
 def check_workdir(workdir: str) -> None:
   """Create the workdir or fail clearly when it cannot be written, or when it holds a config.json that is not a
   run's (a model folder such as the MLLM's: the run would overwrite it)."""
-  saved = os.path.join(workdir, "config.json")
+  saved = workdir_layout.path(workdir, workdir_layout.CONFIG)
   if os.path.isfile(saved) and not _is_run_config(saved):
     raise SystemExit(
         f"--workdir={workdir!r} holds a config.json that is not a training run's (a model folder?); training there "
@@ -59,7 +60,7 @@ def save_resolved_config(config, workdir: str) -> None:
     tmp = os.path.join(workdir, f".config.json.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
       f.write(config_lib.with_absolute_paths(config).to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
+    os.replace(tmp, workdir_layout.path(workdir, workdir_layout.CONFIG))
 
 
 def make_data_iter(run, workdir: str):

@@ -18,6 +18,8 @@ import re
 
 import jax
 
+from iomm_jax import workdir_layout
+
 
 def compile_cache_dir(setting: str, workdir: str) -> str | None:
   """The cache folder a run uses: the setting, or the default beside the workdir; None when 'off'."""
@@ -26,7 +28,7 @@ def compile_cache_dir(setting: str, workdir: str) -> str | None:
   if setting:
     return os.path.abspath(os.path.expanduser(setting))
   parent = os.path.dirname(os.path.abspath(workdir.rstrip("/"))) if workdir else os.path.expanduser("~/.cache/iomm_jax")
-  return os.path.join(parent, "xla_cache")
+  return os.path.join(parent, workdir_layout.COMPILE_CACHE)
 
 
 def enable_compile_cache(setting: str, workdir: str) -> str | None:
@@ -50,7 +52,7 @@ def profile_dir(workdir: str, process_index: int, process_count: int) -> str:
   """Where a process writes its traces and op_summary.json: `<workdir>/profile`, or `.../profile/process_<k>` when
   several processes share the workdir. jax.profiler names a trace after the host, so processes on one host would
   overwrite each other's traces in a shared folder, and every op_summary.json would be one process's view."""
-  base = os.path.join(workdir, "profile")
+  base = workdir_layout.path(workdir, workdir_layout.PROFILE)
   return base if process_count <= 1 else os.path.join(base, f"process_{process_index}")
 
 

@@ -9,11 +9,12 @@ import ml_collections
 from iomm_jax import config as config_lib
 from iomm_jax.train import builder, checkpoint
 from iomm_jax.train.user_errors import USER_ERRORS
+from iomm_jax import workdir_layout
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run saved at start (`<workdir>/config.json`)."""
-  path = os.path.join(workdir, "config.json")
+  path = workdir_layout.path(workdir, workdir_layout.CONFIG)
   if not os.path.exists(path):
     raise SystemExit(f"{path} not found: --workdir must be a training workdir written by python -m iomm_jax.main")
   import json

@@ -18,6 +18,7 @@ import numpy as np
 
 from iomm_jax import geneval_layout
 from iomm_jax.train import generate as generate_lib
+from iomm_jax import workdir_layout
 
 GRID_SEED_SALT = 17  # the grids' noise: key(config.seed + GRID_SEED_SALT)
 
@@ -38,7 +39,7 @@ class SampleGrids:
 
   def __init__(self, run, workdir: str, held_out: dict | None):
     c = run.config
-    self.run, self.dir = run, os.path.join(workdir, "samples")
+    self.run, self.dir = run, workdir_layout.path(workdir, workdir_layout.SAMPLES)
     self.prompts = grid_prompts(c.sample)
     self.ref = self.vit = None
     if held_out is not None and "pixels" in held_out:  # a feature cache holds no pixels to show or condition on

@@ -8,9 +8,9 @@ kept: the optimizer state, step and data position start fresh.
 from __future__ import annotations
 
 import json
-import os
 
 from iomm_jax.train import checkpoint
+from iomm_jax import workdir_layout
 
 
 class WarmStartError(ValueError):
@@ -27,7 +27,7 @@ def _same(src: dict, config, dotted: str):
 def params_from_workdir(config, abstract_state, state_shardings):
   """The generator params of config.init.workdir's latest checkpoint, on this run's shardings."""
   workdir = config.init.workdir
-  with open(os.path.join(workdir, "config.json")) as f:
+  with open(workdir_layout.path(workdir, workdir_layout.CONFIG)) as f:
     src = json.load(f)
   # The checkpoint is restored into this run's TrainState layout, so the parts that shape it must agree.
   for field in ("train.optimizer", "model.dit.kind"):
