@@ -48,7 +48,17 @@ def _params(workdir, step):
 
 def _interrupt(work, env, sig, after_step):
   """Start a run in `work`, send `sig` once it has logged `after_step`; (returncode, stderr, saved steps)."""
-  proc = subprocess.Popen(_cmd(work), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      _cmd(work),
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+      # As started from a terminal: a test run launched in the background of a non-interactive shell inherits
+      # SIGINT ignored, which the run rightly keeps ignoring (preemption.PreemptionWatch), so Ctrl-C would not reach it.
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+  )
   try:
     deadline = time.time() + 500
     while max(_losses(work), default=0) < after_step:
