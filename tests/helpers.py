@@ -82,6 +82,15 @@ def subprocess_env(tmp_path) -> dict:
   )
 
 
+def run_app(module: str, *args: str, cwd=ROOT, env: dict | None = None, timeout: int = 300):
+  """`python -m <module> *args` on the CPU from `cwd` (the repository root unless given), its output captured;
+  returns the CompletedProcess and asserts nothing (the callers check the exit status and what was printed)."""
+  env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+  )
+
+
 def run_bench(script: str, *args: str, timeout: int = 900) -> dict:
   """Run `bench/<script>` with `args` on one CPU device; assert it succeeded and printed ONE JSON line; return it."""
   cmd = [sys.executable, f"bench/{script}", *args]

@@ -3,8 +3,6 @@ exact resume on cached data, the cached step never runs the ViT, and the writer'
 
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, run_app, tiny_config
 from iomm_jax import cache, metrics, parallel
 from iomm_jax.data import decode, pipeline, shapes, shapes_shards, sources
 from iomm_jax.train import builder, checkpoint, loop, step as step_lib
@@ -46,9 +44,7 @@ def data(tmp_path_factory):
   c = image_config(root / "src")
   shapes_shards.write_arrayrecord(root / "src", NUM, c.data.resolution, seed=0, shards=2, progress=False)
   dst = root / "features"
-  cmd = [
-      sys.executable,
-      "-m",
+  proc = run_app(
       "iomm_jax.cache",
       f"--config={ROOT}/configs/tiny.py",
       "--config.data.source=arrayrecord",
@@ -59,8 +55,7 @@ def data(tmp_path_factory):
       f"--dst={dst}",
       f"--shards={SHARDS}",
       "--no_progress",
-  ]
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   return {"root": root, "src": root / "src", "dst": dst, "summary": summary}

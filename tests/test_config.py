@@ -1,30 +1,18 @@
 """Config schema: the shipped configs load and validate; bad fields fail naming the field."""
 
-import importlib.util
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
+from helpers import load_config, run_app
 from iomm_jax import config as schema
 from iomm_jax import config_validation
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
 
 
 @pytest.mark.parametrize("name", ["tiny", "iomm_b", "iomm_l", "iomm_xl"])
 @pytest.mark.parametrize("arg", ["", "pair_pretrain", "finetune", "finetune_pair", "finetune_image"])
 def test_six_recipes_validate(name, arg):
-  c = load(name, arg)
+  c = load_config(name, arg)
   if name != "tiny":
     c.data.path = "/data/x"
   config_validation.validate(c)
@@ -33,14 +21,14 @@ def test_six_recipes_validate(name, arg):
 
 
 def test_paper_settings():
-  b, l, xl = load("iomm_b"), load("iomm_l"), load("iomm_xl")
+  b, l, xl = load_config("iomm_b"), load_config("iomm_l"), load_config("iomm_xl")
   assert (b.train.global_batch, l.train.global_batch, xl.train.global_batch) == (1024, 512, 4096)
   assert (b.train.mask_ratio, l.train.mask_ratio, xl.train.mask_ratio) == (0.85, 0.85, 0.45)
   assert (b.train.ema_decay, l.train.ema_decay, xl.train.ema_decay) == (0.999, 0.0, 0.0)
   assert xl.train.optimizer == "muon" and b.train.optimizer == "adamw"
-  assert load("iomm_b", "finetune").train.global_batch == 256
-  assert load("iomm_b", "finetune,1024").train.global_batch == 96
-  assert load("iomm_b", "finetune").data.mix_lambda == 0.5
+  assert load_config("iomm_b", "finetune").train.global_batch == 256
+  assert load_config("iomm_b", "finetune,1024").train.global_batch == 96
+  assert load_config("iomm_b", "finetune").data.mix_lambda == 0.5
 
 
 @pytest.mark.parametrize(
@@ -61,7 +49,7 @@ def test_paper_settings():
     ],
 )
 def test_bad_values_name_the_field(field, value, needle):
-  c = load("tiny")
+  c = load_config("tiny")
   section, key = field.split(".")
   c[section][key] = value
   with pytest.raises(schema.ConfigError, match=needle.replace(".", r"\.")):
@@ -70,7 +58,7 @@ def test_bad_values_name_the_field(field, value, needle):
 
 @pytest.mark.parametrize("field", sorted(config_validation.CHOICES))
 def test_each_listed_field_rejects_a_value_outside_its_list(field):
-  c = load("tiny")
+  c = load_config("tiny")
   section, _, key = field.rpartition(".")
   schema.get_field(c, section)[key] = "bogus"
   allowed = config_validation.CHOICES[field]
@@ -89,7 +77,7 @@ def test_each_allowed_training_choice_is_one_the_training_code_runs():
   with pytest.raises(ValueError, match=r"t_sampling='bogus'.*'uniform', 'logit_normal'"):
     loss.sample_t(jax.random.key(0), 4, kind="bogus")
   for name in schema.OPTIMIZERS:
-    c = load("tiny").train
+    c = load_config("tiny").train
     c.optimizer = name
     tx = optimizers.make_optimizer(c, hidden_blocks={})
     assert isinstance(tx, optax.GradientTransformation)
@@ -99,22 +87,15 @@ def test_each_allowed_training_choice_is_one_the_training_code_runs():
 
 
 def test_missing_mllm_dir_explains_layout(tmp_path):
-  c = load("iomm_b")
+  c = load_config("iomm_b")
   c.data.path = "/data/x"
   c.model.mllm.path = str(tmp_path / "nope")
   with pytest.raises(schema.ConfigError, match="config.json"):
     config_validation.validate(c)
 
 
-def _main(*args, cwd=ROOT):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run(
-      [sys.executable, "-m", "iomm_jax.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-  )
-
-
 def test_cli_unknown_config_key_fails(tmp_path):
-  r = _main("--config=configs/tiny.py", "--config.train.no_such_field=3", f"--workdir={tmp_path}")
+  r = run_app("iomm_jax.main", "--config=configs/tiny.py", "--config.train.no_such_field=3", f"--workdir={tmp_path}")
   assert r.returncode != 0
   assert "no_such_field" in r.stderr
 
@@ -122,14 +103,15 @@ def test_cli_unknown_config_key_fails(tmp_path):
 def test_cli_unwritable_workdir_fails(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  r = _main("--config=configs/tiny.py", f"--workdir={blocker}/sub")
+  r = run_app("iomm_jax.main", "--config=configs/tiny.py", f"--workdir={blocker}/sub")
   assert r.returncode != 0
   assert "not writable" in (r.stderr + r.stdout)
 
 
 @pytest.mark.slow
 def test_cli_missing_data_dir_fails(tmp_path):
-  r = _main(
+  r = run_app(
+      "iomm_jax.main",
       "--config=configs/tiny.py",
       "--config.data.source=folder",
       f"--config.data.path={tmp_path}/missing",
@@ -161,15 +143,8 @@ def test_a_mistyped_variant_word_fails_naming_it(name, arg, known):
   """A word that is neither a recipe nor the config's own flag fails (ignored, it would train the default recipe)."""
   bad = arg.split(",")[-1]
   with pytest.raises(schema.ConfigError, match=rf"\['{bad}'\].*finetune_pair.*flags: \['{known}'"):
-    load(name, arg)
-  assert load(name, f"finetune,{known}").train.stage == "finetune"  # the known flag still goes with a recipe
-
-
-def _cli(module, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run(
-      [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-  )
+    load_config(name, arg)
+  assert load_config(name, f"finetune,{known}").train.stage == "finetune"  # the known flag still goes with a recipe
 
 
 @pytest.mark.parametrize(
@@ -204,7 +179,7 @@ def _cli(module, *args):
     ],
 )
 def test_every_app_reports_a_config_mistake_in_one_line(tmp_path, module, args, needle):
-  r = _cli(module, *[a.replace("=W", f"={tmp_path / 'out'}") for a in args])
+  r = run_app(module, *[a.replace("=W", f"={tmp_path / 'out'}") for a in args])
   assert r.returncode != 0
   lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("[transformers]")]
   assert lines == [lines[0]] and lines[0].startswith("config error: ") and needle in lines[0], r.stderr
@@ -215,7 +190,7 @@ def test_every_app_reports_a_config_mistake_in_one_line(tmp_path, module, args, 
 def test_a_resolution_the_latent_patches_do_not_divide_fails_naming_both_factors():
   from iomm_jax.train import builder
 
-  c = load("tiny")
+  c = load_config("tiny")
   c.data.resolution = 30  # even, but its 15² latent does not split into 2×2 patches
   with pytest.raises(schema.ConfigError, match=r"resolution=30 must be a multiple of 4: .* 2× downsampling .* 2×2"):
     builder.build(c, load_frozen=False)
@@ -227,7 +202,7 @@ def test_dit_channels_that_do_not_fit_the_autoencoder_fail_naming_the_field_and_
   from iomm_jax.models.s3dit import S3DiTConfig
   from iomm_jax.train import builder
 
-  c = load("tiny")  # identity autoencoder, factor 2: 12 latent channels, packed 2×2 → 48 a token
+  c = load_config("tiny")  # identity autoencoder, factor 2: 12 latent channels, packed 2×2 → 48 a token
   c.model.dit.arch.in_channels = 64
   with pytest.raises(
       schema.ConfigError, match=r"arch.in_channels=64 must be 48: the autoencoder's 12 latent .*'identity'"
@@ -253,7 +228,7 @@ def test_dit_channels_that_do_not_fit_the_autoencoder_fail_naming_the_field_and_
 def test_a_module_config_s_own_check_is_a_config_error_naming_its_section(section, field, value, needle):
   from iomm_jax.train import builder
 
-  c = load("tiny")
+  c = load_config("tiny")
   node = c.model
   for part in section.split("."):
     node = node[part]
@@ -273,7 +248,7 @@ def test_a_qwen2_head_dimension_rope_cannot_rotate_is_refused():
 
 
 def test_a_mesh_rule_to_an_unknown_mesh_axis_fails_naming_the_axes():
-  c = load("tiny")
+  c = load_config("tiny")
   c.mesh.rules = tuple((name, "model" if name == "mlp" else axis) for name, axis in c.mesh.rules)
   with pytest.raises(
       schema.ConfigError, match=r"maps 'mlp' to 'model'; mesh axes are 'data', 'fsdp', 'tensor' or None"
@@ -284,7 +259,7 @@ def test_a_mesh_rule_to_an_unknown_mesh_axis_fails_naming_the_axes():
 
 
 def test_an_rqa_without_an_mlp_is_refused():
-  c = load("tiny")
+  c = load_config("tiny")
   c.model.rqa.mlp_ratio = 0.0
   with pytest.raises(schema.ConfigError, match=r"config\.model\.rqa\.mlp_ratio=0\.0 must be positive"):
     config_validation.validate(c)

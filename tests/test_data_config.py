@@ -5,15 +5,13 @@ import glob
 import json
 import os
 import re
-import subprocess
-import sys
 import tokenize
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, tiny_config
+from helpers import ROOT, run_app, tiny_config
 from iomm_jax import config as config_lib
 from iomm_jax import config_validation
 from iomm_jax import data_kinds
@@ -84,24 +82,15 @@ def test_parquet_source_trains_through_main(tmp_path):
       }
   )
   pq.write_table(table, tmp_path / "train.parquet", row_group_size=5)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  r = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "iomm_jax.main",
-          "--config=configs/tiny.py:pretrain,short",
-          "--config.data.source=parquet",
-          f"--config.data.path={tmp_path / 'train.parquet'}",
-          "--config.train.num_steps=3",
-          "--config.train.global_batch=8",
-          "--config.train.ckpt_every=3",
-          f"--workdir={tmp_path / 'w'}",
-      ],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
+  r = run_app(
+      "iomm_jax.main",
+      "--config=configs/tiny.py:pretrain,short",
+      "--config.data.source=parquet",
+      f"--config.data.path={tmp_path / 'train.parquet'}",
+      "--config.train.num_steps=3",
+      "--config.train.global_batch=8",
+      "--config.train.ckpt_every=3",
+      f"--workdir={tmp_path / 'w'}",
       timeout=600,
   )
   assert r.returncode == 0, r.stderr[-3000:]

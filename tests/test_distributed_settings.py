@@ -1,11 +1,8 @@
 """How a process finds its multi-process job (distributed.settings_from) and how a bad setting is reported."""
 
-import subprocess
-import sys
-
 import pytest
 
-from helpers import ROOT, load_config
+from helpers import load_config, run_app
 from iomm_jax import distributed
 
 
@@ -50,20 +47,10 @@ def test_bad_settings_name_what_to_set(fields, needle):
 
 
 def test_main_reports_a_bad_setting_in_one_line(tmp_path):
-  r = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "iomm_jax.main",
-          "--config=configs/tiny.py:short",
-          f"--workdir={tmp_path / 'w'}",
-          "--config.distributed.num_processes=2",
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
+  r = run_app(
+      "iomm_jax.main", "--config=configs/tiny.py:short", f"--workdir={tmp_path / 'w'}",
+      "--config.distributed.num_processes=2",
+  )  # fmt: skip
   lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("[transformers]")]
   assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert lines == [

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import run_app
 from iomm_jax import config_validation
 from iomm_jax.train import checkpoint, guard
 from iomm_jax.train import lock as lock_lib
@@ -208,21 +208,13 @@ def test_unknown_config_field_names_nearest():
 
 @pytest.mark.slow
 def test_main_config_errors_are_one_line():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
   for args, want in (
       (["--config=configs/tiny.py", "--config.train.nonexistent=1"], "config.train.nonexistent"),
       (["--config=configs/tiny.py", "--config.train.lr=abc"], "could not convert"),
       (["--config=configs/no_such.py"], "no_such.py"),
       (["--config=configs/tiny.py", "--config.train.on_nonfinite=maybe"], "on_nonfinite"),
   ):
-    r = subprocess.run(
-        [sys.executable, "-m", "iomm_jax.main", *args, "--workdir=/nonexistent/x"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_app("iomm_jax.main", *args, "--workdir=/nonexistent/x")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if x.strip()]

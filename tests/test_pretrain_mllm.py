@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import load_config, tiny_config
+from helpers import load_config, run_app, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -120,25 +120,12 @@ def test_mismatched_folders_fail_at_start_naming_file_and_field(mllm_dir, tmp_pa
 
 
 def test_main_reports_a_bad_mllm_folder_in_one_line(tmp_path):
-  import subprocess
-  import sys
-
   (tmp_path / "m").mkdir()
   (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-  r = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "iomm_jax.main",
-          "--config=configs/tiny.py:short",
-          f"--workdir={tmp_path / 'w'}",
-          f"--config.model.mllm.path={tmp_path / 'm'}",
-      ],
-      capture_output=True,
-      text=True,
-      cwd=str(__import__("helpers").ROOT),
-      timeout=300,
-  )
+  r = run_app(
+      "iomm_jax.main", "--config=configs/tiny.py:short", f"--workdir={tmp_path / 'w'}",
+      f"--config.model.mllm.path={tmp_path / 'm'}",
+  )  # fmt: skip
   assert r.returncode != 0
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
   assert "model_type" in r.stderr and "config.json" in r.stderr

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import ROOT, tiny_config, subprocess_env
+from helpers import ROOT, run_app, tiny_config, subprocess_env
 from iomm_jax import metrics as metrics_lib
 from iomm_jax.train import checkpoint, loop
 
@@ -160,22 +160,15 @@ def test_sample_cli_writes_grids(trained, tmp_path):
 
   img = tmp_path / "ref.png"
   Image.fromarray(render(5, 32, 0)[0]).save(img)
-  r = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "iomm_jax.sample",
-          f"--workdir={work}",
-          "--prompt=a red circle",
-          f"--image={img}",
-          "--num=3",
-          "--steps=4",
-          f"--out={tmp_path / 'out'}",
-      ],
-      cwd=ROOT,
+  r = run_app(
+      "iomm_jax.sample",
+      f"--workdir={work}",
+      "--prompt=a red circle",
+      f"--image={img}",
+      "--num=3",
+      "--steps=4",
+      f"--out={tmp_path / 'out'}",
       env=subprocess_env(tmp_path),
-      capture_output=True,
-      text=True,
       timeout=600,
   )
   assert r.returncode == 0, r.stderr[-3000:]
@@ -192,32 +185,26 @@ def test_sample_cli_bad_input(trained, tmp_path):
   bad = tmp_path / "not_an_image.png"
   bad.write_bytes(b"garbage")
   out = tmp_path / "out"
-  r = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "iomm_jax.sample",
-          f"--workdir={work}",
-          "--prompt=a red circle",
-          f"--image={bad}",
-          "--num=1",
-          f"--out={out}",
-      ],
-      cwd=ROOT,
+  r = run_app(
+      "iomm_jax.sample",
+      f"--workdir={work}",
+      "--prompt=a red circle",
+      f"--image={bad}",
+      "--num=1",
+      f"--out={out}",
       env=subprocess_env(tmp_path),
-      capture_output=True,
-      text=True,
       timeout=600,
   )
   assert r.returncode != 0 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
   assert not out.exists()  # every image is read before the prompt's grid would have been written
   # A checkpoint step the run does not have: one line listing the steps it has.
-  r = subprocess.run(
-      [sys.executable, "-m", "iomm_jax.sample", f"--workdir={work}", "--prompt=x", "--step=7", "--num=1"],
-      cwd=ROOT,
+  r = run_app(
+      "iomm_jax.sample",
+      f"--workdir={work}",
+      "--prompt=x",
+      "--step=7",
+      "--num=1",
       env=subprocess_env(tmp_path),
-      capture_output=True,
-      text=True,
       timeout=600,
   )
   assert r.returncode != 0 and "Traceback" not in r.stderr

@@ -2,7 +2,6 @@
 random ViT), a 0-step phase leaves it alone; the captioning phase's time budget; bad values fail in one line naming
 the field."""
 
-import subprocess
 import sys
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import ROOT, load_config
+from helpers import ROOT, load_config, run_app
 
 sys.path.insert(0, ROOT)
 from bench import mllm_vision_probe  # noqa: E402
@@ -66,19 +65,8 @@ def test_zero_steps_leave_the_tower_untouched():
     ],
 )
 def test_bad_counts_fail_in_one_line_naming_the_field(tmp_path, override, field):
-  r = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "iomm_jax.pretrain_mllm",
-          "--config=configs/tiny_mllm.py:short",
-          f"--out={tmp_path / 'm'}",
-          f"--config.{override}",
-      ],
-      capture_output=True,
-      text=True,
-      cwd=ROOT,
-      timeout=300,
+  r = run_app(
+      "iomm_jax.pretrain_mllm", "--config=configs/tiny_mllm.py:short", f"--out={tmp_path / 'm'}", f"--config.{override}"
   )
   assert r.returncode != 0
   assert "Traceback" not in r.stderr, r.stderr[-2000:]
