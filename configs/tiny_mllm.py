@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
   c.data.num_images = 4096  # training images (each captioned); held-out images come from data.eval_seed
   c.data.eval_seed = 2  # held-out images for the caption accuracy report
   c.data.eval_num = 256
-  c.data.text_only_fraction = 0.15  # share of text-only turns (the user says a caption, the assistant repeats it)
+  c.data.text_only_fraction = 0.15  # share of text-only turns (the user says a caption, the assistant says it plainly)
   c.data.max_len = 64  # tokens per training sequence (template + 16 image tokens + caption)
   # Phase 1: the ViT alone, as a classifier of the object's shape on single-object scenes of data.seed's draw (a head
   # on its mean patch token, discarded after); captioning alone does not teach this ViT shape (mllm_pretrain/

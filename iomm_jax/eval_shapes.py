@@ -1,6 +1,6 @@
 """Mini-GenEval for the procedural shapes world: does the generator draw what the prompt says?
 
-  python -m iomm_jax.eval_shapes --workdir=runs/tiny [--num=4] [--out=DIR] [--uncond]   # sample + score
+  python -m iomm_jax.eval_shapes --workdir=runs/tiny [--num=4] [--out=DIR] [--uncond] [--phrasing=geneval]
   python -m iomm_jax.eval_shapes --samples=DIR [--workdir=W]                          # score a GenEval folder
   python -m iomm_jax.eval_shapes --validate [--resolution=32]                         # scorer on true renders
   python -m iomm_jax.eval_shapes --write_prompts=P.jsonl     # the prompt set, for sample.py --prompts_file
@@ -9,7 +9,8 @@ The benchmark — its prompts, categories, scoring rules and chance level — is
 module samples a run, scores it and writes the report. Writes `<workdir>/eval_shapes.json` (scores, chance, counts,
 per-prompt results), `<workdir>/eval_shapes.png` (two prompts per category: the prompt, then its samples framed green
 when correct, red when not) and the samples in GenEval's layout under `<workdir>/eval_shapes/samples`; prints one
-JSON line. With --uncond every default name gets the suffix `_uncond`.
+JSON line. With --uncond every default name gets the suffix `_uncond`; with --phrasing=geneval (the same prompts worded
+as GenEval words them, "a photo of an orange circle left of a red square") the suffix `_geneval`.
 """
 
 from __future__ import annotations
@@ -132,6 +133,12 @@ def main(argv=None) -> int:
   add_sampling_flags(ap, num=4, num_help="samples per prompt")
   ap.add_argument("--out", default=None, help="samples folder (default <workdir>/eval_shapes/samples)")
   ap.add_argument("--uncond", action="store_true", help="sample with the empty prompt (chance-level reference)")
+  ap.add_argument(
+      "--phrasing",
+      choices=shapes_benchmark.PHRASINGS,
+      default=shapes_benchmark.PHRASINGS[0],
+      help="the prompts in the captions' own grammar, or worded as GenEval words its prompts",
+  )
   ap.add_argument("--samples", default=None, help="score this GenEval-layout folder instead of sampling")
   ap.add_argument("--validate", action="store_true", help="score true renders of the prompts (no model)")
   ap.add_argument("--resolution", type=int, default=32, help="with --validate: render resolution")
@@ -139,15 +146,18 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   check_sampling_flags(ap, args)
   if args.write_prompts:
-    geneval_layout.write_prompts(args.write_prompts, shapes_benchmark.prompt_set())
-    print(json.dumps({"prompts": len(shapes_benchmark.prompt_set()), "path": args.write_prompts}))
+    prompts = shapes_benchmark.prompt_set(args.phrasing)
+    geneval_layout.write_prompts(args.write_prompts, prompts)
+    print(json.dumps({"prompts": len(prompts), "path": args.write_prompts}))
     return 0
   if args.validate:
     if args.resolution < 8:
       ap.error(f"--resolution={args.resolution}: use 8 or more")
-    print(json.dumps(shapes_benchmark.validate(args.resolution, num=args.num, seed=args.seed)))
+    print(json.dumps(shapes_benchmark.validate(args.resolution, num=args.num, seed=args.seed, phrasing=args.phrasing)))
     return 0
-  suffix = "_uncond" if args.uncond else ""
+  suffix = ("_uncond" if args.uncond else "") + (
+      "" if args.phrasing == shapes_benchmark.PHRASINGS[0] else "_" + args.phrasing
+  )
   if args.samples:
     if not os.path.isdir(args.samples):
       raise SystemExit(f"--samples={args.samples} is not a folder")
@@ -170,7 +180,7 @@ def main(argv=None) -> int:
   import jax
 
   run, params, step = restore.load_for_inference(args.workdir)
-  metadata = shapes_benchmark.prompt_set()
+  metadata = shapes_benchmark.prompt_set(args.phrasing)
   geneval_layout.write_prompts(os.path.join(os.path.dirname(os.path.abspath(out)), "prompts.jsonl"), metadata)
   sample_lib.write_geneval(
       run,
@@ -184,7 +194,12 @@ def main(argv=None) -> int:
       prompt_of=(lambda m: "") if args.uncond else None,
   )
   base = workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix)
-  summary = report(out, base + ".json", base + ".png", extra={"checkpoint_step": int(step), "uncond": args.uncond})
+  summary = report(
+      out,
+      base + ".json",
+      base + ".png",
+      extra={"checkpoint_step": int(step), "uncond": args.uncond, "phrasing": args.phrasing},
+  )
   print(json.dumps(summary))
   return 0
 

@@ -4,7 +4,8 @@
 
 Two phases, as InternVL starts from a vision encoder pre-trained on its own: first the ViT alone as a classifier of
 the object's shape on single-object scenes (config.vision_pretrain; its head is discarded), then the whole MLLM on
-captioning turns (image + instruction → caption) and text-only turns (caption → caption) with a next-token loss.
+captioning turns (image + instruction → caption) and text-only turns (a caption in any of the world's phrasings →
+the caption in its plain grammar) with a next-token loss.
 Reports held-out caption accuracy by greedy decoding (exact caption, colour, shape, relation, against chance; also
 per number of objects in the scene), and writes a transformers InternVL -hf folder (config.json, model.safetensors, tokenizer
 files, mllm_pretrain.json) that IOMM loads with --config.model.mllm.path=DIR. Prints one JSON line.

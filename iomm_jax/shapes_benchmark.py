@@ -48,7 +48,7 @@ TAGS = {
     "three_object": ("three_object",),
 }
 PROMPTS_PER_TAG = {"single_object": 14, "two_object": 14, "colour_attr": 14, "position": 16, "three_object": 14}
-RELATIONS = dict(zip(shapes.RELATIONS, ("above", "below", "left of", "right of")))  # caption words → GenEval's
+RELATIONS = {r: shapes.SHORT_RELATIONS.get(r, r) for r in shapes.RELATIONS}  # caption words → GenEval's
 _SEED = 0x6E7A1  # the prompt set is part of the benchmark: never change it silently
 _CHANCE_SCENES = 400
 
@@ -71,8 +71,15 @@ def _least_used(rng, items, used: dict, k: int, jitter: float = 0.0) -> list:
   return [pick[i] for i in rng.permutation(k)]
 
 
-def prompt_set() -> list[dict]:
-  """The fixed prompt set: GenEval metadata objects, in category order (deterministic)."""
+PHRASINGS = ("captions", "geneval")  # prompt_set's phrasings: the captions' own grammar, or GenEval's
+
+
+def prompt_set(phrasing: str = "captions") -> list[dict]:
+  """The fixed prompt set: GenEval metadata objects, in category order (deterministic). `phrasing='geneval'`
+  words the same prompts as GenEval does ("a photo of an orange circle left of a red square"; the metadata is
+  unchanged), to measure how far prompt following depends on the phrasing."""
+  if phrasing not in PHRASINGS:
+    raise ValueError(f"phrasing={phrasing!r}: use one of {', '.join(PHRASINGS)}")
   rng = np.random.default_rng(_SEED)
   out, seen = [], set()
   for tag, count in PROMPTS_PER_TAG.items():
@@ -111,7 +118,11 @@ def prompt_set() -> list[dict]:
           include = [{"class": sa, "count": 1, "color": ca}, {"class": sb, "count": 1, "color": cb}]
         else:  # GenEval's position form: the reference object first, the other placed relative to group 0
           include = [{"class": sb, "count": 1}, {"class": sa, "count": 1, "position": [RELATIONS[rel], 0]}]
-      meta = {"tag": tag, "include": include, "prompt": prompt}
+      meta = {
+          "tag": tag,
+          "include": include,
+          "prompt": shapes.geneval_phrase(prompt) if phrasing == "geneval" else prompt,
+      }
       if tag == "three_object":
         meta["left_to_right"] = True  # include lists the objects in their left-to-right order
       out.append(meta)
@@ -119,7 +130,9 @@ def prompt_set() -> list[dict]:
 
 
 def parse_prompt(prompt: str) -> tuple[list[tuple[str, str]], str | None]:
-  """([(colour, shape), ...] in prompt order, relation word or None) of a caption of the shapes world."""
+  """([(colour, shape), ...] in prompt order, relation word or None) of a caption of the shapes world, in any of
+  its phrasings (`shapes.canonical_caption`)."""
+  prompt = shapes.canonical_caption(prompt)
   if m := _ONE.match(prompt):
     return [m.groups()], None
   if m := _TWO.match(prompt):
@@ -239,7 +252,7 @@ def scene_for(prompt: str, rng: np.random.Generator) -> dict:
     objects = [
         dict(shape=s, colour=c, x=float(p[0]), y=float(p[1]), r=float(r)) for (c, s), p, r in zip(named, xy, radii)
     ]
-    if ok and shapes.caption_of(objects) == prompt:
+    if ok and shapes.caption_of(objects) == shapes.canonical_caption(prompt):
       return dict(background=bg, objects=objects)
   raise RuntimeError(f"could not place {prompt!r}")  # pragma: no cover - placement succeeds within ~20 draws
 
@@ -279,14 +292,16 @@ def score_images(metadata: list[dict], images: list[np.ndarray]) -> dict:
   }
 
 
-def validate(resolution: int = 32, num: int = 4, seed: int = 0, metadata: list[dict] | None = None) -> dict:
+def validate(
+    resolution: int = 32, num: int = 4, seed: int = 0, metadata: list[dict] | None = None, phrasing: str = "captions"
+) -> dict:
   """The scorer on true renders of its prompts (should be ~1) and on dataset renders that ignore them (~chance).
 
   `ground_truth`: `num` random scenes satisfying each prompt (`scene_for`); `unrelated`: `num` dataset images
   (`shapes.render`, a seed never trained on) per prompt, i.e. a generator that ignores the prompt; `chance`: the
   exact expectation of the latter with a perfect detector.
   """
-  metadata = metadata or prompt_set()
+  metadata = metadata or prompt_set(phrasing)
   rng = np.random.default_rng([seed, resolution])
   images = [np.stack([render_prompt(m["prompt"], resolution, rng) for _ in range(num)]) for m in metadata]
   truth = score_images(metadata, images)

@@ -16,7 +16,9 @@ from bench import condition_path  # noqa: E402
 def test_captions_and_views_are_the_worlds_own():
   images, labels = shapes.single_object_set(8, 64, seed=5)
   # The scenes single_object_set keeps, in order, carry the captions the bench rebuilds from the labels.
-  want = [sc["caption"] for sc in (shapes.scene(i, 5) for i in range(200)) if len(sc["objects"]) == 1][:8]
+  want = [
+      shapes.caption_of(sc["objects"]) for sc in (shapes.scene(i, 5) for i in range(200)) if len(sc["objects"]) == 1
+  ][:8]
   assert [condition_path.caption(s, c) for s, c in labels] == want
   pixels, vit = condition_path.views_of(images, 32, 64)
   assert pixels.shape == (8, 32, 32, 3) and vit.shape == (8, 64, 64, 3)

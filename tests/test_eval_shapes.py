@@ -63,6 +63,22 @@ def test_prompt_set_is_fixed_balanced_and_in_the_worlds_language():
     assert shapes.caption_of(sc["objects"]) == p["prompt"]  # the grammar the model was trained on
 
 
+def test_geneval_phrasing_words_the_same_prompts_as_geneval_does(tmp_path, capsys):
+  plain, geneval = bench.prompt_set(), bench.prompt_set("geneval")
+  assert [p["include"] for p in geneval] == [p["include"] for p in plain]  # the same prompts, scored the same way
+  assert all(p["prompt"].startswith("a photo of ") for p in geneval)
+  assert [shapes.canonical_caption(p["prompt"]) for p in geneval] == [p["prompt"] for p in plain]
+  words = " ".join(p["prompt"] for p in geneval)
+  assert " left of " in words and " to the " not in words and " an orange " in words and " a orange " not in words
+  assert bench.validate(RES, num=1, phrasing="geneval")["ground_truth"]["position"] == 1.0  # parsed, placed
+  with pytest.raises(ValueError, match="phrasing='alt'"):
+    bench.prompt_set("alt")
+  assert ev.main([f"--write_prompts={tmp_path / 'p.jsonl'}", "--phrasing=geneval"]) == 0
+  capsys.readouterr()
+  written = [json.loads(x)["prompt"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+  assert written == [p["prompt"] for p in geneval]
+
+
 def _o(colour, shape, x, y):
   return {"colour": colour, "shape": shape, "x": x, "y": y}
 
@@ -216,7 +232,9 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
 
   work, res = untrained
   subset = [next(p for p in bench.prompt_set() if p["tag"] == t) for t in bench.TAGS]
-  monkeypatch.setattr(bench, "prompt_set", lambda: subset)  # 5 prompts keep the CPU test short
+  real_prompt_set = bench.prompt_set
+  keep = [bench.prompt_set().index(m) for m in subset]  # 5 prompts keep the CPU test short
+  monkeypatch.setattr(bench, "prompt_set", lambda phrasing="captions": [real_prompt_set(phrasing)[i] for i in keep])
   conditioned_on = []
   generate = sample_lib.generate
 
@@ -239,6 +257,10 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
   assert uncond["uncond"] and uncond["num_per_prompt"] == 1
   assert [m for _, m, _ in layout.read(work / "eval_shapes_uncond" / "samples")] == subset  # real prompts kept
   assert (work / "eval_shapes_uncond.json").exists()
+  assert ev.main([f"--workdir={work}", "--num=1", "--phrasing=geneval"]) == 0
+  worded = json.loads(capsys.readouterr().out.strip())
+  assert conditioned_on[2 * len(subset) :] == [[shapes.geneval_phrase(m["prompt"])] for m in subset]
+  assert worded["phrasing"] == "geneval" and worded["report"].endswith("eval_shapes_geneval.json")
 
 
 def test_dominant_colour_diagnostic():

@@ -160,6 +160,12 @@ def test_caption_accuracy_scores_attributes():
       "objects": [("black", "hexagon"), ("yellow", "diamond")],
       "relation": "to the left of",
   }
+  # Any phrasing of the world's captions reads as its plain form: a prefix is not an object, "left of" a relation.
+  assert ca.parse("a photo of an orange hexagon left of a yellow diamond") == {
+      "objects": [("orange", "hexagon"), ("yellow", "diamond")],
+      "relation": "to the left of",
+  }
+  assert ca.score(["an image of a green star"], ["a green star"])["exact"] == 1.0
 
 
 def test_training_sequences_mask_the_answer_and_the_said_caption():
@@ -176,6 +182,15 @@ def test_training_sequences_mask_the_answer_and_the_said_caption():
   trained = p.tokenizer.decode([i for i, m in zip(ids, loss) if m]).split()
   assert trained == ["a", "blue", "star", "a", "blue", "star", "<|im_end|>"]
   assert p.image_token_id not in ids
+  # In a batch, every phrasing of a caption is answered in the plain grammar; the user's text-only words are kept.
+  import numpy as np
+
+  said = "a photo of an orange star left of a blue circle"
+  for fraction, want_said in ((1.0, said.split()), (0.0, [])):
+    batch = examples.make_batch(b, np.ones((1, 64, 64, 3), np.float32), [said], np.random.default_rng(0), fraction)
+    trained = p.tokenizer.decode(batch.ids[0][batch.loss_mask[0]]).split()
+    assert trained == want_said + "a orange star to the left of a blue circle <|im_end|>".split()
+    assert (batch.pixels[0] == (fraction == 0.0)).all()  # a captioning turn keeps its image, text-only has none
 
 
 def test_shapes_vocabulary_is_in_the_tiny_tokenizer():
@@ -185,7 +200,8 @@ def test_shapes_vocabulary_is_in_the_tiny_tokenizer():
 
   p = Processor.tiny()
   unk = p.tokenizer.unk_token_id
-  for word in list(shapes.COLOURS) + list(shapes.SHAPES) + ["above", "below", "left", "right", "and", ","]:
+  prefixes = " ".join(shapes.PREFIXES).split()  # the captions' phrasings too
+  for word in list(shapes.COLOURS) + list(shapes.SHAPES) + ["above", "below", "left", "right", "and", ","] + prefixes:
     assert unk not in p.tokenizer(word, add_special_tokens=False)["input_ids"], word
 
 

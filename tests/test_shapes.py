@@ -44,6 +44,7 @@ def _colour_masks(img):
 def test_caption_matches_the_drawn_pixels(index):
   img, caption = shapes.render(index, RES, seed=0)
   sc = shapes.scene(index, 0)
+  caption = shapes.canonical_caption(caption)  # the phrasing aside (tested below)
   named = re.findall(r"\ba (\w+) (\w+)", caption)
   assert sorted(named) == sorted((o["colour"], o["shape"]) for o in sc["objects"])
   masks = _colour_masks(img)
@@ -62,6 +63,42 @@ def test_caption_matches_the_drawn_pixels(index):
     xs = [np.argwhere(masks[c]).mean(0)[1] for c, _ in named]
     assert xs == sorted(xs), caption
     assert re.fullmatch(r"a \w+ \w+, a \w+ \w+ and a \w+ \w+", caption)
+
+
+def test_captions_are_phrased_several_ways_and_read_back():
+  scenes = [shapes.scene(i, 2) for i in range(3000)]
+  caps = [sc["caption"] for sc in scenes]
+  for sc, cap in zip(scenes, caps):  # every phrasing names the same scene
+    assert shapes.canonical_caption(cap) == shapes.caption_of(sc["objects"]), cap
+  for prefix, share in shapes.PREFIXES.items():
+    n = sum(
+        c.startswith(prefix) and not any(c.startswith(p) for p in shapes.PREFIXES if len(p) > len(prefix)) for c in caps
+    )
+    assert abs(n / len(caps) - share) < 0.03, (prefix, n)
+  sideways = [c for c in caps if " left of " in c or " right of " in c]
+  short = [c for c in sideways if " to the " not in c]
+  assert abs(len(short) / len(sideways) - shapes.VARIANT_SHARE) < 0.06
+  vowels = [c for c in caps if "orange" in c]
+  assert abs(sum(" an orange" in f" {c}" for c in vowels) / len(vowels) - shapes.VARIANT_SHARE) < 0.06
+  assert len({shapes.canonical_caption(c) for c in caps}) < len(set(caps))  # phrasing adds variety
+  # The phrasing has its own random stream: the scenes (and so every image) are those of the plain captions.
+  assert shapes.caption_of(shapes.scene(0, 0)["objects"]) == "a orange diamond, a green circle and a purple star"
+  assert shapes.caption_of(shapes.scene(7, 0)["objects"]) == "a purple triangle above a yellow circle"
+
+
+def test_geneval_phrasing_and_its_inverse():
+  cap = "a orange circle to the left of a red square"
+  assert shapes.geneval_phrase(cap) == "a photo of an orange circle left of a red square"
+  assert shapes.canonical_caption(shapes.geneval_phrase(cap)) == cap
+  assert shapes.canonical_caption(cap) == cap  # the captions' own grammar is left as it is
+  assert shapes.canonical_caption("an image of a red star right of an orange hexagon") == (
+      "a red star to the right of a orange hexagon"
+  )
+  three = "a red circle, a orange star and a blue square"
+  assert (
+      shapes.phrase(three, "a picture of ", articles=True)
+      == "a picture of a red circle, an orange star and a blue square"
+  )
 
 
 def test_write_folder_is_atomic_and_idempotent(tmp_path):

@@ -4,7 +4,9 @@ Every image is a pure function of ``(index, seed)``: 1–3 objects (6 shapes × 
 image) at varied positions and sizes, drawn with PIL at 2–4× and box-filtered down (antialiasing). Captions name the
 objects; two objects also get their spatial relation ("a red circle above a blue square"), three are listed left to
 right ("a red circle, a blue square and a green triangle"). Relations are made unambiguous by construction (the
-dominant axis of the displacement is at least 1.5× the other).
+dominant axis of the displacement is at least 1.5× the other). Half of the captions are phrased otherwise, as
+alt-text and benchmark prompts are ("a photo of an orange circle left of a blue square"; :func:`phrased_caption`), so
+a model trained on the world follows its descriptions however they are phrased.
 
 The same data can be rendered on the fly (``sources.ShapesSource``), written as a folder of PNGs
 (:func:`write_folder`) or as ArrayRecord shards through ``prepare`` (``shapes_shards.write_arrayrecord``).
@@ -16,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -33,7 +36,7 @@ COLOURS = {  # saturated object colours, all far from the light backgrounds
     "orange": (245, 135, 25),
     "black": (25, 25, 25),
 }
-_VERSION = 1  # bump when the rendering changes, so write_folder does not reuse stale folders
+_VERSION = 2  # bump when the rendering or the captions change, so write_folder does not reuse stale folders
 
 
 def scene(index: int, seed: int) -> dict:
@@ -61,7 +64,7 @@ def scene(index: int, seed: int) -> dict:
       dict(shape=s, colour=c, x=float(p[0]), y=float(p[1]), r=float(r))
       for s, c, p, r in zip(shapes, colours, xy, radii)
   ]
-  return dict(background=bg, objects=objects, caption=caption_of(objects))
+  return dict(background=bg, objects=objects, caption=phrased_caption(caption_of(objects), index, seed))
 
 
 RELATIONS = ("above", "below", "to the left of", "to the right of")  # where a two-object caption's first object lies
@@ -86,6 +89,54 @@ def caption_of(objects: list[dict]) -> str:
   order = sorted(range(len(objects)), key=lambda i: objects[i]["x"])
   ordered = [names[i] for i in order]
   return ", ".join(ordered[:-1]) + " and " + ordered[-1]
+
+
+# Captions are phrased several ways, as alt-text is (and as other benchmarks' prompts are): the plain grammar of
+# caption_of, or behind a prefix such as GenEval's "a photo of", with "an" before a vowel ("an orange circle"), and
+# left/right relations in GenEval's shorter words. The phrasing of image `index` is drawn from its own stream (the
+# scene's geometry does not change with it).
+PREFIXES = {"": 0.5, "a photo of ": 0.3, "an image of ": 0.1, "a picture of ": 0.1}  # prefix → share of captions
+SHORT_RELATIONS = {"to the left of": "left of", "to the right of": "right of"}  # caption words → GenEval's
+VARIANT_SHARE = 0.5  # of the captions, each independently: short relation words; "an" before a vowel
+GENEVAL_PREFIX = "a photo of "
+_AN = re.compile(r"\ba (?=[aeiou])")
+
+
+def phrase(caption: str, prefix: str = "", short_relations: bool = False, articles: bool = False) -> str:
+  """`caption` (caption_of's grammar) behind `prefix`, with GenEval's relation words when `short_relations`, and
+  "an" before a vowel when `articles`."""
+  if short_relations:
+    for long, short in SHORT_RELATIONS.items():
+      caption = caption.replace(f" {long} ", f" {short} ")
+  if articles:
+    caption = _AN.sub("an ", caption)
+  return prefix + caption
+
+
+def phrased_caption(caption: str, index: int, seed: int) -> str:
+  """The phrasing of image `index`'s caption: a prefix drawn by PREFIXES' shares, the short relation words and the
+  articles each by VARIANT_SHARE (deterministic in (index, seed))."""
+  rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0xCA9710])
+  prefix = str(rng.choice(list(PREFIXES), p=list(PREFIXES.values())))
+  short, articles = (rng.random(2) < VARIANT_SHARE).tolist()
+  return phrase(caption, prefix, short_relations=short, articles=articles)
+
+
+def geneval_phrase(caption: str) -> str:
+  """A caption as GenEval phrases its prompts: "a photo of an orange circle left of a red square"."""
+  return phrase(caption, GENEVAL_PREFIX, short_relations=True, articles=True)
+
+
+def canonical_caption(text: str) -> str:
+  """Any phrasing of a caption back to caption_of's grammar (no prefix, "a" throughout, the long relation words)."""
+  for prefix in sorted(PREFIXES, key=len, reverse=True):
+    if prefix and text.startswith(prefix):
+      text = text[len(prefix) :]
+      break
+  text = re.sub(r"\ban ", "a ", text)
+  for long, short in SHORT_RELATIONS.items():
+    text = re.sub(rf"(?<!{long[: -len(short)]}){short} ", f"{long} ", text)  # not when already the long words
+  return text
 
 
 def _polygon(cx: float, cy: float, r: float, k: int, start_deg: float, inner: float | None = None):

@@ -1,7 +1,8 @@
 """Held-out caption accuracy of the tiny MLLM: exact caption, and per attribute (colour, shape, relation).
 
 Captions follow the shapes world's grammar (data/shapes.caption_of): "a red circle", "a red circle above a blue
-square", "a red circle, a blue square and a green triangle" (three objects are listed left to right). A two-object
+square", "a red circle, a blue square and a green triangle" (three objects are listed left to right), in any of its
+phrasings ("a photo of an orange circle left of …" is read as "a orange circle to the left of …"). A two-object
 scene has two correct captions ("A above B" = "B below A"), so captions are compared in a canonical form, and
 attributes are matched as multisets: an object's colour (shape) counts as named when the prediction names it.
 The relation of a two-object scene counts as right when the predicted colours stand in the true relation.
@@ -25,8 +26,9 @@ def normalise(caption: str) -> str:
 
 
 def parse(caption: str) -> dict:
-  """{'objects': [(colour, shape), ...], 'relation': str | None} of a caption (unknown words are kept as they are)."""
-  text = normalise(caption)
+  """{'objects': [(colour, shape), ...], 'relation': str | None} of a caption in any of the world's phrasings
+  (unknown words are kept as they are)."""
+  text = shapes.canonical_caption(normalise(caption))
   objects = [(c, s) for c, s in _OBJECT.findall(text)]
   relation = next((r for r in sorted(RELATIONS, key=len, reverse=True) if f" {r} " in f" {text} "), None)
   return {"objects": objects, "relation": relation}

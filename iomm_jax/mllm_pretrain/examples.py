@@ -2,10 +2,12 @@
 answer.
 
 Two kinds of turn (one user turn, one assistant turn, the InternVL/Qwen2 chat template of models/processor.py):
-  captioning  user: {instruction}<img> N×<IMG_CONTEXT> </img>  → assistant: {caption}<|im_end|>
-  text-only   user: {caption}                                  → assistant: {caption}<|im_end|>
-The loss covers the assistant turn, and for text-only turns the user's caption too, so the language side models
-captions. One captioning instruction is IOMM's own aux prompt, so the frozen model's hidden states after IOMM's
+  captioning  user: {instruction}<img> N×<IMG_CONTEXT> </img>  → assistant: {plain caption}<|im_end|>
+  text-only   user: {caption}                                  → assistant: {plain caption}<|im_end|>
+The world's captions come in several phrasings ("a photo of an orange circle left of …"); the assistant always
+answers in the plain grammar (data/shapes.canonical_caption), so the model learns that the phrasings mean one
+thing, and its answers carry no guess at the phrasing. The loss covers the assistant turn, and for text-only turns
+the user's caption too, so the language side models captions. One captioning instruction is IOMM's own aux prompt, so the frozen model's hidden states after IOMM's
 image template are the ones that learned to say what the image shows.
 """
 
@@ -16,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from iomm_jax.config import ConfigError
+from iomm_jax.data import shapes
 from iomm_jax.models.processor import (
     DEFAULT_AUX_PROMPT,
     IM_END,
@@ -63,11 +66,12 @@ class SequenceBuilder:
     prompt, answer = self.caption_prompt(instruction), self.answer(caption)
     return prompt + answer, [False] * len(prompt) + [True] * len(answer)
 
-  def text_only(self, caption: str) -> tuple[list[int], list[bool]]:
+  def text_only(self, caption: str, reply: str | None = None) -> tuple[list[int], list[bool]]:
+    """The user says `caption`, the assistant replies `reply` (default: the same words)."""
     full = chat_template(caption)
     start = full.index(caption)
     head, said, tail = (self.encode(full[:start]), self.encode(caption), self.encode(full[start + len(caption) :]))
-    answer = self.answer(caption)
+    answer = self.answer(caption if reply is None else reply)
     ids = head + said + tail + answer
     loss = [False] * len(head) + [True] * len(said) + [False] * len(tail) + [True] * len(answer)
     return ids, loss
@@ -106,13 +110,15 @@ def make_batch(
     rng: np.random.Generator,
     text_only_fraction: float,
 ) -> Batch:
-  """One training batch from images (already ViT-preprocessed) and their captions."""
+  """One training batch from images (already ViT-preprocessed) and their captions (in any phrasing; the answers
+  are in the plain grammar)."""
   rows, pix = [], np.zeros_like(pixels)
   for i, cap in enumerate(captions):
+    plain = shapes.canonical_caption(cap)
     if rng.random() < text_only_fraction:
-      rows.append(builder.text_only(cap))
+      rows.append(builder.text_only(cap, plain))
     else:
-      rows.append(builder.captioning(INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))], cap))
+      rows.append(builder.captioning(INSTRUCTIONS[rng.integers(len(INSTRUCTIONS))], plain))
       pix[i] = pixels[i]
   ids, valid, loss = builder.pad(rows)
   return Batch(ids=ids, valid=valid, loss_mask=loss, pixels=pix)
