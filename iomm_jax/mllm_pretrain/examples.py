@@ -7,8 +7,9 @@ Two kinds of turn (one user turn, one assistant turn, the InternVL/Qwen2 chat te
 The world's captions come in several phrasings ("a photo of an orange circle left of …"); the assistant always
 answers in the plain grammar (data/shapes.canonical_caption), so the model learns that the phrasings mean one
 thing, and its answers carry no guess at the phrasing. The loss covers the assistant turn, and for text-only turns
-the user's caption too, so the language side models captions. One captioning instruction is IOMM's own aux prompt, so the frozen model's hidden states after IOMM's
-image template are the ones that learned to say what the image shows.
+the user's caption too, so the language side models captions. One captioning instruction is IOMM's own aux prompt,
+so the frozen model's hidden states after IOMM's image template are the ones that learned to say what the image
+shows.
 """
 
 from __future__ import annotations
