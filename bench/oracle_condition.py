@@ -101,7 +101,7 @@ def main(argv):
   opt = optimizers.make_optimizer(t, total_steps=steps)
   opt_state = opt.init(params)
   ema = params
-  t_kwargs = dict(kind=t.t_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.time_shift)
+  t_kwargs, loss_kwargs = loss_lib.t_options(t), loss_lib.loss_options(config)
 
   @jax.jit
   def train_step(params, opt_state, ema, key):
@@ -112,7 +112,7 @@ def main(argv):
     def loss_fn(p):
       g, tab = nnx.merge(graph, p)
       return loss_lib.flow_matching_loss(
-          lambda x_t, tt: velocity(g, tab, x_t, tt, cond), x_all[idx], k_loss, t_kwargs=t_kwargs, space=t.loss_space
+          lambda x_t, tt: velocity(g, tab, x_t, tt, cond), x_all[idx], k_loss, t_kwargs=t_kwargs, **loss_kwargs
       )[0]
 
     loss, grads = jax.value_and_grad(loss_fn)(params)

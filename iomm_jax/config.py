@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.time_shift = 1.0         # resolution shift s: t ← s·t / (1 + (s−1)·t); 1 = none
   c.train.loss_space = "velocity"  # 'velocity' (paper): MSE of v; 'clean': MSE of the implied clean latent (= t²·velocity
                                    #   MSE), which stops nearly clean inputs dominating the gradient
+  c.train.edge_weight = 0.0        # > 0: add this × the squared error of the target's neighbour differences (pixels for
+                                   #   the identity autoencoder), weighted as loss_space: edges, where shapes differ, weigh
+                                   #   more; same minimiser (train/loss.per_sample_loss; not in the paper); 0 = off
   c.train.repa_weight = 0.0        # > 0: add this × REPA, aligning the DiT's inner image tokens with the frozen MLLM's
                                    #   tokens of the clean image (models/repa.py; not in the paper); 0 = off
   c.train.optimizer = "adamw"      # 'adamw' or 'muon' (IOMM-XL: Muon on the hidden blocks' 2-D kernels, update RMS

@@ -108,6 +108,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
       "sample_every",
       "eval_every",
       "time_budget_s",
+      "edge_weight",
       "repa_weight",
       "weight_decay",
       "grad_clip",

@@ -36,6 +36,22 @@ class Autoencoder(Protocol):
     ...
 
 
+def space_to_depth(x: jax.Array, factor: int) -> jax.Array:
+  """(B, H, W, C) → (B, H/f, W/f, f·f·C): each f×f block of positions folded into channels (row, column, channel)."""
+  b, h, w, c = x.shape
+  f = factor
+  x = x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // f, w // f, f * f * c)
+
+
+def depth_to_space(x: jax.Array, factor: int) -> jax.Array:
+  """Inverse of :func:`space_to_depth`: (B, h, w, f·f·C) → (B, h·f, w·f, C)."""
+  b, h, w, ch = x.shape
+  f = factor
+  x = x.reshape(b, h, w, f, f, ch // (f * f)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * f, w * f, ch // (f * f))
+
+
 class IdentityAutoencoder(nnx.Module):
   """Pixel space, no parameters (the tiny config's autoencoder): latent = space_to_depth(image·scale, factor).
 
@@ -56,19 +72,14 @@ class IdentityAutoencoder(nnx.Module):
     del rng
     if images.ndim != 4 or images.shape[-1] != self.channels:
       raise ValueError(f"IdentityAutoencoder.encode expects (B, H, W, {self.channels}), got {images.shape}")
-    b, h, w, c = images.shape
-    f = self.factor
+    h, w, f = images.shape[1], images.shape[2], self.factor
     if h % f or w % f:
       raise ValueError(f"IdentityAutoencoder.encode: image size {h}x{w} is not divisible by factor {f}")
-    x = images.astype(jnp.float32).reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h // f, w // f, f * f * c) * self.scale
+    return space_to_depth(images.astype(jnp.float32), f) * self.scale
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """Inverse of encode: latents (B,h,w,C·f²) → images (B,h·f,w·f,C) (fp32)."""
-    b, h, w, _ = latents.shape
-    f, c = self.factor, self.channels
-    x = latents.astype(jnp.float32).reshape(b, h, w, f, f, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h * f, w * f, c) / self.scale
+    return depth_to_space(latents.astype(jnp.float32), self.factor) / self.scale
 
 
 AUTOENCODERS = ("identity", "flux_vae")

@@ -20,6 +20,7 @@ from iomm_jax import parallel, tree_paths
 from iomm_jax.config import ConfigError
 from iomm_jax.models import dit_families, factory, iomm
 from iomm_jax.models.layers import count_params
+from iomm_jax.train import loss as loss_lib
 from iomm_jax.train import optimizers
 from iomm_jax.train import state as state_lib
 from iomm_jax.train import step as step_lib
@@ -178,8 +179,8 @@ def build(config, *, mesh=None, load_frozen: bool = True) -> Run:
       mask_ratio=t.mask_ratio,
       p_uncond=t.p_uncond,
       condition=config.model.condition,
-      t_kwargs=dict(kind=t.t_sampling, logit_mean=t.logit_mean, logit_std=t.logit_std, shift=t.time_shift),
-      loss_space=t.loss_space,
+      t_kwargs=loss_lib.t_options(t),
+      loss_kwargs=loss_lib.loss_options(config),
       ema_decay=t.ema_decay,
       needs_vit=config.data.recipe != "pair" or t.repa_weight > 0,  # REPA's target is the image's MLLM tokens
       cached=bool(config.data.cached),

@@ -27,8 +27,8 @@ class StepStatics:
   mask_ratio: float
   p_uncond: float
   condition: str
-  t_kwargs: dict
-  loss_space: str
+  t_kwargs: dict  # train/loss.t_options
+  loss_kwargs: dict  # train/loss.loss_options: space, edge weight, edge grid
   ema_decay: float
   needs_vit: bool  # False for text-only recipes: skip the ViT entirely
   cached: bool  # batch carries 'vit_tokens' and 'latent' instead of pixels
@@ -78,7 +78,7 @@ def compute_loss(st: StepStatics, params, frozen, batch, rng):
         x,
         r_loss,
         t_kwargs=st.t_kwargs,
-        space=st.loss_space,
+        **st.loss_kwargs,
     )
     aux["kept_fraction"] = keep.mean()
     return loss, aux
@@ -86,7 +86,7 @@ def compute_loss(st: StepStatics, params, frozen, batch, rng):
   def velocity(x_t, t):
     return gen.velocity_and_features(x_t, t, h, h_mask, masked=masked)
 
-  loss, aux = loss_lib.flow_matching_loss(velocity, x, r_loss, t_kwargs=st.t_kwargs, space=st.loss_space, has_aux=True)
+  loss, aux = loss_lib.flow_matching_loss(velocity, x, r_loss, t_kwargs=st.t_kwargs, has_aux=True, **st.loss_kwargs)
   # The target is the MLLM's tokens of the clean, unmasked image: the masking only touches the condition.
   align = repa.alignment_loss(gen.repa, aux.pop("velocity_aux"), tokens).mean()
   aux["kept_fraction"], aux["repa"] = keep.mean(), align

@@ -65,7 +65,7 @@ def validation_sums(st, timesteps: tuple, params, frozen, batch, weight, key):
   def at(k):
     z = jax.random.normal(jax.random.fold_in(key, k + 1), x.shape, jnp.float32).astype(x.dtype)
     t = jnp.full((n * b,), jnp.asarray(timesteps, jnp.float32)[k])
-    return loss_lib.per_sample_loss(velocity, tile(x), tile(z), t, space=st.loss_space)
+    return loss_lib.per_sample_loss(velocity, tile(x), tile(z), t, **st.loss_kwargs)
 
   per_sample = jax.lax.map(at, jnp.arange(len(timesteps))).mean(axis=0).reshape(n, b)
   has_caption = (batch["caption_len"] > 0).astype(jnp.float32)
