@@ -6,6 +6,7 @@ variant word or a `--config.<field>=<value>` override as one line, no traceback.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Callable
 
@@ -34,11 +35,24 @@ def overridden_field(name: str, argv: list[str]) -> str:
 
 
 def _config_file(argv: list[str]) -> str:
-  """The config file named by `--config=FILE[:arg]` in `argv` ('the config' if none)."""
-  for a in argv[1:]:
+  """The config file named by `--config=FILE[:arg]` (or `--config FILE[:arg]`) in `argv` ('the config' if none)."""
+  for i, a in enumerate(argv[1:], 1):
     if a.startswith("--config="):
       return a.split("=", 1)[1].split(":", 1)[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
   return "the config"
+
+
+def missing_file_line(argv: list[str]) -> str:
+  """'config error: …' naming the config file when `--config` names a file that is not there ('' otherwise); the
+  loader's own message only says the config 'is not available because of an earlier failure'."""
+  path = _config_file(argv)
+  if path == "the config" or os.path.isfile(path):
+    return ""
+  what = "is a folder, not a config file" if os.path.isdir(path) else "does not exist"
+  where = "" if os.path.isabs(path) else f" (looked in {os.getcwd()})"
+  return f"config error: --config={path} {what}{where}; give a config file such as configs/tiny.py"
 
 
 def flags_parser(
@@ -50,6 +64,21 @@ def flags_parser(
   `config_validation.unknown_field_message` lists the nearest known fields); without it the line names the field and the file.
   """
 
+  def error_line(e: Exception, argv: list[str]) -> str:
+    missing = missing_file_line(argv)  # a config file that is not there fails in several ways: name it first
+    if missing:
+      return missing
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override names a field the config lacks
+      found = re.search(r"'([^'\\]+)", str(e))
+      field = overridden_field(found.group(1) if found else str(e), argv)
+      if unknown_field is None:
+        return f"config error: --config.{field}: {_config_file(argv)} sets no such field"
+      return f"config error: {unknown_field(field)}"
+    if isinstance(e, flags.Error):
+      return f"config error: {flag_error_line(e)}"
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]  # the config file failed to load (get_config)
+    return f"config error: {' '.join(lines)[:400]}"
+
   def parse(argv: list[str]) -> list[str]:
     try:
       rest = flags.FLAGS(argv)
@@ -59,16 +88,7 @@ def flags_parser(
       return rest
     except SystemExit:
       raise
-    except (AttributeError, KeyError) as e:  # ml_collections: an override names a field the config does not have
-      found = re.search(r"'([^'\\]+)", str(e))
-      field = overridden_field(found.group(1) if found else str(e), argv)
-      if unknown_field is None:
-        raise SystemExit(f"config error: --config.{field}: {_config_file(argv)} sets no such field") from None
-      raise SystemExit(f"config error: {unknown_field(field)}") from None
-    except flags.Error as e:
-      raise SystemExit(f"config error: {flag_error_line(e)}") from None
-    except Exception as e:  # noqa: BLE001 — the config file itself failed to load (missing file, error in get_config)
-      lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-      raise SystemExit(f"config error: {' '.join(lines)[:400]}") from None
+    except Exception as e:  # noqa: BLE001 — every config problem is one line, no traceback
+      raise SystemExit(error_line(e, argv)) from None
 
   return parse

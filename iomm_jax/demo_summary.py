@@ -10,7 +10,8 @@ Reads <mllm>/mllm_pretrain.json, <workdir>/recon.json, <workdir>/eval_shapes.jso
 steps the MLLM's captioning and each IOMM stage trained (the MLLM's report; the fine-tuned run's metrics and,
 through its config.init.workdir, stage 1's: on a machine too slow for the demo's 15 minutes its clock stops a phase
 early); prints a short table and then one JSON
-line with every figure.
+line with every figure. A path that lacks what it should hold is named on stderr; when no figure is found at all, or
+the two paths look swapped, one line says which path lacks what and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -110,6 +111,33 @@ def collect(mllm_dir: str, workdir: str) -> dict:
   return out
 
 
+def path_problems(mllm_dir: str, workdir: str) -> tuple[list[str], bool]:
+  """(what each path lacks, one line each; whether --mllm and --workdir look swapped). Empty when both hold what the
+  demo writes."""
+  problems, swapped = [], False
+  for flag, path, what in (
+      ("--mllm", mllm_dir, f"the tiny MLLM folder (pretrain_mllm --out, with {hf_folder.REPORT_FILE})"),
+      ("--workdir", workdir, "the fine-tuned run (with recon.json, eval_shapes.json or metrics.jsonl)"),
+  ):
+    if not os.path.exists(path):
+      problems.append(f"{flag}={path} does not exist; give {what}")
+    elif not os.path.isdir(path):
+      problems.append(f"{flag}={path} is a file; give {what}")
+    elif flag == "--mllm" and not os.path.isfile(os.path.join(path, hf_folder.REPORT_FILE)):
+      swapped |= workdir_layout.is_run(path)
+      kind = "is a training run (config.json + checkpoints/), not" if workdir_layout.is_run(path) else "is not"
+      problems.append(f"{flag}={path} {kind} {what}")
+    elif flag == "--workdir" and os.path.isfile(os.path.join(path, hf_folder.REPORT_FILE)):
+      swapped = True
+      problems.append(f"{flag}={path} is the MLLM folder (it holds {hf_folder.REPORT_FILE}), not {what}")
+    elif flag == "--workdir" and not any(
+        os.path.isfile(workdir_layout.path(path, n))
+        for n in (workdir_layout.RECON_REPORT, workdir_layout.EVAL_SHAPES + ".json", workdir_layout.METRICS)
+    ):
+      problems.append(f"{flag}={path} is not {what}")
+  return problems, swapped
+
+
 def main(argv=None) -> int:
   import argparse
 
@@ -119,7 +147,13 @@ def main(argv=None) -> int:
   ap.add_argument("--mllm", required=True, help="the tiny MLLM folder (pretrain_mllm --out)")
   ap.add_argument("--workdir", required=True, help="the fine-tuned run")
   args = ap.parse_args(argv)
+  problems, swapped = path_problems(args.mllm, args.workdir)
   figures = collect(args.mllm, args.workdir)
+  if swapped or not figures:  # nothing to show, or each path where the other belongs: say which lacks what
+    hint = "; were --mllm and --workdir swapped?" if swapped else ""
+    raise SystemExit(f"demo_summary: no figures to show: {'; '.join(problems)}{hint}")
+  for problem in problems:  # a partial demo: what exists is shown, what is missing is named
+    print(f"demo_summary: note: {problem}", file=sys.stderr)
   lines = []
   for group in ("mllm", "training", "recon", "geneval_stage1", "geneval"):
     chance = figures.get(f"{group}_chance", {})

@@ -6,6 +6,11 @@ For K held-out procedural images (never trained on), draws one image-conditioned
 K×K matrix of pixel MSEs between samples and references. Reports the mean MSE to the conditioning image
 (diagonal), the mean MSE to the other images (off-diagonal), their ratio (the margin: > 1 means samples carry
 their condition's content) and top-1 retrieval accuracy. Prints one JSON line and writes `<workdir>/recon.json`.
+
+The images are always procedural shapes (the report's "images": "shapes"). A run trained on other data
+(`data.source` other than 'shapes') is refused with one line before its model loads, since its figure would score
+images it never saw; `--shapes_anyway` scores them all the same, and the report then says so ("out_of_domain": true,
+"trained_on": the source) and a note is printed.
 """
 
 from __future__ import annotations
@@ -77,6 +82,15 @@ def evaluate(
   return margin_stats(mse_matrix(np.concatenate(out), refs))
 
 
+def trained_on(workdir: str) -> str | None:
+  """The run's data.source from its config.json (None when unreadable: loading the run then reports why)."""
+  try:
+    with open(workdir_layout.path(workdir, workdir_layout.CONFIG)) as f:
+      return str(json.load(f)["data"]["source"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 def main(argv=None) -> int:
   import argparse
 
@@ -87,18 +101,39 @@ def main(argv=None) -> int:
   ap.add_argument("--num", type=int, default=16, help="held-out images (2 or more)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--batch", type=int, default=64, help="images sampled at a time (lower it if memory runs out)")
+  ap.add_argument(
+      "--shapes_anyway",
+      action="store_true",
+      help="score a run trained on other data on the procedural shapes images all the same (out of its domain)",
+  )
   args = ap.parse_args(argv)
   if args.num < 2:
     ap.error(f"--num={args.num}: the margin compares each sample with the other images; give 2 or more")
   if args.batch < 1:
     ap.error(f"--batch={args.batch}: give 1 or more")
+  source = trained_on(args.workdir)
+  if source not in (None, "shapes") and not args.shapes_anyway:  # before the (slow) model load
+    raise SystemExit(
+        f"eval_recon: {args.workdir} trained on data.source={source!r}, but eval_recon scores procedural shapes "
+        "images only, which this run never saw; pass --shapes_anyway to score them all the same"
+    )
 
   run, params, step = restore.load_for_inference(args.workdir)
+  source = str(run.config.data.source)
   stats = {
       "checkpoint_step": step,
       "num": args.num,
+      "images": "shapes",
+      "trained_on": source,
+      "out_of_domain": source != "shapes",
       **evaluate(run, params, num=args.num, seed=args.seed, batch=args.batch),
   }
+  if stats["out_of_domain"]:
+    print(
+        f"eval_recon: note: the margin is on procedural shapes images, out of the domain of this run "
+        f"(data.source={source!r})",
+        file=sys.stderr,
+    )
   with open(workdir_layout.path(args.workdir, workdir_layout.RECON_REPORT), "w") as f:
     json.dump(stats, f, indent=2)
   print(json.dumps(stats))

@@ -10,7 +10,9 @@ module samples a run, scores it and writes the report. Writes `<workdir>/eval_sh
 per-prompt results), `<workdir>/eval_shapes.png` (two prompts per category: the prompt, then its samples framed green
 when correct, red when not) and the samples in GenEval's layout under `<workdir>/eval_shapes/samples`; prints one
 JSON line. With --uncond every default name gets the suffix `_uncond`; with --phrasing=geneval (the same prompts worded
-as GenEval words them, "a photo of an orange circle left of a red square") the suffix `_geneval`.
+as GenEval words them, "a photo of an orange circle left of a red square") the suffix `_geneval`. An --out (or a
+--write_prompts path) that cannot be written, or that holds anything but an earlier sample output, stops the run with
+one line before the model loads.
 """
 
 from __future__ import annotations
@@ -147,7 +149,10 @@ def main(argv=None) -> int:
   check_sampling_flags(ap, args)
   if args.write_prompts:
     prompts = shapes_benchmark.prompt_set(args.phrasing)
-    geneval_layout.write_prompts(args.write_prompts, prompts)
+    try:
+      geneval_layout.write_prompts(args.write_prompts, prompts)
+    except geneval_layout.OutputPathError as e:
+      raise SystemExit(f"--write_prompts: {e}") from None
     print(json.dumps({"prompts": len(prompts), "path": args.write_prompts}))
     return 0
   if args.validate:
@@ -175,24 +180,33 @@ def main(argv=None) -> int:
   if not args.workdir:
     ap.error("give --workdir (sample and score), --samples=DIR, --validate or --write_prompts")
   out = args.out or os.path.join(args.workdir, workdir_layout.EVAL_SHAPES + suffix, workdir_layout.SAMPLES)
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise SystemExit(f"--out={out} exists and is not a folder")
+  prompts_path = os.path.join(os.path.dirname(os.path.abspath(out)), "prompts.jsonl")
+  try:  # before the model loads: an --out that holds anything but an earlier sample output is never replaced
+    geneval_layout.check_out_dir(out)
+    problem = geneval_layout.output_path_problem(prompts_path, folder=False)
+    if problem:
+      raise geneval_layout.OutputPathError(problem)
+  except geneval_layout.OutputPathError as e:
+    raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
   import jax
 
   run, params, step = restore.load_for_inference(args.workdir)
   metadata = shapes_benchmark.prompt_set(args.phrasing)
-  geneval_layout.write_prompts(os.path.join(os.path.dirname(os.path.abspath(out)), "prompts.jsonl"), metadata)
-  sample_lib.write_geneval(
-      run,
-      params,
-      metadata,
-      out,
-      num=args.num,
-      rng=jax.random.key(args.seed),
-      steps=args.steps,
-      cfg_scale=args.cfg,
-      prompt_of=(lambda m: "") if args.uncond else None,
-  )
+  geneval_layout.write_prompts(prompts_path, metadata)
+  try:
+    sample_lib.write_geneval(
+        run,
+        params,
+        metadata,
+        out,
+        num=args.num,
+        rng=jax.random.key(args.seed),
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        prompt_of=(lambda m: "") if args.uncond else None,
+    )
+  except geneval_layout.OutputPathError as e:  # something was put in --out while sampling: it is left alone
+    raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
   base = workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix)
   summary = report(
       out,

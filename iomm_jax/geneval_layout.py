@@ -7,11 +7,15 @@
 GenEval's evaluator reads every digit-named folder and every digit-named PNG in it. A prompts file is JSONL, one
 GenEval metadata object per line with at least a string "prompt" (GenEval's `evaluation_metadata.jsonl`).
 :class:`Writer` builds the folder under a temporary sibling name and renames it into place only when complete, so a
-failed or killed run never leaves a half-written DIR.
+failed or killed run never leaves a half-written DIR. It replaces only its own earlier output (eval_shapes' reports
+there are carried over): a DIR that holds anything else (a digit-named folder that is not a sample folder, such as a
+workdir's checkpoints/10, or any other file) is refused before anything is sampled (:func:`check_out_dir`), so
+nothing the writer did not write is ever deleted.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -21,11 +25,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iomm_jax import jsonl
+from iomm_jax import jsonl, workdir_layout
 
 
 class PromptsFileError(ValueError):
   """A prompts file line that is not a GenEval metadata object; the message names the file and line."""
+
+
+class OutputPathError(ValueError):
+  """An output path that cannot be written or would replace what this module did not write; the message names it."""
 
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:
@@ -33,8 +41,13 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
   out = []
   try:
     for lineno, obj in jsonl.objects(path, example='{"prompt": "a red circle"}'):
-      if not isinstance(obj.get("prompt"), str):
-        raise PromptsFileError(f'{path}:{lineno}: no string "prompt" field (keys: {sorted(obj)})')
+      if "prompt" not in obj:
+        raise PromptsFileError(f'{path}:{lineno}: no "prompt" field (keys: {sorted(obj)}); add the prompt text')
+      if not isinstance(obj["prompt"], str):
+        raise PromptsFileError(
+            f'{path}:{lineno}: "prompt" must be a string (the prompt\'s text), not the '
+            f'{type(obj["prompt"]).__name__} {json.dumps(obj["prompt"])[:80]}'
+        )
       out.append(obj)
   except jsonl.JsonLinesError as e:
     raise PromptsFileError(str(e)) from None
@@ -43,13 +56,37 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
   return out
 
 
+def output_path_problem(path: str | os.PathLike, folder: bool) -> str:
+  """Why `path` cannot be written as a folder (`folder`) or a file: it, or a folder above it, is a file, or a file's
+  path is a folder; '' when it can. Checked before the work, so a mistake costs no sampling or conversion."""
+  path = Path(os.path.abspath(os.path.expanduser(path)))
+  if path.exists():
+    if folder and not path.is_dir():
+      return f"{path} exists and is not a folder; give a folder"
+    if not folder and path.is_dir():
+      return f"{path} is a folder; give a file path, such as {path / 'prompts.jsonl'}"
+    return ""
+  for parent in path.parents:  # the nearest existing folder above it must be a folder, or nothing can be made
+    if parent.exists():
+      return "" if parent.is_dir() else f"{parent} is a file, so {path} cannot be made; give a path under a folder"
+  return ""
+
+
 def write_prompts(path: str | os.PathLike, metadata: list[dict]) -> Path:
-  """Writes metadata objects as a JSONL prompts file (atomically)."""
+  """Writes metadata objects as a JSONL prompts file (atomically: a failed write leaves no temporary file); a path
+  that cannot be a file raises OutputPathError naming it."""
   path = Path(path)
+  problem = output_path_problem(path, folder=False)
+  if problem:
+    raise OutputPathError(problem)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  tmp.write_text("".join(json.dumps(m) + "\n" for m in metadata))
-  os.replace(tmp, path)
+  try:
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metadata))
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
   return path
 
 
@@ -66,17 +103,60 @@ def _is_index(name: str) -> bool:
   return name.isdigit()
 
 
+_SAMPLE_FOLDER = {"metadata.jsonl", "samples", "grid.png"}  # what Writer.add puts in a prompt folder
+# What `eval_shapes --samples=DIR` writes into a sample folder it scores: part of that output, carried over on rewrite.
+REPORT_FILES = (workdir_layout.EVAL_SHAPES + "*.json", workdir_layout.EVAL_SHAPES + "*.png")
+
+
+def _foreign(folder: Path) -> str:
+  """Why the digit-named `folder` is not a prompt folder as Writer.add writes it ('' when it is one)."""
+  if not folder.is_dir():
+    return "a file"
+  names = {p.name for p in folder.iterdir()}
+  if not ((folder / "metadata.jsonl").is_file() and (folder / "samples").is_dir()):
+    return "not a GenEval sample folder (no metadata.jsonl and samples/)"
+  extra = sorted(names - _SAMPLE_FOLDER) + sorted(
+      f"samples/{p.name}" for p in (folder / "samples").iterdir() if not (p.suffix == ".png" and p.stem.isdigit())
+  )
+  return f"a sample folder holding other files too ({', '.join(extra[:3])})" if extra else ""
+
+
+def check_out_dir(out_dir: str | os.PathLike, also_own: tuple[str, ...] = ()) -> None:
+  """Raises OutputPathError (one line) unless `out_dir` can take a new sample folder: it is new, empty or holds only
+  an earlier sample folder (digit-named prompt folders as Writer writes them, eval_shapes' REPORT_FILES, and top-level
+  files matching one of the glob patterns `also_own`, which a caller writes beside them)."""
+  also_own = tuple(also_own) + REPORT_FILES
+  out_dir = Path(out_dir)
+  problem = output_path_problem(out_dir, folder=True)
+  if problem:
+    raise OutputPathError(problem)
+  if not out_dir.is_dir():
+    return
+  for p in sorted(out_dir.iterdir()):
+    if _is_index(p.name):
+      why = _foreign(p)
+    elif p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in also_own):
+      why = ""
+    else:
+      why = "not part of a sample folder"
+    if why:
+      raise OutputPathError(
+          f"{out_dir} holds {p.name!r}, {why}; samples replace only an earlier sample output, so give a new or "
+          "empty folder"
+      )
+
+
 class Writer:
   """Writes a GenEval sample folder; use as a context manager (commits on success, discards on error).
 
-  An existing `out_dir` is replaced at commit: its digit-named prompt folders go, anything else in it (reports,
-  notes) is moved over into the new folder, so only sample folders are ever deleted.
+  An existing `out_dir` must hold only an earlier sample output (see check_out_dir; checked here, before any sample,
+  and again at commit); it is replaced at commit, its top-level files (REPORT_FILES and `also_own`) moved over into
+  the new folder.
   """
 
-  def __init__(self, out_dir: str | os.PathLike):
-    self.out_dir = Path(out_dir)
-    if self.out_dir.exists() and not self.out_dir.is_dir():
-      raise FileExistsError(f"{self.out_dir} exists and is not a folder")
+  def __init__(self, out_dir: str | os.PathLike, also_own: tuple[str, ...] = ()):
+    self.out_dir, self.also_own = Path(out_dir), tuple(also_own)
+    check_out_dir(self.out_dir, self.also_own)
     self.out_dir.parent.mkdir(parents=True, exist_ok=True)
     self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     self.tmp.mkdir()
@@ -99,8 +179,12 @@ class Writer:
   def commit(self) -> Path:
     old = None
     if self.out_dir.exists():
+      try:
+        check_out_dir(self.out_dir, self.also_own)  # again: something may have been put there while sampling
+      except OutputPathError as e:
+        raise OutputPathError(f"{e} (this run's samples are kept in {self.tmp})") from None
       for p in self.out_dir.iterdir():
-        if not (_is_index(p.name) and p.is_dir()):
+        if not _is_index(p.name):  # reports and the caller's own files (also_own): carried over
           os.rename(p, self.tmp / p.name)
       old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
       os.rename(self.out_dir, old)
@@ -122,11 +206,13 @@ class Writer:
       self.discard()
 
 
-def write(out_dir: str | os.PathLike, metadata: list[dict], images: list[np.ndarray]) -> Path:
+def write(
+    out_dir: str | os.PathLike, metadata: list[dict], images: list[np.ndarray], also_own: tuple[str, ...] = ()
+) -> Path:
   """The whole layout at once: prompt i (numbered in list order) gets metadata[i] and images[i] (n, H, W, 3)."""
   if len(metadata) != len(images):
     raise ValueError(f"{len(metadata)} metadata objects but {len(images)} image sets")
-  with Writer(out_dir) as w:
+  with Writer(out_dir, also_own) as w:
     for i, (m, imgs) in enumerate(zip(metadata, images)):
       w.add(i, m, imgs)
   return Path(out_dir)

@@ -6,7 +6,8 @@ CLI:
   python -m iomm_jax.sample --workdir=runs/tiny --prompts_file=P.jsonl --num=4 --out=DIR
 Writes PNG grids (one row per prompt/image) into --out (default <workdir>/samples). With --prompts_file (JSONL, one
 GenEval metadata object with a "prompt" per line) it writes GenEval's sample folder layout instead
-(DIR/<00000>/metadata.jsonl, samples/<0000>.png, grid.png; default DIR <workdir>/samples/geneval).
+(DIR/<00000>/metadata.jsonl, samples/<0000>.png, grid.png; default DIR <workdir>/samples/geneval), replacing an
+earlier sample output there; a DIR that holds anything else (a workdir's checkpoints/) is refused before sampling.
 """
 
 from __future__ import annotations
@@ -33,17 +34,32 @@ from iomm_jax.data import decode
 from iomm_jax.train import restore
 from iomm_jax import workdir_layout
 
+# The grids main writes into --out beside a GenEval layout there: its own files, so a rerun may replace them.
+GRID_FILES = ("prompt_[0-9]*.png", "image_[0-9]*.png")
+
 
 def write_geneval(
-    run, params, metadata: list[dict], out_dir: str, *, num: int, rng, steps=None, cfg_scale=None, prompt_of=None
+    run,
+    params,
+    metadata: list[dict],
+    out_dir: str,
+    *,
+    num: int,
+    rng,
+    steps=None,
+    cfg_scale=None,
+    prompt_of=None,
+    also_own: tuple[str, ...] = (),
 ) -> str:
   """Samples `num` images per metadata object (prompt i in list order, one generate call each) into GenEval's layout.
 
   Prompt i's noise is `fold_in(rng, i)`, so its samples do not depend on the other prompts. `prompt_of(metadata)`
   gives the text to condition on (default its "prompt"; "" samples unconditionally while the metadata stays).
+  `out_dir` must be new, empty or an earlier sample folder (`geneval_layout.check_out_dir`; `also_own`: top-level
+  files there that are the caller's own), else OutputPathError before any sample.
   """
   prompt_of = prompt_of or (lambda m: m["prompt"])
-  with geneval_layout.Writer(out_dir) as w:
+  with geneval_layout.Writer(out_dir, also_own) as w:
     for i, m in enumerate(metadata):
       imgs = generate(
           run, params, prompts=[prompt_of(m)] * num, rng=jax.random.fold_in(rng, i), steps=steps, cfg_scale=cfg_scale
@@ -88,18 +104,24 @@ def main(argv=None) -> int:
   check_sampling_flags(ap, args)
   if args.edit and not args.image:
     ap.error("--edit is an instruction for the --image inputs; give one or more --image")
-  if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-    ap.error(f"--out={args.out} exists and is not a folder")
-  metadata = None
+  out = args.out or workdir_layout.path(args.workdir, workdir_layout.SAMPLES)
+  problem = geneval_layout.output_path_problem(out, folder=True) if args.prompt or args.image else ""
+  if problem:
+    ap.error(f"--out: {problem}" if args.out else problem)
+  metadata, folder = None, None
   if args.prompts_file:  # checked before the (slow) model load, and before anything is written
     try:
       metadata = geneval_layout.read_prompts(args.prompts_file)
     except geneval_layout.PromptsFileError as e:
       raise SystemExit(f"--prompts_file: {e}") from None
+    folder = args.out or os.path.join(args.workdir, workdir_layout.SAMPLES, "geneval")
+    try:  # an --out holding anything but an earlier sample output (a workdir's checkpoints/) is never replaced
+      geneval_layout.check_out_dir(folder, GRID_FILES)
+    except geneval_layout.OutputPathError as e:
+      raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
 
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   image_views = [load_image_views(path, run.config.data) for path in args.image]  # all read before anything is written
-  out = args.out or workdir_layout.path(args.workdir, workdir_layout.SAMPLES)
   texts = list(args.prompt) + ([m["prompt"] for m in metadata] if metadata else [])
   for note in prompt_notes(run.tokenize, texts):
     print(note, file=sys.stderr)
@@ -130,17 +152,20 @@ def main(argv=None) -> int:
     save_png(path, grid([np.concatenate([ref, to_uint8(imgs)])]), upscale=max(1, 128 // imgs.shape[1]))
     written.append({"image": image_path, "edit": args.edit, "path": path})
   if metadata is not None:
-    folder = args.out or os.path.join(args.workdir, workdir_layout.SAMPLES, "geneval")
-    write_geneval(
-        run,
-        params,
-        metadata,
-        folder,
-        num=args.num,
-        rng=jax.random.fold_in(rng, 2000),
-        steps=args.steps,
-        cfg_scale=args.cfg,
-    )
+    try:
+      write_geneval(
+          run,
+          params,
+          metadata,
+          folder,
+          num=args.num,
+          rng=jax.random.fold_in(rng, 2000),
+          steps=args.steps,
+          cfg_scale=args.cfg,
+          also_own=GRID_FILES,
+      )
+    except geneval_layout.OutputPathError as e:  # something was put in --out while sampling: it is left alone
+      raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
     written.append({"prompts_file": args.prompts_file, "prompts": len(metadata), "path": folder})
   print(json.dumps({"checkpoint_step": step, "written": written}))
   return 0

@@ -118,7 +118,10 @@ def test_cli_missing_data_dir_fails(tmp_path):
       f"--workdir={tmp_path}/w",
   )
   assert r.returncode != 0
-  assert "missing" in (r.stderr + r.stdout)
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]  # one line naming the field, the path and the fix
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: image folder {tmp_path}/missing does not exist; set data.path to a folder"), last
+  assert list((tmp_path / "w").iterdir()) == []  # no config.json, no tensorboard/
 
 
 def test_workdir_config_from_an_older_schema_gets_new_fields_defaults(tmp_path):
@@ -163,6 +166,13 @@ def test_a_mistyped_variant_word_fails_naming_it(name, arg, known):
             "--config.train.lrr: configs/tiny_mllm.py sets no such field",
         ),
         ("iomm_jax.pretrain_mllm", ["--config=configs/tiny_mllm.py:shrot", "--out=W"], "['shrot']; known: short"),
+        # a config file that is not there: named, with where relative paths start
+        (
+            "iomm_jax.main",
+            ["--config=configs/tinyy.py:pretrain", "--config.train.num_steps=3", "--workdir=W"],
+            "--config=configs/tinyy.py does not exist (looked in",
+        ),
+        ("iomm_jax.cache", ["--config", "configs/tinyy.py", "--dst=W"], "--config=configs/tinyy.py does not exist"),
         # checked only once the mesh is built against the devices (the tests' 8)
         ("iomm_jax.main", ["--config=configs/tiny.py", "--config.mesh.fsdp=3", "--dry_run"], "do not divide the 8"),
         # a module config's own check, reached through the factory

@@ -6,6 +6,7 @@ Every PyTorch checkpoint here is a tiny random model built in the test and saved
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,9 @@ from transformers import InternVLForConditionalGeneration
 from helpers import ROOT, tiny_config
 from iomm_jax.models import mmdit_keys
 from iomm_jax.models.keymap import Rule
-from iomm_jax.weights import io, orbax_io
+from iomm_jax.models.processor import Processor
+from iomm_jax.convert import verify
+from iomm_jax.weights import io, orbax_io, transfer
 from torch_checkpoints import FLUX, MLLM, VAE, ZIMAGE, load_reference, perturb, run_cli, write_rqa
 
 
@@ -51,6 +54,7 @@ def ckpts(tmp_path_factory):
   out["rqa"] = ("rqa", str(root / "rqa"), [])
   torch.manual_seed(4)
   perturb(InternVLForConditionalGeneration(HFInternVLConfig(**MLLM))).save_pretrained(root / "mllm")
+  Processor.tiny().tokenizer.save_pretrained(str(root / "mllm"))  # a folder training can load has its tokenizer
   out["mllm"] = ("mllm", str(root / "mllm"), [])
   return out
 
@@ -135,6 +139,52 @@ def test_user_errors_exit_2(ckpts, tmp_path, capsys):
   assert "--component transformer" in capsys.readouterr().err
   assert run_cli("to-jax", "--component", "transformer", "--src", flux, "--dst", tmp_path / "j") == 2  # not empty
   assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_dst_that_is_or_sits_under_a_file_fails_before_any_conversion(ckpts, tmp_path, capsys, monkeypatch):
+  _, rqa, _ = ckpts["rqa"]
+  (tmp_path / "file").write_text("x")
+
+  def no_work(*a, **k):
+    raise AssertionError("converted before checking --dst")
+
+  monkeypatch.setattr(transfer, "torch_to_ours", no_work)
+  monkeypatch.setattr(orbax_io, "load", no_work)
+  for command, dst, message in (
+      ("to-jax", tmp_path / "file", "exists and is a file"),
+      ("to-jax", tmp_path / "file" / "sub", "file is a file, so the folder cannot be made"),
+      ("to-torch", tmp_path / "file", "exists and is a file"),
+      ("to-torch", tmp_path / "file" / "sub", "file is a file, so the folder cannot be made"),
+  ):
+    assert run_cli(command, "--component", "rqa", "--src", rqa, "--dst", dst) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --dst={dst}") and message in err and "\n" not in err, err
+  assert (tmp_path / "file").read_text() == "x"
+
+
+def test_verify_fails_naming_a_missing_or_broken_tokenizer(ckpts, tmp_path, capsys, monkeypatch):
+  _, mllm, _ = ckpts["mllm"]
+  good = verify.check_tokenizer(mllm)
+  assert "error" not in good and good["vocab_size"] == Processor.tiny().vocab_size
+  assert good["warnings"] and "image_token_id 99" in good["warnings"][0]  # the fixture's weights use another id
+  missing, broken = tmp_path / "missing", tmp_path / "broken"
+  for d in (missing, broken):
+    shutil.copytree(mllm, d)
+  (missing / "tokenizer.json").unlink()
+  (broken / "tokenizer.json").write_text("not json")
+  assert verify.check_tokenizer(missing) == {
+      "error": f"{missing} has no tokenizer.json, so its tokenizer cannot be loaded; copy tokenizer.json and "
+      "tokenizer_config.json from the model's download into it"
+  }
+  assert verify.check_tokenizer(broken)["error"].startswith(f"{broken / 'tokenizer.json'} is not valid JSON")
+  # The CLI: the report fails and the one line names the file (the numerical comparison stubbed: it is tested above).
+  same = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "scale": 1.0}
+  monkeypatch.setattr(verify, "verify_mllm", lambda src, **kw: {k: same for k in verify.MLLM_PARTS})
+  assert run_cli("verify", "--component", "mllm", "--src", missing) == 1
+  out, err = capsys.readouterr()
+  report = json.loads(out)
+  assert not report["passed"] and "no tokenizer.json" in report["tokenizer"]["error"]
+  assert err.strip() == f"verify FAILED: {report['tokenizer']['error']}"
 
 
 # ---------------------------------------------------------------- broken mappings and verify

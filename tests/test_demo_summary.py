@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from iomm_jax import demo_summary
 
 
@@ -78,4 +80,24 @@ def test_summary_reads_every_figure_and_marks_targets(tmp_path, capsys):
 def test_summary_of_a_partial_demo_lists_what_exists(tmp_path, capsys):
   (tmp_path / "recon.json").write_text(json.dumps({"margin": 1.0, "top1_retrieval": 0.1}))
   assert demo_summary.main(["--mllm", str(tmp_path / "none"), "--workdir", str(tmp_path)]) == 0
-  assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"recon": {"margin": 1.0, "top1_retrieval": 0.1}}
+  out, err = capsys.readouterr()
+  assert json.loads(out.splitlines()[-1]) == {"recon": {"margin": 1.0, "top1_retrieval": 0.1}}
+  assert f"note: --mllm={tmp_path / 'none'} does not exist" in err  # what is missing is named
+
+
+def test_summary_with_nothing_to_show_names_what_each_path_lacks(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    demo_summary.main(["--mllm", str(tmp_path / "nonexistent"), "--workdir", str(tmp_path / "nonexistent2")])
+  line = e.value.code
+  assert isinstance(line, str) and "\n" not in line
+  assert f"--mllm={tmp_path / 'nonexistent'} does not exist" in line and "mllm_pretrain.json" in line
+  assert f"--workdir={tmp_path / 'nonexistent2'} does not exist" in line
+  assert "demo figures" not in capsys.readouterr().out
+  # The two swapped: each holds what the other should.
+  mllm, work = tmp_path / "mllm", tmp_path / "run"
+  (mllm).mkdir()
+  (mllm / "mllm_pretrain.json").write_text(json.dumps({"heldout": {}, "steps": 3}))
+  (work / "checkpoints").mkdir(parents=True)
+  (work / "config.json").write_text("{}")
+  with pytest.raises(SystemExit, match="is the MLLM folder .*; were --mllm and --workdir swapped"):
+    demo_summary.main(["--mllm", str(work), "--workdir", str(mllm)])

@@ -79,6 +79,28 @@ def test_geneval_phrasing_words_the_same_prompts_as_geneval_does(tmp_path, capsy
   assert written == [p["prompt"] for p in geneval]
 
 
+def test_output_paths_that_cannot_be_written_are_one_line_before_any_work(tmp_path):
+  (tmp_path / "dir").mkdir()
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(SystemExit, match=r"^--write_prompts: .*dir is a folder; give a file path") as e:
+    ev.main([f"--write_prompts={tmp_path / 'dir'}"])
+  assert "\n" not in e.value.code
+  with pytest.raises(SystemExit, match=r"^--write_prompts: .*file is a file, so"):
+    ev.main([f"--write_prompts={tmp_path / 'file' / 'p.jsonl'}"])
+  with pytest.raises(SystemExit, match=r"^--out: .*file is a file, so"):  # the workdir is not even read
+    ev.main([f"--workdir={tmp_path / 'no_run'}", f"--out={tmp_path / 'file' / 'samples'}"])
+  (tmp_path / "w" / "checkpoints" / "10").mkdir(parents=True)
+  with pytest.raises(SystemExit, match=r"^--out: .*w holds 'checkpoints', not part of a sample folder"):
+    ev.main([f"--workdir={tmp_path / 'no_run'}", f"--out={tmp_path / 'w'}"])
+  assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+      "dir",
+      "file",
+      "w",
+      "w/checkpoints",
+      "w/checkpoints/10",
+  ]
+
+
 def _o(colour, shape, x, y):
   return {"colour": colour, "shape": shape, "x": x, "y": y}
 

@@ -1,6 +1,7 @@
 """GenEval's sample folder layout: exact names and contents, atomic writing, prompts files that fail by line."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -65,6 +66,56 @@ def test_rewriting_replaces_prompt_folders_and_keeps_other_files(tmp_path):
   assert _entries(tmp_path) == ["samples"]
 
 
+def _tree(folder):
+  return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_an_out_folder_holding_anything_else_is_refused_and_kept(tmp_path):
+  layout.write(tmp_path / "s", META, [_images(1, 8, 0), _images(1, 8, 1)])
+  cases = {
+      "checkpoints": ["10/state/x", "20/state/x"],  # a workdir's numbered checkpoint folders
+      "notes": ["notes.txt"],
+      "extra": ["00000/metadata.jsonl", "00000/samples/0000.png", "00000/samples/mine.txt"],
+      "nometa": ["00000/samples/0000.png"],
+  }
+  for name, files in cases.items():
+    for f in files:
+      (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+      (tmp_path / name / f).write_text("x")
+    before = _tree(tmp_path / name)
+    with pytest.raises(layout.OutputPathError, match=f"{name} holds '{files[0].split('/')[0]}'"):
+      layout.write(tmp_path / name, META[:1], [_images(1, 8, 0)])
+    assert _tree(tmp_path / name) == before, name  # nothing deleted, moved or added
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "extra", "nometa", "notes", "s"]
+  # Its own earlier output (and files a caller names as its own) are replaced as before.
+  (tmp_path / "s" / "prompt_00.png").write_text("grid")
+  layout.write(tmp_path / "s", META[:1], [_images(2, 8, 2)], also_own=sample_lib.GRID_FILES)
+  assert _entries(tmp_path / "s") == ["00000", "prompt_00.png"]
+
+
+def test_sample_refuses_an_out_of_checkpoints_before_loading_the_model(tmp_path):
+  ckpts = tmp_path / "w" / "checkpoints"
+  for step in ("10", "20"):
+    (ckpts / step).mkdir(parents=True)
+    (ckpts / step / "_CHECKPOINT_METADATA").write_text("{}")
+  prompts = layout.write_prompts(tmp_path / "p.jsonl", META)
+  with pytest.raises(SystemExit) as e:  # the workdir has no config.json: only a check before the load can stop it
+    sample_lib.main([f"--workdir={tmp_path / 'w'}", f"--prompts_file={prompts}", f"--out={ckpts}"])
+  assert isinstance(e.value.code, str) and "\n" not in e.value.code
+  assert f"--out: {ckpts} holds '10', not a GenEval sample folder" in e.value.code
+  assert _tree(ckpts) == ["10", "10/_CHECKPOINT_METADATA", "20", "20/_CHECKPOINT_METADATA"]
+
+
+def test_write_prompts_to_a_folder_or_under_a_file_leaves_nothing(tmp_path):
+  (tmp_path / "d").mkdir()
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(layout.OutputPathError, match="d is a folder; give a file path"):
+    layout.write_prompts(tmp_path / "d", META)
+  with pytest.raises(layout.OutputPathError, match="f is a file, so"):
+    layout.write_prompts(tmp_path / "f" / "p.jsonl", META)
+  assert _tree(tmp_path) == ["d", "f"]  # no temporary file left behind
+
+
 def test_a_failed_write_leaves_nothing(tmp_path):
   out = tmp_path / "samples"
   with pytest.raises(RuntimeError, match="sampler died"):
@@ -89,8 +140,8 @@ def test_prompts_file_round_trip_keeps_order_and_fields(tmp_path):
     [
         ("this is not json", 2, "not JSON"),
         ('["a red circle"]', 2, "not an object"),
-        ('{"tag": "single_object"}', 3, 'no string "prompt"'),
-        ('{"prompt": 7}', 3, 'no string "prompt"'),
+        ('{"tag": "single_object"}', 3, r'no "prompt" field \(keys: \[\'tag\'\]\)'),
+        ('{"prompt": 7}', 3, '"prompt" must be a string .*, not the int 7'),
     ],
 )
 def test_bad_prompts_file_names_the_line_and_writes_nothing(tmp_path, capsys, bad_line, lineno, message):
@@ -105,7 +156,7 @@ def test_bad_prompts_file_names_the_line_and_writes_nothing(tmp_path, capsys, ba
   with pytest.raises(SystemExit) as e:
     sample_lib.main([f"--workdir={tmp_path / 'no_such_run'}", f"--prompts_file={path}", "--num=2", f"--out={out}"])
   assert isinstance(e.value.code, str) and "\n" not in e.value.code
-  assert f"prompts.jsonl:{lineno}:" in e.value.code and message in e.value.code
+  assert f"prompts.jsonl:{lineno}:" in e.value.code and re.search(message, e.value.code)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
 
 
@@ -123,6 +174,7 @@ def test_empty_or_missing_prompts_file_is_an_error(tmp_path):
         (["--prompt=x", "--steps=0"], "--steps=0: give 1 or more Euler steps"),
         (["--prompt=x", "--edit=make it blue"], "--edit is an instruction for the --image inputs"),
         (["--prompt=x", "--out={file}"], "exists and is not a folder"),
+        (["--prompt=x", "--out={file}/sub"], "file.txt is a file, so"),
     ],
 )
 def test_sample_argument_mistakes_fail_in_one_line_before_any_model_is_loaded(tmp_path, capsys, args, message):

@@ -170,9 +170,9 @@ def test_shapes_to_arrayrecord_and_rerun_skips_finished_shards(tmp_path):
   recs = read_all(dst)
   by_caption = {r["caption"] for r in recs}
   assert by_caption == {shapes.render(i, 24, 1)[1] for i in range(20)}
-  with pytest.raises(ValueError, match="different input"):
+  with pytest.raises(ValueError, match="other options .the source was"):
     shapes_shards.write_arrayrecord(dst, 21, 24, seed=1, shards=4)
-  with pytest.raises(ValueError, match="different input or shard count"):
+  with pytest.raises(ValueError, match="other options .--shards was 4, now 3"):
     shapes_shards.write_arrayrecord(dst, 20, 24, seed=1, shards=3)
 
 
@@ -273,3 +273,61 @@ def test_prepare_errors(tmp_path, capsys):
       ]
       == "c"
   )
+
+
+def _small_folder(root, n=6, side=40):
+  root.mkdir()
+  for i in range(n):
+    Image.new("RGB", (side, side), (i * 30, 0, 0)).save(root / f"{i:02d}.png")
+  return root
+
+
+def test_a_run_that_writes_nothing_leaves_nothing_and_the_corrected_rerun_proceeds(tmp_path, capsys):
+  src = _small_folder(tmp_path / "src")
+  args = ["--src", str(src), "--dst", str(tmp_path / "out"), "--shards", "2", "--no_progress"]
+  assert prepare.main(args) == 1  # every image under the default --min_size 64
+  assert "wrote 0 of 6 images (6 too small)" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()  # it made the folder, so it removes it
+  (tmp_path / "keep").mkdir()
+  (tmp_path / "keep" / "notes.txt").write_text("mine")
+  assert prepare.main([*args[:2], "--dst", str(tmp_path / "keep"), *args[4:]]) == 1
+  assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["notes.txt"]  # only what it wrote went
+  assert prepare.main([*args, "--min_size", "32"]) == 0
+  assert len(sources.ArrayRecordSource(tmp_path / "out")) == 6
+
+
+def test_empty_shards_of_an_earlier_run_are_replaced_and_other_shards_refused_naming_the_options(tmp_path, capsys):
+  src = _small_folder(tmp_path / "src")
+  dst = tmp_path / "out"
+  items = prepare_items.enumerate_items(str(src))
+  # What prepare left before it removed an empty output: two shards holding no record, their stats and the plan.
+  (dst / prepare.STATE_DIR).mkdir(parents=True)
+  for s in range(2):
+    prepare.write_shard(str(dst), prepare.SHARD_PATTERN.format(s, 2), items[3 * s : 3 * s + 3], 64, True)
+  plan = prepare._plan(items, 2, 64, {"src": str(src)})
+  (dst / prepare.STATE_DIR / "plan.json").write_text(json.dumps(plan))
+  args = ["--src", str(src), "--dst", str(dst), "--no_progress"]
+  assert prepare.main([*args, "--shards", "3", "--min_size", "32"]) == 0
+  assert sorted(p.name for p in dst.glob("*.array_record")) == [f"data-0000{s}-of-00003.array_record" for s in range(3)]
+  assert len(sources.ArrayRecordSource(dst)) == 6
+  capsys.readouterr()
+  # Shards that hold records are never replaced: the refusal names each option that differs, old and new.
+  assert prepare.main([*args, "--shards", "2", "--min_size", "16"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "{" not in err, err
+  assert "--shards was 3, now 2" in err and "--min_size was 32, now 16" in err and "give a new --dst" in err
+  assert len(sources.ArrayRecordSource(dst)) == 6
+
+
+def test_table_errors_name_the_file_and_the_keys_read(tmp_path, capsys):
+  (tmp_path / "t.csv").write_bytes(b"image,caption\nimg.jpg,caf\xe9\n")
+  assert prepare.main(["--src", str(tmp_path / "t.csv"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert f"{tmp_path / 't.csv'}: not UTF-8 text (byte 0xe9 on line 2)" in err and "\n" not in err
+  (tmp_path / "t.jsonl").write_text('{"image": "img.jpg"}\nnot json\n')
+  assert prepare.main(["--src", str(tmp_path / "t.jsonl"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
+  assert 'such as {"image": "relative/path.png", "caption": "..."}' in capsys.readouterr().err
+  args = ["--src", str(tmp_path / "t.jsonl"), "--dst", str(tmp_path / "o"), "--shards", "1", "--image_key", "path"]
+  assert prepare.main([*args, "--caption_key", ""]) == 2
+  assert 'such as {"path": "relative/path.png"}' in capsys.readouterr().err
+  assert not (tmp_path / "o").exists()

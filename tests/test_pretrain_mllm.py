@@ -108,8 +108,18 @@ def test_mismatched_folders_fail_at_start_naming_file_and_field(mllm_dir, tmp_pa
   (tmp_path / "empty").mkdir()
   with pytest.raises(MLLMCheckpointError, match="has no config.json"):
     build(tmp_path / "empty")
-  # Weights cut short (an interrupted copy): found when the frozen MLLM is read, named, one error.
+  # A tokenizer missing or broken: the file is named, on one line.
   import shutil
+
+  for name, damage, message in (
+      ("notok", lambda f: f.unlink(), r"notok has no tokenizer\.json, so its tokenizer cannot be loaded"),
+      ("badtok", lambda f: f.write_text("{"), r"badtok/tokenizer\.json is not valid JSON"),
+  ):
+    shutil.copytree(out, tmp_path / name)
+    damage(tmp_path / name / "tokenizer.json")
+    with pytest.raises(MLLMCheckpointError, match=message):
+      build(tmp_path / name)
+  # Weights cut short (an interrupted copy): found when the frozen MLLM is read, named, one error.
 
   cut = tmp_path / "cut"
   shutil.copytree(out, cut)

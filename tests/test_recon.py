@@ -18,6 +18,8 @@ must produce the neighbour's image: the margin comes from the condition, not fro
 (A model trained with p_uncond = 1, i.e. never shown the image, gives own/others ≈ 1.0 and top-1 0.)
 """
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -171,3 +173,18 @@ def test_mse_matrix_is_each_pair_s_mean_squared_error_and_scales_to_many_images(
 def test_fewer_than_two_images_have_no_margin():
   with pytest.raises(ValueError, match="num=1: the margin compares each sample with the other images"):
     eval_recon.evaluate(None, None, num=1)
+
+
+def test_eval_recon_refuses_a_run_trained_on_other_data_before_loading_it(tmp_path, monkeypatch):
+  """Its images are procedural shapes: a run on other data would be scored out of its domain without a word."""
+  (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "arrayrecord", "path": "/data/shards"}}))
+
+  def no_load(*a, **k):
+    raise AssertionError("the model was loaded")
+
+  monkeypatch.setattr(eval_recon.restore, "load_for_inference", no_load)
+  with pytest.raises(SystemExit) as e:  # the refusal comes before the model loads
+    eval_recon.main([f"--workdir={tmp_path}"])
+  assert isinstance(e.value.code, str) and "\n" not in e.value.code
+  assert "data.source='arrayrecord'" in e.value.code and "--shapes_anyway" in e.value.code
+  assert eval_recon.trained_on(tmp_path) == "arrayrecord" and eval_recon.trained_on(tmp_path / "none") is None

@@ -71,10 +71,23 @@ def _require_exists(path: str, flag: str) -> None:
     raise ConvertError(f"{flag}={path} does not exist; check the path")
 
 
+def _check_dst(dst: str, overwrite: bool) -> None:
+  """--dst can become the output folder: checked before any conversion work, so a mistake costs nothing."""
+  p = Path(dst).absolute()
+  if p.exists() and not p.is_dir():
+    raise ConvertError(f"--dst={dst} exists and is a file; give a folder for the output (a new or empty one)")
+  blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+  if not p.exists() and blocking is not None:
+    raise ConvertError(f"--dst={dst}: {blocking} is a file, so the folder cannot be made; give a path under a folder")
+  if p.is_dir() and any(p.iterdir()) and not overwrite:
+    raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
+
+
 def to_jax(args) -> dict:
   """PyTorch checkpoint → component directory."""
 
   _require_exists(args.src, "--src")
+  _check_dst(args.dst, args.overwrite)
   raw_cfg = transfer.read_torch_config(args.src, args.config)
   if raw_cfg is None:
     raise ConvertError(
@@ -115,6 +128,7 @@ def to_torch(args) -> dict:
   """Component directory → PyTorch folder, or a training workdir → pipeline folder."""
 
   _require_exists(args.src, "--src")
+  _check_dst(args.dst, args.overwrite)
   dtype = transfer.DTYPES.get(args.dtype)
   if export.is_workdir(args.src):
     try:
@@ -187,6 +201,12 @@ def main(argv=None) -> int:
     return USER_ERROR
   print(json.dumps(out, indent=2, default=str))
   if args.command == "verify" and not out["passed"]:
-    print(f"verify FAILED: a difference exceeds {args.tol} relative", file=sys.stderr)
+    tokenizer_error = out.get("tokenizer", {}).get("error")
+    if tokenizer_error:
+      print(f"verify FAILED: {tokenizer_error}", file=sys.stderr)
+    if not all(o["max_rel_diff"] <= args.tol for o in out["outputs"].values()):
+      print(f"verify FAILED: a difference exceeds {args.tol} relative", file=sys.stderr)
     return 1
+  for warning in out.get("tokenizer", {}).get("warnings", []):
+    print(f"verify: warning: {warning}; training with this folder stops on it", file=sys.stderr)
   return 0

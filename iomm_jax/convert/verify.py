@@ -6,7 +6,9 @@ Sources:
   --src TORCH_PATH --jax DIR  ours reads the converted component directory, torch the original (checks a
                               conversion: tampered or wrongly converted weights fail); the tensors are compared too;
   --src DIR                   a component directory alone: torch gets its weights through to_torch.
-Diffs are max|ours − theirs| and that divided by max(1, max|theirs|); above `tol` (1e-4 relative) fails.
+Diffs are max|ours − theirs| and that divided by max(1, max|theirs|); above `tol` (1e-4 relative) fails. An MLLM
+folder's tokenizer is loaded too, as training loads it ("tokenizer" in the report): one that cannot load fails verify,
+the error naming the file; a size or image-token id that disagrees with config.json is listed under its "warnings".
 torch is imported here only.
 """
 
@@ -21,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iomm_jax.weights import components, io, orbax_io, transfer
+from iomm_jax.weights import components, io, load_internvl, orbax_io, transfer
 from iomm_jax.weights.components import ConvertError
+from iomm_jax.models.internvl_keys import MLLMCheckpointError
 from iomm_jax.models import latents
+from iomm_jax.models.processor import load_processor
 from iomm_jax.convert.internvl_verify import MLLM_PARTS, verify_mllm
 
 
@@ -228,7 +232,8 @@ def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
     spec = components.spec("mllm")
     cfg = spec.config_from_json(meta["config"])
     outputs["weights"] = _weights_diff(transfer.ours_to_torch(spec, cfg, flat), io.read_state_dict(src))
-  passed = all(o["max_rel_diff"] <= tol for o in outputs.values())
+  tokenizer = check_tokenizer(src)
+  passed = all(o["max_rel_diff"] <= tol for o in outputs.values()) and "error" not in tokenizer
   return {
       "component": "mllm",
       "kind": "mllm",
@@ -237,5 +242,28 @@ def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
       "seed": seed,
       "tolerance_rel": tol,
       "outputs": outputs,
+      "tokenizer": tokenizer,
       "passed": passed,
   }
+
+
+def check_tokenizer(src) -> dict:
+  """Whether `src`'s tokenizer loads as training loads it: its size and image-token id, with `warnings` where they
+  disagree with config.json (training stops on those), or `error` (one line naming the file) when it cannot load."""
+  try:
+    processor = load_processor(src)
+  except MLLMCheckpointError as e:
+    return {"error": str(e)}
+  cfg = load_internvl.read_config(src)
+  out = {"vocab_size": processor.vocab_size, "image_token_id": processor.image_token_id, "warnings": []}
+  if processor.vocab_size > cfg.text.vocab_size:
+    out["warnings"].append(
+        f"the tokenizer has {processor.vocab_size} tokens, config.json's text_config.vocab_size is "
+        f"{cfg.text.vocab_size}"
+    )
+  if processor.image_token_id != cfg.image_token_id:
+    out["warnings"].append(
+        f"the tokenizer's <IMG_CONTEXT> is token {processor.image_token_id}, config.json's image_token_id "
+        f"{cfg.image_token_id}"
+    )
+  return out

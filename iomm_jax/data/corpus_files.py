@@ -5,6 +5,8 @@ read row group by row group. Shared by the training sources (``sources``) and ``
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 import threading
 from pathlib import Path
@@ -162,14 +164,22 @@ def read_table(
   path = Path(path)
   suffix = path.suffix.lower()
   if suffix in (".jsonl", ".json"):
-    rows = [
-        (f"line {n}", row) for n, row in jsonl.objects(path, example='{"file": "relative/path.png", "caption": "..."}')
-    ]
+    example = json.dumps({image_key: "relative/path.png", **({caption_key: "..."} if caption_key else {})})
+    rows = [(f"line {n}", row) for n, row in jsonl.objects(path, example=example)]  # the example shows the keys read
   elif suffix in (".csv", ".tsv"):
-    with open(path, newline="") as f:  # row 1 is the header; data rows count from 2, as a spreadsheet shows them
-      rows = [
-          (f"row {n}", row) for n, row in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2)
-      ]
+    data = path.read_bytes()
+    try:
+      text = data.decode("utf-8-sig")  # -sig: a spreadsheet's byte-order mark would otherwise join the first column
+    except UnicodeDecodeError as e:
+      line = data.count(b"\n", 0, e.start) + 1
+      raise ValueError(
+          f"{path}: not UTF-8 text (byte {data[e.start]:#04x} on line {line}); save the table as UTF-8"
+      ) from None
+    try:  # row 1 is the header; data rows count from 2, as a spreadsheet shows them
+      reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+      rows = [(f"row {n}", row) for n, row in enumerate(reader, 2)]
+    except csv.Error as e:
+      raise ValueError(f"{path}: not a {suffix[1:].upper()} table ({e})") from None
   elif suffix == ".parquet":
     return _read_parquet(path, image_key, caption_key)
   else:

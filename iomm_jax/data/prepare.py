@@ -14,7 +14,10 @@ written that would be read, and a rerun skips finished shards. Each image is ful
 about 5× faster on 512² JPEGs (bench/prepare.py) but blind to some truncations); unreadable ones, those with more
 than ``--max_image_pixels`` pixels and those with a short side under ``--min_size`` are skipped and counted.
 Width and height are recorded as displayed (EXIF orientation applied). A Parquet table's image column may hold
-paths, encoded bytes or ``{bytes, path}`` structs (HF datasets). The last stdout line is a JSON summary; a run that writes no record exits 1 with the reason.
+paths, encoded bytes or ``{bytes, path}`` structs (HF datasets). The last stdout line is a JSON summary; a run that
+writes no record exits 1 with the reason and leaves nothing in DIR (nor DIR, if it made it), so the corrected rerun
+starts afresh. DIR holding shards of a run with other options (``--src``, ``--shards``, ``--min_size``) is refused,
+the message naming each option's earlier and new value; such shards that hold no record are replaced.
 
 Each shard also gets a sizes sidecar, ``DIR/.prepare/<shard>.sizes.npy`` (int32 (n, 2): height, width of each record,
 in record order), written before the shard is renamed into place, so aspect-ratio buckets (``data.buckets``) need
@@ -197,6 +200,48 @@ def _plan(items: Sequence[prepare_items.Item], shards: int, min_size: int, finge
   }
 
 
+def _option_changes(old: dict, new: dict) -> list[str]:
+  """How the plan of an earlier run in the same folder differs from this one, in the flags that set it ('--min_size
+  was 64, now 32'); only fields both plans have are compared (older plans lack some)."""
+  changes = []
+  for k in sorted(set(old.get("fingerprint", {})) & set(new.get("fingerprint", {}))):
+    a, b = old["fingerprint"][k], new["fingerprint"][k]
+    if a != b:
+      changes.append(f"{_PLAN_FLAGS.get(k, 'the ' + k)} was {a}, now {b}")
+  for k in ("shards", "min_size"):
+    if k in old and old[k] != new[k]:
+      changes.append(f"--{k} was {old[k]}, now {new[k]}")
+  if not changes and (old.get("num_items"), old.get("keys_sha1")) != (new["num_items"], new["keys_sha1"]):
+    changes.append(f"the input's images changed ({old.get('num_items')} before, {new['num_items']} now)")
+  return changes
+
+
+_PLAN_FLAGS = {"src": "--src"}  # fingerprint field → the flag that sets it, for the refusal message
+
+
+def _holds_no_record(dst: Path, name: str) -> bool:
+  """Whether shard `name` in `dst` is prepare's own (it has a stats file) and its stats say it holds no record."""
+  try:
+    return int(json.loads((dst / STATE_DIR / f"{name}.json").read_text()).get("written", -1)) == 0
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def _remove_shards(dst: Path, names: Sequence[str]) -> None:
+  """Deletes prepare's own shards `names` (each holding no record) with their stats and sizes sidecars."""
+  for name in names:
+    for p in (sizes_path(dst / name), dst / STATE_DIR / f"{name}.json", dst / name):
+      p.unlink(missing_ok=True)
+
+
+def _remove_if_empty(*folders: Path) -> None:
+  for folder in folders:
+    try:
+      folder.rmdir()  # only an empty folder: never anything else that lies there
+    except OSError:
+      pass
+
+
 def write_shards(
     items: Sequence[prepare_items.Item],
     dst: str | os.PathLike,
@@ -211,24 +256,46 @@ def write_shards(
 ) -> dict:
   """Writes ``items`` into ``shards`` ArrayRecord shards under ``dst`` (resumable); returns the summary dict.
 
-  ``workers`` <= 1 writes in this process; more uses that many spawned processes, one shard per task.
+  ``workers`` <= 1 writes in this process; more uses that many spawned processes, one shard per task. A run whose
+  shards hold no record at all leaves nothing behind (``dst`` too, if this run made it; the summary says
+  ``"removed_empty": true``), so a corrected rerun starts afresh; shards of an earlier run with other options that hold
+  no record are replaced the same way. Shards that hold records of another plan stop the run naming the options that
+  differ.
   """
   if shards <= 0:
     raise ValueError(f"--shards={shards} must be positive")
   if not items:
     raise ValueError("nothing to write: the source holds no items")
+  made_dst = not Path(dst).exists()
   dst = shard_dir.make(dst, STATE_DIR)
   plan = _plan(items, shards, min_size, fingerprint)
   plan_file = dst / STATE_DIR / "plan.json"
   names = [SHARD_PATTERN.format(s, shards) for s in range(shards)]
-  foreign = sorted(p.name for p in dst.glob("*.array_record") if p.name not in names)
-  old = json.loads(plan_file.read_text()) if plan_file.exists() else None
-  if foreign or (old not in (None, plan) and any((dst / n).exists() for n in names)):
-    raise ValueError(
-        f"{dst} already holds shards of a different input or shard count "
-        f"({foreign[:3] or old}); use a new --dst or delete the old shards"
-    )
-  plan_file.write_text(json.dumps(plan, sort_keys=True))
+  existing = sorted(p.name for p in dst.glob("*.array_record"))
+  try:
+    old = json.loads(plan_file.read_text()) if plan_file.exists() else None
+  except ValueError:  # a plan cut short by a kill: the shard names and stats files still say what lies there
+    old = None
+  changes = _option_changes(old, plan) if old is not None else []
+  if existing and (changes or any(n not in names for n in existing)):
+    if all(_holds_no_record(dst, n) for n in existing):  # an earlier run that wrote no record: nothing to keep
+      _remove_shards(dst, existing)
+    elif changes:
+      raise ValueError(
+          f"--dst={dst} already holds shards of a prepare run with other options ({'; '.join(changes)}); rerun with "
+          f"the earlier options to finish or reuse them, or give a new --dst (or delete {dst}'s data-*.array_record "
+          f"and {STATE_DIR}/ to start over)"
+      )
+    else:
+      foreign = [n for n in existing if n not in names]
+      raise ValueError(
+          f"--dst={dst} holds shards this run does not write ({', '.join(foreign[:3])}"
+          f"{', …' if len(foreign) > 3 else ''}), not described by its {STATE_DIR}/plan.json; give a new --dst or "
+          "move those shards away"
+      )
+  plan_tmp = plan_file.parent / f".plan.json.tmp-{os.getpid()}"
+  plan_tmp.write_text(json.dumps(plan, sort_keys=True))
+  os.replace(plan_tmp, plan_file)  # whole or absent: a kill never leaves half a plan
   for stale in dst.glob(".data-*.tmp-*"):  # leftovers of an interrupted run: never read, safe to drop
     stale.unlink(missing_ok=True)
 
@@ -281,6 +348,11 @@ def write_shards(
   for r in results:
     _add_stats(summary, r)
   summary.update(shards=shards, shards_written=len(todo), shards_already_done=done, dst=str(dst))
+  if not summary["written"]:  # no usable output: leave nothing that a corrected rerun would have to clear
+    _remove_shards(dst, names)
+    plan_file.unlink(missing_ok=True)
+    _remove_if_empty(dst / STATE_DIR, *([dst] if made_dst else []))
+    summary["removed_empty"] = True
   return summary
 
 
@@ -297,9 +369,10 @@ def nothing_written(summary: dict) -> str:
     return ""
   skipped = ", ".join(f"{summary[k]} {k[8:].replace('_', ' ')}" for k in _STATS[1:] if summary[k])
   first = f"; first: {summary['first_errors'][0]}" if summary["first_errors"] else ""
+  kept = "; nothing was kept in --dst, so a corrected rerun starts afresh" if summary.get("removed_empty") else ""
   return (
       f"wrote 0 of {sum(summary[k] for k in _STATS)} images ({skipped or 'none readable'}){first}; check "
-      "--src, --image_key, --min_size and --max_image_pixels"
+      f"--src, --image_key, --min_size and --max_image_pixels{kept}"
   )
 
 

@@ -15,7 +15,7 @@ from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.internvl import InternVL, InternVLConfig
 from iomm_jax.models.iomm import Generator
 from iomm_jax.models.layers import ATTENTION_IMPLS
-from iomm_jax.models.processor import Processor
+from iomm_jax.models.processor import Processor, load_processor
 from iomm_jax.models.qwen2 import Qwen2Config
 from iomm_jax.models.rqa import RQAConfig
 from iomm_jax.models.internvl_keys import read_config
@@ -174,13 +174,7 @@ def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
   mcfg = mcfg or mllm_config(config)
   if config.model.mllm.path:
 
-    path = config.model.mllm.path
-    try:
-      processor = Processor.from_pretrained(path)
-    except (OSError, ValueError) as e:
-      raise MLLMCheckpointError(
-          f"{path}: its tokenizer files cannot be loaded as an InternVL tokenizer " f"({str(e).splitlines()[0]})"
-      ) from None
+    processor = load_processor(config.model.mllm.path)
     check_mllm_fits(config, mcfg, processor)
     return processor
   return Processor.tiny(num_image_tokens=mcfg.num_image_tokens, image_size=mcfg.vision.image_size)

@@ -14,10 +14,13 @@ small word-level tokenizer in code, for the tiny config and tests (no download).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
-from iomm_jax.models.internvl_keys import read_config
+from iomm_jax.models.internvl_keys import MLLMCheckpointError, read_config
+
+TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer an InternVL -hf folder ships (with tokenizer_config.json)
 
 DEFAULT_AUX_PROMPT = "Generate an image that is identical to the reference image:"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -169,3 +172,33 @@ class Processor:
       img = np.asarray(Image.fromarray(img).resize((self.image_size, self.image_size), Image.BICUBIC))
     x = img.astype(np.float32) / 255.0
     return (x - self.mean) / self.std
+
+
+def tokenizer_problem(path: str | Path, error: BaseException) -> str:
+  """One line naming the tokenizer file behind `error` (raised loading `path`'s tokenizer): a missing or unparsable
+  tokenizer.json, else the loader's own message on one line."""
+  p = Path(path)
+  file = p / TOKENIZER_FILE
+  if not file.is_file():
+    return (
+        f"{p} has no {TOKENIZER_FILE}, so its tokenizer cannot be loaded; copy {TOKENIZER_FILE} and "
+        "tokenizer_config.json from the model's download into it"
+    )
+  try:
+    json.loads(file.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    return f"{file} is not valid JSON ({e}); download the file again"
+  reason = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+  return (
+      f"{p}: its tokenizer files ({TOKENIZER_FILE}, tokenizer_config.json) cannot be loaded as an InternVL tokenizer "
+      f"({reason})"
+  )
+
+
+def load_processor(path: str | Path) -> Processor:
+  """`path`'s tokenizer and templates, as training loads them; MLLMCheckpointError naming the file when they cannot
+  be loaded."""
+  try:
+    return Processor.from_pretrained(path)
+  except Exception as e:  # noqa: BLE001 — tokenizers raises bare Exceptions for a tokenizer.json it cannot parse
+    raise MLLMCheckpointError(tokenizer_problem(path, e)) from None
