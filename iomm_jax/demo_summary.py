@@ -38,10 +38,20 @@ GROUP_NOTES = {"geneval_stage1": "image-only stage 1, no caption seen"}
 
 
 def _read(path: str) -> dict | None:
+  """The JSON report or config at `path`; None when it is absent. A file cut short or edited by hand stops the
+  summary in one line naming it (a config.json through workdir_layout's reader, which says how to restore it)."""
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  if os.path.basename(path) == workdir_layout.CONFIG:
+    try:
+      return workdir_layout.read_config_json(os.path.dirname(path))
+    except workdir_layout.SavedConfigError as e:
+      raise SystemExit(f"demo_summary: {e}") from None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise SystemExit(f"demo_summary: {path} is not valid JSON ({e}); rerun the step that writes it") from None
 
 
 def _trained_steps(workdir: str) -> int | None:

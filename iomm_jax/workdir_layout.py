@@ -8,10 +8,14 @@
 <workdir>/recon.json            eval_recon's report
 <workdir>/eval_shapes.json, eval_shapes.png, eval_shapes/samples/   mini-GenEval's report, picture and samples
 <workdir's parent>/xla_cache/   the persistent compile cache shared by the runs beside it (train.compile_cache_dir)
+
+`read_config_json` reads config.json for every reader (training's rerun, sample, the evaluators, warm starts): one
+line naming the file and where its JSON breaks when it was cut short or edited by hand.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 CONFIG = "config.json"
@@ -32,3 +36,54 @@ def path(workdir: str | os.PathLike, name: str) -> str:
 def is_run(workdir: str | os.PathLike) -> bool:
   """Whether `workdir` holds a training run: its config and a checkpoints folder."""
   return os.path.isfile(path(workdir, CONFIG)) and os.path.isdir(path(workdir, CHECKPOINTS))
+
+
+class SavedConfigError(ValueError):
+  """A workdir's config.json cannot be read back: not JSON (cut short, edited by hand) or not an object. The message
+  names the file, where the JSON breaks, and what to do."""
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+  """The finished checkpoint steps of a workdir, from its folder names (Orbax writes a step under a temporary name
+  and renames it when done)."""
+  folder = path(workdir, CHECKPOINTS)
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def checkpoint_config(workdir: str | os.PathLike) -> str | None:
+  """The copy of the run's config that its newest checkpoint holds (JSON), or None when there is none."""
+  for step in reversed(checkpoint_steps(workdir)):
+    copy = os.path.join(path(workdir, CHECKPOINTS), str(step), "config", "metadata")
+    if os.path.isfile(copy):
+      return os.path.abspath(copy)
+  return None
+
+
+def read_config_json(workdir: str | os.PathLike):
+  """The JSON value of `<workdir>/config.json` (which must exist); SavedConfigError, one line with where the JSON
+  breaks and what to do, when it is not JSON."""
+  file = path(workdir, CONFIG)
+  with open(file, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+    return json.loads(text)
+  except UnicodeDecodeError as e:
+    where = f"not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+  except json.JSONDecodeError as e:  # a position at the very end: the file was cut short
+    where = (
+        "empty"
+        if not text.strip()
+        else f"not valid JSON at line {e.lineno} column {e.colno} (char {e.pos} of {len(text)}: {e.msg})"
+    )
+  raise SavedConfigError(f"{file} is {where}: cut short or edited by hand; {config_repair_hint(workdir)}")
+
+
+def config_repair_hint(workdir: str | os.PathLike) -> str:
+  """What to do about a workdir's config.json that cannot be read."""
+  copy = checkpoint_config(workdir)
+  if copy:
+    return f"copy the config its newest checkpoint was saved with over it ({copy}), or restore it from a backup"
+  return "restore it from a backup, or delete it (no checkpoint depends on it; training writes it again)"

@@ -101,3 +101,14 @@ def test_summary_with_nothing_to_show_names_what_each_path_lacks(tmp_path, capsy
   (work / "config.json").write_text("{}")
   with pytest.raises(SystemExit, match="is the MLLM folder .*; were --mllm and --workdir swapped"):
     demo_summary.main(["--mllm", str(work), "--workdir", str(mllm)])
+
+
+@pytest.mark.parametrize("name", ["config.json", "recon.json"])
+def test_a_file_cut_short_stops_the_summary_in_one_line_naming_it(tmp_path, name):
+  (tmp_path / "recon.json").write_text(json.dumps({"margin": 1.0, "top1_retrieval": 0.1}))
+  (tmp_path / "config.json").write_text(json.dumps({"init": {"workdir": ""}}))
+  (tmp_path / name).write_text('{"init": {"work')
+  with pytest.raises(SystemExit) as e:
+    demo_summary.main(["--mllm", str(tmp_path / "none"), "--workdir", str(tmp_path)])
+  line = e.value.code
+  assert isinstance(line, str) and "\n" not in line and str(tmp_path / name) in line, line

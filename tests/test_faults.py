@@ -18,6 +18,7 @@ from helpers import run_app
 from iomm_jax import config_validation
 from iomm_jax.train import checkpoint, guard
 from iomm_jax.train import lock as lock_lib
+from iomm_jax.train.user_errors import USER_ERRORS
 
 # ---- one trainer per workdir ------------------------------------------------------------------------------------
 
@@ -147,6 +148,97 @@ def test_nonfinite_checkpoint_is_not_resumed(tmp_path):
   assert step == 10 and moved == [20] and "non-finite" in said[0]
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_checkpoint_of_another_shape_is_not_damage_and_stays_where_it_is(tmp_path, fallback):
+  """A run whose config builds another tree (a changed width, an extra array) must not call intact checkpoints
+  damaged, move them aside and train from step 0: one line naming the first difference, nothing moved."""
+  ck = _two_checkpoints(tmp_path)
+  wider = {"w": jnp.zeros((64, 65), jnp.float32), "b": jnp.zeros(1000, jnp.float32)}
+  more = {**_tree(0.0), "extra": jnp.zeros(3, jnp.float32)}
+  for tree, want in ((wider, r"\(w: stored \(64, 64\), this run \(64, 65\)\)"), (more, r"extra: in this run, not in")):
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=want) as e:
+      ck.restore_newest_intact(_abstract(tree), None, fallback=fallback, is_finite=guard.tree_is_finite)
+    assert "checkpoint 20" in str(e.value) and "not damaged" in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, USER_ERRORS)
+  ck.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
+  assert not (tmp_path / checkpoint.DAMAGED_DIR).exists()
+
+
+# ---- a rerun with a changed config -------------------------------------------------------------------------------
+
+
+def test_resume_check_names_only_the_fields_that_fix_the_train_state():
+  from helpers import tiny_config
+  from iomm_jax.train import resume_check
+
+  saved = tiny_config("pretrain,short")
+  # What a resume may change: the schedule, the length, budgets, intervals, EMA's rate, the compute dtype, remat.
+  free = tiny_config("pretrain,short", train__lr=1e-4, train__num_steps=99, train__time_budget_s=60.0)
+  free.train.log_every, free.train.ckpt_every, free.train.eval_every, free.train.ema_decay = 1, 3, 7, 0.5
+  free.model.dtype, free.data.num_images = "bfloat16", 17
+  free.model.dit.arch.remat = "full"
+  assert resume_check.changed_fields(saved, free) == []
+  # A field left to the DiT family's default is the same DiT as the default written out.
+  written = tiny_config("pretrain,short")
+  written.model.dit.arch.patch_size = 1  # MMDiTConfig's default
+  assert resume_check.changed_fields(saved, written) == []
+
+  fixed = tiny_config("pretrain,short", train__optimizer="muon", train__ema_decay=0.0, train__grad_clip=0.0)
+  fixed.model.dit.arch.num_layers = 3
+  fixed.model.rqa.num_queries = 8
+  assert resume_check.changed_fields(saved, fixed) == [
+      ("model.rqa.num_queries", 16, 8),
+      ("train.optimizer", "adamw", "muon"),
+      ("train.ema_decay", 0.99, 0.0),
+      ("train.grad_clip", 1.0, 0.0),
+      ("model.dit.arch.num_layers", 2, 3),
+  ]
+  other_kind = tiny_config("pretrain,short", model__dit__kind="s3dit")
+  assert resume_check.changed_fields(saved, other_kind) == [("model.dit.kind", "mmdit", "s3dit")]
+
+
+def test_a_changed_model_is_refused_before_anything_in_the_workdir_is_written_or_moved(tmp_path):
+  """configs/tiny.py with num_layers=3 rerun on a workdir trained with 2: one line naming the field with both values
+  and what to do; config.json, the checkpoints and everything else untouched. A config.json that already says 3 (as
+  the buggy runs left it) is caught by the checkpoint's own tree, for training and for sampling alike."""
+  from helpers import tiny_config
+  from iomm_jax.config import ConfigError
+  from iomm_jax.train import builder, loop, restore
+
+  work = tmp_path / "run"
+  old = tiny_config("pretrain,short")
+  run = builder.build(old, load_frozen=False)
+  ck = checkpoint.Checkpointer(str(work), with_data=False)
+  # Zeros of the run's train state: the checks compare the stored tree, not its values (and skip compiling the init).
+  zeros = lambda x: jax.random.key(0) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.zeros(x.shape, x.dtype)  # noqa: E731
+  ck.save(10, jax.tree.map(zeros, run.abstract_state), config=json.loads(old.to_json_best_effort()))
+  ck.close()
+  loop.save_resolved_config(old, str(work))
+
+  def snapshot():
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+
+  before = snapshot()
+  new = tiny_config("pretrain,short")
+  new.model.dit.arch.num_layers = 3
+  with pytest.raises(ConfigError) as e:
+    loop.train(new, str(work))
+  msg = str(e.value)
+  assert "config.model.dit.arch.num_layers was 2 there, 3 now" in msg and "\n" not in msg
+  assert "new --workdir" in msg and "--config.model.dit.arch.num_layers=2" in msg
+  assert snapshot() == before
+
+  loop.save_resolved_config(new, str(work))  # config.json overwritten, as runs did before this check existed
+  before = snapshot()
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"checkpoint 10 .*transformer_blocks\.2.*not damaged"):
+    loop.train(new, str(work))
+  assert snapshot() == before, "nothing moved aside, nothing logged, config.json as it was"
+  assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "config.json"]
+  with pytest.raises(restore.RunRestoreError, match=r"checkpoint 10 .* does not fit the model .*config.json"):
+    restore.restore_run(str(work), load_frozen=False)
+
+
 # ---- saves that fail --------------------------------------------------------------------------------------------
 
 
@@ -219,6 +311,62 @@ def test_main_config_errors_are_one_line():
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert lines[-1].startswith("config error:") and want in lines[-1], r.stderr[-2000:]
+
+
+def _unreadable_data(tmp_path, kind):
+  """(data.source, data.path) of training data that cannot be used, of the given kind."""
+  if kind == "missing folder":
+    return "folder", tmp_path / "nope"
+  if kind == "empty folder":
+    (tmp_path / "empty").mkdir()
+    return "folder", tmp_path / "empty"
+  if kind == "zero-byte images":
+    (tmp_path / "zero").mkdir()
+    for i in range(3):
+      (tmp_path / "zero" / f"{i}.png").write_bytes(b"")
+    return "folder", tmp_path / "zero"
+  if kind == "missing jsonl":
+    return "jsonl", tmp_path / "nope.jsonl"
+  if kind == "arrayrecord without records":
+    from array_record.python import array_record_module as ar
+
+    (tmp_path / "shards").mkdir()
+    ar.ArrayRecordWriter(str(tmp_path / "shards" / "a.array_record"), "group_size:1").close()
+    return "arrayrecord", tmp_path / "shards"
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["missing folder", "empty folder", "zero-byte images", "missing jsonl", "arrayrecord without records"]
+)
+def test_data_that_cannot_be_used_stops_the_run_in_one_line_before_the_workdir_is_written(tmp_path, kind):
+  from helpers import tiny_config
+  from iomm_jax.train import loop
+
+  source, path = _unreadable_data(tmp_path, kind)
+  work = tmp_path / "work"
+  with pytest.raises(USER_ERRORS) as e:  # main prints these as one line, without a traceback
+    loop.train(tiny_config("pretrain,short", data__source=source, data__path=str(path)), str(work))
+  msg = str(e.value)
+  assert "data.path" in msg and str(path) in msg and "\n" not in msg, msg
+  assert list(work.iterdir()) == [], "no config.json, tensorboard/ or metrics for a run that cannot read its data"
+
+
+@pytest.mark.slow
+def test_main_data_errors_are_one_line_and_write_nothing(tmp_path):
+  work = tmp_path / "work"
+  r = run_app(
+      "iomm_jax.main",
+      "--config=configs/tiny.py:pretrain,short",
+      "--config.data.source=arrayrecord",
+      f"--config.data.path={tmp_path / 'no_shards'}",
+      f"--workdir={work}",
+  )
+  assert r.returncode != 0
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  lines = [x for x in r.stderr.splitlines() if x.strip()]
+  assert lines[-1].startswith("error: no ArrayRecord shards at") and "data.path" in lines[-1], r.stderr[-2000:]
+  assert not work.exists() or list(work.iterdir()) == []
 
 
 def test_sample_prompt_notes():

@@ -71,6 +71,35 @@ def test_folder_source_errors_name_the_path_and_the_fix(tmp_path):
     sources.make_source(cfg(source="bogus"))
 
 
+def test_a_source_that_cannot_be_opened_names_its_config_field(tmp_path):
+  """Every app reports DataConfigError in one line; the field is the one the path came from."""
+  from array_record.python import array_record_module as ar
+
+  (tmp_path / "shards").mkdir()
+  ar.ArrayRecordWriter(str(tmp_path / "shards" / "a.array_record"), "group_size:1").close()
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "a.array_record").write_bytes(b"not a shard")
+  (tmp_path / "bad.jsonl").write_text(json.dumps({"img": "x.png"}) + "\n")
+  cases = [
+      (dict(source="folder", path=str(tmp_path / "nope")), None, r"does not exist; set data.path "),
+      (dict(source="folder", path=str(tmp_path / "nope")), "data.val_path", r"does not exist; set data.val_path "),
+      (dict(source="jsonl", path=str(tmp_path / "nope.jsonl")), None, r"does not exist; set data.path "),
+      (dict(source="jsonl", path=str(tmp_path / "bad.jsonl")), None, r"^config.data.path='.*bad.jsonl': .*'image'"),
+      (dict(source="arrayrecord", path=str(tmp_path / "shards")), None, r"hold no records; .*point data.path"),
+      (dict(source="arrayrecord", path=str(tmp_path / "junk")), None, r"cannot be read .*point data.path"),
+      (
+          dict(source="arrayrecord", path=str(tmp_path)),
+          "data.image_path",
+          r"no ArrayRecord shards .*fix data.image_path",
+      ),
+      (dict(cached=True, cache_path=str(tmp_path / "nope")), None, r"no ArrayRecord shards .*fix data.cache_path"),
+  ]
+  for kw, field, want in cases:
+    with pytest.raises(pipeline.DataConfigError, match=want):
+      sources.make_source(cfg(**kw), field=field)
+  assert issubclass(pipeline.DataConfigError, ValueError)
+
+
 def test_table_sources(tmp_path):
   write_pngs(tmp_path / "img", 3, captions=False)
   (tmp_path / "t.jsonl").write_text(
@@ -227,7 +256,7 @@ def test_all_unreadable_fails_with_a_clear_error(tmp_path):
   (tmp_path / "x").mkdir()
   for i in range(3):
     (tmp_path / "x" / f"{i}.jpg").write_bytes(b"")
-  with pytest.raises(RuntimeError, match=r"3 records in a row .* unusable .*zero-byte"):
+  with pytest.raises(pipeline.DataConfigError, match=r"3 records in a row .* unusable .*zero-byte.*config.data.path$"):
     pipeline.make_dataset(cfg(source="folder", path=str(tmp_path / "x")), global_batch=2)
 
 

@@ -50,6 +50,26 @@ def test_training_never_reads_the_held_out_records(folder):
   assert len(seen) == 30 and len(held_pixels) == 10 and not seen & held_pixels
 
 
+@pytest.mark.parametrize("bad", ["missing", "zero-byte images"])
+def test_a_wrong_val_path_stops_the_run_at_start_naming_it(folder, tmp_path, bad):
+  """Checked before the first step when validation will run (not at the first eval, after checkpoints were written),
+  and named as data.val_path, not the data.path it stands in for."""
+  val = tmp_path / "val"
+  if bad == "zero-byte images":
+    val.mkdir()
+    for i in range(3):
+      (val / f"{i}.png").write_bytes(b"")
+  work = tmp_path / "work"
+  c = tiny_config("short", data__source="folder", data__path=str(folder), data__val_path=str(val))
+  c.train.eval_every = 10
+  with pytest.raises(data_config.DataConfigError) as e:
+    loop.train(c, str(work))
+  msg = str(e.value)
+  assert "data.val_path" in msg and str(val) in msg and "\n" not in msg, msg
+  assert "data.path" not in msg.replace("data.val_path", ""), msg
+  assert list(work.iterdir()) == []
+
+
 def test_val_path_and_shapes_heldout_draw(folder):
   d = data_config.from_config(source="folder", path="/nonexistent", val_path=str(folder), val_num=5)
   assert len(holdout.val_source(d)) == 40

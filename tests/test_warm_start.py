@@ -80,3 +80,18 @@ def test_workdirs_that_do_not_fit_fail_naming_the_field(stage1, tmp_path):
   wider.model.dit.arch.num_attention_heads = 8  # width 128 against the stored 64
   with pytest.raises(WarmStartError, match=r"dit\.context_embedder\.bias: stored \(64,\), this run \(128,\)"):
     builder.build(wider).init_state()
+
+
+def test_an_init_workdir_whose_config_json_was_cut_short_is_one_line_naming_it(tmp_path):
+  from iomm_jax.train import warm_start
+
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text('{"model": {"dit": ')
+  c = tiny_config("finetune,short", init__workdir=str(tmp_path))
+  with pytest.raises(WarmStartError) as e:
+    warm_start.params_from_workdir(c, None, None)  # the config is read before any checkpoint
+  msg = str(e.value)
+  assert msg.startswith(
+      f"config.init.workdir={str(tmp_path)!r}: {tmp_path / 'config.json'} is not valid JSON at line 1"
+  )
+  assert "\n" not in msg

@@ -72,3 +72,48 @@ def test_a_workdir_holding_another_config_json_is_refused_untouched(tmp_path):
   loop.save_resolved_config(tiny_config(), str(run))
   loop.check_workdir(str(run))  # a run's own config.json: the rerun resumes there
   assert [p.name for p in run.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("cut", ["truncated", "empty", "edited"])
+def test_a_config_json_cut_short_or_edited_is_one_line_naming_the_file_the_position_and_the_fix(tmp_path, cut):
+  """sample, the evaluators (restore.load_config / load_for_inference) and a rerun of training: one line, no
+  JSONDecodeError traceback, and nothing in the workdir changed."""
+  work = tmp_path / "work"
+  work.mkdir()
+  loop.save_resolved_config(tiny_config(), str(work))
+  text = (work / "config.json").read_text()
+  bad = {"truncated": text[:300], "empty": "", "edited": text.replace('"seed": 0', '"seed": 0,,', 1)}[cut]
+  (work / "config.json").write_text(bad)
+  path = work / "config.json"
+  want = {"truncated": r"is not valid JSON at line \d+ column \d+ \(char \d+ of 300:", "empty": "is empty"}
+  for call in (restore.load_config, restore.load_for_inference):
+    with pytest.raises(SystemExit) as e:
+      call(str(work))
+    msg = str(e.value)
+    assert msg.startswith(f"error: {path} is ") and "\n" not in msg, msg
+    assert re.search(want.get(cut, r"is not valid JSON at line \d+ column \d+"), msg), msg
+    assert "restore it from a backup, or delete it" in msg  # no checkpoint yet that keeps a copy
+  with pytest.raises(SystemExit, match=re.escape(f"error: {path} is ")):
+    loop.train(tiny_config(), str(work))
+  assert (work / "config.json").read_text() == bad and [p.name for p in work.iterdir()] == ["config.json"]
+  # With a checkpoint, the fix is the copy of the config it was saved with.
+  copy = work / "checkpoints" / "20" / "config" / "metadata"
+  copy.parent.mkdir(parents=True)
+  copy.write_text(text)
+  with pytest.raises(
+      SystemExit, match=re.escape(f"copy the config its newest checkpoint was saved with over it ({copy})")
+  ):
+    restore.load_config(str(work))
+
+
+@pytest.mark.slow
+def test_sample_reports_a_cut_short_config_json_in_one_line(tmp_path):
+  from helpers import run_app
+
+  work = tmp_path / "work"
+  work.mkdir()
+  loop.save_resolved_config(tiny_config(), str(work))
+  (work / "config.json").write_text((work / "config.json").read_text()[:200])
+  r = run_app("iomm_jax.sample", f"--workdir={work}", "--prompt=a red circle", f"--out={tmp_path / 'out'}")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith(f"error: {work / 'config.json'} is not valid JSON at line")

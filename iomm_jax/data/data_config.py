@@ -15,6 +15,12 @@ from iomm_jax import config as schema
 from iomm_jax import config_validation
 
 
+class DataConfigError(ValueError):
+  """The data is not what the configuration says: a path that holds no data of its kind, records that cannot be
+  used, features where images were expected. The message names the config field (data.path, data.val_path, …) and
+  what to do; every app reports it as one line (train/user_errors.py). Never counted as a skipped record."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """``config.data`` as the data code sees it (see ``config.base_config`` for what each field means)."""

@@ -50,6 +50,15 @@ class Subset:
   def sizes(self) -> np.ndarray:
     return buckets_lib.record_sizes(self.parent)[self.indices]
 
+  @property
+  def field(self) -> str | None:
+    """The config field of the parent's path (sources.make_source), for messages."""
+    return getattr(self.parent, "field", None)
+
+  @property
+  def where(self) -> str | None:
+    return getattr(self.parent, "where", None)
+
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """(training indices, held-out indices) of n records, each sorted: a seeded choice of ⌈fraction·n⌉ held out."""
@@ -57,7 +66,7 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.arange(n, dtype=np.int64), np.zeros((0,), np.int64)
   k = math.ceil(fraction * n)
   if k >= n:
-    raise ValueError(
+    raise data_config.DataConfigError(
         f"config.data.val_fraction={fraction} holds out all {n} records of the dataset; lower it or set data.val_path"
     )
   chosen = np.random.default_rng(mix.derived_seed(seed, SPLIT_SALT)).permutation(n)[:k]
@@ -79,14 +88,14 @@ def train_source(data_cfg: Any, workdir: str | None = None) -> Any:
 def val_source(data_cfg: Any, workdir: str | None = None) -> Any | None:
   """The held-out records (module docstring), or None where the source has no held-out set."""
   d = data_config.from_config(data_cfg)
-  if d.val_path:
+  if d.val_path:  # errors name data.val_path, the field the user set, not the data.path it stands in for
     if d.cached:
-      return sources.make_source(dataclasses.replace(d, cache_path=d.val_path), workdir)
+      return sources.make_source(dataclasses.replace(d, cache_path=d.val_path), workdir, "data.val_path")
     # shapes with a val_path: a folder of another draw of the world (the training world is data.shapes_seed)
     held = dataclasses.replace(
         d, path=d.val_path, num_images=d.val_num, shapes_seed=d.seed + sources.HELDOUT_SEED_OFFSET
     )
-    return sources.make_source(held, workdir)
+    return sources.make_source(held, workdir, "data.val_path")
   if d.val_fraction:
     source = sources.make_source(d, workdir)
     _, held = split_indices(len(source), d.val_fraction, d.seed)

@@ -54,16 +54,12 @@ import numpy as np
 
 from iomm_jax.data import buckets as buckets_lib
 from iomm_jax.data import data_config, decode, holdout, mix, sources
-from iomm_jax.data.data_config import DataConfig
+from iomm_jax.data.data_config import DataConfig, DataConfigError
 
 MAX_CONSECUTIVE_SKIPS = 256  # unreadable/uncaptioned records tolerated in a row before the pipeline fails
 CAPTION_CHECK_RECORDS = 64  # pair recipes check the first N source records for captions at start
 # The image arrays an example carries: cached features (data.cached=True) or raw pixels for the autoencoder and ViT.
 IMAGE_KEYS = {True: ("latent", "vit_tokens"), False: ("pixels", "vit_pixels")}
-
-
-class DataConfigError(ValueError):
-  """The data is not what the configuration says (never counted as a skip)."""
 
 
 class ProcessBlocks(grain.MapDataset):
@@ -118,6 +114,9 @@ class LoadExample:
     self.image_source, self.bucket_lists = image_source, bucket_lists
     self.n = len(source)
     self.draws = mix.mix_draws(spec.seed, spec.mix_lambda) if spec.recipe == "mix" else None
+    # The field and place the records come from, for messages: a held-out set is data.val_path's, not data.path's.
+    self.field = getattr(source, "field", None) or ("data.cache_path" if spec.cached else "data.path")
+    self.where = getattr(source, "where", None) or spec.where
 
   def image_only(self, pos: int) -> bool:
     """Whether global stream position ``pos`` is an image-only sample (recipe 'mix': Bernoulli(λ), seeded)."""
@@ -184,7 +183,7 @@ class LoadExample:
     if from_image_set and self.image_source is None:
       raise ValueError("LoadExample: an image-set slot but no image_source was given")
     source = self.image_source if from_image_set else self.source
-    where = self.spec.image_where if from_image_set else self.spec.where
+    where = self.spec.image_where if from_image_set else self.where
     bucket = int(slot.bucket)
     if bucket >= 0:  # candidates: this bucket's records, from the slot's rank on
       members = self.bucket_lists[bucket]
@@ -236,11 +235,12 @@ class LoadExample:
       if self.spec.buckets:
         out["bucket"] = np.int32(bucket)
       return out
-    raise RuntimeError(
+    image_field = "data.image_cache_path" if self.spec.cached else "data.image_path"
+    raise DataConfigError(
         f"{skipped + uncaptioned} records in a row from index {idx} of {where}"
         f"{'' if bucket < 0 else f' (bucket {self.spec.buckets[bucket]})'} are unusable "
         f"({skipped} unreadable, {uncaptioned} without caption; first error: {first_error}); check the "
-        "data (e.g. re-run prepare, which validates images) or the data path"
+        f"data (e.g. re-run prepare, which validates images) or config.{image_field if from_image_set else self.field}"
     )
 
 
@@ -328,7 +328,8 @@ def make_dataset(
   if source is None:
     source = holdout.train_source(spec, workdir)
   if spec.has_image_set and image_source is None:
-    image_source = sources.make_source(spec.as_image_set(), workdir)
+    field = "data.image_cache_path" if spec.cached else "data.image_path"
+    image_source = sources.make_source(spec.as_image_set(), workdir, field)
   elif image_source is not None and not spec.has_image_set:
     raise ValueError("make_dataset: image_source was given but data.image_source is ''")
   check_captions(source, spec)  # the pair set only: image-only samples need no caption
@@ -381,5 +382,6 @@ def load_examples(data_cfg: Any, source: Any, num: int, tokenize: Callable[[str]
   load = LoadExample(source, spec, tokenize)
   rows = [load(mix.Slot(i, i)) for i in range(min(num, len(source)))]
   if not rows:
-    raise DataConfigError(f"the held-out set of {d.where} is empty; check data.val_path / data.val_fraction")
+    where = getattr(source, "where", None) or d.where
+    raise DataConfigError(f"the held-out set of {where} is empty; check data.val_path / data.val_fraction")
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

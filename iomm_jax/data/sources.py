@@ -6,7 +6,8 @@ decoding, resizing and the handling of unreadable images live in ``pipeline.py``
 by ``source[i]`` as an unreadable record.
 
 Sources are picklable (Grain ships them to worker processes): file handles and readers are opened lazily and
-dropped on pickling.
+dropped on pickling. A source that cannot be opened (no such file, no images, no records) raises
+``data_config.DataConfigError`` naming the config field that points at it (``field``: data.path, data.val_path, …).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from iomm_jax import data_kinds
 from iomm_jax.data import corpus_files, data_config
+from iomm_jax.data.data_config import DataConfigError
 from iomm_jax.data import decode
 from iomm_jax.data import shapes
 from iomm_jax.data import records
@@ -78,24 +80,24 @@ class FolderSource:
   """Images under a folder (recursive; png/jpg/jpeg/webp). Captions: sidecar ``<stem>.txt``, else
   ``captions.jsonl`` at the root (``{"file": relative path, "caption": ...}`` per line), else None."""
 
-  def __init__(self, path: str | os.PathLike):
+  def __init__(self, path: str | os.PathLike, field: str = "data.path"):
     self.root = Path(path)
     if not self.root.exists():
-      raise ValueError(
-          f"image folder {self.root} does not exist; set data.path to a folder of images "
-          f"({'/'.join(e[1:] for e in corpus_files.IMAGE_EXTENSIONS)}, searched recursively) or use "
-          "data.source='shapes'"
+      raise DataConfigError(
+          f"image folder {self.root} does not exist; set {field} to a folder of images "
+          f"({'/'.join(e[1:] for e in corpus_files.IMAGE_EXTENSIONS)}, searched recursively)"
+          + (" or use data.source='shapes'" if field == "data.path" else "")
       )
     if not self.root.is_dir():
-      raise ValueError(
-          f"data.path {self.root} is a file, not a folder; for a table of image paths use "
+      raise DataConfigError(
+          f"{field} {self.root} is a file, not a folder; for a table of image paths use "
           "data.source='jsonl' or 'csv', for shards 'arrayrecord'"
       )
     found = corpus_files.list_images(self.root)
     if not found:
-      raise ValueError(
+      raise DataConfigError(
           f"image folder {self.root} contains no images ({', '.join(corpus_files.IMAGE_EXTENSIONS)}, "
-          "searched recursively); put images there or point data.path at the right folder"
+          f"searched recursively); put images there or point {field} at the right folder"
       )
     self.files = [str(p) for p, _ in found]
     self.sidecars = [None if t is None else str(t) for _, t in found]
@@ -121,16 +123,22 @@ class _TableSource:
   """Rows of (image, caption) from a table file; relative image paths are relative to the table's folder, and a
   Parquet column of encoded bytes / ``{bytes, path}`` structs is read row group by row group."""
 
-  def __init__(self, path: str | os.PathLike, image_key: str = "image", caption_key: str | None = "caption"):
+  def __init__(
+      self,
+      path: str | os.PathLike,
+      image_key: str = "image",
+      caption_key: str | None = "caption",
+      field: str = "data.path",
+  ):
     path = Path(path)
     if not path.is_file():
-      raise ValueError(
-          f"table {path} does not exist; set data.path to a {type(self).__name__[:-6].lower()} "
+      raise DataConfigError(
+          f"table {path} does not exist; set {field} to a {type(self).__name__[:-6].lower()} "
           f"file with {image_key!r} and {caption_key!r} columns"
       )
     rows = corpus_files.read_table(path, image_key, caption_key)
     if not rows:
-      raise ValueError(f"table {path} has no rows; add (image, caption) rows or point data.path elsewhere")
+      raise DataConfigError(f"table {path} has no rows; add (image, caption) rows or point {field} elsewhere")
     self.captions = [r[1] for r in rows]
     self.images = None  # encoded images in the table itself (Parquet bytes / structs)
     if isinstance(rows[0][0], int):
@@ -167,8 +175,9 @@ class ParquetSource(_TableSource):
   """Parquet file with ``image_key`` (paths, encoded bytes or ``{bytes, path}`` structs) and ``caption_key``."""
 
 
-def shard_paths(dir_or_glob: str | os.PathLike) -> list[str]:
-  """ArrayRecord shard files of a directory (``*.array_record``), a glob pattern or a single file, sorted."""
+def shard_paths(dir_or_glob: str | os.PathLike, field: str = "data.path / data.cache_path") -> list[str]:
+  """ArrayRecord shard files of a directory (``*.array_record``), a glob pattern or a single file, sorted; ``field``
+  names the config field that points at them in the error."""
   p = str(dir_or_glob)
   if os.path.isdir(p):
     files = sorted(glob.glob(os.path.join(p, "*.array_record")))
@@ -177,9 +186,9 @@ def shard_paths(dir_or_glob: str | os.PathLike) -> list[str]:
   else:
     files = [p] if os.path.isfile(p) else []
   if not files:
-    raise ValueError(
+    raise DataConfigError(
         f"no ArrayRecord shards at {p!r}; write them with `python -m iomm_jax.data.prepare --src ... "
-        f"--dst {p}` (or the feature cache), or fix data.path / data.cache_path"
+        f"--dst {p}` (or the feature cache), or fix {field}"
     )
   return files
 
@@ -187,12 +196,21 @@ def shard_paths(dir_or_glob: str | os.PathLike) -> list[str]:
 class ArrayRecordSource:
   """Records of ArrayRecord shards written by ``prepare`` (images) or the feature cache (features)."""
 
-  def __init__(self, dir_or_glob: str | os.PathLike):
-    self.paths = shard_paths(dir_or_glob)
+  def __init__(self, dir_or_glob: str | os.PathLike, field: str = "data.path / data.cache_path"):
+    self.paths = shard_paths(dir_or_glob, field)
     self._ds = None
-    self._len = len(self._reader())
+    try:
+      self._len = len(self._reader())
+    except RuntimeError as e:  # array_record's C++ reader: a file cut short or not an ArrayRecord shard
+      raise DataConfigError(
+          f"ArrayRecord shards at {dir_or_glob} cannot be read ({str(e).splitlines()[0] if str(e) else e!r}); "
+          f"re-run prepare (or the feature cache), or point {field} at intact shards"
+      ) from None
     if self._len == 0:
-      raise ValueError(f"ArrayRecord shards at {dir_or_glob} hold no records; re-run prepare")
+      raise DataConfigError(
+          f"ArrayRecord shards at {dir_or_glob} hold no records; re-run prepare, or point {field} at shards that "
+          "hold records"
+      )
 
   def _reader(self):
     if self._ds is None:
@@ -228,13 +246,14 @@ class TfdsSource:
       split: str = "train",
       image_key: str = "image",
       caption_key: str | None = None,
+      field: str = "data.path",
   ):
     self.builder_dir, self.split = str(builder_dir), split
     self.image_key, self.caption_key = image_key, caption_key
     if not os.path.isfile(os.path.join(self.builder_dir, "dataset_info.json")):
-      raise ValueError(
+      raise DataConfigError(
           f"{self.builder_dir} is not a TFDS builder directory (no dataset_info.json); point "
-          "data.path at the versioned folder, e.g. ~/tensorflow_datasets/NAME/1.0.0"
+          f"{field} at the versioned folder, e.g. ~/tensorflow_datasets/NAME/1.0.0"
       )
     self._ds = None
     self._len = len(self._source())
@@ -245,7 +264,7 @@ class TfdsSource:
 
       builder = tfds.builder_from_directory(self.builder_dir)
       if self.split not in builder.info.splits:
-        raise ValueError(
+        raise DataConfigError(
             f"TFDS dataset {self.builder_dir} has no split {self.split!r} "
             f"(splits: {list(builder.info.splits)}); set data.split"
         )
@@ -282,7 +301,7 @@ def _resolve(path: str, workdir: str | os.PathLike | None) -> Path:
   return p if p.is_absolute() or workdir is None else Path(workdir) / p
 
 
-def make_source(data_cfg: Any, workdir: str | os.PathLike | None = None):
+def make_source(data_cfg: Any, workdir: str | os.PathLike | None = None, field: str | None = None):
   """The source named by ``data_cfg.source`` at ``data_cfg.path`` (see the module docstring for records).
 
   ``data_cfg``: ``config.data`` or a DataConfig. ``cached=True`` reads feature shards at ``data_cfg.cache_path``.
@@ -290,26 +309,38 @@ def make_source(data_cfg: Any, workdir: str | os.PathLike | None = None):
   are taken relative to ``workdir``) is written once with :func:`shapes.write_folder` and read as a folder. Other
   relative paths are relative to the current directory. ``split``/``image_key``/``caption_key`` serve tfds and
   tables.
+
+  ``field`` is the config field the path came from (default data.path, or data.cache_path when cached): errors name
+  it, and the source keeps it (``source.field``, ``source.where``) for the pipeline's messages about its records.
+  A source that cannot be opened raises DataConfigError.
   """
   d = data_config.from_config(data_cfg)
-  if d.cached:
-    return ArrayRecordSource(d.cache_path)
-  return _MAKERS[d.source](d, os.path.expanduser(d.path), workdir)
+  field = field or ("data.cache_path" if d.cached else "data.path")
+  path = d.cache_path if d.cached else os.path.expanduser(d.path)
+  try:
+    source = ArrayRecordSource(path, field) if d.cached else _MAKERS[d.source](d, path, workdir, field)
+  except DataConfigError:
+    raise
+  except (ValueError, OSError) as e:  # a table's own reader (a bad line, a missing column), an unreadable file
+    raise DataConfigError(f"config.{field}={path!r}: {e}") from None
+  source.field, source.where = field, path or d.source
+  return source
 
 
-def _shapes(d: data_config.DataConfig, path: str, workdir) -> Any:
+def _shapes(d: data_config.DataConfig, path: str, workdir, field: str) -> Any:
   if not path:
     return ShapesSource(d.num_images, render_size(d), d.shapes_seed)
 
-  return FolderSource(shapes.write_folder(_resolve(path, workdir), d.num_images, d.resolution, d.shapes_seed))
+  folder = shapes.write_folder(_resolve(path, workdir), d.num_images, d.resolution, d.shapes_seed)
+  return FolderSource(folder, field)
 
 
-_MAKERS = {  # data.source → maker(data config, expanded path, workdir); keys == SOURCES
+_MAKERS = {  # data.source → maker(data config, expanded path, workdir, config field); keys == SOURCES
     "shapes": _shapes,
-    "folder": lambda d, path, _: FolderSource(path),
-    "arrayrecord": lambda d, path, _: ArrayRecordSource(path),
-    "tfds": lambda d, path, _: TfdsSource(path, d.split, d.image_key, d.caption_key or None),
-    "jsonl": lambda d, path, _: JsonlSource(path, d.image_key, d.caption_key or None),
-    "csv": lambda d, path, _: CsvSource(path, d.image_key, d.caption_key or None),
-    "parquet": lambda d, path, _: ParquetSource(path, d.image_key, d.caption_key or None),
+    "folder": lambda d, path, _, field: FolderSource(path, field),
+    "arrayrecord": lambda d, path, _, field: ArrayRecordSource(path, field),
+    "tfds": lambda d, path, _, field: TfdsSource(path, d.split, d.image_key, d.caption_key or None, field),
+    "jsonl": lambda d, path, _, field: JsonlSource(path, d.image_key, d.caption_key or None, field),
+    "csv": lambda d, path, _, field: CsvSource(path, d.image_key, d.caption_key or None, field),
+    "parquet": lambda d, path, _, field: ParquetSource(path, d.image_key, d.caption_key or None, field),
 }

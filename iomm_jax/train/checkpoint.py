@@ -6,7 +6,9 @@ directory and renames), so an interrupted save never leaves a checkpoint that re
 
 Faults: a failed async save surfaces at the first step boundary after it (`check_save`), as one line with the
 path, the bytes needed and the bytes free; `restore_newest_intact` moves a damaged or non-finite newest checkpoint
-to `<workdir>/damaged_checkpoints/` (outside Orbax's step listing) and resumes from the newest intact one.
+to `<workdir>/damaged_checkpoints/` (outside Orbax's step listing) and resumes from the newest intact one. A
+checkpoint whose stored tree does not match the run's (`state_mismatch`: another model or optimizer config wrote
+it) is not damage: it stays where it is and the run stops with one line (`CheckpointMismatchError`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ DAMAGED_DIR = "damaged_checkpoints"
 
 class CheckpointRestoreError(RuntimeError):
   """No checkpoint could be restored (or the newest failed and config.train.restore_fallback is off)."""
+
+
+class CheckpointMismatchError(CheckpointRestoreError):
+  """A checkpoint that holds a train state of another structure or shape than the run builds: written with another
+  model or optimizer config, not damaged (nothing is moved aside)."""
 
 
 class SaveFailedError(RuntimeError):
@@ -135,9 +142,7 @@ class Checkpointer:
 
   def steps_on_disk(self) -> list[int]:
     """Finished checkpoint steps in the directory (Orbax's own list may already name a save that failed)."""
-    if not os.path.isdir(self.directory):
-      return []
-    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    return _steps_in(self.directory)
 
   def last_size(self) -> int:
     """Bytes of the newest finished checkpoint on disk (0 when none)."""
@@ -183,6 +188,7 @@ class Checkpointer:
     """
     moved, problems = [], []  # problems: (step, paragraph)
     for step in sorted(self.manager.all_steps(), reverse=True):
+      self.check_fits(abstract_state, step)  # another config's checkpoint is not damaged: never moved aside
       try:
         state, _ = self.restore(abstract_state, data_iter, step)
         problem = (
@@ -240,6 +246,48 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"iomm_move_aside_{step}")
     self.manager.reload()
     return dest
+
+  def state_mismatch(self, abstract_state, step: int) -> str | None:
+    """The first leaf where the train state stored at `step` and `abstract_state` (the run's, arrays or
+    ShapeDtypeStructs) differ — another shape, or present in only one — read from the checkpoint's metadata, no
+    arrays read. None when they agree, or when the metadata cannot be read (damage, which the restore reports)."""
+    try:
+      metadata = self.manager.item_metadata(step)
+      tree = metadata["state"] if metadata is not None else None
+    except Exception:  # noqa: BLE001 — unreadable metadata is a damaged checkpoint, not another config's
+      return None
+    if tree is None:
+      return None
+    stored = {
+        _dotted(p): tuple(getattr(x, "shape", None) or ()) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    ours = {}
+    for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+      # A typed PRNG key is stored as its raw key data (one more axis): only its presence is compared.
+      is_key = hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+      ours[_dotted(p)] = None if is_key else tuple(getattr(x, "shape", ()))
+    for path, shape in ours.items():
+      if path not in stored:
+        return f"{path}: in this run, not in the checkpoint"
+      if shape is not None and stored[path] != shape:
+        return f"{path}: stored {stored[path]}, this run {shape}"
+    extra = sorted(set(stored) - set(ours))
+    return f"{extra[0]}: in the checkpoint, not in this run" if extra else None
+
+  def check_fits(self, abstract_state, step: int | None = None) -> None:
+    """Raise CheckpointMismatchError (one line) when checkpoint `step` (default the newest; none: nothing to check)
+    holds a train state that `abstract_state` does not match."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return
+    mismatch = self.state_mismatch(abstract_state, step)
+    if mismatch:
+      raise CheckpointMismatchError(
+          f"checkpoint {step} in {self.directory} holds a train state this config does not build ({mismatch}): "
+          "it was saved with another model or optimizer config, so it is not damaged and was left where it is. "
+          f"Rerun with the config it was saved with ({os.path.join(self.directory, str(step), 'config', 'metadata')}"
+          "), or train this config in a new --workdir"
+      )
 
   def param_mismatch(self, abstract_params, step: int | None = None) -> str | None:
     """The first generator parameter where the checkpoint and `abstract_params` (pure dict of ShapeDtypeStructs)
@@ -314,8 +362,15 @@ def _root_message(exc: BaseException) -> str:
 
 
 def _dotted(path) -> str:
-  """A jax key path as tree_paths' dotted string ('dit.blocks.0.kernel'), whatever the key types."""
-  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  """A jax key path as tree_paths' dotted string ('dit.blocks.0.kernel'), whatever the key types (dict keys,
+  sequence indices, dataclass and namedtuple fields)."""
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _steps_in(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
 def _collect_quietly() -> None:

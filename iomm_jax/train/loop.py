@@ -15,8 +15,8 @@ from iomm_jax import config as config_lib
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
 from iomm_jax.data import holdout, pipeline
-from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, sample_grids, schedule, time_budget
-from iomm_jax.train import validation
+from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, resume_check, sample_grids
+from iomm_jax.train import schedule, time_budget, validation
 from iomm_jax.train import flops as flops_lib
 from iomm_jax.train import lock as lock_lib
 from iomm_jax.train import step as step_lib
@@ -26,13 +26,18 @@ from iomm_jax import workdir_layout
 
 def check_workdir(workdir: str) -> None:
   """Create the workdir or fail clearly when it cannot be written, or when it holds a config.json that is not a
-  run's (a model folder such as the MLLM's: the run would overwrite it)."""
+  run's (a model folder such as the MLLM's: the run would overwrite it) or that is not JSON (cut short)."""
   saved = workdir_layout.path(workdir, workdir_layout.CONFIG)
-  if os.path.isfile(saved) and not _is_run_config(saved):
-    raise SystemExit(
-        f"--workdir={workdir!r} holds a config.json that is not a training run's (a model folder?); training there "
-        "would overwrite it: give the run a folder of its own"
-    )
+  if os.path.isfile(saved):
+    try:
+      is_run = _is_run_config(workdir_layout.read_config_json(workdir))
+    except workdir_layout.SavedConfigError as e:
+      raise SystemExit(f"error: {e}") from None
+    if not is_run:
+      raise SystemExit(
+          f"--workdir={workdir!r} holds a config.json that is not a training run's (a model folder?); training "
+          "there would overwrite it: give the run a folder of its own"
+      )
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")
@@ -45,12 +50,7 @@ def check_workdir(workdir: str) -> None:
     ) from e
 
 
-def _is_run_config(path: str) -> bool:
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    return False
+def _is_run_config(saved) -> bool:
   return isinstance(saved, dict) and {"model", "train", "data"} <= set(saved)
 
 
@@ -136,6 +136,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   checkpoint.SaveFailedError when a save failed.
   """
   check_workdir(workdir)
+  resume_check.check(config, workdir)  # a changed model shape stops here, before anything is written or moved
   is_main = jax.process_index() == 0
   lock = lock_lib.WorkdirLock(workdir, enabled=is_main).acquire()
   if lock.took_over:
@@ -144,20 +145,26 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   ckpt = writer = data_iter = None
   try:
     profiling.enable_compile_cache(config.train.compile_cache_dir, workdir)
-    run = builder.build(config)
-    save_resolved_config(config, workdir)  # once the run builds: a config that cannot leaves no run folder behind
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    run = builder.build(config, load_frozen=False)
+    # Everything that reads the user's data, and the checkpoints' fit, is checked before the first write: a config
+    # that cannot run (a wrong data.path or data.val_path, another model's checkpoints) leaves the workdir as it was.
+    # The cheap checks come before loading the frozen weights (gigabytes for a real MLLM).
     data_iter, dataset_size = make_data_iter(run, workdir)
     num_steps = schedule.num_steps(config.train, dataset_size)
     run = run.with_num_steps(num_steps)
+    held_out = _validation(config, workdir, run, is_main)  # reads the held-out set now, not at the first eval
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, cleanup_tmp=True)
+    ckpt.check_fits(run.abstract_state)  # another config's checkpoints are not damaged: stop, move nothing
+    run.frozen = builder.load_frozen_weights(config, run)
+    save_resolved_config(config, workdir)  # once the run builds and its data reads
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
     if config.train.epochs > 0 and is_main:
       print(
           f"train.epochs={config.train.epochs} over {dataset_size} examples at batch {config.train.global_batch}: "
           f"{num_steps} steps",
           flush=True,
       )
-    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, cleanup_tmp=True)
-    summary = _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_steps)
+    summary = _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_steps, held_out)
     ckpt.close()
     return summary
   except BaseException:
@@ -173,7 +180,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     lock.release()
 
 
-def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_steps: int) -> dict:
+def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_steps: int, held_out) -> dict:
   is_main = jax.process_index() == 0
   t = config.train
   if ckpt.latest_step() is not None:
@@ -197,7 +204,7 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
   nonfinite_total = int(previous[-1].get("nonfinite_total", 0)) if previous else 0
   truncated_total = int(previous[-1].get("captions_truncated_total", 0)) if previous else 0
   end = num_steps if max_steps is None else min(num_steps, start + max_steps)
-  validator, grids = _validation(config, workdir, run, is_main)
+  validator, grids = held_out
   flops = flops_lib.flops_per_step(run)
   profiler = profiling.StepProfiler(
       *config.train.profile_steps, profiling.profile_dir(workdir, jax.process_index(), jax.process_count())

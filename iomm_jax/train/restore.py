@@ -11,18 +11,31 @@ from iomm_jax.train import builder, checkpoint
 from iomm_jax.train.user_errors import USER_ERRORS
 from iomm_jax import workdir_layout
 
+SavedConfigError = workdir_layout.SavedConfigError  # config.json is not JSON: one line naming file and position
+
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved at start (`<workdir>/config.json`)."""
+  """The resolved config a run saved at start (`<workdir>/config.json`); a missing or unreadable file exits with one
+  line naming it (SystemExit, status 1)."""
   path = workdir_layout.path(workdir, workdir_layout.CONFIG)
   if not os.path.exists(path):
     raise SystemExit(f"{path} not found: --workdir must be a training workdir written by python -m iomm_jax.main")
-  import json
+  try:
+    return read_config(workdir)
+  except SavedConfigError as e:
+    raise SystemExit(f"error: {e}") from None
 
-  with open(path) as f:
-    saved = _tuples(json.load(f))
-  # Fields added to the schema after the run started take their defaults, so older workdirs still load.
-  return ml_collections.ConfigDict(_with_defaults(saved, config_lib.base_config().to_dict()))
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """`<workdir>/config.json` (which must exist) as a config: JSON lists as tuples, and fields added to the schema
+  after the run started at their defaults, so older workdirs still load. Raises SavedConfigError."""
+  saved = workdir_layout.read_config_json(workdir)
+  if not isinstance(saved, dict):
+    raise SavedConfigError(
+        f"{workdir_layout.path(workdir, workdir_layout.CONFIG)} holds a JSON {type(saved).__name__}, not a run's "
+        f"config (an object); {workdir_layout.config_repair_hint(workdir)}"
+    )
+  return ml_collections.ConfigDict(_with_defaults(_tuples(saved), config_lib.base_config().to_dict()))
 
 
 def _with_defaults(saved: dict, defaults: dict) -> dict:
@@ -66,6 +79,16 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool = True, 
       if step is not None and step not in have:
         raise RunRestoreError(f"--step={step}: no such checkpoint under {ckpt.directory}; it has steps {have}")
       abstract = checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings)
+      # A config.json changed after the checkpoint was saved builds another model: one line, not Orbax's traceback.
+      which = have[-1] if step is None else step
+      mismatch = ckpt.state_mismatch(abstract, which)
+      if mismatch:
+        raise RunRestoreError(
+            f"checkpoint {which} under {ckpt.directory} does not fit the model that "
+            f"{workdir_layout.path(workdir, workdir_layout.CONFIG)} describes ({mismatch}): the config was changed "
+            "after the checkpoint was saved; copy the config the checkpoint was saved with over it "
+            f"({os.path.join(ckpt.directory, str(which), 'config', 'metadata')})"
+        )
       state, step = ckpt.restore(abstract, step=step)
     except BaseException:
       ckpt.abandon()  # without the 'Event loop is closed' tracebacks a failed Orbax read prints at exit

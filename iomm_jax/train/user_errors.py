@@ -2,6 +2,7 @@
 app reports as one line, without a traceback."""
 
 from iomm_jax.config import ConfigError
+from iomm_jax.data.data_config import DataConfigError
 from iomm_jax.metrics import MetricsWriteError
 from iomm_jax.models.internvl_keys import MLLMCheckpointError
 from iomm_jax.models.keymap import KeyMismatchError
@@ -10,9 +11,11 @@ from iomm_jax.train.guard import NonFiniteError
 from iomm_jax.train.lock import WorkdirLockedError
 from iomm_jax.train.warm_start import WarmStartError
 from iomm_jax.weights.init_weights import InitWeightsError
+from iomm_jax.workdir_layout import SavedConfigError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
+    DataConfigError,
     InitWeightsError,
     KeyMismatchError,
     MLLMCheckpointError,
@@ -22,4 +25,5 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointRestoreError,
     SaveFailedError,
     MetricsWriteError,
+    SavedConfigError,
 )

@@ -7,8 +7,6 @@ kept: the optimizer state, step and data position start fresh.
 
 from __future__ import annotations
 
-import json
-
 from iomm_jax.train import checkpoint
 from iomm_jax import workdir_layout
 
@@ -27,8 +25,12 @@ def _same(src: dict, config, dotted: str):
 def params_from_workdir(config, abstract_state, state_shardings):
   """The generator params of config.init.workdir's latest checkpoint, on this run's shardings."""
   workdir = config.init.workdir
-  with open(workdir_layout.path(workdir, workdir_layout.CONFIG)) as f:
-    src = json.load(f)
+  try:
+    src = workdir_layout.read_config_json(workdir)
+  except workdir_layout.SavedConfigError as e:
+    raise WarmStartError(f"config.init.workdir={workdir!r}: {e}") from None
+  if not isinstance(src, dict):
+    raise WarmStartError(f"config.init.workdir={workdir!r}: its config.json is not a run's config (a JSON object)")
   # The checkpoint is restored into this run's TrainState layout, so the parts that shape it must agree.
   for field in ("train.optimizer", "model.dit.kind"):
     theirs, ours = _same(src, config, field)
