@@ -8,8 +8,8 @@
 The benchmark — its prompts, categories, scoring rules and chance level — is defined in `shapes_benchmark`; this
 module samples a run, scores it and writes the report. Writes `<workdir>/eval_shapes.json` (scores, chance, counts,
 per-prompt results), `<workdir>/eval_shapes.png` (two prompts per category: the prompt, then its samples framed green
-when correct, red when not) and the samples in GenEval's layout under `<workdir>/eval_shapes/samples`; prints one
-JSON line. With --uncond every default name gets the suffix `_uncond`; with --phrasing=geneval (the same prompts worded
+when correct, red when not) and the samples in GenEval's layout under `<workdir>/eval_shapes/samples` (or --out),
+with the prompt set as `prompts.jsonl` in that folder; prints one JSON line. With --uncond every default name gets the suffix `_uncond`; with --phrasing=geneval (the same prompts worded
 as GenEval words them, "a photo of an orange circle left of a red square") the suffix `_geneval`. An --out (or a
 --write_prompts path) that cannot be written, or that holds anything but an earlier sample output, stops the run with
 one line before the model loads.
@@ -180,19 +180,16 @@ def main(argv=None) -> int:
   if not args.workdir:
     ap.error("give --workdir (sample and score), --samples=DIR, --validate or --write_prompts")
   out = args.out or os.path.join(args.workdir, workdir_layout.EVAL_SHAPES + suffix, workdir_layout.SAMPLES)
-  prompts_path = os.path.join(os.path.dirname(os.path.abspath(out)), "prompts.jsonl")
+  # The prompt set goes inside the sample folder, the one path the user named: nothing beside it is overwritten.
+  own = (geneval_layout.PROMPTS_FILE,)
   try:  # before the model loads: an --out that holds anything but an earlier sample output is never replaced
-    geneval_layout.check_out_dir(out)
-    problem = geneval_layout.output_path_problem(prompts_path, folder=False)
-    if problem:
-      raise geneval_layout.OutputPathError(problem)
+    geneval_layout.check_out_dir(out, also_own=own)
   except geneval_layout.OutputPathError as e:
     raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
   import jax
 
   run, params, step = restore.load_for_inference(args.workdir)
   metadata = shapes_benchmark.prompt_set(args.phrasing)
-  geneval_layout.write_prompts(prompts_path, metadata)
   try:
     sample_lib.write_geneval(
         run,
@@ -204,7 +201,9 @@ def main(argv=None) -> int:
         steps=args.steps,
         cfg_scale=args.cfg,
         prompt_of=(lambda m: "") if args.uncond else None,
+        also_own=own,
     )
+    geneval_layout.write_prompts(os.path.join(out, geneval_layout.PROMPTS_FILE), metadata)
   except geneval_layout.OutputPathError as e:  # something was put in --out while sampling: it is left alone
     raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
   base = workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix)

@@ -28,6 +28,9 @@ from PIL import Image
 from iomm_jax import jsonl, workdir_layout
 
 
+PROMPTS_FILE = "prompts.jsonl"  # a prompt set written inside the sample folder it produced (eval_shapes)
+
+
 class PromptsFileError(ValueError):
   """A prompts file line that is not a GenEval metadata object; the message names the file and line."""
 
@@ -64,7 +67,7 @@ def output_path_problem(path: str | os.PathLike, folder: bool) -> str:
     if folder and not path.is_dir():
       return f"{path} exists and is not a folder; give a folder"
     if not folder and path.is_dir():
-      return f"{path} is a folder; give a file path, such as {path / 'prompts.jsonl'}"
+      return f"{path} is a folder; give a file path, such as {path / PROMPTS_FILE}"
     return ""
   for parent in path.parents:  # the nearest existing folder above it must be a folder, or nothing can be made
     if parent.exists():

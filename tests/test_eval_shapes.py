@@ -249,7 +249,7 @@ def test_sample_cli_writes_the_geneval_layout(untrained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
+def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys, tmp_path):
   from iomm_jax import sample as sample_lib
 
   work, res = untrained
@@ -271,7 +271,7 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
   assert summary["checkpoint_step"] == 0 and summary["prompts"] == 5 and summary["resolution"] == res
   assert summary["overall"] <= summary["chance"]["overall"] + 0.1  # an untrained generator draws noise
   assert [m for _, m, _ in layout.read(work / "eval_shapes" / "samples")] == subset
-  assert layout.read_prompts(work / "eval_shapes" / "prompts.jsonl") == subset
+  assert layout.read_prompts(work / "eval_shapes" / "samples" / "prompts.jsonl") == subset
   assert (work / "eval_shapes.json").exists() and (work / "eval_shapes.png").exists()
   assert ev.main([f"--workdir={work}", "--num=1", "--uncond"]) == 0
   uncond = json.loads(capsys.readouterr().out.strip())
@@ -283,6 +283,15 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys):
   worded = json.loads(capsys.readouterr().out.strip())
   assert conditioned_on[2 * len(subset) :] == [[shapes.geneval_phrase(m["prompt"])] for m in subset]
   assert worded["phrasing"] == "geneval" and worded["report"].endswith("eval_shapes_geneval.json")
+  # An --out of the user's: the prompt set goes inside it; a prompts.jsonl beside it is not theirs to overwrite.
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "prompts.jsonl").write_text("my own file\n")
+  for _ in range(2):  # the rerun replaces the earlier output, prompt set included
+    assert ev.main([f"--workdir={work}", "--num=1", f"--out={mine / 's'}"]) == 0
+  assert (mine / "prompts.jsonl").read_text() == "my own file\n"
+  assert layout.read_prompts(mine / "s" / "prompts.jsonl") == subset
+  assert [m for _, m, _ in layout.read(mine / "s")] == subset
 
 
 def test_dominant_colour_diagnostic():
