@@ -27,7 +27,6 @@ from PIL import Image
 
 from iomm_jax import jsonl, workdir_layout
 
-
 PROMPTS_FILE = "prompts.jsonl"  # a prompt set written inside the sample folder it produced (eval_shapes)
 
 

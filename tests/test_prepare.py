@@ -317,6 +317,11 @@ def test_empty_shards_of_an_earlier_run_are_replaced_and_other_shards_refused_na
   assert "\n" not in err and "{" not in err, err
   assert "--shards was 3, now 2" in err and "--min_size was 32, now 16" in err and "give a new --dst" in err
   assert len(sources.ArrayRecordSource(dst)) == 6
+  # The keys read and the pixel limit decide what a shard holds too: a resume with others would mix two datasets.
+  assert prepare.main([*args, "--shards", "3", "--min_size", "32", "--caption_key", "", "--max_image_pixels", "9"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert '--caption_key was "caption", now ""' in err and "--max_image_pixels was" in err and "now 9" in err, err
+  assert "--shards" not in err and len(sources.ArrayRecordSource(dst)) == 6
 
 
 def test_table_errors_name_the_file_and_the_keys_read(tmp_path, capsys):

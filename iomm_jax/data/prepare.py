@@ -207,7 +207,7 @@ def _option_changes(old: dict, new: dict) -> list[str]:
   for k in sorted(set(old.get("fingerprint", {})) & set(new.get("fingerprint", {}))):
     a, b = old["fingerprint"][k], new["fingerprint"][k]
     if a != b:
-      changes.append(f"{_PLAN_FLAGS.get(k, 'the ' + k)} was {a}, now {b}")
+      changes.append(f"{_PLAN_FLAGS.get(k, 'the ' + k)} was {json.dumps(a)}, now {json.dumps(b)}")
   for k in ("shards", "min_size"):
     if k in old and old[k] != new[k]:
       changes.append(f"--{k} was {old[k]}, now {new[k]}")
@@ -216,7 +216,9 @@ def _option_changes(old: dict, new: dict) -> list[str]:
   return changes
 
 
-_PLAN_FLAGS = {"src": "--src"}  # fingerprint field → the flag that sets it, for the refusal message
+# Fingerprint field → the flag that sets it, for the refusal message: what decides which records a shard holds, so a
+# resumed run with another value would mix two datasets in one folder.
+_PLAN_FLAGS = {k: "--" + k for k in ("src", "image_key", "caption_key", "split", "max_image_pixels")}
 
 
 def _holds_no_record(dst: Path, name: str) -> bool:
@@ -420,7 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         full_decode=not a.fast_verify,
         progress=not a.no_progress,
         max_pixels=a.max_image_pixels,
-        fingerprint={"src": os.path.abspath(os.path.expanduser(a.src))},
+        fingerprint={
+            "src": os.path.abspath(os.path.expanduser(a.src)),
+            **{k: getattr(a, k) for k in _PLAN_FLAGS if k != "src"},
+        },
     )
   except ValueError as e:
     print(f"prepare: error: {e}", file=sys.stderr)
