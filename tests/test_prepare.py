@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iomm_jax.data import data_config, pipeline, prepare, prepare_items, records, shapes, shapes_shards, sources
+from iomm_jax.data import data_config, pipeline, prepare, prepare_items, prepare_plan, records, shapes, shapes_shards, sources
 
 
 def cfg(path, **kw):
@@ -304,7 +304,7 @@ def test_empty_shards_of_an_earlier_run_are_replaced_and_other_shards_refused_na
   (dst / prepare.STATE_DIR).mkdir(parents=True)
   for s in range(2):
     prepare.write_shard(str(dst), prepare.SHARD_PATTERN.format(s, 2), items[3 * s : 3 * s + 3], 64, True)
-  plan = prepare._plan(items, 2, 64, {"src": str(src)})
+  plan = prepare_plan.plan_of(items, 2, 64, {"src": str(src)})
   (dst / prepare.STATE_DIR / "plan.json").write_text(json.dumps(plan))
   args = ["--src", str(src), "--dst", str(dst), "--no_progress"]
   assert prepare.main([*args, "--shards", "3", "--min_size", "32"]) == 0

@@ -16,8 +16,9 @@ than ``--max_image_pixels`` pixels and those with a short side under ``--min_siz
 Width and height are recorded as displayed (EXIF orientation applied). A Parquet table's image column may hold
 paths, encoded bytes or ``{bytes, path}`` structs (HF datasets). The last stdout line is a JSON summary; a run that
 writes no record exits 1 with the reason and leaves nothing in DIR (nor DIR, if it made it), so the corrected rerun
-starts afresh. DIR holding shards of a run with other options (``--src``, ``--shards``, ``--min_size``) is refused,
-the message naming each option's earlier and new value; such shards that hold no record are replaced.
+starts afresh. DIR holding shards of a run with other options (``--src``, ``--shards``, ``--min_size``, the keys read,
+``--max_image_pixels``) is refused, the message naming each option's earlier and new value; such shards that hold
+no record are replaced (``prepare_plan``).
 
 Each shard also gets a sizes sidecar, ``DIR/.prepare/<shard>.sizes.npy`` (int32 (n, 2): height, width of each record,
 in record order), written before the shard is renamed into place, so aspect-ratio buckets (``data.buckets``) need
@@ -44,17 +45,10 @@ from PIL import Image
 
 from iomm_jax import data_kinds
 from iomm_jax.data import decode, prepare_items, records, shard_dir
+from iomm_jax.data.prepare_plan import SHARD_PATTERN, STATE_DIR, sizes_path
+from iomm_jax.data import prepare_plan
 
-SHARD_PATTERN = "data-{:05d}-of-{:05d}.array_record"
-STATE_DIR = ".prepare"  # plan + per-shard stats; hidden so shard globs never see it
 WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1 for random access; images are already compressed
-SIZES_SUFFIX = ".sizes.npy"  # per-shard sidecar in STATE_DIR: int32 (n, 2) = (height, width) per record
-
-
-def sizes_path(shard: str | os.PathLike) -> Path:
-  """The sizes sidecar of an ArrayRecord shard: ``<shard dir>/.prepare/<shard name>.sizes.npy``."""
-  shard = Path(shard)
-  return shard.parent / STATE_DIR / (shard.name + SIZES_SUFFIX)
 
 
 def _write_sizes(shard: Path, sizes) -> None:
@@ -187,63 +181,6 @@ def write_shard(
   return stats
 
 
-def _plan(items: Sequence[prepare_items.Item], shards: int, min_size: int, fingerprint: dict | None) -> dict:
-  h = hashlib.sha1()
-  for it in items:
-    h.update(it.key.encode("utf-8") + b"\0")
-  return {
-      "num_items": len(items),
-      "shards": shards,
-      "min_size": min_size,
-      "keys_sha1": h.hexdigest(),
-      "fingerprint": fingerprint or {},
-  }
-
-
-def _option_changes(old: dict, new: dict) -> list[str]:
-  """How the plan of an earlier run in the same folder differs from this one, in the flags that set it ('--min_size
-  was 64, now 32'); only fields both plans have are compared (older plans lack some)."""
-  changes = []
-  for k in sorted(set(old.get("fingerprint", {})) & set(new.get("fingerprint", {}))):
-    a, b = old["fingerprint"][k], new["fingerprint"][k]
-    if a != b:
-      changes.append(f"{_PLAN_FLAGS.get(k, 'the ' + k)} was {json.dumps(a)}, now {json.dumps(b)}")
-  for k in ("shards", "min_size"):
-    if k in old and old[k] != new[k]:
-      changes.append(f"--{k} was {old[k]}, now {new[k]}")
-  if not changes and (old.get("num_items"), old.get("keys_sha1")) != (new["num_items"], new["keys_sha1"]):
-    changes.append(f"the input's images changed ({old.get('num_items')} before, {new['num_items']} now)")
-  return changes
-
-
-# Fingerprint field → the flag that sets it, for the refusal message: what decides which records a shard holds, so a
-# resumed run with another value would mix two datasets in one folder.
-_PLAN_FLAGS = {k: "--" + k for k in ("src", "image_key", "caption_key", "split", "max_image_pixels")}
-
-
-def _holds_no_record(dst: Path, name: str) -> bool:
-  """Whether shard `name` in `dst` is prepare's own (it has a stats file) and its stats say it holds no record."""
-  try:
-    return int(json.loads((dst / STATE_DIR / f"{name}.json").read_text()).get("written", -1)) == 0
-  except (OSError, ValueError, AttributeError):
-    return False
-
-
-def _remove_shards(dst: Path, names: Sequence[str]) -> None:
-  """Deletes prepare's own shards `names` (each holding no record) with their stats and sizes sidecars."""
-  for name in names:
-    for p in (sizes_path(dst / name), dst / STATE_DIR / f"{name}.json", dst / name):
-      p.unlink(missing_ok=True)
-
-
-def _remove_if_empty(*folders: Path) -> None:
-  for folder in folders:
-    try:
-      folder.rmdir()  # only an empty folder: never anything else that lies there
-    except OSError:
-      pass
-
-
 def write_shards(
     items: Sequence[prepare_items.Item],
     dst: str | os.PathLike,
@@ -270,34 +207,8 @@ def write_shards(
     raise ValueError("nothing to write: the source holds no items")
   made_dst = not Path(dst).exists()
   dst = shard_dir.make(dst, STATE_DIR)
-  plan = _plan(items, shards, min_size, fingerprint)
-  plan_file = dst / STATE_DIR / "plan.json"
   names = [SHARD_PATTERN.format(s, shards) for s in range(shards)]
-  existing = sorted(p.name for p in dst.glob("*.array_record"))
-  try:
-    old = json.loads(plan_file.read_text()) if plan_file.exists() else None
-  except ValueError:  # a plan cut short by a kill: the shard names and stats files still say what lies there
-    old = None
-  changes = _option_changes(old, plan) if old is not None else []
-  if existing and (changes or any(n not in names for n in existing)):
-    if all(_holds_no_record(dst, n) for n in existing):  # an earlier run that wrote no record: nothing to keep
-      _remove_shards(dst, existing)
-    elif changes:
-      raise ValueError(
-          f"--dst={dst} already holds shards of a prepare run with other options ({'; '.join(changes)}); rerun with "
-          f"the earlier options to finish or reuse them, or give a new --dst (or delete {dst}'s data-*.array_record "
-          f"and {STATE_DIR}/ to start over)"
-      )
-    else:
-      foreign = [n for n in existing if n not in names]
-      raise ValueError(
-          f"--dst={dst} holds shards this run does not write ({', '.join(foreign[:3])}"
-          f"{', …' if len(foreign) > 3 else ''}), not described by its {STATE_DIR}/plan.json; give a new --dst or "
-          "move those shards away"
-      )
-  plan_tmp = plan_file.parent / f".plan.json.tmp-{os.getpid()}"
-  plan_tmp.write_text(json.dumps(plan, sort_keys=True))
-  os.replace(plan_tmp, plan_file)  # whole or absent: a kill never leaves half a plan
+  plan_file = prepare_plan.adopt(dst, prepare_plan.plan_of(items, shards, min_size, fingerprint), names)
   for stale in dst.glob(".data-*.tmp-*"):  # leftovers of an interrupted run: never read, safe to drop
     stale.unlink(missing_ok=True)
 
@@ -351,9 +262,9 @@ def write_shards(
     _add_stats(summary, r)
   summary.update(shards=shards, shards_written=len(todo), shards_already_done=done, dst=str(dst))
   if not summary["written"]:  # no usable output: leave nothing that a corrected rerun would have to clear
-    _remove_shards(dst, names)
+    prepare_plan.remove_shards(dst, names)
     plan_file.unlink(missing_ok=True)
-    _remove_if_empty(dst / STATE_DIR, *([dst] if made_dst else []))
+    prepare_plan.remove_if_empty(dst / STATE_DIR, *([dst] if made_dst else []))
     summary["removed_empty"] = True
   return summary
 
@@ -424,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_pixels=a.max_image_pixels,
         fingerprint={
             "src": os.path.abspath(os.path.expanduser(a.src)),
-            **{k: getattr(a, k) for k in _PLAN_FLAGS if k != "src"},
+            **{k: getattr(a, k) for k in prepare_plan.PLAN_FLAGS if k != "src"},
         },
     )
   except ValueError as e:
