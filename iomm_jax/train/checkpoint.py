@@ -14,10 +14,8 @@ it) is not damage: it stays where it is and the run stops with one line (`Checkp
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -29,6 +27,7 @@ import orbax.checkpoint as ocp
 
 from iomm_jax import tree_paths
 from iomm_jax import workdir_layout
+from iomm_jax.train import iterator_state, restore_failure
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -131,7 +130,7 @@ class Checkpointer:
   def _save_failure(self, step: int, exc: BaseException, state) -> str:
     need = self.last_size() or (_tree_bytes(state) if state is not None else getattr(self, "_pending_bytes", 0))
     free = shutil.disk_usage(self.directory).free
-    cause = _root_message(exc)
+    cause = restore_failure.root_message(exc)
     previous = [s for s in self.steps_on_disk() if s != step]
     kept = f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint exists"
     return (
@@ -176,7 +175,7 @@ class Checkpointer:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if resharded:
-      data_iter.set_state(iterator_state_from_other_process_count(data_dir, jax.process_count()))
+      data_iter.set_state(iterator_state.from_other_process_count(data_dir, jax.process_count()))
     return restored["state"], step
 
   def restore_newest_intact(self, abstract_state, data_iter, *, fallback: bool, is_finite, log=print):
@@ -200,7 +199,7 @@ class Checkpointer:
             )
         )
       except Exception as e:  # noqa: BLE001 — any failure to read a checkpoint is reported the same way
-        problem = describe_restore_failure(self.directory, step, e)
+        problem = restore_failure.describe(self.directory, step, e)
         del e
         _collect_quietly()
       if not _agree(problem is None):  # every process takes the same branch
@@ -328,39 +327,6 @@ class Checkpointer:
     _collect_quietly()
 
 
-def describe_restore_failure(directory: str, step: int, exc: BaseException) -> str:
-  """One paragraph: which step, item and file failed to restore, and the underlying cause."""
-  text = "\n".join(str(e) for e in _chain(exc))
-  item = re.search(rf"/{step}/(\w+)/", text)
-  key = re.search(r'(?:Error reading|Metadata at) "([^"]+)"', text)
-  where = re.search(r'local file "([^"]+)"', text)
-  parts = [
-      f"checkpoint {step} in {directory} could not be restored:",
-      f"item '{item.group(1)}'" if item else "item unknown",
-      f"(array '{key.group(1).split('/')[0]}' in {where.group(1)})"
-      if key and where
-      else (f"(file {where.group(1)})" if where else ""),
-      f"— {_root_message(exc)}.",
-  ]
-  return " ".join(p for p in parts if p)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-  out = []
-  while exc is not None and exc not in out:
-    out.append(exc)
-    exc = exc.__cause__ or exc.__context__
-  return out
-
-
-def _root_message(exc: BaseException) -> str:
-  """The innermost cause's first line, without TensorStore's spec dump."""
-  root = _chain(exc)[-1]
-  msg = str(root).splitlines()[0] if str(root) else type(root).__name__
-  msg = re.sub(r"\s*\[tensorstore_spec=.*", "", msg)
-  return msg if len(msg) <= 400 else f"{msg[:200]} … {msg[-190:]}"  # the OS error is at the end
-
-
 def _dotted(path) -> str:
   """A jax key path as tree_paths' dotted string ('dit.blocks.0.kernel'), whatever the key types (dict keys,
   sequence indices, dataclass and namedtuple fields)."""
@@ -414,25 +380,3 @@ def _space(path: str) -> str:
 def abstract_with_shardings(tree, shardings) -> Any:
   """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) placed on `shardings` (same structure)."""
   return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def iterator_state_from_other_process_count(data_dir: str, new_count: int) -> dict:
-  """The data-iterator state for `new_count` processes from one written by another process count.
-
-  Each process reads a contiguous block of every global batch (data/pipeline.py ProcessBlocks) and Grain's
-  position counts *batches*, so after N steps every process, whatever the count, is at position N: the state of
-  process 0 is valid for all processes of the new layout.
-  """
-  names = [n for n in os.listdir(data_dir) if re.fullmatch(r"process_\d+-of-\d+\.json", n)]
-  if not names:
-    raise FileNotFoundError(f"{data_dir} holds no data-iterator state")
-  old_count = int(re.fullmatch(r"process_\d+-of-(\d+)\.json", names[0]).group(1))
-  with open(os.path.join(data_dir, f"process_0-of-{old_count}.json")) as f:
-    state = json.load(f)
-  if set(state) != {"next_index"}:
-    raise ValueError(
-        f"cannot move the data iterator state in {data_dir} from {old_count} to {new_count} processes: "
-        f"it is not a plain batch position ({sorted(state)}); resume with {old_count} processes or "
-        "config.data.num_workers=0"
-    )
-  return {"next_index": int(state["next_index"])}
