@@ -3,11 +3,14 @@
 `initialize_from_config` joins the JAX job (explicit coordinator, environment, or SLURM auto-detection) with a
 start-up timeout, then starts a watchdog thread: if any peer process dies or becomes unreachable, this process
 prints one clear line naming the peer and exits non-zero within about `config.distributed.heartbeat_timeout_s`
-instead of hanging in a collective that will never complete.
+instead of hanging in a collective that will never complete. The watchdog stands down when the process exits
+normally: JAX's own exit handler disconnects each process from the coordination service, and a peer that has
+finished and disconnected is not a lost one.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -17,6 +20,9 @@ import jax
 
 # Exit status of a process stopped by the watchdog (distinct from Python's 1 and from signals' 128+n).
 PEER_LOST_EXIT_CODE = 17
+# Set at interpreter exit. Registered when the watchdog starts, after `import jax` registered JAX's clean-up (which
+# shuts the distributed client down), so it runs first: atexit handlers run last-registered first.
+_EXITING = threading.Event()
 
 
 class DistributedStartError(RuntimeError):
@@ -120,9 +126,10 @@ def start_watchdog(heartbeat_timeout_s: float, *, poll_s: float | None = None, e
   if client is None or jax.process_count() == 1:
     return None
   poll = poll_s or max(0.5, min(5.0, heartbeat_timeout_s / 4))
+  atexit.register(_EXITING.set)
   thread = threading.Thread(
       target=watch,
-      args=(client, jax.process_index(), jax.process_count(), heartbeat_timeout_s, poll, exit_fn),
+      args=(client, jax.process_index(), jax.process_count(), heartbeat_timeout_s, poll, exit_fn, _EXITING),
       name="iomm-peer-watchdog",
       daemon=True,
   )
@@ -130,26 +137,35 @@ def start_watchdog(heartbeat_timeout_s: float, *, poll_s: float | None = None, e
   return thread
 
 
-def watch(client, me: int, n: int, heartbeat_timeout_s: float, poll_s: float, exit_fn=None) -> None:
+def watch(
+    client,
+    me: int,
+    n: int,
+    heartbeat_timeout_s: float,
+    poll_s: float,
+    exit_fn=None,
+    stop: threading.Event | None = None,
+) -> None:
   """Poll the coordination service; on a missing peer or an unreachable coordinator, report and exit.
 
   The coordination service declares a process dead after `heartbeat_timeout_s` without a heartbeat;
   `get_live_nodes` then omits it. If the coordinator itself (process 0) is gone the call fails; after
   `heartbeat_timeout_s` of consecutive failures this process gives up. Exits through `os._exit` because the
-  main thread may be blocked inside a collective that no exception can interrupt.
+  main thread may be blocked inside a collective that no exception can interrupt. Once `stop` is set (this process
+  is exiting normally, so its peers are too) nothing is reported and the thread ends.
   """
   exit_fn = exit_fn or _exit
+  stop = stop or threading.Event()
   peers = list(range(n))
   failing_since = None
-  while True:
-    time.sleep(poll_s)
+  while not stop.wait(poll_s):
     try:
       live = client.get_live_nodes(peers)
       failing_since = None
     except Exception as e:  # noqa: BLE001 — any failure to reach the coordinator counts
       now = time.monotonic()
       failing_since = failing_since or now
-      if now - failing_since >= heartbeat_timeout_s:
+      if now - failing_since >= heartbeat_timeout_s and not stop.is_set():
         exit_fn(
             f"process {me} of {n}: lost contact with the coordination service on process 0 "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); process 0 probably died. "
@@ -158,7 +174,7 @@ def watch(client, me: int, n: int, heartbeat_timeout_s: float, poll_s: float, ex
         return
       continue
     missing = sorted(set(peers) - set(live))
-    if missing:
+    if missing and not stop.is_set():  # a peer gone after this process began to exit has finished, not died
       exit_fn(
           f"process {me} of {n}: peer process(es) {missing} stopped sending heartbeats for "
           f"config.distributed.heartbeat_timeout_s={heartbeat_timeout_s:g} s (died or unreachable). "

@@ -1,4 +1,7 @@
-"""How a process finds its multi-process job (distributed.settings_from) and how a bad setting is reported."""
+"""How a process finds its multi-process job (distributed.settings_from), how a bad setting is reported, and when
+the peer watchdog reports a lost peer."""
+
+import threading
 
 import pytest
 
@@ -58,3 +61,49 @@ def test_main_reports_a_bad_setting_in_one_line(tmp_path):
       "(process 0's address) or JAX_COORDINATOR_ADDRESS, or launch with launch/local.sh or under SLURM"
   ]
   assert not (tmp_path / "w").exists()
+
+
+class _Coordinator:
+  """A stand-in for the coordination client: answers `get_live_nodes` from a list of replies (a list of live
+  processes, or an exception to raise), then keeps giving the last one."""
+
+  def __init__(self, *replies, on_call=None):
+    self.replies, self.calls, self.on_call = list(replies), 0, on_call
+
+  def get_live_nodes(self, peers):
+    self.calls += 1
+    reply = self.replies[min(self.calls, len(self.replies)) - 1]
+    if self.on_call:
+      self.on_call(self.calls)
+    if isinstance(reply, Exception):
+      raise reply
+    return reply
+
+
+def _watch(client, stop=None, timeout_s=0.05):
+  exits = []
+  distributed.watch(client, 0, 2, timeout_s, 0.01, exits.append, stop)
+  return exits
+
+
+def test_watchdog_reports_a_peer_that_stopped_heartbeating():
+  exits = _watch(_Coordinator([0, 1], [0, 1], [0]))
+  assert len(exits) == 1 and "peer process(es) [1] stopped sending heartbeats" in exits[0]
+
+
+def test_watchdog_reports_an_unreachable_coordinator_only_after_the_timeout():
+  client = _Coordinator([0, 1], RuntimeError("connection refused"))
+  exits = _watch(client, timeout_s=0.1)
+  assert len(exits) == 1 and "lost contact with the coordination service" in exits[0]
+  assert client.calls >= 5  # polled every 0.01 s for at least 0.1 s of failures before giving up
+
+
+def test_watchdog_stands_down_when_the_process_exits_normally():
+  """At a normal exit JAX disconnects every process; peers then leave the live list. That is not a lost peer."""
+  stop = threading.Event()
+  # The exit begins (atexit sets the event) while a poll is in flight, which then sees the peer gone.
+  client = _Coordinator([0, 1], [0], on_call=lambda n: n == 2 and stop.set())
+  assert _watch(client, stop) == []
+  stop2 = threading.Event()
+  client = _Coordinator([0, 1], RuntimeError("shut down"), on_call=lambda n: n == 2 and stop2.set())
+  assert _watch(client, stop2, timeout_s=0.0) == []
