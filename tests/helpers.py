@@ -1,10 +1,12 @@
-"""Shared test helpers: load a config file by name, build a small tiny-config run."""
+"""Shared test helpers: load a config file by name, build a small tiny-config run, compare arrays with a tolerance."""
 
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +50,6 @@ def take(it, n: int) -> list:
 
 def assert_batches_equal(a, b) -> None:
   """Two lists of batches (dicts of arrays) are equal key by key."""
-  import numpy as np
-
   assert len(a) == len(b)
   for x, y in zip(a, b):
     assert x.keys() == y.keys()
@@ -101,3 +101,16 @@ def run_bench(script: str, *args: str, timeout: int = 900) -> dict:
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 1, lines
   return json.loads(lines[0])
+
+
+def diff_and_bound(ours, theirs, tol=1e-4):
+  """(max |ours − theirs|, the bound it must stay under: tol relative to the larger of 1 and max |theirs|)."""
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+  return float(np.max(np.abs(ours - theirs))), tol * max(1.0, float(np.max(np.abs(theirs))))
+
+
+def assert_close(ours, theirs, tol=1e-4):
+  """ours equals theirs (arrays of one shape) within diff_and_bound's bound."""
+  diff, bound = diff_and_bound(ours, theirs, tol)
+  assert diff <= bound, f"max|ours-theirs|={diff:.3g} > {bound:.3g}"
