@@ -9,10 +9,12 @@ The benchmark — its prompts, categories, scoring rules and chance level — is
 module samples a run, scores it and writes the report. Writes `<workdir>/eval_shapes.json` (scores, chance, counts,
 per-prompt results), `<workdir>/eval_shapes.png` (two prompts per category: the prompt, then its samples framed green
 when correct, red when not) and the samples in GenEval's layout under `<workdir>/eval_shapes/samples` (or --out),
-with the prompt set as `prompts.jsonl` in that folder; prints one JSON line. With --uncond every default name gets the suffix `_uncond`; with --phrasing=geneval (the same prompts worded
-as GenEval words them, "a photo of an orange circle left of a red square") the suffix `_geneval`. An --out (or a
---write_prompts path) that cannot be written, or that holds anything but an earlier sample output, stops the run with
-one line before the model loads.
+with the prompt set as `prompts.jsonl` in that folder; prints one JSON line. With --uncond every default name gets
+the suffix `_uncond`; with --phrasing=geneval (the same prompts worded as GenEval words them, "a photo of an orange
+circle left of a red square") the suffix `_geneval`. An --out (or a --write_prompts path) that cannot be written, or
+that holds anything but an earlier sample output, stops the run with one line before the model loads. --samples also
+scores a folder sampled from GenEval's own metadata over this world's shapes and colours (tags such as "colors",
+"counting", "color_attr"; `shapes_benchmark` says how).
 """
 
 from __future__ import annotations
@@ -41,11 +43,10 @@ def score_folder(folder: str) -> tuple[list[dict], dict]:
   for idx, meta, pngs in entries:
     if not pngs:
       raise ValueError(f"{folder}/{idx:05d}/samples holds no PNGs")
-    if meta.get("tag") not in shapes_benchmark.TAGS or "include" not in meta:
-      raise ValueError(
-          f"{folder}/{idx:05d}/metadata.jsonl is not eval_shapes metadata (tag {meta.get('tag')!r}; "
-          f"expected one of {sorted(shapes_benchmark.TAGS)} with an 'include' list)"
-      )
+    try:
+      shapes_benchmark.check_metadata(meta)
+    except ValueError as e:
+      raise ValueError(f"{folder}/{idx:05d}/metadata.jsonl cannot be scored in the shapes world: {e}") from None
     metadata.append(meta)
     loaded = [geneval_layout.load_image(p) for p in pngs]
     size = (images[0] if images else loaded[0]).shape[-3:]

@@ -15,8 +15,15 @@ and its colour where the metadata gives one):
   counting              every image: exactly as many objects as the prompt names
 
 An image with more than 3 detected objects (the world never draws more) fails every category. Each category's score
-is the fraction of its images that are correct; `overall` is the mean over the 7 categories, as GenEval averages
-its tasks. `chance` is the score of images drawn from the training distribution regardless of the prompt (estimated
+is the fraction of its images that are correct; `overall` is the mean over the categories, as GenEval averages
+its tasks.
+
+Metadata written for GenEval itself scores too, when its classes are this world's shapes and its colours this world's
+colours: a tag other than the five above ("colors", "color_attr", "counting" of GenEval's six tasks, or any other) is
+its own category, scored by GenEval's rule — each `include` entry's class present `count` times (with its `color`,
+placed by its `position` relative to an earlier entry), and no `exclude` entry's class present `count` times or more —
+and a GenEval `single_object` entry without a colour scores the shape alone. Where a folder holds "counting"-tagged
+prompts, they alone make the `counting` category (GenEval's counting task) instead of the every-image check. `chance` is the score of images drawn from the training distribution regardless of the prompt (estimated
 on 400 dataset scenes with perfect detection); `--uncond` samples with the empty prompt (metadata unchanged) to
 measure it on the model.
 """
@@ -156,18 +163,53 @@ def _matches(req: dict, objects: list[dict]) -> list[dict]:
   return [o for o in objects if o["shape"] == req["class"] and ("color" not in req or o["colour"] == req["color"])]
 
 
+def check_metadata(meta: dict) -> None:
+  """Raises ValueError naming the field when `meta` is not GenEval metadata over this world's shapes and colours."""
+  tag = meta.get("tag")
+  if not isinstance(tag, str) or not tag:
+    raise ValueError(f"no 'tag' (a GenEval task name such as {', '.join(sorted(TAGS))}, colors, counting)")
+  if not isinstance(meta.get("include"), list) or not meta["include"]:
+    raise ValueError(f"tag {tag!r} has no 'include' list of the objects the prompt asks for")
+  if not isinstance(meta.get("exclude", []), list):
+    raise ValueError("'exclude' is not a list")
+  for field in ("include", "exclude"):
+    for i, req in enumerate(meta.get(field, [])):
+      where = f"{field}[{i}]"
+      if not isinstance(req, dict) or req.get("class") not in shapes.SHAPES:
+        got = req.get("class") if isinstance(req, dict) else req
+        raise ValueError(f"{where} class {got!r} is not a shape of this world ({', '.join(shapes.SHAPES)})")
+      if "color" in req and req["color"] not in shapes.COLOURS:
+        raise ValueError(f"{where} color {req['color']!r} is not a colour of this world ({', '.join(shapes.COLOURS)})")
+      count = req.get("count", 1)
+      if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{where} count {count!r} is not a positive integer")
+      pos = req.get("position")
+      if pos is not None and not (
+          isinstance(pos, list) and len(pos) == 2 and pos[0] in RELATIONS.values() and pos[1] in range(i)
+      ):
+        raise ValueError(
+            f"{where} position {pos!r} is not [relation, index of an earlier include entry] with relation one of "
+            f"{', '.join(RELATIONS.values())}"
+        )
+  asked = sum(r.get("count", 1) for r in meta["include"])
+  if asked > MAX_OBJECTS:
+    raise ValueError(f"the prompt asks for {asked} objects; this world draws at most {MAX_OBJECTS}")
+
+
 def score(metadata: dict, objects: list[dict]) -> dict[str, bool]:
   """{category: correct} for one image's objects (dicts with colour, shape, x, y; the largest first).
 
-  Every image is also scored for `counting`: exactly as many objects as the prompt names. An image with more than
-  MAX_OBJECTS objects fails everything (else scattered coloured specks would pass the presence checks).
+  Every image of mini-GenEval's own tags is also scored for `counting`: exactly as many objects as the prompt names.
+  Any other tag is one category, by GenEval's rule. An image with more than MAX_OBJECTS objects fails everything
+  (else scattered coloured specks would pass the presence checks).
   """
   tag = metadata.get("tag")
   if tag not in TAGS:
-    raise ValueError(f"tag {tag!r} is not one of eval_shapes' {sorted(TAGS)} (prompt {metadata.get('prompt')!r})")
+    return {tag: len(objects) <= MAX_OBJECTS and _geneval_rule(metadata, objects)}
   include = metadata["include"]
+  categories = TAGS[tag] if tag != "single_object" or "color" in include[0] else TAGS[tag][:1]
   if len(objects) > MAX_OBJECTS:
-    return {**dict.fromkeys(TAGS[tag], False), "counting": False}
+    return {**dict.fromkeys(categories, False), "counting": False}
   return {
       **_score_attributes(tag, metadata, objects),
       "counting": len(objects) == sum(r.get("count", 1) for r in include),
@@ -178,54 +220,66 @@ def _score_attributes(tag: str, metadata: dict, objects: list[dict]) -> dict[str
   include = metadata["include"]
   if tag == "single_object":
     req = include[0]
-    return {
-        "single_object_shape": any(o["shape"] == req["class"] for o in objects),
-        "single_object_colour": any(o["colour"] == req["color"] for o in objects),
-    }
-  groups, ok = [], True
-  for req in include:
+    shape = {"single_object_shape": any(o["shape"] == req["class"] for o in objects)}
+    if "color" not in req:  # GenEval's own single_object: the class alone
+      return shape
+    return {**shape, "single_object_colour": any(o["colour"] == req["color"] for o in objects)}
+  return {TAGS[tag][0]: _geneval_rule(metadata, objects)}
+
+
+def _geneval_rule(metadata: dict, objects: list[dict]) -> bool:
+  """GenEval's check: every `include` entry present `count` times (colour, position relative to an earlier entry's
+  objects), no `exclude` entry's class `count` times or more; mini-GenEval's three-object prompts also ask for the
+  listed left-to-right order."""
+  groups = []
+  for req in metadata["include"]:
     found = _matches(req, objects)[: req.get("count", 1)]
     if len(found) < req.get("count", 1):
-      ok = False
-      groups.append(None)
-      continue
+      return False
     if "position" in req:
       rel, target = req["position"]
-      if groups[target] is None or any(relation(o, t) != rel for o in found for t in groups[target]):
-        ok = False
-        groups.append(None)
-        continue
+      if any(relation(o, t) != rel for o in found for t in groups[target]):
+        return False
     groups.append(found)
-  if ok and metadata.get("left_to_right"):
+  if any(len(_matches(req, objects)) >= req.get("count", 1) for req in metadata.get("exclude", [])):
+    return False
+  if metadata.get("left_to_right"):
     xs = [g[0]["x"] for g in groups]
-    ok = xs == sorted(xs) and len(set(xs)) == len(xs)
-  return {TAGS[tag][0]: ok}
+    return xs == sorted(xs) and len(set(xs)) == len(xs)
+  return True
+
+
+def _names_one_colour(meta: dict) -> bool:
+  return meta["tag"] == "single_object" and "color" in meta["include"][0]
 
 
 def _summarise(results: list[tuple[dict, list[dict[str, bool]]]]) -> tuple[dict, dict]:
   """(score per category, {category: {"prompts", "images"}}) from (metadata, per-image results) pairs."""
   hits = {c: [] for c in CATEGORIES}
   prompts = dict.fromkeys(CATEGORIES, 0)
+  geneval_counting = any(meta["tag"] == "counting" for meta, _ in results)  # GenEval's task replaces the check
   for meta, per_image in results:
-    for c in TAGS[meta["tag"]] + ("counting",):
-      hits[c].extend(r[c] for r in per_image)
-      prompts[c] += 1
+    for c in per_image[0] if per_image else ():
+      if c == "counting" and geneval_counting and meta["tag"] != "counting":
+        continue
+      hits.setdefault(c, []).extend(r[c] for r in per_image)
+      prompts[c] = prompts.get(c, 0) + 1
   scores = {c: float(np.mean(h)) for c, h in hits.items() if h}
-  return scores, {c: {"prompts": prompts[c], "images": len(hits[c])} for c in CATEGORIES if hits[c]}
+  return scores, {c: {"prompts": prompts[c], "images": len(h)} for c, h in hits.items() if h}
 
 
 def _overall(scores: dict) -> float:
-  return float(np.mean([scores[c] for c in CATEGORIES if c in scores]))
+  return float(np.mean(list(scores.values())))
 
 
 def chance(metadata: list[dict], num_scenes: int = _CHANCE_SCENES, seed: int = 1234) -> dict:
   """Per-category score of training-distribution images that ignore the prompt (perfect detection)."""
   scenes = [shapes.scene(i, seed)["objects"] for i in range(num_scenes)]
   scores, _ = _summarise([(m, [score(m, objs) for objs in scenes]) for m in metadata])
-  singles = [m["include"][0]["color"] for m in metadata if m["tag"] == "single_object"]
+  singles = [m["include"][0]["color"] for m in metadata if _names_one_colour(m)]
   largest = [max(objs, key=lambda o: o["r"])["colour"] for objs in scenes]
-  dominant = float(np.mean([c == big for c in singles for big in largest])) if singles else 0.0
-  return {**scores, "overall": _overall(scores), "single_object_dominant_colour": dominant}
+  dominant = {"single_object_dominant_colour": float(np.mean([c == big for c in singles for big in largest]))}
+  return {**scores, "overall": _overall(scores), **(dominant if singles else {})}
 
 
 # ---------------------------------------------------------------------------------------------------- ground truth
@@ -267,7 +321,7 @@ def score_images(metadata: list[dict], images: list[np.ndarray]) -> dict:
   results, per_prompt, dominant = [], [], []
   for i, (meta, imgs) in enumerate(zip(metadata, images)):
     dets = [[d.as_dict() for d in shapes_detector.detect(img)] for img in imgs]
-    if meta["tag"] == "single_object":  # diagnostic: the prompt's colour is the image's main colour
+    if _names_one_colour(meta):  # diagnostic: the prompt's colour is the image's main colour
       dominant += [shapes_detector.dominant_colour(img) == meta["include"][0]["color"] for img in imgs]
     res = [score(meta, d) for d in dets]
     results.append((meta, res))

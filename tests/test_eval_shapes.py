@@ -208,8 +208,106 @@ def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
     ev.main([f"--samples={tmp_path / 's'}"])
   sample.write_bytes(good)
   (tmp_path / "s" / "00000" / "metadata.jsonl").write_text(json.dumps({"prompt": "a dog"}) + "\n")
-  with pytest.raises(SystemExit, match="not eval_shapes metadata"):
+  with pytest.raises(SystemExit, match=r"00000/metadata\.jsonl cannot be scored in the shapes world: no 'tag'"):
     ev.main([f"--samples={tmp_path / 's'}"])
+
+
+# GenEval's own metadata over this world: its six tasks' tags, a single object without a colour, counting with an
+# exclude entry, GenEval's colour and relation names.
+_GENEVAL = [
+    {"tag": "single_object", "include": [{"class": "star", "count": 1}], "prompt": "a photo of a star"},
+    {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "green"}], "prompt": "a green circle"},
+    {
+        "tag": "color_attr",
+        "include": [{"class": "square", "count": 1, "color": "red"}, {"class": "hexagon", "count": 1, "color": "blue"}],
+        "prompt": "a photo of a red square and a blue hexagon",
+    },
+    {
+        "tag": "counting",
+        "include": [{"class": "triangle", "count": 2}],
+        "exclude": [{"class": "triangle", "count": 3}],
+        "prompt": "a photo of two triangles",
+    },
+    {
+        "tag": "position",
+        "include": [{"class": "diamond", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}],
+        "prompt": "a photo of a circle left of a diamond",
+    },
+]
+
+
+def test_geneval_metadata_scores_by_geneval_rules():
+  single, colors, attr, counting, position = _GENEVAL
+  assert bench.score(single, [_o("red", "star", 0.5, 0.5)]) == {"single_object_shape": True, "counting": True}
+  assert not bench.score(single, [_o("red", "circle", 0.5, 0.5)])["single_object_shape"]
+  assert bench.score(colors, [_o("green", "circle", 0.5, 0.5)]) == {"colors": True}
+  assert bench.score(colors, [_o("green", "square", 0.5, 0.5), _o("red", "circle", 0.2, 0.2)]) == {"colors": False}
+  assert bench.score(attr, [_o("red", "square", 0.2, 0.2), _o("blue", "hexagon", 0.8, 0.8)]) == {"color_attr": True}
+  assert not bench.score(attr, [_o("blue", "square", 0.2, 0.2), _o("red", "hexagon", 0.8, 0.8)])["color_attr"]
+  two = [_o("red", "triangle", 0.2, 0.2), _o("blue", "triangle", 0.8, 0.8)]
+  assert bench.score(counting, two) == {"counting": True}
+  assert not bench.score(counting, two[:1])["counting"]
+  assert not bench.score(counting, two + [_o("black", "triangle", 0.5, 0.5)])["counting"]  # the exclude entry
+  assert bench.score(counting, two + [_o("black", "star", 0.5, 0.5)])["counting"]  # other classes do not count
+  assert bench.score(position, [_o("red", "circle", 0.2, 0.5), _o("blue", "diamond", 0.8, 0.55)])["position"]
+  assert not bench.score(position, [_o("red", "circle", 0.8, 0.5), _o("blue", "diamond", 0.2, 0.55)])["position"]
+  # GenEval's counting task replaces the every-image count, and overall is the mean over the tasks present.
+  per_tag = [
+      (single, [bench.score(single, [_o("red", "star", 0.5, 0.5), _o("red", "circle", 0.1, 0.1)])]),
+      (counting, [bench.score(counting, two)]),
+  ]
+  scores, counts = bench._summarise(per_tag)
+  assert scores == {"single_object_shape": 1.0, "counting": 1.0} and counts["counting"] == {"prompts": 1, "images": 1}
+  for meta in _GENEVAL:
+    bench.check_metadata(meta)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"include": [{"class": "bench", "count": 1}]}, r"include\[0\] class 'bench' is not a shape of this world"),
+        ({"include": [{"class": "circle", "color": "pink"}]}, r"include\[0\] color 'pink' is not a colour"),
+        ({"include": [{"class": "circle", "count": 4}]}, "asks for 4 objects; this world draws at most 3"),
+        ({"include": [{"class": "circle", "count": 0}]}, r"include\[0\] count 0 is not a positive integer"),
+        ({"exclude": [{"class": "dog", "count": 2}]}, r"exclude\[0\] class 'dog'"),
+        ({"include": [{"class": "circle", "position": ["left of", 0]}]}, r"include\[0\] position \['left of', 0\]"),
+        ({"include": []}, "has no 'include' list"),
+    ],
+)
+def test_geneval_metadata_outside_the_world_is_named(change, message):
+  with pytest.raises(ValueError, match=message):
+    bench.check_metadata({"tag": "colors", "prompt": "x", "include": [{"class": "circle"}], **change})
+
+
+def test_scoring_a_folder_of_geneval_metadata(tmp_path, capsys):
+  """True renders of GenEval-tagged prompts score 1 in every task; one bad class stops the run naming the file."""
+  bg = (230, 228, 226)
+  scenes = [
+      [_o("purple", "star", 0.5, 0.5)],
+      [_o("green", "circle", 0.5, 0.5)],
+      [_o("red", "square", 0.25, 0.25), _o("blue", "hexagon", 0.75, 0.75)],
+      [_o("red", "triangle", 0.25, 0.3), _o("blue", "triangle", 0.75, 0.7)],
+      [_o("black", "circle", 0.2, 0.5), _o("orange", "diamond", 0.8, 0.55)],
+  ]
+  images = []
+  for objs in scenes:
+    r = 0.3 if len(objs) == 1 else 0.15
+    images.append(np.stack([shapes.render_objects([dict(o, r=r) for o in objs], RES, bg) for _ in range(2)]))
+  layout.write(tmp_path / "g", _GENEVAL, images)
+  assert ev.main([f"--samples={tmp_path / 'g'}"]) == 0
+  summary = json.loads(capsys.readouterr().out.strip())
+  assert summary["scores"] == {t: 1.0 for t in ("single_object_shape", "counting", "colors", "color_attr", "position")}
+  assert summary["overall"] == 1.0 and set(summary["chance"]) >= set(summary["scores"])
+  assert summary["chance"]["counting"] < 0.5
+  (tmp_path / "g" / "00002" / "metadata.jsonl").write_text(
+      json.dumps({"tag": "colors", "include": [{"class": "teddy bear", "count": 1}], "prompt": "a teddy bear"}) + "\n"
+  )
+  with pytest.raises(
+      SystemExit,
+      match=r"00002/metadata\.jsonl cannot be scored in the shapes world: include\[0\] "
+      r"class 'teddy bear' is not a shape",
+  ):
+    ev.main([f"--samples={tmp_path / 'g'}"])
 
 
 @pytest.fixture(scope="module")
