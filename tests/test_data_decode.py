@@ -106,6 +106,26 @@ def test_pixel_limit_skips_and_counts(tmp_path):
   assert (s["written"], s["skipped_too_large"], s["skipped_unreadable"]) == (3, 1, 0)
 
 
+def test_unreadable_records_are_named_once_then_only_counted(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(pipeline, "_named_skips", set())
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  n_bad = pipeline.MAX_NAMED_SKIPS + 2
+  for i in range(n_bad + 1):  # bad_00 … bad_11 unreadable, then one good image
+    name = f"bad_{i:02d}.png" if i < n_bad else "good.png"
+    (folder / name).write_bytes(b"not an image" if i < n_bad else shapes.render_png(0, 40, 0)[0])
+  c = data_config.from_config(source="folder", path=str(folder), resolution=16, vit_size=16, seed=0)
+  load = pipeline.LoadExample(sources.make_source(c), c)
+  assert load((0, n_bad - 3))["skipped"] == 3  # bad_09 … bad_11 named
+  assert load((1, n_bad - 3))["skipped"] == 3  # drawn again: counted again, not named again
+  assert load((2, 0))["skipped"] == n_bad  # bad_00 … bad_06 named, then one line for the rest
+  lines = capsys.readouterr().err.splitlines()
+  named = [f"bad_{i:02d}.png" for i in [9, 10, 11, *range(pipeline.MAX_NAMED_SKIPS - 3)]]
+  assert [ln.split("'")[1] for ln in lines[:-1]] == named, lines
+  assert all(f" of {folder} (UnreadableImage: " in ln and "skipped_total" in ln for ln in lines[:-1])
+  assert "counted in skipped_total" in lines[-1] and "not named" in lines[-1] and len(lines) == len(named) + 1
+
+
 # ------------------------------------------------------------------------------------------------ prepare
 def test_prepare_fully_decodes_so_a_truncated_jpeg_is_skipped(tmp_path, capsys):
   folder = tmp_path / "imgs"

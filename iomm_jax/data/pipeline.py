@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 from typing import Any, Callable
 
 import grain
@@ -57,6 +58,26 @@ from iomm_jax.data import data_config, decode, holdout, mix, sources
 from iomm_jax.data.data_config import DataConfig, DataConfigError
 
 MAX_CONSECUTIVE_SKIPS = 256  # unreadable/uncaptioned records tolerated in a row before the pipeline fails
+MAX_NAMED_SKIPS = 10  # unreadable records named on stderr per process; all of them are counted in `skipped`
+_named_skips: set = set()
+
+
+def _name_skip(where: str, source: Any, index: int, error: str) -> None:
+  """One stderr line for each of the first MAX_NAMED_SKIPS distinct unreadable records of this process, so that the
+  user can find and fix the files that `skipped_total` counts (a record drawn again, next epoch, is not named twice)."""
+  if (where, index) in _named_skips or len(_named_skips) > MAX_NAMED_SKIPS:
+    return
+  _named_skips.add((where, index))
+  if len(_named_skips) > MAX_NAMED_SKIPS:
+    print(
+        "data: more unreadable records; they are counted in skipped_total (metrics.jsonl), not named", file=sys.stderr
+    )
+    return
+  ids = getattr(source, "ids", None)
+  name = repr(ids[index]) if ids is not None and index < len(ids) else f"index {index}"
+  print(f"data: skipped unreadable record {name} of {where} ({error}); counted in skipped_total", file=sys.stderr)
+
+
 CAPTION_CHECK_RECORDS = 64  # pair recipes check the first N source records for captions at start
 # The image arrays an example carries: cached features (data.cached=True) or raw pixels for the autoencoder and ViT.
 IMAGE_KEYS = {True: ("latent", "vit_tokens"), False: ("pixels", "vit_pixels")}
@@ -203,6 +224,7 @@ class LoadExample:
       except Exception as e:  # unreadable file / corrupt record
         skipped += 1
         first_error = first_error or f"{type(e).__name__}: {e}"
+        _name_skip(where, source, j, f"{type(e).__name__}: {e}")
         continue
       if needs_caption and rec.get("caption") is None and rec.get("caption_ids") is None:
         if not self.spec.skip_uncaptioned:
@@ -220,6 +242,7 @@ class LoadExample:
       except Exception as e:
         skipped += 1
         first_error = first_error or f"{rec.get('id', j)}: {type(e).__name__}: {e}"
+        _name_skip(where, source, j, f"{type(e).__name__}: {e}")
         continue
       out.update(self._caption_fields(rec))
       if image_only:  # the caption is not used, so its length does not matter
