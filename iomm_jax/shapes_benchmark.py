@@ -23,9 +23,11 @@ colours: a tag other than the five above ("colors", "color_attr", "counting" of 
 its own category, scored by GenEval's rule — each `include` entry's class present `count` times (with its `color`,
 placed by its `position` relative to an earlier entry), and no `exclude` entry's class present `count` times or more —
 and a GenEval `single_object` entry without a colour scores the shape alone. Where a folder holds "counting"-tagged
-prompts, they alone make the `counting` category (GenEval's counting task) instead of the every-image check. `chance` is the score of images drawn from the training distribution regardless of the prompt (estimated
-on 400 dataset scenes with perfect detection); `--uncond` samples with the empty prompt (metadata unchanged) to
-measure it on the model.
+prompts, they alone make the `counting` category (GenEval's counting task) instead of the every-image check.
+
+`chance` is the score of images drawn from the training distribution regardless of the prompt (estimated on 400
+dataset scenes with perfect detection); `--uncond` samples with the empty prompt (metadata unchanged) to measure it on
+the model.
 """
 
 from __future__ import annotations
@@ -204,16 +206,12 @@ def score(metadata: dict, objects: list[dict]) -> dict[str, bool]:
   (else scattered coloured specks would pass the presence checks).
   """
   tag = metadata.get("tag")
-  if tag not in TAGS:
-    return {tag: len(objects) <= MAX_OBJECTS and _geneval_rule(metadata, objects)}
-  include = metadata["include"]
-  categories = TAGS[tag] if tag != "single_object" or "color" in include[0] else TAGS[tag][:1]
-  if len(objects) > MAX_OBJECTS:
-    return {**dict.fromkeys(categories, False), "counting": False}
-  return {
-      **_score_attributes(tag, metadata, objects),
-      "counting": len(objects) == sum(r.get("count", 1) for r in include),
-  }
+  if tag in TAGS:
+    asked = sum(r.get("count", 1) for r in metadata["include"])
+    result = {**_score_attributes(tag, metadata, objects), "counting": len(objects) == asked}
+  else:
+    result = {tag: _geneval_rule(metadata, objects)}
+  return dict.fromkeys(result, False) if len(objects) > MAX_OBJECTS else result
 
 
 def _score_attributes(tag: str, metadata: dict, objects: list[dict]) -> dict[str, bool]:
