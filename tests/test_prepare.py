@@ -254,7 +254,7 @@ def test_prepare_errors(tmp_path, capsys):
   assert "t.jsonl:2: a JSON list, not an object" in capsys.readouterr().err
   (tmp_path / "t.csv").write_text("image,caption\nimg.jpg,a\n,b\n")
   assert prepare.main(["--src", str(tmp_path / "t.csv"), "--dst", str(tmp_path / "o"), "--shards", "1"]) == 2
-  assert "t.csv: row 3 has no 'image' column/field" in capsys.readouterr().err
+  assert "t.csv: row 3: 'image' is empty" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
   for bad, message in (
       (["--min_size", "-1"], "--min_size=-1 must be 0 or more"),

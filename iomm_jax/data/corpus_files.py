@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from iomm_jax import jsonl
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")  # read_table's kinds (.json: JSON lines too)
 CAPTIONS_FILE = "captions.jsonl"
 _FILE_KEYS = ("file", "image", "path", "file_name")
 _CAPTION_KEYS = ("caption", "text")
@@ -27,16 +29,24 @@ def decode_text(value: Any) -> str | None:
   if value is None:
     return None
   if isinstance(value, bytes):
-    value = value.decode("utf-8")
-  value = str(value)
-  return value if value.strip() else None  # an empty caption is no caption
+    # A stray non-UTF-8 byte (a latin-1 sidecar, an old tar) must not cost the image its caption or the run.
+    value = value.decode("utf-8", errors="replace")
+  value = str(value).strip()  # a sidecar's trailing newline is not part of the caption a prompt will be compared with
+  return value or None  # an empty caption is no caption
 
 
 def list_images(root: str | os.PathLike) -> list[tuple[Path, Path | None]]:
-  """Image files under ``root`` (recursive, sorted, hidden entries skipped) with their sidecar ``.txt`` if any."""
+  """Image files under ``root`` (recursive, sorted, hidden entries skipped, linked folders followed once) with their
+  sidecar ``.txt`` if any."""
   root = Path(root)
   found = []
-  for dirpath, dirnames, filenames in os.walk(root):
+  visited = set()
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in visited:  # a link back up the tree, or one folder linked twice: read it once
+      dirnames[:] = []
+      continue
+    visited.add(real)
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     names = set(filenames)
     for name in sorted(filenames):
@@ -60,6 +70,37 @@ def read_captions_jsonl(path: Path) -> dict[str, str | None]:
       )
     out[Path(key).as_posix()] = decode_text(next((row[k] for k in _CAPTION_KEYS if k in row), None))
   return out
+
+
+def folder_captions(root: Path, images: list[tuple[Path, Path | None]]) -> dict[str, str | None]:
+  """The captions of ``root/captions.jsonl`` (empty without one) keyed by the relative path of each image in
+  ``images`` (``list_images(root)``); entries that name no listed image are counted in one note on stderr, with the
+  first, since their captions would otherwise be lost unseen (a Windows ``\\`` in a path is read as ``/``)."""
+  path = root / CAPTIONS_FILE
+  if not path.exists():
+    return {}
+  captions = {key.replace("\\", "/"): caption for key, caption in read_captions_jsonl(path).items()}
+  listed = {image.relative_to(root).as_posix() for image, _ in images}
+  unmatched = sorted(set(captions) - listed)
+  if unmatched:
+    print(
+        f"note: {len(unmatched)} of {len(captions)} entries of {path} name no image under {root} "
+        f"(first: {unmatched[0]!r}); their captions are not used — the file field is the image's path relative "
+        "to that folder",
+        file=sys.stderr,
+    )
+  return captions
+
+
+def note_missing_caption_column(path: Path, caption_key: str | None, columns, kind: str = "column") -> None:
+  """One note on stderr when a table (a TFDS dataset: kind='feature') has no ``caption_key`` column: its images are
+  read uncaptioned, which an image-only recipe wants and a pair recipe does not."""
+  if caption_key and caption_key not in columns:
+    print(
+        f"note: {path} has no {caption_key!r} {kind} ({kind}s: {sorted(columns)}); its images are read without "
+        f"captions — name the caption {kind} with --caption_key / data.caption_key",
+        file=sys.stderr,
+    )
 
 
 class ParquetImages:
@@ -136,6 +177,7 @@ def _read_parquet(path: Path, image_key: str, caption_key: str | None) -> list[t
     )
   # encoded images: only the caption column is read now; the images row group by row group, when drawn
   n = pq.ParquetFile(path).metadata.num_rows
+  note_missing_caption_column(path, caption_key, schema.names)
   if caption_key and caption_key in schema.names:
     captions = [decode_text(c) for c in pq.read_table(path, columns=[caption_key]).column(0).to_pylist()]
   else:
@@ -146,8 +188,12 @@ def _read_parquet(path: Path, image_key: str, caption_key: str | None) -> list[t
 def _table_rows(path: Path, rows: list[tuple[str, dict]], image_key: str, caption_key: str | None):
   """(image, caption) of each (where, row) pair; `where` ("line 3", "row 3") names the row in an error."""
   out = []
+  if rows:
+    note_missing_caption_column(path, caption_key, set().union(*(row for _, row in rows)))
   for where, row in rows:
-    if image_key not in row or not row[image_key]:
+    if image_key in row and row[image_key] in (None, ""):
+      raise ValueError(f"{path}: {where}: {image_key!r} is empty; give the row an image or remove it")
+    if image_key not in row:
       raise ValueError(
           f"{path}: {where} has no {image_key!r} column/field (columns: {sorted(row)}); "
           "pass the right name with --image_key / data.image_key"
@@ -183,5 +229,5 @@ def read_table(
   elif suffix == ".parquet":
     return _read_parquet(path, image_key, caption_key)
   else:
-    raise ValueError(f"{path}: unknown table type {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+    raise ValueError(f"{path}: unknown table type {suffix!r}; use one of {', '.join(TABLE_EXTENSIONS)}")
   return _table_rows(path, rows, image_key, caption_key)

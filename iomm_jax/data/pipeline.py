@@ -75,7 +75,8 @@ def _name_skip(where: str, source: Any, index: int, error: str) -> None:
     return
   ids = getattr(source, "ids", None)
   name = repr(ids[index]) if ids is not None and index < len(ids) else f"index {index}"
-  print(f"data: skipped unreadable record {name} of {where} ({error}); counted in skipped_total", file=sys.stderr)
+  # One write per line: loader threads naming skips at once must not run their lines together.
+  sys.stderr.write(f"data: skipped unreadable record {name} of {where} ({error}); counted in skipped_total\n")
 
 
 CAPTION_CHECK_RECORDS = 64  # pair recipes check the first N source records for captions at start
@@ -316,7 +317,8 @@ def check_captions(source: Any, spec: DataConfig, num: int = CAPTION_CHECK_RECOR
       rid = rid[i] if rid is not None else i
       raise DataConfigError(
           f"record {rid!r} (index {i}) of {spec.where} has no caption, but data.recipe={spec.recipe!r} needs "
-          "captions; caption it (sidecar .txt, captions.jsonl or a caption column), use recipe 'image', or "
+          "captions; caption it (sidecar .txt, captions.jsonl, or a table's caption column, named by "
+          f"data.caption_key={spec.caption_key!r}), use recipe 'image', or "
           "set data.skip_uncaptioned=True to count and skip caption-less records"
       )
 

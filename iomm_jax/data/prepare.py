@@ -2,7 +2,8 @@
 
 Sources (``--src``): a folder of images (recursive; captions from sidecar ``.txt`` or ``captions.jsonl``), a
 ``.jsonl``/``.csv``/``.tsv``/``.parquet`` table of (image path, caption) (``--image_key``/``--caption_key``;
-relative paths are relative to the table), webdataset-style uncompressed ``.tar`` shards (a file, a glob or a folder
+relative paths are relative to the table; a folder or glob of tables is read as one dataset, as Hugging Face stores
+its Parquet shards), webdataset-style uncompressed ``.tar`` shards (a file, a glob or a folder
 of them; ``KEY.jpg|png|webp`` + ``KEY.txt``, the img2dataset layout) or a TFDS builder directory (``--split``).
 
 Output: ``DIR/data-00000-of-000NN.array_record`` holding ``records.encode_image_record`` records (encoded bytes
@@ -15,8 +16,10 @@ about 5× faster on 512² JPEGs (bench/prepare.py) but blind to some truncations
 than ``--max_image_pixels`` pixels and those with a short side under ``--min_size`` are skipped and counted.
 Width and height are recorded as displayed (EXIF orientation applied). A Parquet table's image column may hold
 paths, encoded bytes or ``{bytes, path}`` structs (HF datasets). The last stdout line is a JSON summary; a run that
-writes no record exits 1 with the reason and leaves nothing in DIR (nor DIR, if it made it), so the corrected rerun
-starts afresh. DIR holding shards of a run with other options (``--src``, ``--shards``, ``--min_size``, the keys read,
+writes no record exits 1 with the reason (the summary's ``written_with_caption`` says how many written records carry
+a caption: 0 means the caption column is not ``--caption_key``) and leaves nothing in DIR (nor DIR, if it made it), so the corrected rerun
+starts afresh. A write that fails (a full disk) stops the run with one line; finished shards stay and a rerun
+resumes. DIR holding shards of a run with other options (``--src``, ``--shards``, ``--min_size``, the keys read,
 ``--max_image_pixels``) is refused, the message naming each option's earlier and new value; such shards that hold
 no record are replaced (``prepare_plan``).
 
@@ -129,7 +132,8 @@ def _tick() -> None:
       _counter.value += 1
 
 
-_STATS = ("written", "skipped_unreadable", "skipped_too_large", "skipped_too_small")
+_STATS = ("written", "skipped_unreadable", "skipped_too_large", "skipped_too_small")  # each image counted once
+_CAPTIONED = "written_with_caption"  # of the written: how many carry a caption (0 says the caption column is wrong)
 _MAX_ERRORS = 5  # first errors kept per shard, for the summary
 
 
@@ -146,7 +150,7 @@ def write_shard(
 
   final, state = Path(dst) / name, Path(dst) / STATE_DIR
   tmp = Path(dst) / f".{name}.tmp-{os.getpid()}"
-  stats = {**dict.fromkeys(_STATS, 0), "errors": []}
+  stats = {**dict.fromkeys(_STATS + (_CAPTIONED,), 0), "errors": []}
   sizes = []  # (height, width) of each written record, for the sizes sidecar
   writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
   try:
@@ -168,6 +172,7 @@ def write_shard(
         )
         sizes.append((h, w))
         stats["written"] += 1
+        stats[_CAPTIONED] += caption is not None
       _tick()
     writer.close()
     _write_sizes(final, sizes)  # sidecar, then stats, then the shard: a finished shard has both
@@ -175,6 +180,9 @@ def write_shard(
     stats_tmp.write_text(json.dumps(stats))
     os.replace(stats_tmp, state / f"{name}.json")  # stats first: a finished shard always has its stats
     os.replace(tmp, final)
+  except RuntimeError as e:  # array_record reports a failed write (a full disk) as RuntimeError
+    tmp.unlink(missing_ok=True)
+    raise OSError(f"writing {final}: {str(e).splitlines()[0]}") from None
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
@@ -213,7 +221,7 @@ def write_shards(
     stale.unlink(missing_ok=True)
 
   bounds = [len(items) * s // shards for s in range(shards + 1)]
-  todo, summary = [], {**dict.fromkeys(_STATS, 0), "first_errors": []}
+  todo, summary = [], {**dict.fromkeys(_STATS + (_CAPTIONED,), 0), "first_errors": []}
   done = 0
   for s, name in enumerate(names):
     stats_file = dst / STATE_DIR / f"{name}.json"
@@ -271,7 +279,7 @@ def write_shards(
 
 def _add_stats(summary: dict, stats: dict) -> None:
   """Adds one shard's stats into the summary (stats files of older runs lack some keys)."""
-  for k in _STATS:
+  for k in _STATS + (_CAPTIONED,):
     summary[k] += int(stats.get(k, 0))
   summary["first_errors"] = (summary["first_errors"] + list(stats.get("errors", [])))[:_MAX_ERRORS]
 
@@ -294,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument(
       "--src",
       required=True,
-      help="folder, .jsonl/.csv/.tsv/.parquet, .tar / glob / folder of .tar, " "or TFDS builder dir",
+      help="folder of images, .jsonl/.csv/.tsv/.parquet table (or a folder / glob of tables), .tar / glob / folder "
+      "of .tar, or TFDS builder dir",
   )
   ap.add_argument("--dst", required=True, help="output folder for data-*.array_record shards")
   ap.add_argument("--shards", type=int, required=True, help="number of shards")
@@ -341,6 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"prepare: error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # a full disk, a folder that cannot be written: finished shards stay, and a rerun resumes
+    print(
+        f"prepare: error: {e}; the shards finished so far are kept: fix the cause (free space in --dst={a.dst}) "
+        "and rerun the same command to resume",
+        file=sys.stderr,
+    )
+    return 1
   summary["seconds"] = round(time.time() - t0, 2)
   print(json.dumps(summary), flush=True)
   reason = nothing_written(summary)

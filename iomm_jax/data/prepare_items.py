@@ -1,6 +1,7 @@
 """What ``prepare`` writes: the items of each input format it ingests — a folder of images (captions from sidecar
-``.txt`` or ``captions.jsonl``), a ``.jsonl``/``.csv``/``.tsv``/``.parquet`` table of (image, caption), uncompressed
-webdataset ``.tar`` shards, or a TFDS builder directory — each an ``Item``: a stable key and a picklable loader that
+``.txt`` or ``captions.jsonl``), a ``.jsonl``/``.csv``/``.tsv``/``.parquet`` table of (image, caption) or a folder
+or glob of such tables (one dataset, as Hugging Face stores its Parquet shards), uncompressed webdataset ``.tar``
+shards, or a TFDS builder directory — each an ``Item``: a stable key and a picklable loader that
 returns the encoded bytes and the caption (run in prepare's worker processes)."""
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _load_file(path: str, caption: str | None = None, sidecar: str | None = None
   with open(path, "rb") as f:
     data = f.read()
   if sidecar is not None:
-    caption = corpus_files.decode_text(Path(sidecar).read_text(encoding="utf-8"))
+    caption = corpus_files.decode_text(Path(sidecar).read_bytes())
   return data, caption
 
 
@@ -54,9 +55,12 @@ def _load_parquet(path: str, column: str, row: int, caption: str | None) -> tupl
   return _parquet_images(path, column)[row], caption
 
 
+_TFDS_FLAGS = {"split": "--split", "image_key": "--image_key"}  # what prepare's messages tell a user to set
+
+
 @functools.lru_cache(maxsize=4)
 def _tfds(builder_dir: str, split: str, image_key: str, caption_key: str | None) -> sources.TfdsSource:
-  return sources.TfdsSource(builder_dir, split, image_key, caption_key)
+  return sources.TfdsSource(builder_dir, split, image_key, caption_key, field="--src", options=_TFDS_FLAGS)
 
 
 def _load_tfds(
@@ -72,10 +76,10 @@ def _load_tfds(
 
 # -------------------------------------------------------------------------------------------------- enumeration
 def _folder_items(root: Path) -> list[Item]:
-  jsonl = root / corpus_files.CAPTIONS_FILE
-  captions = corpus_files.read_captions_jsonl(jsonl) if jsonl.exists() else {}
+  images = corpus_files.list_images(root)
+  captions = corpus_files.folder_captions(root, images)
   items = []
-  for path, sidecar in corpus_files.list_images(root):
+  for path, sidecar in images:
     rel = path.relative_to(root).as_posix()
     items.append(
         Item(
@@ -95,7 +99,18 @@ def _table_items(path: Path, image_key: str, caption_key: str | None) -> list[It
   return items
 
 
+def _tables_items(tables: Sequence[Path], image_key: str, caption_key: str | None) -> list[Item]:
+  """The items of several table files, as one dataset (keys of rows stored in a Parquet file name that file)."""
+  return [item for table in tables for item in _table_items(table, image_key, caption_key)]
+
+
 _TAR_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
+def _compressed(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(6).startswith(_COMPRESSED_MAGIC)
 
 
 def _tar_items(tars: Sequence[str]) -> list[Item]:
@@ -103,6 +118,8 @@ def _tar_items(tars: Sequence[str]) -> list[Item]:
   for tar in tars:
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
+      if os.path.getsize(tar) % tarfile.BLOCKSIZE:  # tarfile would read such a file's cut last member as its end
+        raise tarfile.ReadError(f"{os.path.getsize(tar)} bytes, not a multiple of {tarfile.BLOCKSIZE}")
       with tarfile.open(tar, "r:") as tf:  # uncompressed only: members are read by offset
         for m in tf:
           if not m.isfile():
@@ -117,7 +134,9 @@ def _tar_items(tars: Sequence[str]) -> list[Item]:
           if "txt" in members:
             captions[key] = corpus_files.decode_text(tf.extractfile(members["txt"]).read())
     except tarfile.ReadError as e:
-      raise ValueError(f"{tar}: not an uncompressed tar ({e}); decompress .tar.gz shards first") from e
+      if _compressed(tar):
+        raise ValueError(f"{tar}: a compressed tar; decompress the shards first (gunzip / xz -d)") from None
+      raise ValueError(f"{tar}: not a whole tar ({e}): cut short or damaged; fetch it again or leave it out") from None
     name = os.path.basename(tar)
     for key in sorted(groups):
       ext = next((e for e in _TAR_IMAGE_EXT if e in groups[key]), None)
@@ -145,10 +164,16 @@ def enumerate_items(
   """Items of ``src`` (kind detected from the path; see the module docstring), sorted by key."""
   p = Path(os.path.expanduser(src))
   if any(c in src for c in "*?["):
-    tars = sorted(glob.glob(os.path.expanduser(src)))
-    if not tars or not all(t.endswith(".tar") for t in tars):
-      raise ValueError(f"--src {src}: the glob must match .tar shards (matched {len(tars)} files)")
-    items = _tar_items(tars)
+    files = sorted(glob.glob(os.path.expanduser(src)))
+    if files and all(f.endswith(".tar") for f in files):
+      items = _tar_items(files)
+    elif files and all(f.lower().endswith(corpus_files.TABLE_EXTENSIONS) for f in files):
+      items = _tables_items([Path(f) for f in files], image_key, caption_key)
+    else:
+      raise ValueError(
+          f"--src {src}: the glob must match .tar shards or table files "
+          f"({', '.join(corpus_files.TABLE_EXTENSIONS)}) (matched {len(files)} files)"
+      )
   elif not p.exists():
     raise ValueError(
         f"--src {src} does not exist; give a folder of images, a .jsonl/.csv/.parquet table, "
@@ -158,8 +183,22 @@ def enumerate_items(
     items = _tfds_items(str(p), split, image_key, caption_key)
   elif p.is_dir():
     tars = sorted(str(t) for t in p.glob("*.tar"))
+    tables = sorted(
+        t
+        for t in p.iterdir()
+        if t.is_file()
+        and t.name.lower().endswith(corpus_files.TABLE_EXTENSIONS)
+        and t.name != corpus_files.CAPTIONS_FILE
+    )
     has_images = any(True for _ in corpus_files.list_images(p)[:1])
-    items = _tar_items(tars) if tars and not has_images else _folder_items(p)
+    if tars and not has_images:
+      items = _tar_items(tars)
+    elif tables and not has_images:  # a dataset stored as table files (Hugging Face's train-0000N-of-0000M.parquet)
+      items = _tables_items(tables, image_key, caption_key)
+    else:
+      items = _folder_items(p)
+  elif p.name.lower().endswith((".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".tar.zst")):
+    raise ValueError(f"--src {src}: a compressed tar; decompress it first and pass the .tar")
   elif p.suffix == ".tar":
     items = _tar_items([str(p)])
   else:

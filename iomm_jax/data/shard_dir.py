@@ -12,5 +12,8 @@ def make(dst: str | os.PathLike, state_dir: str) -> Path:
   dst = Path(dst)
   if dst.exists() and not dst.is_dir():
     raise ValueError(f"--dst={dst} exists and is not a folder; give a folder for the shards")
-  (dst / state_dir).mkdir(parents=True, exist_ok=True)
+  try:
+    (dst / state_dir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # a parent that is a file, a read-only or virtual file system
+    raise ValueError(f"--dst={dst} cannot be created ({e.strerror}: {e.filename}); give a writable folder") from None
   return dst

@@ -102,15 +102,14 @@ class FolderSource:
     self.files = [str(p) for p, _ in found]
     self.sidecars = [None if t is None else str(t) for _, t in found]
     self.ids = [p.relative_to(self.root).as_posix() for p, _ in found]
-    jsonl = self.root / corpus_files.CAPTIONS_FILE
-    self.jsonl_captions = corpus_files.read_captions_jsonl(jsonl) if jsonl.exists() else {}
+    self.jsonl_captions = corpus_files.folder_captions(self.root, found)
 
   def __len__(self) -> int:
     return len(self.files)
 
   def caption(self, i: int) -> str | None:
     if self.sidecars[i] is not None:
-      return corpus_files.decode_text(Path(self.sidecars[i]).read_text(encoding="utf-8"))
+      return corpus_files.decode_text(Path(self.sidecars[i]).read_bytes())
     return self.jsonl_captions.get(self.ids[i])
 
   def __getitem__(self, i: int) -> dict:
@@ -131,6 +130,11 @@ class _TableSource:
       field: str = "data.path",
   ):
     path = Path(path)
+    if path.is_dir():
+      raise DataConfigError(
+          f"{field} {path} is a folder; point it at one table file, or ingest a folder of tables (Hugging Face's "
+          "Parquet shards) as one dataset with `python -m iomm_jax.data.prepare --src DIR` and data.source='arrayrecord'"
+      )
     if not path.is_file():
       raise DataConfigError(
           f"table {path} does not exist; set {field} to a {type(self).__name__[:-6].lower()} "
@@ -247,27 +251,46 @@ class TfdsSource:
       image_key: str = "image",
       caption_key: str | None = None,
       field: str = "data.path",
+      options: dict[str, str] | None = None,
   ):
+    """``field`` names the path option and ``options`` the split and image key options in messages (training's
+    config fields by default; prepare passes its flags)."""
     self.builder_dir, self.split = str(builder_dir), split
     self.image_key, self.caption_key = image_key, caption_key
+    self.options = options or {"split": "data.split", "image_key": "data.image_key"}
     if not os.path.isfile(os.path.join(self.builder_dir, "dataset_info.json")):
       raise DataConfigError(
           f"{self.builder_dir} is not a TFDS builder directory (no dataset_info.json); point "
           f"{field} at the versioned folder, e.g. ~/tensorflow_datasets/NAME/1.0.0"
       )
-    self._ds = None
+    self._ds, self._checked = None, False
     self._len = len(self._source())
 
   def _source(self):
     if self._ds is None:
       import tensorflow_datasets as tfds
 
-      builder = tfds.builder_from_directory(self.builder_dir)
+      try:
+        builder = tfds.builder_from_directory(self.builder_dir)
+      except Exception as e:  # a damaged dataset_info.json: protobuf's ParseError, ValueError, ...
+        raise DataConfigError(
+            f"{self.builder_dir}: cannot be opened as a TFDS dataset ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "check its dataset_info.json, or build the dataset again"
+        ) from None
       if self.split not in builder.info.splits:
         raise DataConfigError(
             f"TFDS dataset {self.builder_dir} has no split {self.split!r} "
-            f"(splits: {list(builder.info.splits)}); set data.split"
+            f"(splits: {list(builder.info.splits)}); set {self.options['split']}"
         )
+      if not self._checked:  # once, at open (a copy in a loader process has been checked)
+        features = list(builder.info.features.keys())
+        if self.image_key not in features:  # here, not by failing every record
+          raise DataConfigError(
+              f"TFDS dataset {self.builder_dir} has no feature {self.image_key!r} (features: {features}); set "
+              f"{self.options['image_key']}"
+          )
+        corpus_files.note_missing_caption_column(Path(self.builder_dir), self.caption_key, features, kind="feature")
+        self._checked = True
       self._ds = builder.as_data_source(self.split)
     return self._ds
 
@@ -282,7 +305,7 @@ class TfdsSource:
 
     rec = self._source()[int(i)]
     if self.image_key not in rec:
-      raise KeyError(f"TFDS record has no {self.image_key!r} (keys {sorted(rec)}); set data.image_key")
+      raise KeyError(f"TFDS record has no {self.image_key!r} (keys {sorted(rec)}); set {self.options['image_key']}")
     img = rec[self.image_key]
     out = {"image_bytes": img} if isinstance(img, bytes) else {"image": np.asarray(img, np.uint8)}
     out["caption"] = corpus_files.decode_text(rec.get(self.caption_key)) if self.caption_key else None
