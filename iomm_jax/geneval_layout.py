@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iomm_jax import jsonl, workdir_layout
+from iomm_jax import jsonl, output_folder, workdir_layout
 
 PROMPTS_FILE = "prompts.jsonl"  # a prompt set written inside the sample folder it produced (eval_shapes)
 
@@ -58,27 +58,11 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
   return out
 
 
-def output_path_problem(path: str | os.PathLike, folder: bool) -> str:
-  """Why `path` cannot be written as a folder (`folder`) or a file: it, or a folder above it, is a file, or a file's
-  path is a folder; '' when it can. Checked before the work, so a mistake costs no sampling or conversion."""
-  path = Path(os.path.abspath(os.path.expanduser(path)))
-  if path.exists():
-    if folder and not path.is_dir():
-      return f"{path} exists and is not a folder; give a folder"
-    if not folder and path.is_dir():
-      return f"{path} is a folder; give a file path, such as {path / PROMPTS_FILE}"
-    return ""
-  for parent in path.parents:  # the nearest existing folder above it must be a folder, or nothing can be made
-    if parent.exists():
-      return "" if parent.is_dir() else f"{parent} is a file, so {path} cannot be made; give a path under a folder"
-  return ""
-
-
 def write_prompts(path: str | os.PathLike, metadata: list[dict]) -> Path:
   """Writes metadata objects as a JSONL prompts file (atomically: a failed write leaves no temporary file); a path
   that cannot be a file raises OutputPathError naming it."""
   path = Path(path)
-  problem = output_path_problem(path, folder=False)
+  problem = output_folder.path_problem(path, folder=False)
   if problem:
     raise OutputPathError(problem)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +113,7 @@ def check_out_dir(out_dir: str | os.PathLike, also_own: tuple[str, ...] = ()) ->
   files matching one of the glob patterns `also_own`, which a caller writes beside them)."""
   also_own = tuple(also_own) + REPORT_FILES
   out_dir = Path(out_dir)
-  problem = output_path_problem(out_dir, folder=True)
+  problem = output_folder.path_problem(out_dir, folder=True)
   if problem:
     raise OutputPathError(problem)
   if not out_dir.is_dir():

@@ -19,7 +19,7 @@ import sys
 import jax
 import numpy as np
 
-from iomm_jax import geneval_layout
+from iomm_jax import geneval_layout, output_folder
 from iomm_jax.models import iomm
 from iomm_jax.train.generate import (
     add_sampling_flags,
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
   if args.edit and not args.image:
     ap.error("--edit is an instruction for the --image inputs; give one or more --image")
   out = args.out or workdir_layout.path(args.workdir, workdir_layout.SAMPLES)
-  problem = geneval_layout.output_path_problem(out, folder=True) if args.prompt or args.image else ""
+  problem = output_folder.path_problem(out, folder=True) if args.prompt or args.image else ""
   if problem:
     ap.error(f"--out: {problem}" if args.out else problem)
   metadata, folder = None, None

@@ -141,6 +141,33 @@ def test_user_errors_exit_2(ckpts, tmp_path, capsys):
   assert "--overwrite" in capsys.readouterr().err
 
 
+def test_overwrite_replaces_only_what_the_converter_wrote(ckpts, tmp_path, capsys):
+  """--overwrite never deletes a folder the converter did not write, nor its own input: a workdir, a model folder or
+  a thesis given as --dst by mistake stays as it was; the converter's own earlier output is replaced whole."""
+  _, rqa, _ = ckpts["rqa"]
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "thesis.tex").write_text("years of work")
+  assert run_cli("to-jax", "--component", "rqa", "--src", rqa, "--dst", mine, "--overwrite") == 2
+  err = capsys.readouterr().err
+  assert "did not write" in err and "give a new or empty folder" in err, err
+  assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+  j = tmp_path / "j"
+  assert run_cli("to-jax", "--component", "rqa", "--src", rqa, "--dst", j) == 0
+  capsys.readouterr()
+  for dst in (j, j / "params" / "again", tmp_path):  # the input itself, a folder inside it, one holding it
+    assert run_cli("to-torch", "--component", "rqa", "--src", j, "--dst", dst, "--overwrite") == 2
+    assert "is, holds or lies inside --src" in capsys.readouterr().err
+  assert (j / "component.json").is_file() and not (j / "params" / "again").exists()
+  t = tmp_path / "t"
+  assert run_cli("to-torch", "--component", "rqa", "--src", j, "--dst", t) == 0
+  assert run_cli("to-jax", "--component", "rqa", "--src", t, "--dst", j, "--overwrite") == 0  # its own output
+  assert run_cli("to-torch", "--component", "rqa", "--src", j, "--dst", t, "--overwrite") == 0
+  capsys.readouterr()
+  assert sorted(p.name for p in t.iterdir()) == ["config.json", "iomm_export.json", "model.safetensors"]
+  assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]  # no temporary left
+
+
 def test_a_dst_that_is_or_sits_under_a_file_fails_before_any_conversion(ckpts, tmp_path, capsys, monkeypatch):
   _, rqa, _ = ckpts["rqa"]
   (tmp_path / "file").write_text("x")
@@ -151,10 +178,10 @@ def test_a_dst_that_is_or_sits_under_a_file_fails_before_any_conversion(ckpts, t
   monkeypatch.setattr(transfer, "torch_to_ours", no_work)
   monkeypatch.setattr(orbax_io, "load", no_work)
   for command, dst, message in (
-      ("to-jax", tmp_path / "file", "exists and is a file"),
-      ("to-jax", tmp_path / "file" / "sub", "file is a file, so the folder cannot be made"),
-      ("to-torch", tmp_path / "file", "exists and is a file"),
-      ("to-torch", tmp_path / "file" / "sub", "file is a file, so the folder cannot be made"),
+      ("to-jax", tmp_path / "file", "exists and is not a folder"),
+      ("to-jax", tmp_path / "file" / "sub", "file is a file, so"),
+      ("to-torch", tmp_path / "file", "exists and is not a folder"),
+      ("to-torch", tmp_path / "file" / "sub", "file is a file, so"),
   ):
     assert run_cli(command, "--component", "rqa", "--src", rqa, "--dst", dst) == 2
     err = capsys.readouterr().err.strip()

@@ -227,8 +227,10 @@ def test_out_that_this_command_did_not_write_is_refused_before_training(tmp_path
   with pytest.raises(ConfigError, match=r"--out=.*runs is a non-empty folder that this command did not write"):
     trainer.pretrain(c, str(runs))
   assert (runs / "tiny" / "config.json").read_text() == "{}"
-  with pytest.raises(ConfigError, match="is a file"):
+  with pytest.raises(ConfigError, match="exists and is not a folder"):
     hf_folder.check_replaceable(runs / "tiny" / "config.json")
+  with pytest.raises(ConfigError, match="config.json is a file, so .* cannot be made"):  # refused before training
+    hf_folder.check_replaceable(runs / "tiny" / "config.json" / "mllm")
   hf_folder.check_replaceable(tmp_path / "new")  # a new folder, an empty one, an earlier MLLM folder: fine
   (tmp_path / "empty").mkdir()
   hf_folder.check_replaceable(tmp_path / "empty")

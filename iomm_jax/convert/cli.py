@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from iomm_jax import output_folder
 from iomm_jax.weights import components, io
 from iomm_jax.models import keymap
 from iomm_jax.weights.components import COMPONENTS, ConvertError
@@ -38,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
   tj.add_argument("--dst", required=True, help="output component directory")
   tj.add_argument("--config", default=None, help="JSON config (needed for a bare .safetensors/.pt/.bin)")
   tj.add_argument("--dtype", choices=tuple(transfer.DTYPES), default=None, help="cast weights (default: keep)")
-  tj.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+  tj.add_argument(
+      "--overwrite", action="store_true", help="replace a --dst that this converter wrote before (never another folder)"
+  )
 
   tt = sub.add_parser("to-torch", help="component directory (or training workdir) → PyTorch folder")
   tt.add_argument("--component", choices=COMPONENTS, default=None, help="required unless --src is a workdir")
@@ -54,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
   )
   tt.add_argument("--no-ema", dest="use_ema", action="store_false", help="workdir: export the raw parameters")
   tt.add_argument("--step", type=int, default=None, help="workdir: checkpoint step (default: latest)")
-  tt.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+  tt.add_argument(
+      "--overwrite", action="store_true", help="replace a --dst that this converter wrote before (never another folder)"
+  )
 
   vf = sub.add_parser("verify", help="our model vs the PyTorch reference on random inputs")
   vf.add_argument("--component", required=True, choices=COMPONENTS)
@@ -71,23 +76,26 @@ def _require_exists(path: str, flag: str) -> None:
     raise ConvertError(f"{flag}={path} does not exist; check the path")
 
 
-def _check_dst(dst: str, overwrite: bool) -> None:
+EXPORT_FILE = "iomm_export.json"  # what to-torch writes beside a component's config.json: its source, and a marker
+# Files only this converter writes: --overwrite replaces a folder holding one, and nothing else (a training workdir,
+# a downloaded model, the user's own folder).
+OUTPUT_MARKERS = (orbax_io.META_FILE, export.PIPELINE_FILE, EXPORT_FILE)
+
+
+def _check_dst(args) -> None:
   """--dst can become the output folder: checked before any conversion work, so a mistake costs nothing."""
-  p = Path(dst).absolute()
-  if p.exists() and not p.is_dir():
-    raise ConvertError(f"--dst={dst} exists and is a file; give a folder for the output (a new or empty one)")
-  blocking = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
-  if not p.exists() and blocking is not None:
-    raise ConvertError(f"--dst={dst}: {blocking} is a file, so the folder cannot be made; give a path under a folder")
-  if p.is_dir() and any(p.iterdir()) and not overwrite:
-    raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
+  problem = output_folder.replace_problem(
+      args.dst, flag="--dst", markers=OUTPUT_MARKERS, overwrite=args.overwrite, source=args.src
+  )
+  if problem:
+    raise ConvertError(problem)
 
 
 def to_jax(args) -> dict:
   """PyTorch checkpoint → component directory."""
 
   _require_exists(args.src, "--src")
-  _check_dst(args.dst, args.overwrite)
+  _check_dst(args)
   raw_cfg = transfer.read_torch_config(args.src, args.config)
   if raw_cfg is None:
     raise ConvertError(
@@ -128,7 +136,7 @@ def to_torch(args) -> dict:
   """Component directory → PyTorch folder, or a training workdir → pipeline folder."""
 
   _require_exists(args.src, "--src")
-  _check_dst(args.dst, args.overwrite)
+  _check_dst(args)
   dtype = transfer.DTYPES.get(args.dtype)
   if export.is_workdir(args.src):
     try:
@@ -152,16 +160,14 @@ def to_torch(args) -> dict:
         f"pass --component {meta['component']}"
     )
   dst = Path(args.dst)
-  if dst.exists() and any(dst.iterdir()):
-    if not args.overwrite:
-      raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
-    import shutil
-
-    shutil.rmtree(dst)
   spec = components.spec(meta["kind"])
   cfg = spec.config_from_json(meta["config"])
-  # The source's own config.json is written back when it came from PyTorch (keeps every field it had).
-  files = transfer.write_torch_folder(spec, cfg, flat, dst, torch_config=meta.get("torch_config"), dtype=dtype)
+  with output_folder.replacing(dst) as tmp:
+    # The source's own config.json is written back when it came from PyTorch (keeps every field it had).
+    files = transfer.write_torch_folder(spec, cfg, flat, tmp, torch_config=meta.get("torch_config"), dtype=dtype)
+    (tmp / EXPORT_FILE).write_text(
+        json.dumps({"source": str(Path(args.src).absolute()), "component": spec.component, "kind": spec.kind})
+    )
   return {
       "wrote": str(dst.absolute()),
       "component": spec.component,

@@ -22,7 +22,7 @@ from iomm_jax.weights.components import ConvertError
 from iomm_jax.models.flux_vae import FluxVAEConfig
 from iomm_jax.train import builder, restore
 from iomm_jax.models import factory
-from iomm_jax import workdir_layout
+from iomm_jax import output_folder, workdir_layout
 
 PIPELINE_FILE = "iomm_pipeline.json"
 
@@ -76,14 +76,17 @@ def export_workdir(
         "latent, while diffusers' Flux/Z-Image pipelines read the output as a velocity; only "
         "prediction='v' runs export to a pipeline folder"
     )
-  dst = Path(dst)
-  if dst.exists() and any(dst.iterdir()):
-    if not overwrite:
-      raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
-    import shutil
-
-    shutil.rmtree(dst)
+  problem = output_folder.replace_problem(
+      dst, flag="--dst", markers=(PIPELINE_FILE,), overwrite=overwrite, source=workdir
+  )
+  if problem:
+    raise ConvertError(problem)
   run, params, ckpt_step = load_generator(workdir, step=step, use_ema=use_ema)
+  with output_folder.replacing(dst) as tmp:  # the old folder goes only once the new one is whole
+    return _write_pipeline(workdir, tmp, run, params, ckpt_step, use_ema=use_ema, dtype=dtype)
+
+
+def _write_pipeline(workdir, dst: Path, run, params, ckpt_step: int, *, use_ema: bool, dtype) -> dict:
   config = run.config
   width = factory.mllm_width(run.mcfg)
   dit_kind = config.model.dit.kind

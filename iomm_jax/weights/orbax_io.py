@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from iomm_jax import tree_paths
+from iomm_jax import output_folder, tree_paths
 from iomm_jax.weights.components import ConvertError
 
 FORMAT = "iomm_jax.component"
@@ -42,21 +42,24 @@ def save(
     source: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-  """Write `params` ({our dotted path: array}) and component.json to DST; returns DST."""
+  """Write `params` ({our dotted path: array}) and component.json to DST (a temporary sibling renamed into place,
+  replacing, with `overwrite`, a component directory written before); returns DST."""
   import orbax.checkpoint as ocp
 
   dst = Path(dst).absolute()
-  if dst.exists() and any(dst.iterdir()):
-    if not overwrite:
-      raise ConvertError(f"--dst={dst} exists and is not empty; choose a new directory or pass --overwrite")
-    import shutil
-
-    shutil.rmtree(dst)
-  dst.mkdir(parents=True, exist_ok=True)
+  problem = output_folder.replace_problem(dst, flag="--dst", markers=(META_FILE,), overwrite=overwrite)
+  if problem:
+    raise ConvertError(problem)
   # Host numpy arrays (bf16 via ml_dtypes) are written as they are: no device copy of the whole model.
   tree = tree_paths.nest({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(dst / PARAMS_DIR, tree)
+  with output_folder.replacing(dst) as tmp:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / PARAMS_DIR, tree)
+    _write_meta(tmp, component, kind, config, torch_config, source, params)
+  return dst
+
+
+def _write_meta(dst: Path, component, kind, config, torch_config, source, params) -> None:
   meta = {
       "format": FORMAT,
       "version": VERSION,
@@ -68,7 +71,6 @@ def save(
       "dtypes": sorted({str(np.dtype(getattr(v, "dtype", np.float32))) for v in params.values()}),
   }
   (dst / META_FILE).write_text(json.dumps(meta, indent=2))
-  return dst
 
 
 def read_meta(src: str | Path, *, what: str = "--src") -> dict:

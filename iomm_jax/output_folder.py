@@ -1,0 +1,82 @@
+"""Output folders that commands write and may replace: checked before the work (so a mistake costs nothing), and
+written under a temporary sibling that takes the folder's place only when complete (so a failure leaves the old
+folder as it was, never half a new one). A command replaces only a folder it wrote itself, recognised by a marker
+file inside it; anything else — a training workdir, a user's folder, the command's own input — is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Sequence
+
+
+def path_problem(path: str | os.PathLike, folder: bool) -> str:
+  """Why `path` cannot be written as a folder (`folder`) or a file: it, or a folder above it, is a file, or a file's
+  path is a folder; '' when it can."""
+  path = Path(os.path.abspath(os.path.expanduser(path)))
+  if path.exists():
+    if folder and not path.is_dir():
+      return f"{path} exists and is not a folder; give a folder"
+    if not folder and path.is_dir():
+      return f"{path} is a folder; give a file path"
+    return ""
+  for parent in path.parents:  # the nearest existing folder above it must be a folder, or nothing can be made
+    if parent.exists():
+      return "" if parent.is_dir() else f"{parent} is a file, so {path} cannot be made; give a path under a folder"
+  return ""
+
+
+def replace_problem(
+    dst: str | os.PathLike,
+    *,
+    flag: str,
+    markers: Sequence[str],
+    overwrite: bool = True,
+    source: str | os.PathLike | None = None,
+    source_flag: str = "--src",
+) -> str:
+  """Why `dst` cannot become (or replace) this command's output folder; '' when it can. A non-empty `dst` is
+  replaced only with `overwrite` and only when it holds one of `markers` (files only this command writes); `dst`
+  must neither be, hold nor lie inside `source` (the command's input)."""
+  problem = path_problem(dst, folder=True)
+  if problem:
+    return f"{flag}={dst}: {problem}"
+  d = Path(os.path.abspath(os.path.expanduser(dst))).resolve()
+  if source is not None:
+    s = Path(os.path.abspath(os.path.expanduser(source))).resolve()
+    if d == s or s in d.parents or d in s.parents:
+      return f"{flag}={dst} is, holds or lies inside {source_flag}={source}; write the output to another folder"
+  if d.is_dir() and any(d.iterdir()):
+    if not overwrite:
+      return f"{flag}={dst} exists and is not empty; choose a new folder or pass --overwrite"
+    if not any((d / m).exists() for m in markers):
+      return (
+          f"{flag}={dst} is a non-empty folder that this command did not write (no {' or '.join(markers)}); it "
+          "would be replaced, so give a new or empty folder"
+      )
+  return ""
+
+
+@contextlib.contextmanager
+def replacing(dst: str | os.PathLike) -> Iterator[Path]:
+  """Yields a new temporary sibling of `dst` to write the output into. When the block completes it takes `dst`'s
+  place (a folder there before is removed only then); when the block fails it is removed and `dst` is untouched."""
+  dst = Path(os.path.abspath(os.path.expanduser(dst)))
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  try:
+    yield tmp
+    if dst.exists():
+      old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+      os.rename(dst, old)
+      os.rename(tmp, dst)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, dst)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
