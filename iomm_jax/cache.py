@@ -45,7 +45,7 @@ from iomm_jax.data import cache_reader, shard_dir
 from iomm_jax.train import builder
 from iomm_jax import distributed
 from iomm_jax import config_cli
-from iomm_jax.config import ConfigError
+from iomm_jax.config import ConfigError, base_config
 from iomm_jax.config_validation import unknown_field_message, validate
 
 STATE_DIR = ".cache_state"
@@ -368,4 +368,7 @@ def _define_flags():
 if __name__ == "__main__":
   from absl import app
 
-  sys.exit(app.run(main, flags_parser=config_cli.flags_parser(_define_flags(), unknown_field=unknown_field_message)))
+  parser = config_cli.flags_parser(
+      _define_flags(), unknown_field=unknown_field_message, sections=tuple(base_config().keys())
+  )
+  sys.exit(app.run(main, flags_parser=parser))

@@ -56,18 +56,26 @@ def missing_file_line(argv: list[str]) -> str:
 
 
 def flags_parser(
-    config_flag: flags.FlagHolder, *, unknown_field: Callable[[str], str] | None = None
+    config_flag: flags.FlagHolder,
+    *,
+    unknown_field: Callable[[str], str] | None = None,
+    sections: tuple[str, ...] = (),
+    example: str = "configs/tiny.py",
 ) -> Callable[[list[str]], list[str]]:
   """An absl `flags_parser` for app.run that turns config problems into `SystemExit('config error: …')`.
 
   `unknown_field(field)` words the line for an override naming a field the config lacks (the IOMM schema's
-  `config_validation.unknown_field_message` lists the nearest known fields); without it the line names the field and the file.
+  `config_validation.unknown_field_message` lists the nearest known fields); without it the line names the field and
+  the file. A config lacking one of `sections` is another command's (the MLLM's for training, or the reverse): the
+  line says so and names `example`, a config this command reads.
   """
 
   def error_line(e: Exception, argv: list[str]) -> str:
     missing = missing_file_line(argv)  # a config file that is not there fails in several ways: name it first
     if missing:
       return missing
+    if isinstance(e, AttributeError) and "get_config" in str(e):
+      return f"config error: --config={_config_file(argv)} defines no get_config(arg), which returns the config"
     if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override names a field the config lacks
       found = re.search(r"'([^'\\]+)", str(e))
       field = overridden_field(found.group(1) if found else str(e), argv)
@@ -77,18 +85,24 @@ def flags_parser(
     if isinstance(e, flags.Error):
       return f"config error: {flag_error_line(e)}"
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]  # the config file failed to load (get_config)
-    return f"config error: {' '.join(lines)[:400]}"
+    return f"config error: --config={_config_file(argv)} failed to load: {' '.join(lines)[:400]}"
 
   def parse(argv: list[str]) -> list[str]:
     try:
       rest = flags.FLAGS(argv)
       if config_flag.value is None:
         raise SystemExit("config error: --config=configs/<name>.py[:arg] is required")
-      config_flag.value.keys()  # a config file that failed to load raises only when first touched
-      return rest
+      keys = set(config_flag.value.keys())  # a config file that failed to load raises only when first touched
     except SystemExit:
       raise
     except Exception as e:  # noqa: BLE001 — every config problem is one line, no traceback
       raise SystemExit(error_line(e, argv)) from None
+    missing = [name for name in sections if name not in keys]
+    if missing:
+      raise SystemExit(
+          f"config error: --config={_config_file(argv)} is not a config of this command (it has no "
+          f"{', '.join(missing)} section); give one such as {example}"
+      )
+    return rest
 
   return parse

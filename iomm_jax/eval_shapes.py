@@ -61,6 +61,21 @@ def score_folder(folder: str) -> tuple[list[dict], dict]:
   }
 
 
+def _samples_per_prompt(folder: str, metadata: list[dict], images: list[np.ndarray]) -> int | list[int]:
+  """The samples each prompt has: one number, or [fewest, most] with a note on stderr naming the first prompt with
+  the fewest (a folder assembled by hand, or a copy cut short, is scored as it is, but not silently)."""
+  counts = [len(x) for x in images]
+  if min(counts) == max(counts):
+    return counts[0]
+  short = counts.index(min(counts))
+  print(
+      f"note: {folder}: prompts have {min(counts)} to {max(counts)} samples (first with {min(counts)}: "
+      f"{metadata[short].get('prompt')!r}); each is scored on the samples it has",
+      file=sys.stderr,
+  )
+  return [min(counts), max(counts)]
+
+
 def picture(rows: list[tuple[str, np.ndarray, list[bool]]], path: str) -> None:
   """One row per prompt: its text, then its samples (upscaled to ~128 px), framed green when correct, red when not."""
   from PIL import Image, ImageDraw, ImageFont
@@ -109,7 +124,7 @@ def report(folder: str, json_path: str, png_path: str, extra: dict | None = None
       **(extra or {}),
       "samples": folder,
       "resolution": res["resolution"],
-      "num_per_prompt": int(np.mean([len(x) for x in images])),
+      "num_per_prompt": _samples_per_prompt(folder, metadata, images),
       "prompts": len(metadata),
       "scores": res["scores"],
       "overall": res["overall"],
@@ -167,6 +182,13 @@ def main(argv=None) -> int:
   if args.samples:
     if not os.path.isdir(args.samples):
       raise SystemExit(f"--samples={args.samples} is not a folder")
+    if args.uncond or args.out or args.steps is not None or args.cfg is not None:
+      ap.error("--samples scores a folder as it is; --uncond, --out, --steps and --cfg apply only when sampling")
+    if args.workdir and not os.path.isfile(os.path.join(args.workdir, "config.json")):
+      ap.error(
+          f"--workdir={args.workdir} is not a training workdir (no config.json); drop it to write the report into "
+          "the --samples folder"
+      )
     base = (
         workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix)
         if args.workdir

@@ -15,7 +15,7 @@ def objects(path: str | os.PathLike, example: str = "{...}") -> Iterator[tuple[i
   """(line number, object) for each non-blank line of `path`, in order. `example` shows a valid line in the error
   a bad line raises."""
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: the byte-order mark a Windows editor writes is not JSON
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise JsonLinesError(f"{path}: cannot read the file ({e})") from None

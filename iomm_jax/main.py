@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 from iomm_jax import config_cli, distributed
-from iomm_jax.config import ConfigError
+from iomm_jax.config import ConfigError, base_config
 from iomm_jax.config_validation import unknown_field_message, validate
 from iomm_jax.train import dry_run
 from iomm_jax.train import loop, preemption
@@ -65,7 +65,10 @@ def main(argv):
 
 
 def run():
-  app.run(main, flags_parser=config_cli.flags_parser(_CONFIG, unknown_field=unknown_field_message))
+  parser = config_cli.flags_parser(
+      _CONFIG, unknown_field=unknown_field_message, sections=tuple(base_config().keys()), example="configs/tiny.py"
+  )
+  app.run(main, flags_parser=parser)
 
 
 if __name__ == "__main__":

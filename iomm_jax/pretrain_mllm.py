@@ -41,4 +41,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main, flags_parser=config_cli.flags_parser(_CONFIG)))
+  parser = config_cli.flags_parser(_CONFIG, sections=trainer.CONFIG_SECTIONS, example="configs/tiny_mllm.py")
+  sys.exit(app.run(main, flags_parser=parser))

@@ -104,6 +104,11 @@ def main(argv=None) -> int:
   check_sampling_flags(ap, args)
   if args.edit and not args.image:
     ap.error("--edit is an instruction for the --image inputs; give one or more --image")
+  if args.out and args.prompts_file and (args.prompt or args.image):  # two layouts in one folder: neither reads clean
+    ap.error(
+        "--out takes either --prompts_file's GenEval folder or the --prompt/--image grids: sample them in two "
+        "commands, or drop --out (grids go to <workdir>/samples, the GenEval folder to <workdir>/samples/geneval)"
+    )
   out = args.out or workdir_layout.path(args.workdir, workdir_layout.SAMPLES)
   problem = output_folder.path_problem(out, folder=True) if args.prompt or args.image else ""
   if problem:

@@ -275,9 +275,11 @@ def chance(metadata: list[dict], num_scenes: int = _CHANCE_SCENES, seed: int = 1
   scenes = [shapes.scene(i, seed)["objects"] for i in range(num_scenes)]
   scores, _ = _summarise([(m, [score(m, objs) for objs in scenes]) for m in metadata])
   singles = [m["include"][0]["color"] for m in metadata if _names_one_colour(m)]
+  if not singles:  # no prompt names one colour: no dominant-colour diagnostic (and no mean of nothing)
+    return {**scores, "overall": _overall(scores)}
   largest = [max(objs, key=lambda o: o["r"])["colour"] for objs in scenes]
-  dominant = {"single_object_dominant_colour": float(np.mean([c == big for c in singles for big in largest]))}
-  return {**scores, "overall": _overall(scores), **(dominant if singles else {})}
+  dominant = float(np.mean([c == big for c in singles for big in largest]))
+  return {**scores, "overall": _overall(scores), "single_object_dominant_colour": dominant}
 
 
 # ---------------------------------------------------------------------------------------------------- ground truth

@@ -103,9 +103,11 @@ def test_cli_unknown_config_key_fails(tmp_path):
 def test_cli_unwritable_workdir_fails(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  r = run_app("iomm_jax.main", "--config=configs/tiny.py", f"--workdir={blocker}/sub")
-  assert r.returncode != 0
-  assert "not writable" in (r.stderr + r.stdout)
+  for workdir, message in ((blocker / "sub", "file is a file, so"), (blocker, "exists and is not a folder")):
+    r = run_app("iomm_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"--workdir='{workdir}': " in r.stderr and message in r.stderr, r.stderr
+  assert blocker.read_text() == "x"
 
 
 @pytest.mark.slow
@@ -173,6 +175,18 @@ def test_a_mistyped_variant_word_fails_naming_it(name, arg, known):
             "--config=configs/tinyy.py does not exist (looked in",
         ),
         ("iomm_jax.cache", ["--config", "configs/tinyy.py", "--dst=W"], "--config=configs/tinyy.py does not exist"),
+        # another command's config: said so, with a config this command reads
+        (
+            "iomm_jax.main",
+            ["--config=configs/tiny_mllm.py", "--workdir=W"],
+            "--config=configs/tiny_mllm.py is not a config of this command (it has no distributed, init, mesh, "
+            "model, sample section); give one such as configs/tiny.py",
+        ),
+        (
+            "iomm_jax.pretrain_mllm",
+            ["--config=configs/tiny.py", "--out=W"],
+            "(it has no arch, vision_pretrain section); give one such as configs/tiny_mllm.py",
+        ),
         # checked only once the mesh is built against the devices (the tests' 8)
         ("iomm_jax.main", ["--config=configs/tiny.py", "--config.mesh.fsdp=3", "--dry_run"], "do not divide the 8"),
         # a module config's own check, reached through the factory
@@ -195,6 +209,22 @@ def test_every_app_reports_a_config_mistake_in_one_line(tmp_path, module, args, 
   assert lines == [lines[0]] and lines[0].startswith("config error: ") and needle in lines[0], r.stderr
   # Nothing written: the workdir, when an app got as far as creating it (main does, to lock it), is left empty.
   assert "Traceback" not in r.stderr and not [*(tmp_path / "out").rglob("*")]
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("CONFIG = {}\n", "defines no get_config(arg)"),
+        ("def get_config(:\n", "failed to load: invalid syntax"),
+        ("import no_such_module_here\n", "failed to load: No module named 'no_such_module_here'"),
+    ],
+)
+def test_a_config_file_that_does_not_load_is_named(tmp_path, text, needle):
+  (tmp_path / "cfg.py").write_text(text)
+  r = run_app("iomm_jax.main", f"--config={tmp_path / 'cfg.py'}", f"--workdir={tmp_path / 'out'}")
+  lines = [x for x in r.stderr.splitlines() if x.strip()]
+  assert r.returncode != 0 and lines == [lines[0]] and "Traceback" not in r.stderr, r.stderr
+  assert lines[0].startswith(f"config error: --config={tmp_path / 'cfg.py'}") and needle in lines[0], lines[0]
 
 
 def test_a_resolution_the_latent_patches_do_not_divide_fails_naming_both_factors():

@@ -268,6 +268,10 @@ def test_verify_converted_and_tampered(ckpts, tmp_path, capsys):
   assert run_cli("verify", "--component", "transformer", "--src", flux, "--jax", tmp_path / "bad") == 1
   report = json.loads(capsys.readouterr().out)
   assert not report["passed"] and report["outputs"]["weights"]["key"] == "transformer_blocks.0.attn.to_v.weight"
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "x").write_text("x")
+  assert run_cli("verify", "--component", "transformer", "--src", flux, "--jax", tmp_path / "other") == 2
+  assert f"--jax={tmp_path / 'other'} has no component.json" in capsys.readouterr().err  # the flag that named it
 
 
 def test_to_jax_and_to_torch_do_not_import_torch(ckpts, tmp_path):

@@ -207,6 +207,21 @@ def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
   with pytest.raises(SystemExit, match=rf"0001\.png is {RES + 2}×{RES}, the folder's samples {RES}×{RES}"):
     ev.main([f"--samples={tmp_path / 's'}"])
   sample.write_bytes(good)
+  # Flags that only sampling reads, or a --workdir that is not a run, are refused rather than ignored or misfiled.
+  for flags, message in (
+      (["--uncond"], "--uncond, --out, --steps and --cfg apply only when sampling"),
+      ([f"--workdir={tmp_path / 'typo'}"], "is not a training workdir (no config.json)"),
+  ):
+    with pytest.raises(SystemExit):
+      ev.main([f"--samples={tmp_path / 's'}", *flags])
+    assert message in capsys.readouterr().err
+  assert not (tmp_path / "typo").exists()
+  # A prompt with fewer samples than the others is scored on those it has, and said.
+  sample.unlink()
+  assert ev.main([f"--samples={tmp_path / 's'}"]) == 0
+  out, err = capsys.readouterr()
+  assert json.loads(out)["num_per_prompt"] == [1, 2] and "prompts have 1 to 2 samples" in err, err
+  sample.write_bytes(good)
   (tmp_path / "s" / "00000" / "metadata.jsonl").write_text(json.dumps({"prompt": "a dog"}) + "\n")
   with pytest.raises(SystemExit, match=r"00000/metadata\.jsonl cannot be scored in the shapes world: no 'tag'"):
     ev.main([f"--samples={tmp_path / 's'}"])

@@ -160,6 +160,11 @@ def test_bad_prompts_file_names_the_line_and_writes_nothing(tmp_path, capsys, ba
   assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]
 
 
+def test_a_prompts_file_with_a_byte_order_mark_is_read(tmp_path):
+  (tmp_path / "p.jsonl").write_bytes('{"prompt": "a red circle"}\n'.encode("utf-8-sig"))  # as Windows editors save
+  assert layout.read_prompts(tmp_path / "p.jsonl") == [{"prompt": "a red circle"}]
+
+
 def test_empty_or_missing_prompts_file_is_an_error(tmp_path):
   (tmp_path / "empty.jsonl").write_text("\n")
   with pytest.raises(layout.PromptsFileError, match="no prompts"):
@@ -175,6 +180,8 @@ def test_empty_or_missing_prompts_file_is_an_error(tmp_path):
         (["--prompt=x", "--edit=make it blue"], "--edit is an instruction for the --image inputs"),
         (["--prompt=x", "--out={file}"], "exists and is not a folder"),
         (["--prompt=x", "--out={file}/sub"], "file.txt is a file, so"),
+        (["--prompt=x", "--cfg=nan"], "--cfg=nan: give a finite guidance scale"),
+        (["--prompt=x", "--prompts_file={file}", "--out=o"], "--out takes either --prompts_file's GenEval folder"),
     ],
 )
 def test_sample_argument_mistakes_fail_in_one_line_before_any_model_is_loaded(tmp_path, capsys, args, message):

@@ -181,7 +181,7 @@ def verify(
     cfg = _config(spec, raw_cfg)
     torch_tensors, source = io.read_state_dict(src), str(src)
     if jax_dir:
-      meta, flat = orbax_io.load(jax_dir)
+      meta, flat = orbax_io.load(jax_dir, what="--jax")
       _check_component(meta, component, jax_dir)
       if meta["kind"] != spec.kind:
         raise ConvertError(f"--jax={jax_dir} holds a {meta['kind']}, --src a {spec.kind}")
@@ -227,7 +227,7 @@ def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
   report = verify_mllm(src, seed=seed, atol_rel=tol)
   outputs = {k: report[k] for k in MLLM_PARTS}
   if jax_dir:
-    meta, flat = orbax_io.load(jax_dir)
+    meta, flat = orbax_io.load(jax_dir, what="--jax")
     _check_component(meta, "mllm", jax_dir)
     spec = components.spec("mllm")
     cfg = spec.config_from_json(meta["config"])

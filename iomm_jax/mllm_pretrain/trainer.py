@@ -31,6 +31,9 @@ _AT_LEAST_ONE = (
 _AT_LEAST_ZERO = ("train.num_steps", "vision_pretrain.num_steps")
 
 
+CONFIG_SECTIONS = ("arch", "data", "vision_pretrain", "train")  # what an MLLM pre-training config has
+
+
 def validate(config) -> None:
   """Raises ConfigError naming the first count field below its minimum or a learning rate that is not positive."""
   for names, low in ((_AT_LEAST_ONE, 1), (_AT_LEAST_ZERO, 0)):

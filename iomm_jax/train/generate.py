@@ -5,6 +5,7 @@ Used by the training loop's sample grids and by the apps (sample, eval_recon, ev
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -146,6 +147,8 @@ def check_sampling_flags(ap, args) -> None:
     ap.error(f"--num={args.num}: give 1 or more samples per prompt")
   if args.steps is not None and args.steps < 1:
     ap.error(f"--steps={args.steps}: give 1 or more Euler steps")
+  if args.cfg is not None and not math.isfinite(args.cfg):
+    ap.error(f"--cfg={args.cfg}: give a finite guidance scale (1 = no guidance)")
 
 
 def to_uint8(images) -> np.ndarray:

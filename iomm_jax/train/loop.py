@@ -21,7 +21,7 @@ from iomm_jax.train import flops as flops_lib
 from iomm_jax.train import lock as lock_lib
 from iomm_jax.train import step as step_lib
 from iomm_jax.train.checkpoint import abstract_with_shardings
-from iomm_jax import workdir_layout
+from iomm_jax import output_folder, workdir_layout
 
 
 def check_workdir(workdir: str) -> None:
@@ -38,6 +38,9 @@ def check_workdir(workdir: str) -> None:
           f"--workdir={workdir!r} holds a config.json that is not a training run's (a model folder?); training "
           "there would overwrite it: give the run a folder of its own"
       )
+  problem = output_folder.path_problem(workdir, folder=True)  # a file, or a path under one: not a permissions matter
+  if problem:
+    raise SystemExit(f"--workdir={workdir!r}: {problem}")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")

@@ -106,7 +106,9 @@ def shapes(src: str | Path) -> dict[str, tuple[tuple[int, ...], Any]]:
   return {k: (tuple(m.shape), m.dtype) for k, m in tree_paths.flatten(tree).items()}
 
 
-def load(src: str | Path, *, target: Mapping[str, Any] | None = None) -> tuple[dict, dict[str, Any]]:
+def load(
+    src: str | Path, *, target: Mapping[str, Any] | None = None, what: str = "--src"
+) -> tuple[dict, dict[str, Any]]:
   """(component.json dict, {dotted path: array}).
 
   target: optional {dotted path: jax.ShapeDtypeStruct carrying a sharding}; arrays are then restored directly onto
@@ -115,7 +117,7 @@ def load(src: str | Path, *, target: Mapping[str, Any] | None = None) -> tuple[d
   """
   import orbax.checkpoint as ocp
 
-  meta = read_meta(src)
+  meta = read_meta(src, what=what)  # `what`: the flag or field that named src, for the error
   path = Path(src).absolute() / PARAMS_DIR
   with ocp.StandardCheckpointer() as ckptr:
     if target is None:
