@@ -6,6 +6,7 @@ variant word or a `--config.<field>=<value>` override as one line, no traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from typing import Callable
@@ -44,6 +45,22 @@ def _config_file(argv: list[str]) -> str:
   return "the config"
 
 
+def _config_as_written(argv: list[str]):
+  """The config file's own config (its get_config, without the overrides), or None when it cannot be had: what an
+  unknown override is matched against, beside the schema."""
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_config_as_written", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # noqa: BLE001 — only a better hint is lost
+    return None
+
+
 def missing_file_line(argv: list[str]) -> str:
   """'config error: …' naming the config file when `--config` names a file that is not there ('' otherwise); the
   loader's own message only says the config 'is not available because of an earlier failure'."""
@@ -58,15 +75,15 @@ def missing_file_line(argv: list[str]) -> str:
 def flags_parser(
     config_flag: flags.FlagHolder,
     *,
-    unknown_field: Callable[[str], str] | None = None,
+    unknown_field: Callable[..., str] | None = None,
     sections: tuple[str, ...] = (),
     example: str = "configs/tiny.py",
 ) -> Callable[[list[str]], list[str]]:
   """An absl `flags_parser` for app.run that turns config problems into `SystemExit('config error: …')`.
 
-  `unknown_field(field)` words the line for an override naming a field the config lacks (the IOMM schema's
-  `config_validation.unknown_field_message` lists the nearest known fields); without it the line names the field and
-  the file. A config lacking one of `sections` is another command's (the MLLM's for training, or the reverse): the
+  `unknown_field(field, config)` words the line for an override naming a field the config lacks, given the config
+  file's own config (or None; the IOMM schema's `config_validation.unknown_field_message` lists the nearest known
+  fields); without it the line names the field and the file. A config lacking one of `sections` is another command's (the MLLM's for training, or the reverse): the
   line says so and names `example`, a config this command reads.
   """
 
@@ -81,7 +98,7 @@ def flags_parser(
       field = overridden_field(found.group(1) if found else str(e), argv)
       if unknown_field is None:
         return f"config error: --config.{field}: {_config_file(argv)} sets no such field"
-      return f"config error: {unknown_field(field)}"
+      return f"config error: {unknown_field(field, _config_as_written(argv))}"
     if isinstance(e, flags.Error):
       return f"config error: {flag_error_line(e)}"
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]  # the config file failed to load (get_config)

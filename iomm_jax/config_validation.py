@@ -66,9 +66,13 @@ def known_fields(node=None, prefix: str = "") -> list[str]:
   return out
 
 
-def unknown_field_message(field: str) -> str:
-  """One line naming an unknown `field` ('train.nonexistent') and the nearest known fields."""
+def unknown_field_message(field: str, config: ml_collections.ConfigDict | None = None) -> str:
+  """One line naming an unknown `field` ('train.nonexistent') and the nearest known fields: the schema's, and
+  `config`'s when given (the config file as loaded, whose free-form sections such as `model.dit.arch` the schema
+  leaves empty)."""
   known = known_fields()
+  if config is not None:
+    known += [k for k in known_fields(config) if k not in set(known)]
   section = field.rsplit(".", 1)[0] + "." if "." in field else ""
   near = difflib.get_close_matches(field, known, n=3, cutoff=0.6)
   if not near and section:  # nothing close: list the section's own fields

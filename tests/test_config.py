@@ -175,6 +175,12 @@ def test_a_mistyped_variant_word_fails_naming_it(name, arg, known):
             "--config=configs/tinyy.py does not exist (looked in",
         ),
         ("iomm_jax.cache", ["--config", "configs/tinyy.py", "--dst=W"], "--config=configs/tinyy.py does not exist"),
+        # a field only the config file sets (the schema leaves model.dit.arch free-form) is offered too
+        (
+            "iomm_jax.main",
+            ["--config=configs/tiny.py", "--config.model.dit.arch.num_heads=8", "--workdir=W"],
+            "config.model.dit.arch.num_attention_heads",
+        ),
         # another command's config: said so, with a config this command reads
         (
             "iomm_jax.main",
