@@ -59,6 +59,21 @@ def test_a_stray_encoding_keeps_the_image_and_its_caption(tmp_path, capsys):
   assert rc == 0 and captions_of(tmp_path / "t") == ["\ufffd\ufffd odd"]
 
 
+def test_every_format_pil_reads_is_an_image_of_a_folder_and_a_tar(tmp_path, capsys):
+  folder = tmp_path / "f"
+  folder.mkdir()
+  image = Image.fromarray(shapes.render(0, 72, 0)[0])
+  for ext in ("bmp", "gif", "tif", "tiff", "png"):
+    image.save(folder / f"x.{ext}")
+  assert sorted(p.suffix for p, _ in corpus_files.list_images(folder)) == [".bmp", ".gif", ".png", ".tif", ".tiff"]
+  rc, summary, _ = run(capsys, folder, tmp_path / "o")
+  assert rc == 0 and summary["written"] == 5 and summary["skipped_unreadable"] == 0
+  with tarfile.open(tmp_path / "s.tar", "w") as tf:
+    add(tf, "k.bmp", (folder / "x.bmp").read_bytes())
+  rc, summary, _ = run(capsys, tmp_path / "s.tar", tmp_path / "t")
+  assert rc == 0 and summary["written"] == 1
+
+
 def test_linked_folders_are_read_once(tmp_path, capsys):
   other = tmp_path / "other"
   other.mkdir()

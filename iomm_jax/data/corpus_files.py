@@ -17,7 +17,16 @@ import numpy as np
 
 from iomm_jax import jsonl
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+)  # what PIL decodes (a GIF: its first frame)
 TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")  # read_table's kinds (.json: JSON lines too)
 CAPTIONS_FILE = "captions.jsonl"
 _FILE_KEYS = ("file", "image", "path", "file_name")

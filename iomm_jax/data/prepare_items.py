@@ -104,7 +104,7 @@ def _tables_items(tables: Sequence[Path], image_key: str, caption_key: str | Non
   return [item for table in tables for item in _table_items(table, image_key, caption_key)]
 
 
-_TAR_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
+_TAR_IMAGE_EXT = tuple(e[1:] for e in corpus_files.IMAGE_EXTENSIONS)  # a webdataset member's extension, no dot
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
 

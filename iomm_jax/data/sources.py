@@ -77,7 +77,7 @@ class ShapesSource:
 
 
 class FolderSource:
-  """Images under a folder (recursive; png/jpg/jpeg/webp). Captions: sidecar ``<stem>.txt``, else
+  """Images under a folder (recursive; corpus_files.IMAGE_EXTENSIONS). Captions: sidecar ``<stem>.txt``, else
   ``captions.jsonl`` at the root (``{"file": relative path, "caption": ...}`` per line), else None."""
 
   def __init__(self, path: str | os.PathLike, field: str = "data.path"):
