@@ -192,11 +192,14 @@ def test_a_dst_that_is_or_sits_under_a_file_fails_before_any_conversion(ckpts, t
 def test_verify_fails_naming_a_missing_or_broken_tokenizer(ckpts, tmp_path, capsys, monkeypatch):
   _, mllm, _ = ckpts["mllm"]
   good = verify.check_tokenizer(mllm)
-  assert "error" not in good and good["vocab_size"] == Processor.tiny().vocab_size
-  assert good["warnings"] and "image_token_id 99" in good["warnings"][0]  # the fixture's weights use another id
-  missing, broken = tmp_path / "missing", tmp_path / "broken"
-  for d in (missing, broken):
+  assert good == {"vocab_size": Processor.tiny().vocab_size, "image_token_id": 4, "mismatches": []}
+  missing, broken, odd_dir = tmp_path / "missing", tmp_path / "broken", tmp_path / "odd"
+  for d in (missing, broken, odd_dir):
     shutil.copytree(mllm, d)
+  config = json.loads((odd_dir / "config.json").read_text())  # weights saved with another image-token id
+  (odd_dir / "config.json").write_text(json.dumps({**config, "image_token_id": 99}))
+  odd = verify.check_tokenizer(odd_dir)
+  assert len(odd["mismatches"]) == 1 and "image_token_id=99 but the tokenizer's <IMG_CONTEXT>" in odd["mismatches"][0]
   (missing / "tokenizer.json").unlink()
   (broken / "tokenizer.json").write_text("not json")
   assert verify.check_tokenizer(missing) == {
@@ -212,6 +215,10 @@ def test_verify_fails_naming_a_missing_or_broken_tokenizer(ckpts, tmp_path, caps
   report = json.loads(out)
   assert not report["passed"] and "no tokenizer.json" in report["tokenizer"]["error"]
   assert err.strip() == f"verify FAILED: {report['tokenizer']['error']}"
+  # A tokenizer that loads but disagrees with config.json fails verify too: training would stop on it.
+  assert run_cli("verify", "--component", "mllm", "--src", odd_dir) == 1
+  out, err = capsys.readouterr()
+  assert not json.loads(out)["passed"] and err.strip() == f"verify FAILED: {odd['mismatches'][0]}"
 
 
 # ---------------------------------------------------------------- broken mappings and verify

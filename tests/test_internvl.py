@@ -244,6 +244,7 @@ def test_key_mismatch_and_sharded_and_bin(checkpoints, tmp_path):
   msg = str(e.value)
   assert "vision_tower.encoder.layer.0.lambda_1" in msg and "extra.weight" in msg
   assert "language_model.model.norm.weight" in msg
+  assert f"{bad_dir / 'config.json'} does not describe these weights" in msg and "--component" not in msg
 
 
 def test_missing_directory_errors(tmp_path):
@@ -252,6 +253,40 @@ def test_missing_directory_errors(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(internvl_keys.config_to_torch(InternVLConfig())))
   with pytest.raises(MLLMCheckpointError, match="safetensors"):
     load_internvl(tmp_path)
+
+
+def test_folders_a_researcher_may_point_at_are_refused_naming_what_is_wrong(tmp_path):
+  """An InternVL this port does not run (a Qwen3 LLM, scaled RoPE), a config without its sections, a folder of
+  .bin weights only, and sharded safetensors without their index: one message each, saying what to do."""
+  base = internvl_keys.config_to_torch(InternVLConfig())
+
+  def folder(name, edit=lambda c: None, files=()):
+    d = tmp_path / name
+    d.mkdir()
+    config = json.loads(json.dumps(base))
+    edit(config)
+    (d / "config.json").write_text(json.dumps(config))
+    for f in files:
+      (d / f).write_bytes(b"x")
+    return d
+
+  qwen3 = folder("qwen3", lambda c: c["text_config"].update(model_type="qwen3"))
+  with pytest.raises(MLLMCheckpointError) as e:
+    load_internvl(qwen3)
+  assert "model_type='qwen3'" in str(e.value) and "InternVL3.5 uses Qwen3" in str(e.value)
+  assert "does not describe" not in str(e.value) and "huggingface-cli download" not in str(e.value)
+  yarn = folder("yarn", lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "factor": 4.0}))
+  with pytest.raises(MLLMCheckpointError, match="rope type 'yarn' is not supported.*this port runs InternVL3"):
+    load_internvl(yarn)
+  no_text = folder("no_text", lambda c: c.pop("text_config"))
+  with pytest.raises(MLLMCheckpointError, match="config.json does not describe .*has no text_config section"):
+    load_internvl(no_text)
+  bin_only = folder("bin_only", files=("pytorch_model.bin",))
+  with pytest.raises(MLLMCheckpointError, match="it holds pytorch_model.bin: this path reads safetensors only"):
+    load_internvl(bin_only)
+  shards = folder("shards", files=("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"))
+  with pytest.raises(MLLMCheckpointError, match="sharded safetensors .* but no \\*.safetensors.index.json"):
+    load_internvl(shards)
 
 
 @pytest.mark.slow

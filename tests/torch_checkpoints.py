@@ -13,6 +13,7 @@ from transformers import InternVLForConditionalGeneration
 
 from iomm_jax.convert import cli
 from iomm_jax.convert.torch_rqa import TorchRQA
+from iomm_jax.models.processor import Processor
 from iomm_jax.weights import io
 
 FLUX = dict(
@@ -64,7 +65,7 @@ MLLM = dict(
         num_attention_heads=2,
         num_key_value_heads=1,
     ),
-    image_token_id=99,
+    image_token_id=Processor.tiny().image_token_id,  # the tokenizer copied beside the weights: one model
     image_seq_length=4,
 )
 

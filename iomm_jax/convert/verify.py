@@ -26,7 +26,7 @@ from flax import nnx
 from iomm_jax.weights import components, io, load_internvl, orbax_io, transfer
 from iomm_jax.weights.components import ConvertError
 from iomm_jax.models.internvl_keys import MLLMCheckpointError
-from iomm_jax.models import latents
+from iomm_jax.models import factory, latents
 from iomm_jax.models.processor import load_processor
 from iomm_jax.convert.internvl_verify import MLLM_PARTS, verify_mllm
 
@@ -233,7 +233,7 @@ def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
     cfg = spec.config_from_json(meta["config"])
     outputs["weights"] = _weights_diff(transfer.ours_to_torch(spec, cfg, flat), io.read_state_dict(src))
   tokenizer = check_tokenizer(src)
-  passed = all(o["max_rel_diff"] <= tol for o in outputs.values()) and "error" not in tokenizer
+  passed = all(o["max_rel_diff"] <= tol for o in outputs.values()) and not tokenizer_problems(tokenizer)
   return {
       "component": "mllm",
       "kind": "mllm",
@@ -247,23 +247,22 @@ def _verify_mllm(src, jax_dir, seed: int, tol: float) -> dict:
   }
 
 
+def tokenizer_problems(tokenizer: dict) -> list[str]:
+  """check_tokenizer's report → the lines that fail verify."""
+  return [tokenizer["error"]] if "error" in tokenizer else list(tokenizer.get("mismatches", []))
+
+
 def check_tokenizer(src) -> dict:
-  """Whether `src`'s tokenizer loads as training loads it: its size and image-token id, with `warnings` where they
-  disagree with config.json (training stops on those), or `error` (one line naming the file) when it cannot load."""
+  """Whether `src`'s tokenizer loads as training loads it: its size and image-token id, with `mismatches` where they
+  disagree with config.json (training's own check, `factory.tokenizer_mismatches`: it stops on each, so verify
+  fails on them), or `error` (one line naming the file) when it cannot load."""
   try:
     processor = load_processor(src)
   except MLLMCheckpointError as e:
     return {"error": str(e)}
   cfg = load_internvl.read_config(src)
-  out = {"vocab_size": processor.vocab_size, "image_token_id": processor.image_token_id, "warnings": []}
-  if processor.vocab_size > cfg.text.vocab_size:
-    out["warnings"].append(
-        f"the tokenizer has {processor.vocab_size} tokens, config.json's text_config.vocab_size is "
-        f"{cfg.text.vocab_size}"
-    )
-  if processor.image_token_id != cfg.image_token_id:
-    out["warnings"].append(
-        f"the tokenizer's <IMG_CONTEXT> is token {processor.image_token_id}, config.json's image_token_id "
-        f"{cfg.image_token_id}"
-    )
-  return out
+  return {
+      "vocab_size": processor.vocab_size,
+      "image_token_id": processor.image_token_id,
+      "mismatches": factory.tokenizer_mismatches(cfg, processor, f"{src}/config.json"),
+  }

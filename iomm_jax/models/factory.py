@@ -180,20 +180,31 @@ def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:
   return Processor.tiny(num_image_tokens=mcfg.num_image_tokens, image_size=mcfg.vision.image_size)
 
 
+def tokenizer_mismatches(mcfg: InternVLConfig, processor: Processor, where: str) -> list[str]:
+  """Where an MLLM folder's tokenizer and its config.json (`where`) disagree, one line each ([] when they agree):
+  training stops on any, and `convert verify` fails on them."""
+  out = []
+  if processor.vocab_size > mcfg.text.vocab_size:
+    out.append(
+        f"{where}: text_config.vocab_size={mcfg.text.vocab_size} but the folder's tokenizer has "
+        f"{processor.vocab_size} tokens; the weights were saved for another vocabulary (download the tokenizer and "
+        "the weights from the same repository)"
+    )
+  if processor.image_token_id != mcfg.image_token_id:
+    out.append(
+        f"{where}: image_token_id={mcfg.image_token_id} but the tokenizer's <IMG_CONTEXT> is token "
+        f"{processor.image_token_id}; the tokenizer and the weights come from different models"
+    )
+  return out
+
+
 def check_mllm_fits(config, mcfg: InternVLConfig, processor: Processor) -> None:
   """The MLLM folder's tokenizer and config agree with each other and with this run's data settings."""
 
   where = f"{config.model.mllm.path}/config.json"
-  if processor.vocab_size > mcfg.text.vocab_size:
-    raise MLLMCheckpointError(
-        f"{where}: text_config.vocab_size={mcfg.text.vocab_size} but the folder's tokenizer has "
-        f"{processor.vocab_size} tokens; the weights were saved for another vocabulary"
-    )
-  if processor.image_token_id != mcfg.image_token_id:
-    raise MLLMCheckpointError(
-        f"{where}: image_token_id={mcfg.image_token_id} but the tokenizer's <IMG_CONTEXT> is token "
-        f"{processor.image_token_id}; the tokenizer and the weights come from different models"
-    )
+  mismatches = tokenizer_mismatches(mcfg, processor, where)
+  if mismatches:
+    raise MLLMCheckpointError(mismatches[0])
   if int(config.data.vit_size) != mcfg.vision.image_size:
     raise MLLMCheckpointError(
         f"{where}: vision_config.image_size={mcfg.vision.image_size} but config.data.vit_size="

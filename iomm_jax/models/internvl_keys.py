@@ -104,11 +104,21 @@ def _square(name: str, value) -> int:
   return int(value)
 
 
+class UnsupportedMLLMConfig(ValueError):
+  """An InternVL config.json using a feature this port does not implement (a non-Qwen2 LLM, scaled RoPE, ...)."""
+
+
+_SUPPORTED = (
+    "this port runs InternVL3 / InternVL2.5 -hf checkpoints (a Qwen2 LLM, plain RoPE, no sliding window), such as "
+    "OpenGVLab/InternVL3-2B-hf"
+)
+
+
 def _rope_theta(text: Mapping[str, Any]) -> float:
   rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
   rtype = rope.get("rope_type", rope.get("type", "default"))
   if rtype != "default":
-    raise ValueError(f"config.json text_config rope type {rtype!r} is not supported (only 'default' RoPE)")
+    raise UnsupportedMLLMConfig(f"text_config rope type {rtype!r} is not supported (only 'default' RoPE)")
   return float(rope.get("rope_theta", text.get("rope_theta", _HF_TEXT["rope_theta"])))
 
 
@@ -121,16 +131,22 @@ def config_from_torch(config: Mapping[str, Any], **overrides):
     )
   top = {**_HF_TOP, **{k: config[k] for k in _HF_TOP if k in config}}
   if top["vision_feature_layer"] != -1 or top["vision_feature_select_strategy"] != "default":
-    raise ValueError(
-        "config.json: only vision_feature_layer=-1 with vision_feature_select_strategy='default' "
+    raise UnsupportedMLLMConfig(
+        "only vision_feature_layer=-1 with vision_feature_select_strategy='default' "
         f"is supported (got {top['vision_feature_layer']}, {top['vision_feature_select_strategy']!r})"
     )
-  v = {**_HF_VISION, **{k: val for k, val in (config.get("vision_config") or {}).items() if k in _HF_VISION}}
-  t_raw = config.get("text_config") or {}
+  for section in ("vision_config", "text_config"):  # transformers' defaults would build a different, 4096-wide model
+    if not isinstance(config.get(section), dict):
+      raise ValueError(f"config.json has no {section} section")
+  v = {**_HF_VISION, **{k: val for k, val in config["vision_config"].items() if k in _HF_VISION}}
+  t_raw = config["text_config"]
   if t_raw.get("model_type", "qwen2") != "qwen2":
-    raise ValueError(f"config.json text_config.model_type={t_raw.get('model_type')!r}; only 'qwen2' is supported")
+    raise UnsupportedMLLMConfig(
+        f"text_config.model_type={t_raw.get('model_type')!r}: an InternVL with that LLM (InternVL3.5 uses Qwen3) is "
+        "not supported"
+    )
   if t_raw.get("use_sliding_window", False):
-    raise ValueError("config.json text_config.use_sliding_window=true is not supported")
+    raise UnsupportedMLLMConfig("text_config.use_sliding_window=true is not supported")
   t = {**_HF_TEXT, **{k: val for k, val in t_raw.items() if k in _HF_TEXT}}
   vision = InternViTConfig(
       image_size=_square("image_size", v["image_size"]),
@@ -235,5 +251,7 @@ def read_config(path: str | Path, **overrides) -> "InternVLConfig":
     raise MLLMCheckpointError(f"{cfg_file} is not valid JSON ({e}); {EXPECTED_LAYOUT}") from e
   try:
     return config_from_torch(raw, **overrides)
+  except UnsupportedMLLMConfig as e:  # an InternVL, but not one this port runs: no download advice
+    raise MLLMCheckpointError(f"{cfg_file}: {e}; {_SUPPORTED}") from None
   except (KeyError, TypeError, ValueError) as e:
     raise MLLMCheckpointError(f"{cfg_file} does not describe an InternVL model ({e}); {EXPECTED_LAYOUT}") from None

@@ -61,7 +61,9 @@ class Rule:
 class KeyMismatchError(ValueError):
   """Raised when a state dict does not match the model: lists missing, unexpected and mis-shaped keys."""
 
-  def __init__(self, component: str, missing=(), unexpected=(), misshaped=()):
+  HINT = "  Check that --component and the config (sizes, depths) match the checkpoint."
+
+  def __init__(self, component: str, missing=(), unexpected=(), misshaped=(), hint: str = HINT):
     self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
     lines = [f"{component}: the checkpoint does not match the model."]
     if self.missing:
@@ -73,7 +75,7 @@ class KeyMismatchError(ValueError):
           f"  wrong shape ({len(self.misshaped)}): "
           + ", ".join(f"{k} (checkpoint {a}, model {b})" for k, a, b in self.misshaped[:50])
       )
-    lines.append("  Check that --component and the config (sizes, depths) match the checkpoint.")
+    lines.append(hint)
     super().__init__("\n".join(lines))
 
 

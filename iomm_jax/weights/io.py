@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -57,15 +58,17 @@ def _layout_help() -> str:
   )
 
 
-def safetensors_files(path: str | os.PathLike) -> list[Path]:
-  """The safetensors files of a checkpoint path (index order for sharded directories)."""
+def safetensors_files(path: str | os.PathLike, layout_help: str | None = None) -> list[Path]:
+  """The safetensors files of a checkpoint path (index order for sharded directories). `layout_help` replaces the
+  generic description of a checkpoint's layout in the errors (the MLLM names its -hf download)."""
   p = Path(path)
+  layout = layout_help or _layout_help()
   if p.is_file():
     if p.suffix != ".safetensors":
-      raise CheckpointNotFoundError(f"{p} is not a .safetensors file; {_layout_help()}")
+      raise CheckpointNotFoundError(f"{p} is not a .safetensors file; {layout}")
     return [p]
   if not p.is_dir():
-    raise CheckpointNotFoundError(f"{p} does not exist; {_layout_help()}")
+    raise CheckpointNotFoundError(f"{p} does not exist; {layout}")
   indexes = sorted(p.glob("*" + SAFETENSORS_INDEX_SUFFIX))
   if indexes:
     weight_map = json.loads(indexes[0].read_text())["weight_map"]
@@ -76,7 +79,15 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     return [p / f for f in files]
   files = sorted(p.glob("*.safetensors"))
   if not files:
-    raise CheckpointNotFoundError(f"no *.safetensors in {p}; {_layout_help()}")
+    torch_files = sorted(f.name for f in p.iterdir() if f.suffix in TORCH_SUFFIXES)
+    found = f" (it holds {torch_files[0]}: this path reads safetensors only)" if torch_files else ""
+    raise CheckpointNotFoundError(f"no *.safetensors in {p}{found}; {layout}")
+  shards = [f.name for f in files if re.search(r"-\d+-of-\d+\.safetensors$", f.name)]
+  if shards:  # which tensors each holds is the index's to say: guessing could mix two downloads
+    raise CheckpointNotFoundError(
+        f"{p} holds sharded safetensors ({shards[0]}, ...) but no *{SAFETENSORS_INDEX_SUFFIX}; copy the index file "
+        "from the model's download into it"
+    )
   return files
 
 

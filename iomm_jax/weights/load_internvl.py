@@ -17,7 +17,7 @@ from flax import nnx
 
 from iomm_jax.models.internvl_keys import EXPECTED_LAYOUT, MLLMCheckpointError, read_config  # noqa: F401 (re-exported)
 from iomm_jax.weights import components, io, transfer
-from iomm_jax.models.keymap import flatten_state
+from iomm_jax.models.keymap import KeyMismatchError, flatten_state
 from iomm_jax.models.internvl import InternVL, InternVLConfig
 
 
@@ -62,9 +62,9 @@ def load_internvl(
   """
   cfg = read_config(path, **config_overrides)
   try:
-    io.safetensors_files(path)
+    io.safetensors_files(path, layout_help=EXPECTED_LAYOUT)
   except io.CheckpointNotFoundError as e:
-    raise MLLMCheckpointError(f"{e}. {EXPECTED_LAYOUT}") from e
+    raise MLLMCheckpointError(str(e)) from None
   model = abstract_model(cfg, dtype=compute_dtype or dtype, param_dtype=dtype)
   graphdef, abstract = nnx.split(model)
   try:
@@ -73,6 +73,15 @@ def load_internvl(
     )
   except io.CheckpointUnreadableError as e:
     raise MLLMCheckpointError(str(e)) from None
+  except KeyMismatchError as e:  # the folder disagrees with itself: say which folder, and what to do
+    raise KeyMismatchError(
+        f"mllm ({path})",
+        e.missing,
+        e.unexpected,
+        e.misshaped,
+        hint=f"  {Path(path) / 'config.json'} does not describe these weights (a field edited by hand, a tensor "
+        "renamed, or files of two downloads mixed): download the folder again",
+    ) from None
   state = nnx.from_flat_state(
       [(p, var.replace(values[".".join(str(x) for x in p)])) for p, var in nnx.to_flat_state(abstract)]
   )
