@@ -31,6 +31,9 @@ def full_size_config(arg, *, pretrain_batch, ema_decay, mask_ratio):
   c = schema.base_config()
   c.model.autoencoder.kind = "flux_vae"
   c.model.mllm.path = ""  # set --config.model.mllm.path=/path/to/InternVL3-2B-hf for real training
+  # Without a path: InternVL3-2B's architecture (InternVLConfig's defaults) with its whole vocabulary, so the dry
+  # run counts the LLM's 151674 × 1536 embedding (233M parameters) as the real model has it.
+  c.model.mllm.arch = dict(text=dict(vocab_size=151674))
   # Scan the LLM layers and (in each config) the DiT blocks: on the dry run this cut per-device peak memory 3–4×
   # and compile time 2–6× against unrolled blocks (launch/README.md).
   c.model.mllm.scan_layers = True

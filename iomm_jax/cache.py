@@ -48,8 +48,8 @@ from iomm_jax import config_cli
 from iomm_jax.config import ConfigError, base_config
 from iomm_jax.config_validation import unknown_field_message, validate
 
-STATE_DIR = ".cache_state"
-PLAN_FILE = "plan.json"
+STATE_DIR = cache_reader.CACHE_STATE_DIR
+PLAN_FILE = cache_reader.CACHE_PLAN_FILE
 SHARD_PATTERN = "features-{:05d}-of-{:05d}-{:05d}-of-{:05d}.array_record"
 WRITER_OPTIONS = "group_size:1,uncompressed"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -94,7 +94,7 @@ def local_rows(arr) -> np.ndarray:
 
 def fingerprint(config, num_records: int, process_count: int, shards: int, dtype: str) -> dict:
   """What the cache content depends on; a rerun into the same --dst must match it."""
-  d, m = config.data, config.model
+  d = config.data
   return {
       "format": "iomm_jax.cache/1",
       "num_records": int(num_records),
@@ -116,14 +116,7 @@ def fingerprint(config, num_records: int, process_count: int, shards: int, dtype
               "caption_key",
           )
       },
-      # random frozen weights (no path) depend on the seed; loaded ones on the path
-      "model": {
-          "mllm_path": m.mllm.path,
-          "mllm_arch": json.loads(m.mllm.arch.to_json_best_effort()),
-          "autoencoder": json.loads(m.autoencoder.to_json_best_effort()),
-          "frozen_dtype": m.frozen_dtype,
-          "seed": None if (m.mllm.path and m.autoencoder.path) else config.seed,
-      },
+      "model": cache_reader.feature_model(config),
   }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 
+import jax
 import ml_collections
 
 from iomm_jax import data_kinds
@@ -81,6 +82,28 @@ def unknown_field_message(field: str, config: ml_collections.ConfigDict | None =
   return f"unknown config field config.{field}{hint}"
 
 
+CUDNN_DTYPES = ("bfloat16", "float16")  # what cuDNN's fused attention computes in
+
+
+def _validate_attention(m: ml_collections.ConfigDict) -> None:
+  """'cudnn' runs only on an NVIDIA GPU and in half precision: refused at start, not as a traceback at the first
+  step after the workdir is written."""
+  if m.attention != "cudnn":
+    return
+  backend = jax.default_backend()
+  if backend != "gpu":
+    raise ConfigError(
+        f"config.model.attention='cudnn' needs an NVIDIA GPU (this backend is {backend!r}); use 'auto', with which "
+        "XLA takes cuDNN on a GPU where it can"
+    )
+  for field in ("dtype", "frozen_dtype"):
+    if m[field] not in CUDNN_DTYPES:
+      raise ConfigError(
+          f"config.model.attention='cudnn' computes in {' or '.join(CUDNN_DTYPES)}, but config.model.{field}="
+          f"{m[field]!r}; set it to 'bfloat16' or use attention 'auto'"
+      )
+
+
 def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
   """Fail at start, naming the field, on any inconsistent or out-of-range setting.
 
@@ -89,6 +112,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     value = get_field(config, field)
     if value not in choices:
       raise ConfigError(f"config.{field}={value!r} is not one of {choices}")
+  _validate_attention(config.model)
   t = config.train
   if not 0.0 <= t.mask_ratio < 1.0:
     raise ConfigError(f"config.train.mask_ratio={t.mask_ratio} must be in [0, 1)")
@@ -132,7 +156,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)"
     )
   validate_data(config.data, needs_data=needs_data)
-  _validate_init(config.init)
+  _validate_init(config)
   if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
     raise ConfigError(
         f"config.model.mllm.path={config.model.mllm.path!r} is not a directory. Point it at a local copy of "
@@ -246,8 +270,10 @@ def _validate_image_set(d: ml_collections.ConfigDict) -> None:
     )
 
 
-def _validate_init(i: ml_collections.ConfigDict) -> None:
-  """init.workdir (a training workdir) and init.transformer / init.rqa (converted weights) exclude each other."""
+def _validate_init(config: ml_collections.ConfigDict) -> None:
+  """init.workdir (a training workdir whose state fits this run's) and init.transformer / init.rqa (converted
+  weights) exclude each other."""
+  i = config.init
   if not i.workdir:
     return
   if i.transformer or i.rqa:
@@ -260,6 +286,50 @@ def _validate_init(i: ml_collections.ConfigDict) -> None:
         f"config.init.workdir={i.workdir!r} is not a training workdir (config.json + checkpoints/); "
         "point it at the workdir of a finished run (python -m iomm_jax.main --workdir=...)"
     )
+  problem = init_workdir_problem(config)
+  if problem:  # at start, before the workdir is written or the data and frozen weights load
+    raise ConfigError(problem)
+
+
+def init_workdir_problem(config: ml_collections.ConfigDict) -> str:
+  """Why config.init.workdir's checkpoint cannot be restored into this run's train state, as its config.json says
+  ('' when nothing there stands against it): the parts that shape the state must agree. The warm start
+  (`train/warm_start`) checks the same before reading the checkpoint itself."""
+  workdir = config.init.workdir
+  try:
+    src = workdir_layout.read_config_json(workdir)
+  except workdir_layout.SavedConfigError as e:
+    return f"config.init.workdir={workdir!r}: {e}"
+  if not isinstance(src, dict):
+    return f"config.init.workdir={workdir!r}: its config.json is not a run's config (a JSON object)"
+  for field in ("train.optimizer", "model.dit.kind"):
+    theirs, ours = _saved_and_run(src, config, field)
+    if theirs != ours:
+      return (
+          f"config.init.workdir={workdir!r} was trained with {field}={theirs!r} but this run has "
+          f"{field}={ours!r}; set config.{field}={theirs!r} or start from another workdir"
+      )
+  src_ema = float(src.get("train", {}).get("ema_decay", 0.0)) > 0
+  if src_ema != (config.train.ema_decay > 0):
+    return (
+        f"config.init.workdir={workdir!r} {'has' if src_ema else 'has no'} EMA weights but this run "
+        f"has config.train.ema_decay={config.train.ema_decay}; make both use EMA or neither"
+    )
+  src_repa = float(src.get("train", {}).get("repa_weight", 0.0)) > 0
+  if src_repa != (config.train.repa_weight > 0):
+    return (
+        f"config.init.workdir={workdir!r} was trained {'with' if src_repa else 'without'} REPA's head but this run "
+        f"has config.train.repa_weight={config.train.repa_weight}; use REPA in both stages or in neither"
+    )
+  return ""
+
+
+def _saved_and_run(src: dict, config, dotted: str):
+  """(the saved config's value, this run's value) of a dotted field."""
+  node_src, node_run = src, config
+  for part in dotted.split("."):
+    node_src, node_run = node_src.get(part, {}) if isinstance(node_src, dict) else None, node_run[part]
+  return node_src, node_run
 
 
 def _validate_buckets(d: ml_collections.ConfigDict) -> None:

@@ -97,7 +97,13 @@ def main(argv=None) -> int:
   add_sampling_flags(ap, num=8, num_help="samples per prompt/image")
   ap.add_argument("--out", default=None, help="output folder (default <workdir>/samples)")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-  ap.add_argument("--no-ema", dest="use_ema", action="store_false", help="use raw params even if EMA exists")
+  ap.add_argument(
+      "--no-ema",
+      dest="use_ema",
+      action="store_false",
+      default=None,
+      help="use raw params even if EMA exists (default: the run's config.sample.use_ema)",
+  )
   args = ap.parse_args(argv)
   if not args.prompt and not args.image and not args.prompts_file:
     ap.error("give at least one --prompt, --image or --prompts_file")

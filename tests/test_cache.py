@@ -276,3 +276,15 @@ def test_split_range_covers_everything_once():
         assert hi - lo <= cache_reader.max_shard_len(n, procs, shards)
         rows += range(lo, hi)
     assert rows == list(range(n))
+
+
+@pytest.mark.slow
+def test_a_cache_of_other_frozen_models_is_refused_naming_what_differs(data, tmp_path):
+  """Features of another MLLM have the same shapes: the cache's plan, not its shapes, says they do not fit."""
+  from iomm_jax.data import cache_reader
+
+  assert cache_reader.cache_mismatches(cached_config(data["dst"]), str(data["dst"])) == []
+  other = cached_config(data["dst"], seed=1)  # the random frozen MLLM and autoencoder are seeded by config.seed
+  assert cache_reader.cache_mismatches(other, str(data["dst"])) == ["model seed: cache 0, this run 1"]
+  with pytest.raises(SystemExit, match=r"config.data.cache_path=.* holds features computed with other settings "):
+    loop.train(other, str(tmp_path / "w"))

@@ -109,7 +109,7 @@ def test_resume_check_names_only_the_fields_that_fix_the_train_state():
   free = tiny_config("pretrain,short", train__lr=1e-4, train__num_steps=99, train__time_budget_s=60.0)
   free.train.log_every, free.train.ckpt_every, free.train.eval_every, free.train.ema_decay = 1, 3, 7, 0.5
   free.model.dtype, free.data.num_images = "bfloat16", 17
-  free.model.dit.arch.remat = "full"
+  free.model.dit.arch.remat, free.model.dit.arch.scan_layers = "full", True
   assert resume_check.changed_fields(saved, free) == []
   # A field left to the DiT family's default is the same DiT as the default written out.
   written = tiny_config("pretrain,short")

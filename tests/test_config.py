@@ -181,6 +181,12 @@ def test_a_mistyped_variant_word_fails_naming_it(name, arg, known):
             ["--config=configs/tiny.py", "--config.model.dit.arch.num_heads=8", "--workdir=W"],
             "config.model.dit.arch.num_attention_heads",
         ),
+        # a kernel this machine cannot run: refused before the workdir is written
+        (
+            "iomm_jax.main",
+            ["--config=configs/tiny.py", "--config.model.attention=cudnn", "--workdir=W"],
+            "config.model.attention='cudnn' needs an NVIDIA GPU (this backend is 'cpu')",
+        ),
         # another command's config: said so, with a config this command reads
         (
             "iomm_jax.main",

@@ -69,3 +69,14 @@ def test_across_devices_the_hash_stays_inlined_and_partitioned(monkeypatch):
   assert len(jax.devices()) == 8
   mesh = parallel.make_mesh(tiny_config().mesh)
   assert _init_flags(monkeypatch, mesh) == ([False, False], [False, False])
+
+
+def test_a_random_mllm_keeps_an_arch_vocabulary_larger_than_the_tiny_tokenizers():
+  """The full-size configs' random MLLM is InternVL3-2B with its whole embedding (the dry run counts it); the tiny
+  one takes the tiny tokenizer's vocabulary."""
+  from tests.helpers import load_config
+  from iomm_jax.models import factory
+  from iomm_jax.models.processor import Processor
+
+  assert factory.mllm_config(load_config("iomm_b", "pretrain")).text.vocab_size == 151674
+  assert factory.mllm_config(load_config("tiny", "pretrain")).text.vocab_size == Processor.tiny().vocab_size

@@ -49,6 +49,18 @@ def test_ema_and_raw_weights_differ(stage1):
   _, ema, _ = restore.load_for_inference(str(stage1), use_ema=True)
   _, raw, _ = restore.load_for_inference(str(stage1), use_ema=False)
   assert any(not np.array_equal(a, b) for a, b in zip(_leaves(ema), _leaves(raw)))
+  # Unasked, the apps take the weights the run's own config.sample.use_ema names, as its training grids did.
+  _, default, _ = restore.load_for_inference(str(stage1))
+  assert all(np.array_equal(a, b) for a, b in zip(_leaves(default), _leaves(ema)))
+  config_file = stage1 / "config.json"
+  saved = config_file.read_text()
+  try:
+    config_file.write_text(saved.replace('"use_ema": true', '"use_ema": false'))
+    assert '"use_ema": false' in config_file.read_text()
+    _, default, _ = restore.load_for_inference(str(stage1))
+  finally:
+    config_file.write_text(saved)
+  assert all(np.array_equal(a, b) for a, b in zip(_leaves(default), _leaves(raw)))
 
 
 @pytest.mark.slow
@@ -57,6 +69,10 @@ def test_workdirs_that_do_not_fit_fail_naming_the_field(stage1, tmp_path):
     config_validation.validate(tiny_config("finetune,short", init__workdir=str(tmp_path)))
   with pytest.raises(config_lib.ConfigError, match="config.init.workdir is set together with"):
     config_validation.validate(tiny_config("finetune,short", init__workdir=str(stage1), init__rqa=str(tmp_path)))
+  # At start, as validate runs it (before the workdir is written, the data opened or the frozen weights read) ...
+  with pytest.raises(config_lib.ConfigError, match="train.optimizer='adamw' but this run has train.optimizer='muon'"):
+    config_validation.validate(tiny_config("finetune,short", init__workdir=str(stage1), train__optimizer="muon"))
+  # ... and where the state is built without it.
   with pytest.raises(WarmStartError, match="train.optimizer='adamw'"):
     builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__optimizer="muon")).init_state()
   with pytest.raises(WarmStartError, match="EMA"):

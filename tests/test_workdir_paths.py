@@ -117,3 +117,17 @@ def test_sample_reports_a_cut_short_config_json_in_one_line(tmp_path):
   r = run_app("iomm_jax.sample", f"--workdir={work}", "--prompt=a red circle", f"--out={tmp_path / 'out'}")
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
   assert r.stderr.strip().splitlines()[-1].startswith(f"error: {work / 'config.json'} is not valid JSON at line")
+
+
+def test_a_run_trained_on_another_device_count_loads_for_inference_on_these(tmp_path, capsys):
+  """A run saved with a mesh for 4 devices, loaded where 8 are (tests') : the apps rebuild it data-parallel, with a
+  note, rather than failing on a mesh they offer no flag to change; here it gets as far as the missing checkpoint."""
+  work = tmp_path / "work"
+  work.mkdir()
+  config = tiny_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 1
+  loop.save_resolved_config(config, str(work))
+  with pytest.raises(restore.RunRestoreError, match="no checkpoint under"):
+    restore.restore_run(str(work), load_frozen=False)
+  err = capsys.readouterr().err
+  assert "uses 4 devices but 8 are available" in err and "loading it data-parallel on 8 device(s)" in err, err

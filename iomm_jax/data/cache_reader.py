@@ -14,6 +14,8 @@ replacing it with its neighbour (a substitute would be cached twice). So this mo
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any, Iterator
 
 import grain
@@ -21,6 +23,43 @@ import numpy as np
 
 from iomm_jax.data import data_config, pipeline, sources
 from iomm_jax.data.data_config import DataConfig
+
+CACHE_STATE_DIR = ".cache_state"  # beside the feature shards: the plan (what they were computed from) and stats
+CACHE_PLAN_FILE = "plan.json"
+# What cached features depend on besides the records: the frozen models that computed them and the views they saw.
+FEATURE_DATA_FIELDS = ("resolution", "vit_size", "max_text_tokens")
+
+
+def feature_model(config) -> dict:
+  """The frozen models a feature cache was computed with: random ones (no path) depend on the seed, loaded ones on
+  the path. Stored in the cache's plan; a run training from the cache must have the same."""
+  m = config.model
+  return {
+      "mllm_path": m.mllm.path,
+      "mllm_arch": json.loads(m.mllm.arch.to_json_best_effort()),
+      "autoencoder": json.loads(m.autoencoder.to_json_best_effort()),
+      "frozen_dtype": m.frozen_dtype,
+      "seed": None if (m.mllm.path and m.autoencoder.path) else config.seed,
+  }
+
+
+def cache_mismatches(config, cache_path: str) -> list[str]:
+  """'field: cache value, run value' for each setting the cache at `cache_path` was computed with that `config`
+  differs in (features of another MLLM or autoencoder would train silently); [] when it matches or has no plan."""
+  plan_file = Path(cache_path) / CACHE_STATE_DIR / CACHE_PLAN_FILE
+  if not plan_file.is_file():
+    return []
+  plan = json.loads(plan_file.read_text())
+  out = []
+  for key, want in feature_model(config).items():
+    got = plan.get("model", {}).get(key, want)
+    if got != want:
+      out.append(f"model {key}: cache {got!r}, this run {want!r}")
+  for key in FEATURE_DATA_FIELDS:
+    got, want = plan.get("data", {}).get(key, config.data[key]), config.data[key]
+    if got != want:
+      out.append(f"data.{key}: cache {got!r}, this run {want!r}")
+  return out
 
 
 def split_range(lo: int, hi: int, parts: int, part: int) -> tuple[int, int]:

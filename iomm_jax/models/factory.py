@@ -48,8 +48,8 @@ def _config_fields(where: str):
 def mllm_config(config) -> InternVLConfig:
   """The InternVL config: from the checkpoint's config.json when model.mllm.path is set, else from model.mllm.arch.
 
-  A random MLLM (no path) uses the built-in tiny tokenizer, so its vocabulary size and image-token id are taken
-  from that tokenizer.
+  A random MLLM (no path) uses the built-in tiny tokenizer, so its image-token id, and its vocabulary size unless
+  the arch names a larger one, are taken from that tokenizer.
   """
   if config.model.mllm.path:
 
@@ -65,7 +65,9 @@ def mllm_config(config) -> InternVLConfig:
       _known(Qwen2Config, text, "config.model.mllm.arch.text")
       cfg = InternVLConfig(vision=vision, **_known(InternVLConfig, arch, "config.model.mllm.arch"))
       tok = Processor.tiny(num_image_tokens=cfg.num_image_tokens, image_size=vision.image_size)
-      text = dict(text, vocab_size=tok.vocab_size)
+      # An arch that names a larger vocabulary keeps it (the full-size configs: InternVL3-2B's embedding, which the
+      # dry run must count); rows past the tiny tokenizer's are never read.
+      text = dict(text, vocab_size=max(int(text.get("vocab_size", 0)), tok.vocab_size))
       cfg = dataclasses.replace(cfg, text=Qwen2Config(**text), image_token_id=tok.image_token_id)
   return dataclasses.replace(
       cfg,

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from iomm_jax import config as config_lib
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
-from iomm_jax.data import holdout, pipeline
+from iomm_jax.data import cache_reader, holdout, pipeline
 from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, resume_check, sample_grids
 from iomm_jax.train import schedule, time_budget, validation
 from iomm_jax.train import flops as flops_lib
@@ -86,7 +86,17 @@ def make_data_iter(run, workdir: str):
 
 
 def check_cached_shapes(run, ds) -> None:
-  """A cache built for another resolution or model fails here, naming the cache, not deep inside jit."""
+  """A cache built for another resolution or model fails here, naming the cache, not deep inside jit (or, where the
+  shapes agree, not at all: features of another frozen MLLM would train without a word)."""
+  d = run.config.data
+  for field, path in (("data.cache_path", d.cache_path), ("data.image_cache_path", d.image_cache_path)):
+    mismatches = cache_reader.cache_mismatches(run.config, path) if path else []
+    if mismatches:
+      raise SystemExit(
+          f"config.{field}={path!r} holds features computed with other settings ({'; '.join(mismatches)}); "
+          "rebuild the cache with python -m iomm_jax.cache for this config, or train with the settings it was "
+          "made with"
+      )
   first = next(iter(ds))
   want = {"latent": tuple(run.latent_shape), "vit_tokens": (run.mcfg.num_image_tokens, run.mcfg.text.hidden_size)}
   for key, shape in want.items():

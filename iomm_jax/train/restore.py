@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 
+import jax
 import ml_collections
 
 from iomm_jax import config as config_lib
+from iomm_jax import parallel
 from iomm_jax.train import builder, checkpoint
 from iomm_jax.train.user_errors import USER_ERRORS
 from iomm_jax import workdir_layout
@@ -61,12 +64,14 @@ class RunRestoreError(ValueError):
   """A workdir that cannot be loaded for inference: no checkpoint, no such step, or a file it names is missing."""
 
 
-def restore_run(workdir: str, *, step: int | None = None, use_ema: bool = True, load_frozen: bool = True):
-  """(run, params, step): the run built from the saved config and the checkpoint's (EMA) generator params.
+def restore_run(workdir: str, *, step: int | None = None, use_ema: bool | None = None, load_frozen: bool = True):
+  """(run, params, step): the run built from the saved config and the checkpoint's (EMA) generator params; EMA
+  when `use_ema` (None: the run's own `sample.use_ema`, as its training grids used) and the run keeps one.
 
   `load_frozen=False` builds the run without the frozen MLLM / autoencoder weights (an export needs only the DiT and
   the RQA). Raises RunRestoreError, one line naming what is wrong."""
   config = load_config(workdir)
+  _fit_mesh(config, workdir)
   try:
     run = builder.build(config, load_frozen=load_frozen)
     ckpt = checkpoint.Checkpointer(workdir, with_data=False)
@@ -96,11 +101,24 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool = True, 
     ckpt.close()
   except USER_ERRORS as e:
     raise RunRestoreError(f"{e}{_relative_paths_hint(config, workdir)}") from None
+  if use_ema is None:
+    use_ema = bool(config.sample.use_ema)
   params = state.ema_params if (use_ema and state.ema_params) else state.params
   return run, params, step
 
 
-def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool = True):
+def _fit_mesh(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A run trained on another number of devices than this process sees (8 GPUs, sampled on 1) keeps its mesh where
+  it fits; where it does not, the run is rebuilt data-parallel over the devices at hand (the checkpoint restores
+  onto any mesh), with a note, since these apps take no --config.mesh flags."""
+  try:
+    parallel.mesh_shape(config.mesh, jax.device_count())
+  except config_lib.ConfigError as e:
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1  # existing fields: a lock allows it
+    print(f"note: {workdir}: its {e}; loading it data-parallel on {jax.device_count()} device(s)", file=sys.stderr)
+
+
+def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool | None = None):
   """restore_run for the apps (sample, the evaluators): a RunRestoreError becomes one line and exit status 1."""
   try:
     return restore_run(workdir, step=step, use_ema=use_ema)

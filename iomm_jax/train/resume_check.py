@@ -31,7 +31,8 @@ FIXED_FIELDS = ("model.dit.kind", "model.rqa", "model.prediction", "model.condit
 # Compared as on (> 0) or off: each switches a part of the train state (EMA weights, REPA's head, the clip's state).
 SWITCH_FIELDS = ("train.ema_decay", "train.repa_weight", "train.grad_clip")
 # model.dit.arch fields that change how the DiT runs or was initialised, not its parameters.
-DIT_RUNTIME_FIELDS = ("remat", "attention", "zero_init")
+# scan_layers: a scanned stack stores its blocks' parameters as the unrolled one does (tests/test_layer_stack.py).
+DIT_RUNTIME_FIELDS = ("remat", "scan_layers", "attention", "zero_init")
 
 
 def check(config, workdir: str) -> None:

@@ -7,50 +7,21 @@ kept: the optimizer state, step and data position start fresh.
 
 from __future__ import annotations
 
+from iomm_jax import config_validation
 from iomm_jax.train import checkpoint
-from iomm_jax import workdir_layout
 
 
 class WarmStartError(ValueError):
   """config.init.workdir does not fit the run; the message names the field and the fix."""
 
 
-def _same(src: dict, config, dotted: str):
-  node_src, node_run = src, config
-  for part in dotted.split("."):
-    node_src, node_run = node_src.get(part, {}) if isinstance(node_src, dict) else None, node_run[part]
-  return node_src, node_run
-
-
 def params_from_workdir(config, abstract_state, state_shardings):
   """The generator params of config.init.workdir's latest checkpoint, on this run's shardings."""
   workdir = config.init.workdir
-  try:
-    src = workdir_layout.read_config_json(workdir)
-  except workdir_layout.SavedConfigError as e:
-    raise WarmStartError(f"config.init.workdir={workdir!r}: {e}") from None
-  if not isinstance(src, dict):
-    raise WarmStartError(f"config.init.workdir={workdir!r}: its config.json is not a run's config (a JSON object)")
   # The checkpoint is restored into this run's TrainState layout, so the parts that shape it must agree.
-  for field in ("train.optimizer", "model.dit.kind"):
-    theirs, ours = _same(src, config, field)
-    if theirs != ours:
-      raise WarmStartError(
-          f"config.init.workdir={workdir!r} was trained with {field}={theirs!r} but this run has "
-          f"{field}={ours!r}; set config.{field}={theirs!r} or start from another workdir"
-      )
-  src_ema = float(src.get("train", {}).get("ema_decay", 0.0)) > 0
-  if src_ema != (config.train.ema_decay > 0):
-    raise WarmStartError(
-        f"config.init.workdir={workdir!r} {'has' if src_ema else 'has no'} EMA weights but this run "
-        f"has config.train.ema_decay={config.train.ema_decay}; make both use EMA or neither"
-    )
-  src_repa = float(src.get("train", {}).get("repa_weight", 0.0)) > 0
-  if src_repa != (config.train.repa_weight > 0):
-    raise WarmStartError(
-        f"config.init.workdir={workdir!r} was trained {'with' if src_repa else 'without'} REPA's head but this run "
-        f"has config.train.repa_weight={config.train.repa_weight}; use REPA in both stages or in neither"
-    )
+  problem = config_validation.init_workdir_problem(config)
+  if problem:
+    raise WarmStartError(problem)
   ckpt = checkpoint.Checkpointer(workdir, with_data=False)
   try:
     if ckpt.latest_step() is None:
