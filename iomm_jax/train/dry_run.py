@@ -160,6 +160,12 @@ def report(config, *, mesh=None, compile_step: bool = True) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and "flops" in cost:
       out["xla_flops_per_device"] = float(cost["flops"])
+      if config.model.dit.arch.get("scan_layers") or config.model.mllm.scan_layers:
+        # XLA's cost analysis does not know a while loop's trip count: a scanned stack's body counts once.
+        out["xla_flops_note"] = (
+            "scanned block stacks (scan_layers) are counted once by XLA's cost analysis, not once per block: "
+            "compare flops_per_step_per_device with an unrolled dry run"
+        )
     out.update(xla_memory(compiled))
   out["total_s"] = round(time.perf_counter() - t0, 1)
   return out
