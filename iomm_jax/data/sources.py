@@ -283,7 +283,7 @@ class TfdsSource:
             f"(splits: {list(builder.info.splits)}); set {self.options['split']}"
         )
       if not self._checked:  # once, at open (a copy in a loader process has been checked)
-        features = list(builder.info.features.keys())
+        features = sorted(builder.info.features.keys())  # TFDS keeps no fixed order: the message must not vary
         if self.image_key not in features:  # here, not by failing every record
           raise DataConfigError(
               f"TFDS dataset {self.builder_dir} has no feature {self.image_key!r} (features: {features}); set "
