@@ -43,6 +43,16 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     np.testing.assert_allclose(np.asarray(decode.to_rgb_mode(im))[..., 1], ramp / 257.0, atol=0.51, err_msg=mode)
 
 
+def test_float_grey_tiff_in_unit_range_is_not_black():
+  ramp = np.linspace(0.0, 1.0, 64 * 48, dtype=np.float32).reshape(48, 64)
+  buf = io.BytesIO()
+  Image.fromarray(ramp, "F").save(buf, format="TIFF")  # a scientific float TIFF in [0, 1]
+  out = decoded(buf.getvalue())
+  np.testing.assert_allclose(out[..., 0], ramp * 255.0, atol=0.51)  # PIL alone clips to 0–1 of 255: black
+  wide = Image.fromarray(ramp * 200.0 + 10.0, "F")  # samples past 1 are read as 0–255 values
+  np.testing.assert_allclose(np.asarray(decode.to_rgb_mode(wide))[..., 2], ramp * 200.0 + 10.0, atol=0.51)
+
+
 def test_transparency_becomes_white():
   rgba = np.zeros((8, 8, 4), np.uint8)
   rgba[..., 0] = 200

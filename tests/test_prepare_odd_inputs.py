@@ -237,3 +237,17 @@ def test_tfds_damaged_or_with_other_feature_names(tmp_path, capsys):
     sources.TfdsSource(damaged)
   rc, _, err = run(capsys, damaged, tmp_path / "o")
   assert rc == 2 and "dataset_info.json" in err and "\n" not in err, err
+
+
+def test_a_list_of_captions_gives_its_first_caption_not_its_repr(tmp_path, capsys):
+  pq = pytest.importorskip("pyarrow.parquet")
+  pa = pytest.importorskip("pyarrow")
+  rows = [  # COCO-style: several captions an image (the first blank one is passed over), and an empty list
+      {"image": {"bytes": png(0), "path": None}, "caption": ["  ", "a red circle", "a circle"]},
+      {"image": {"bytes": png(1), "path": None}, "caption": []},
+  ]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "coco.parquet")
+  rc, summary, err = run(capsys, tmp_path / "coco.parquet", tmp_path / "o")
+  assert rc == 0 and summary["written"] == 2 and summary["written_with_caption"] == 1, err
+  assert captions_of(tmp_path / "o") == ["", "a red circle"]
+  assert sources.ParquetSource(tmp_path / "coco.parquet")[0]["caption"] == "a red circle"  # training reads it alike

@@ -34,9 +34,15 @@ _CAPTION_KEYS = ("caption", "text")
 
 
 def decode_text(value: Any) -> str | None:
-  """A caption as stored (bytes or text) → str, or None when missing or blank."""
+  """A caption as stored (bytes or text) → str, or None when missing or blank.
+
+  A list of captions (COCO-style datasets store several per image) gives its first non-blank one.
+  """
   if value is None:
     return None
+  if isinstance(value, (list, tuple, np.ndarray)):
+    # str(list) would train on "['a cat', 'a cat on a mat']", brackets and quotes included.
+    return next((t for t in (decode_text(v) for v in value) if t is not None), None)
   if isinstance(value, bytes):
     # A stray non-UTF-8 byte (a latin-1 sidecar, an old tar) must not cost the image its caption or the run.
     value = value.decode("utf-8", errors="replace")

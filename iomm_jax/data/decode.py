@@ -8,6 +8,7 @@ reference images and the evaluations, so every consumer sees an image the same w
   this one replaces it), then the whole image is decoded, so truncation raises here and not later.
 * **Orientation**: the EXIF orientation tag is applied (a phone photo stored sideways comes out upright).
 * **RGB** (:func:`to_rgb_mode`): 16-bit grey (``I;16``, ``I;16B``, ``I``) is scaled to 8 bits (÷257, not clipped);
+  32-bit float grey (``F``, e.g. a scientific TIFF) is read as [0, 1] when no sample exceeds 1, else as 0–255;
   transparency (RGBA, LA, PA, P with a transparent index) is composited on white; CMYK and the rest convert with PIL.
 * **Crop**: resize so the image covers the target (height, width), centre crop, in one antialiased bicubic resize
   with a crop box (:func:`cover_box`). Square targets give the image's centre square.
@@ -57,10 +58,15 @@ def orient(im: Image.Image) -> Image.Image:
 
 
 def to_rgb_mode(im: Image.Image) -> Image.Image:
-  """Any PIL mode → 8-bit RGB: 16-bit grey scaled by 1/257, transparency composited on white."""
+  """Any PIL mode → 8-bit RGB: 16-bit grey scaled by 1/257, float grey in [0, 1] by 255, transparency on white."""
   if im.mode in _SIXTEEN_BIT:
     arr = np.asarray(im).astype(np.float64)  # I;16B arrives big-endian; numpy reads it by its dtype
     im = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+  if im.mode == "F":
+    # PIL would clip float samples to 0–255, so an image stored in [0, 1] (the usual float convention) came out black.
+    arr = np.nan_to_num(np.asarray(im, np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+    im = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
   if im.mode in ("RGBa", "La"):  # premultiplied alpha
     im = im.convert("RGBA")
   if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
