@@ -82,7 +82,7 @@ def unknown_field_message(field: str, config: ml_collections.ConfigDict | None =
   return f"unknown config field config.{field}{hint}"
 
 
-CUDNN_DTYPES = ("bfloat16", "float16")  # what cuDNN's fused attention computes in
+CUDNN_DTYPES = tuple(d for d in DTYPES if d != "float32")  # cuDNN fused attention: the half-precision dtypes offered
 
 
 def _validate_attention(m: ml_collections.ConfigDict) -> None:
@@ -272,8 +272,15 @@ def _validate_image_set(d: ml_collections.ConfigDict) -> None:
 
 def _validate_init(config: ml_collections.ConfigDict) -> None:
   """init.workdir (a training workdir whose state fits this run's) and init.transformer / init.rqa (converted
-  weights) exclude each other."""
+  weights) exclude each other; converted adapter weights are the paper's RQA (TorchRQA's), so only rqa.kind='rqa'
+  takes them."""
   i = config.init
+  if i.rqa and config.model.rqa.kind != "rqa":
+    raise ConfigError(
+        f"config.init.rqa={i.rqa!r} holds the paper's adapter (TorchRQA weights), but config.model.rqa.kind="
+        f"{config.model.rqa.kind!r} builds {'no adapter' if config.model.rqa.kind == 'none' else 'another one'}; "
+        "set config.model.rqa.kind='rqa' or leave config.init.rqa empty"
+    )
   if not i.workdir:
     return
   if i.transformer or i.rqa:
@@ -291,10 +298,16 @@ def _validate_init(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(problem)
 
 
+# What the generator's weights mean beyond their shapes (the DiT family, what its output and its condition are):
+# fixed for a warm start (init.workdir) and for a resume (train/resume_check).
+WEIGHTS_MEANING = ("model.dit.kind", "model.prediction", "model.condition")
+
+
 def init_workdir_problem(config: ml_collections.ConfigDict) -> str:
-  """Why config.init.workdir's checkpoint cannot be restored into this run's train state, as its config.json says
-  ('' when nothing there stands against it): the parts that shape the state must agree. The warm start
-  (`train/warm_start`) checks the same before reading the checkpoint itself."""
+  """Why config.init.workdir cannot start this run's generator, as its config.json says ('' when nothing there
+  stands against it): a run's workdir whose weights mean what this run's do (WEIGHTS_MEANING, the adapter's kind).
+  Only its weights are read, so its optimizer, EMA and REPA settings may differ from this run's. The warm start
+  (`train/warm_start`) checks the same before reading the checkpoint, and then the weights' shapes."""
   workdir = config.init.workdir
   try:
     src = workdir_layout.read_config_json(workdir)
@@ -302,25 +315,13 @@ def init_workdir_problem(config: ml_collections.ConfigDict) -> str:
     return f"config.init.workdir={workdir!r}: {e}"
   if not isinstance(src, dict):
     return f"config.init.workdir={workdir!r}: its config.json is not a run's config (a JSON object)"
-  for field in ("train.optimizer", "model.dit.kind"):
+  for field in WEIGHTS_MEANING + ("model.rqa.kind",):
     theirs, ours = _saved_and_run(src, config, field)
-    if theirs != ours:
+    if theirs is not None and theirs != ours:  # None: a config.json from before the field existed
       return (
           f"config.init.workdir={workdir!r} was trained with {field}={theirs!r} but this run has "
           f"{field}={ours!r}; set config.{field}={theirs!r} or start from another workdir"
       )
-  src_ema = float(src.get("train", {}).get("ema_decay", 0.0)) > 0
-  if src_ema != (config.train.ema_decay > 0):
-    return (
-        f"config.init.workdir={workdir!r} {'has' if src_ema else 'has no'} EMA weights but this run "
-        f"has config.train.ema_decay={config.train.ema_decay}; make both use EMA or neither"
-    )
-  src_repa = float(src.get("train", {}).get("repa_weight", 0.0)) > 0
-  if src_repa != (config.train.repa_weight > 0):
-    return (
-        f"config.init.workdir={workdir!r} was trained {'with' if src_repa else 'without'} REPA's head but this run "
-        f"has config.train.repa_weight={config.train.repa_weight}; use REPA in both stages or in neither"
-    )
   return ""
 
 

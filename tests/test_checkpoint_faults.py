@@ -126,6 +126,16 @@ def test_resume_check_names_only_the_fields_that_fix_the_train_state():
       ("train.grad_clip", 1.0, 0.0),
       ("model.dit.arch.num_layers", 2, 3),
   ]
+  # data.seed only orders the data, unless it also draws the held-out records.
+  assert resume_check.changed_fields(saved, tiny_config("pretrain,short", data__seed=5)) == []
+  held = tiny_config("pretrain,short", data__val_fraction=0.1)
+  assert resume_check.changed_fields(held, tiny_config("pretrain,short", data__val_fraction=0.1, data__seed=5)) == [
+      ("data.seed", 0, 5)
+  ]
+  assert resume_check.changed_fields(held, tiny_config("pretrain,short", data__val_fraction=0.2)) == [
+      ("data.val_fraction", 0.1, 0.2)
+  ]
+  assert resume_check.changed_fields(saved, held) == [("data.val_fraction", 0.0, 0.1)]
   other_kind = tiny_config("pretrain,short", model__dit__kind="s3dit")
   assert resume_check.changed_fields(saved, other_kind) == [("model.dit.kind", "mmdit", "s3dit")]
 

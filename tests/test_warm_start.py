@@ -69,16 +69,11 @@ def test_workdirs_that_do_not_fit_fail_naming_the_field(stage1, tmp_path):
     config_validation.validate(tiny_config("finetune,short", init__workdir=str(tmp_path)))
   with pytest.raises(config_lib.ConfigError, match="config.init.workdir is set together with"):
     config_validation.validate(tiny_config("finetune,short", init__workdir=str(stage1), init__rqa=str(tmp_path)))
-  # At start, as validate runs it (before the workdir is written, the data opened or the frozen weights read) ...
-  with pytest.raises(config_lib.ConfigError, match="train.optimizer='adamw' but this run has train.optimizer='muon'"):
-    config_validation.validate(tiny_config("finetune,short", init__workdir=str(stage1), train__optimizer="muon"))
-  # ... and where the state is built without it.
-  with pytest.raises(WarmStartError, match="train.optimizer='adamw'"):
-    builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__optimizer="muon")).init_state()
-  with pytest.raises(WarmStartError, match="EMA"):
-    builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__ema_decay=0.0)).init_state()
-  with pytest.raises(WarmStartError, match="without REPA's head but this run has config.train.repa_weight=0.5"):
-    builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__repa_weight=0.5)).init_state()
+  other = tiny_config("finetune,short", init__workdir=str(stage1))
+  other.model.dit.kind = "s3dit"
+  assert "model.dit.kind='mmdit' but this run has model.dit.kind='s3dit'" in config_validation.init_workdir_problem(
+      other
+  )
   deeper = tiny_config("finetune,short", init__workdir=str(stage1))
   deeper.model.dit.arch.num_single_layers = 3
   with pytest.raises(
@@ -98,6 +93,61 @@ def test_workdirs_that_do_not_fit_fail_naming_the_field(stage1, tmp_path):
     builder.build(wider).init_state()
 
 
+@pytest.mark.slow
+def test_stage2_may_change_optimizer_ema_and_repa(stage1, capsys):
+  """Only the weights are read, so what shapes the rest of the train state may differ from stage 1's."""
+  _, src_ema, _ = restore.load_for_inference(str(stage1), use_ema=True)
+  _, src_raw, _ = restore.load_for_inference(str(stage1), use_ema=False)
+  muon = builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__optimizer="muon")).init_state()
+  for got, want in zip(_leaves(muon.params), _leaves(src_ema)):
+    np.testing.assert_array_equal(got, want)
+  no_ema = builder.build(tiny_config("finetune,short", init__workdir=str(stage1), train__ema_decay=0.0)).init_state()
+  assert no_ema.ema_params == {}
+  for got, want in zip(_leaves(no_ema.params), _leaves(src_ema)):
+    np.testing.assert_array_equal(got, want)
+  # REPA added in stage 2: the DiT and adapter come from stage 1, the new head starts as a fresh run's does.
+  c = tiny_config("finetune,short", init__workdir=str(stage1), train__repa_weight=0.5)
+  run = builder.build(c)
+  state = run.init_state()
+  fresh = builder.build(tiny_config("finetune,short", train__repa_weight=0.5)).init_state()
+  for got, want in zip(_leaves(state.params["dit"]), _leaves(src_ema["dit"])):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(_leaves(state.params["repa"]), _leaves(fresh.params["repa"])):
+    np.testing.assert_array_equal(got, want)
+  # ... and a stage 3 without REPA starts from that run's weights, its head dropped.
+  work = stage1.parent / "with_repa"
+  loop.train(
+      tiny_config(
+          "finetune,short",
+          init__workdir=str(stage1),
+          train__repa_weight=0.5,
+          train__num_steps=2,
+          train__ckpt_every=2,
+          train__sample_every=0,
+      ),
+      str(work),
+  )
+  _, with_head, _ = restore.load_for_inference(str(work), use_ema=True)
+  assert "repa" in with_head
+  plain = builder.build(tiny_config("finetune,short", init__workdir=str(work))).init_state()
+  assert "repa" not in plain.params
+  for got, want in zip(_leaves(plain.params["rqa"]), _leaves(with_head["rqa"])):
+    np.testing.assert_array_equal(got, want)
+  # A stage 1 trained without EMA gives its raw weights, with a note, though init.use_ema asks for EMA.
+  raw_run = stage1.parent / "no_ema"
+  loop.train(
+      tiny_config("short", train__num_steps=2, train__ckpt_every=2, train__sample_every=0, train__ema_decay=0.0),
+      str(raw_run),
+  )
+  capsys.readouterr()
+  _, raw_src, _ = restore.load_for_inference(str(raw_run), use_ema=False)
+  st = builder.build(tiny_config("finetune,short", init__workdir=str(raw_run))).init_state()
+  for got, want in zip(_leaves(st.params), _leaves(raw_src)):
+    np.testing.assert_array_equal(got, want)
+  assert "was trained without EMA; starting from its raw weights" in capsys.readouterr().err
+  assert any(not np.array_equal(a, b) for a, b in zip(_leaves(src_ema), _leaves(src_raw)))
+
+
 def test_an_init_workdir_whose_config_json_was_cut_short_is_one_line_naming_it(tmp_path):
   from iomm_jax.train import warm_start
 
@@ -105,9 +155,18 @@ def test_an_init_workdir_whose_config_json_was_cut_short_is_one_line_naming_it(t
   (tmp_path / "config.json").write_text('{"model": {"dit": ')
   c = tiny_config("finetune,short", init__workdir=str(tmp_path))
   with pytest.raises(WarmStartError) as e:
-    warm_start.params_from_workdir(c, None, None)  # the config is read before any checkpoint
+    warm_start.params_from_workdir(c, None)  # the config is read before any checkpoint
   msg = str(e.value)
   assert msg.startswith(
       f"config.init.workdir={str(tmp_path)!r}: {tmp_path / 'config.json'} is not valid JSON at line 1"
   )
   assert "\n" not in msg
+
+
+def test_converted_adapter_weights_need_the_papers_adapter(tmp_path):
+  c = tiny_config("pretrain,short", init__rqa=str(tmp_path))
+  c.model.rqa.kind = "metaquery"
+  with pytest.raises(
+      config_lib.ConfigError, match=r"config.init.rqa=.* config.model.rqa.kind='metaquery' builds another"
+  ):
+    config_validation.validate(c)

@@ -150,6 +150,7 @@ def encode_condition(rqa: RQA, mllm, tpl: Templates, ids, valid, image_tokens, k
 
 PREDICTIONS = ("v", "x")
 X_PRED_T_MIN = 0.05  # x-prediction: v = (x_t − x̂) / max(t, X_PRED_T_MIN), so v stays bounded near the data end
+REPA_HEAD = "repa"  # the generator's params key of REPA's head (Generator.repa): used by the loss only
 
 
 class Generator(nnx.Module):
@@ -182,7 +183,7 @@ class Generator(nnx.Module):
     family = dit_families.family(dit_kind)
     self.dit = family.module(dit_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.rqa = RQA(rqa_cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.repa = (
+    self.repa = (  # REPA_HEAD
         RepaProjector(family.feature_width(dit_cfg), repa_dim, param_dtype=param_dtype, rngs=rngs) if repa_dim else None
     )
 

@@ -226,7 +226,7 @@ def layer_norm(x: jax.Array, eps: float, weight: jax.Array | None = None, bias: 
 # The one attention setting of every module (config.model.attention; docs/design.md §4):
 #   'auto'   jax.nn.dot_product_attention(implementation=None): XLA picks (cuDNN on GPU where it can); on CPU the
 #            'xla' math with a hand-written backward from the saved probabilities (attention_kernels)
-#   'cudnn'  the cuDNN fused kernel (GPU, bf16/fp16); fails loudly where cuDNN cannot run the shapes
+#   'cudnn'  the cuDNN fused kernel (GPU, model.dtype bfloat16); fails loudly where cuDNN cannot run the shapes
 #   'xla'    the explicit fp32-softmax path, the reference the others are tested against
 #   'splash' the Pallas splash-attention kernel shipped with JAX (TPU; `interpret=True` runs it on CPU in tests)
 ATTENTION_IMPLS = ("auto", "cudnn", "xla", "splash")

@@ -65,7 +65,7 @@ class Run:
 
     params = random_init(init_params, self.param_shardings)
     if self.config.init.workdir:
-      params = warm_start.params_from_workdir(self.config, self.abstract_state, self.state_shardings)
+      params = warm_start.params_from_workdir(self.config, params)
     if self.config.init.transformer or self.config.init.rqa:
       params = init_weights.apply(self.config, params, self.param_shardings)
 

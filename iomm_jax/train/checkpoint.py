@@ -1,4 +1,5 @@
-"""Orbax checkpoints of (train state, Grain iterator state, resolved config); the only file that touches Orbax.
+"""Orbax checkpoints of (train state, Grain iterator state, resolved config): with `checkpoint_weights` (which
+reads only the generator weights), the only code that touches a training run's checkpoints.
 
 A checkpoint at step N holds the state after N updates and the data iterator positioned after the N-th
 batch, so resuming continues at update N + 1 exactly. Saves are async and atomic (Orbax writes to a temporary
@@ -25,7 +26,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from iomm_jax import tree_paths
 from iomm_jax import workdir_layout
 from iomm_jax.train import iterator_state, restore_failure
 
@@ -201,7 +201,7 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 — any failure to read a checkpoint is reported the same way
         problem = restore_failure.describe(self.directory, step, e)
         del e
-        _collect_quietly()
+        collect_quietly()
       if not _agree(problem is None):  # every process takes the same branch
         problem = problem or f"checkpoint {step} in {self.directory} failed to restore on another process."
         problems.append((step, problem))
@@ -258,13 +258,13 @@ class Checkpointer:
     if tree is None:
       return None
     stored = {
-        _dotted(p): tuple(getattr(x, "shape", None) or ()) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        dotted(p): tuple(getattr(x, "shape", None) or ()) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
     ours = {}
     for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
       # A typed PRNG key is stored as its raw key data (one more axis): only its presence is compared.
       is_key = hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-      ours[_dotted(p)] = None if is_key else tuple(getattr(x, "shape", ()))
+      ours[dotted(p)] = None if is_key else tuple(getattr(x, "shape", ()))
     for path, shape in ours.items():
       if path not in stored:
         return f"{path}: in this run, not in the checkpoint"
@@ -288,24 +288,6 @@ class Checkpointer:
           "), or train this config in a new --workdir"
       )
 
-  def param_mismatch(self, abstract_params, step: int | None = None) -> str | None:
-    """The first generator parameter where the checkpoint and `abstract_params` (pure dict of ShapeDtypeStructs)
-    differ — another shape, or present in only one — read from the checkpoint's metadata, no arrays read.
-
-    None when they agree. Checked before a restore that would fail: a failed Orbax read leaves reads in flight,
-    whose threads print 'Event loop is closed' tracebacks at exit."""
-    step = self.latest_step() if step is None else step
-    metadata = jax.tree_util.tree_flatten_with_path(self.manager.item_metadata(step)["state"])[0]
-    stored = {_dotted(p[1:]): tuple(getattr(x, "shape", ()) or ()) for p, x in metadata if _dotted(p[:1]) == "params"}
-    ours = {path: tuple(x.shape) for path, x in tree_paths.flatten(abstract_params).items()}
-    for path, shape in ours.items():
-      if path not in stored:
-        return f"{path}: in this run, not in the checkpoint"
-      if stored[path] != shape:
-        return f"{path}: stored {stored[path]}, this run {shape}"
-    extra = sorted(set(stored) - set(ours))
-    return f"{extra[0]}: in the checkpoint, not in this run" if extra else None
-
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -324,10 +306,10 @@ class Checkpointer:
       self.manager.close()
     except Exception:  # noqa: BLE001
       pass
-    _collect_quietly()
+    collect_quietly()
 
 
-def _dotted(path) -> str:
+def dotted(path) -> str:
   """A jax key path as tree_paths' dotted string ('dit.blocks.0.kernel'), whatever the key types (dict keys,
   sequence indices, dataclass and namedtuple fields)."""
   return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
@@ -339,7 +321,7 @@ def _steps_in(directory: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def _collect_quietly() -> None:
+def collect_quietly() -> None:
   """Collect the coroutines a failed Orbax read leaves behind without their 'Event loop is closed' noise."""
   hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
   try:

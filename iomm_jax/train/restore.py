@@ -10,7 +10,7 @@ import ml_collections
 
 from iomm_jax import config as config_lib
 from iomm_jax import parallel
-from iomm_jax.train import builder, checkpoint
+from iomm_jax.train import builder, checkpoint, checkpoint_weights
 from iomm_jax.train.user_errors import USER_ERRORS
 from iomm_jax import workdir_layout
 
@@ -74,36 +74,37 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool | None =
   _fit_mesh(config, workdir)
   try:
     run = builder.build(config, load_frozen=load_frozen)
-    ckpt = checkpoint.Checkpointer(workdir, with_data=False)
+    reader = checkpoint_weights.WeightsReader(workdir)
     try:
-      have = ckpt.steps_on_disk()
+      have = reader.steps()
       if not have:
         raise RunRestoreError(
-            f"no checkpoint under {ckpt.directory}; train first (python -m iomm_jax.main --workdir={workdir})"
+            f"no checkpoint under {reader.directory}; train first (python -m iomm_jax.main --workdir={workdir})"
         )
       if step is not None and step not in have:
-        raise RunRestoreError(f"--step={step}: no such checkpoint under {ckpt.directory}; it has steps {have}")
-      abstract = checkpoint.abstract_with_shardings(run.abstract_state, run.state_shardings)
+        raise RunRestoreError(f"--step={step}: no such checkpoint under {reader.directory}; it has steps {have}")
+      step = have[-1] if step is None else step
+      if use_ema is None:
+        use_ema = bool(config.sample.use_ema)
+      which = "ema_params" if use_ema and reader.stored(step)["ema_params"] else "params"
+      # Only the weights are read: not the optimizer state (twice their size under Adam).
+      abstract = checkpoint.abstract_with_shardings(run.abstract_state.params, run.param_shardings)
       # A config.json changed after the checkpoint was saved builds another model: one line, not Orbax's traceback.
-      which = have[-1] if step is None else step
-      mismatch = ckpt.state_mismatch(abstract, which)
+      mismatch = reader.mismatch(abstract, which, step)
       if mismatch:
         raise RunRestoreError(
-            f"checkpoint {which} under {ckpt.directory} does not fit the model that "
+            f"checkpoint {step} under {reader.directory} does not fit the model that "
             f"{workdir_layout.path(workdir, workdir_layout.CONFIG)} describes ({mismatch}): the config was changed "
             "after the checkpoint was saved; copy the config the checkpoint was saved with over it "
-            f"({os.path.join(ckpt.directory, str(which), 'config', 'metadata')})"
+            f"({os.path.join(reader.directory, str(step), 'config', 'metadata')})"
         )
-      state, step = ckpt.restore(abstract, step=step)
+      params = reader.restore(abstract, which, step)
     except BaseException:
-      ckpt.abandon()  # without the 'Event loop is closed' tracebacks a failed Orbax read prints at exit
+      reader.abandon()  # without the 'Event loop is closed' tracebacks a failed Orbax read prints at exit
       raise
-    ckpt.close()
+    reader.close()
   except USER_ERRORS as e:
     raise RunRestoreError(f"{e}{_relative_paths_hint(config, workdir)}") from None
-  if use_ema is None:
-    use_ema = bool(config.sample.use_ema)
-  params = state.ema_params if (use_ema and state.ema_params) else state.params
   return run, params, step
 
 

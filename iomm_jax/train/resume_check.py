@@ -7,7 +7,8 @@ and stops with one line (ConfigError) naming each field that differs, its old an
 Fixed on a resume: the DiT (`model.dit.kind`, every `model.dit.arch` field but the runtime ones below), the RQA
 (`model.rqa.*`), what the DiT's output and input mean (`model.prediction`, `model.condition`: same shapes, but the
 saved weights were trained for the other), `train.optimizer`, and whether EMA, REPA's head and gradient clipping
-are on (each adds or drops part of the state; their values may change). Free: everything else — `train.lr` and its
+are on (each adds or drops part of the state; their values may change), and, while records are held out
+(`data.val_fraction`), which ones (`data.val_fraction`, `data.seed`). Free: everything else — `train.lr` and its
 schedule, `num_steps` / `epochs`, time budgets, log / checkpoint / eval intervals, the data, the mesh, and
 `model.dtype` (the compute dtype: parameters and optimizer state are fp32 whatever it is). A change this list
 misses still cannot pass: the newest checkpoint's stored tree is compared with the run's before any restore
@@ -21,15 +22,19 @@ import json
 import os
 from typing import Any
 
+from iomm_jax import config_validation
 from iomm_jax.config import ConfigError
 from iomm_jax.models import dit_families
 from iomm_jax.train import restore
 from iomm_jax import workdir_layout
 
 # Compared value for value (a section: each of its fields).
-FIXED_FIELDS = ("model.dit.kind", "model.rqa", "model.prediction", "model.condition", "train.optimizer")
+FIXED_FIELDS = (*config_validation.WEIGHTS_MEANING, "model.rqa", "train.optimizer")
 # Compared as on (> 0) or off: each switches a part of the train state (EMA weights, REPA's head, the clip's state).
 SWITCH_FIELDS = ("train.ema_decay", "train.repa_weight", "train.grad_clip")
+# Which records data.val_fraction holds out (a draw seeded by data.seed): changed on a resume, the run would train on
+# records it held out so far and validate on records it trained on. Fixed while either config holds records out.
+HOLDOUT_FIELDS = ("data.val_fraction", "data.seed")
 # model.dit.arch fields that change how the DiT runs or was initialised, not its parameters.
 # scan_layers: a scanned stack stores its blocks' parameters as the unrolled one does (tests/test_layer_stack.py).
 DIT_RUNTIME_FIELDS = ("remat", "scan_layers", "attention", "zero_init")
@@ -48,8 +53,8 @@ def check(config, workdir: str) -> None:
   what = "fields that fix" if len(changes) > 1 else "a field that fixes"
   restore_flags = " ".join(f"--config.{f}={_flag(old)}" for f, old, _ in changes)
   raise ConfigError(
-      f"--workdir={workdir} holds checkpoints this config cannot resume: {said} ({what} the saved weights or "
-      "optimizer state; lr, num_steps, time budgets and intervals may change). Train this config in a new --workdir, "
+      f"--workdir={workdir} holds checkpoints this config cannot resume: {said} ({what} the saved weights, "
+      "optimizer state or held-out records; lr, num_steps, time budgets and intervals may change). Train this config in a new --workdir, "
       f"or resume with the old value{'s' if len(changes) > 1 else ''}: {restore_flags}"
   )
 
@@ -69,6 +74,8 @@ def changed_fields(saved, config) -> list[tuple[str, Any, Any]]:
     a, b = _get(old, field), _get(new, field)
     if (float(a or 0) > 0) != (float(b or 0) > 0):
       out.append((field, a, b))
+  if any(float(_get(c, "data.val_fraction") or 0) > 0 for c in (old, new)):
+    out += [(f, _get(old, f), _get(new, f)) for f in HOLDOUT_FIELDS if _get(old, f) != _get(new, f)]
   kind = _get(new, "model.dit.kind")
   if _get(old, "model.dit.kind") == kind:  # another family's fields mean other things: the kind says it all
     a, b = _dit_arch(old, kind), _dit_arch(new, kind)
