@@ -309,3 +309,46 @@ def test_export_refuses_an_x_prediction_run(tmp_path):
 
   with pytest.raises(components.ConvertError, match="model.prediction='x'"):
     export.export_workdir(work, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["metaquery", "none"])
+def test_export_refuses_an_adapter_ablation(tmp_path, kind):
+  """TorchRQA is the paper's adapter: a run of another rqa.kind would export weights no PyTorch class loads."""
+  from iomm_jax.weights import components
+  from iomm_jax.convert import export
+
+  work = tmp_path / "w"
+  (work / "checkpoints").mkdir(parents=True)
+  c = tiny_config()
+  c.model.rqa.kind, c.model.prediction = kind, "v"
+  (work / "config.json").write_text(c.to_json())
+  with pytest.raises(components.ConvertError, match=f"config.model.rqa.kind='{kind}' .*TorchRQA"):
+    export.export_workdir(work, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_export_takes_the_runs_own_ema_choice_unasked(tmp_path, monkeypatch, use_ema):
+  """As sample does: without --use-ema / --no-ema the run's config.sample.use_ema decides."""
+  from iomm_jax.convert import export
+
+  work = tmp_path / "w"
+  (work / "checkpoints").mkdir(parents=True)
+  c = tiny_config()
+  c.model.prediction, c.sample.use_ema = "v", use_ema
+  (work / "config.json").write_text(c.to_json())
+  asked = {}
+
+  def fake_load(workdir, *, step=None, use_ema=None):
+    asked["use_ema"] = use_ema
+    raise components.ConvertError("stop here")
+
+  from iomm_jax.weights import components
+
+  monkeypatch.setattr(export, "load_generator", fake_load)
+  with pytest.raises(components.ConvertError, match="stop here"):
+    export.export_workdir(work, tmp_path / "out")
+  assert asked["use_ema"] is use_ema
+  with pytest.raises(components.ConvertError, match="stop here"):
+    export.export_workdir(work, tmp_path / "out", use_ema=not use_ema)  # an explicit flag wins
+  assert asked["use_ema"] is (not use_ema)

@@ -138,6 +138,14 @@ def test_trained_checkpoint_loads_in_diffusers(trained):
   assert not (export / "vae").exists()
   for k in ("mask_ratio", "condition", "sampling", "resolution"):
     assert k in info
+  from iomm_jax.train import restore
+
+  saved = restore.load_config(str(trained["work"]))  # the sampler's time grid is the training shift's
+  assert info["sampling"] == {
+      "steps": saved.sample.steps,
+      "cfg_scale": saved.sample.cfg_scale,
+      "time_shift": saved.train.time_shift,
+  }
   flux = FluxTransformer2DModel.from_pretrained(export / "transformer").eval()
   rqa = load_reference("rqa", export / "rqa").eval()
 

@@ -52,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
       "--use-ema",
       dest="use_ema",
       action="store_true",
-      default=True,
-      help="workdir: export the EMA weights when the run keeps them (default)",
+      default=None,
+      help="workdir: export the EMA weights when the run keeps them (default: the run's config.sample.use_ema, "
+      "as sample does)",
   )
   tt.add_argument("--no-ema", dest="use_ema", action="store_false", help="workdir: export the raw parameters")
   tt.add_argument("--step", type=int, default=None, help="workdir: checkpoint step (default: latest)")

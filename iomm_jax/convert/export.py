@@ -45,7 +45,13 @@ def _vae_config(config):
   return FluxVAEConfig()
 
 
-def load_generator(workdir: str | Path, *, step: int | None = None, use_ema: bool = True):
+_CONDITION_POSITIONS = {  # config.model.condition → where the DiT's condition is read (models/iomm CONDITION_MODES)
+    "query": "the RQA query positions",
+    "all": "every position of the prompt (condition='all')",
+}
+
+
+def load_generator(workdir: str | Path, *, step: int | None = None, use_ema: bool | None = None):
   """(run, generator params, step) of a workdir's checkpoint, without loading the frozen MLLM/VAE.
 
   train/restore.restore_run without the frozen weights: an export needs only the DiT and RQA (and reads a real VAE
@@ -62,14 +68,25 @@ def export_workdir(
     workdir: str | Path,
     dst: str | Path,
     *,
-    use_ema: bool = True,
+    use_ema: bool | None = None,
     step: int | None = None,
     dtype=None,
     overwrite: bool = False,
 ) -> dict:
-  """Write the pipeline folder for `workdir`'s checkpoint (latest unless `step`); returns iomm_pipeline.json."""
+  """Write the pipeline folder for `workdir`'s checkpoint (latest unless `step`); returns iomm_pipeline.json.
 
-  prediction = restore.load_config(str(workdir)).model.prediction
+  `use_ema`: None takes the run's own config.sample.use_ema, as `sample` does."""
+
+  saved = restore.load_config(str(workdir))
+  prediction, rqa_kind = saved.model.prediction, saved.model.rqa.kind
+  if rqa_kind != "rqa":
+    raise ConvertError(
+        f"{workdir} was trained with config.model.rqa.kind={rqa_kind!r} (an ablation): the PyTorch adapter "
+        "(iomm_jax.convert.torch_rqa.TorchRQA) is the paper's RQA only, so only rqa.kind='rqa' runs export to a "
+        "pipeline folder; sample it here with python -m iomm_jax.sample"
+    )
+  if use_ema is None:
+    use_ema = bool(saved.sample.use_ema)
   if prediction != "v":
     raise ConvertError(
         f"{workdir} was trained with config.model.prediction={prediction!r}: its DiT predicts the clean "
@@ -148,12 +165,19 @@ def _write_pipeline(workdir, dst: Path, run, params, ckpt_step: int, *, use_ema:
       "mask_ratio": config.train.mask_ratio,
       "condition": config.model.condition,
       "max_text_tokens": config.data.max_text_tokens,
-      "sampling": {"steps": config.sample.steps, "cfg_scale": config.sample.cfg_scale},
+      # time_shift: the Euler grid t_i = s·u_i / (1 + (s − 1)·u_i) over uniform u_i from 1 to 0, as training's shift
+      "sampling": {
+          "steps": config.sample.steps,
+          "cfg_scale": config.sample.cfg_scale,
+          "time_shift": config.train.time_shift,
+      },
       "resolution": config.data.resolution,
       "conventions": {
-          "flow": "x_t = (1 - t) x + t z, t=1 is noise, the DiT predicts v = z - x; Euler from t=1 to t=0",
+          "flow": "x_t = (1 - t) x + t z, t=1 is noise, the DiT predicts v = z - x; Euler from t=1 to t=0 on the "
+          "grid t = s u / (1 + (s - 1) u), u uniform from 1 to 0, s = sampling.time_shift (1: uniform)",
           "mmdit_inputs": "packed 2x2 latent tokens (FluxPipeline._pack_latents order), timestep = t in [0, 1], "
-          "encoder_hidden_states = LLM hidden states at the RQA query positions, pooled_projections "
+          f"encoder_hidden_states = LLM hidden states at {_CONDITION_POSITIONS[config.model.condition]}, "
+          "pooled_projections "
           "= their mean, txt_ids zeros, img_ids (0, row, col)",
           "s3dit_inputs": "diffusers Z-Image convention: its output equals -v at timestep 1 - t",
           "cfg": "v = v_u + w (v_c - v_u), v_u from the empty-prompt template",
