@@ -75,7 +75,14 @@ def test_val_path_and_shapes_heldout_draw(folder):
   assert len(holdout.val_source(d)) == 40
   s = data_config.from_config(source="shapes", num_images=8, resolution=16, vit_size=16, val_num=3)
   held = holdout.val_source(s)
-  assert len(held) == 3 and held.seed == s.seed + sources.HELDOUT_SEED_OFFSET != s.shapes_seed
+  assert len(held) == 3 and held.seed == s.shapes_seed + sources.HELDOUT_SEED_OFFSET
+  # The held-out world follows the training world, not data.seed (which only orders the data): with the world moved
+  # to the old held-out seed, no held-out image is a training image, and reordering keeps the validation set.
+  for moved in (dict(shapes_seed=sources.HELDOUT_SEED_OFFSET), dict(seed=7)):
+    m = data_config.from_config(source="shapes", num_images=8, resolution=16, vit_size=16, val_num=3, **moved)
+    train, held = sources.make_source(m), holdout.val_source(m)
+    assert all(not np.array_equal(held[i]["image"], train[i]["image"]) for i in range(3)), moved
+    assert held.seed == m.shapes_seed + sources.HELDOUT_SEED_OFFSET
   assert holdout.val_source(data_config.from_config(source="folder", path=str(folder))) is None
 
 

@@ -92,9 +92,7 @@ def val_source(data_cfg: Any, workdir: str | None = None) -> Any | None:
     if d.cached:
       return sources.make_source(dataclasses.replace(d, cache_path=d.val_path), workdir, "data.val_path")
     # shapes with a val_path: a folder of another draw of the world (the training world is data.shapes_seed)
-    held = dataclasses.replace(
-        d, path=d.val_path, num_images=d.val_num, shapes_seed=d.seed + sources.HELDOUT_SEED_OFFSET
-    )
+    held = dataclasses.replace(d, path=d.val_path, num_images=d.val_num, shapes_seed=sources.heldout_world_seed(d))
     return sources.make_source(held, workdir, "data.val_path")
   if d.val_fraction:
     source = sources.make_source(d, workdir)

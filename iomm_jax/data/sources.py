@@ -37,7 +37,7 @@ def render_size(data_cfg) -> int:
 
 def heldout_shapes(data_cfg, num: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """``num`` held-out shapes images for sample grids and evaluations, as training sees them: (uint8 images at
-  data.resolution, float32 ViT views). Images ``start …`` of the world seed ``data.seed + HELDOUT_SEED_OFFSET``,
+  data.resolution, float32 ViT views). Images ``start …`` of the held-out world (:func:`heldout_world_seed`),
   which no training stage reads. ``data_cfg``: ``config.data`` or a DataConfig."""
   from PIL import Image
 
@@ -51,10 +51,16 @@ def heldout_shapes(data_cfg, num: int, start: int = 0) -> tuple[np.ndarray, np.n
   return np.stack(refs), np.stack(vits).astype(np.float32)
 
 
+def heldout_world_seed(data_cfg) -> int:
+  """The world seed of the held-out shapes: another draw than the training world's (``data.shapes_seed``), tied to
+  it, not to ``data.seed`` (which only orders the data: changing it must not change the validation set)."""
+  return int(data_cfg.shapes_seed) + HELDOUT_SEED_OFFSET
+
+
 def heldout_source(data_cfg, num: int) -> "ShapesSource":
-  """The held-out draw of the shapes world: ``num`` images of world seed ``data.seed + HELDOUT_SEED_OFFSET``."""
+  """The held-out draw of the shapes world: ``num`` images of world :func:`heldout_world_seed`."""
   data_cfg = data_config.from_config(data_cfg)
-  return ShapesSource(num, render_size(data_cfg), data_cfg.seed + HELDOUT_SEED_OFFSET)
+  return ShapesSource(num, render_size(data_cfg), heldout_world_seed(data_cfg))
 
 
 class ShapesSource:
