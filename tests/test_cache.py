@@ -288,3 +288,29 @@ def test_a_cache_of_other_frozen_models_is_refused_naming_what_differs(data, tmp
   assert cache_reader.cache_mismatches(other, str(data["dst"])) == ["model seed: cache 0, this run 1"]
   with pytest.raises(SystemExit, match=r"config.data.cache_path=.* holds features computed with other settings "):
     loop.train(other, str(tmp_path / "w"))
+
+
+def test_the_cache_seed_matters_only_where_a_frozen_model_is_random(tmp_path):
+  """A loaded MLLM with the weightless identity autoencoder computes the same features for any config.seed."""
+  from iomm_jax.data import cache_reader
+
+  c = tiny_config()
+  assert c.model.autoencoder.kind == "identity" and not c.model.mllm.path
+  assert cache_reader.feature_model(c)["seed"] == c.seed  # a random MLLM
+  c.model.mllm.path = "/some/InternVL3-2B-hf"
+  assert cache_reader.feature_model(c)["seed"] is None
+  c.model.autoencoder.kind = "flux_vae"  # a random VAE (no path) is seeded
+  assert cache_reader.feature_model(c)["seed"] == c.seed
+  c.model.autoencoder.path = "/some/vae"
+  assert cache_reader.feature_model(c)["seed"] is None
+  # A cache written by an older plan that stored the seed anyway is not refused for it.
+  state = tmp_path / cache_reader.CACHE_STATE_DIR
+  state.mkdir()
+  plan = {"model": {**cache_reader.feature_model(c), "seed": 3}, "data": {}}
+  (state / cache_reader.CACHE_PLAN_FILE).write_text(json.dumps(plan))
+  assert cache_reader.cache_mismatches(c, str(tmp_path)) == []
+  c.model.autoencoder.path = ""
+  assert cache_reader.cache_mismatches(c, str(tmp_path)) == [
+      f"model autoencoder: cache {plan['model']['autoencoder']!r}, this run {cache_reader.feature_model(c)['autoencoder']!r}",
+      f"model seed: cache 3, this run {c.seed}",
+  ]

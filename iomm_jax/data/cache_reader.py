@@ -39,7 +39,9 @@ def feature_model(config) -> dict:
       "mllm_arch": json.loads(m.mllm.arch.to_json_best_effort()),
       "autoencoder": json.loads(m.autoencoder.to_json_best_effort()),
       "frozen_dtype": m.frozen_dtype,
-      "seed": None if (m.mllm.path and m.autoencoder.path) else config.seed,
+      # The seed matters only where a frozen model is random: no MLLM path, or a FLUX VAE without one (the
+      # identity autoencoder has no weights).
+      "seed": None if (m.mllm.path and (m.autoencoder.path or m.autoencoder.kind != "flux_vae")) else config.seed,
   }
 
 
@@ -53,6 +55,8 @@ def cache_mismatches(config, cache_path: str) -> list[str]:
   out = []
   for key, want in feature_model(config).items():
     got = plan.get("model", {}).get(key, want)
+    if key == "seed" and want is None:  # this run's frozen models are all loaded: a cache's seed cannot matter
+      continue
     if got != want:
       out.append(f"model {key}: cache {got!r}, this run {want!r}")
   for key in FEATURE_DATA_FIELDS:
