@@ -32,8 +32,8 @@ DEMO_START := $(shell date +%s)
 stage_budget = $$(left=$$(( $(DEMO_START) + $(DEMO_MINUTES) * 60 * $(1) / 100 - $(or $(2),$(DEMO_STAGE_OVERHEAD_S)) - $$(date +%s) )); \
   if [ $(DEMO_MINUTES) = 0 ]; then echo 0; elif [ $$left -lt $(DEMO_MIN_TRAIN_S) ]; then echo $(DEMO_MIN_TRAIN_S); \
   else echo $$left; fi)
-# pytest-xdist workers, one test file per worker at a time: XLA compiles on one thread, so 2 workers on 2 cores
-# cut the suite from 22 to 14 minutes.
+# pytest-xdist workers, one test file per worker at a time: XLA compiles on one thread, so 2 workers keep 2 cores
+# busy (the suite's time: the README's "test suite" row).
 TEST_WORKERS ?= 2
 # The CPU torch wheel: pip finds it through the machine's find-links (/opt/wheels); never an unpinned torch.
 PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
@@ -75,8 +75,8 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
 
-# The edit-test loop: every test not marked slow (the heavy training and multi-device runs are marked); about 2 min
-# on an idle 2-core machine.
+# The edit-test loop: every test not marked slow (the heavy training and multi-device runs are marked); a few
+# minutes on an idle 2-core machine (the README's "test suite" row).
 test-fast: install-test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 

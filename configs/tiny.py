@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   c.model.dtype = "float32"
   c.model.frozen_dtype = "float32"
   c.model.dit.kind = "mmdit"
-  # Pixel space: the DiT predicts the clean image, v = (x_t − x̂)/t. Predicting v, a 64-wide DiT must pass each
+  # Pixel space: the DiT predicts the clean image, v = (x_t − x̂)/max(t, 0.05). Predicting v, a 64-wide DiT must pass each
   # token's 48 noisy values through to its output; at 64² (192 values a token) its samples stayed noise.
   c.model.prediction = "x"
   # The loss on the clean image that x̂ implies (= t² × the velocity loss). With the velocity loss an x-predicting

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
                                    #   reference), 'splash' (Pallas kernel, TPU)
   c.model.condition = "query"      # DiT condition: 'query' = LLM last hidden at the RQA query positions, 'all' = every position
   c.model.prediction = "v"         # DiT output: 'v' = velocity z − x (FLUX, the paper); 'x' = the clean latent, used as
-                                   #   v = (x_t − x̂)/t (pixel space with large patches, where v cannot be predicted)
+                                   #   v = (x_t − x̂)/max(t, 0.05) (pixel space with large patches, where v cannot be predicted)
   c.model.dit = C()
   c.model.dit.kind = "mmdit"       # 'mmdit' (FLUX MM-DiT, IOMM-B/L) or 's3dit' (Z-Image single-stream, IOMM-XL)
   c.model.dit.arch = C()           # fields of MMDiTConfig / S3DiTConfig (diffusers config names); empty = full-size defaults

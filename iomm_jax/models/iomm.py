@@ -157,9 +157,9 @@ class Generator(nnx.Module):
   """The trainable part of IOMM: the diffusion transformer and the Residual Query Adapter.
 
   prediction: what the DiT's output means. 'v' (FLUX, the paper): the velocity z − x itself. 'x': the clean latent x̂,
-  turned into v = (x_t − x̂)/t, so the loss and the sampler are unchanged. A DiT whose tokens carry more values than
-  its width (pixel space with large patches) cannot pass the noise through to predict v; predicting the clean image,
-  which lies on a low-dimensional manifold, it can.
+  turned into v = (x_t − x̂)/max(t, X_PRED_T_MIN), so the loss and the sampler are unchanged. A DiT whose tokens
+  carry more values than its width (pixel space with large patches) cannot pass the noise through to predict v;
+  predicting the clean image, which lies on a low-dimensional manifold, it can.
 
   repa_dim: when > 0, a representation-alignment head (`models/repa.py`) from the DiT's inner image tokens to
   repa_dim (the MLLM width), trained with the generator and used by the loss only.

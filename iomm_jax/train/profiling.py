@@ -1,7 +1,7 @@
 """Step profiling and the persistent compilation cache: the two start-up/run-time speed hooks of the trainer.
 
 Profile: `--config.train.profile_steps=FIRST,COUNT` traces steps FIRST … FIRST+COUNT−1 with `jax.profiler` into
-`<workdir>/profile/` (TensorBoard's profile plugin or https://ui.perfetto.dev read it; README "Performance"); with
+`<workdir>/profile/` (TensorBoard's profile plugin or https://ui.perfetto.dev read it; README "Speed: attention paths, FLOPs, profiles, compile cache"); with
 several processes each traces into `<workdir>/profile/process_<k>/` (`profile_dir`).
 `op_time_summary(dir, steps)` reads a trace back: XLA op time per step by op kind (where the step's time went).
 Compile cache: `train.compile_cache_dir` keeps XLA's compiled programs on disk, so a restart or requeue of the same

@@ -1,6 +1,6 @@
 """Start training from converted weights: `--config.init.transformer=DIR` / `--config.init.rqa=DIR`.
 
-DIR is a component directory written by `python -m iomm_jax.convert to-jax` (convert/orbax_io.py). Called by
+DIR is a component directory written by `python -m iomm_jax.convert to-jax` (weights/orbax_io.py). Called by
 `train.builder.Run.init_state`; the checkpoint's config must describe the same weights as the run's config
 (runtime-only fields such as remat are ignored), and its arrays are restored straight onto the run's shardings
 in the run's parameter dtype.

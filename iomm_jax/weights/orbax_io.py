@@ -6,7 +6,7 @@
     DIR/params/          Orbax (StandardCheckpointer) of a nested dict: our dotted parameter path split on '.'
 
 `python -m iomm_jax.convert to-jax` writes it; `--config.init.transformer=DIR` / `--config.init.rqa=DIR`
-(convert/init_weights.py) and `to-torch` read it. Arrays keep their dtype (bf16 stays bf16).
+(weights/init_weights.py) and `to-torch` read it. Arrays keep their dtype (bf16 stays bf16).
 """
 
 from __future__ import annotations
