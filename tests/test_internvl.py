@@ -275,6 +275,16 @@ def test_folders_a_researcher_may_point_at_are_refused_naming_what_is_wrong(tmp_
     load_internvl(qwen3)
   assert "model_type='qwen3'" in str(e.value) and "InternVL3.5 uses Qwen3" in str(e.value)
   assert "does not describe" not in str(e.value) and "huggingface-cli download" not in str(e.value)
+  # A folder of one half of a multimodal model, or InternVL's remote-code layout, is named for what it is.
+  for model_type, said in (
+      ("qwen2", "a Qwen2 language model alone"),
+      ("siglip", "a SigLIP model"),
+      ("internvl_chat", "InternVL's trust_remote_code layout: use the '-hf' repository"),
+  ):
+    d = folder(f"mt_{model_type}", lambda c, t=model_type: c.update(model_type=t))
+    with pytest.raises(MLLMCheckpointError) as e:
+      load_internvl(d)
+    assert f"model_type={model_type!r} ({said}" in str(e.value) and "\n" not in str(e.value), str(e.value)
   yarn = folder("yarn", lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "factor": 4.0}))
   with pytest.raises(MLLMCheckpointError, match="rope type 'yarn' is not supported.*this port runs InternVL3"):
     load_internvl(yarn)

@@ -122,12 +122,27 @@ def _rope_theta(text: Mapping[str, Any]) -> float:
   return float(rope.get("rope_theta", text.get("rope_theta", _HF_TEXT["rope_theta"])))
 
 
+# What a folder that is not an InternVL -hf one usually is, by its model_type: said in the refusal.
+_WHAT_FOLDER = {
+    "internvl_chat": " (InternVL's trust_remote_code layout: use the '-hf' repository of the same model)",
+    "qwen2": " (a Qwen2 language model alone: IOMM's frozen MLLM is the whole InternVL, vision encoder included)",
+    "qwen3": " (a Qwen3 language model alone: IOMM's frozen MLLM is the whole InternVL, vision encoder included)",
+    "intern_vit_6b": " (InternVL's vision encoder alone: IOMM's frozen MLLM is the whole InternVL)",
+    "internvl_vision": " (InternVL's vision encoder alone: IOMM's frozen MLLM is the whole InternVL)",
+    "clip": " (a CLIP model: IOMM's frozen MLLM is an InternVL)",
+    "clip_vision_model": " (a CLIP vision encoder: IOMM's frozen MLLM is an InternVL)",
+    "siglip": " (a SigLIP model: IOMM's frozen MLLM is an InternVL)",
+    "siglip_vision_model": " (a SigLIP vision encoder: IOMM's frozen MLLM is an InternVL)",
+}
+
+
 def config_from_torch(config: Mapping[str, Any], **overrides):
   """A transformers InternVLConfig dict → `InternVLConfig` (`overrides` set top-level fields, e.g. remat)."""
-  if config.get("model_type", "internvl") != "internvl":
+  model_type = config.get("model_type", "internvl")
+  if model_type != "internvl":
     raise ValueError(
-        f"config.json model_type={config.get('model_type')!r}; expected 'internvl' (a transformers "
-        "'-hf' checkpoint such as OpenGVLab/InternVL3-2B-hf, not the trust_remote_code one)"
+        f"config.json model_type={model_type!r}{_WHAT_FOLDER.get(model_type, '')}; expected 'internvl' (a "
+        "transformers '-hf' checkpoint such as OpenGVLab/InternVL3-2B-hf, not the trust_remote_code one)"
     )
   top = {**_HF_TOP, **{k: config[k] for k in _HF_TOP if k in config}}
   if top["vision_feature_layer"] != -1 or top["vision_feature_select_strategy"] != "default":
