@@ -124,6 +124,7 @@ def runs(tmp_path_factory):
     resume_rc = resume.wait(timeout=600)
     return {
         "ref": _losses(ref),
+        "ref_dir": ref,
         "two": two_losses,
         "two_dir": two,
         "resume_rc": resume_rc,
@@ -162,6 +163,23 @@ def test_resume_two_processes_onto_one_on_another_mesh(runs):
   assert runs["resume_rc"] == 0, _tail(runs["resume_log"])
   assert sorted(runs["resumed"]) == [1, 2, 3]
   assert runs["resumed"][3] == pytest.approx(runs["ref"][3], rel=RTOL), (runs["resumed"], runs["ref"])
+
+
+def test_stage2_warm_start_reads_the_weights_on_two_processes(runs, tmp_path, launcher):
+  """init.workdir (only the generator weights, through Orbax's partial restore) from a 1-process run, read by 2
+  processes × 4 devices and by 1 × 8 on another mesh: the same first stage-2 loss."""
+  stage2 = [a.replace("configs/tiny.py:short", "configs/tiny.py:finetune,short") for a in SMALL] + [
+      "--config.train.num_steps=1",
+      f"--config.init.workdir={runs['ref_dir']}",
+  ]
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  launcher.run(
+      2, stage2 + ["--config.mesh.fsdp=2", "--config.mesh.tensor=2", f"--workdir={two}"], str(tmp_path / "a.log")
+  )
+  launcher.run(
+      1, stage2 + ["--config.mesh.fsdp=4", "--config.mesh.tensor=2", f"--workdir={one}"], str(tmp_path / "b.log")
+  )
+  assert _losses(two)[1] == pytest.approx(_losses(one)[1], rel=RTOL)
 
 
 def test_killed_process_stops_its_peer(tmp_path, launcher):
