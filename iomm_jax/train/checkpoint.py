@@ -55,7 +55,7 @@ class _QuietOrbaxThreads(logging.Filter):
     return not (record.exc_info and "orbax" in record.pathname and record.levelno >= logging.ERROR)
 
 
-_QUIET = _QuietOrbaxThreads()
+QUIET_ORBAX = _QuietOrbaxThreads()
 
 
 class Checkpointer:
@@ -88,7 +88,7 @@ class Checkpointer:
         item_handlers=handlers,
     )
     self.pending: int | None = None  # step of the async save in flight (checked at every step boundary)
-    logging.getLogger("absl").addFilter(_QUIET)
+    logging.getLogger("absl").addFilter(QUIET_ORBAX)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

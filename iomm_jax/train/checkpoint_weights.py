@@ -9,6 +9,7 @@ REPA's head, and `sample` loads a run whatever its optimizer was.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -32,6 +33,7 @@ class WeightsReader:
         options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False),
         item_handlers={"state": ocp.PyTreeCheckpointHandler()},
     )
+    logging.getLogger("absl").addFilter(checkpoint.QUIET_ORBAX)  # "found 'config' … could not be restored": not asked
 
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())
