@@ -149,6 +149,7 @@ def main(argv=None) -> int:
   )
   ap.add_argument("--workdir", default=None, help="training workdir: sample from its checkpoint, write reports in it")
   add_sampling_flags(ap, num=4, num_help="samples per prompt")
+  restore.add_step_flag(ap)
   ap.add_argument("--out", default=None, help="samples folder (default <workdir>/eval_shapes/samples)")
   ap.add_argument("--uncond", action="store_true", help="sample with the empty prompt (chance-level reference)")
   ap.add_argument(
@@ -182,8 +183,10 @@ def main(argv=None) -> int:
   if args.samples:
     if not os.path.isdir(args.samples):
       raise SystemExit(f"--samples={args.samples} is not a folder")
-    if args.uncond or args.out or args.steps is not None or args.cfg is not None:
-      ap.error("--samples scores a folder as it is; --uncond, --out, --steps and --cfg apply only when sampling")
+    if args.uncond or args.out or args.steps is not None or args.cfg is not None or args.step is not None:
+      ap.error(
+          "--samples scores a folder as it is; --uncond, --out, --step, --steps and --cfg apply only when sampling"
+      )
     if args.workdir and not os.path.isfile(os.path.join(args.workdir, "config.json")):
       ap.error(
           f"--workdir={args.workdir} is not a training workdir (no config.json); drop it to write the report into "
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
   import jax
 
-  run, params, step = restore.load_for_inference(args.workdir)
+  run, params, step = restore.load_for_inference(args.workdir, step=args.step)
   metadata = shapes_benchmark.prompt_set(args.phrasing)
   try:
     sample_lib.write_geneval(

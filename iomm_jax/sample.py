@@ -96,7 +96,7 @@ def main(argv=None) -> int:
   ap.add_argument("--edit", default=None, help="with --image: an edit instruction instead of the aux prompt")
   add_sampling_flags(ap, num=8, num_help="samples per prompt/image")
   ap.add_argument("--out", default=None, help="output folder (default <workdir>/samples)")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+  restore.add_step_flag(ap)
   ap.add_argument(
       "--no-ema",
       dest="use_ema",

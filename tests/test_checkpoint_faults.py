@@ -2,16 +2,19 @@
 model (left where they are), a rerun whose changed config no longer fits them (refused before anything is written),
 and saves that fail (full disk) or may (low space)."""
 
+import asyncio
 import json
 import os
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iomm_jax.train import checkpoint, guard
+from helpers import ROOT
+from iomm_jax.train import checkpoint, guard, orphaned_reads
 from iomm_jax.train.user_errors import USER_ERRORS
 
 # ---- damaged / non-finite checkpoints ---------------------------------------------------------------------------
@@ -95,6 +98,76 @@ def test_a_checkpoint_of_another_shape_is_not_damage_and_stays_where_it_is(tmp_p
   ck.close()
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
   assert not (tmp_path / checkpoint.DAMAGED_DIR).exists()
+
+
+_DAMAGED_READS = """
+import os, sys
+import jax.numpy as jnp
+from iomm_jax.train import checkpoint, checkpoint_weights, guard
+work = sys.argv[1]
+tree = {name: {f"w{i}": jnp.full((64, 64), float(i)) for i in range(48)} for name in ("params", "ema_params")}
+ck = checkpoint.Checkpointer(work, with_data=False, max_to_keep=5)
+ck.save(10, tree)
+ck.save(20, tree)
+ck.close()
+for root, _, files in os.walk(os.path.join(work, "checkpoints", "20", "state")):
+  for name in files if os.path.basename(root) == "d" else ():
+    os.truncate(os.path.join(root, name), 10)
+reader = checkpoint_weights.WeightsReader(work)
+abstract = checkpoint.abstract_with_shardings(tree["params"], {k: v.sharding for k, v in tree["params"].items()})
+try:
+  reader.restore(abstract, "params", 20)
+except checkpoint_weights.DamagedCheckpointError as e:
+  reader.abandon()
+  print("READER:", e)
+ck = checkpoint.Checkpointer(work, with_data=False, max_to_keep=5)
+abstract = checkpoint.abstract_with_shardings(tree, jax.tree.map(lambda x: x.sharding, tree))
+_, step, moved = ck.restore_newest_intact(abstract, None, fallback=True, is_finite=guard.tree_is_finite, log=print)
+ck.close()
+print("RESUMED:", step, moved)
+"""
+
+
+def test_a_damaged_checkpoint_is_its_message_without_the_abandoned_reads_tracebacks(tmp_path):
+  """One unreadable file ends Orbax's read while TensorStore still reads the other arrays; what those reads report
+  afterwards (hundreds of 'Event loop is closed' tracebacks, unretrieved task errors) must not bury the one line
+  that names the damaged file. In a subprocess: the reports arrive until (and at) its exit."""
+  code = "import jax\n" + _DAMAGED_READS
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  out = subprocess.run(
+      [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  said = out.stdout.splitlines()
+  assert said[0].startswith(f"READER: checkpoint 20 in {tmp_path / 'checkpoints'} could not be restored: item 'state'")
+  assert "Moved it to" in said[1] and said[2] == "RESUMED: 10 [20]", said
+  noise = ("Traceback", "Event loop is closed", "never retrieved", "never awaited", "Exception ignored")
+  assert not [line for line in out.stderr.splitlines() if any(n in line for n in noise)], out.stderr[-3000:]
+
+
+def test_only_what_abandoned_reads_report_is_dropped(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append((u.exc_type, str(u.exc_value))))
+  orphaned_reads.install()
+  closed = asyncio.new_event_loop()
+  closed.close()
+
+  class Reports:
+
+    def __init__(self, fail):
+      self.fail = fail
+
+    def __del__(self):
+      self.fail()
+
+  def raise_it(e):
+    raise e
+
+  Reports(lambda: closed.call_soon_threadsafe(print))  # a read completing onto the loop a failed restore closed
+  assert seen == []
+  Reports(lambda: raise_it(ValueError("mine")))  # anything else reaches the hook that was there before
+  Reports(lambda: raise_it(RuntimeError("Event loop is closed")))  # the same words, raised elsewhere
+  assert seen == [(ValueError, "mine"), (RuntimeError, "Event loop is closed")]
 
 
 # ---- a rerun with a changed config -------------------------------------------------------------------------------

@@ -209,7 +209,8 @@ def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
   sample.write_bytes(good)
   # Flags that only sampling reads, or a --workdir that is not a run, are refused rather than ignored or misfiled.
   for flags, message in (
-      (["--uncond"], "--uncond, --out, --steps and --cfg apply only when sampling"),
+      (["--uncond"], "--uncond, --out, --step, --steps and --cfg apply only when sampling"),
+      (["--step=3"], "--uncond, --out, --step, --steps and --cfg apply only when sampling"),
       ([f"--workdir={tmp_path / 'typo'}"], "is not a training workdir (no config.json)"),
   ):
     with pytest.raises(SystemExit):
@@ -405,6 +406,9 @@ def test_eval_shapes_cli_on_an_untrained_model(untrained, monkeypatch, capsys, t
   assert (mine / "prompts.jsonl").read_text() == "my own file\n"
   assert layout.read_prompts(mine / "s" / "prompts.jsonl") == subset
   assert [m for _, m, _ in layout.read(mine / "s")] == subset
+  # --step picks the checkpoint (a damaged newest one's message sends users to it).
+  with pytest.raises(SystemExit, match=r"--step=7: no such checkpoint .* it has steps \[0\]"):
+    ev.main([f"--workdir={work}", "--num=1", "--step=7"])
 
 
 def test_dominant_colour_diagnostic():

@@ -188,3 +188,18 @@ def test_eval_recon_refuses_a_run_trained_on_other_data_before_loading_it(tmp_pa
   assert isinstance(e.value.code, str) and "\n" not in e.value.code
   assert "data.source='arrayrecord'" in e.value.code and "--shapes_anyway" in e.value.code
   assert eval_recon.trained_on(tmp_path) == "arrayrecord" and eval_recon.trained_on(tmp_path / "none") is None
+
+
+def test_eval_recon_loads_the_checkpoint_step_asks_for(tmp_path, monkeypatch):
+  (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "shapes"}}))
+  asked = []
+
+  def record(workdir, **kw):
+    asked.append(kw)
+    raise SystemExit("stop after the load")
+
+  monkeypatch.setattr(eval_recon.restore, "load_for_inference", record)
+  for argv, step in (([], None), (["--step=40"], 40)):
+    with pytest.raises(SystemExit):
+      eval_recon.main([f"--workdir={tmp_path}", *argv])
+    assert asked.pop() == {"step": step}

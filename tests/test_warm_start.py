@@ -2,6 +2,8 @@
 optimizer and step; runs that do not fit fail naming config.init.workdir."""
 
 import logging
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -148,6 +150,41 @@ def test_stage2_may_change_optimizer_ema_and_repa(stage1, capsys):
     np.testing.assert_array_equal(got, want)
   assert "was trained without EMA; starting from its raw weights" in capsys.readouterr().err
   assert any(not np.array_equal(a, b) for a, b in zip(_leaves(src_ema), _leaves(src_raw)))
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_one_line_naming_it_and_what_to_do(stage1, tmp_path):
+  """A truncated checkpoint file under init.workdir (or a workdir the apps load) is one line naming the step, the
+  file and the cause, and what to do instead, which works."""
+  work = tmp_path / "stage1"
+  shutil.copytree(stage1, work)
+  ckpts = work / "checkpoints"
+  shutil.copytree(ckpts / "6", ckpts / "2")  # an older checkpoint to fall back to
+  for data in (ckpts / "6" / "state").rglob("d/*"):
+    os.truncate(data, 10)
+  c = tiny_config("finetune,short", init__workdir=str(work))
+  with pytest.raises(WarmStartError) as e:
+    builder.build(c).init_state()
+  msg = str(e.value)
+  assert msg.startswith(
+      f"config.init.workdir={str(work)!r}: checkpoint 6 in {ckpts} could not be restored: item 'state' "
+  )
+  assert msg.endswith(
+      f"To start from its next older checkpoint (step 2), move {ckpts / '6'} to {work}/damaged_checkpoints/"
+  )
+  assert "\n" not in msg and str(ckpts / "6" / "state") in msg
+  with pytest.raises(restore.RunRestoreError) as e:
+    restore.restore_run(str(work))
+  assert str(e.value).startswith(f"checkpoint 6 in {ckpts} could not be restored")
+  assert str(e.value).endswith("Load another with --step (it also has steps [2]).")
+  # Doing as told works: the older checkpoint loads, in the apps and as stage 2's start.
+  _, want, step = restore.restore_run(str(work), step=2)
+  assert step == 2
+  (work / checkpoint.DAMAGED_DIR).mkdir()
+  (ckpts / "6").rename(work / checkpoint.DAMAGED_DIR / "6")
+  state = builder.build(c).init_state()
+  for got, ref in zip(_leaves(state.params), _leaves(want)):
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_an_init_workdir_whose_config_json_was_cut_short_is_one_line_naming_it(tmp_path):

@@ -22,6 +22,7 @@ from iomm_jax.models import keymap
 from iomm_jax.weights.components import COMPONENTS, ConvertError
 from iomm_jax.weights import orbax_io, transfer
 from iomm_jax.convert import export
+from iomm_jax.train import restore
 from iomm_jax.convert import verify
 from iomm_jax.models.internvl_keys import MLLMCheckpointError
 
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
       "as sample does)",
   )
   tt.add_argument("--no-ema", dest="use_ema", action="store_false", help="workdir: export the raw parameters")
-  tt.add_argument("--step", type=int, default=None, help="workdir: checkpoint step (default: latest)")
+  restore.add_step_flag(tt, applies="workdir: ")
   tt.add_argument(
       "--overwrite", action="store_true", help="replace a --dst that this converter wrote before (never another folder)"
   )

@@ -14,7 +14,6 @@ it) is not damage: it stays where it is and the run stops with one line (`Checkp
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from iomm_jax import workdir_layout
-from iomm_jax.train import iterator_state, restore_failure
+from iomm_jax.train import iterator_state, orphaned_reads, restore_failure
 
 DAMAGED_DIR = "damaged_checkpoints"
 
@@ -89,6 +88,7 @@ class Checkpointer:
     )
     self.pending: int | None = None  # step of the async save in flight (checked at every step boundary)
     logging.getLogger("absl").addFilter(QUIET_ORBAX)
+    orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -201,7 +201,7 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 — any failure to read a checkpoint is reported the same way
         problem = restore_failure.describe(self.directory, step, e)
         del e
-        collect_quietly()
+        orphaned_reads.collect()
       if not _agree(problem is None):  # every process takes the same branch
         problem = problem or f"checkpoint {step} in {self.directory} failed to restore on another process."
         problems.append((step, problem))
@@ -306,7 +306,7 @@ class Checkpointer:
       self.manager.close()
     except Exception:  # noqa: BLE001
       pass
-    collect_quietly()
+    orphaned_reads.collect()
 
 
 def dotted(path) -> str:
@@ -319,15 +319,6 @@ def _steps_in(directory: str) -> list[int]:
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-
-
-def collect_quietly() -> None:
-  """Collect the coroutines a failed Orbax read leaves behind without their 'Event loop is closed' noise."""
-  hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = hook
 
 
 def _agree(ok: bool) -> bool:

@@ -16,9 +16,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from iomm_jax import workdir_layout
-from iomm_jax.train import checkpoint
+from iomm_jax.train import checkpoint, orphaned_reads, restore_failure
 
 WEIGHTS = ("params", "ema_params")  # the TrainState fields that hold generator weights
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint's metadata or weights could not be read (a truncated or missing file): the message names the step,
+  the item and file, and the innermost cause; the caller adds what the user can do."""
 
 
 class WeightsReader:
@@ -34,6 +39,7 @@ class WeightsReader:
         item_handlers={"state": ocp.PyTreeCheckpointHandler()},
     )
     logging.getLogger("absl").addFilter(checkpoint.QUIET_ORBAX)  # "found 'config' … could not be restored": not asked
+    orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
 
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -43,8 +49,19 @@ class WeightsReader:
 
   def stored(self, step: int) -> dict[str, dict[str, tuple]]:
     """{'params': {dotted path: shape}, 'ema_params': {...}} as the checkpoint's metadata says (no array read);
-    'ema_params' is empty for a run trained without EMA."""
-    tree = self.manager.item_metadata(step)["state"]
+    'ema_params' is empty for a run trained without EMA. Raises DamagedCheckpointError."""
+    where = os.path.join(self.directory, str(step), "state")
+    try:
+      tree = self.manager.item_metadata(step)["state"]
+      cause = None if tree is not None else "no metadata"
+    except Exception as e:  # noqa: BLE001 — any failure to read the metadata is a damaged checkpoint
+      cause = restore_failure.root_message(e)
+      del e  # its traceback holds Orbax's read coroutines: not kept alive in the error we raise
+    if cause:
+      raise DamagedCheckpointError(
+          f"checkpoint {step} in {self.directory} could not be restored: item 'state' (its metadata, under {where}) — "
+          f"{cause}."
+      )
     out = {name: {} for name in WEIGHTS}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       head = checkpoint.dotted(path[:1])
@@ -52,10 +69,11 @@ class WeightsReader:
         out[head][checkpoint.dotted(path[1:])] = tuple(getattr(leaf, "shape", None) or ())
     return out
 
-  def mismatch(self, abstract_params, which: str, step: int, ignore: tuple[str, ...] = ()) -> str | None:
-    """The first parameter where the stored `which` weights and `abstract_params` differ (another shape, or present
-    in only one), or None when they agree; stored subtrees named in `ignore` may be absent from `abstract_params`."""
-    stored = self.stored(step)[which]
+  @staticmethod
+  def mismatch(abstract_params, stored: dict[str, tuple], ignore: tuple[str, ...] = ()) -> str | None:
+    """The first parameter where `stored` (one entry of `stored(step)`: {dotted path: shape}) and `abstract_params`
+    differ (another shape, or present in only one), or None when they agree; stored subtrees named in `ignore` may be
+    absent from `abstract_params`."""
     ours = {checkpoint.dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
     for path, shape in ours.items():
       if path not in stored:
@@ -67,15 +85,21 @@ class WeightsReader:
 
   def restore(self, abstract_params, which: str, step: int):
     """The stored `which` weights ('params' or 'ema_params') onto `abstract_params`' shapes, dtypes and shardings
-    (ShapeDtypeStructs carrying a sharding); the rest of the train state is not read. Check `mismatch` first: a
-    failed Orbax read leaves reads in flight whose threads print tracebacks at exit."""
+    (ShapeDtypeStructs carrying a sharding); the rest of the train state is not read. Check `mismatch` first (another
+    model's checkpoint is not damaged); a file that cannot be read raises DamagedCheckpointError, after which the
+    caller should `abandon` this reader (a failed Orbax read leaves reads in flight that print tracebacks at exit)."""
     if which not in WEIGHTS:
       raise ValueError(f"which={which!r}: one of {WEIGHTS}")
     item = {which: abstract_params}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
-    return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"][which]
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"][which]
+    except Exception as e:  # noqa: BLE001 — any failure to read the stored arrays is a damaged checkpoint
+      problem = restore_failure.describe(self.directory, step, e)
+      del e
+    raise DamagedCheckpointError(problem)
 
   def close(self) -> None:
     self.manager.close()
@@ -86,4 +110,4 @@ class WeightsReader:
       self.manager.close()
     except Exception:  # noqa: BLE001
       pass
-    checkpoint.collect_quietly()
+    orphaned_reads.collect()

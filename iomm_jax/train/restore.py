@@ -86,11 +86,12 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool | None =
       step = have[-1] if step is None else step
       if use_ema is None:
         use_ema = bool(config.sample.use_ema)
-      which = "ema_params" if use_ema and reader.stored(step)["ema_params"] else "params"
+      stored = reader.stored(step)
+      which = "ema_params" if use_ema and stored["ema_params"] else "params"
       # Only the weights are read: not the optimizer state (twice their size under Adam).
       abstract = checkpoint.abstract_with_shardings(run.abstract_state.params, run.param_shardings)
       # A config.json changed after the checkpoint was saved builds another model: one line, not Orbax's traceback.
-      mismatch = reader.mismatch(abstract, which, step)
+      mismatch = reader.mismatch(abstract, stored[which])
       if mismatch:
         raise RunRestoreError(
             f"checkpoint {step} under {reader.directory} does not fit the model that "
@@ -99,6 +100,11 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool | None =
             f"({os.path.join(reader.directory, str(step), 'config', 'metadata')})"
         )
       params = reader.restore(abstract, which, step)
+    except checkpoint_weights.DamagedCheckpointError as e:
+      reader.abandon()
+      others = [s for s in have if s != step]
+      hint = f"Load another with --step (it also has steps {others})." if others else "It has no other checkpoint."
+      raise RunRestoreError(f"{e} {hint}") from None
     except BaseException:
       reader.abandon()  # without the 'Event loop is closed' tracebacks a failed Orbax read prints at exit
       raise
@@ -117,6 +123,12 @@ def _fit_mesh(config: ml_collections.ConfigDict, workdir: str) -> None:
   except config_lib.ConfigError as e:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1  # existing fields: a lock allows it
     print(f"note: {workdir}: its {e}; loading it data-parallel on {jax.device_count()} device(s)", file=sys.stderr)
+
+
+def add_step_flag(parser, *, applies: str = "") -> None:
+  """--step: the checkpoint an app loads (default the newest); the one name restore_run's messages tell users to use.
+  `applies` prefixes the help where the flag applies to one kind of source only (e.g. 'workdir: ')."""
+  parser.add_argument("--step", type=int, default=None, help=f"{applies}checkpoint step (default: the newest)")
 
 
 def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool | None = None):

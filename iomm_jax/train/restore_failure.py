@@ -23,11 +23,12 @@ def describe(directory: str, step: int, exc: BaseException) -> str:
 
 
 def chain(exc: BaseException) -> list[BaseException]:
-  """`exc` and its causes (explicit or implicit), outermost first."""
+  """`exc` and its causes (explicit or implicit), outermost first; a context hidden by `raise … from None` is not
+  one (json's JSONDecodeError hides a StopIteration whose message is a bare character offset)."""
   out = []
   while exc is not None and exc not in out:
     out.append(exc)
-    exc = exc.__cause__ or exc.__context__
+    exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
   return out
 
 

@@ -9,13 +9,14 @@ this run has one. The DiT and the adapter must be the same architecture.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
 
 from iomm_jax import config_validation
 from iomm_jax.models.iomm import REPA_HEAD
-from iomm_jax.train import checkpoint_weights
+from iomm_jax.train import checkpoint, checkpoint_weights
 
 
 class WarmStartError(ValueError):
@@ -47,13 +48,17 @@ def params_from_workdir(config, fresh_params):
     if head is not None and stored_head:
       target[REPA_HEAD] = head
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-    mismatch = reader.mismatch(abstract, which, step, ignore=(REPA_HEAD,))
+    mismatch = reader.mismatch(abstract, stored[which], ignore=(REPA_HEAD,))
     if mismatch:
       raise WarmStartError(
           f"config.init.workdir={workdir!r}: its checkpoint does not fit this run's model ({mismatch}); the DiT, "
           "RQA and MLLM architectures (widths, depths) must be the same"
       )
     params = reader.restore(abstract, which, step)
+  except checkpoint_weights.DamagedCheckpointError as e:
+    hint = _older_step_hint(reader, step)
+    reader.abandon()
+    raise WarmStartError(f"config.init.workdir={workdir!r}: {e} {hint}") from None
   except BaseException:
     reader.abandon()  # a failed Orbax read leaves coroutines behind: closed quietly, or they print tracebacks at exit
     raise
@@ -61,3 +66,13 @@ def params_from_workdir(config, fresh_params):
   if head is not None and not stored_head:
     params[REPA_HEAD] = head  # REPA added in this stage: its head starts where a fresh run's would
   return params
+
+
+def _older_step_hint(reader, damaged: int) -> str:
+  """What a stage 2 whose source's newest checkpoint is damaged can do (it always starts from the newest)."""
+  older = [s for s in reader.steps() if s < damaged]
+  where = os.path.join(reader.directory, str(damaged))
+  if not older:
+    return f"That run has no other checkpoint: train it again, or repair or replace {where}"
+  aside = os.path.join(os.path.dirname(reader.directory), checkpoint.DAMAGED_DIR)
+  return f"To start from its next older checkpoint (step {older[-1]}), move {where} to {aside}/"
