@@ -173,6 +173,9 @@ def base_config() -> ml_collections.ConfigDict:
                                    #   another draw of the world
   c.data.max_image_pixels = data_kinds.MAX_IMAGE_PIXELS  # images with more pixels (width × height, from the
                                    #   header) are skipped and counted, never decoded (decompression bombs); 0 = none
+  c.data.min_image_side = 0        # images whose short side (from the header) is smaller are skipped and counted,
+                                   #   never decoded (icons, tracking pixels); 0 = keep all. prepare's --min_size
+                                   #   filters shards the same way when they are written
 
   c.sample = C()
   c.sample.steps = 50              # Euler steps from t=1 to t=0

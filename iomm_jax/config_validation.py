@@ -199,7 +199,14 @@ def validate_data(d: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   for name in ("resolution", "vit_size", "max_text_tokens", "num_threads"):
     if d[name] <= 0:
       raise ConfigError(f"config.data.{name}={d[name]} must be positive")
-  for name in ("num_workers", "prefetch_buffer", "max_image_pixels", "num_images", "image_num_images"):
+  for name in (
+      "num_workers",
+      "prefetch_buffer",
+      "max_image_pixels",
+      "min_image_side",
+      "num_images",
+      "image_num_images",
+  ):
     if d[name] < 0:
       raise ConfigError(f"config.data.{name}={d[name]} must be >= 0")
   if d.resolution % 2:

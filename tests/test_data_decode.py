@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from iomm_jax import sample
 from iomm_jax.data import data_config, decode, pipeline, prepare, prepare_items, shapes, sources
@@ -114,6 +114,28 @@ def test_pixel_limit_skips_and_counts(tmp_path):
       prepare_items.enumerate_items(str(folder)), tmp_path / "out", 1, min_size=0, progress=False, max_pixels=2000
   )
   assert (s["written"], s["skipped_too_large"], s["skipped_unreadable"]) == (3, 1, 0)
+
+
+def test_images_under_the_minimum_side_are_skipped_and_counted_undecoded(tmp_path, monkeypatch):
+  icon = png(Image.new("RGB", (12, 90), (9, 9, 9)))  # the short side decides, whichever it is
+  with pytest.raises(decode.ImageTooSmall, match="12x90: its short side is under data.min_image_side=16"):
+    decode.open_image(icon, min_side=16)
+  assert decoded(icon).shape == (90, 12, 3)  # 0 (the default) keeps every size
+  folder = tmp_path / "imgs"
+  folder.mkdir()
+  for i in range(4):
+    (folder / f"{i}.png").write_bytes(shapes.render_png(i, 40, 0)[0])
+  (folder / "1.png").write_bytes(icon)
+  c = data_config.from_config(source="folder", path=str(folder), resolution=16, vit_size=16, min_image_side=16, seed=0)
+  load = pipeline.LoadExample(sources.make_source(c), c)
+  real_load = ImageFile.ImageFile.load
+  decoded_sizes = []
+  monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded_sizes.append(im.size) or real_load(im))
+  out = load((0, 1))
+  assert out["skipped"] == 1 and out["index"] == 2  # the icon is replaced by the next record, and counted
+  assert (40, 40) in decoded_sizes and (12, 90) not in decoded_sizes  # the icon was refused from its header
+  keep_all = data_config.from_config(source="folder", path=str(folder), resolution=16, vit_size=16, seed=0)
+  assert pipeline.LoadExample(sources.make_source(keep_all), keep_all)((0, 1))["skipped"] == 0
 
 
 def test_unreadable_records_are_named_once_then_only_counted(tmp_path, capsys, monkeypatch):

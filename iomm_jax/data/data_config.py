@@ -50,6 +50,7 @@ class DataConfig:
   shapes_seed: int
   num_threads: int
   max_image_pixels: int
+  min_image_side: int
   val_fraction: float
   val_path: str
   val_num: int

@@ -44,10 +44,17 @@ class ImageTooLarge(UnreadableImage):
   """The image has more pixels than ``data.max_image_pixels`` (a likely decompression bomb); not decoded."""
 
 
-def check_pixels(width: int, height: int, max_pixels: int) -> None:
-  """Raises :class:`ImageTooLarge` when ``width × height`` exceeds ``max_pixels`` (0 = no limit)."""
+class ImageTooSmall(UnreadableImage):
+  """The image's short side is under ``data.min_image_side`` (an icon, a tracking pixel); not decoded."""
+
+
+def check_pixels(width: int, height: int, max_pixels: int, min_side: int = 0) -> None:
+  """Raises :class:`ImageTooLarge` when ``width × height`` exceeds ``max_pixels`` (0 = no limit), and
+  :class:`ImageTooSmall` when the short side is under ``min_side`` (0 = none)."""
   if max_pixels and width * height > max_pixels:
     raise ImageTooLarge(f"{width}x{height} = {width * height} pixels exceeds data.max_image_pixels={max_pixels}")
+  if min(width, height) < min_side:
+    raise ImageTooSmall(f"{width}x{height}: its short side is under data.min_image_side={min_side}")
 
 
 def orient(im: Image.Image) -> Image.Image:
@@ -75,8 +82,11 @@ def to_rgb_mode(im: Image.Image) -> Image.Image:
   return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def open_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None) -> Image.Image:
-  """Encoded bytes → oriented RGB PIL image; raises :class:`UnreadableImage` (or :class:`ImageTooLarge`).
+def open_image(
+    data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0, draft_size: int | None = None
+) -> Image.Image:
+  """Encoded bytes → oriented RGB PIL image; raises :class:`UnreadableImage` (or :class:`ImageTooLarge` /
+  :class:`ImageTooSmall`, from the header, before any pixel is decoded).
 
   ``draft_size`` lets JPEG decode at a reduced scale whose short side still covers ``draft_size``.
   """
@@ -87,7 +97,7 @@ def open_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: i
     w, h = im.size
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
     raise UnreadableImage(f"{type(e).__name__}: {e}") from e
-  check_pixels(w, h, max_pixels)
+  check_pixels(w, h, max_pixels, min_side)
   try:
     if draft_size and im.format == "JPEG":
       s = draft_size / min(w, h)  # request the size whose short side is draft_size
@@ -98,15 +108,17 @@ def open_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: i
     raise UnreadableImage(f"{type(e).__name__}: {e}") from e
 
 
-def to_rgb(record: dict, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def to_rgb(
+    record: dict, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 0
+) -> Image.Image:
   """``record['image_bytes']`` (decoded by :func:`open_image`) or ``record['image']`` (uint8 HW[C]) as RGB."""
   if record.get("image") is not None:
     arr = np.asarray(record["image"])
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or arr.size == 0:
       raise UnreadableImage(f"image array of dtype {arr.dtype} and shape {arr.shape}; expected uint8 HW[C]")
-    check_pixels(arr.shape[1], arr.shape[0], max_pixels)
+    check_pixels(arr.shape[1], arr.shape[0], max_pixels, min_side)
     return to_rgb_mode(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr))
-  return open_image(record.get("image_bytes"), max_pixels=max_pixels, draft_size=draft_size)
+  return open_image(record.get("image_bytes"), max_pixels=max_pixels, min_side=min_side, draft_size=draft_size)
 
 
 def load_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

@@ -191,10 +191,11 @@ class LoadExample:
       raise DataConfigError(f"{where} holds cached features; set data.cached=True and data.{prefix}cache_path " "to it")
     if bucket >= 0:
       height, width = s.buckets[bucket]
-      im = decode.to_rgb(rec, draft_size=max(height, width), max_pixels=s.max_image_pixels)  # covers any crop
+      draft = max(height, width)  # covers any crop
+      im = decode.to_rgb(rec, draft_size=draft, max_pixels=s.max_image_pixels, min_side=s.min_image_side)
       pixels, vit_pixels = decode.views(im, height, s.vit_size, width=width)
     else:
-      im = decode.to_rgb(rec, draft_size=s.resolution, max_pixels=s.max_image_pixels)
+      im = decode.to_rgb(rec, draft_size=s.resolution, max_pixels=s.max_image_pixels, min_side=s.min_image_side)
       pixels, vit_pixels = decode.views(im, s.resolution, s.vit_size)
     return dict(zip(IMAGE_KEYS[False], (pixels, vit_pixels)))
 

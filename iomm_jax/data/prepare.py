@@ -307,7 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   ap.add_argument("--dst", required=True, help="output folder for data-*.array_record shards")
   ap.add_argument("--shards", type=int, required=True, help="number of shards")
-  ap.add_argument("--min_size", type=int, default=64, help="skip images whose short side is smaller")
+  ap.add_argument(
+      "--min_size", type=int, default=64, help="skip images whose short side is smaller; as data.min_image_side"
+  )
   ap.add_argument("--workers", type=int, default=0, help="writer processes (0/1 = this process)")
   ap.add_argument("--image_key", default="image", help="image column/field of a table or TFDS feature")
   ap.add_argument("--caption_key", default="caption", help="caption column/field ('' for none)")
