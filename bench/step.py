@@ -144,7 +144,7 @@ def main(argv):
     summary_path = os.path.join(_PROFILE.value, "op_summary.json")
     profile_ops = json.load(open(summary_path)) if os.path.exists(summary_path) else None
   n_dev = jax.device_count()
-  tokens = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
+  tokens = flops_lib.image_tokens(run)
   counted = flops_lib.step_flops(run)
   flops = counted["model"]
   out = {

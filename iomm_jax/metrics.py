@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -26,7 +27,7 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(workdir_layout.path(workdir, workdir_layout.TENSORBOARD))
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -128,5 +129,10 @@ class Throughput:
         "images_per_s": global_batch / step_time,
         "tokens_per_s_per_device": global_batch * tokens_per_image / step_time / num_devices,
         "data_wait_fraction": self.data_wait / elapsed,
-        "mfu": flops_per_step / step_time / (peak_flops * num_devices),
+        "mfu": mfu(flops_per_step, step_time, peak_flops, num_devices),
     }
+
+
+def mfu(flops: float, step_s: float, peak_flops: float, devices: int) -> float:
+  """Model FLOPs utilisation: achieved FLOP/s over the devices' peak (NaN when the time or the peak is not positive)."""
+  return flops / step_s / (peak_flops * devices) if step_s > 0 and peak_flops > 0 else math.nan

@@ -4,7 +4,7 @@ and the components it counts (ViT on its patches, the LLM on its own sequence, r
 import jax
 import pytest
 
-from helpers import tiny_config
+from helpers import tiny_config, with_tiny_s3dit
 from iomm_jax import parallel
 from iomm_jax.train import builder, dry_run, flops
 
@@ -69,3 +69,17 @@ def test_every_dit_family_has_a_flops_formula():
   from iomm_jax.models import dit_families
 
   assert set(flops.DIT_FORWARD) == set(dit_families.DIT_FAMILIES)
+
+
+def test_image_tokens_follow_the_dit_familys_patch():
+  """Tokens per image are the latent grid over the family's own patch (S3-DiT's may be 4×4), not a fixed 2×2: the
+  MFU numerator and tokens_per_s_per_device both read them."""
+  flux = _run(tiny_config())
+  h, w = flux.latent_shape[:2]
+  assert flops.image_tokens(flux) == (h // 2) * (w // 2)
+  z2, z4 = with_tiny_s3dit(tiny_config()), with_tiny_s3dit(tiny_config())
+  z4.model.dit.arch["all_patch_size"] = (4,)
+  runs = {p: _run(c) for p, c in ((2, z2), (4, z4))}
+  assert {p: flops.image_tokens(r) for p, r in runs.items()} == {2: (h // 2) * (w // 2), 4: (h // 4) * (w // 4)}
+  per_image = {p: flops.step_flops(r)["per_image"]["dit"]["forward"] for p, r in runs.items()}
+  assert per_image[4] < per_image[2] / 2  # a quarter of the tokens (attention falls faster, the embedders less)

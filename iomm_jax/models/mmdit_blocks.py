@@ -17,6 +17,7 @@ from iomm_jax.models import layers
 from iomm_jax.models.rope import apply_rope
 
 _ZERO = jax.nn.initializers.zeros
+TIME_PROJ_DIM = 256  # the timestep sinusoid's width, fixed in FLUX whatever the model width
 F32 = jnp.float32
 
 
@@ -49,11 +50,11 @@ class CombinedTimestepTextProjEmbeddings(nnx.Module):
   """temb = MLP(sinusoid_256(t)) + MLP(pooled); t already scaled to [0, 1000]. Output fp32."""
 
   def __init__(self, dim: int, pooled_dim: int, *, dtype, param_dtype, rngs):
-    self.timestep_embedder = TimestepEmbedding(256, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.timestep_embedder = TimestepEmbedding(TIME_PROJ_DIM, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.text_embedder = TimestepEmbedding(pooled_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, timestep, pooled):
-    t_proj = layers.timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=0.0)
+    t_proj = layers.timestep_embedding(timestep, TIME_PROJ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0.0)
     return self.timestep_embedder(t_proj).astype(F32) + self.text_embedder(pooled).astype(F32)
 
 

@@ -15,10 +15,10 @@ MFU uses `model` FLOPs (forward + backward, no recompute), as the PaLM paper def
 
 from __future__ import annotations
 
-import math
 
 from iomm_jax.models.internvl import InternVLConfig
-from iomm_jax.models import dit_families, factory, repa
+from iomm_jax.models import dit_families, factory, repa, s3dit_blocks
+from iomm_jax.models.mmdit_blocks import TIME_PROJ_DIM
 
 
 def _attn(lq: int, lk: int, width: int) -> float:
@@ -31,7 +31,7 @@ def mmdit_forward(cfg, image_tokens: int, cond_tokens: int) -> float:
   d, n, l = cfg.inner_dim, image_tokens, cond_tokens
   s = n + l
   f = 2.0 * n * cfg.in_channels * d + 2.0 * l * cfg.joint_attention_dim * d  # x / context embedders
-  f += 2.0 * (256 * d + d * d) + 2.0 * (cfg.pooled_projection_dim * d + d * d)  # time + pooled embeds
+  f += 2.0 * (TIME_PROJ_DIM * d + d * d) + 2.0 * (cfg.pooled_projection_dim * d + d * d)  # time + pooled embeds
   # Double block: adaLN (6d per stream, per image), q/k/v 3d², out d², MLP 8d² on both streams, joint attention.
   f += cfg.num_layers * (2.0 * 2 * d * 6 * d + 2.0 * s * 12 * d * d + _attn(s, s, d))
   # Single block: adaLN 3d, q/k/v 3d² + MLP-in 4d² in one pass, out (d + 4d)·d, attention.
@@ -43,15 +43,16 @@ def mmdit_forward(cfg, image_tokens: int, cond_tokens: int) -> float:
 def s3dit_forward(cfg, image_tokens: int, cond_tokens: int) -> float:
   """Z-Image S3-DiT forward for one image (models/s3dit*.py): refiners per stream, then the joint blocks."""
   d, n, l = cfg.dim, image_tokens, cond_tokens
-  hidden = int(d / 3 * 8)  # Z-Image's SwiGLU hidden width
-  per_token = 4 * d * d + 3 * d * hidden  # q/k/v/out + SwiGLU
-  adaln = 4 * d * min(d, 256)
+  per_token = 4 * d * d + 3 * d * s3dit_blocks.ffn_hidden(d)  # q/k/v/out + SwiGLU
+  t_width = min(d, s3dit_blocks.ADALN_EMBED_DIM)
+  adaln = 4 * d * t_width
 
   def blocks(count, tokens, modulated):
     return count * (2.0 * tokens * per_token + _attn(tokens, tokens, d) + (2.0 * adaln if modulated else 0.0))
 
-  patch = cfg.in_channels * 4
+  patch = cfg.in_channels * cfg.all_patch_size[0] ** 2  # values a token carries in and out
   f = 2.0 * n * patch * d + 2.0 * l * cfg.cap_feat_dim * d + 2.0 * n * d * patch
+  f += 2.0 * (s3dit_blocks.FREQ_EMBED_DIM * s3dit_blocks.T_MLP_HIDDEN + s3dit_blocks.T_MLP_HIDDEN * t_width)  # t MLP
   f += blocks(cfg.n_refiner_layers, n, True) + blocks(cfg.n_refiner_layers, l, False)
   return f + blocks(cfg.n_layers, n + l, True)
 
@@ -132,14 +133,13 @@ def step_flops(run) -> dict:
   c = run.config
   mcfg = run.mcfg
   width = factory.mllm_width(mcfg)
-  side = run.latent_shape[0]
-  image_tokens = (side // 2) * (run.latent_shape[1] // 2)
+  dit_cfg = factory.dit_config(c, width)
+  tokens = image_tokens(run)
   q = 0 if c.model.rqa.kind == "none" else c.model.rqa.num_queries
   ctx = run.templates.length
   llm_tokens = ctx + q
   cond_tokens = q if c.model.condition == "query" else llm_tokens
-  dit_cfg = factory.dit_config(c, width)
-  dit = DIT_FORWARD[c.model.dit.kind](dit_cfg, image_tokens, cond_tokens)
+  dit = DIT_FORWARD[c.model.dit.kind](dit_cfg, tokens, cond_tokens)
   rqa = rqa_forward(factory.rqa_config(c, width), ctx)
   llm_dense, llm_attn = llm_forward(mcfg.text, llm_tokens)
   per_image = {
@@ -148,7 +148,7 @@ def step_flops(run) -> dict:
       "llm": {"forward": llm_dense + llm_attn, "backward": llm_dense + 2.0 * llm_attn},
   }
   if c.train.repa_weight > 0:
-    head = repa_forward(dit_families.family(c.model.dit.kind).feature_width(dit_cfg), width, image_tokens)
+    head = repa_forward(dit_families.family(c.model.dit.kind).feature_width(dit_cfg), width, tokens)
     per_image["repa"] = {"forward": head, "backward": 2.0 * head}
   if not c.data.cached:
     # The pair recipe skips the ViT unless REPA needs its tokens; latents are still encoded.
@@ -167,11 +167,15 @@ def step_flops(run) -> dict:
   }
 
 
+def image_tokens(run) -> int:
+  """The DiT's tokens per image: the latent grid over the DiT family's patch (2×2 for FLUX's MM-DiT, S3-DiT's
+  `all_patch_size`); the tokens in `tokens_per_s_per_device` and in every count here."""
+  patch = dit_families.family(run.config.model.dit.kind).patch(
+      factory.dit_config(run.config, factory.mllm_width(run.mcfg))
+  )
+  return (run.latent_shape[0] // patch) * (run.latent_shape[1] // patch)
+
+
 def flops_per_step(run) -> float:
   """Model FLOPs of one step (forward + backward, no recompute): the MFU numerator."""
   return step_flops(run)["model"]
-
-
-def mfu(flops: float, step_s: float, peak_flops: float, devices: int) -> float:
-  """Model FLOPs utilisation: achieved FLOP/s over the devices' peak."""
-  return flops / step_s / (peak_flops * devices) if step_s > 0 and peak_flops > 0 else math.nan

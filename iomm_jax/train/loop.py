@@ -222,7 +222,7 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
   profiler = profiling.StepProfiler(
       *config.train.profile_steps, profiling.profile_dir(workdir, jax.process_index(), jax.process_count())
   )
-  tokens_per_image = (run.latent_shape[0] // 2) * (run.latent_shape[1] // 2)
+  tokens_per_image = flops_lib.image_tokens(run)
   step_fn = run.train_step
   timer = metrics_lib.Throughput()
   window, last = [], {}
