@@ -21,6 +21,9 @@ OPTIMIZERS = ("adamw", "muon")  # train.optimizer (train/optimizers.make_optimiz
 STAGES = ("pretrain", "finetune")  # train.stage (a label for the run; the data recipe is data.recipe)
 ON_NONFINITE = ("stop", "skip")  # train.on_nonfinite (train/guard.py; train/step.py keeps the old state on skip)
 RQA_KINDS = ("rqa", "metaquery", "none")  # model.rqa.kind (models/rqa.py)
+# model.mllm.aux_prompt's default, the paper's instruction before the masked image; the tiny MLLM's pre-training
+# teaches it too (mllm_pretrain/examples.py), so the two cannot drift apart.
+AUX_PROMPT = "Generate an image that is identical to the reference image:"
 
 C = ml_collections.ConfigDict
 
@@ -68,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mllm = C()
   c.model.mllm.path = ""           # local InternVL3-2B-hf directory (config.json + safetensors + tokenizer); '' = random init from arch
   c.model.mllm.arch = C()          # InternVLConfig overrides when path is '' (tiny config); ignored when path is set
-  c.model.mllm.aux_prompt = "Generate an image that is identical to the reference image:"
+  c.model.mllm.aux_prompt = AUX_PROMPT
   c.model.mllm.remat = "full"      # LLM remat policy: 'none', 'full', 'dots_saveable' (the LLM runs fwd+bwd every step)
   c.model.mllm.scan_layers = False  # LLM decoder layers as one lax.scan: compiles one layer instead of all (DiT: arch.scan_layers)
   c.model.autoencoder = C()

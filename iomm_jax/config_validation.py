@@ -29,6 +29,7 @@ from iomm_jax.config import (
 from iomm_jax.models.autoencoder import AUTOENCODERS
 from iomm_jax.models.dit_families import DIT_FAMILIES
 from iomm_jax.models.factory import DTYPES
+from iomm_jax.models import internvl_keys
 from iomm_jax.models.iomm import CONDITION_MODES, PREDICTIONS
 from iomm_jax.models.layer_stack import REMAT_POLICIES
 from iomm_jax.models.layers import ATTENTION_IMPLS
@@ -151,17 +152,16 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
   ps = tuple(t.profile_steps)
   if len(ps) != 2 or any(int(x) != x or x < 0 for x in ps):
     raise ConfigError(f"config.train.profile_steps={t.profile_steps} must be (first step, count), two integers >= 0")
-  if config.data.resolution % 16 and config.model.autoencoder.kind == "flux_vae":
+  if config.data.resolution % data_kinds.DIVISOR and config.model.autoencoder.kind == "flux_vae":
     raise ConfigError(
-        f"config.data.resolution={config.data.resolution} must be a multiple of 16 (VAE 8× down, patch 2)"
+        f"config.data.resolution={config.data.resolution} must be a multiple of {data_kinds.DIVISOR} "
+        "(VAE 8× down, patch 2)"
     )
   validate_data(config.data, needs_data=needs_data)
   _validate_init(config)
   if config.model.mllm.path and not os.path.isdir(config.model.mllm.path):
     raise ConfigError(
-        f"config.model.mllm.path={config.model.mllm.path!r} is not a directory. Point it at a local copy of "
-        "InternVL3-2B-hf: a folder with config.json, model*.safetensors (+ model.safetensors.index.json when sharded) "
-        "and the tokenizer files (tokenizer.json, tokenizer_config.json)."
+        f"config.model.mllm.path={config.model.mllm.path!r} is not a directory; {internvl_keys.EXPECTED_LAYOUT}"
     )
   sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
   if sum(1 for s in sizes if s == -1) > 1 or any(s == 0 or s < -1 for s in sizes):

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--num", type=int, default=16, help="held-out images (2 or more)")
   ap.add_argument("--seed", type=int, default=0)
-  restore.add_step_flag(ap)
+  restore.add_checkpoint_flags(ap)
   ap.add_argument("--batch", type=int, default=64, help="images sampled at a time (lower it if memory runs out)")
   ap.add_argument(
       "--shapes_anyway",
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         "images only, which this run never saw; pass --shapes_anyway to score them all the same"
     )
 
-  run, params, step = restore.load_for_inference(args.workdir, step=args.step)
+  run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   source = str(run.config.data.source)
   stats = {
       "checkpoint_step": step,

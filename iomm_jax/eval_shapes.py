@@ -149,7 +149,7 @@ def main(argv=None) -> int:
   )
   ap.add_argument("--workdir", default=None, help="training workdir: sample from its checkpoint, write reports in it")
   add_sampling_flags(ap, num=4, num_help="samples per prompt")
-  restore.add_step_flag(ap)
+  restore.add_checkpoint_flags(ap)
   ap.add_argument("--out", default=None, help="samples folder (default <workdir>/eval_shapes/samples)")
   ap.add_argument("--uncond", action="store_true", help="sample with the empty prompt (chance-level reference)")
   ap.add_argument(
@@ -187,6 +187,8 @@ def main(argv=None) -> int:
       ap.error(
           "--samples scores a folder as it is; --uncond, --out, --step, --steps and --cfg apply only when sampling"
       )
+    if args.use_ema is not None:
+      ap.error("--samples scores a folder as it is; --use-ema / --no-ema apply only when sampling")
     if args.workdir and not os.path.isfile(os.path.join(args.workdir, "config.json")):
       ap.error(
           f"--workdir={args.workdir} is not a training workdir (no config.json); drop it to write the report into "
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
   import jax
 
-  run, params, step = restore.load_for_inference(args.workdir, step=args.step)
+  run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   metadata = shapes_benchmark.prompt_set(args.phrasing)
   try:
     sample_lib.write_geneval(

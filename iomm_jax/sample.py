@@ -96,14 +96,7 @@ def main(argv=None) -> int:
   ap.add_argument("--edit", default=None, help="with --image: an edit instruction instead of the aux prompt")
   add_sampling_flags(ap, num=8, num_help="samples per prompt/image")
   ap.add_argument("--out", default=None, help="output folder (default <workdir>/samples)")
-  restore.add_step_flag(ap)
-  ap.add_argument(
-      "--no-ema",
-      dest="use_ema",
-      action="store_false",
-      default=None,
-      help="use raw params even if EMA exists (default: the run's config.sample.use_ema)",
-  )
+  restore.add_checkpoint_flags(ap)
   args = ap.parse_args(argv)
   if not args.prompt and not args.image and not args.prompts_file:
     ap.error("give at least one --prompt, --image or --prompts_file")

@@ -1,7 +1,10 @@
 """What a training workdir holds, by name: every writer and reader of a run folder takes its paths from here.
 
 <workdir>/config.json          the resolved config the run saved once it built (sample, evaluators, warm starts)
-<workdir>/checkpoints/<step>/   Orbax checkpoints
+<workdir>/checkpoints/<step>/   Orbax checkpoints: items state/ (train state), data/ (iterator), config/ (the config)
+<workdir>/damaged_checkpoints/  checkpoints that failed to restore, moved aside (kept) by a resume
+<workdir>/trainer.lock          held by the process training in the workdir
+<workdir>/tensorboard/          TensorBoard event files (train.tensorboard)
 <workdir>/metrics.jsonl         one row per logged step
 <workdir>/samples/              training-time grids, and `sample`'s default output
 <workdir>/profile/              jax.profiler traces (train.profile_steps)
@@ -26,6 +29,11 @@ PROFILE = "profile"
 RECON_REPORT = "recon.json"
 EVAL_SHAPES = "eval_shapes"  # the report is EVAL_SHAPES + ".json", the picture + ".png", the samples a folder
 COMPILE_CACHE = "xla_cache"
+DAMAGED_CHECKPOINTS = "damaged_checkpoints"
+LOCK = "trainer.lock"
+TENSORBOARD = "tensorboard"
+# The Orbax items inside checkpoints/<step>/ (train/checkpoint.py writes them; checkpoint_weights reads STATE_ITEM).
+STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
 
 
 def path(workdir: str | os.PathLike, name: str) -> str:
@@ -46,16 +54,25 @@ class SavedConfigError(ValueError):
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
   """The finished checkpoint steps of a workdir, from its folder names (Orbax writes a step under a temporary name
   and renames it when done)."""
-  folder = path(workdir, CHECKPOINTS)
-  if not os.path.isdir(folder):
+  return steps_in(path(workdir, CHECKPOINTS))
+
+
+def steps_in(checkpoints: str | os.PathLike) -> list[int]:
+  """The finished steps in a checkpoints folder (none when it does not exist)."""
+  if not os.path.isdir(checkpoints):
     return []
-  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+  return sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+
+
+def checkpoint_config_file(checkpoints: str | os.PathLike, step: int) -> str:
+  """The copy of the run's config that checkpoint `step` of a checkpoints folder keeps (Orbax's JSON item)."""
+  return os.path.join(os.fspath(checkpoints), str(step), CONFIG_ITEM, "metadata")
 
 
 def checkpoint_config(workdir: str | os.PathLike) -> str | None:
   """The copy of the run's config that its newest checkpoint holds (JSON), or None when there is none."""
   for step in reversed(checkpoint_steps(workdir)):
-    copy = os.path.join(path(workdir, CHECKPOINTS), str(step), "config", "metadata")
+    copy = checkpoint_config_file(path(workdir, CHECKPOINTS), step)
     if os.path.isfile(copy):
       return os.path.abspath(copy)
   return None

@@ -190,7 +190,7 @@ def test_eval_recon_refuses_a_run_trained_on_other_data_before_loading_it(tmp_pa
   assert eval_recon.trained_on(tmp_path) == "arrayrecord" and eval_recon.trained_on(tmp_path / "none") is None
 
 
-def test_eval_recon_loads_the_checkpoint_step_asks_for(tmp_path, monkeypatch):
+def test_eval_recon_loads_the_checkpoint_and_weights_asked_for(tmp_path, monkeypatch):
   (tmp_path / "config.json").write_text(json.dumps({"data": {"source": "shapes"}}))
   asked = []
 
@@ -199,7 +199,7 @@ def test_eval_recon_loads_the_checkpoint_step_asks_for(tmp_path, monkeypatch):
     raise SystemExit("stop after the load")
 
   monkeypatch.setattr(eval_recon.restore, "load_for_inference", record)
-  for argv, step in (([], None), (["--step=40"], 40)):
+  for argv, want in (([], (None, None)), (["--step=40", "--no-ema"], (40, False)), (["--use-ema"], (None, True))):
     with pytest.raises(SystemExit):
       eval_recon.main([f"--workdir={tmp_path}", *argv])
-    assert asked.pop() == {"step": step}
+    assert asked.pop() == dict(zip(("step", "use_ema"), want))

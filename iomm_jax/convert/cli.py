@@ -49,16 +49,7 @@ def _parser() -> argparse.ArgumentParser:
   tt.add_argument("--src", required=True, help="component directory from to-jax, or a training workdir")
   tt.add_argument("--dst", required=True, help="output folder")
   tt.add_argument("--dtype", choices=tuple(transfer.DTYPES), default=None, help="cast weights (default: keep)")
-  tt.add_argument(
-      "--use-ema",
-      dest="use_ema",
-      action="store_true",
-      default=None,
-      help="workdir: export the EMA weights when the run keeps them (default: the run's config.sample.use_ema, "
-      "as sample does)",
-  )
-  tt.add_argument("--no-ema", dest="use_ema", action="store_false", help="workdir: export the raw parameters")
-  restore.add_step_flag(tt, applies="workdir: ")
+  restore.add_checkpoint_flags(tt, applies="workdir: ")
   tt.add_argument(
       "--overwrite", action="store_true", help="replace a --dst that this converter wrote before (never another folder)"
   )

@@ -33,6 +33,11 @@ _FILE_KEYS = ("file", "image", "path", "file_name")
 _CAPTION_KEYS = ("caption", "text")
 
 
+def caption_line(file: str, caption: str) -> str:
+  """One line of a folder's CAPTIONS_FILE, in the keys its reader looks for first."""
+  return json.dumps({_FILE_KEYS[0]: file, _CAPTION_KEYS[0]: caption}) + "\n"
+
+
 def decode_text(value: Any) -> str | None:
   """A caption as stored (bytes or text) → str, or None when missing or blank.
 

@@ -176,10 +176,10 @@ def enumerate_items(
       )
   elif not p.exists():
     raise ValueError(
-        f"--src {src} does not exist; give a folder of images, a .jsonl/.csv/.parquet table, "
+        f"--src {src} does not exist; give a folder of images, a table ({', '.join(corpus_files.TABLE_EXTENSIONS)}), "
         ".tar shards or a TFDS builder directory"
     )
-  elif p.is_dir() and (p / "dataset_info.json").exists():
+  elif sources.is_tfds_builder(p):
     items = _tfds_items(str(p), split, image_key, caption_key)
   elif p.is_dir():
     tars = sorted(str(t) for t in p.glob("*.tar"))

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from iomm_jax.data import corpus_files
+
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
 COLOURS = {  # saturated object colours, all far from the light backgrounds
     "red": (215, 35, 35),
@@ -243,12 +245,12 @@ def write_folder(dst: str | os.PathLike, num: int, resolution: int, seed: int = 
   tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
   try:
-    with open(tmp / "captions.jsonl", "w") as f:
+    with open(tmp / corpus_files.CAPTIONS_FILE, "w") as f:
       for i in range(num):
         png, caption = render_png(i, resolution, seed)
         name = f"{i:06d}.png"
         (tmp / name).write_bytes(png)
-        f.write(json.dumps({"file": name, "caption": caption}) + "\n")
+        f.write(corpus_files.caption_line(name, caption))
     (tmp / META_FILE).write_text(json.dumps(params, sort_keys=True))
     try:
       os.rename(tmp, dst)

@@ -244,6 +244,14 @@ class ArrayRecordSource:
     return self[i]["caption"]
 
 
+TFDS_INFO = "dataset_info.json"  # what marks a TFDS builder directory
+
+
+def is_tfds_builder(path: str | os.PathLike) -> bool:
+  """Whether `path` is a TFDS builder directory (the versioned folder holding dataset_info.json)."""
+  return os.path.isfile(os.path.join(path, TFDS_INFO))
+
+
 class TfdsSource:
   """A TFDS dataset prepared in ``array_record`` format, read with ``tfds`` data sources (no TensorFlow).
 
@@ -264,9 +272,9 @@ class TfdsSource:
     self.builder_dir, self.split = str(builder_dir), split
     self.image_key, self.caption_key = image_key, caption_key
     self.options = options or {"split": "data.split", "image_key": "data.image_key"}
-    if not os.path.isfile(os.path.join(self.builder_dir, "dataset_info.json")):
+    if not is_tfds_builder(self.builder_dir):
       raise DataConfigError(
-          f"{self.builder_dir} is not a TFDS builder directory (no dataset_info.json); point "
+          f"{self.builder_dir} is not a TFDS builder directory (no {TFDS_INFO}); point "
           f"{field} at the versioned folder, e.g. ~/tensorflow_datasets/NAME/1.0.0"
       )
     self._ds, self._checked = None, False

@@ -9,7 +9,7 @@ our extension: padded text tokens (False) are excluded as attention keys, so the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,9 @@ class MMDiTConfig:
   scan_layers: bool = False  # run each block stack as one lax.scan (compile one block, not N)
   zero_init: bool = True  # zero adaLN modulation + final projection (adaLN-Zero); False = torch init
   attention: str = "auto"  # layers.ATTENTION_IMPLS; set from config.model.attention (factory)
+  # The fields above that say how the DiT runs or was initialised, not what its weights are: a resume may change
+  # them (train/resume_check), and a converted checkpoint does not carry them (weights/components).
+  RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("remat", "scan_layers", "zero_init", "attention")
 
   def __post_init__(self):
     object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))

@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from iomm_jax.models.internvl_keys import MLLMCheckpointError, read_config
+from iomm_jax.config import AUX_PROMPT as DEFAULT_AUX_PROMPT  # the config's default, held once
+from iomm_jax.models.internvl_keys import EXPECTED_LAYOUT, MLLMCheckpointError, read_config
 
 TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer an InternVL -hf folder ships (with tokenizer_config.json)
 
-DEFAULT_AUX_PROMPT = "Generate an image that is identical to the reference image:"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,10 +101,7 @@ class Processor:
 
     p = Path(path)
     if not p.is_dir():
-      raise FileNotFoundError(
-          f"Processor.from_pretrained: {p} is not a directory; expected a local copy of "
-          "OpenGVLab/InternVL3-2B-hf with tokenizer.json / tokenizer_config.json"
-      )
+      raise FileNotFoundError(f"Processor.from_pretrained: {p} is not a directory; {EXPECTED_LAYOUT}")
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if (p / "config.json").is_file():
 

@@ -28,7 +28,7 @@ diffusers fed `cap_feats[i][cap_mask[i]]`, and the values at masked positions ne
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,8 @@ class S3DiTConfig:
   remat: str = "none"  # per block: 'none' | 'full' | 'dots_saveable'
   scan_layers: bool = False  # run each block stack as one lax.scan (compile one block, not N)
   attention: str = "auto"  # layers.ATTENTION_IMPLS; set from config.model.attention (factory)
+  # How the DiT runs, not what its weights are (as MMDiTConfig.RUNTIME_FIELDS).
+  RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("remat", "scan_layers", "attention")
 
   def __post_init__(self):
     for name in _TUPLE_FIELDS:  # accept lists (JSON) but store tuples so the config stays hashable

@@ -28,7 +28,8 @@ import orbax.checkpoint as ocp
 from iomm_jax import workdir_layout
 from iomm_jax.train import iterator_state, orphaned_reads, restore_failure
 
-DAMAGED_DIR = "damaged_checkpoints"
+DAMAGED_DIR = workdir_layout.DAMAGED_CHECKPOINTS
+STATE, DATA, CONFIG = workdir_layout.STATE_ITEM, workdir_layout.DATA_ITEM, workdir_layout.CONFIG_ITEM
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -71,9 +72,9 @@ class Checkpointer:
   ):
     self.directory = os.path.abspath(workdir_layout.path(workdir, workdir_layout.CHECKPOINTS))
     self.with_data = with_data
-    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+    handlers = {STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
     if with_data:
-      handlers["data"] = grain.checkpoint.CheckpointHandler()
+      handlers[DATA] = grain.checkpoint.CheckpointHandler()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -97,11 +98,11 @@ class Checkpointer:
     """Start an async save of `step` (the previous save must have succeeded: check_save raises otherwise)."""
     self.check_save(wait=True)
     self.warn_if_low_space(state)
-    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config or {})}
+    items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config or {})}
     if self.with_data:
       if data_iter is None:
         raise ValueError("this checkpointer saves the data iterator; pass data_iter")
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
     try:
       started = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # noqa: BLE001 — a synchronous part of the save failed (e.g. no space for metadata)
@@ -141,7 +142,7 @@ class Checkpointer:
 
   def steps_on_disk(self) -> list[int]:
     """Finished checkpoint steps in the directory (Orbax's own list may already name a save that failed)."""
-    return _steps_in(self.directory)
+    return workdir_layout.steps_in(self.directory)
 
   def last_size(self) -> int:
     """Bytes of the newest finished checkpoint on disk (0 when none)."""
@@ -165,18 +166,18 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    data_dir = os.path.join(self.directory, str(step), "data")
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    data_dir = os.path.join(self.directory, str(step), DATA)
     resharded = False
     if self.with_data and data_iter is not None:
       mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
       resharded = os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir, mine))
       if not resharded:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if resharded:
       data_iter.set_state(iterator_state.from_other_process_count(data_dir, jax.process_count()))
-    return restored["state"], step
+    return restored[STATE], step
 
   def restore_newest_intact(self, abstract_state, data_iter, *, fallback: bool, is_finite, log=print):
     """(state, step, moved): restore the newest checkpoint that reads back and passes `is_finite(state)`.
@@ -229,7 +230,7 @@ class Checkpointer:
     )
 
   def damaged_dir(self) -> str:
-    return os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+    return os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)  # beside checkpoints/, in the workdir
 
   def move_aside(self, step: int) -> str:
     """Rename checkpoints/<step> to damaged_checkpoints/<step>[-<time>] (process 0), then reload the step list."""
@@ -252,7 +253,7 @@ class Checkpointer:
     arrays read. None when they agree, or when the metadata cannot be read (damage, which the restore reports)."""
     try:
       metadata = self.manager.item_metadata(step)
-      tree = metadata["state"] if metadata is not None else None
+      tree = metadata[STATE] if metadata is not None else None
     except Exception:  # noqa: BLE001 — unreadable metadata is a damaged checkpoint, not another config's
       return None
     if tree is None:
@@ -265,13 +266,7 @@ class Checkpointer:
       # A typed PRNG key is stored as its raw key data (one more axis): only its presence is compared.
       is_key = hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
       ours[dotted(p)] = None if is_key else tuple(getattr(x, "shape", ()))
-    for path, shape in ours.items():
-      if path not in stored:
-        return f"{path}: in this run, not in the checkpoint"
-      if shape is not None and stored[path] != shape:
-        return f"{path}: stored {stored[path]}, this run {shape}"
-    extra = sorted(set(stored) - set(ours))
-    return f"{extra[0]}: in the checkpoint, not in this run" if extra else None
+    return first_difference(stored, ours)
 
   def check_fits(self, abstract_state, step: int | None = None) -> None:
     """Raise CheckpointMismatchError (one line) when checkpoint `step` (default the newest; none: nothing to check)
@@ -284,13 +279,13 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"checkpoint {step} in {self.directory} holds a train state this config does not build ({mismatch}): "
           "it was saved with another model or optimizer config, so it is not damaged and was left where it is. "
-          f"Rerun with the config it was saved with ({os.path.join(self.directory, str(step), 'config', 'metadata')}"
-          "), or train this config in a new --workdir"
+          f"Rerun with the config it was saved with ({workdir_layout.checkpoint_config_file(self.directory, step)}), "
+          "or train this config in a new --workdir"
       )
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -309,16 +304,22 @@ class Checkpointer:
     orphaned_reads.collect()
 
 
+def first_difference(stored: dict, ours: dict, ignore: tuple[str, ...] = ()) -> str | None:
+  """The first path where a checkpoint's tree and the run's ({dotted path: shape}; a None shape in `ours` compares
+  presence only) differ, in words, or None when they agree. Stored subtrees named in `ignore` may be absent."""
+  for path, shape in ours.items():
+    if path not in stored:
+      return f"{path}: in this run, not in the checkpoint"
+    if shape is not None and stored[path] != shape:
+      return f"{path}: stored {stored[path]}, this run {shape}"
+  extra = sorted(p for p in set(stored) - set(ours) if p.split(".")[0] not in ignore)
+  return f"{extra[0]}: in the checkpoint, not in this run" if extra else None
+
+
 def dotted(path) -> str:
   """A jax key path as tree_paths' dotted string ('dit.blocks.0.kernel'), whatever the key types (dict keys,
   sequence indices, dataclass and namedtuple fields)."""
   return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-def _steps_in(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
 def _agree(ok: bool) -> bool:

@@ -36,7 +36,7 @@ class WeightsReader:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler()},
     )
     logging.getLogger("absl").addFilter(checkpoint.QUIET_ORBAX)  # "found 'config' … could not be restored": not asked
     orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
@@ -50,16 +50,17 @@ class WeightsReader:
   def stored(self, step: int) -> dict[str, dict[str, tuple]]:
     """{'params': {dotted path: shape}, 'ema_params': {...}} as the checkpoint's metadata says (no array read);
     'ema_params' is empty for a run trained without EMA. Raises DamagedCheckpointError."""
-    where = os.path.join(self.directory, str(step), "state")
+    where = os.path.join(self.directory, str(step), checkpoint.STATE)
     try:
-      tree = self.manager.item_metadata(step)["state"]
+      tree = self.manager.item_metadata(step)[checkpoint.STATE]
       cause = None if tree is not None else "no metadata"
     except Exception as e:  # noqa: BLE001 — any failure to read the metadata is a damaged checkpoint
       cause = restore_failure.root_message(e)
       del e  # its traceback holds Orbax's read coroutines: not kept alive in the error we raise
     if cause:
       raise DamagedCheckpointError(
-          f"checkpoint {step} in {self.directory} could not be restored: item 'state' (its metadata, under {where}) — "
+          f"checkpoint {step} in {self.directory} could not be restored: item '{checkpoint.STATE}' (its metadata, under "
+          f"{where}) — "
           f"{cause}."
       )
     out = {name: {} for name in WEIGHTS}
@@ -75,13 +76,7 @@ class WeightsReader:
     differ (another shape, or present in only one), or None when they agree; stored subtrees named in `ignore` may be
     absent from `abstract_params`."""
     ours = {checkpoint.dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-    for path, shape in ours.items():
-      if path not in stored:
-        return f"{path}: in this run, not in the checkpoint"
-      if stored[path] != shape:
-        return f"{path}: stored {stored[path]}, this run {shape}"
-    extra = sorted(p for p in set(stored) - set(ours) if p.split(".")[0] not in ignore)
-    return f"{extra[0]}: in the checkpoint, not in this run" if extra else None
+    return checkpoint.first_difference(stored, ours, ignore)
 
   def restore(self, abstract_params, which: str, step: int):
     """The stored `which` weights ('params' or 'ema_params') onto `abstract_params`' shapes, dtypes and shardings
@@ -95,7 +90,7 @@ class WeightsReader:
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"][which]
+      return self.manager.restore(step, args=ocp.args.Composite(**{checkpoint.STATE: args}))[checkpoint.STATE][which]
     except Exception as e:  # noqa: BLE001 — any failure to read the stored arrays is a damaged checkpoint
       problem = restore_failure.describe(self.directory, step, e)
       del e

@@ -15,7 +15,9 @@ import socket
 import threading
 import time
 
-LOCK_NAME = "trainer.lock"
+from iomm_jax import workdir_layout
+
+LOCK_NAME = workdir_layout.LOCK
 HEARTBEAT_S = 30
 STALE_AFTER_S = 300
 

@@ -97,7 +97,7 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool | None =
             f"checkpoint {step} under {reader.directory} does not fit the model that "
             f"{workdir_layout.path(workdir, workdir_layout.CONFIG)} describes ({mismatch}): the config was changed "
             "after the checkpoint was saved; copy the config the checkpoint was saved with over it "
-            f"({os.path.join(reader.directory, str(step), 'config', 'metadata')})"
+            f"({workdir_layout.checkpoint_config_file(reader.directory, step)})"
         )
       params = reader.restore(abstract, which, step)
     except checkpoint_weights.DamagedCheckpointError as e:
@@ -125,10 +125,20 @@ def _fit_mesh(config: ml_collections.ConfigDict, workdir: str) -> None:
     print(f"note: {workdir}: its {e}; loading it data-parallel on {jax.device_count()} device(s)", file=sys.stderr)
 
 
-def add_step_flag(parser, *, applies: str = "") -> None:
-  """--step: the checkpoint an app loads (default the newest); the one name restore_run's messages tell users to use.
-  `applies` prefixes the help where the flag applies to one kind of source only (e.g. 'workdir: ')."""
+def add_checkpoint_flags(parser, *, applies: str = "") -> None:
+  """--step, --use-ema / --no-ema: which checkpoint and which of its weights an app loads (restore_run's `step`,
+  `use_ema`; the names its messages tell users to use). `applies` prefixes the help where the flags apply to one kind
+  of source only (e.g. 'workdir: ')."""
   parser.add_argument("--step", type=int, default=None, help=f"{applies}checkpoint step (default: the newest)")
+  parser.add_argument(
+      "--use-ema",
+      dest="use_ema",
+      action="store_true",
+      default=None,
+      help=f"{applies}the EMA weights when the run keeps them (default: the run's config.sample.use_ema, as its "
+      "training grids used)",
+  )
+  parser.add_argument("--no-ema", dest="use_ema", action="store_false", help=f"{applies}the raw weights")
 
 
 def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool | None = None):
@@ -145,6 +155,6 @@ def _relative_paths_hint(config, workdir: str) -> str:
   if not relative:
     return ""
   return (
-      f" ({os.path.join(workdir, 'config.json')} names {', '.join(relative)} relative to the directory its training "
+      f" ({workdir_layout.path(workdir, workdir_layout.CONFIG)} names {', '.join(relative)} relative to the directory its training "
       "started in: run from that directory)"
   )

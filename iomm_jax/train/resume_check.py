@@ -35,9 +35,9 @@ SWITCH_FIELDS = ("train.ema_decay", "train.repa_weight", "train.grad_clip")
 # Which records data.val_fraction holds out (a draw seeded by data.seed): changed on a resume, the run would train on
 # records it held out so far and validate on records it trained on. Fixed while either config holds records out.
 HOLDOUT_FIELDS = ("data.val_fraction", "data.seed")
-# model.dit.arch fields that change how the DiT runs or was initialised, not its parameters.
-# scan_layers: a scanned stack stores its blocks' parameters as the unrolled one does (tests/test_layer_stack.py).
-DIT_RUNTIME_FIELDS = ("remat", "scan_layers", "attention", "zero_init")
+# model.dit.arch fields that change how the DiT runs or was initialised, not its parameters: each family's config
+# says which (RUNTIME_FIELDS). scan_layers: a scanned stack stores its blocks' parameters as the unrolled one does
+# (tests/test_layer_stack.py).
 
 
 def check(config, workdir: str) -> None:
@@ -89,11 +89,12 @@ def _dit_arch(config: dict, kind: str) -> dict:
   try:
     cls = dit_families.family(kind).config
   except ValueError:  # an unknown kind fails at build, naming it
-    defaults = {}
+    defaults, runtime = {}, ()
   else:
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING and f.init}
+    runtime = cls.RUNTIME_FIELDS
   arch = _plain({**defaults, **(_get(config, "model.dit.arch") or {})})
-  return {k: v for k, v in arch.items() if k not in DIT_RUNTIME_FIELDS}
+  return {k: v for k, v in arch.items() if k not in runtime}
 
 
 def _plain(node) -> Any:

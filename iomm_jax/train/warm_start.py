@@ -14,9 +14,9 @@ import sys
 
 import jax
 
-from iomm_jax import config_validation
+from iomm_jax import config_validation, workdir_layout
 from iomm_jax.models.iomm import REPA_HEAD
-from iomm_jax.train import checkpoint, checkpoint_weights
+from iomm_jax.train import checkpoint_weights
 
 
 class WarmStartError(ValueError):
@@ -74,5 +74,5 @@ def _older_step_hint(reader, damaged: int) -> str:
   where = os.path.join(reader.directory, str(damaged))
   if not older:
     return f"That run has no other checkpoint: train it again, or repair or replace {where}"
-  aside = os.path.join(os.path.dirname(reader.directory), checkpoint.DAMAGED_DIR)
+  aside = workdir_layout.path(os.path.dirname(reader.directory), workdir_layout.DAMAGED_CHECKPOINTS)
   return f"To start from its next older checkpoint (step {older[-1]}), move {where} to {aside}/"

@@ -163,7 +163,7 @@ def _specs() -> dict[str, Spec]:
           _build_mmdit,
           MMDiTConfig,
           lambda cfg: mmdit_keys.KEY_TABLE,
-          ("remat", "scan_layers", "zero_init", "attention"),
+          MMDiTConfig.RUNTIME_FIELDS,
       ),
       "s3dit": Spec(
           "s3dit",
@@ -175,7 +175,7 @@ def _specs() -> dict[str, Spec]:
           _build_s3dit,
           S3DiTConfig,
           lambda cfg: s3dit_keys.KEY_TABLE,
-          ("remat", "scan_layers", "attention"),
+          S3DiTConfig.RUNTIME_FIELDS,
       ),
       "vae": Spec(
           "vae",
