@@ -67,7 +67,7 @@ def main(argv):
   import tempfile
 
   import jax
-  from iomm_jax import parallel
+  from iomm_jax import metrics as metrics_lib, parallel
   from iomm_jax.config_validation import validate
   from iomm_jax.train import builder, dry_run, flops as flops_lib, loop, profiling
 
@@ -166,7 +166,7 @@ def main(argv):
       "tokens_per_s_per_device": round(config.train.global_batch * tokens / step_s / n_dev, 1),
       "flops_per_step": flops,
       "flops_remat_per_step": counted["remat"],
-      "mfu": round(flops_lib.mfu(flops, step_s, config.train.peak_flops, n_dev), 4),
+      "mfu": round(metrics_lib.mfu(flops, step_s, config.train.peak_flops, n_dev), 4),
       "attention": config.model.attention,
       "dit_remat": config.model.dit.arch.get("remat", "none"),
       # Measured (GPU/TPU; None on CPU) beside XLA's estimate for the same program (the dry run's figure).

@@ -147,6 +147,11 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
       raise ConfigError(f"config.train.{name}={t[name]} must be >= 0")
   if not t.eval_timesteps or any(not 0.0 < float(x) <= 1.0 for x in t.eval_timesteps):
     raise ConfigError(f"config.train.eval_timesteps={t.eval_timesteps} must list one or more t in (0, 1]")
+  if not t.peak_flops > 0:
+    raise ConfigError(
+        f"config.train.peak_flops={t.peak_flops} must be positive: one device's peak FLOP/s, which MFU divides by "
+        "(989e12 for an H100's dense bf16)"
+    )
   if not 0.0 <= t.lr_final_fraction <= 1.0:
     raise ConfigError(f"config.train.lr_final_fraction={t.lr_final_fraction} must be in [0, 1]")
   ps = tuple(t.profile_steps)

@@ -46,6 +46,7 @@ def test_paper_settings():
         ("train.logit_std", 0.0, "train.logit_std=0.0 must be positive"),
         ("train.epochs", -1.0, "train.epochs=-1.0 must be >= 0"),
         ("sample.num", 0, "sample.num=0 must be 1 or more"),
+        ("train.peak_flops", 0.0, "train.peak_flops=0.0 must be positive"),
     ],
 )
 def test_bad_values_name_the_field(field, value, needle):
