@@ -45,6 +45,7 @@ def test_heldout_images_are_not_training_images():
 def test_shapes_are_rendered_at_the_larger_view_so_the_vit_view_is_native():
   """The generator works at 32², the MLLM sees 64²: its view is a 64² render, as when the MLLM was trained."""
   from iomm_jax.data import decode, sources
+  from iomm_jax.models import processor
 
   c = load_config("tiny")
   assert c.data.vit_size > c.data.resolution
@@ -53,7 +54,8 @@ def test_shapes_are_rendered_at_the_larger_view_so_the_vit_view_is_native():
   assert rec["image"].shape[0] == c.data.vit_size
   _, vit = decode.views(decode.to_rgb(rec), c.data.resolution, c.data.vit_size)
   native = shapes.render(5, c.data.vit_size, c.data.seed)[0]
-  want = (native.astype(np.float32) / 255.0 - decode.IMAGENET_MEAN) / decode.IMAGENET_STD
+  mean, std = (np.asarray(v, np.float32) for v in (processor.IMAGENET_MEAN, processor.IMAGENET_STD))
+  want = (native.astype(np.float32) / 255.0 - mean) / std
   np.testing.assert_allclose(vit, want, atol=1e-6)
   # The MLLM was trained on exactly these views (configs/tiny_mllm.py renders at its ViT size).
   mllm = load_config("tiny_mllm")

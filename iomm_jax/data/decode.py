@@ -27,8 +27,6 @@ from PIL import ExifTags, Image, ImageOps
 from iomm_jax.data_kinds import MAX_IMAGE_PIXELS
 from iomm_jax.models import processor
 
-IMAGENET_MEAN = np.asarray(processor.IMAGENET_MEAN, np.float32)
-IMAGENET_STD = np.asarray(processor.IMAGENET_STD, np.float32)
 # data.max_image_pixels is the limit, checked on the header before decoding; PIL's global one would otherwise warn
 # or raise at its own threshold whatever the config says.
 Image.MAX_IMAGE_PIXELS = None
@@ -166,9 +164,7 @@ def centre_square(im: Image.Image, resolution: int) -> Image.Image:
   return cover_crop(im, resolution, resolution)
 
 
-def vit_normalize(image: np.ndarray) -> np.ndarray:
-  """uint8 (…, 3) → float32 scaled to [0, 1] then ImageNet mean/std (InternVL's preprocessing)."""
-  return ((np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+vit_normalize = processor.vit_normalize  # uint8 → ImageNet-normalised float32, as the MLLM's own processor does
 
 
 def views(im: Image.Image, resolution: int, vit_size: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -167,8 +167,14 @@ class Processor:
     img = img[..., :3]
     if img.shape[:2] != (self.image_size, self.image_size):
       img = np.asarray(Image.fromarray(img).resize((self.image_size, self.image_size), Image.BICUBIC))
-    x = img.astype(np.float32) / 255.0
-    return (x - self.mean) / self.std
+    return vit_normalize(img, self.mean, self.std)
+
+
+def vit_normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+  """uint8 (…, 3) → float32 scaled to [0, 1], then (x − mean) / std per channel (InternVL's ImageNet statistics by
+  default): the one ViT normalisation, used by the training pipeline's ViT view (data/decode) too."""
+  x = np.asarray(image, np.float32) / 255.0
+  return ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
 def tokenizer_problem(path: str | Path, error: BaseException) -> str:
