@@ -65,7 +65,7 @@ def main(argv):
   import optax
   from flax import nnx
 
-  from iomm_jax.data import shapes
+  from iomm_jax.data import decode, shapes
   from iomm_jax.models import factory
   from iomm_jax.sampling import euler, guided
   from iomm_jax.train import loss as loss_lib
@@ -89,7 +89,7 @@ def main(argv):
     return jnp.asarray(np.stack([1 + labels[:, 0], 1 + n_shapes + labels[:, 1]], axis=1))
 
   images, labels = shapes.single_object_set(_IMAGES.value, res, config.seed)
-  x_all = ae.encode(jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
+  x_all = ae.encode(jnp.asarray(decode.to_signed_unit(images)))
   cond_all = tokens(labels)
 
   def velocity(gen, table, x_t, tt, cond):

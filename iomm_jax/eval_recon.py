@@ -21,6 +21,7 @@ import sys
 import jax
 import numpy as np
 from iomm_jax.train import generate as sample_lib
+from iomm_jax.data import decode
 from iomm_jax.data.sources import heldout_shapes
 from iomm_jax.train import restore
 from iomm_jax import workdir_layout
@@ -64,7 +65,7 @@ def evaluate(
     raise ValueError(f"num={num}: the margin compares each sample with the other images; use 2 or more")
   c = run.config
   imgs, vit = heldout_shapes(c.data, num, start=1000)  # past the training grids' held-out images too
-  refs = imgs.astype(np.float32) / 127.5 - 1.0
+  refs = decode.to_signed_unit(imgs)
   key = jax.random.key(seed)
   out = [
       np.asarray(

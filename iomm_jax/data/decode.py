@@ -167,12 +167,17 @@ def centre_square(im: Image.Image, resolution: int) -> Image.Image:
 vit_normalize = processor.vit_normalize  # uint8 → ImageNet-normalised float32, as the MLLM's own processor does
 
 
+def to_signed_unit(image) -> np.ndarray:
+  """uint8 pixels → float32 in [-1, 1], the generator's pixel range (train/generate.to_uint8 inverts it)."""
+  return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
 def views(im: Image.Image, resolution: int, vit_size: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """``pixels`` float32 (resolution, width or resolution, 3) in [-1, 1] and ``vit_pixels`` float32
   (vit_size, vit_size, 3), ImageNet-normalised: the same region of the original, resized straight to the tile."""
   height, width = resolution, width or resolution
   box = cover_box(*im.size, height, width)
   crop = _resize(im, box, height, width)
-  pixels = np.asarray(crop, np.float32) / 127.5 - 1.0
+  pixels = to_signed_unit(crop)
   vit = crop if (vit_size, vit_size) == (height, width) else _resize(im, box, vit_size, vit_size)
   return pixels, vit_normalize(np.asarray(vit))

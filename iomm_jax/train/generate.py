@@ -152,6 +152,7 @@ def check_sampling_flags(ap, args) -> None:
 
 
 def to_uint8(images) -> np.ndarray:
+  """Generated pixels in [-1, 1] → uint8, rounded and clipped: the inverse of data/decode.to_signed_unit."""
   return np.asarray(jnp.round((jnp.asarray(images, jnp.float32) + 1.0) * 127.5).clip(0, 255)).astype(np.uint8)
 
 
