@@ -17,7 +17,7 @@ import time
 def _shapes(config):
   from flax import nnx
 
-  from iomm_jax.models import factory
+  from iomm_jax.models import factory, iomm
 
   mcfg = factory.mllm_config(config)
   width = factory.mllm_width(mcfg)
@@ -29,8 +29,10 @@ def _shapes(config):
   dit_cfg = factory.dit_config(config, width)
   ae = nnx.eval_shape(lambda: factory.make_ae(config, nnx.Rngs(0)))
   side = config.data.resolution // ae.downsample
-  q = config.model.rqa.num_queries
-  cond_len = q if config.model.condition == "query" else config.data.max_text_tokens + q
+  q = factory.rqa_config(config, width).appended_queries
+  processor = factory.make_processor(config, mcfg)
+  template = iomm.make_templates(processor, config.model.mllm.aux_prompt, config.data.max_text_tokens).length
+  _, cond_len = iomm.condition_lengths(template, q, config.model.condition)
   return dit_cfg, (config.train.global_batch, side, side, ae.latent_channels), cond_len, width
 
 

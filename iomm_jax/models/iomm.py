@@ -125,6 +125,13 @@ def splice_image_tokens(emb, tpl: Templates, image_tokens, keep, use_image):
 CONDITION_MODES = ("query", "all")
 
 
+def condition_lengths(template_length: int, num_queries: int, mode: str) -> tuple[int, int]:
+  """(the LLM's sequence, the condition h's length) as `encode_condition` builds them: the template (text or image
+  prompt, padded to `template_length`) followed by the queries; h is the queries alone ('query') or every position."""
+  llm = template_length + num_queries
+  return llm, (num_queries if mode == "query" else llm)
+
+
 def encode_condition(rqa: RQA, mllm, tpl: Templates, ids, valid, image_tokens, keep, use_image, *, mode: str = "query"):
   """The generator condition h (B, Lh, D) and its validity mask (B, Lh).
 

@@ -61,6 +61,11 @@ class RQAConfig:
   def mlp_dim(self) -> int:
     return int(self.dim * self.mlp_ratio)
 
+  @property
+  def appended_queries(self) -> int:
+    """The query tokens the adapter appends to the LLM's input: num_queries, or none for kind 'none'."""
+    return 0 if self.kind == "none" else self.num_queries
+
 
 def _uniform(bound: float):
   def init(key, shape, dtype=jnp.float32):
@@ -184,7 +189,7 @@ class RQA(nnx.Module):
       if key_mask.shape != c.shape[:2]:
         raise ValueError(f"RQA key_mask must have shape {c.shape[:2]} (B, L), got {key_mask.shape}")
       key_mask = key_mask.astype(bool)
-    if self.cfg.kind == "none":
+    if not self.cfg.appended_queries:
       return jnp.zeros((c.shape[0], 0, c.shape[-1]), self.dtype)
     kv = layer_norm(c.astype(self.dtype), self.cfg.eps)
     q = jnp.broadcast_to(self.meta_queries[...].astype(self.dtype), (c.shape[0],) + self.meta_queries.shape)

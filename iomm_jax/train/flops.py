@@ -17,7 +17,7 @@ from __future__ import annotations
 
 
 from iomm_jax.models.internvl import InternVLConfig
-from iomm_jax.models import dit_families, factory, repa, s3dit_blocks
+from iomm_jax.models import dit_families, factory, iomm, repa, s3dit_blocks
 from iomm_jax.models.mmdit_blocks import TIME_PROJ_DIM
 
 
@@ -63,7 +63,7 @@ def rqa_forward(cfg, context_tokens: int) -> float:
   if cfg.kind != "rqa":
     return 0.0
   d, q, l = cfg.dim, cfg.num_queries, context_tokens
-  hidden = int(d * cfg.mlp_ratio)
+  hidden = cfg.mlp_dim
   per_layer = 2.0 * q * d * d + 2.0 * l * d * 2 * d + 2.0 * q * d * d + _attn(q, l, d) + 2.0 * q * 2 * d * hidden
   return cfg.num_layers * per_layer
 
@@ -135,12 +135,12 @@ def step_flops(run) -> dict:
   width = factory.mllm_width(mcfg)
   dit_cfg = factory.dit_config(c, width)
   tokens = image_tokens(run)
-  q = 0 if c.model.rqa.kind == "none" else c.model.rqa.num_queries
+  rqa_cfg = factory.rqa_config(c, width)
+  q = rqa_cfg.appended_queries
   ctx = run.templates.length
-  llm_tokens = ctx + q
-  cond_tokens = q if c.model.condition == "query" else llm_tokens
+  llm_tokens, cond_tokens = iomm.condition_lengths(ctx, q, c.model.condition)
   dit = DIT_FORWARD[c.model.dit.kind](dit_cfg, tokens, cond_tokens)
-  rqa = rqa_forward(factory.rqa_config(c, width), ctx)
+  rqa = rqa_forward(rqa_cfg, ctx)
   llm_dense, llm_attn = llm_forward(mcfg.text, llm_tokens)
   per_image = {
       "dit": {"forward": dit, "backward": 2.0 * dit},
