@@ -33,6 +33,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import study_report  # noqa: E402
+from configs import tiny  # noqa: E402 — the stages' default lengths are the tiny config's own
 from iomm_jax.config import parse_variant, variant_word  # noqa: E402
 from iomm_jax.data_kinds import RECIPES  # noqa: E402
 
@@ -213,8 +214,13 @@ def main(argv=None) -> int:
       "--mllm", default="", help="a tiny MLLM folder (pretrain_mllm --out); '' = train one into --out; 'random' = none"
   )
   ap.add_argument("--seeds", default="0", help="comma-separated seeds; several give the spread")
-  ap.add_argument("--pretrain_steps", type=int, default=1200, help="stage 1 steps (the README's tables: 1200)")
-  ap.add_argument("--finetune_steps", type=int, default=600, help="stage 2 steps (the README's tables: 600)")
+  steps = {stage: int(tiny.get_config(stage).train.num_steps) for stage in ("pretrain", "finetune")}
+  ap.add_argument(
+      "--pretrain_steps", type=int, default=steps["pretrain"], help="stage 1 steps (default: configs/tiny.py's)"
+  )
+  ap.add_argument(
+      "--finetune_steps", type=int, default=steps["finetune"], help="stage 2 steps (default: configs/tiny.py's)"
+  )
   ap.add_argument("--curve_steps", default="200,400", help="extra fine-tuning steps scored in curve studies")
   ap.add_argument("--eval_num", type=int, default=4, help="mini-GenEval samples per prompt")
   ap.add_argument("--recon_num", type=int, default=16, help="held-out images of the reconstruction check")

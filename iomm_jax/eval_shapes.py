@@ -189,7 +189,7 @@ def main(argv=None) -> int:
       )
     if args.use_ema is not None:
       ap.error("--samples scores a folder as it is; --use-ema / --no-ema apply only when sampling")
-    if args.workdir and not os.path.isfile(os.path.join(args.workdir, "config.json")):
+    if args.workdir and not os.path.isfile(workdir_layout.path(args.workdir, workdir_layout.CONFIG)):
       ap.error(
           f"--workdir={args.workdir} is not a training workdir (no config.json); drop it to write the report into "
           "the --samples folder"

@@ -46,6 +46,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from iomm_jax import config as config_lib
 from iomm_jax import data_kinds
 from iomm_jax.data import decode, prepare_items, records, shard_dir
 from iomm_jax.data.prepare_plan import SHARD_PATTERN, STATE_DIR, sizes_path
@@ -189,13 +190,16 @@ def write_shard(
   return stats
 
 
+MIN_SIZE = 64  # --min_size's default: shards for training at 256² and up need no thumbnails
+
+
 def write_shards(
     items: Sequence[prepare_items.Item],
     dst: str | os.PathLike,
     shards: int,
     *,
     workers: int = 0,
-    min_size: int = 64,
+    min_size: int = MIN_SIZE,
     full_decode: bool = True,
     fingerprint: dict | None = None,
     progress: bool = True,
@@ -308,12 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--dst", required=True, help="output folder for data-*.array_record shards")
   ap.add_argument("--shards", type=int, required=True, help="number of shards")
   ap.add_argument(
-      "--min_size", type=int, default=64, help="skip images whose short side is smaller; as data.min_image_side"
+      "--min_size", type=int, default=MIN_SIZE, help="skip images whose short side is smaller; as data.min_image_side"
   )
   ap.add_argument("--workers", type=int, default=0, help="writer processes (0/1 = this process)")
-  ap.add_argument("--image_key", default="image", help="image column/field of a table or TFDS feature")
-  ap.add_argument("--caption_key", default="caption", help="caption column/field ('' for none)")
-  ap.add_argument("--split", default="train", help="TFDS split")
+  data = config_lib.base_config().data  # the same defaults as training's data.image_key / caption_key / split
+  ap.add_argument("--image_key", default=data.image_key, help="image column/field of a table or TFDS feature")
+  ap.add_argument("--caption_key", default=data.caption_key, help="caption column/field ('' for none)")
+  ap.add_argument("--split", default=data.split, help="TFDS split")
   ap.add_argument(
       "--fast_verify",
       action="store_true",
