@@ -17,7 +17,7 @@
 # constraints.txt where it names them. Environment knobs:
 #   IOMM_BENCH_CONFIG     config file (default configs/iomm_b.py)
 #   IOMM_BENCH_OUT        sweep output folder (default bench_gpu)
-#   IOMM_BENCH_BUDGET_S   sweep: start no new point after this many seconds (default 480)
+#   IOMM_BENCH_BUDGET_S   sweep: start no new point after this many seconds (default: gpu_sweep.py's --budget_s)
 #   IOMM_BENCH_STEPS      timed steps per point (default 10)
 #   IOMM_BENCH_ALLOW_CPU  1: run even without a GPU (smoke test of this script; figures are then meaningless)
 #   PYTHON                interpreter (default python3)
@@ -76,4 +76,4 @@ fi
 ALLOW=()
 [[ "$PLATFORM" != "gpu" ]] && ALLOW=(--allow_cpu)
 exec "$PY" bench/gpu_sweep.py --config="$CONFIG" --out="${IOMM_BENCH_OUT:-bench_gpu}" --steps="$STEPS" \
-  --budget_s="${IOMM_BENCH_BUDGET_S:-480}" "${ALLOW[@]}" "$@"
+  ${IOMM_BENCH_BUDGET_S:+--budget_s="$IOMM_BENCH_BUDGET_S"} "${ALLOW[@]}" "$@"

@@ -1,7 +1,7 @@
 """The accelerator figures in one call: bench/step.py over global batch, attention path and DiT remat policy.
 
   python bench/gpu_sweep.py --out=DIR [--config=configs/iomm_b.py] [--batches=8,16,32] [--attention=auto,xla,cudnn]
-      [--remat=none,dots_saveable,full] [--base_batch=16] [--steps=10] [--budget_s=600] [--allow_cpu] [-- extra]
+      [--remat=none,dots_saveable,full] [--base_batch=16] [--steps=10] [--budget_s=480] [--allow_cpu] [-- extra]
 
 One factor at a time, most important first: every batch with the config's own attention and remat; then every other
 attention path, then every other remat policy, at `--base_batch`. Each point is one `bench/step.py --synthetic` run
@@ -119,7 +119,12 @@ def main(argv=None) -> int:
   ap.add_argument("--remat", default="none,dots_saveable,full", help="DiT remat policies at --base_batch")
   ap.add_argument("--base_batch", type=int, default=16)
   ap.add_argument("--steps", type=int, default=10, help="timed steps per point")
-  ap.add_argument("--budget_s", type=float, default=600, help="start no new point after this many seconds")
+  ap.add_argument(
+      "--budget_s",
+      type=float,
+      default=480,
+      help="start no new point after this many seconds (480: a 15-minute device lease keeps time to start and copy back)",
+  )
   ap.add_argument("--point_timeout_s", type=float, default=420)
   ap.add_argument("--allow_cpu", action="store_true", help="run on CPU (a smoke test: the figures mean nothing)")
   args, extra = ap.parse_known_args(argv)
