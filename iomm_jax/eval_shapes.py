@@ -36,17 +36,19 @@ from iomm_jax import workdir_layout
 
 def score_folder(folder: str) -> tuple[list[dict], dict]:
   """(metadata list, score_images result) of a GenEval-layout folder."""
-  entries = geneval_layout.read(folder)
+  entries = geneval_layout.read_folders(folder)
   if not entries:
     raise ValueError(f"{folder} holds no digit-named prompt folders (GenEval layout)")
   metadata, images = [], []
-  for idx, meta, pngs in entries:
+  for prompt_dir, meta, pngs in entries:
     if not pngs:
-      raise ValueError(f"{folder}/{idx:05d}/samples holds no PNGs")
+      raise ValueError(f"{prompt_dir / geneval_layout.SAMPLES_DIR} holds no PNGs")
     try:
       shapes_benchmark.check_metadata(meta)
     except ValueError as e:
-      raise ValueError(f"{folder}/{idx:05d}/metadata.jsonl cannot be scored in the shapes world: {e}") from None
+      raise ValueError(
+          f"{prompt_dir / geneval_layout.METADATA_FILE} cannot be scored in the shapes world: {e}"
+      ) from None
     metadata.append(meta)
     loaded = [geneval_layout.load_image(p) for p in pngs]
     size = (images[0] if images else loaded[0]).shape[-3:]

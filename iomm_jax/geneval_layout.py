@@ -89,7 +89,8 @@ def _is_index(name: str) -> bool:
   return name.isdigit()
 
 
-_SAMPLE_FOLDER = {"metadata.jsonl", "samples", "grid.png"}  # what Writer.add puts in a prompt folder
+METADATA_FILE, SAMPLES_DIR, GRID_FILE = "metadata.jsonl", "samples", "grid.png"  # a prompt folder's contents
+_SAMPLE_FOLDER = {METADATA_FILE, SAMPLES_DIR, GRID_FILE}  # what Writer.add puts in a prompt folder
 # What `eval_shapes --samples=DIR` writes into a sample folder it scores: part of that output, carried over on rewrite.
 REPORT_FILES = (workdir_layout.EVAL_SHAPES + "*.json", workdir_layout.EVAL_SHAPES + "*.png")
 
@@ -99,10 +100,12 @@ def _foreign(folder: Path) -> str:
   if not folder.is_dir():
     return "a file"
   names = {p.name for p in folder.iterdir()}
-  if not ((folder / "metadata.jsonl").is_file() and (folder / "samples").is_dir()):
-    return "not a GenEval sample folder (no metadata.jsonl and samples/)"
+  if not ((folder / METADATA_FILE).is_file() and (folder / SAMPLES_DIR).is_dir()):
+    return f"not a GenEval sample folder (no {METADATA_FILE} and {SAMPLES_DIR}/)"
   extra = sorted(names - _SAMPLE_FOLDER) + sorted(
-      f"samples/{p.name}" for p in (folder / "samples").iterdir() if not (p.suffix == ".png" and p.stem.isdigit())
+      f"{SAMPLES_DIR}/{p.name}"
+      for p in (folder / SAMPLES_DIR).iterdir()
+      if not (p.suffix == ".png" and p.stem.isdigit())
   )
   return f"a sample folder holding other files too ({', '.join(extra[:3])})" if extra else ""
 
@@ -154,11 +157,11 @@ class Writer:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
     folder = self.tmp / f"{index:05d}"
-    (folder / "samples").mkdir(parents=True)
-    (folder / "metadata.jsonl").write_text(json.dumps(metadata) + "\n")
+    (folder / SAMPLES_DIR).mkdir(parents=True)
+    (folder / METADATA_FILE).write_text(json.dumps(metadata) + "\n")
     for n, img in enumerate(images):
-      Image.fromarray(img).save(folder / "samples" / f"{n:04d}.png")
-    Image.fromarray(grid(images)).save(folder / "grid.png")
+      Image.fromarray(img).save(folder / SAMPLES_DIR / f"{n:04d}.png")
+    Image.fromarray(grid(images)).save(folder / GRID_FILE)
     self.count += 1
     return self.out_dir / folder.name
 
@@ -206,18 +209,23 @@ def write(
 
 def read(out_dir: str | os.PathLike) -> list[tuple[int, dict, list[Path]]]:
   """(index, metadata, sample PNG paths) of every digit-named prompt folder, as GenEval's evaluator reads them."""
+  return [(int(folder.name), metadata, pngs) for folder, metadata, pngs in read_folders(out_dir)]
+
+
+def read_folders(out_dir: str | os.PathLike) -> list[tuple[Path, dict, list[Path]]]:
+  """`read` with each prompt's folder as it is named on disk (GenEval accepts '7' as well as '00007')."""
   out_dir = Path(out_dir)
   if not out_dir.is_dir():
     raise FileNotFoundError(f"{out_dir} is not a folder")
   out = []
   for folder in sorted(p for p in out_dir.iterdir() if p.is_dir() and _is_index(p.name)):
-    meta_path = folder / "metadata.jsonl"
+    meta_path = folder / METADATA_FILE
     metadata = next((obj for _, obj in jsonl.objects(meta_path)), None)  # a bad line raises naming it
     if metadata is None:
       raise ValueError(f"{meta_path}: no metadata line")
-    samples = folder / "samples"
+    samples = folder / SAMPLES_DIR
     pngs = sorted(p for p in samples.iterdir() if p.suffix == ".png" and p.stem.isdigit()) if samples.is_dir() else []
-    out.append((int(folder.name), metadata, pngs))
+    out.append((folder, metadata, pngs))
   return out
 
 

@@ -226,6 +226,9 @@ def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
   (tmp_path / "s" / "00000" / "metadata.jsonl").write_text(json.dumps({"prompt": "a dog"}) + "\n")
   with pytest.raises(SystemExit, match=r"00000/metadata\.jsonl cannot be scored in the shapes world: no 'tag'"):
     ev.main([f"--samples={tmp_path / 's'}"])
+  (tmp_path / "s" / "00000").rename(tmp_path / "s" / "7")  # GenEval reads any digit-named folder: named as it is
+  with pytest.raises(SystemExit, match=rf"{tmp_path / 's' / '7' / 'metadata.jsonl'} cannot be scored"):
+    ev.main([f"--samples={tmp_path / 's'}"])
 
 
 # GenEval's own metadata over this world: its six tasks' tags, a single object without a colour, counting with an
