@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from iomm_jax import app_exit
 from iomm_jax import parallel
 from iomm_jax.data import records
 from iomm_jax.data import cache_reader, shard_dir
@@ -364,4 +365,4 @@ if __name__ == "__main__":
   parser = config_cli.flags_parser(
       _define_flags(), unknown_field=unknown_field_message, sections=tuple(base_config().keys())
   )
-  sys.exit(app.run(main, flags_parser=parser))
+  sys.exit(app.run(lambda argv: app_exit.run(main, argv), flags_parser=parser))

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from iomm_jax import app_exit
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import workdir_layout
 from iomm_jax.mllm_pretrain import hf_folder
@@ -54,6 +55,18 @@ def _read(path: str) -> dict | None:
     raise SystemExit(f"demo_summary: {path} is not valid JSON ({e}); rerun the step that writes it") from None
 
 
+def _pick(path: str, data, fields):
+  """`fields(data)`; a report of another shape than the summary reads (edited, or another version's) stops it in one
+  line naming the file."""
+  try:
+    return fields(data)
+  except (KeyError, TypeError, AttributeError, IndexError) as e:
+    raise SystemExit(
+        f"demo_summary: {path} does not hold the fields the summary reads ({type(e).__name__}: {e}); rerun the "
+        "step that writes it"
+    ) from None
+
+
 def _trained_steps(workdir: str) -> int | None:
   """The last training step in `workdir`'s metrics (None when it logged none)."""
   steps = [int(r["step"]) for r in metrics_lib.read_metrics(workdir) if "loss" in r]
@@ -66,16 +79,17 @@ STAGE1_GENEVAL = ("single_object_colour", "single_object_shape", "overall", "sin
 
 def _init_workdir(workdir: str) -> str:
   """The run the fine-tuned `workdir` started from (its config.init.workdir; '' when none)."""
-  config = _read(workdir_layout.path(workdir, workdir_layout.CONFIG)) or {}
-  return config.get("init", {}).get("workdir", "")
+  path = workdir_layout.path(workdir, workdir_layout.CONFIG)
+  return _pick(path, _read(path) or {}, lambda c: c.get("init", {}).get("workdir", ""))
 
 
 def _geneval(workdir: str, keys=None) -> tuple[dict, dict]:
   """(figures, chance) of `workdir`'s eval_shapes.json, limited to `keys` when given; ({}, {}) when absent."""
-  gen = _read(workdir_layout.path(workdir, workdir_layout.EVAL_SHAPES + ".json")) if workdir else None
+  path = workdir_layout.path(workdir, workdir_layout.EVAL_SHAPES + ".json") if workdir else ""
+  gen = _read(path) if workdir else None
   if not gen:
     return {}, {}
-  figures = {**gen["scores"], "overall": gen["overall"], **gen.get("diagnostics", {})}
+  figures = _pick(path, gen, lambda g: {**g["scores"], "overall": g["overall"], **g.get("diagnostics", {})})
   if keys is not None:
     figures = {k: figures[k] for k in keys if k in figures}
   return figures, dict(gen.get("chance", {}))
@@ -91,27 +105,35 @@ def training_steps(workdir: str) -> dict:
   return out
 
 
+def _mllm_figures(rep: dict) -> tuple[dict, dict]:
+  """(figures, chance) of the tiny MLLM's report."""
+  figures = {k: rep["heldout"][k] for k in ("exact", "colour", "shape", "relation")}
+  single = rep["heldout"].get("by_objects", {}).get("1")
+  if single:  # shape on single objects: the pooled figure credits lucky guesses on multi-object scenes
+    figures["single_object_shape"] = single["shape"]
+  chance = dict(rep.get("chance", {}))
+  if "shape" in chance:
+    chance["single_object_shape"] = chance["shape"]
+  return figures, chance
+
+
 def collect(mllm_dir: str, workdir: str) -> dict:
   """{'mllm': {...}, 'training': {...}, 'recon': {...}, 'geneval_stage1': {...}, 'geneval': {...}} (with their
   chance levels) from the files the demo's steps wrote."""
   out: dict = {}
-  rep = _read(os.path.join(mllm_dir, hf_folder.REPORT_FILE))
+  rep_path = os.path.join(mllm_dir, hf_folder.REPORT_FILE)
+  rep = _read(rep_path)
   if rep:
-    out["mllm"] = {k: rep["heldout"][k] for k in ("exact", "colour", "shape", "relation")}
-    single = rep["heldout"].get("by_objects", {}).get("1")
-    if single:  # shape on single objects: the pooled figure credits lucky guesses on multi-object scenes
-      out["mllm"]["single_object_shape"] = single["shape"]
-    out["mllm_chance"] = dict(rep.get("chance", {}))
-    if "shape" in out["mllm_chance"]:
-      out["mllm_chance"]["single_object_shape"] = out["mllm_chance"]["shape"]
+    out["mllm"], out["mllm_chance"] = _pick(rep_path, rep, _mllm_figures)
   steps = training_steps(workdir)
   if rep and isinstance(rep.get("steps"), int):  # the MLLM's captioning steps (fewer if the demo's clock stopped it)
     steps = {"mllm_steps": rep["steps"], **steps}
   if steps:
     out["training"] = steps
-  recon = _read(workdir_layout.path(workdir, workdir_layout.RECON_REPORT))
+  recon_path = workdir_layout.path(workdir, workdir_layout.RECON_REPORT)
+  recon = _read(recon_path)
   if recon:
-    out["recon"] = {k: recon[k] for k in ("margin", "top1_retrieval") if k in recon}
+    out["recon"] = _pick(recon_path, recon, lambda r: {k: v for k, v in r.items() if k in ("margin", "top1_retrieval")})
   for group, path, keys in (("geneval_stage1", _init_workdir(workdir), STAGE1_GENEVAL), ("geneval", workdir, None)):
     figures, chance = _geneval(path, keys)
     if figures:
@@ -181,4 +203,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(app_exit.run(main))

@@ -20,11 +20,12 @@ import sys
 
 import jax
 import numpy as np
+from iomm_jax import app_exit
 from iomm_jax.train import generate as sample_lib
 from iomm_jax.data import decode
 from iomm_jax.data.sources import heldout_shapes
 from iomm_jax.train import restore
-from iomm_jax import workdir_layout
+from iomm_jax import output_folder, workdir_layout
 
 
 def mse_matrix(samples: np.ndarray, refs: np.ndarray) -> np.ndarray:
@@ -120,6 +121,10 @@ def main(argv=None) -> int:
         "images only, which this run never saw; pass --shapes_anyway to score them all the same"
     )
 
+  report = workdir_layout.path(args.workdir, workdir_layout.RECON_REPORT)
+  problem = output_folder.path_problem(report, folder=False)
+  if problem:  # before the (slow) sampling
+    raise SystemExit(f"eval_recon: cannot write its report: {problem}")
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   source = str(run.config.data.source)
   stats = {
@@ -136,11 +141,11 @@ def main(argv=None) -> int:
         f"(data.source={source!r})",
         file=sys.stderr,
     )
-  with open(workdir_layout.path(args.workdir, workdir_layout.RECON_REPORT), "w") as f:
-    json.dump(stats, f, indent=2)
+  with output_folder.atomic_file(report) as tmp:
+    tmp.write_text(json.dumps(stats, indent=2))
   print(json.dumps(stats))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(app_exit.run(main))

@@ -25,7 +25,8 @@ import sys
 
 import numpy as np
 
-from iomm_jax import geneval_layout, shapes_benchmark
+from iomm_jax import app_exit
+from iomm_jax import geneval_layout, output_folder, shapes_benchmark
 from iomm_jax import sample as sample_lib
 from iomm_jax.train import restore
 from iomm_jax.train.generate import add_sampling_flags, check_sampling_flags
@@ -103,7 +104,8 @@ def picture(rows: list[tuple[str, np.ndarray, list[bool]]], path: str) -> None:
       draw.rectangle([x, y, x + w + 2 * frame - 1, y + h + 2 * frame - 1], fill=(40, 170, 60) if ok else (210, 40, 40))
       canvas.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (x + frame, y + frame))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  canvas.save(path)
+  with output_folder.atomic_file(path) as tmp:
+    canvas.save(tmp, format="PNG")
 
 
 def _grid_rows(metadata: list[dict], per_tag: int = 2) -> list[int]:
@@ -137,9 +139,8 @@ def report(folder: str, json_path: str, png_path: str, extra: dict | None = None
       "picture": png_path,
   }
   full = {**summary, "picture_rows": [metadata[i]["prompt"] for i in rows], "per_prompt": res["per_prompt"]}
-  os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-  with open(json_path, "w") as f:
-    json.dump(full, f, indent=2)
+  with output_folder.atomic_file(json_path) as tmp:
+    tmp.write_text(json.dumps(full, indent=2))
   return summary
 
 
@@ -216,6 +217,11 @@ def main(argv=None) -> int:
     geneval_layout.check_out_dir(out, also_own=own)
   except geneval_layout.OutputPathError as e:
     raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
+  problem = output_folder.path_problem(
+      workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix + ".json"), folder=False
+  )
+  if problem:
+    raise SystemExit(f"eval_shapes: cannot write its report: {problem}")
   import jax
 
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
@@ -248,4 +254,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(app_exit.run(main))

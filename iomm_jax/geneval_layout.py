@@ -116,7 +116,7 @@ def check_out_dir(out_dir: str | os.PathLike, also_own: tuple[str, ...] = ()) ->
   files matching one of the glob patterns `also_own`, which a caller writes beside them)."""
   also_own = tuple(also_own) + REPORT_FILES
   out_dir = Path(out_dir)
-  problem = output_folder.path_problem(out_dir, folder=True)
+  problem = output_folder.path_problem(out_dir, folder=True, beside=True)
   if problem:
     raise OutputPathError(problem)
   if not out_dir.is_dir():

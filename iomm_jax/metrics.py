@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import threading
 import time
 
 import numpy as np
@@ -27,7 +29,11 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(workdir_layout.path(workdir, workdir_layout.TENSORBOARD))
+      _quiet_event_thread_errors()
+
+      # A queue far longer than one logged row: a writer thread that died is noticed (`_tensorboard`) before the
+      # queue could fill, as a full one blocks the next event for ever.
+      self._tb = SummaryWriter(workdir_layout.path(workdir, workdir_layout.TENSORBOARD), max_queue=TB_QUEUE)
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -42,9 +48,10 @@ class MetricsWriter:
           f"{self.path}: cannot log step {row['step']} ({e.strerror or e}); free space or move the workdir, then "
           "rerun: training resumes from its newest checkpoint"
       ) from None
+    tb = self._tensorboard()
     for k, v in row.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
+      if tb is not None and k != "step" and isinstance(v, (int, float)):
+        tb.add_scalar(k, v, step)
 
   def truncate_after(self, step: int) -> int:
     """Drop rows logged after `step` (a resumed run re-logs them); returns how many were dropped."""
@@ -58,16 +65,74 @@ class MetricsWriter:
     return len(rows) - len(keep)
 
   def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
-    if self.enabled:
-      self._tb.add_image(tag, image_hwc_uint8, step, dataformats="HWC")
+    tb = self._tensorboard()
+    if tb is not None:
+      tb.add_image(tag, image_hwc_uint8, step, dataformats="HWC")
 
   def flush(self) -> None:
     if self._tb is not None:
-      self._tb.flush()
+      try:
+        self._tb.flush()
+      except OSError as e:
+        self._drop_tensorboard(e)
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError as e:
+        self._drop_tensorboard(e)
+      self._tb = None
+
+  def _tensorboard(self):
+    """The TensorBoard writer while its writer thread lives; one that died writing (a full disk) is dropped with
+    one line, or the next event would wait forever on its full queue."""
+    if self._tb is None:
+      return None
+    for file_writer in (getattr(self._tb, "all_writers", None) or {}).values():
+      worker = getattr(getattr(file_writer, "event_writer", None), "_worker", None)
+      if worker is not None and not worker.is_alive():
+        self._drop_tensorboard(_EVENT_THREAD_ERRORS.get(worker) or OSError("its writer thread stopped"))
+        return None
+    return self._tb
+
+  def _drop_tensorboard(self, error: OSError) -> None:
+    """The TensorBoard mirror could not be written (a full disk): stop it with one line, training goes on or ends as
+    it would; metrics.jsonl, which resumes and reports read, is written (or refused) on its own."""
+    tb, self._tb = self._tb, None
+    for file_writer in (getattr(tb, "all_writers", None) or {}).values():
+      events = getattr(file_writer, "event_writer", None)
+      try:  # no second try at exit (tensorboardX's atexit close) or from its writer thread: each would raise again
+        events._closed = True
+        events._worker._queue.put(events._worker._shutdown_signal)
+      except Exception:  # noqa: BLE001 — tensorboardX's internals; best effort
+        pass
+    print(
+        f"note: TensorBoard events under {os.path.dirname(self.path)} stopped ({error.strerror or error}); "
+        f"{workdir_layout.METRICS} keeps every logged row",
+        file=sys.stderr,
+    )
+
+
+TB_QUEUE = 10_000
+_EVENT_THREAD_ERRORS: dict = {}  # tensorboardX writer thread → the OSError that ended it
+
+
+def _quiet_event_thread_errors() -> None:
+  """A tensorboardX writer thread that dies on an OSError (a full disk) is recorded for MetricsWriter to report in
+  one line, not printed as a thread traceback; every other thread's exception is reported as before."""
+  if getattr(threading.excepthook, "_iomm_quiet_events", False):
+    return
+  previous = threading.excepthook
+
+  def hook(args):
+    if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_EventLoggerThread":
+      _EVENT_THREAD_ERRORS[args.thread] = args.exc_value
+      return
+    previous(args)
+
+  hook._iomm_quiet_events = True
+  threading.excepthook = hook
 
 
 def _py(v):

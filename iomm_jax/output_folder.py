@@ -13,20 +13,35 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 
-def path_problem(path: str | os.PathLike, folder: bool) -> str:
+def path_problem(path: str | os.PathLike, folder: bool, *, beside: bool = False) -> str:
   """Why `path` cannot be written as a folder (`folder`) or a file: it, or a folder above it, is a file, or a file's
-  path is a folder; '' when it can."""
+  path is a folder, or the folder it would be written in is read-only or full; '' when it can. Checked before the
+  work, so a command does not compute for minutes and then fail to write. `beside`: an existing folder is replaced
+  by a sibling written next to it (so its parent must take writes), not written into."""
   path = Path(os.path.abspath(os.path.expanduser(path)))
   if path.exists():
     if folder and not path.is_dir():
       return f"{path} exists and is not a folder; give a folder"
     if not folder and path.is_dir():
       return f"{path} is a folder; give a file path"
-    return ""
+    return _unwritable(path if folder and not beside else path.parent)  # a file is replaced from beside it too
   for parent in path.parents:  # the nearest existing folder above it must be a folder, or nothing can be made
     if parent.exists():
-      return "" if parent.is_dir() else f"{parent} is a file, so {path} cannot be made; give a path under a folder"
+      if not parent.is_dir():
+        return f"{parent} is a file, so {path} cannot be made; give a path under a folder"
+      return _unwritable(parent)
   return ""
+
+
+def _unwritable(folder: Path) -> str:
+  """Why nothing can be written in the existing `folder` (read-only, no permission, or no free space); ''."""
+  if not os.access(folder, os.W_OK | os.X_OK):  # EROFS on a read-only filesystem, even for root
+    return f"{folder} cannot be written to (read-only or no permission); choose a folder you can write to"
+  try:
+    free = os.statvfs(folder).f_bavail
+  except OSError:
+    return ""
+  return f"{folder} is on a full filesystem (no free space); free some or choose another folder" if free == 0 else ""
 
 
 def replace_problem(
@@ -41,7 +56,7 @@ def replace_problem(
   """Why `dst` cannot become (or replace) this command's output folder; '' when it can. A non-empty `dst` is
   replaced only with `overwrite` and only when it holds one of `markers` (files only this command writes); `dst`
   must neither be, hold nor lie inside `source` (the command's input)."""
-  problem = path_problem(dst, folder=True)
+  problem = path_problem(dst, folder=True, beside=True)
   if problem:
     return f"{flag}={dst}: {problem}"
   d = Path(os.path.abspath(os.path.expanduser(dst))).resolve()
@@ -80,3 +95,18 @@ def replacing(dst: str | os.PathLike) -> Iterator[Path]:
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary sibling of the file `path` (same suffix) to write; it replaces `path` only when the block
+  completes, so a full disk or a kill leaves the old file whole; it is removed when the block fails."""
+  path = Path(os.path.abspath(os.path.expanduser(path)))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()

@@ -17,7 +17,9 @@ import json
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+from iomm_jax import app_exit
 from iomm_jax import config_cli
 from iomm_jax.config import ConfigError
 from iomm_jax.mllm_pretrain import trainer
@@ -27,6 +29,7 @@ _OUT = flags.DEFINE_string("out", None, "the -hf folder to write (replaced if it
 
 
 def main(argv):
+  absl_logging.set_verbosity(absl_logging.WARNING)  # not JAX's INFO line about the TPU backend it did not find
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override config fields")
   if not _OUT.value:
@@ -42,4 +45,4 @@ def main(argv):
 
 if __name__ == "__main__":
   parser = config_cli.flags_parser(_CONFIG, sections=trainer.CONFIG_SECTIONS, example="configs/tiny_mllm.py")
-  sys.exit(app.run(main, flags_parser=parser))
+  sys.exit(app.run(lambda argv: app_exit.run(main, argv), flags_parser=parser))

@@ -19,6 +19,7 @@ import sys
 import jax
 import numpy as np
 
+from iomm_jax import app_exit
 from iomm_jax import geneval_layout, output_folder
 from iomm_jax.models import iomm
 from iomm_jax.train.generate import (
@@ -176,4 +177,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(app_exit.run(main))

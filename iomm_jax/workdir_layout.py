@@ -82,8 +82,11 @@ def read_config_json(workdir: str | os.PathLike):
   """The JSON value of `<workdir>/config.json` (which must exist); SavedConfigError, one line with where the JSON
   breaks and what to do, when it is not JSON."""
   file = path(workdir, CONFIG)
-  with open(file, "rb") as f:
-    data = f.read()
+  try:
+    with open(file, "rb") as f:
+      data = f.read()
+  except IsADirectoryError:
+    raise SavedConfigError(f"{file} is a folder, not the run's config; {config_repair_hint(workdir)}") from None
   try:
     text = data.decode("utf-8")
     return json.loads(text)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
-from iomm_jax.train import checkpoint, guard, orphaned_reads
+from iomm_jax import orphaned_reads
+from iomm_jax.train import checkpoint, guard
 from iomm_jax.train.user_errors import USER_ERRORS
 
 # ---- damaged / non-finite checkpoints ---------------------------------------------------------------------------

@@ -263,6 +263,23 @@ def test_verify_passes_on_good_checkpoints(ckpts, capsys, name):
   assert report["passed"] and all(o["max_rel_diff"] <= 1e-4 for o in report["outputs"].values())
 
 
+def test_a_damaged_component_directory_is_one_line_naming_it(ckpts, tmp_path, capsys):
+  _, flux, _ = ckpts["mmdit"]
+  assert run_cli("to-jax", "--component", "transformer", "--src", flux, "--dst", tmp_path / "j") == 0
+  for data in (tmp_path / "j" / orbax_io.PARAMS_DIR).rglob("d/*"):
+    os.truncate(data, 50)
+  capsys.readouterr()
+  for argv, flag in (
+      (("verify", "--component", "transformer", "--src", flux, "--jax", tmp_path / "j"), "--jax"),
+      (("to-torch", "--component", "transformer", "--src", tmp_path / "j", "--dst", tmp_path / "t"), "--src"),
+  ):
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {flag}={tmp_path / 'j'}: its weights ") and "could not be read" in err, err
+    assert "\n" not in err and "to-jax" in err
+  assert not (tmp_path / "t").exists()
+
+
 def test_verify_converted_and_tampered(ckpts, tmp_path, capsys):
   _, flux, _ = ckpts["mmdit"]
   assert run_cli("to-jax", "--component", "transformer", "--src", flux, "--dst", tmp_path / "good") == 0

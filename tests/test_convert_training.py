@@ -109,6 +109,7 @@ def test_training_starts_from_converted_weights(trained):
 
 @pytest.mark.slow  # shares one in-process training run (≈1 min of compile on 2 CPU cores)
 def test_init_config_mismatch_names_the_field(trained):
+  from iomm_jax.train import loop
   from iomm_jax.weights.init_weights import InitWeightsError, apply
 
   root, params = trained["root"], trained["initial"]
@@ -125,6 +126,10 @@ def test_init_config_mismatch_names_the_field(trained):
   wrong = _tiny_train_config(init__transformer=str(root / "init_r"))
   with pytest.raises(InitWeightsError, match="to-jax --component transformer"):
     apply(wrong, params, {"dit": None, "rqa": None})
+  # Training checks them before it writes anything: the refused run's workdir stays empty.
+  with pytest.raises(InitWeightsError, match="to-jax --component transformer"):
+    loop.train(wrong, str(root / "refused"))
+  assert os.listdir(root / "refused") == []
 
 
 @pytest.mark.slow  # shares one in-process training run (≈1 min of compile on 2 CPU cores)

@@ -112,3 +112,24 @@ def test_a_file_cut_short_stops_the_summary_in_one_line_naming_it(tmp_path, name
     demo_summary.main(["--mllm", str(tmp_path / "none"), "--workdir", str(tmp_path)])
   line = e.value.code
   assert isinstance(line, str) and "\n" not in line and str(tmp_path / name) in line, line
+
+
+@pytest.mark.parametrize(
+    "folder,name,content",
+    [
+        ("mllm", "mllm_pretrain.json", {"heldout": 5}),
+        ("run", "recon.json", [1, 2]),
+        ("run", "eval_shapes.json", {"overall": 0.2}),
+        ("run", "config.json", {"init": "stage1"}),
+    ],
+)
+def test_a_report_of_another_shape_stops_the_summary_in_one_line_naming_it(tmp_path, folder, name, content):
+  for d in ("mllm", "run"):
+    (tmp_path / d).mkdir()
+  (tmp_path / "run" / "config.json").write_text(json.dumps({"init": {"workdir": ""}}))
+  (tmp_path / folder / name).write_text(json.dumps(content))
+  with pytest.raises(SystemExit) as e:
+    demo_summary.main(["--mllm", str(tmp_path / "mllm"), "--workdir", str(tmp_path / "run")])
+  line = e.value.code
+  assert isinstance(line, str) and "\n" not in line and line.startswith(f"demo_summary: {tmp_path / folder / name}")
+  assert "does not hold the fields the summary reads" in line

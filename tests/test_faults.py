@@ -143,3 +143,47 @@ def test_a_metrics_row_that_cannot_be_written_is_one_error_saying_what_to_do(tmp
     w.scalars(7, {"loss": 1.0})
   w.close()
   assert issubclass(metrics.MetricsWriteError, USER_ERRORS)  # the apps print it in one line
+
+
+_TENSORBOARD_ON_A_FULL_DISK = """
+import os, sys, time
+from iomm_jax.metrics import MetricsWriter
+w = MetricsWriter(sys.argv[1])
+w.scalars(1, {"loss": 0.5})
+try:
+  with open(os.path.join(sys.argv[1], "filler"), "wb") as f:
+    f.write(b"x" * (1 << 20))
+except OSError:
+  pass
+for i in range(300):  # rows of 20 values, more than tensorboardX's own queue of 10 holds
+  tb = w._tensorboard()
+  if tb is not None:
+    for k in range(20):
+      tb.add_scalar(f"v{k}", float(i), i)
+  time.sleep(0.01)
+print("dropped" if w._tb is None else "kept", flush=True)
+w.close()
+print("closed", flush=True)
+"""
+
+
+def test_tensorboard_on_a_full_disk_stops_with_one_line_and_never_hangs_the_run(tmp_path):
+  """tensorboardX's writer thread dies on a full disk; its queue then blocked the next logged row for ever and its
+  close raised through the trainer's cleanup (leaving the lock). Now: one note, the run goes on, no traceback."""
+  mnt = tmp_path / "small"
+  mnt.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  try:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    r = subprocess.run(
+        [sys.executable, "-c", _TENSORBOARD_ON_A_FULL_DISK, str(mnt / "w")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+  finally:
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+  assert r.returncode == 0 and r.stdout.split() == ["dropped", "closed"], (r.stdout, r.stderr[-2000:])
+  assert r.stderr.strip().splitlines() == [
+      f"note: TensorBoard events under {mnt / 'w'} stopped (No space left on device); metrics.jsonl keeps every "
+      "logged row"
+  ], r.stderr[-2000:]

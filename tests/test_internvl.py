@@ -221,6 +221,8 @@ def test_key_mismatch_and_sharded_and_bin(checkpoints, tmp_path):
   shard_dir = tmp_path / "sharded"
   files = io.write_safetensors(as_module, shard_dir, max_shard_bytes=20_000)
   assert len(files) > 1 and (shard_dir / "model.safetensors.index.json").is_file()
+  plain = (shard_dir / "model.safetensors.index.json").stat().st_mode & 0o777  # written with open(): the umask's
+  assert {f.stat().st_mode & 0o777 for f in files} == {plain}  # not safetensors' own 0600
   shutil.copy(path / "config.json", shard_dir / "config.json")
   text, _, _ = _inputs(spec, internvl_keys.config_from_torch(json.loads((path / "config.json").read_text())))
   theirs, _ = _torch_forward(torch_model, text)

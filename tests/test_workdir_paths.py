@@ -106,6 +106,47 @@ def test_a_config_json_cut_short_or_edited_is_one_line_naming_the_file_the_posit
     restore.load_config(str(work))
 
 
+@pytest.mark.parametrize(
+    "section,field,value,needle",
+    [
+        ("sample", "steps", "many", "config.sample.steps is 'many', where the schema holds int values (default 50)"),
+        ("sample", "use_ema", 1, "config.sample.use_ema is 1, where the schema holds bool values"),
+        ("train", "lr", "fast", "config.train.lr is 'fast', where the schema holds float values"),
+        ("mesh", "rules", 3, "config.mesh.rules is 3, where the schema holds tuple values"),
+        ("model", "dit", "mmdit", "config.model.dit is 'mmdit', where a section is expected"),
+    ],
+)
+def test_a_config_json_field_edited_to_another_type_is_one_line_naming_it(tmp_path, section, field, value, needle):
+  work = tmp_path / "work"
+  work.mkdir()
+  loop.save_resolved_config(tiny_config(), str(work))
+  saved = json.loads((work / "config.json").read_text())
+  saved[section][field] = value
+  (work / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(SystemExit) as e:
+    restore.load_config(str(work))
+  msg = str(e.value)
+  assert msg.startswith(f"error: {work / 'config.json'}: {needle}") and "\n" not in msg, msg
+
+
+def test_a_config_json_value_outside_its_list_or_a_folder_in_its_place_is_one_line(tmp_path):
+  work = tmp_path / "work"
+  work.mkdir()
+  loop.save_resolved_config(tiny_config(), str(work))
+  saved = json.loads((work / "config.json").read_text())
+  saved["model"]["dit"]["kind"] = "bogus"
+  (work / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(SystemExit, match=r"config\.model\.dit\.kind='bogus' is not one of \('mmdit', 's3dit'\)"):
+    restore.load_config(str(work))
+  (work / "config.json").unlink()
+  (work / "config.json").mkdir()
+  with pytest.raises(SystemExit, match=re.escape(f"error: {work / 'config.json'} is a folder, not the run's config")):
+    restore.load_config(str(work))
+  with pytest.raises(SystemExit, match=re.escape(f"{work / 'config.json'} is not a file")):
+    loop.train(tiny_config(), str(work))
+  assert sorted(p.name for p in work.iterdir()) == ["config.json"]  # nothing written beside it
+
+
 @pytest.mark.slow
 def test_sample_reports_a_cut_short_config_json_in_one_line(tmp_path):
   from helpers import run_app

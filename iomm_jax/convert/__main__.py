@@ -2,7 +2,8 @@
 
 import sys
 
+from iomm_jax import app_exit
 from iomm_jax.convert.cli import main
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(app_exit.run(main))

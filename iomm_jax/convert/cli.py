@@ -137,8 +137,8 @@ def to_torch(args) -> dict:
           args.src, args.dst, use_ema=args.use_ema, step=args.step, dtype=dtype, overwrite=args.overwrite
       )
     except SystemExit as e:  # train.restore reports a workdir without checkpoints this way
-      if isinstance(e.code, str):
-        raise ConvertError(e.code) from e
+      if isinstance(e.code, str):  # its "error: " prefix is the one the converter prints too
+        raise ConvertError(e.code.removeprefix("error: ")) from e
       raise
     return {"wrote": str(Path(args.dst).absolute()), "pipeline": info}
   if args.component is None:

@@ -46,6 +46,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from iomm_jax import app_exit
 from iomm_jax import config as config_lib
 from iomm_jax import data_kinds
 from iomm_jax.data import decode, prepare_items, records, shard_dir
@@ -374,4 +375,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(app_exit.run(main))

@@ -16,7 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from iomm_jax import workdir_layout
-from iomm_jax.train import checkpoint, orphaned_reads, restore_failure
+from iomm_jax import orphaned_reads, restore_failure
+from iomm_jax.train import checkpoint
 
 WEIGHTS = ("params", "ema_params")  # the TrainState fields that hold generator weights
 

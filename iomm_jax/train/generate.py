@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from iomm_jax import sampling
+from iomm_jax import output_folder, sampling
 from iomm_jax.models import iomm
 
 
@@ -169,8 +168,9 @@ def grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes uint8 `image` as a PNG at `path`, whole or not at all (an earlier file survives a failed write)."""
   img = Image.fromarray(image)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  img.save(path)
+  with output_folder.atomic_file(path) as tmp:
+    img.save(tmp, format="PNG")

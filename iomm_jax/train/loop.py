@@ -15,6 +15,7 @@ from iomm_jax import config as config_lib
 from iomm_jax import metrics as metrics_lib
 from iomm_jax import parallel
 from iomm_jax.data import cache_reader, holdout, pipeline
+from iomm_jax.weights import init_weights
 from iomm_jax.train import builder, checkpoint, guard, preemption, profiling, resume_check, sample_grids
 from iomm_jax.train import schedule, time_budget, validation
 from iomm_jax.train import flops as flops_lib
@@ -28,6 +29,11 @@ def check_workdir(workdir: str) -> None:
   """Create the workdir or fail clearly when it cannot be written, or when it holds a config.json that is not a
   run's (a model folder such as the MLLM's: the run would overwrite it) or that is not JSON (cut short)."""
   saved = workdir_layout.path(workdir, workdir_layout.CONFIG)
+  if os.path.exists(saved) and not os.path.isfile(saved):
+    raise SystemExit(
+        f"--workdir={workdir!r}: {saved} is not a file (the run writes its config there); remove it, or give the "
+        "run another folder"
+    )
   if os.path.isfile(saved):
     try:
       is_run = _is_run_config(workdir_layout.read_config_json(workdir))
@@ -166,6 +172,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     num_steps = schedule.num_steps(config.train, dataset_size)
     run = run.with_num_steps(num_steps)
     held_out = _validation(config, workdir, run, is_main)  # reads the held-out set now, not at the first eval
+    init_weights.check(config, run.abstract_state.params)  # converted start weights that do not fit: stop here
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, cleanup_tmp=True)
     ckpt.check_fits(run.abstract_state)  # another config's checkpoints are not damaged: stop, move nothing
     run.frozen = builder.load_frozen_weights(config, run)
@@ -185,12 +192,19 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
       ckpt.abandon()
     raise
   finally:
-    if data_iter is not None:  # stops Grain's worker processes and frees their shared memory, on every way out
-      data_iter.close()
-    if writer is not None:
-      writer.close()
-    watch.uninstall()
-    lock.release()
+    # Each step runs even when one before it fails: the lock must not outlive the run.
+    try:
+      if data_iter is not None:  # stops Grain's worker processes and frees their shared memory, on every way out
+        data_iter.close()
+    finally:
+      try:
+        if writer is not None:
+          writer.close()
+      finally:
+        try:
+          watch.uninstall()
+        finally:
+          lock.release()
 
 
 def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_steps: int, held_out) -> dict:

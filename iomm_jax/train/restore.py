@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from iomm_jax import config as config_lib
+from iomm_jax import config_validation
 from iomm_jax import parallel
 from iomm_jax.train import builder, checkpoint, checkpoint_weights
 from iomm_jax.train.user_errors import USER_ERRORS
@@ -24,9 +25,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise SystemExit(f"{path} not found: --workdir must be a training workdir written by python -m iomm_jax.main")
   try:
-    return read_config(workdir)
+    config = read_config(workdir)
   except SavedConfigError as e:
     raise SystemExit(f"error: {e}") from None
+  # A field edited by hand to a value outside its list (a DiT kind that does not exist) is named here, not as a
+  # traceback from deep in the build; types were checked as the file was read.
+  for field, choices in config_validation.CHOICES.items():
+    value = config_lib.get_field(config, field)
+    if value not in choices:
+      raise SystemExit(
+          f"error: {path}: config.{field}={value!r} is not one of {choices} (edited by hand?); "
+          f"{workdir_layout.config_repair_hint(workdir)}"
+      )
+  return config
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -38,7 +49,38 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         f"{workdir_layout.path(workdir, workdir_layout.CONFIG)} holds a JSON {type(saved).__name__}, not a run's "
         f"config (an object); {workdir_layout.config_repair_hint(workdir)}"
     )
-  return ml_collections.ConfigDict(_with_defaults(_tuples(saved), config_lib.base_config().to_dict()))
+  defaults = config_lib.base_config().to_dict()
+  wrong = _wrong_type(saved, defaults)
+  if wrong:
+    raise SavedConfigError(
+        f"{workdir_layout.path(workdir, workdir_layout.CONFIG)}: {wrong}; {workdir_layout.config_repair_hint(workdir)}"
+    )
+  return ml_collections.ConfigDict(_with_defaults(_tuples(saved), defaults))
+
+
+def _wrong_type(saved, defaults, prefix: str = "") -> str:
+  """The first field of `saved` whose JSON type cannot be the schema's (text for a number, a number for a switch,
+  a list for a scalar), in words; '' when every field can."""
+  if not isinstance(saved, dict):
+    return ""
+  for key, default in defaults.items():
+    if key not in saved or default is None:
+      continue
+    value, field = saved[key], f"config.{prefix}{key}"
+    if isinstance(default, dict):
+      if default and not isinstance(value, dict):
+        return f"{field} is {value!r}, where a section is expected"
+      problem = _wrong_type(value, default, f"{prefix}{key}.") if default else ""
+      if problem:
+        return problem
+      continue
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (list, tuple), list: (list, tuple)}
+    want = next((k for t, k in kinds.items() if type(default) is t), None)
+    if want is None or value is None:
+      continue
+    if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+      return f"{field} is {value!r}, where the schema holds {type(default).__name__} values (default {default!r})"
+  return ""
 
 
 def _with_defaults(saved: dict, defaults: dict) -> dict:

@@ -44,8 +44,9 @@ def _copy(tree):
   return {k: _copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
-def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, where: str):
-  """`current` (pure dict of arrays) replaced by DIR's weights on `shardings`, after the config/key checks."""
+def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, where: str, *, check_only: bool = False):
+  """`current` (pure dict of arrays) replaced by DIR's weights on `shardings`, after the config/key checks;
+  `check_only`: the checks alone (`current` may then hold ShapeDtypeStructs), returning None."""
   try:
     meta = orbax_io.read_meta(path, what=f"config.{field}")
   except components.ConvertError as e:
@@ -70,9 +71,11 @@ def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, whe
     )
 
   leaves = dict(_tuples(current))
-  sh = dict(_tuples(shardings))
   dotted = {".".join(map(str, k)): k for k in leaves}
-  stored_shapes = orbax_io.shapes(path)
+  try:
+    stored_shapes = orbax_io.shapes(path, what=f"config.{field}")
+  except components.ConvertError as e:
+    raise InitWeightsError(str(e)) from None
   missing = sorted(k for k in dotted if k not in stored_shapes)
   unexpected = sorted(k for k in stored_shapes if k not in dotted)
   misshaped = [
@@ -82,16 +85,32 @@ def load_into(field: str, path: str, kind: str, run_cfg, current, shardings, whe
   ]
   if missing or unexpected or misshaped:
     raise KeyMismatchError(f"config.{field}={path}", missing, unexpected, misshaped)
+  if check_only:
+    return None
+  sh = dict(_tuples(shardings))
   target = {d: jax.ShapeDtypeStruct(leaves[k].shape, leaves[k].dtype, sharding=sh[k]) for d, k in dotted.items()}
-  _, flat = orbax_io.load(path, target=target)
+  try:
+    _, flat = orbax_io.load(path, target=target, what=f"config.{field}")
+  except components.ConvertError as e:
+    raise InitWeightsError(str(e)) from None
   out = _copy(current)
   for d, k in dotted.items():
     _set(out, k, flat[d])
   return out
 
 
+def check(config, abstract_params: dict) -> None:
+  """What `apply` checks (the folders, their kinds, configs and array shapes), reading no array: training runs it
+  before it writes anything in its workdir, so converted weights that do not fit leave the workdir empty."""
+  _replace(config, abstract_params, None, check_only=True)
+
+
 def apply(config, params: dict, param_shardings: dict) -> dict:
   """params with 'dit' replaced from config.init.transformer and 'rqa' from config.init.rqa (when set)."""
+  return _replace(config, params, param_shardings, check_only=False)
+
+
+def _replace(config, params: dict, param_shardings: dict | None, *, check_only: bool) -> dict:
 
   mcfg = factory.mllm_config(config)
   width = factory.mllm_width(mcfg)
@@ -103,8 +122,9 @@ def apply(config, params: dict, param_shardings: dict) -> dict:
         config.model.dit.kind,
         factory.dit_config(config, width),
         params["dit"],
-        param_shardings["dit"],
+        None if check_only else param_shardings["dit"],
         f"config.model.dit.kind={config.model.dit.kind!r}",
+        check_only=check_only,
     )
   if config.init.rqa:
     out["rqa"] = load_into(
@@ -113,7 +133,8 @@ def apply(config, params: dict, param_shardings: dict) -> dict:
         "rqa",
         factory.rqa_config(config, width),
         params["rqa"],
-        param_shardings["rqa"],
+        None if check_only else param_shardings["rqa"],
         "config.model.rqa",
+        check_only=check_only,
     )
   return out

@@ -186,12 +186,17 @@ def write_safetensors(
   meta = {"format": "pt", **(metadata or {})}
   tmp_files, weight_map, total = [], {}, 0
   shard, shard_bytes = {}, 0
+  probe = out / f".mode-probe-{os.getpid()}"  # the mode a file written here gets (the umask), for the shards
+  probe.touch()
+  file_mode = probe.stat().st_mode & 0o777
+  probe.unlink()
 
   def flush():
     nonlocal shard, shard_bytes
     if shard:
       f = out / f".{prefix}-part{len(tmp_files):05d}.safetensors.tmp"
       save_file(shard, str(f), metadata=meta)
+      os.chmod(f, file_mode)  # safetensors writes 0600 whatever the umask: others could not read the export
       tmp_files.append((f, list(shard)))
     shard, shard_bytes = {}, 0
 

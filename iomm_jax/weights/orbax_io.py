@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from iomm_jax import output_folder, tree_paths
+from iomm_jax import orphaned_reads, output_folder, restore_failure, tree_paths
 from iomm_jax.weights.components import ConvertError
 
 FORMAT = "iomm_jax.component"
@@ -97,13 +97,28 @@ def read_meta(src: str | Path, *, what: str = "--src") -> dict:
   return meta
 
 
-def shapes(src: str | Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+def shapes(src: str | Path, *, what: str = "") -> dict[str, tuple[tuple[int, ...], Any]]:
   """{dotted path: (shape, dtype)} from the Orbax metadata (no data read)."""
   import orbax.checkpoint as ocp
 
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.metadata(Path(src).absolute() / PARAMS_DIR).item_metadata.tree
+  orphaned_reads.install()
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.metadata(Path(src).absolute() / PARAMS_DIR).item_metadata.tree
+  except Exception as e:  # noqa: BLE001 — unreadable metadata: a damaged component directory
+    problem = _damaged(src, e, what)
+    del e
+    orphaned_reads.collect()
+    raise ConvertError(problem)
   return {k: (tuple(m.shape), m.dtype) for k, m in tree_paths.flatten(tree).items()}
+
+
+def _damaged(src, error: BaseException, what: str = "") -> str:
+  where = f"{what}={src}" if what else str(src)
+  return (
+      f"{where}: its weights ({Path(src) / PARAMS_DIR}) could not be read — {restore_failure.root_message(error)}; "
+      "the directory is damaged: write it again with python -m iomm_jax.convert to-jax"
+  )
 
 
 def load(
@@ -119,10 +134,17 @@ def load(
 
   meta = read_meta(src, what=what)  # `what`: the flag or field that named src, for the error
   path = Path(src).absolute() / PARAMS_DIR
-  with ocp.StandardCheckpointer() as ckptr:
-    if target is None:
-      tree = ckptr.restore(path)
-      flat = {k: np.asarray(jax.device_get(v)) for k, v in tree_paths.flatten(tree).items()}
-    else:
-      flat = tree_paths.flatten(ckptr.restore(path, tree_paths.nest(dict(target))))
+  orphaned_reads.install()  # a damaged file is one message, not the tracebacks of the reads it ends
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      if target is None:
+        tree = ckptr.restore(path)
+        flat = {k: np.asarray(jax.device_get(v)) for k, v in tree_paths.flatten(tree).items()}
+      else:
+        flat = tree_paths.flatten(ckptr.restore(path, tree_paths.nest(dict(target))))
+  except Exception as e:  # noqa: BLE001 — a truncated or missing array file: a damaged component directory
+    problem = _damaged(src, e, what)
+    del e
+    orphaned_reads.collect()
+    raise ConvertError(problem)
   return meta, flat

@@ -1,0 +1,76 @@
+"""A command stopped by Ctrl-C, or refused by its file system, ends in one line and an exit status; outputs that
+cannot be written are refused before the work; a file is replaced whole or not at all."""
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+from iomm_jax import app_exit, output_folder
+
+
+def _run(body: str):
+  code = f"import sys\nfrom iomm_jax import app_exit\ndef main():\n  {body}\nsys.exit(app_exit.run(main))\n"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+
+
+def test_ctrl_c_is_one_line_and_status_130():
+  r = _run("raise KeyboardInterrupt")
+  assert r.returncode == app_exit.EXIT_INTERRUPTED == 130
+  assert r.stderr.strip() == "stopped by Ctrl-C", r.stderr
+
+
+def test_a_file_system_refusal_names_the_path_and_what_to_do():
+  r = _run("raise OSError(28, 'No space left on device', '/out/grid.png')")
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  assert (
+      r.stderr.strip()
+      == "error: /out/grid.png: No space left on device (free some space, or write the output elsewhere)"
+  )
+  assert app_exit.describe(OSError(errno.EROFS, "Read-only file system", "/ro/x")).endswith("to a writable folder)")
+  assert _run("return 3").returncode == 3  # anything else passes through
+
+
+def _mount(tmp_path, name, options):
+  mnt = tmp_path / name
+  mnt.mkdir()
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
+  if r.returncode:
+    pytest.skip("cannot mount a tmpfs here")
+  return mnt
+
+
+def test_outputs_on_a_read_only_or_full_file_system_are_refused_before_the_work(tmp_path):
+  ro, full = _mount(tmp_path, "ro", "size=1m,ro"), _mount(tmp_path, "full", "size=64k")
+  try:
+    with open(full / "filler", "wb") as f:
+      try:
+        f.write(b"x" * (1 << 20))  # fill it
+      except OSError:
+        pass
+    for path, folder in ((ro / "out", True), (ro / "report.json", False)):
+      assert "cannot be written to (read-only or no permission)" in output_folder.path_problem(path, folder)
+    assert "full filesystem" in output_folder.path_problem(full / "new" / "grid.png", folder=False)
+    assert output_folder.path_problem(tmp_path / "fine" / "x.png", folder=False) == ""
+    assert "read-only" in output_folder.replace_problem(ro / "export", flag="--dst", markers=("m",))
+  finally:
+    for mnt in (ro, full):
+      subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
+  target = tmp_path / "report.json"
+  target.write_text("old")
+  with pytest.raises(OSError):
+    with output_folder.atomic_file(target) as tmp:
+      tmp.write_text("half")
+      raise OSError(errno.ENOSPC, "No space left on device")
+  assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["report.json"]
+  with output_folder.atomic_file(target) as tmp:
+    assert tmp.suffix == ".json" and tmp.parent == tmp_path
+    tmp.write_text("new")
+  assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["report.json"]
