@@ -155,6 +155,7 @@ def test_unreadable_records_are_named_once_then_only_counted(tmp_path, capsys, m
   named = [f"bad_{i:02d}.png" for i in [9, 10, 11, *range(pipeline.MAX_NAMED_SKIPS - 3)]]
   assert [ln.split("'")[1] for ln in lines[:-1]] == named, lines
   assert all(f" of {folder} (UnreadableImage: " in ln and "skipped_total" in ln for ln in lines[:-1])
+  assert "not an image format PIL reads (starts b'not an i')" in lines[0] and "BytesIO" not in lines[0], lines[0]
   assert "counted in skipped_total" in lines[-1] and "not named" in lines[-1] and len(lines) == len(named) + 1
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from iomm_jax.data_kinds import MAX_IMAGE_PIXELS
 from iomm_jax.models import processor
@@ -93,6 +93,8 @@ def open_image(
   try:
     im = Image.open(io.BytesIO(data))
     w, h = im.size
+  except UnidentifiedImageError:  # PIL's message names its in-memory buffer (<_io.BytesIO object at 0x…>)
+    raise UnreadableImage(f"not an image format PIL reads (starts {data[:8]!r})") from None
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
     raise UnreadableImage(f"{type(e).__name__}: {e}") from e
   check_pixels(w, h, max_pixels, min_side)

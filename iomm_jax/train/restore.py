@@ -22,6 +22,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run saved at start (`<workdir>/config.json`); a missing or unreadable file exits with one
   line naming it (SystemExit, status 1)."""
   path = workdir_layout.path(workdir, workdir_layout.CONFIG)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise SystemExit(f"--workdir={workdir} is a file; give the folder of a run written by python -m iomm_jax.main")
   if not os.path.exists(path):
     raise SystemExit(f"{path} not found: --workdir must be a training workdir written by python -m iomm_jax.main")
   try:
