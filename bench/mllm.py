@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from iomm_jax import dtype_names
+from iomm_jax.models.factory import DTYPES
 from iomm_jax.models.qwen2 import Qwen2Config, Qwen2Model
 
 
@@ -32,7 +34,12 @@ def parse_args(argv=None):
   p.add_argument("--seq", type=int, default=128, help="total sequence length (context + queries)")
   p.add_argument("--queries", type=int, default=0, help="appended trainable query tokens; 0 = min(256, seq // 2)")
   p.add_argument("--batch", type=int, default=2)
-  p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="frozen weights + compute")
+  p.add_argument(
+      "--dtype",
+      type=dtype_names.argparse_type(tuple(DTYPES), "--dtype"),
+      default="bfloat16",
+      help="frozen weights + compute: bfloat16 or float32 (bf16, fp32)",
+  )
   p.add_argument("--remat", default="full,none", help="comma-separated remat modes to time")
   p.add_argument("--attention", default="auto", help="attention implementation: one of models/layers.ATTENTION_IMPLS")
   p.add_argument("--no_mask", action="store_true", help="no padding mask (causal only)")
@@ -51,7 +58,7 @@ def _peak_bytes():
 
 def build(args):
   """Frozen weights (materialised on device inside one jit, no host copy), inputs, and the abstract model."""
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  dtype = DTYPES[args.dtype]
   cfg = Qwen2Config(
       vocab_size=1024,
       hidden_size=args.hidden,

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from iomm_jax import app_exit
+from iomm_jax import app_exit, dtype_names
 from iomm_jax import parallel
 from iomm_jax.data import records
 from iomm_jax.data import cache_reader, shard_dir
@@ -53,7 +53,7 @@ STATE_DIR = cache_reader.CACHE_STATE_DIR
 PLAN_FILE = cache_reader.CACHE_PLAN_FILE
 SHARD_PATTERN = "features-{:05d}-of-{:05d}-{:05d}-of-{:05d}.array_record"
 WRITER_OPTIONS = "group_size:1,uncompressed"
-DTYPES = {"float16": np.float16, "float32": np.float32}
+STORED_DTYPES = ("float16", "float32")  # what the records can hold (dtype_names' names); bfloat16 is not numpy's
 
 
 def shard_name(process: int, process_count: int, shard: int, shards: int) -> str:
@@ -228,11 +228,12 @@ def write_cache(
   import jax
 
   t0 = time.time()
-  if dtype not in DTYPES:
-    raise ValueError(
-        f"--dtype={dtype!r} is not one of {sorted(DTYPES)} (bfloat16 cannot be stored: the record "
-        "format keeps numpy dtypes)"
-    )
+  try:
+    dtype = dtype_names.canonical(dtype, STORED_DTYPES, flag="--dtype")
+  except ValueError as e:
+    if dtype_names.SHORT.get(dtype, dtype) != "bfloat16":
+      raise
+    raise ValueError(f"{e}: bfloat16 cannot be stored, the record format keeps numpy dtypes") from None
   if shards <= 0:
     raise ValueError(f"--shards={shards} must be positive")
   spec = cache_reader.image_spec(config.data)
@@ -281,7 +282,7 @@ def write_cache(
     batches = cache_reader.iter_batches(
         source, spec, lo, hi, per_process, num_batches, threads=threads, workers=workers
     )
-    _write_shard(dst, name, batches, encode, run, DTYPES[dtype], active=not mine_done, progress=bar)
+    _write_shard(dst, name, batches, encode, run, dtype_names.numpy_dtype(dtype), active=not mine_done, progress=bar)
     written_now += not mine_done
   if bar is not None:
     bar.close()
@@ -353,7 +354,7 @@ def _define_flags():
   config = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
   flags.DEFINE_string("dst", None, "output folder for the feature shards", required=True)
   flags.DEFINE_integer("shards", 1, "shards per process")
-  flags.DEFINE_enum("dtype", "float16", sorted(DTYPES), "storage dtype of ViT tokens and latents")
+  flags.DEFINE_string("dtype", "float16", "storage dtype of ViT tokens and latents: float16 or float32 (fp16, fp32)")
   flags.DEFINE_integer("batch", 0, "global images per encoder call (0 = config.train.global_batch)")
   flags.DEFINE_bool("no_progress", False, "no progress bar")
   return config

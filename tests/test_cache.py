@@ -244,8 +244,8 @@ def test_writer_resumes_skips_bad_images_and_refuses_mixing(data, cached_run, tm
   (folder / "002.png").write_bytes(b"")
   (folder / "006.png").write_bytes((folder / "006.png").read_bytes()[:50])
   fcfg = tiny_config(data__source="folder", data__path=str(folder), train__sample_every=0)
-  s3 = cache.write_cache(fcfg, tmp_path / "f32", dtype="float32", run=cached_run, progress=False)
-  assert (s3["written"], s3["skipped"], s3["uncaptioned"]) == (8, 2, 1)
+  s3 = cache.write_cache(fcfg, tmp_path / "f32", dtype="fp32", run=cached_run, progress=False)  # the short form
+  assert (s3["written"], s3["skipped"], s3["uncaptioned"], s3["dtype"]) == (8, 2, 1, "float32")
   assert any("002.png" in e and "zero-byte" in e for e in s3["first_errors"])
   feats = sources.ArrayRecordSource(tmp_path / "f32")
   assert [feats[i]["id"] for i in range(8)] == [
@@ -260,8 +260,10 @@ def test_writer_resumes_skips_bad_images_and_refuses_mixing(data, cached_run, tm
   ]
   assert feats[3]["caption"] is None and feats[3]["caption_ids"] is None
   assert feats[0]["latent"].dtype == np.float32
-  with pytest.raises(ValueError, match="--dtype='bfloat16'"):
+  with pytest.raises(ValueError, match="--dtype='bfloat16' is not one of float16, float32.*bfloat16 cannot be stored"):
     cache.write_cache(fcfg, tmp_path / "bf", dtype="bfloat16", run=cached_run, progress=False)
+  with pytest.raises(ValueError, match=r"--dtype='int8' is not one of float16, float32 \(or fp16, fp32\)$"):
+    cache.write_cache(fcfg, tmp_path / "i8", dtype="int8", run=cached_run, progress=False)
 
 
 def test_split_range_covers_everything_once():

@@ -78,11 +78,22 @@ def test_round_trip_bit_exact(ckpts, tmp_path, name):
   load_reference(name, tmp_path / "torch")
 
 
-def test_dtype_cast(ckpts, tmp_path):
+@pytest.mark.parametrize("name,stored", [("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp32", "float32")])
+def test_dtype_cast(ckpts, tmp_path, name, stored):
+  """--dtype takes the numpy names every other config and command uses, and their short forms."""
   _, src, extra = ckpts["rqa"]
-  assert run_cli("to-jax", "--component", "rqa", "--src", src, "--dst", tmp_path / "j", "--dtype", "bf16") == 0
+  assert run_cli("to-jax", "--component", "rqa", "--src", src, "--dst", tmp_path / "j", "--dtype", name) == 0
   _, flat = orbax_io.load(tmp_path / "j")
-  assert {str(v.dtype) for v in flat.values()} == {"bfloat16"}
+  assert {str(v.dtype) for v in flat.values()} == {stored}
+
+
+def test_dtype_not_offered_is_one_line(ckpts, tmp_path, capsys):
+  _, src, _ = ckpts["rqa"]
+  with pytest.raises(SystemExit) as e:
+    run_cli("to-jax", "--component", "rqa", "--src", src, "--dst", tmp_path / "j", "--dtype", "float16")
+  assert e.value.code == 2 and not (tmp_path / "j").exists()
+  err = capsys.readouterr().err
+  assert "--dtype='float16' is not one of float32, bfloat16 (or fp32, bf16)" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- strictness and user errors

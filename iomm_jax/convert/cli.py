@@ -1,7 +1,7 @@
 """python -m iomm_jax.convert {to-jax,to-torch,verify}: move checkpoints between PyTorch and iomm_jax.
 
-  to-jax   --component {transformer,vae,rqa,mllm} --src PATH --dst DIR [--config JSON] [--dtype bf16|fp32]
-  to-torch --component {transformer,vae,rqa,mllm} --src DIR --dst OUT [--dtype bf16|fp32]
+  to-jax   --component {transformer,vae,rqa,mllm} --src PATH --dst DIR [--config JSON] [--dtype float32|bfloat16]
+  to-torch --component {transformer,vae,rqa,mllm} --src DIR --dst OUT [--dtype float32|bfloat16]
   to-torch --src WORKDIR [--use-ema|--no-ema] [--step N] --dst OUT     (a training workdir → pipeline folder)
   verify   --component {transformer,vae,rqa,mllm} --src PATH [--jax DIR] [--config JSON] [--seed 0]
 
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from iomm_jax import output_folder
+from iomm_jax import dtype_names, output_folder
 from iomm_jax.weights import components, io
 from iomm_jax.models import keymap
 from iomm_jax.weights.components import COMPONENTS, ConvertError
@@ -27,6 +27,13 @@ from iomm_jax.convert import verify
 from iomm_jax.models.internvl_keys import MLLMCheckpointError
 
 USER_ERROR = 2
+_DTYPE = dtype_names.argparse_type(transfer.CAST_DTYPES, "--dtype")
+_DTYPE_HELP = "cast floating weights to float32 or bfloat16 (fp32, bf16 also accepted; default: keep each one's)"
+
+
+def _cast(args):
+  """The numpy type --dtype names, or None (keep)."""
+  return dtype_names.numpy_dtype(args.dtype) if args.dtype else None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
   tj.add_argument("--src", required=True, help="diffusers/transformers folder, .safetensors, or .pt/.bin")
   tj.add_argument("--dst", required=True, help="output component directory")
   tj.add_argument("--config", default=None, help="JSON config (needed for a bare .safetensors/.pt/.bin)")
-  tj.add_argument("--dtype", choices=tuple(transfer.DTYPES), default=None, help="cast weights (default: keep)")
+  tj.add_argument("--dtype", type=_DTYPE, default=None, help=_DTYPE_HELP)
   tj.add_argument(
       "--overwrite", action="store_true", help="replace a --dst that this converter wrote before (never another folder)"
   )
@@ -48,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
   tt.add_argument("--component", choices=COMPONENTS, default=None, help="required unless --src is a workdir")
   tt.add_argument("--src", required=True, help="component directory from to-jax, or a training workdir")
   tt.add_argument("--dst", required=True, help="output folder")
-  tt.add_argument("--dtype", choices=tuple(transfer.DTYPES), default=None, help="cast weights (default: keep)")
+  tt.add_argument("--dtype", type=_DTYPE, default=None, help=_DTYPE_HELP)
   restore.add_checkpoint_flags(tt, applies="workdir: ")
   tt.add_argument(
       "--overwrite", action="store_true", help="replace a --dst that this converter wrote before (never another folder)"
@@ -105,7 +112,7 @@ def to_jax(args) -> dict:
     cfg = spec.config_from_torch(raw_cfg, **extra) if extra else spec.config_from_torch(raw_cfg)
   except (TypeError, ValueError) as e:
     raise ConvertError(f"--component {args.component}: the config does not describe a {spec.torch_class} ({e})") from e
-  flat = transfer.torch_to_ours(spec, cfg, args.src, dtype=transfer.DTYPES.get(args.dtype))
+  flat = transfer.torch_to_ours(spec, cfg, args.src, dtype=_cast(args))
   dst = orbax_io.save(
       args.dst,
       component=spec.component,
@@ -130,7 +137,7 @@ def to_torch(args) -> dict:
 
   _require_exists(args.src, "--src")
   _check_dst(args)
-  dtype = transfer.DTYPES.get(args.dtype)
+  dtype = _cast(args)
   if export.is_workdir(args.src):
     try:
       info = export.export_workdir(

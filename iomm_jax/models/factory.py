@@ -22,7 +22,8 @@ from iomm_jax.models.internvl_keys import read_config
 from iomm_jax.models.flux_vae import FluxVAEConfig
 from iomm_jax.models.internvl_keys import MLLMCheckpointError
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The dtypes the models compute and keep frozen weights in (model.dtype, model.frozen_dtype), by dtype_names' names.
+DTYPES = {name: getattr(jnp, name) for name in ("float32", "bfloat16")}
 
 
 def _known(cls, fields: dict, where: str) -> dict:

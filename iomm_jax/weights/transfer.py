@@ -21,7 +21,7 @@ from iomm_jax.weights import io
 from iomm_jax.weights.components import ConvertError, Spec
 from iomm_jax.models.keymap import TRANSFORMS, KeyMismatchError, to_torch
 
-DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+CAST_DTYPES = ("float32", "bfloat16")  # what the converter's --dtype casts to (dtype_names' names)
 
 
 def cast(arr, dtype) -> np.ndarray:
