@@ -30,7 +30,6 @@ _LATENT_CHANNELS = 3 * _AE_FACTOR**2
 def get_config(arg: str | None = None):
   stage, recipe, flags = schema.parse_variant(arg, known_flags=frozenset({"short"}))
   c = schema.base_config()
-  c.seed = 0
   c.model.dtype = "float32"
   c.model.frozen_dtype = "float32"
   c.model.dit.kind = "mmdit"
@@ -56,12 +55,9 @@ def get_config(arg: str | None = None):
   )
   c.model.rqa.num_queries = 16
   c.model.rqa.num_heads = 4
-  c.model.rqa.num_layers = 1
-  c.model.mllm.path = ""
   c.model.mllm.remat = "none"
   c.model.mllm.arch = TINY_MLLM_ARCH  # random init when model.mllm.path is '' (else read from the folder)
   c.model.autoencoder.kind = "identity"
-  c.model.autoencoder.scale = 1.0
   c.model.autoencoder.factor = _AE_FACTOR
 
   c.train.stage = stage
@@ -84,7 +80,6 @@ def get_config(arg: str | None = None):
   c.train.peak_flops = 1e11  # nominal CPU peak; MFU on CPU is only indicative
 
   c.data.source = "shapes"
-  c.data.path = ""
   c.data.num_images = NUM_IMAGES
   c.data.resolution = RESOLUTION
   c.data.vit_size = TINY_MLLM_ARCH["vision"]["image_size"]
@@ -95,14 +90,11 @@ def get_config(arg: str | None = None):
       c.data.image_num_images = NUM_IMAGES
   c.data.recipe = recipe
   c.data.max_text_tokens = 32
-  c.data.num_workers = 0
 
   c.sample.steps = 25
-  c.sample.cfg_scale = 4.5
-  c.sample.num = 8
+  c.sample.cfg_scale = 4.5  # chosen for the demo among 1.5 / 3 / 4.5 (README), whatever the schema's default
   c.sample.prompts = ("a red circle", "a blue square above a green triangle")
 
-  c.mesh.data = -1
   if "short" in flags:
     c.train.num_steps = 20
     c.train.log_every = 5
