@@ -60,6 +60,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_with_defaults(_tuples(saved), defaults))
 
 
+# The JSON values a schema default of each type can be read back from (a float field may hold an int, a tuple a list).
+_JSON_KINDS = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (list, tuple), list: (list, tuple)}
+
+
 def _wrong_type(saved, defaults, prefix: str = "") -> str:
   """The first field of `saved` whose JSON type cannot be the schema's (text for a number, a number for a switch,
   a list for a scalar), in words; '' when every field can."""
@@ -76,8 +80,7 @@ def _wrong_type(saved, defaults, prefix: str = "") -> str:
       if problem:
         return problem
       continue
-    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (list, tuple), list: (list, tuple)}
-    want = next((k for t, k in kinds.items() if type(default) is t), None)
+    want = _JSON_KINDS.get(type(default))
     if want is None or value is None:
       continue
     if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
