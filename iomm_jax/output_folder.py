@@ -98,15 +98,25 @@ def replacing(dst: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-  """Yields a temporary sibling of the file `path` (same suffix) to write; it replaces `path` only when the block
-  completes, so a full disk or a kill leaves the old file whole; it is removed when the block fails."""
+def atomic_file(
+    path: str | os.PathLike, *, keep_suffix: bool = True, skip_if_unwritten: bool = False
+) -> Iterator[Path]:
+  """Yields a temporary sibling of the file `path` to write; it replaces `path` only when the block completes, so
+  a full disk or a kill leaves the old file whole; it is removed when the block fails. Two files committed in order
+  nest two blocks: the inner one's file replaces its target first.
+
+  The temporary name is ``.STEM.tmp-XXXXXXXX.SUFFIX`` (the same suffix, for writers that pick the format by it);
+  `keep_suffix=False` names it ``.NAME.tmp-XXXXXXXX`` instead, for a folder whose readers glob the suffix (pathlib's
+  ``glob('*.array_record')`` matches hidden files too) and whose resume drops ``.NAME.tmp-*`` leftovers of a kill.
+  `skip_if_unwritten`: a block that leaves no temporary file (it wrote nothing, or removed what it wrote) leaves
+  `path` as it was instead of raising FileNotFoundError."""
   path = Path(os.path.abspath(os.path.expanduser(path)))
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+  tag = uuid.uuid4().hex[:8]
+  tmp = path.parent / (f".{path.stem}.tmp-{tag}{path.suffix}" if keep_suffix else f".{path.name}.tmp-{tag}")
   try:
     yield tmp
-    os.replace(tmp, path)
+    if not (skip_if_unwritten and not tmp.exists()):
+      os.replace(tmp, path)
   finally:
-    if tmp.exists():
-      tmp.unlink()
+    tmp.unlink(missing_ok=True)

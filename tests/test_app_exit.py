@@ -74,3 +74,19 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
     assert tmp.suffix == ".json" and tmp.parent == tmp_path
     tmp.write_text("new")
   assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["report.json"]
+
+
+def test_an_atomic_file_can_hide_its_suffix_and_may_write_nothing(tmp_path):
+  target = tmp_path / "data-0.array_record"
+  with output_folder.atomic_file(target, keep_suffix=False) as tmp:  # not a `*.array_record` a reader would glob
+    assert tmp.name.startswith(".data-0.array_record.tmp-") and not list(tmp_path.glob("*.array_record"))
+    tmp.write_bytes(b"shard")
+  assert target.read_bytes() == b"shard"
+  with output_folder.atomic_file(target, skip_if_unwritten=True) as tmp:
+    tmp.write_bytes(b"empty")
+    tmp.unlink()  # the block decided to write nothing: the old file stays
+  assert target.read_bytes() == b"shard" and sorted(os.listdir(tmp_path)) == [target.name]
+  with pytest.raises(FileNotFoundError):  # by default a block that wrote nothing is an error
+    with output_folder.atomic_file(target):
+      pass
+  assert target.read_bytes() == b"shard"
