@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from iomm_jax import app_exit, dtype_names
+from iomm_jax import app_exit, dtype_names, output_folder
 from iomm_jax import parallel
 from iomm_jax.data import records
 from iomm_jax.data import cache_reader, shard_dir
@@ -143,9 +143,10 @@ def _write_shard(dst: Path, name: str, batches, encode, run, dtype: np.dtype, ac
   from array_record.python import array_record_module as ar
 
   stats = {"written": 0, "skipped": 0, "uncaptioned": 0, "errors": []}
-  tmp = dst / f".{name}.tmp-{os.getpid()}"
-  writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS) if active else None
-  try:
+  # hidden `.NAME.tmp-*` (never `*.array_record`, which readers glob): a rerun drops it; a failure removes it. An
+  # inactive process, or a range with nothing readable, leaves no temporary file, so no (empty) shard file.
+  with output_folder.atomic_file(dst / name, keep_suffix=False, skip_if_unwritten=True) as tmp:
+    writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS) if active else None
     for b in batches:
       g = parallel.global_batch({"vit_pixels": b["vit_pixels"], "pixels": b["pixels"]}, run.mesh)
       tokens, latents = encode(run.frozen, g["vit_pixels"], g["pixels"])
@@ -179,16 +180,11 @@ def _write_shard(dst: Path, name: str, batches, encode, run, dtype: np.dtype, ac
     if not active:
       return stats
     writer.close()
-    stats_tmp = dst / STATE_DIR / f".{name}.json.tmp-{os.getpid()}"
-    stats_tmp.write_text(json.dumps(stats))
-    os.replace(stats_tmp, dst / STATE_DIR / f"{name}.json")  # stats first: a finished shard always has stats
-    if stats["written"]:
-      os.replace(tmp, dst / name)
-    else:
-      tmp.unlink(missing_ok=True)  # nothing readable in this range: no (empty) shard file
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+    with output_folder.atomic_file(dst / STATE_DIR / f"{name}.json", keep_suffix=False) as stats_tmp:
+      stats_tmp.write_text(json.dumps(stats))
+    # the stats block ended first: a finished shard always has stats; the shard is replaced on leaving
+    if not stats["written"]:
+      tmp.unlink()  # nothing readable in this range: no (empty) shard file
   return stats
 
 
@@ -250,9 +246,8 @@ def write_cache(
   plan = fingerprint(config, n, nproc, shards, dtype)
   _check_dst(dst, plan, all_names)
   if pid == 0:
-    tmp_plan = dst / STATE_DIR / f".{PLAN_FILE}.tmp-{os.getpid()}"
-    tmp_plan.write_text(json.dumps(plan, sort_keys=True, indent=1))
-    os.replace(tmp_plan, dst / STATE_DIR / PLAN_FILE)
+    with output_folder.atomic_file(dst / STATE_DIR / PLAN_FILE, keep_suffix=False) as tmp_plan:
+      tmp_plan.write_text(json.dumps(plan, sort_keys=True, indent=1))
   for nm in names:  # leftovers of a killed run of this process: hidden, never read, safe to drop
     for stale in dst.glob(f".{nm}.tmp-*"):
       stale.unlink(missing_ok=True)

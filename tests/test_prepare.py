@@ -1,9 +1,11 @@
 """prepare: folder / table / tar / TFDS → ArrayRecord → pipeline; counts, resumability, no half-written shards."""
 
+import errno
 import functools
 import hashlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -206,6 +208,32 @@ def test_an_exception_mid_shard_leaves_only_finished_shards(tmp_path):
     prepare.write_shards(items, dst, 3, min_size=0, progress=False)
   assert sorted(p.name for p in dst.iterdir()) == [".prepare", "data-00000-of-00003.array_record"]
   assert len(sources.ArrayRecordSource(dst)) == 4
+
+
+@pytest.mark.parametrize("fails", ["stats", "shard"])
+def test_a_failed_commit_leaves_a_shard_only_with_its_stats_and_no_temporary_file(tmp_path, monkeypatch, fails):
+  """The stats file is replaced first, then the shard: a failure at either commit never leaves a shard without
+  stats (which a rerun would take as finished), leaves no temporary file, and a rerun redoes that shard."""
+  dst, lost = tmp_path / "out", "data-00001-of-00003.array_record"
+  target = {"stats": f"{lost}.json", "shard": lost}[fails]
+  replace = os.replace
+
+  def failing_replace(src, dst_path):
+    if os.path.basename(dst_path) == target:
+      raise OSError(errno.EIO, "Input/output error")
+    replace(src, dst_path)
+
+  monkeypatch.setattr(os, "replace", failing_replace)
+  with pytest.raises(OSError, match="Input/output error"):
+    prepare.write_shards(_good_items(), dst, 3, min_size=0, progress=False)
+  monkeypatch.undo()
+  assert not (dst / lost).exists()
+  assert (dst / prepare_plan.STATE_DIR / f"{lost}.json").exists() == (fails == "shard")  # stats committed first
+  assert not [p for p in dst.rglob("*") if ".tmp-" in p.name]
+  assert sorted(p.name for p in dst.glob("*.array_record")) == ["data-00000-of-00003.array_record"]
+  s = prepare.write_shards(_good_items(), dst, 3, min_size=0, progress=False)
+  assert (s["shards_written"], s["shards_already_done"], s["written"]) == (2, 1, 12)
+  assert len(sources.ArrayRecordSource(dst)) == 12
 
 
 _KILLED_RUN = """

@@ -48,7 +48,7 @@ from PIL import Image
 
 from iomm_jax import app_exit
 from iomm_jax import config as config_lib
-from iomm_jax import data_kinds
+from iomm_jax import data_kinds, output_folder
 from iomm_jax.data import decode, prepare_items, records, shard_dir
 from iomm_jax.data.prepare_plan import SHARD_PATTERN, STATE_DIR, sizes_path
 from iomm_jax.data import prepare_plan
@@ -58,11 +58,9 @@ WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1 for random access; 
 
 def _write_sizes(shard: Path, sizes) -> None:
   """Writes the sidecar atomically (temp name → rename), so a half-written one is never read."""
-  final = sizes_path(shard)
-  tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a path
-    np.save(f, np.asarray(sizes, np.int32).reshape(-1, 2))
-  os.replace(tmp, final)
+  with output_folder.atomic_file(sizes_path(shard), keep_suffix=False) as tmp:
+    with open(tmp, "wb") as f:  # a file object: np.save would append '.npy' to a path
+      np.save(f, np.asarray(sizes, np.int32).reshape(-1, 2))
 
 
 def backfill_sizes(shard: str | os.PathLike) -> int:
@@ -151,43 +149,39 @@ def write_shard(
   from array_record.python import array_record_module as ar
 
   final, state = Path(dst) / name, Path(dst) / STATE_DIR
-  tmp = Path(dst) / f".{name}.tmp-{os.getpid()}"
   stats = {**dict.fromkeys(_STATS + (_CAPTIONED,), 0), "errors": []}
   sizes = []  # (height, width) of each written record, for the sizes sidecar
-  writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
   try:
-    for item in items:
-      try:
-        data, caption = item.loader()
-        w, h = probe_image(data, full_decode, max_pixels)
-      except Exception as e:  # unreadable or too large: counted, never fatal
-        stats["skipped_too_large" if isinstance(e, decode.ImageTooLarge) else "skipped_unreadable"] += 1
-        if len(stats["errors"]) < _MAX_ERRORS:
-          stats["errors"].append(f"{item.key}: {type(e).__name__}: {e}")
+    # hidden `.NAME.tmp-*` (never `*.array_record`, which readers glob): a rerun drops it; a failure removes it
+    with output_folder.atomic_file(final, keep_suffix=False) as tmp:
+      writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+      for item in items:
+        try:
+          data, caption = item.loader()
+          w, h = probe_image(data, full_decode, max_pixels)
+        except Exception as e:  # unreadable or too large: counted, never fatal
+          stats["skipped_too_large" if isinstance(e, decode.ImageTooLarge) else "skipped_unreadable"] += 1
+          if len(stats["errors"]) < _MAX_ERRORS:
+            stats["errors"].append(f"{item.key}: {type(e).__name__}: {e}")
+          _tick()
+          continue
+        if min(w, h) < min_size:
+          stats["skipped_too_small"] += 1
+        else:
+          writer.write(
+              records.encode_image_record(image_bytes=data, caption=caption, width=w, height=h, id=record_id(item.key))
+          )
+          sizes.append((h, w))
+          stats["written"] += 1
+          stats[_CAPTIONED] += caption is not None
         _tick()
-        continue
-      if min(w, h) < min_size:
-        stats["skipped_too_small"] += 1
-      else:
-        writer.write(
-            records.encode_image_record(image_bytes=data, caption=caption, width=w, height=h, id=record_id(item.key))
-        )
-        sizes.append((h, w))
-        stats["written"] += 1
-        stats[_CAPTIONED] += caption is not None
-      _tick()
-    writer.close()
-    _write_sizes(final, sizes)  # sidecar, then stats, then the shard: a finished shard has both
-    stats_tmp = state / f".{name}.json.tmp-{os.getpid()}"
-    stats_tmp.write_text(json.dumps(stats))
-    os.replace(stats_tmp, state / f"{name}.json")  # stats first: a finished shard always has its stats
-    os.replace(tmp, final)
+      writer.close()
+      _write_sizes(final, sizes)  # sidecar, then stats, then the shard: a finished shard has both
+      with output_folder.atomic_file(state / f"{name}.json", keep_suffix=False) as stats_tmp:
+        stats_tmp.write_text(json.dumps(stats))
+      # the stats block ended first: a finished shard always has its stats; the shard is replaced on leaving
   except RuntimeError as e:  # array_record reports a failed write (a full disk) as RuntimeError
-    tmp.unlink(missing_ok=True)
     raise OSError(f"writing {final}: {str(e).splitlines()[0]}") from None
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
   return stats
 
 

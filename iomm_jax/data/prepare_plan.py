@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from iomm_jax import output_folder
 from iomm_jax.data import prepare_items
 
 SHARD_PATTERN = "data-{:05d}-of-{:05d}.array_record"
@@ -93,9 +94,8 @@ def adopt(dst: Path, plan: dict, names: Sequence[str]) -> Path:
           f"{', …' if len(foreign) > 3 else ''}), not described by its {STATE_DIR}/{PLAN_FILE}; give a new --dst or "
           "move those shards away"
       )
-  plan_tmp = plan_file.parent / f".{PLAN_FILE}.tmp-{os.getpid()}"
-  plan_tmp.write_text(json.dumps(plan, sort_keys=True))
-  os.replace(plan_tmp, plan_file)  # whole or absent: a kill never leaves half a plan
+  with output_folder.atomic_file(plan_file, keep_suffix=False) as plan_tmp:  # a kill never leaves half a plan
+    plan_tmp.write_text(json.dumps(plan, sort_keys=True))
   return plan_file
 
 
