@@ -65,14 +65,8 @@ def write_prompts(path: str | os.PathLike, metadata: list[dict]) -> Path:
   problem = output_folder.path_problem(path, folder=False)
   if problem:
     raise OutputPathError(problem)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
+  with output_folder.atomic_file(path) as tmp:
     tmp.write_text("".join(json.dumps(m) + "\n" for m in metadata))
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
   return path
 
 

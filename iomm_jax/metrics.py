@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from iomm_jax import workdir_layout
+from iomm_jax import output_folder, workdir_layout
 
 
 class MetricsWriteError(OSError):
@@ -59,9 +59,8 @@ class MetricsWriter:
       return 0
     rows = read_metrics(os.path.dirname(self.path))
     keep = [r for r in rows if r["step"] <= step]
-    with open(self.path + ".tmp", "w") as f:
+    with output_folder.atomic_file(self.path) as tmp, open(tmp, "w") as f:  # a kill leaves the old file whole
       f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(self.path + ".tmp", self.path)
     return len(rows) - len(keep)
 
   def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:

@@ -134,6 +134,29 @@ def test_a_metrics_row_cut_short_by_a_kill_is_dropped_and_the_resume_relogs_it(t
     metrics.read_metrics(str(tmp_path))
 
 
+def test_a_metrics_rewrite_that_fails_midway_leaves_the_old_file_whole(tmp_path, monkeypatch):
+  from iomm_jax import metrics
+
+  w = metrics.MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    w.scalars(step, {"loss": 0.5 / step})
+  w.close()
+  before = sorted(os.listdir(tmp_path)), (tmp_path / "metrics.jsonl").read_text()
+  dumps, calls = json.dumps, []
+
+  def dumps_then_fail(obj, *a, **kw):  # the rewrite dies (a full disk, a kill) after its first row
+    calls.append(obj)
+    if len(calls) > 1:
+      raise OSError(28, "No space left on device")
+    return dumps(obj, *a, **kw)
+
+  monkeypatch.setattr(json, "dumps", dumps_then_fail)
+  with pytest.raises(OSError, match="No space left"):
+    metrics.MetricsWriter(str(tmp_path)).truncate_after(2)
+  monkeypatch.undo()
+  assert (sorted(os.listdir(tmp_path)), (tmp_path / "metrics.jsonl").read_text()) == before  # no temporary file
+
+
 def test_a_metrics_row_that_cannot_be_written_is_one_error_saying_what_to_do(tmp_path):
   from iomm_jax import metrics
 
