@@ -242,6 +242,7 @@ def write_folder(dst: str | os.PathLike, num: int, resolution: int, seed: int = 
     _check_existing(dst, params)
     return dst
   dst.parent.mkdir(parents=True, exist_ok=True)
+  # not output_folder.replacing: that replaces a `dst` another process finished first; this keeps it (and checks it)
   tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
   try:

@@ -211,7 +211,7 @@ def write_safetensors(
     total += arr.nbytes
     weight_map[key] = None
   flush()
-  n = len(tmp_files)
+  n = len(tmp_files)  # the final names need the part count, so each part is renamed only now (not atomic_file)
   written = []
   for i, (f, keys) in enumerate(tmp_files):
     name = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
