@@ -339,6 +339,54 @@ def test_export_refuses_an_x_prediction_run(tmp_path):
     export.export_workdir(work, tmp_path / "out")
 
 
+def _workdir(tmp_path, **fields):
+  """A workdir as `is_workdir` sees it (config.json + checkpoints/, no checkpoint): the tiny config, `fields`
+  ('section__key') set."""
+  work = tmp_path / "w"
+  (work / "checkpoints").mkdir(parents=True)
+  c = tiny_config(**fields)
+  (work / "config.json").write_text(c.to_json())
+  return work
+
+
+@pytest.mark.parametrize(
+    "component, fields, says",
+    [
+        ("vae", {}, "it uses the 'identity' autoencoder (config.model.autoencoder.kind), which has no weights"),
+        (
+            "vae",
+            {"model__autoencoder__kind": "flux_vae", "model__autoencoder__path": "/ckpt/FLUX.1-dev/vae"},
+            "it reads the frozen FLUX VAE from config.model.autoencoder.path=/ckpt/FLUX.1-dev/vae",
+        ),
+        ("vae", {"model__autoencoder__kind": "flux_vae"}, "random-init FLUX VAE"),
+        ("mllm", {}, "it builds a random InternVL from config.model.mllm.arch"),
+        (
+            "mllm",
+            {"model__mllm__path": "/ckpt/InternVL3-2B-hf"},
+            "it reads the frozen MLLM from config.model.mllm.path=/ckpt/InternVL3-2B-hf",
+        ),
+    ],
+)
+def test_to_torch_of_a_frozen_component_of_a_workdir_is_one_line(tmp_path, capsys, component, fields, says):
+  """The MLLM and the autoencoder are not in a run's checkpoints: --component vae|mllm with a workdir names where
+  the run reads them from, in one line (exit 2), and writes nothing."""
+  work = _workdir(tmp_path, **fields)
+  assert run_cli("to-torch", "--component", component, "--src", work, "--dst", tmp_path / "out") == 2
+  out, err = capsys.readouterr()
+  assert out == "" and err.count("\n") == 1 and "Traceback" not in err
+  assert err.startswith(f"error: --component {component}: {work} does not train its ") and says in err, err
+  assert "checkpoints hold none" in err
+  assert not (tmp_path / "out").exists()
+
+
+def test_to_torch_rqa_of_an_adapter_ablation_workdir_is_refused(tmp_path, capsys):
+  work = _workdir(tmp_path, model__rqa__kind="metaquery")
+  assert run_cli("to-torch", "--component", "rqa", "--src", work, "--dst", tmp_path / "out") == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "config.model.rqa.kind='metaquery'" in err and "TorchRQA" in err
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["metaquery", "none"])
 def test_export_refuses_an_adapter_ablation(tmp_path, kind):
   """TorchRQA is the paper's adapter: a run of another rqa.kind would export weights no PyTorch class loads."""

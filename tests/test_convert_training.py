@@ -16,7 +16,7 @@ from flax import nnx
 from helpers import tiny_config
 from iomm_jax.convert.torch_rqa import TorchRQA
 from iomm_jax.models import keymap
-from iomm_jax.weights import orbax_io
+from iomm_jax.weights import io, orbax_io
 from torch_checkpoints import load_reference, perturb, run_cli
 
 
@@ -25,17 +25,19 @@ def _tiny_train_config(**overrides):
   predicts v, as the diffusers pipelines it is exported to read it."""
   return tiny_config(
       "short",
-      model__prediction="v",
-      train__num_steps=2,
-      train__ckpt_every=2,
-      train__log_every=1,
-      train__sample_every=0,
-      train__warmup_steps=1,
-      model__dit__arch__num_layers=1,
-      model__dit__arch__num_single_layers=1,
-      model__mllm__arch__text__num_hidden_layers=1,
-      model__mllm__arch__vision__num_hidden_layers=1,
-      **overrides,
+      **{
+          "model__prediction": "v",
+          "train__num_steps": 2,
+          "train__ckpt_every": 2,
+          "train__log_every": 1,
+          "train__sample_every": 0,
+          "train__warmup_steps": 1,
+          "model__dit__arch__num_layers": 1,
+          "model__dit__arch__num_single_layers": 1,
+          "model__mllm__arch__text__num_hidden_layers": 1,
+          "model__mllm__arch__vision__num_hidden_layers": 1,
+          **overrides,
+      },
   )
 
 
@@ -193,3 +195,52 @@ def test_trained_checkpoint_loads_in_diffusers(trained):
   with torch.no_grad():
     theirs_q = rqa(torch.from_numpy(c), torch.from_numpy(mask)).numpy()
   assert _diff(ours_q, theirs_q) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def trained_x(tmp_path_factory):
+  """A 2-step run of the tiny demo's own prediction: its DiT predicts x (the clean latent), so it has no pipeline
+  folder, but its trained components export one by one."""
+  from iomm_jax.train import loop
+
+  work = tmp_path_factory.mktemp("run_x") / "work"
+  config = _tiny_train_config(model__prediction="x")
+  loop.train(config, str(work))
+  return work
+
+
+@pytest.mark.slow  # one in-process training run (≈1 min of compile on 2 CPU cores)
+@pytest.mark.parametrize("component, part", [("transformer", "dit"), ("rqa", "rqa")])
+def test_one_component_of_a_workdir_exports_its_checkpoint_weights(trained_x, tmp_path, capsys, component, part):
+  """to-torch --component transformer|rqa --src WORKDIR: just that folder, from the checkpoint and weights asked for
+  (an x-predicting run's DiT too), and to-jax of it gives back exactly the checkpoint's params."""
+  from iomm_jax.convert.export import load_generator
+
+  run, raw, _ = load_generator(trained_x, use_ema=False)
+  _, ema, _ = load_generator(trained_x, use_ema=True)
+  for flag, weights, tree in (("--no-ema", "params", raw), ("--use-ema", "ema", ema)):
+    out = tmp_path / f"{component}_{weights}"
+    capsys.readouterr()
+    assert run_cli("to-torch", "--component", component, "--src", trained_x, flag, "--dst", out) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["component"] == component and said["checkpoint_step"] == 2 and said["weights"] == weights
+    assert said["prediction"] == "x"
+    assert ("note" in said) is (component == "transformer")  # the DiT's output is x, not a pipeline's velocity
+    assert sorted(os.listdir(out)) == sorted(["config.json", "iomm_export.json", *said["files"]])
+    marker = json.load(open(out / "iomm_export.json"))
+    assert marker["source"] == str(trained_x) and marker["prediction"] == "x" and marker["weights"] == weights
+    assert run_cli("to-jax", "--component", component, "--src", out, "--dst", tmp_path / f"back_{weights}") == 0
+    meta, back = orbax_io.load(tmp_path / f"back_{weights}")
+    want = {k: np.asarray(v) for k, v in keymap.flatten_state(tree[part]).items()}
+    assert meta["kind"] == (run.config.model.dit.kind if component == "transformer" else "rqa")
+    assert sorted(back) == sorted(want)
+    for k, v in want.items():
+      assert np.array_equal(back[k], v), (component, weights, k)
+  # The two DiT exports differ (EMA is not the raw weights; 2 steps leave this RQA where it started), and --dtype casts.
+  raw_flat, ema_flat = keymap.flatten_state(raw[part]), keymap.flatten_state(ema[part])
+  differ = any(not np.array_equal(np.asarray(raw_flat[k]), np.asarray(ema_flat[k])) for k in raw_flat)
+  assert differ or component == "rqa"
+  assert (
+      run_cli("to-torch", "--component", component, "--src", trained_x, "--dtype", "bf16", "--dst", tmp_path / "b") == 0
+  )
+  assert {dtype for _, dtype in io.tensor_specs(tmp_path / "b").values()} == {"BF16"}

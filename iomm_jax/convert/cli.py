@@ -3,6 +3,9 @@
   to-jax   --component {transformer,vae,rqa,mllm} --src PATH --dst DIR [--config JSON] [--dtype float32|bfloat16]
   to-torch --component {transformer,vae,rqa,mllm} --src DIR --dst OUT [--dtype float32|bfloat16]
   to-torch --src WORKDIR [--use-ema|--no-ema] [--step N] --dst OUT     (a training workdir → pipeline folder)
+  to-torch --component {transformer,rqa} --src WORKDIR [--use-ema|--no-ema] [--step N] --dst OUT [--dtype ...]
+                                         (one trained component of a workdir → its PyTorch folder; x-predicting
+                                         runs too; vae/mllm are frozen, not in checkpoints: one line says where)
   verify   --component {transformer,vae,rqa,mllm} --src PATH [--jax DIR] [--config JSON] [--seed 0]
 
 Exit codes: 0 ok; 1 verify above tolerance; 2 user error (the message names what is wrong and the fix).
@@ -52,7 +55,13 @@ def _parser() -> argparse.ArgumentParser:
   )
 
   tt = sub.add_parser("to-torch", help="component directory (or training workdir) → PyTorch folder")
-  tt.add_argument("--component", choices=COMPONENTS, default=None, help="required unless --src is a workdir")
+  tt.add_argument(
+      "--component",
+      choices=COMPONENTS,
+      default=None,
+      help="required unless --src is a workdir; with a workdir: transformer or rqa writes just that component's "
+      "folder (without: the whole pipeline folder)",
+  )
   tt.add_argument("--src", required=True, help="component directory from to-jax, or a training workdir")
   tt.add_argument("--dst", required=True, help="output folder")
   tt.add_argument("--dtype", type=_DTYPE, default=None, help=_DTYPE_HELP)
@@ -133,13 +142,19 @@ def to_jax(args) -> dict:
 
 
 def to_torch(args) -> dict:
-  """Component directory → PyTorch folder, or a training workdir → pipeline folder."""
+  """Component directory → PyTorch folder, or a training workdir → pipeline folder (or, with --component, the
+  folder of one trained component of it)."""
 
   _require_exists(args.src, "--src")
   _check_dst(args)
   dtype = _cast(args)
   if export.is_workdir(args.src):
     try:
+      if args.component is not None:
+        spec, cfg, flat, info = export.component_from_workdir(
+            args.src, args.component, use_ema=args.use_ema, step=args.step
+        )
+        return _write_component(args.dst, spec, cfg, flat, dtype=dtype, source=args.src, **info)
       info = export.export_workdir(
           args.src, args.dst, use_ema=args.use_ema, step=args.step, dtype=dtype, overwrite=args.overwrite
       )
@@ -159,20 +174,33 @@ def to_torch(args) -> dict:
         f"--src={args.src} holds a {meta['component']!r} component, not {args.component!r}; "
         f"pass --component {meta['component']}"
     )
-  dst = Path(args.dst)
   spec = components.spec(meta["kind"])
   cfg = spec.config_from_json(meta["config"])
+  # The source's own config.json is written back when it came from PyTorch (keeps every field it had).
+  return _write_component(
+      args.dst, spec, cfg, flat, dtype=dtype, source=args.src, torch_config=meta.get("torch_config")
+  )
+
+
+def _write_component(dst, spec, cfg, flat, *, dtype, source, torch_config=None, **info) -> dict:
+  """One component's PyTorch folder at DST (config.json + safetensors, and EXPORT_FILE: its source, the marker that
+  lets --overwrite replace it) and what to-torch prints; `info` (a workdir's step, weights, prediction) goes in
+  both."""
+  dst = Path(dst)
   with output_folder.replacing(dst) as tmp:
-    # The source's own config.json is written back when it came from PyTorch (keeps every field it had).
-    files = transfer.write_torch_folder(spec, cfg, flat, tmp, torch_config=meta.get("torch_config"), dtype=dtype)
+    files = transfer.write_torch_folder(spec, cfg, flat, tmp, torch_config=torch_config, dtype=dtype)
     (tmp / EXPORT_FILE).write_text(
-        json.dumps({"source": str(Path(args.src).absolute()), "component": spec.component, "kind": spec.kind})
+        json.dumps(
+            {"source": str(Path(source).absolute()), "component": spec.component, "kind": spec.kind, **info},
+            default=str,
+        )
     )
   return {
       "wrote": str(dst.absolute()),
       "component": spec.component,
       "kind": spec.kind,
       "files": [f.name for f in files],
+      **info,
   }
 
 

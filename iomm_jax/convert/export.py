@@ -1,4 +1,4 @@
-"""A training workdir's latest checkpoint → a PyTorch pipeline folder.
+"""A training workdir's latest checkpoint → a PyTorch pipeline folder (or one trained component's folder).
 
 OUT/transformer/        diffusers FluxTransformer2DModel / ZImageTransformer2DModel (config.json + safetensors)
 OUT/rqa/                the RQA reference layout (convert/torch_rqa.py TorchRQA: config.json + model.safetensors)
@@ -6,6 +6,10 @@ OUT/vae/                diffusers AutoencoderKL, only when the run uses the FLUX
 OUT/vae_NOTE.txt        says why there is none (the tiny config's identity autoencoder has no weights)
 OUT/iomm_pipeline.json  the MLLM (path, or 'random tiny' with its config and seed), the aux prompt, mask ratio,
                         condition mode, sampling steps and CFG scale, resolution, autoencoder, conventions
+
+`component_from_workdir` reads one trained component instead (`to-torch --component transformer|rqa --src WORKDIR`):
+the DiT of any run, x-predicting ones included (a plain diffusers transformer folder), or the RQA. The MLLM and the
+autoencoder are frozen and not in the checkpoints: asking for them is one line naming where the run reads them from.
 """
 
 from __future__ import annotations
@@ -78,21 +82,11 @@ def export_workdir(
   `use_ema`: None takes the run's own config.sample.use_ema, as `sample` does."""
 
   saved = restore.load_config(str(workdir))
-  prediction, rqa_kind = saved.model.prediction, saved.model.rqa.kind
-  if rqa_kind != "rqa":
-    raise ConvertError(
-        f"{workdir} was trained with config.model.rqa.kind={rqa_kind!r} (an ablation): the PyTorch adapter "
-        "(iomm_jax.convert.torch_rqa.TorchRQA) is the paper's RQA only, so only rqa.kind='rqa' runs export to a "
-        "pipeline folder; sample it here with python -m iomm_jax.sample"
-    )
+  problem = _rqa_refusal(workdir, saved, "to a pipeline folder") or _prediction_refusal(workdir, saved)
+  if problem:
+    raise ConvertError(problem)
   if use_ema is None:
     use_ema = bool(saved.sample.use_ema)
-  if prediction != "v":
-    raise ConvertError(
-        f"{workdir} was trained with config.model.prediction={prediction!r}: its DiT predicts the clean "
-        "latent, while diffusers' Flux/Z-Image pipelines read the output as a velocity; only "
-        "prediction='v' runs export to a pipeline folder"
-    )
   problem = output_folder.replace_problem(
       dst, flag="--dst", markers=(PIPELINE_FILE,), overwrite=overwrite, source=workdir
   )
@@ -101,6 +95,118 @@ def export_workdir(
   run, params, ckpt_step = load_generator(workdir, step=step, use_ema=use_ema)
   with output_folder.replacing(dst) as tmp:  # the old folder goes only once the new one is whole
     return _write_pipeline(workdir, tmp, run, params, ckpt_step, use_ema=use_ema, dtype=dtype)
+
+
+def _rqa_refusal(workdir, saved, what: str) -> str | None:
+  rqa_kind = saved.model.rqa.kind
+  if rqa_kind == "rqa":
+    return None
+  return (
+      f"{workdir} was trained with config.model.rqa.kind={rqa_kind!r} (an ablation): the PyTorch adapter "
+      f"(iomm_jax.convert.torch_rqa.TorchRQA) is the paper's RQA only, so only rqa.kind='rqa' runs export {what}; "
+      "sample it here with python -m iomm_jax.sample"
+  )
+
+
+def _prediction_refusal(workdir, saved) -> str | None:
+  prediction = saved.model.prediction
+  if prediction == "v":
+    return None
+  return (
+      f"{workdir} was trained with config.model.prediction={prediction!r}: its DiT predicts the clean "
+      "latent, while diffusers' Flux/Z-Image pipelines read the output as a velocity; only "
+      "prediction='v' runs export to a pipeline folder (its DiT alone exports: --component transformer)"
+  )
+
+
+def _weights(config, use_ema: bool) -> str:
+  """Which of the checkpoint's weights restore_run read: its EMA only when asked and the run keeps one."""
+  return "ema" if (use_ema and config.train.ema_decay > 0) else "params"
+
+
+def frozen_component_problem(workdir, config, component: str) -> str:
+  """One line for `--component vae|mllm --src WORKDIR`: frozen in training, so not in the checkpoints; where the
+  run reads it from, and what to do instead."""
+  what = {"vae": "autoencoder", "mllm": "MLLM"}.get(component, component)
+  head = f"--component {component}: {workdir} does not train its {what} (frozen), so its checkpoints hold none;"
+  if component == "vae":
+    ae = config.model.autoencoder
+    if ae.kind != "flux_vae":
+      return (
+          f"{head} it uses the '{ae.kind}' autoencoder (config.model.autoencoder.kind), which has no weights: "
+          "there is nothing to export"
+      )
+    if ae.path:
+      return (
+          f"{head} it reads the frozen FLUX VAE from config.model.autoencoder.path={ae.path}, a diffusers "
+          "AutoencoderKL folder already: use that folder as it is"
+      )
+    pipeline = _rqa_refusal(workdir, config, "") is None and _prediction_refusal(workdir, config) is None
+    where = (
+        "to-torch --src WORKDIR without --component writes it as the pipeline folder's vae/"
+        if pipeline
+        else "no folder holds it"
+    )
+    return (
+        f"{head} it builds a random-init FLUX VAE (config.model.autoencoder.path is '', seeded by config.seed): "
+        f"{where}; train with --config.model.autoencoder.path=DIR for a real one"
+    )
+  if component == "mllm":
+    path = config.model.mllm.path
+    if path:
+      return (
+          f"{head} it reads the frozen MLLM from config.model.mllm.path={path}, a transformers InternVL (-hf) "
+          "folder already: use that folder as it is"
+      )
+    return (
+        f"{head} it builds a random InternVL from config.model.mllm.arch (config.model.mllm.path is '', seeded by "
+        "config.seed) that no file holds; for real weights train one with python -m iomm_jax.pretrain_mllm and pass "
+        "--config.model.mllm.path=DIR"
+    )
+  raise ValueError(f"--component {component}: not a frozen component")
+
+
+TRAINED_COMPONENTS = ("transformer", "rqa")  # what a checkpoint holds; the MLLM and the autoencoder are frozen
+
+
+def component_from_workdir(
+    workdir: str | Path, component: str, *, use_ema: bool | None = None, step: int | None = None
+) -> tuple[components.Spec, Any, dict[str, Any], dict]:
+  """(spec, our config, {dotted path: array}, info) of one trained component of `workdir`'s checkpoint (latest unless
+  `step`; `use_ema` None: the run's own config.sample.use_ema). info: workdir, checkpoint_step, weights ('ema' or
+  'params') and the run's prediction ('v' or 'x': an x-predicting DiT outputs the clean latent, not a velocity).
+
+  The transformer of any run (its config.model.dit.kind); the RQA of rqa.kind='rqa' runs only (TorchRQA is the
+  paper's adapter). 'vae' and 'mllm' raise ConvertError: frozen, they are not in the checkpoints."""
+
+  saved = restore.load_config(str(workdir))
+  if component not in TRAINED_COMPONENTS:
+    raise ConvertError(frozen_component_problem(workdir, saved, component))
+  if component == "rqa":
+    problem = _rqa_refusal(workdir, saved, "their RQA")
+    if problem:
+      raise ConvertError(problem)
+  if use_ema is None:
+    use_ema = bool(saved.sample.use_ema)
+  run, params, ckpt_step = load_generator(workdir, step=step, use_ema=use_ema)
+  config = run.config
+  width = factory.mllm_width(run.mcfg)
+  if component == "transformer":
+    spec, cfg, flat = components.spec(config.model.dit.kind), factory.dit_config(config, width), _flat(params["dit"])
+  else:
+    spec, cfg, flat = components.spec("rqa"), factory.rqa_config(config, width), _flat(params["rqa"])
+  info = {
+      "workdir": str(Path(workdir).absolute()),
+      "checkpoint_step": int(ckpt_step),
+      "weights": _weights(config, use_ema),
+      "prediction": config.model.prediction,
+  }
+  if component == "transformer" and config.model.prediction != "v":
+    info["note"] = (
+        f"this run predicts {config.model.prediction} (the clean latent), not the velocity diffusers' Flux/Z-Image "
+        "pipelines read: v = (x_t - x) / t from its output x at noise level t"
+    )
+  return spec, cfg, flat, info
 
 
 def _write_pipeline(workdir, dst: Path, run, params, ckpt_step: int, *, use_ema: bool, dtype) -> dict:
@@ -151,7 +257,7 @@ def _write_pipeline(workdir, dst: Path, run, params, ckpt_step: int, *, use_ema:
     )
   else:
     mllm_info["kind"] = "InternVL (transformers -hf layout)"
-  weights = "ema" if (use_ema and config.train.ema_decay > 0) else "params"
+  weights = _weights(config, use_ema)
   info = {
       "format": "iomm_pipeline",
       "version": 1,
