@@ -146,6 +146,56 @@ def test_a_damaged_checkpoint_is_its_message_without_the_abandoned_reads_traceba
   assert not [line for line in out.stderr.splitlines() if any(n in line for n in noise)], out.stderr[-3000:]
 
 
+_GARBAGE_STEP_METADATA = """
+import sys
+import jax, jax.numpy as jnp
+from iomm_jax.train import checkpoint, checkpoint_weights, guard
+work = sys.argv[1]
+tree = lambda v: {"params": {"w": jnp.full((8, 8), v)}, "ema_params": {"w": jnp.full((8, 8), v)}}
+ck = checkpoint.Checkpointer(work, with_data=False, max_to_keep=5)
+ck.save(10, tree(1.0)); ck.save(20, tree(2.0)); ck.close()
+with open(f"{work}/checkpoints/20/_CHECKPOINT_METADATA", "wb") as f:
+  f.write(b"\\x00garbage")
+print("PHASE reader", file=sys.stderr, flush=True)
+reader = checkpoint_weights.WeightsReader(work)
+abstract = checkpoint.abstract_with_shardings(tree(0.0)["params"], jax.tree.map(lambda x: x.sharding, tree(0.0)["params"]))
+print("READER:", reader.steps(), reader.stored(20)["params"], float(reader.restore(abstract, "params", 20)["w"][0, 0]))
+reader.close()
+print("PHASE trainer", file=sys.stderr, flush=True)
+ck = checkpoint.Checkpointer(work, with_data=False, max_to_keep=5)
+abstract = checkpoint.abstract_with_shardings(tree(0.0), jax.tree.map(lambda x: x.sharding, tree(0.0)))
+state, step, moved = ck.restore_newest_intact(abstract, None, fallback=False, is_finite=guard.tree_is_finite)
+print("RESUMED:", step, moved, float(state["params"]["w"][0, 0]))
+ck.close()
+"""
+
+
+def test_a_garbage_step_metadata_file_is_one_warning_not_orbax_errors(tmp_path):
+  """A step's _CHECKPOINT_METADATA (Orbax's timestamps and handler names, no weights) overwritten with garbage: Orbax
+  logs an absl ERROR with the file's content each time it reads it (listing the steps, reading their metadata) and
+  then does without it. Each reader says so in one warning line of ours instead, and the step still restores."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  out = subprocess.run(
+      [sys.executable, "-c", _GARBAGE_STEP_METADATA, str(tmp_path)],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=env,
+      timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines() == ["READER: [10, 20] {'w': (8, 8)} 2.0", "RESUMED: 20 [] 2.0"], out.stdout
+  stderr = out.stderr.split("PHASE reader\n", 1)[1]
+  assert "ERROR" not in stderr and "Failed to json parse" not in stderr and "file content" not in stderr, stderr
+  metadata = tmp_path / "checkpoints" / "20" / "_CHECKPOINT_METADATA"
+  want = (
+      f"warning: checkpoint 20 in {tmp_path / 'checkpoints'}: Orbax's step metadata file {metadata} is not readable "
+      "JSON (damaged); it holds no weights, so the step is read from its items without it"
+  )
+  reader, trainer = stderr.split("PHASE trainer\n")
+  assert reader.splitlines() == [want] and trainer.splitlines() == [want], stderr
+
+
 def test_only_what_abandoned_reads_report_is_dropped(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append((u.exc_type, str(u.exc_value))))

@@ -14,6 +14,7 @@ it) is not damage: it stays where it is and the run stops with one line (`Checkp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -58,6 +59,67 @@ class _QuietOrbaxThreads(logging.Filter):
 
 QUIET_ORBAX = _QuietOrbaxThreads()
 
+STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-step file: item handler names and timestamps, no weights
+
+
+class _UnreadableStepMetadata(logging.Filter):
+  """Catches Orbax's ERROR for a step's unreadable `_CHECKPOINT_METADATA` under `directory` (not JSON, or not
+  readable), which it then does without: the step still lists (by the folder's time) and restores from its items.
+  Each file is kept in `found`, for its caller's one line."""
+
+  _MESSAGES = ("Failed to json parse Metadata file", "Failed to read Metadata file")
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self.directory = directory
+    self.found: list[str] = []
+
+  def filter(self, record):
+    msg = record.msg if isinstance(record.msg, str) else ""
+    if not msg.startswith(self._MESSAGES) or not record.args:
+      return True
+    path = str(record.args[0])
+    if os.path.basename(path) != STEP_METADATA or os.path.dirname(os.path.dirname(path)) != self.directory:
+      return True
+    if path not in self.found:
+      self.found.append(path)
+    return False
+
+
+class StepMetadataNotes:
+  """Around the Orbax calls of one checkpoint reader or writer (`with notes.reading(): ...`): a step whose
+  `_CHECKPOINT_METADATA` Orbax cannot read is one warning line of ours, once per file, instead of the absl ERROR
+  (file content included) that Orbax logs each time it reads the file."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.reported: set[str] = set()
+
+  @contextlib.contextmanager
+  def reading(self):
+    catch = _UnreadableStepMetadata(self.directory)
+    logger = logging.getLogger("absl")
+    logger.addFilter(catch)
+    try:
+      yield
+    finally:
+      logger.removeFilter(catch)
+      for path in catch.found:
+        if path not in self.reported:
+          self.reported.add(path)
+          self.warn(path)
+
+  def warn(self, path: str) -> None:
+    if jax.process_index() != 0:
+      return
+    step = os.path.basename(os.path.dirname(path))
+    print(
+        f"warning: checkpoint {step} in {self.directory}: Orbax's step metadata file {path} is not readable JSON "
+        "(damaged); it holds no weights, so the step is read from its items without it",
+        file=sys.stderr,
+        flush=True,
+    )
+
 
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` with items 'state', 'data' and 'config'."""
@@ -76,18 +138,20 @@ class Checkpointer:
     handlers = {STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
     if with_data:
       handlers[DATA] = grain.checkpoint.CheckpointHandler()
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=True,
-            enable_async_checkpointing=async_save,
-            # the trainer (holding the workdir lock) removes leftovers of a
-            # killed or failed save; readers (sample, export) must not
-            cleanup_tmp_directories=cleanup_tmp,
-        ),
-        item_handlers=handlers,
-    )
+    self.notes = StepMetadataNotes(self.directory)
+    with self.notes.reading():  # lists the steps: reads each one's _CHECKPOINT_METADATA
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=max_to_keep,
+              create=True,
+              enable_async_checkpointing=async_save,
+              # the trainer (holding the workdir lock) removes leftovers of a
+              # killed or failed save; readers (sample, export) must not
+              cleanup_tmp_directories=cleanup_tmp,
+          ),
+          item_handlers=handlers,
+      )
     self.pending: int | None = None  # step of the async save in flight (checked at every step boundary)
     logging.getLogger("absl").addFilter(QUIET_ORBAX)
     orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
@@ -175,7 +239,8 @@ class Checkpointer:
       resharded = os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir, mine))
       if not resharded:
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    with self.notes.reading():
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if resharded:
       data_iter.set_state(iterator_state.from_other_process_count(data_dir, jax.process_count()))
     return restored[STATE], step
@@ -245,7 +310,8 @@ class Checkpointer:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices(f"iomm_move_aside_{step}")
-    self.manager.reload()
+    with self.notes.reading():
+      self.manager.reload()
     return dest
 
   def state_mismatch(self, abstract_state, step: int) -> str | None:
@@ -253,7 +319,8 @@ class Checkpointer:
     ShapeDtypeStructs) differ — another shape, or present in only one — read from the checkpoint's metadata, no
     arrays read. None when they agree, or when the metadata cannot be read (damage, which the restore reports)."""
     try:
-      metadata = self.manager.item_metadata(step)
+      with self.notes.reading():
+        metadata = self.manager.item_metadata(step)
       tree = metadata[STATE] if metadata is not None else None
     except Exception:  # noqa: BLE001 — unreadable metadata is a damaged checkpoint, not another config's
       return None
@@ -286,7 +353,8 @@ class Checkpointer:
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    with self.notes.reading():
+      return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -34,11 +34,13 @@ class WeightsReader:
     self.directory = os.path.abspath(workdir_layout.path(workdir, workdir_layout.CHECKPOINTS))
     # The state was saved by StandardCheckpointHandler, whose format is PyTreeCheckpointHandler's; only the latter
     # restores a subtree. No temporary folders are cleaned: the trainer may be writing beside this reader.
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False),
-        item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler()},
-    )
+    self.notes = checkpoint.StepMetadataNotes(self.directory)
+    with self.notes.reading():  # lists the steps: reads each one's _CHECKPOINT_METADATA
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False),
+          item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler()},
+      )
     logging.getLogger("absl").addFilter(checkpoint.QUIET_ORBAX)  # "found 'config' … could not be restored": not asked
     orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
 
@@ -53,7 +55,8 @@ class WeightsReader:
     'ema_params' is empty for a run trained without EMA. Raises DamagedCheckpointError."""
     where = os.path.join(self.directory, str(step), checkpoint.STATE)
     try:
-      tree = self.manager.item_metadata(step)[checkpoint.STATE]
+      with self.notes.reading():
+        tree = self.manager.item_metadata(step)[checkpoint.STATE]
       cause = None if tree is not None else "no metadata"
     except Exception as e:  # noqa: BLE001 — any failure to read the metadata is a damaged checkpoint
       cause = restore_failure.root_message(e)
@@ -91,7 +94,8 @@ class WeightsReader:
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(**{checkpoint.STATE: args}))[checkpoint.STATE][which]
+      with self.notes.reading():
+        return self.manager.restore(step, args=ocp.args.Composite(**{checkpoint.STATE: args}))[checkpoint.STATE][which]
     except Exception as e:  # noqa: BLE001 — any failure to read the stored arrays is a damaged checkpoint
       problem = restore_failure.describe(self.directory, step, e)
       del e
