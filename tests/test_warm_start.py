@@ -12,7 +12,7 @@ import pytest
 from helpers import tiny_config
 from iomm_jax import config as config_lib
 from iomm_jax import config_validation
-from iomm_jax.train import builder, checkpoint, loop, restore
+from iomm_jax.train import builder, checkpoint, loop, orbax_logs, restore
 from iomm_jax.train.warm_start import WarmStartError
 
 
@@ -215,7 +215,7 @@ def test_converted_adapter_weights_need_the_papers_adapter(tmp_path):
 def test_loading_only_the_weights_prints_no_orbax_warnings(stage1, caplog):
   """The checkpoint's other items (config, data position) are not asked for: Orbax's 'could not be restored'
   warning about them is not shown to a user sampling a run."""
-  logging.getLogger("absl").removeFilter(checkpoint.QUIET_ORBAX)  # as in a fresh process: training added it here
+  logging.getLogger("absl").removeFilter(orbax_logs.QUIET_ORBAX)  # as in a fresh process: training added it here
   caplog.set_level("WARNING")
   restore.load_for_inference(str(stage1))
   assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]

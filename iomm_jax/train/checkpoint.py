@@ -14,7 +14,6 @@ it) is not damage: it stays where it is and the run stops with one line (`Checkp
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -28,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from iomm_jax import workdir_layout
 from iomm_jax import orphaned_reads, restore_failure
-from iomm_jax.train import iterator_state
+from iomm_jax.train import iterator_state, orbax_logs
 
 DAMAGED_DIR = workdir_layout.DAMAGED_CHECKPOINTS
 STATE, DATA, CONFIG = workdir_layout.STATE_ITEM, workdir_layout.DATA_ITEM, workdir_layout.CONFIG_ITEM
@@ -45,80 +44,6 @@ class CheckpointMismatchError(CheckpointRestoreError):
 
 class SaveFailedError(RuntimeError):
   """An (async) checkpoint save failed; the message names the path, the bytes needed and the bytes free."""
-
-
-class _QuietOrbaxThreads(logging.Filter):
-  """Drop Orbax's background-thread tracebacks for failed saves (check_save re-raises them as one line), and its
-  warning that an item a reader did not ask for (the data iterator's state) has no handler."""
-
-  def filter(self, record):
-    if "orbax" in record.pathname and "was found in the checkpoint, but could not be restored" in record.getMessage():
-      return False
-    return not (record.exc_info and "orbax" in record.pathname and record.levelno >= logging.ERROR)
-
-
-QUIET_ORBAX = _QuietOrbaxThreads()
-
-STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-step file: item handler names and timestamps, no weights
-
-
-class _UnreadableStepMetadata(logging.Filter):
-  """Catches Orbax's ERROR for a step's unreadable `_CHECKPOINT_METADATA` under `directory` (not JSON, or not
-  readable), which it then does without: the step still lists (by the folder's time) and restores from its items.
-  Each file is kept in `found`, for its caller's one line."""
-
-  _MESSAGES = ("Failed to json parse Metadata file", "Failed to read Metadata file")
-
-  def __init__(self, directory: str):
-    super().__init__()
-    self.directory = directory
-    self.found: list[str] = []
-
-  def filter(self, record):
-    msg = record.msg if isinstance(record.msg, str) else ""
-    if not msg.startswith(self._MESSAGES) or not record.args:
-      return True
-    path = str(record.args[0])
-    if os.path.basename(path) != STEP_METADATA or os.path.dirname(os.path.dirname(path)) != self.directory:
-      return True
-    if path not in self.found:
-      self.found.append(path)
-    return False
-
-
-class StepMetadataNotes:
-  """Around the Orbax calls of one checkpoint reader or writer (`with notes.reading(): ...`): a step whose
-  `_CHECKPOINT_METADATA` Orbax cannot read is one warning line of ours, once per file, instead of the absl ERROR
-  (file content included) that Orbax logs each time it reads the file."""
-
-  def __init__(self, directory: str):
-    self.directory = directory
-    self.reported: set[str] = set()
-
-  @contextlib.contextmanager
-  def reading(self):
-    catch = _UnreadableStepMetadata(self.directory)
-    logger = logging.getLogger("absl")
-    logger.addFilter(catch)
-    try:
-      yield
-    finally:
-      logger.removeFilter(catch)
-      for path in catch.found:
-        if path not in self.reported:
-          self.reported.add(path)
-          self.warn(path)
-
-  def warn(self, path: str) -> None:
-    if jax.process_index() != 0:
-      return
-    step = os.path.basename(os.path.dirname(path))
-    print(
-        f"warning: checkpoint {step} in {self.directory}: Orbax's step metadata file {path} is not readable JSON "
-        "(damaged); it holds no weights, so the step is read from its items without it",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 class Checkpointer:
@@ -138,7 +63,7 @@ class Checkpointer:
     handlers = {STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
     if with_data:
       handlers[DATA] = grain.checkpoint.CheckpointHandler()
-    self.notes = StepMetadataNotes(self.directory)
+    self.notes = orbax_logs.StepMetadataNotes(self.directory)
     with self.notes.reading():  # lists the steps: reads each one's _CHECKPOINT_METADATA
       self.manager = ocp.CheckpointManager(
           self.directory,
@@ -153,7 +78,7 @@ class Checkpointer:
           item_handlers=handlers,
       )
     self.pending: int | None = None  # step of the async save in flight (checked at every step boundary)
-    logging.getLogger("absl").addFilter(QUIET_ORBAX)
+    logging.getLogger("absl").addFilter(orbax_logs.QUIET_ORBAX)
     orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
 
   def latest_step(self) -> int | None:

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from iomm_jax import workdir_layout
 from iomm_jax import orphaned_reads, restore_failure
-from iomm_jax.train import checkpoint
+from iomm_jax.train import checkpoint, orbax_logs
 
 WEIGHTS = ("params", "ema_params")  # the TrainState fields that hold generator weights
 
@@ -34,14 +34,14 @@ class WeightsReader:
     self.directory = os.path.abspath(workdir_layout.path(workdir, workdir_layout.CHECKPOINTS))
     # The state was saved by StandardCheckpointHandler, whose format is PyTreeCheckpointHandler's; only the latter
     # restores a subtree. No temporary folders are cleaned: the trainer may be writing beside this reader.
-    self.notes = checkpoint.StepMetadataNotes(self.directory)
+    self.notes = orbax_logs.StepMetadataNotes(self.directory)
     with self.notes.reading():  # lists the steps: reads each one's _CHECKPOINT_METADATA
       self.manager = ocp.CheckpointManager(
           self.directory,
           options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False),
           item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler()},
       )
-    logging.getLogger("absl").addFilter(checkpoint.QUIET_ORBAX)  # "found 'config' … could not be restored": not asked
+    logging.getLogger("absl").addFilter(orbax_logs.QUIET_ORBAX)  # "found 'config' … could not be restored": not asked
     orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
 
   def steps(self) -> list[int]:
@@ -63,9 +63,8 @@ class WeightsReader:
       del e  # its traceback holds Orbax's read coroutines: not kept alive in the error we raise
     if cause:
       raise DamagedCheckpointError(
-          f"checkpoint {step} in {self.directory} could not be restored: item '{checkpoint.STATE}' (its metadata, under "
-          f"{where}) — "
-          f"{cause}."
+          f"checkpoint {step} in {self.directory} could not be restored: item '{checkpoint.STATE}' (its metadata, "
+          f"under {where}) — {cause}."
       )
     out = {name: {} for name in WEIGHTS}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
