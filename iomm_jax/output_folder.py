@@ -99,7 +99,7 @@ def replacing(dst: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(
-    path: str | os.PathLike, *, keep_suffix: bool = True, skip_if_unwritten: bool = False
+    path: str | os.PathLike, *, keep_suffix: bool = True, skip_if_unwritten: bool = False, sole_writer: bool = False
 ) -> Iterator[Path]:
   """Yields a temporary sibling of the file `path` to write; it replaces `path` only when the block completes, so
   a full disk or a kill leaves the old file whole; it is removed when the block fails. Two files committed in order
@@ -109,9 +109,14 @@ def atomic_file(
   `keep_suffix=False` names it ``.NAME.tmp-XXXXXXXX`` instead, for a folder whose readers glob the suffix (pathlib's
   ``glob('*.array_record')`` matches hidden files too) and whose resume drops ``.NAME.tmp-*`` leftovers of a kill.
   `skip_if_unwritten`: a block that leaves no temporary file (it wrote nothing, or removed what it wrote) leaves
-  `path` as it was instead of raising FileNotFoundError."""
+  `path` as it was instead of raising FileNotFoundError. `sole_writer`: no one else writes `path` (a workdir's
+  files under its trainer lock), so temporary siblings found first are a killed writer's leftovers, and go."""
   path = Path(os.path.abspath(os.path.expanduser(path)))
   path.parent.mkdir(parents=True, exist_ok=True)
+  if sole_writer:
+    for pattern in (f".{path.stem}.tmp-*{path.suffix}", f".{path.name}.tmp-*"):
+      for leftover in path.parent.glob(pattern):
+        leftover.unlink(missing_ok=True)
   tag = uuid.uuid4().hex[:8]
   tmp = path.parent / (f".{path.stem}.tmp-{tag}{path.suffix}" if keep_suffix else f".{path.name}.tmp-{tag}")
   try:

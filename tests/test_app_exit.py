@@ -90,3 +90,18 @@ def test_an_atomic_file_can_hide_its_suffix_and_may_write_nothing(tmp_path):
     with output_folder.atomic_file(target):
       pass
   assert target.read_bytes() == b"shard"
+
+
+def test_a_sole_writers_atomic_file_drops_a_killed_writers_leftovers(tmp_path):
+  target = tmp_path / "metrics.jsonl"
+  target.write_text("old\n")
+  (tmp_path / ".metrics.tmp-0badc0de.jsonl").write_text("half")  # a kill between the write and the rename
+  (tmp_path / ".metrics.jsonl.tmp-0badc0de").write_text("half")
+  (tmp_path / ".other.tmp-0badc0de.jsonl").write_text("not ours")
+  with output_folder.atomic_file(target) as tmp:  # by default another writer's temporary file is left alone
+    tmp.write_text("new\n")
+  assert len(list(tmp_path.glob(".metrics*"))) == 2
+  with output_folder.atomic_file(target, sole_writer=True) as tmp:
+    tmp.write_text("newer\n")
+  assert target.read_text() == "newer\n"
+  assert sorted(os.listdir(tmp_path)) == [".other.tmp-0badc0de.jsonl", "metrics.jsonl"]

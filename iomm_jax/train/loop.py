@@ -66,7 +66,7 @@ def _is_run_config(saved) -> bool:
 def save_resolved_config(config, workdir: str) -> None:
   """`<workdir>/config.json`: the run's config, its local paths absolute (what sample and the evaluators load)."""
   if jax.process_index() == 0:  # written whole, then renamed: a crash never leaves a half file for the next start
-    with output_folder.atomic_file(workdir_layout.path(workdir, workdir_layout.CONFIG)) as tmp:
+    with output_folder.atomic_file(workdir_layout.path(workdir, workdir_layout.CONFIG), sole_writer=True) as tmp:
       tmp.write_text(config_lib.with_absolute_paths(config).to_json_best_effort(indent=2, sort_keys=True))
 
 
