@@ -144,6 +144,12 @@ def report(folder: str, json_path: str, png_path: str, extra: dict | None = None
   return summary
 
 
+def _given(ap, argv: list[str], dests: list[str]) -> list[str]:
+  """The options of `ap` for `dests` that `argv` names (as --x or --x=value), in `dests`' order."""
+  opts = [o for d in dests for a in ap._actions if a.dest == d for o in a.option_strings]
+  return [o for o in opts if any(x == o or x.startswith(o + "=") for x in argv)]
+
+
 def main(argv=None) -> int:
   import argparse
 
@@ -186,12 +192,13 @@ def main(argv=None) -> int:
   if args.samples:
     if not os.path.isdir(args.samples):
       raise SystemExit(f"--samples={args.samples} is not a folder")
-    if args.uncond or args.out or args.steps is not None or args.cfg is not None or args.step is not None:
-      ap.error(
-          "--samples scores a folder as it is; --uncond, --out, --step, --steps and --cfg apply only when sampling"
-      )
-    if args.use_ema is not None:
-      ap.error("--samples scores a folder as it is; --use-ema / --no-ema apply only when sampling")
+    sampling_only = ["uncond", "out", "step", "steps", "cfg", "num", "seed", "use_ema"]
+    if not args.workdir:  # with --workdir it names the report (eval_shapes_geneval.json); alone it does nothing
+      sampling_only.append("phrasing")
+    given = _given(ap, sys.argv[1:] if argv is None else argv, sampling_only)
+    if given:
+      verb = "applies" if len(given) == 1 else "apply"
+      ap.error(f"--samples scores a folder as it is; {', '.join(given)} {verb} only when sampling")
     if args.workdir and not os.path.isfile(workdir_layout.path(args.workdir, workdir_layout.CONFIG)):
       ap.error(
           f"--workdir={args.workdir} is not a training workdir (no config.json); drop it to write the report into "

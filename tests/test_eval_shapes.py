@@ -209,8 +209,10 @@ def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
   sample.write_bytes(good)
   # Flags that only sampling reads, or a --workdir that is not a run, are refused rather than ignored or misfiled.
   for flags, message in (
-      (["--uncond"], "--uncond, --out, --step, --steps and --cfg apply only when sampling"),
-      (["--step=3"], "--uncond, --out, --step, --steps and --cfg apply only when sampling"),
+      (["--uncond"], "; --uncond applies only when sampling"),
+      (["--step=3", "--cfg", "2"], "; --step, --cfg apply only when sampling"),
+      (["--num=7", "--seed=5", "--no-ema"], "; --num, --seed, --no-ema apply only when sampling"),
+      (["--phrasing=geneval"], "; --phrasing applies only when sampling"),  # without --workdir it names nothing
       ([f"--workdir={tmp_path / 'typo'}"], "is not a training workdir (no config.json)"),
   ):
     with pytest.raises(SystemExit):
