@@ -157,7 +157,8 @@ def main(argv=None) -> int:
       rows.append({"point": point, "result": result})
       f.write(json.dumps({"point": point, **result}) + "\n")
       f.flush()
-      print(f"gpu_sweep: {point} → " + (result.get("error") or f"{result['images_per_s']} images/s"), flush=True)
+      progress = result.get("error") or f"{result['images_per_s']} images/s"
+      print(f"gpu_sweep: {point} → {progress}", file=sys.stderr, flush=True)  # stdout: the one JSON line
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table(rows))
     if skipped:
