@@ -59,10 +59,8 @@ class MetricsWriter:
       return 0
     rows = read_metrics(os.path.dirname(self.path))
     keep = [r for r in rows if r["step"] <= step]
-    with output_folder.atomic_file(self.path, sole_writer=True) as tmp, open(
-        tmp, "w"
-    ) as f:  # a kill leaves the old file whole
-      f.writelines(json.dumps(r) + "\n" for r in keep)
+    with output_folder.atomic_file(self.path, sole_writer=True) as tmp:  # a kill leaves the old file whole
+      tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     return len(rows) - len(keep)
 
   def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
