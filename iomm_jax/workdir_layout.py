@@ -46,6 +46,19 @@ def is_run(workdir: str | os.PathLike) -> bool:
   return os.path.isfile(path(workdir, CONFIG)) and os.path.isdir(path(workdir, CHECKPOINTS))
 
 
+def is_run_without_checkpoints(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir` holds a training run's config.json (its model and train sections, unlike a PyTorch model
+  folder's config.json) but no checkpoints folder yet."""
+  if not os.path.isfile(path(workdir, CONFIG)) or os.path.isdir(path(workdir, CHECKPOINTS)):
+    return False
+  try:
+    with open(path(workdir, CONFIG)) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(saved, dict) and {"model", "train"} <= saved.keys()
+
+
 class SavedConfigError(ValueError):
   """A workdir's config.json cannot be read back: not JSON (cut short, edited by hand) or not an object. The message
   names the file, where the JSON breaks, and what to do."""

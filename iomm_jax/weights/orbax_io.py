@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from iomm_jax import orphaned_reads, output_folder, restore_failure, tree_paths
+from iomm_jax import orphaned_reads, output_folder, restore_failure, tree_paths, workdir_layout
 from iomm_jax.weights.components import ConvertError
 
 FORMAT = "iomm_jax.component"
@@ -82,6 +82,11 @@ def read_meta(src: str | Path, *, what: str = "--src") -> dict:
         "`python -m iomm_jax.convert to-jax` (component.json + params/)"
     )
   f = p / META_FILE
+  if not f.is_file() and workdir_layout.is_run_without_checkpoints(p):
+    raise ConvertError(
+        f"{what}={p} holds a run's {workdir_layout.CONFIG} but no {workdir_layout.CHECKPOINTS}/: a training workdir "
+        "that has saved no checkpoint yet; train it to its first checkpoint (config.train.ckpt_every) first"
+    )
   if not f.is_file() or not (p / PARAMS_DIR).is_dir():
     raise ConvertError(
         f"{what}={p} has no {META_FILE} and {PARAMS_DIR}/; it is not a component directory. "
