@@ -19,6 +19,7 @@ scores a folder sampled from GenEval's own metadata over this world's shapes and
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -145,14 +146,19 @@ def report(folder: str, json_path: str, png_path: str, extra: dict | None = None
 
 
 def _given(ap, argv: list[str], dests: list[str]) -> list[str]:
-  """The options of `ap` for `dests` that `argv` names (as --x or --x=value), in `dests`' order."""
-  opts = [o for d in dests for a in ap._actions if a.dest == d for o in a.option_strings]
-  return [o for o in opts if any(x == o or x.startswith(o + "=") for x in argv)]
+  """The options of `ap` among `dests` that `argv` gives (in any spelling argparse takes, abbreviations too), named
+  as the parser names them ("--use-ema/--no-ema" for a shared destination), in `dests`' order."""
+  unset = object()
+  probe = argparse.Namespace(**{a.dest: unset for a in ap._actions})  # argparse fills in defaults only where absent
+  ap.parse_args(argv, namespace=probe)
+  return [
+      "/".join(o for a in ap._actions if a.dest == d for o in a.option_strings)
+      for d in dests
+      if getattr(probe, d) is not unset
+  ]
 
 
 def main(argv=None) -> int:
-  import argparse
-
   ap = argparse.ArgumentParser(
       prog="python -m iomm_jax.eval_shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )

@@ -211,7 +211,8 @@ def test_scoring_a_folder_of_true_renders(tmp_path, capsys):
   for flags, message in (
       (["--uncond"], "; --uncond applies only when sampling"),
       (["--step=3", "--cfg", "2"], "; --step, --cfg apply only when sampling"),
-      (["--num=7", "--seed=5", "--no-ema"], "; --num, --seed, --no-ema apply only when sampling"),
+      (["--num=7", "--seed", "5", "--no-ema"], "; --num, --seed, --use-ema/--no-ema apply only when sampling"),
+      (["--nu", "7"], "; --num applies only when sampling"),  # argparse's abbreviation is the same flag
       (["--phrasing=geneval"], "; --phrasing applies only when sampling"),  # without --workdir it names nothing
       ([f"--workdir={tmp_path / 'typo'}"], "is not a training workdir (no config.json)"),
   ):
