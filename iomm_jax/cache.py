@@ -171,15 +171,18 @@ def _write_shard(dst: Path, name: str, batches, encode, run, dtype: np.dtype, ac
         caption = b["caption"][row]
         ids = None if caption is None else np.asarray(run.tokenize(caption), np.int32)
         stats["uncaptioned"] += caption is None
-        writer.write(
-            records.encode_feature_record(id=b["id"][row], vit_tokens=tok, latent=lat, caption_ids=ids, caption=caption)
+        record = records.encode_feature_record(
+            id=b["id"][row], vit_tokens=tok, latent=lat, caption_ids=ids, caption=caption
         )
+        with records.write_failures_as_oserror(dst / name):
+          writer.write(record)
         stats["written"] += 1
       if progress is not None:
         progress.update(int(sum(e != "" for e in b["error"])))
     if not active:
       return stats
-    writer.close()
+    with records.write_failures_as_oserror(dst / name):
+      writer.close()
     with output_folder.atomic_file(dst / STATE_DIR / f"{name}.json", keep_suffix=False) as stats_tmp:
       stats_tmp.write_text(json.dumps(stats))
     # the stats block ended first: a finished shard always has stats; the shard is replaced on leaving
@@ -335,6 +338,13 @@ def main(argv) -> int:
   except (ConfigError, ValueError, distributed.DistributedStartError) as e:
     print(f"cache: error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # a full disk, a folder that cannot be written: finished shards stay, and a rerun resumes
+    print(
+        f"cache: error: {app_exit.describe(e)}; the shards finished so far are kept: fix the cause (free space in "
+        f"--dst={flags.FLAGS.dst}) and rerun the same command to resume",
+        file=sys.stderr,
+    )
+    return 1
   import jax
 
   if jax.process_index() == 0:

@@ -203,6 +203,41 @@ def test_cached_step_never_runs_the_vit_or_the_encoder(data, cached_run):
 
 # ----------------------------------------------------------------------------------------------- the writer
 @pytest.mark.slow
+def test_a_full_disk_is_an_oserror_naming_the_shard_and_the_rerun_resumes(data, cached_run, tmp_path, monkeypatch):
+  """array_record reports a failed write as RuntimeError: the cache turns it into the OSError its command reports in
+  one line (exit 1), leaves no half shard, keeps the finished one, and the rerun writes only the lost shard."""
+  from array_record.python import array_record_module as ar
+
+  dst = tmp_path / "features"
+  shutil.copytree(data["dst"], dst)
+  lost = cache.shard_name(0, 1, 1, SHARDS)
+  (dst / lost).unlink()
+  (dst / cache.STATE_DIR / f"{lost}.json").unlink()
+  real = ar.ArrayRecordWriter
+
+  class FillsUp:  # every write meets a full disk, as array_record reports it
+
+    def __init__(self, path, options):
+      self.path = path
+
+    def write(self, data):
+      raise RuntimeError(f"write() failed: No space left on device; writing {self.path}\nat byte 0")
+
+  monkeypatch.setattr(ar, "ArrayRecordWriter", FillsUp)
+  cfg = image_config(data["src"])
+  with pytest.raises(OSError, match=rf"^writing {dst / lost}: write\(\) failed: No space left on device; writing "):
+    cache.write_cache(cfg, dst, shards=SHARDS, run=cached_run, progress=False)
+  assert (
+      not list(dst.glob(".*.tmp-*"))
+      and not (dst / lost).exists()
+      and not (dst / cache.STATE_DIR / f"{lost}.json").exists()
+  )
+  monkeypatch.setattr(ar, "ArrayRecordWriter", real)
+  s = cache.write_cache(cfg, dst, shards=SHARDS, run=cached_run, progress=False)
+  assert (s["written"], s["shards_written"], s["shards_already_done"]) == (NUM, 1, 1)
+
+
+@pytest.mark.slow
 def test_writer_resumes_skips_bad_images_and_refuses_mixing(data, cached_run, tmp_path):
   """Kill one shard (and leave a temp file): a rerun rewrites only it; bad images are counted, not written."""
   dst = tmp_path / "features"

@@ -151,7 +151,7 @@ def write_shard(
   final, state = Path(dst) / name, Path(dst) / STATE_DIR
   stats = {**dict.fromkeys(_STATS + (_CAPTIONED,), 0), "errors": []}
   sizes = []  # (height, width) of each written record, for the sizes sidecar
-  try:
+  with records.write_failures_as_oserror(final):
     # hidden `.NAME.tmp-*` (never `*.array_record`, which readers glob): a rerun drops it; a failure removes it
     with output_folder.atomic_file(final, keep_suffix=False) as tmp:
       writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
@@ -180,8 +180,6 @@ def write_shard(
       with output_folder.atomic_file(state / f"{name}.json", keep_suffix=False) as stats_tmp:
         stats_tmp.write_text(json.dumps(stats))
       # the stats block ended first: a finished shard always has its stats; the shard is replaced on leaving
-  except RuntimeError as e:  # array_record reports a failed write (a full disk) as RuntimeError
-    raise OSError(f"writing {final}: {str(e).splitlines()[0]}") from None
   return stats
 
 
