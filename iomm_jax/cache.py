@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from iomm_jax import app_exit, dtype_names, output_folder
+from iomm_jax import app_exit, dtype_names, output_folder, write_failures
 from iomm_jax import parallel
 from iomm_jax.data import records
 from iomm_jax.data import cache_reader, shard_dir
@@ -174,14 +174,14 @@ def _write_shard(dst: Path, name: str, batches, encode, run, dtype: np.dtype, ac
         record = records.encode_feature_record(
             id=b["id"][row], vit_tokens=tok, latent=lat, caption_ids=ids, caption=caption
         )
-        with records.write_failures_as_oserror(dst / name):
+        with write_failures.writing(dst / name):
           writer.write(record)
         stats["written"] += 1
       if progress is not None:
         progress.update(int(sum(e != "" for e in b["error"])))
     if not active:
       return stats
-    with records.write_failures_as_oserror(dst / name):
+    with write_failures.writing(dst / name):
       writer.close()
     with output_folder.atomic_file(dst / STATE_DIR / f"{name}.json", keep_suffix=False) as stats_tmp:
       stats_tmp.write_text(json.dumps(stats))

@@ -12,7 +12,8 @@ import pytest
 from helpers import tiny_config
 from iomm_jax import config as config_lib
 from iomm_jax import config_validation
-from iomm_jax.train import builder, checkpoint, loop, orbax_logs, restore
+from iomm_jax import orbax_logs
+from iomm_jax.train import builder, checkpoint, loop, restore
 from iomm_jax.train.warm_start import WarmStartError
 
 

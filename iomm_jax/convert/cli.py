@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from iomm_jax import dtype_names, output_folder
+from iomm_jax import app_exit, dtype_names, output_folder, write_failures
 from iomm_jax.weights import components, io
 from iomm_jax.models import keymap
 from iomm_jax.weights.components import COMPONENTS, ConvertError
@@ -187,7 +187,7 @@ def _write_component(dst, spec, cfg, flat, *, dtype, source, torch_config=None, 
   lets --overwrite replace it) and what to-torch prints; `info` (a workdir's step, weights, prediction) goes in
   both."""
   dst = Path(dst)
-  with output_folder.replacing(dst) as tmp:
+  with write_failures.writing(dst), output_folder.replacing(dst) as tmp:  # a full disk: one OSError, nothing half
     files = transfer.write_torch_folder(spec, cfg, flat, tmp, torch_config=torch_config, dtype=dtype)
     (tmp / EXPORT_FILE).write_text(
         json.dumps(
@@ -233,6 +233,9 @@ def main(argv=None) -> int:
   ) as e:
     print(f"error: {e}", file=sys.stderr)
     return USER_ERROR
+  except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing half is left at --dst
+    print(f"error: {app_exit.describe(e)}", file=sys.stderr)
+    return 1
   print(json.dumps(out, indent=2, default=str))
   if args.command == "verify" and not out["passed"]:
     for problem in verify.tokenizer_problems(out.get("tokenizer", {})):

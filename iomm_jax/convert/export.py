@@ -26,7 +26,7 @@ from iomm_jax.weights.components import ConvertError
 from iomm_jax.models.flux_vae import FluxVAEConfig
 from iomm_jax.train import builder, restore
 from iomm_jax.models import factory
-from iomm_jax import output_folder, workdir_layout
+from iomm_jax import output_folder, workdir_layout, write_failures
 
 PIPELINE_FILE = "iomm_pipeline.json"
 
@@ -93,7 +93,7 @@ def export_workdir(
   if problem:
     raise ConvertError(problem)
   run, params, ckpt_step = load_generator(workdir, step=step, use_ema=use_ema)
-  with output_folder.replacing(dst) as tmp:  # the old folder goes only once the new one is whole
+  with write_failures.writing(dst), output_folder.replacing(dst) as tmp:  # old folder kept until the new is whole
     return _write_pipeline(workdir, tmp, run, params, ckpt_step, use_ema=use_ema, dtype=dtype)
 
 

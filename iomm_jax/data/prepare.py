@@ -48,7 +48,7 @@ from PIL import Image
 
 from iomm_jax import app_exit
 from iomm_jax import config as config_lib
-from iomm_jax import data_kinds, output_folder
+from iomm_jax import data_kinds, output_folder, write_failures
 from iomm_jax.data import decode, prepare_items, records, shard_dir
 from iomm_jax.data.prepare_plan import SHARD_PATTERN, STATE_DIR, sizes_path
 from iomm_jax.data import prepare_plan
@@ -151,7 +151,7 @@ def write_shard(
   final, state = Path(dst) / name, Path(dst) / STATE_DIR
   stats = {**dict.fromkeys(_STATS + (_CAPTIONED,), 0), "errors": []}
   sizes = []  # (height, width) of each written record, for the sizes sidecar
-  with records.write_failures_as_oserror(final):
+  with write_failures.writing(final):
     # hidden `.NAME.tmp-*` (never `*.array_record`, which readers glob): a rerun drops it; a failure removes it
     with output_folder.atomic_file(final, keep_suffix=False) as tmp:
       writer = ar.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   except OSError as e:  # a full disk, a folder that cannot be written: finished shards stay, and a rerun resumes
     print(
-        f"prepare: error: {e}; the shards finished so far are kept: fix the cause (free space in --dst={a.dst}) "
+        f"prepare: error: {app_exit.describe(e)}; the shards finished so far are kept: fix the cause (free space in --dst={a.dst}) "
         "and rerun the same command to resume",
         file=sys.stderr,
     )

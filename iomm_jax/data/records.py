@@ -14,7 +14,6 @@ a zero-copy ``np.frombuffer`` per array.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import msgpack
@@ -98,13 +97,3 @@ def decode_record(data: bytes) -> dict[str, Any]:
   if rec.get("v", 0) > FORMAT_VERSION:
     raise ValueError(f"record format v{rec['v']} is newer than this code (v{FORMAT_VERSION}); update iomm_jax")
   return rec
-
-
-@contextlib.contextmanager
-def write_failures_as_oserror(path):
-  """Around an ArrayRecordWriter's writes and close: array_record reports a failed write (a full disk) as
-  RuntimeError; it is re-raised as the OSError the commands report in one line, naming the shard `path`."""
-  try:
-    yield
-  except RuntimeError as e:
-    raise OSError(f"writing {path}: {str(e).splitlines()[0]}") from None

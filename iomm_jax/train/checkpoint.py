@@ -27,7 +27,8 @@ import orbax.checkpoint as ocp
 
 from iomm_jax import workdir_layout
 from iomm_jax import orphaned_reads, restore_failure
-from iomm_jax.train import iterator_state, orbax_logs
+from iomm_jax import orbax_logs
+from iomm_jax.train import iterator_state
 
 DAMAGED_DIR = workdir_layout.DAMAGED_CHECKPOINTS
 STATE, DATA, CONFIG = workdir_layout.STATE_ITEM, workdir_layout.DATA_ITEM, workdir_layout.CONFIG_ITEM

@@ -17,7 +17,8 @@ import orbax.checkpoint as ocp
 
 from iomm_jax import workdir_layout
 from iomm_jax import orphaned_reads, restore_failure
-from iomm_jax.train import checkpoint, orbax_logs
+from iomm_jax import orbax_logs
+from iomm_jax.train import checkpoint
 
 WEIGHTS = ("params", "ema_params")  # the TrainState fields that hold generator weights
 

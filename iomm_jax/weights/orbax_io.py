@@ -12,13 +12,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from iomm_jax import orphaned_reads, output_folder, restore_failure, tree_paths, workdir_layout
+from iomm_jax import orbax_logs, orphaned_reads, output_folder, restore_failure, tree_paths, workdir_layout
+from iomm_jax import write_failures
 from iomm_jax.weights.components import ConvertError
 
 FORMAT = "iomm_jax.component"
@@ -52,9 +54,15 @@ def save(
     raise ConvertError(problem)
   # Host numpy arrays (bf16 via ml_dtypes) are written as they are: no device copy of the whole model.
   tree = tree_paths.nest({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
-  with output_folder.replacing(dst) as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(tmp / PARAMS_DIR, tree)
+  orphaned_reads.install()  # a failed write abandons TensorStore's coroutines as a failed read does: not reported
+  logging.getLogger("absl").addFilter(orbax_logs.QUIET_ORBAX)  # nor its writer thread's traceback: ours is one line
+  with write_failures.writing(dst), output_folder.replacing(dst) as tmp:  # a full disk: one OSError, no half folder
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp / PARAMS_DIR, tree)
+    except Exception:
+      orphaned_reads.collect()  # end the writes it abandoned before the folder goes (once one landed after it)
+      raise
     _write_meta(tmp, component, kind, config, torch_config, source, params)
   return dst
 
