@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from iomm_jax import output_folder
+from iomm_jax import output_folder, write_failures
 from iomm_jax.config import ConfigError
 from iomm_jax.weights import components, transfer
 from iomm_jax.models import keymap
@@ -28,7 +28,7 @@ def check_replaceable(dst: str | os.PathLike) -> None:
 def write(dst: str | os.PathLike, cfg, params, tokenizer, report: dict) -> Path:
   """Writes the folder atomically (a temporary sibling renamed into place), replacing an older one at dst."""
   check_replaceable(dst)
-  with output_folder.replacing(dst) as tmp:
+  with write_failures.writing(dst), output_folder.replacing(dst) as tmp:  # a full disk: one line (app_exit)
     transfer.write_torch_folder(components.spec("mllm"), cfg, keymap.flatten_state(params), tmp)
     tokenizer.save_pretrained(str(tmp))
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True))
