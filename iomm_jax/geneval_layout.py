@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iomm_jax import jsonl, output_folder, workdir_layout
+from iomm_jax import jsonl, output_folder, workdir_layout, write_failures
 
 PROMPTS_FILE = "prompts.jsonl"  # a prompt set written inside the sample folder it produced (eval_shapes)
 
@@ -151,11 +151,12 @@ class Writer:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
     folder = self.tmp / f"{index:05d}"
-    (folder / SAMPLES_DIR).mkdir(parents=True)
-    (folder / METADATA_FILE).write_text(json.dumps(metadata) + "\n")
-    for n, img in enumerate(images):
-      Image.fromarray(img).save(folder / SAMPLES_DIR / f"{n:04d}.png")
-    Image.fromarray(grid(images)).save(folder / GRID_FILE)
+    with write_failures.writing(self.out_dir):  # a full disk names the folder asked for, not the file Pillow wrote
+      (folder / SAMPLES_DIR).mkdir(parents=True)
+      (folder / METADATA_FILE).write_text(json.dumps(metadata) + "\n")
+      for n, img in enumerate(images):
+        Image.fromarray(img).save(folder / SAMPLES_DIR / f"{n:04d}.png")
+      Image.fromarray(grid(images)).save(folder / GRID_FILE)
     self.count += 1
     return self.out_dir / folder.name
 

@@ -38,9 +38,14 @@ def as_oserror(exc: BaseException, path: str | os.PathLike) -> OSError | None:
 
 @contextlib.contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
-  """Re-raise a library's report of a failed write inside the block as `as_oserror`'s OSError about `path`."""
+  """Re-raise a library's report of a failed write inside the block as `as_oserror`'s OSError about `path`; an
+  OSError that names no file (Pillow's full disk) is given `path`."""
   try:
     yield
+  except OSError as e:
+    if e.filename is None and e.errno is not None:
+      raise OSError(e.errno, e.strerror, str(path)) from None
+    raise
   except Exception as e:  # noqa: BLE001 — only what as_oserror recognises is translated; the rest goes on as it was
     err = as_oserror(e, path)
     if err is None or err is e:

@@ -38,6 +38,13 @@ def test_other_errors_pass_unchanged():
     assert e.value is exc
 
 
+def test_an_oserror_without_a_file_is_given_the_output():
+  with pytest.raises(OSError) as e:  # Pillow's full disk names no file
+    with write_failures.writing("/out/grid.png"):
+      raise OSError(errno.ENOSPC, "No space left on device")
+  assert (e.value.errno, e.value.filename) == (errno.ENOSPC, "/out/grid.png")
+
+
 def test_a_failed_write_of_an_unknown_errno_keeps_the_librarys_first_line():
   err = write_failures.as_oserror(RuntimeError("write() failed: quota\nmore"), "/o")
   assert (err.errno, err.strerror, err.filename) == (None, "write() failed: quota", "/o")

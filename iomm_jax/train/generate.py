@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from iomm_jax import output_folder, sampling
+from iomm_jax import output_folder, sampling, write_failures
 from iomm_jax.models import iomm
 
 
@@ -172,5 +172,5 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> None:
   img = Image.fromarray(image)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-  with output_folder.atomic_file(path) as tmp:
+  with write_failures.writing(path), output_folder.atomic_file(path) as tmp:
     img.save(tmp, format="PNG")
