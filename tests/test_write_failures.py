@@ -31,7 +31,11 @@ def test_each_librarys_full_disk_is_one_oserror_about_the_output(exc):
 
 
 def test_other_errors_pass_unchanged():
-  for exc in (RuntimeError("XLA: out of memory"), ValueError("shape mismatch"), PermissionError(13, "denied", "/elsewhere")):
+  for exc in (
+      RuntimeError("XLA: out of memory"),
+      ValueError("shape mismatch"),
+      PermissionError(13, "denied", "/elsewhere"),
+  ):
     with pytest.raises(type(exc)) as e:
       with write_failures.writing("/out"):
         raise exc
