@@ -11,6 +11,8 @@ import sys
 
 import jax
 
+from iomm_jax import orphaned_reads
+
 
 class _QuietOrbaxThreads(logging.Filter):
   """Drop Orbax's background-thread tracebacks for failed saves (check_save re-raises them as one line), and its
@@ -23,6 +25,14 @@ class _QuietOrbaxThreads(logging.Filter):
 
 
 QUIET_ORBAX = _QuietOrbaxThreads()
+
+
+def quiet() -> None:
+  """From now on, what a failed Orbax save or read leaves is not reported: its threads' tracebacks (QUIET_ORBAX) and
+  the reports of the reads or writes it abandoned (orphaned_reads); the caller's own message is the one line."""
+  logging.getLogger("absl").addFilter(QUIET_ORBAX)  # the same filter object: adding it again is a no-op
+  orphaned_reads.install()
+
 
 STEP_METADATA = "_CHECKPOINT_METADATA"  # Orbax's per-step file: item handler names and timestamps, no weights
 

@@ -14,7 +14,6 @@ it) is not damage: it stays where it is and the run stops with one line (`Checkp
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -79,8 +78,7 @@ class Checkpointer:
           item_handlers=handlers,
       )
     self.pending: int | None = None  # step of the async save in flight (checked at every step boundary)
-    logging.getLogger("absl").addFilter(orbax_logs.QUIET_ORBAX)
-    orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
+    orbax_logs.quiet()  # a damaged checkpoint or a failed save is one message, not thousands of lines of Orbax's
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -9,7 +9,6 @@ REPA's head, and `sample` loads a run whatever its optimizer was.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
@@ -42,8 +41,7 @@ class WeightsReader:
           options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False),
           item_handlers={checkpoint.STATE: ocp.PyTreeCheckpointHandler()},
       )
-    logging.getLogger("absl").addFilter(orbax_logs.QUIET_ORBAX)  # "found 'config' … could not be restored": not asked
-    orphaned_reads.install()  # a damaged checkpoint is one message, not thousands of lines from the reads it ends
+    orbax_logs.quiet()  # "found 'config' … could not be restored" (not asked for); a damaged checkpoint: one message
 
   def steps(self) -> list[int]:
     return list(self.manager.all_steps())

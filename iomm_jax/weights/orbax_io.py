@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,8 +53,7 @@ def save(
     raise ConvertError(problem)
   # Host numpy arrays (bf16 via ml_dtypes) are written as they are: no device copy of the whole model.
   tree = tree_paths.nest({k: np.asarray(jax.device_get(v)) for k, v in params.items()})
-  orphaned_reads.install()  # a failed write abandons TensorStore's coroutines as a failed read does: not reported
-  logging.getLogger("absl").addFilter(orbax_logs.QUIET_ORBAX)  # nor its writer thread's traceback: ours is one line
+  orbax_logs.quiet()  # a failed write abandons TensorStore's coroutines and threads as a failed read does
   with write_failures.writing(dst), output_folder.replacing(dst) as tmp:  # a full disk: one OSError, no half folder
     try:
       with ocp.StandardCheckpointer() as ckptr:
