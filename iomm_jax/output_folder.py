@@ -102,8 +102,8 @@ def atomic_file(
     path: str | os.PathLike, *, keep_suffix: bool = True, skip_if_unwritten: bool = False, sole_writer: bool = False
 ) -> Iterator[Path]:
   """Yields a temporary sibling of the file `path` to write; it replaces `path` only when the block completes, so
-  a full disk or a kill leaves the old file whole; it is removed when the block fails. Two files committed in order
-  nest two blocks: the inner one's file replaces its target first.
+  a full disk or a kill leaves the old file whole; it is removed when the block fails, with the folders the call
+  created for it. Two files committed in order nest two blocks: the inner one's file replaces its target first.
 
   The temporary name is ``.STEM.tmp-XXXXXXXX.SUFFIX`` (the same suffix, for writers that pick the format by it);
   `keep_suffix=False` names it ``.NAME.tmp-XXXXXXXX`` instead, for a folder whose readers glob the suffix (pathlib's
@@ -112,6 +112,7 @@ def atomic_file(
   `path` as it was instead of raising FileNotFoundError. `sole_writer`: no one else writes `path` (a workdir's
   files under its trainer lock), so temporary siblings found first are a killed writer's leftovers, and go."""
   path = Path(os.path.abspath(os.path.expanduser(path)))
+  created = _missing_ancestors(path.parent)
   path.parent.mkdir(parents=True, exist_ok=True)
   if sole_writer:
     for pattern in (f".{path.stem}.tmp-*{path.suffix}", f".{path.name}.tmp-*"):
@@ -119,9 +120,31 @@ def atomic_file(
         leftover.unlink(missing_ok=True)
   tag = uuid.uuid4().hex[:8]
   tmp = path.parent / (f".{path.stem}.tmp-{tag}{path.suffix}" if keep_suffix else f".{path.name}.tmp-{tag}")
+  committed = False
   try:
     yield tmp
     if not (skip_if_unwritten and not tmp.exists()):
       os.replace(tmp, path)
+    committed = True
   finally:
     tmp.unlink(missing_ok=True)
+    if not committed:  # a failed first write into a new folder leaves no empty folder behind
+      _remove_if_empty(created)
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+  """The folders of `folder`'s path (itself included) that do not exist yet, deepest first."""
+  missing = []
+  while not folder.exists() and folder != folder.parent:
+    missing.append(folder)
+    folder = folder.parent
+  return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+  """Removes `folders` (deepest first) while each is empty; stops at the first that holds anything."""
+  for folder in folders:
+    try:
+      folder.rmdir()
+    except OSError:
+      return

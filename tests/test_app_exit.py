@@ -76,6 +76,24 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
   assert target.read_text() == "new" and sorted(os.listdir(tmp_path)) == ["report.json"]
 
 
+def test_a_failed_first_write_leaves_no_folder_it_created(tmp_path):
+  target = tmp_path / "new" / "deeper" / "grid.png"
+  with pytest.raises(OSError):
+    with output_folder.atomic_file(target) as tmp:
+      tmp.write_bytes(b"half")
+      raise OSError(errno.ENOSPC, "No space left on device")
+  assert os.listdir(tmp_path) == []  # both folders it made are gone; tmp_path, which was there, stays
+  (tmp_path / "new").mkdir()
+  (tmp_path / "new" / "kept.png").write_bytes(b"earlier")
+  with pytest.raises(OSError):
+    with output_folder.atomic_file(target) as tmp:
+      raise OSError(errno.ENOSPC, "No space left on device")
+  assert os.listdir(tmp_path / "new") == ["kept.png"]  # a folder that was there stays, with what it held
+  with output_folder.atomic_file(target) as tmp:
+    tmp.write_bytes(b"whole")
+  assert target.read_bytes() == b"whole"
+
+
 def test_an_atomic_file_can_hide_its_suffix_and_may_write_nothing(tmp_path):
   target = tmp_path / "data-0.array_record"
   with output_folder.atomic_file(target, keep_suffix=False) as tmp:  # not a `*.array_record` a reader would glob
