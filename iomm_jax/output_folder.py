@@ -78,13 +78,23 @@ def replace_problem(
 @contextlib.contextmanager
 def replacing(dst: str | os.PathLike) -> Iterator[Path]:
   """Yields a new temporary sibling of `dst` to write the output into. When the block completes it takes `dst`'s
-  place (a folder there before is removed only then); when the block fails it is removed and `dst` is untouched."""
+  place (a folder there before is removed only then); when the block fails it is removed, with the folders the call
+  created for it, and `dst` is untouched. An OSError about a file inside the temporary folder names that file's
+  place in `dst` instead (the temporary folder is gone when the user reads it)."""
   dst = Path(os.path.abspath(os.path.expanduser(dst)))
+  created = _missing_ancestors(dst.parent)
   dst.parent.mkdir(parents=True, exist_ok=True)
   tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
+  committed = False
   try:
-    yield tmp
+    try:
+      yield tmp
+    except OSError as e:
+      names = [_in_place_of(f, tmp, dst) for f in (e.filename, e.filename2)]
+      if e.errno is None or names == [e.filename, e.filename2]:
+        raise
+      raise OSError(e.errno, e.strerror, names[0], None, names[1]) from None
     if dst.exists():
       old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
       os.rename(dst, old)
@@ -92,9 +102,22 @@ def replacing(dst: str | os.PathLike) -> Iterator[Path]:
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, dst)
+    committed = True
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
+    if not committed:
+      _remove_if_empty(created)
+
+
+def _in_place_of(filename, tmp: Path, dst: Path):
+  """`filename` with the temporary folder `tmp` replaced by `dst` when it lies inside `tmp`; else as it was."""
+  if filename is None:
+    return None
+  try:
+    return str(dst / Path(os.path.abspath(filename)).relative_to(tmp))
+  except (TypeError, ValueError):  # bytes, a descriptor, or a file elsewhere
+    return filename
 
 
 @contextlib.contextmanager

@@ -94,6 +94,21 @@ def test_a_failed_first_write_leaves_no_folder_it_created(tmp_path):
   assert target.read_bytes() == b"whole"
 
 
+def test_a_failed_folder_replacement_names_the_destination_and_leaves_nothing(tmp_path):
+  dst = tmp_path / "new" / "pipeline"
+  with pytest.raises(OSError) as failed:
+    with output_folder.replacing(dst) as tmp:
+      (tmp / "transformer").mkdir()
+      raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "transformer" / "model.safetensors"))
+  assert failed.value.filename == str(dst / "transformer" / "model.safetensors") and failed.value.errno == errno.ENOSPC
+  assert os.listdir(tmp_path) == []  # neither the temporary folder nor the parent it created is left
+  elsewhere = OSError(errno.EACCES, "Permission denied", str(tmp_path / "input.json"))
+  with pytest.raises(OSError) as failed:
+    with output_folder.replacing(dst):
+      raise elsewhere
+  assert failed.value is elsewhere  # an error about another file passes unchanged
+
+
 def test_an_atomic_file_can_hide_its_suffix_and_may_write_nothing(tmp_path):
   target = tmp_path / "data-0.array_record"
   with output_folder.atomic_file(target, keep_suffix=False) as tmp:  # not a `*.array_record` a reader would glob
