@@ -294,6 +294,12 @@ def test_a_changed_model_is_refused_before_anything_in_the_workdir_is_written_or
   assert "config.model.dit.arch.num_layers was 2 there, 3 now" in msg and "\n" not in msg
   assert "new --workdir" in msg and "--config.model.dit.arch.num_layers=2" in msg
   assert snapshot() == before
+  # The next stage in this workdir would resume at its step and train nothing: it goes to a new one, from these weights.
+  with pytest.raises(
+      ConfigError, match=r"holds a 'pretrain' run's .* train\.stage='finetune'.* --config\.init\.workdir="
+  ):
+    loop.train(tiny_config("finetune,short"), str(work))
+  assert snapshot() == before
 
   loop.save_resolved_config(new, str(work))  # config.json overwritten, as runs did before this check existed
   before = snapshot()

@@ -74,7 +74,7 @@ def _config(**train):
 
 
 @pytest.mark.slow
-def test_spent_budget_ends_the_call_and_a_rerun_resumes(tmp_path):
+def test_spent_budget_ends_the_call_and_a_rerun_resumes(tmp_path, capsys):
   work = str(tmp_path / "run")
   # A budget of a nanosecond is spent by the end of the first step: that step is the call's last.
   first = loop.train(_config(time_budget_s=1e-9), work)
@@ -89,3 +89,8 @@ def test_spent_budget_ends_the_call_and_a_rerun_resumes(tmp_path):
   second = loop.train(_config(), work)
   assert second["start_step"] == 1 and second["step"] == 6 and second["stopped_by"] == "num_steps"
   assert [r["step"] for r in metrics_lib.read_metrics(work)] == [1, 2, 4, 6]
+  # A third call has nothing left to train, and says so rather than looking like a run that trained.
+  capsys.readouterr()
+  third = loop.train(_config(), work)
+  assert third["start_step"] == third["step"] == 6
+  assert "the newest checkpoint (step 6) is at or past the run's 6 steps: nothing to train" in capsys.readouterr().out

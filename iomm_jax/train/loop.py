@@ -229,6 +229,12 @@ def _train(config, workdir, run, writer, data_iter, ckpt, watch, max_steps, num_
   nonfinite_total = int(previous[-1].get("nonfinite_total", 0)) if previous else 0
   truncated_total = int(previous[-1].get("captions_truncated_total", 0)) if previous else 0
   end = num_steps if max_steps is None else min(num_steps, start + max_steps)
+  if start >= num_steps and is_main:  # said, so a rerun that trains nothing is not mistaken for one that did
+    print(
+        f"the newest checkpoint (step {start}) is at or past the run's {num_steps} steps: nothing to train; "
+        "raise --config.train.num_steps to train on",
+        flush=True,
+    )
   validator, grids = held_out
   flops = flops_lib.flops_per_step(run)
   profiler = profiling.StepProfiler(

@@ -4,10 +4,10 @@ A rerun resumes from the newest checkpoint, so it must build the model and optim
 runs before anything in the workdir is written or moved: it compares the new config with `<workdir>/config.json`
 and stops with one line (ConfigError) naming each field that differs, its old and new value, and what to do.
 
-Fixed on a resume: the DiT (`model.dit.kind`, every `model.dit.arch` field but the runtime ones below), the RQA
-(`model.rqa.*`), what the DiT's output and input mean (`model.prediction`, `model.condition`: same shapes, but the
-saved weights were trained for the other), `train.optimizer`, and whether EMA, REPA's head and gradient clipping
-are on (each adds or drops part of the state; their values may change), and, while records are held out
+Fixed on a resume: `train.stage` (the next stage is a new run started from this one's weights, `init.workdir`),
+the DiT (`model.dit.kind`, every `model.dit.arch` field but the runtime ones below), the RQA (`model.rqa.*`), what
+the DiT's output and input mean (`model.prediction`, `model.condition`: same shapes, but the saved weights were
+trained for the other), `train.optimizer`, and whether EMA, REPA's head and gradient clipping are on (each adds or drops part of the state; their values may change), and, while records are held out
 (`data.val_fraction`), which ones (`data.val_fraction`, `data.seed`). Free: everything else — `train.lr` and its
 schedule, `num_steps` / `epochs`, time budgets, log / checkpoint / eval intervals, the data, the mesh, and
 `model.dtype` (the compute dtype: parameters and optimizer state are fp32 whatever it is). A change this list
@@ -46,7 +46,14 @@ def check(config, workdir: str) -> None:
   has_checkpoints = bool(workdir_layout.checkpoint_steps(workdir))
   if not has_checkpoints or not os.path.isfile(workdir_layout.path(workdir, workdir_layout.CONFIG)):
     return
-  changes = changed_fields(restore.read_config(workdir), config)
+  saved = restore.read_config(workdir)
+  if saved.train.stage != config.train.stage:  # a new stage is a new run that starts from this one's weights
+    raise ConfigError(
+        f"--workdir={workdir} holds a {saved.train.stage!r} run's checkpoints and this config is train.stage="
+        f"{config.train.stage!r}: train that stage in a new --workdir, starting from these weights with "
+        f"--config.init.workdir={workdir}"
+    )
+  changes = changed_fields(saved, config)
   if not changes:
     return
   said = "; ".join(f"config.{f} was {_show(old, f)} there, {_show(new, f)} now" for f, old, new in changes)
