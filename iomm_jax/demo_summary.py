@@ -69,7 +69,11 @@ def _pick(path: str, data, fields):
 
 def _trained_steps(workdir: str) -> int | None:
   """The last training step in `workdir`'s metrics (None when it logged none)."""
-  steps = [int(r["step"]) for r in metrics_lib.read_metrics(workdir) if "loss" in r]
+  try:
+    rows = metrics_lib.read_metrics(workdir)
+  except metrics_lib.MetricsFileError as e:
+    raise SystemExit(f"demo_summary: {e}") from None
+  steps = [int(r["step"]) for r in rows if "loss" in r]
   return max(steps) if steps else None
 
 

@@ -18,6 +18,10 @@ class MetricsWriteError(OSError):
   """metrics.jsonl could not be appended to (a full disk, a read-only mount); the message says what to do."""
 
 
+class MetricsFileError(ValueError):
+  """A row of metrics.jsonl before its last does not parse (edited by hand, or another file put there)."""
+
+
 class MetricsWriter:
   """Appends one JSON object per logged step to `metrics.jsonl` and mirrors scalars/images to TensorBoard."""
 
@@ -155,7 +159,7 @@ def read_metrics(workdir: str) -> list[dict]:
       try:
         rows.append(json.loads(line))
       except ValueError as e:
-        raise ValueError(f"{path}:{n}: not a metrics row ({e}); delete or repair that line") from None
+        raise MetricsFileError(f"{path}:{n}: not a metrics row ({e}); delete or repair that line") from None
   if tail.strip():
     try:
       rows.append(json.loads(tail))

@@ -41,6 +41,15 @@ def path(workdir: str | os.PathLike, name: str) -> str:
   return os.path.join(os.fspath(workdir), name)
 
 
+# The sections every run's config.json has, and a model folder's config.json (PyTorch, transformers) does not.
+RUN_CONFIG_SECTIONS = frozenset({"model", "train", "data"})
+
+
+def is_run_config(saved) -> bool:
+  """Whether `saved` (config.json's JSON) is a training run's config rather than a model folder's."""
+  return isinstance(saved, dict) and RUN_CONFIG_SECTIONS <= saved.keys()
+
+
 def is_run(workdir: str | os.PathLike) -> bool:
   """Whether `workdir` holds a training run: its config and a checkpoints folder."""
   return os.path.isfile(path(workdir, CONFIG)) and os.path.isdir(path(workdir, CHECKPOINTS))
@@ -56,7 +65,7 @@ def is_run_without_checkpoints(workdir: str | os.PathLike) -> bool:
       saved = json.load(f)
   except (OSError, ValueError):
     return False
-  return isinstance(saved, dict) and {"model", "train"} <= saved.keys()
+  return is_run_config(saved)
 
 
 class SavedConfigError(ValueError):

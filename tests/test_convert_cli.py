@@ -146,7 +146,7 @@ def test_user_errors_exit_2(ckpts, tmp_path, capsys):
   assert run_cli("to-torch", "--component", "rqa", "--src", flux, "--dst", tmp_path / "d") == 2
   assert "component.json" in capsys.readouterr().err
   (tmp_path / "run").mkdir()  # a training workdir before its first checkpoint: said so, not "convert it first"
-  (tmp_path / "run" / "config.json").write_text('{"model": {}, "train": {}}')
+  (tmp_path / "run" / "config.json").write_text('{"model": {}, "train": {}, "data": {}}')
   assert run_cli("to-torch", "--component", "transformer", "--src", tmp_path / "run", "--dst", tmp_path / "d") == 2
   assert "a training workdir that has saved no checkpoint yet" in capsys.readouterr().err
   assert run_cli("to-jax", "--component", "transformer", "--src", flux, "--dst", tmp_path / "j") == 0

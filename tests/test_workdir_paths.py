@@ -51,6 +51,7 @@ def test_a_relative_path_from_an_older_workdir_fails_in_one_line_naming_it(tmp_p
   work = tmp_path / "work"
   work.mkdir()
   (work / "config.json").write_text(c.to_json_best_effort())
+  (work / "checkpoints" / "20").mkdir(parents=True)  # a step folder, so the build (which reads the path) is reached
   monkeypatch.chdir(tmp_path)  # there is no runs/tiny_mllm here
   with pytest.raises(SystemExit) as e:
     restore.load_for_inference(str(work))
@@ -172,3 +173,43 @@ def test_a_run_trained_on_another_device_count_loads_for_inference_on_these(tmp_
     restore.restore_run(str(work), load_frozen=False)
   err = capsys.readouterr().err
   assert "uses 4 devices but 8 are available" in err and "loading it data-parallel on 8 device(s)" in err, err
+
+
+def test_the_apps_refuse_a_model_folder_and_a_run_without_checkpoints_before_building(tmp_path, monkeypatch):
+  """sample / the evaluators given the MLLM's folder, or a run that never saved, answer at once in one line: the
+  model (minutes to build for a real MLLM) is not built for either."""
+  from iomm_jax.train import builder
+
+  monkeypatch.setattr(builder, "build", lambda *a, **k: pytest.fail("the model was built"))
+  model = tmp_path / "tiny_mllm"
+  model.mkdir()
+  (model / "config.json").write_text(
+      '{"architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl"}'
+  )
+  with pytest.raises(SystemExit) as e:
+    restore.load_for_inference(str(model))
+  msg = str(e.value)
+  assert msg.startswith(f"error: {model / 'config.json'} is not a training run's config") and "\n" not in msg, msg
+  run = tmp_path / "run"
+  run.mkdir()
+  loop.save_resolved_config(tiny_config(), str(run))
+  with pytest.raises(SystemExit, match=r"^error: no checkpoint under .*run/checkpoints; train first"):
+    restore.load_for_inference(str(run))
+
+
+@pytest.mark.parametrize("what", ["checkpoints file", "samples file", "metrics row"])
+def test_a_workdir_the_run_would_fail_in_later_is_refused_at_start(tmp_path, what):
+  """A file where the run makes a folder failed at the first save, after the training (blamed on disk space); a
+  hand-edited metrics row, after the model was built and restored. Both now stop the start, naming the path."""
+  run = tmp_path / "run"
+  run.mkdir()
+  if what == "metrics row":
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\ngarbage\n{"step": 2, "loss": 0.4}\n')
+    want = f"error: {run / 'metrics.jsonl'}:2: not a metrics row"
+  else:
+    name = what.split()[0]
+    (run / name).write_text("")
+    want = f"--workdir='{run}': {run / name} is not a folder"
+  with pytest.raises(SystemExit) as e:
+    loop.check_workdir(str(run))
+  assert str(e.value).startswith(want) and "\n" not in str(e.value), e.value

@@ -27,7 +27,8 @@ from iomm_jax import output_folder, workdir_layout
 
 def check_workdir(workdir: str) -> None:
   """Create the workdir or fail clearly when it cannot be written, or when it holds a config.json that is not a
-  run's (a model folder such as the MLLM's: the run would overwrite it) or that is not JSON (cut short)."""
+  run's (a model folder such as the MLLM's: the run would overwrite it) or that is not JSON (cut short), a file
+  where the run writes a folder, or a metrics.jsonl row that does not parse."""
   saved = workdir_layout.path(workdir, workdir_layout.CONFIG)
   if os.path.exists(saved) and not os.path.isfile(saved):
     raise SystemExit(
@@ -36,7 +37,7 @@ def check_workdir(workdir: str) -> None:
     )
   if os.path.isfile(saved):
     try:
-      is_run = _is_run_config(workdir_layout.read_config_json(workdir))
+      is_run = workdir_layout.is_run_config(workdir_layout.read_config_json(workdir))
     except workdir_layout.SavedConfigError as e:
       raise SystemExit(f"error: {e}") from None
     if not is_run:
@@ -47,6 +48,14 @@ def check_workdir(workdir: str) -> None:
   problem = output_folder.path_problem(workdir, folder=True)  # a file, or a path under one: not a permissions matter
   if problem:
     raise SystemExit(f"--workdir={workdir!r}: {problem}")
+  for name in (workdir_layout.CHECKPOINTS, workdir_layout.SAMPLES):  # found at the first save, after the training
+    inner = workdir_layout.path(workdir, name)
+    if os.path.exists(inner) and not os.path.isdir(inner):
+      raise SystemExit(f"--workdir={workdir!r}: {inner} is not a folder (the run writes its {name} there); move it")
+  try:  # a hand-edited row stops the run now, not after the model is built and restored
+    metrics_lib.read_metrics(workdir)
+  except metrics_lib.MetricsFileError as e:
+    raise SystemExit(f"error: {e}") from None
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{os.getpid()}")
@@ -57,10 +66,6 @@ def check_workdir(workdir: str) -> None:
     raise SystemExit(
         f"--workdir={workdir!r} is not writable ({e.strerror}); choose a directory you can write to"
     ) from e
-
-
-def _is_run_config(saved) -> bool:
-  return isinstance(saved, dict) and {"model", "train", "data"} <= set(saved)
 
 
 def save_resolved_config(config, workdir: str) -> None:

@@ -51,6 +51,13 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         f"{workdir_layout.path(workdir, workdir_layout.CONFIG)} holds a JSON {type(saved).__name__}, not a run's "
         f"config (an object); {workdir_layout.config_repair_hint(workdir)}"
     )
+  if not workdir_layout.is_run_config(saved):  # a model folder's config.json (the MLLM's, a converted DiT's)
+    sections = ", ".join(sorted(workdir_layout.RUN_CONFIG_SECTIONS))
+    raise SavedConfigError(
+        f"{workdir_layout.path(workdir, workdir_layout.CONFIG)} is not a training run's config (it has no "
+        f"{sections} sections: a model folder?); give the run's workdir, the folder `python -m iomm_jax.main "
+        "--workdir` trained in"
+    )
   defaults = config_lib.base_config().to_dict()
   wrong = _wrong_type(saved, defaults)
   if wrong:
@@ -119,15 +126,15 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool | None =
   the RQA). Raises RunRestoreError, one line naming what is wrong."""
   config = load_config(workdir)
   _fit_mesh(config, workdir)
+  if not workdir_layout.checkpoint_steps(workdir):  # before the model is built (minutes for a real MLLM)
+    raise _no_checkpoint(workdir)
   try:
     run = builder.build(config, load_frozen=load_frozen)
     reader = checkpoint_weights.WeightsReader(workdir)
     try:
       have = reader.steps()
       if not have:
-        raise RunRestoreError(
-            f"no checkpoint under {reader.directory}; train first (python -m iomm_jax.main --workdir={workdir})"
-        )
+        raise _no_checkpoint(workdir)
       if step is not None and step not in have:
         raise RunRestoreError(f"--step={step}: no such checkpoint under {reader.directory}; it has steps {have}")
       step = have[-1] if step is None else step
@@ -161,6 +168,11 @@ def restore_run(workdir: str, *, step: int | None = None, use_ema: bool | None =
   return run, params, step
 
 
+def _no_checkpoint(workdir: str) -> RunRestoreError:
+  folder = os.path.abspath(workdir_layout.path(workdir, workdir_layout.CHECKPOINTS))
+  return RunRestoreError(f"no checkpoint under {folder}; train first (python -m iomm_jax.main --workdir={workdir})")
+
+
 def _fit_mesh(config: ml_collections.ConfigDict, workdir: str) -> None:
   """A run trained on another number of devices than this process sees (8 GPUs, sampled on 1) keeps its mesh where
   it fits; where it does not, the run is rebuilt data-parallel over the devices at hand (the checkpoint restores
@@ -177,7 +189,8 @@ def add_checkpoint_flags(parser, *, applies: str = "") -> None:
   `use_ema`; the names its messages tell users to use). `applies` prefixes the help where the flags apply to one kind
   of source only (e.g. 'workdir: ')."""
   parser.add_argument("--step", type=int, default=None, help=f"{applies}checkpoint step (default: the newest)")
-  parser.add_argument(
+  ema = parser.add_mutually_exclusive_group()  # both given: argparse's one line, not the last one silently winning
+  ema.add_argument(
       "--use-ema",
       dest="use_ema",
       action="store_true",
@@ -185,7 +198,7 @@ def add_checkpoint_flags(parser, *, applies: str = "") -> None:
       help=f"{applies}the EMA weights when the run keeps them (default: the run's config.sample.use_ema, as its "
       "training grids used)",
   )
-  parser.add_argument("--no-ema", dest="use_ema", action="store_false", help=f"{applies}the raw weights")
+  ema.add_argument("--no-ema", dest="use_ema", action="store_false", help=f"{applies}the raw weights")
 
 
 def load_for_inference(workdir: str, *, step: int | None = None, use_ema: bool | None = None):

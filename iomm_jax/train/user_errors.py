@@ -3,7 +3,7 @@ app reports as one line, without a traceback."""
 
 from iomm_jax.config import ConfigError
 from iomm_jax.data.data_config import DataConfigError
-from iomm_jax.metrics import MetricsWriteError
+from iomm_jax.metrics import MetricsFileError, MetricsWriteError
 from iomm_jax.models.internvl_keys import MLLMCheckpointError
 from iomm_jax.models.keymap import KeyMismatchError
 from iomm_jax.train.checkpoint import CheckpointRestoreError, SaveFailedError
@@ -25,5 +25,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointRestoreError,
     SaveFailedError,
     MetricsWriteError,
+    MetricsFileError,
     SavedConfigError,
 )
