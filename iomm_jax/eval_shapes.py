@@ -158,6 +158,41 @@ def _given(ap, argv: list[str], dests: list[str]) -> list[str]:
   ]
 
 
+# The flags each mode reads besides its own (with --samples, --workdir names where the report goes, and --phrasing its
+# name); every other flag given with that mode would be ignored, so it is refused.
+_SAMPLING = ["workdir", "uncond", "out", "step", "steps", "cfg", "num", "seed", "use_ema", "phrasing", "resolution"]
+_MODE_READS = {
+    "write_prompts": ("phrasing",),
+    "validate": ("num", "seed", "phrasing", "resolution"),
+    "samples": ("workdir", "phrasing"),
+}
+_MODE_SAYS = {
+    "write_prompts": "--write_prompts writes the prompt set and exits",
+    "validate": "--validate scores true renders (no model)",
+    "samples": "--samples scores a folder as it is",
+}
+
+
+def _check_mode_flags(ap, args, argv: list[str]) -> None:
+  """One argparse error naming the flags the chosen mode would ignore (or the modes given together)."""
+  modes = [m for m in _MODE_READS if getattr(args, m)]
+  if len(modes) > 1:
+    ap.error(f"{' and '.join('--' + m for m in modes)} are separate modes: give one")
+  reads = _MODE_READS[modes[0]] if modes else tuple(d for d in _SAMPLING if d != "resolution")
+  ignored = [d for d in _SAMPLING if d not in reads]
+  if modes == ["samples"] and not args.workdir:  # alone, --phrasing would name nothing
+    ignored.append("phrasing")
+  given = _given(ap, argv, ignored)
+  if not given:
+    return
+  if modes == ["samples"]:  # every flag it ignores is a sampling flag
+    ap.error(
+        f"{_MODE_SAYS['samples']}; {', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only when sampling"
+    )
+  what = _MODE_SAYS[modes[0]] if modes else "sampling a --workdir (--resolution is --validate's)"
+  ap.error(f"{what}: it does not read {', '.join(given)}")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(
       prog="python -m iomm_jax.eval_shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,6 +214,7 @@ def main(argv=None) -> int:
   ap.add_argument("--write_prompts", default=None, help="write the prompt set as JSONL here and exit")
   args = ap.parse_args(argv)
   check_sampling_flags(ap, args)
+  _check_mode_flags(ap, args, sys.argv[1:] if argv is None else argv)
   if args.write_prompts:
     prompts = shapes_benchmark.prompt_set(args.phrasing)
     try:
@@ -198,13 +234,6 @@ def main(argv=None) -> int:
   if args.samples:
     if not os.path.isdir(args.samples):
       raise SystemExit(f"--samples={args.samples} is not a folder")
-    sampling_only = ["uncond", "out", "step", "steps", "cfg", "num", "seed", "use_ema"]
-    if not args.workdir:  # with --workdir it names the report (eval_shapes_geneval.json); alone it does nothing
-      sampling_only.append("phrasing")
-    given = _given(ap, sys.argv[1:] if argv is None else argv, sampling_only)
-    if given:
-      verb = "applies" if len(given) == 1 else "apply"
-      ap.error(f"--samples scores a folder as it is; {', '.join(given)} {verb} only when sampling")
     if args.workdir and not os.path.isfile(workdir_layout.path(args.workdir, workdir_layout.CONFIG)):
       ap.error(
           f"--workdir={args.workdir} is not a training workdir (no config.json); drop it to write the report into "

@@ -436,3 +436,21 @@ def test_dominant_colour_diagnostic():
   res = bench.score_images(meta, imgs)
   assert res["diagnostics"] == {"single_object_dominant_colour": 1.0}
   assert abs(bench.chance(meta)["single_object_dominant_colour"] - 1 / 7) < 0.08
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--validate", "--workdir=w"], "--validate scores true renders (no model): it does not read --workdir"),
+        (["--validate", "--samples=s"], "--validate and --samples are separate modes: give one"),
+        (["--write_prompts=p.jsonl", "--validate"], "--write_prompts and --validate are separate modes"),
+        (["--write_prompts=p.jsonl", "--num=3", "--workdir=w"], "exits: it does not read --workdir, --num"),
+        (["--workdir=w", "--resolution=64"], "sampling a --workdir (--resolution is --validate's): it does not read"),
+    ],
+)
+def test_flags_a_mode_would_ignore_are_refused(argv, message, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as e:
+    ev.main(argv)
+  assert e.value.code == 2 and message in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == []  # no prompt file, no report
