@@ -27,7 +27,7 @@ _DRY_RUN = flags.DEFINE_bool(
     "compile the step for the configured mesh without allocating the "
     "model; print per-device memory and FLOPs, then exit",
 )
-_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop after this many updates in this invocation")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop after this many updates in this invocation", lower_bound=1)
 
 
 def main(argv):

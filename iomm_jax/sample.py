@@ -99,11 +99,13 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None, help="output folder (default <workdir>/samples)")
   restore.add_checkpoint_flags(ap)
   args = ap.parse_args(argv)
+  if args.edit and not args.image:  # before the next check, whose advice would not say what --edit needs
+    ap.error("--edit is an instruction for the --image inputs; give one or more --image")
   if not args.prompt and not args.image and not args.prompts_file:
     ap.error("give at least one --prompt, --image or --prompts_file")
   check_sampling_flags(ap, args)
-  if args.edit and not args.image:
-    ap.error("--edit is an instruction for the --image inputs; give one or more --image")
+  if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    ap.error(f"--workdir={args.workdir} is a file; give the folder a training run wrote (python -m iomm_jax.main)")
   if args.out and args.prompts_file and (args.prompt or args.image):  # two layouts in one folder: neither reads clean
     ap.error(
         "--out takes either --prompts_file's GenEval folder or the --prompt/--image grids: sample them in two "

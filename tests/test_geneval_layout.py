@@ -178,6 +178,9 @@ def test_empty_or_missing_prompts_file_is_an_error(tmp_path):
     [
         (["--prompt=x", "--steps=0"], "--steps=0: give 1 or more Euler steps"),
         (["--prompt=x", "--edit=make it blue"], "--edit is an instruction for the --image inputs"),
+        (["--edit=make it blue"], "--edit is an instruction for the --image inputs"),
+        (["--prompt=x", "--use-ema", "--no-ema"], "argument --no-ema: not allowed with argument --use-ema"),
+        (["--prompt=x", "--workdir={file}"], "file.txt is a file; give the folder a training run wrote"),
         (["--prompt=x", "--out={file}"], "exists and is not a folder"),
         (["--prompt=x", "--out={file}/sub"], "file.txt is a file, so"),
         (["--prompt=x", "--cfg=nan"], "--cfg=nan: give a finite guidance scale"),

@@ -23,6 +23,7 @@ def test_main_config_errors_are_one_line():
       (["--config=configs/tiny.py", "--config.train.lr=abc"], "could not convert"),
       (["--config=configs/no_such.py"], "no_such.py"),
       (["--config=configs/tiny.py", "--config.train.on_nonfinite=maybe"], "on_nonfinite"),
+      (["--config=configs/tiny.py", "--max_steps=-3"], "--max_steps=-3: -3 is not a positive integer"),
   ):
     r = run_app("iomm_jax.main", *args, "--workdir=/nonexistent/x")
     assert r.returncode != 0
