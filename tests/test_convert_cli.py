@@ -156,6 +156,63 @@ def test_user_errors_exit_2(ckpts, tmp_path, capsys):
   assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "name, field, value, says",
+    [
+        ("mmdit", "num_layers", "two", 'num_layers="two" must be an integer >= 0'),
+        ("mmdit", "num_attention_heads", 0, "num_attention_heads=0 must be an integer >= 1"),
+        ("mmdit", "in_channels", True, "in_channels=true must be an integer >= 1"),
+        ("mmdit", "axes_dims_rope", "2,2,4", 'axes_dims_rope="2,2,4" must be a list of integers >= 1'),
+        ("mmdit", None, [1, 2], "holds a JSON list, not an object of config fields"),
+        ("s3dit_bf16", "n_heads", 0, "n_heads=0 must be an integer >= 1"),
+        ("vae_file", "block_out_channels", [8, "16"], 'block_out_channels=[8, "16"] must be a list of integers >= 1'),
+        ("rqa", "num_heads", 2.0, "num_heads=2.0 must be an integer >= 1"),
+        ("mllm", "text_config.num_hidden_layers", "one", 'text_config.num_hidden_layers="one" must be an integer'),
+    ],
+)
+def test_a_hand_edited_source_config_is_one_line_naming_its_file_and_field(
+    ckpts, tmp_path, capsys, name, field, value, says
+):
+  """to-jax and verify check the source config.json's architecture fields before building anything from them."""
+  component, src, extra = ckpts[name]
+  config_arg = "--config" in extra
+  config_file = Path(extra[1]) if config_arg else Path(src) / "config.json"
+  edited = tmp_path / "edited"
+  if config_arg:  # a bare weights file plus --config: edit a copy of the config
+    edited.mkdir()
+    args = [src, "--config", edited / "config.json"]
+  else:
+    shutil.copytree(src, edited)
+    args = [edited]
+  config = json.loads(config_file.read_text())
+  if field is None:
+    config = value
+  else:
+    *sections, key = field.split(".")
+    node = config
+    for s in sections:
+      node = node[s]
+    node[key] = value
+  (edited / "config.json").write_text(json.dumps(config))
+  commands = [("to-jax", "--dst", tmp_path / "dst"), ("verify",)]
+  for command, *rest in commands:
+    assert run_cli(command, "--component", component, "--src", *args, *rest) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {edited / 'config.json'}") and says in err and "\n" not in err, err
+  assert not (tmp_path / "dst").exists()
+
+
+def test_a_source_config_with_no_blocks_in_a_stack_is_not_refused_as_a_type(ckpts, tmp_path, capsys):
+  """A depth of 0 is a model the MM-DiT builds (tests/test_mmdit.py): only the checkpoint's keys disagree here."""
+  _, flux, _ = ckpts["mmdit"]
+  shutil.copytree(flux, tmp_path / "edited")
+  config = json.loads((tmp_path / "edited" / "config.json").read_text())
+  (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "num_single_layers": 0}))
+  assert run_cli("to-jax", "--component", "transformer", "--src", tmp_path / "edited", "--dst", tmp_path / "d") == 2
+  err = capsys.readouterr().err
+  assert "unexpected" in err and "single_transformer_blocks.0" in err and "must be" not in err
+
+
 def test_overwrite_replaces_only_what_the_converter_wrote(ckpts, tmp_path, capsys):
   """--overwrite never deletes a folder the converter did not write, nor its own input: a workdir, a model folder or
   a thesis given as --dst by mistake stays as it was; the converter's own earlier output is replaced whole."""

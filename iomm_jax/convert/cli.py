@@ -114,6 +114,7 @@ def to_jax(args) -> dict:
   file_specs = io.tensor_specs(args.src)
   kind = components.resolve_kind(args.component, raw_cfg, file_specs)
   spec = components.spec(kind)
+  components.check_torch_config(spec, raw_cfg, transfer.torch_config_file(args.src, args.config))
   extra = {}
   if kind == "mllm":  # keep lm_head when the checkpoint has one, so the round trip is exact
     extra["with_lm_head"] = any(spec.from_file_key(k) == "lm_head.weight" for k in file_specs)

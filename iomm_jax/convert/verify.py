@@ -173,11 +173,14 @@ def verify(
   else:
     raw_cfg = transfer.read_torch_config(src, config_path)
     if component == "mllm":
+      if raw_cfg is not None:
+        components.check_torch_config(components.spec("mllm"), raw_cfg, transfer.torch_config_file(src, config_path))
       return _verify_mllm(src, jax_dir, seed, tol)
     if raw_cfg is None:
       raise ConvertError(f"--src={src} has no config.json beside it; pass --config CONFIG.json")
     keys = list(io.tensor_specs(src))
     spec = components.spec(components.resolve_kind(component, raw_cfg, keys))
+    components.check_torch_config(spec, raw_cfg, transfer.torch_config_file(src, config_path))
     cfg = _config(spec, raw_cfg)
     torch_tensors, source = io.read_state_dict(src), str(src)
     if jax_dir:

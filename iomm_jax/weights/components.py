@@ -14,6 +14,9 @@ Kinds (a `--component` names one of the first column; `transformer` resolves to 
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
@@ -28,7 +31,9 @@ from iomm_jax.models.rqa import RQA
 from iomm_jax.models.internvl import InternVL
 from iomm_jax.models.flux_vae import FluxVAEConfig
 from iomm_jax.models.internvl import InternVLConfig
+from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.mmdit import MMDiTConfig
+from iomm_jax.models.qwen2 import Qwen2Config
 from iomm_jax.models.rqa import RQAConfig
 from iomm_jax.models.s3dit import S3DiTConfig
 
@@ -62,6 +67,13 @@ class Spec:
   from_file_key: Callable[[str], str] = _same_key
   to_file_key: Callable[[str], str] = _same_key
   torch_module: str = "diffusers"  # where `torch_class` is imported from (by the verifier; torch only there)
+  # How the PyTorch config.json is checked before it is mapped (check_torch_config): its sections (a dotted prefix,
+  # '' = the top level) and the config class whose field annotations type the section's fields of the same name;
+  # the fields typed otherwise there than in ours; and the integer fields that may be 0 (a depth of no blocks, a
+  # token id) where every other integer is a size, at least 1.
+  torch_sections: tuple[tuple[str, type], ...] = ()  # () = (('', config_cls),)
+  torch_types: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  zero_ok: tuple[str, ...] = ()
 
   def abstract_model(self, cfg, *, param_dtype=jnp.float32, dtype=None) -> nnx.Module:
     """The model with ShapeDtypeStruct leaves (no memory, no random init)."""
@@ -164,6 +176,7 @@ def _specs() -> dict[str, Spec]:
           MMDiTConfig,
           lambda cfg: mmdit_keys.KEY_TABLE,
           MMDiTConfig.RUNTIME_FIELDS,
+          zero_ok=("num_layers", "num_single_layers"),
       ),
       "s3dit": Spec(
           "s3dit",
@@ -176,6 +189,7 @@ def _specs() -> dict[str, Spec]:
           S3DiTConfig,
           lambda cfg: s3dit_keys.KEY_TABLE,
           S3DiTConfig.RUNTIME_FIELDS,
+          zero_ok=("n_layers", "n_refiner_layers"),
       ),
       "vae": Spec(
           "vae",
@@ -188,6 +202,7 @@ def _specs() -> dict[str, Spec]:
           FluxVAEConfig,
           lambda cfg: vae_keys.KEY_TABLE,
           ("attention",),
+          torch_types={"sample_size": int | tuple[int, ...]},  # diffusers writes [h, w] for some VAEs
       ),
       "rqa": Spec(
           "rqa",
@@ -216,6 +231,14 @@ def _specs() -> dict[str, Spec]:
           internvl_keys.normalize_torch_key,
           internvl_keys.to_checkpoint_key,
           torch_module="transformers",
+          torch_sections=(("", InternVLConfig), ("vision_config", InternViTConfig), ("text_config", Qwen2Config)),
+          # transformers writes image/patch sizes as [h, w]; a missing num_key_value_heads is null (= num heads)
+          torch_types={
+              "image_size": int | tuple[int, ...],
+              "patch_size": int | tuple[int, ...],
+              "num_key_value_heads": int | None,
+          },
+          zero_ok=("image_token_id",),
       ),
   }
 
@@ -243,6 +266,66 @@ def kinds() -> tuple[str, ...]:
   return tuple(_SPECS)
 
 
+def check_torch_config(spec: Spec, config: Mapping[str, Any], where) -> None:
+  """Before a PyTorch config (the dict read from `where`, its config.json) is mapped and built: every architecture
+  field it sets has the type its builder needs (integers that are not booleans, sizes of at least 1, lists where
+  lists go), else one ConvertError naming the file and the field. Fields ours does not know are left to
+  `config_from_torch`, which names them, and so is a config whose `_class_name` is another model's (a wrong
+  --component: its fields mean something else)."""
+  if config.get("_class_name", spec.torch_class) != spec.torch_class:
+    return
+  for section, cls in spec.torch_sections or (("", spec.config_cls),):
+    fields = config.get(section) if section else config
+    if not isinstance(fields, Mapping):  # a missing or malformed section: config_from_torch says which
+      continue
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+      if f.name not in fields:
+        continue
+      value = fields[f.name]
+      hint, least = spec.torch_types.get(f.name, hints[f.name]), 0 if f.name in spec.zero_ok else 1
+      if not _fits(value, hint, least):
+        name = f"{section}.{f.name}" if section else f.name
+        raise ConvertError(
+            f"{where}: {name}={json.dumps(value)} must be {_describe(hint, least)}; correct that field of the config"
+        )
+
+
+def _fits(value, hint, least: int) -> bool:
+  """Whether a JSON value fits a config field annotated `hint` (integers: not booleans, at least `least`)."""
+  if typing.get_origin(hint) in (types.UnionType, typing.Union):
+    return any(_fits(value, h, least) for h in typing.get_args(hint))
+  if typing.get_origin(hint) is tuple:
+    return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0], least) for v in value)
+  if hint is type(None):
+    return value is None
+  if hint is bool:
+    return isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is str:
+    return isinstance(value, str)
+  return True  # a nested config (InternVLConfig.vision): checked as its own section
+
+
+def _describe(hint, least: int, plural: bool = False) -> str:
+  """What `_fits` wants, in words: 'an integer >= 1', 'a list of integers >= 1 or null', ..."""
+  if typing.get_origin(hint) in (types.UnionType, typing.Union):
+    return " or ".join(_describe(h, least, plural) for h in typing.get_args(hint))
+  if typing.get_origin(hint) is tuple:
+    return ("lists" if plural else "a list") + " of " + _describe(typing.get_args(hint)[0], least, plural=True)
+  words = {
+      type(None): ("null", "null"),
+      bool: ("true or false", "true or false"),
+      int: (f"an integer >= {least}", f"integers >= {least}"),
+      float: ("a number", "numbers"),
+      str: ("a string", "strings"),
+  }
+  return words.get(hint, ("an object", "objects"))[plural]
+
+
 _MMDIT_MARKERS = ("x_embedder.weight", "context_embedder.weight", "time_text_embed.")
 _S3DIT_MARKERS = ("cap_embedder.", "all_x_embedder.", "x_pad_token")
 
@@ -251,7 +334,7 @@ def transformer_kind(config: Mapping[str, Any] | None, keys=()) -> str:
   """'mmdit' or 's3dit' from a diffusers config's `_class_name`, else from the checkpoint keys."""
   name = (config or {}).get("_class_name")
   by_class = {spec(k).torch_class: k for k in kinds() if spec(k).component == "transformer"}
-  if name in by_class:
+  if isinstance(name, str) and name in by_class:
     return by_class[name]
   if name:
     raise ConvertError(

@@ -32,21 +32,32 @@ def cast(arr, dtype) -> np.ndarray:
   return arr
 
 
-def read_torch_config(src: str | Path, config_path: str | Path | None = None) -> dict | None:
-  """The PyTorch config dict: `config_path`, else SRC/config.json (directory) or a config.json beside a file."""
+def torch_config_file(src: str | Path, config_path: str | Path | None = None) -> Path:
+  """The config file read_torch_config reads: `config_path`, else SRC/config.json (directory) or the one beside a
+  file."""
   if config_path:
-    p = Path(config_path)
-    if not p.is_file():
+    return Path(config_path)
+  s = Path(src)
+  return s / "config.json" if s.is_dir() else s.parent / "config.json"
+
+
+def read_torch_config(src: str | Path, config_path: str | Path | None = None) -> dict | None:
+  """The PyTorch config dict (a JSON object) from torch_config_file; None when there is no config beside SRC."""
+  p = torch_config_file(src, config_path)
+  if not p.is_file():
+    if config_path:
       raise ConvertError(f"--config={p} does not exist; pass the JSON config (config.json) of the checkpoint")
-  else:
-    s = Path(src)
-    p = s / "config.json" if s.is_dir() else s.parent / "config.json"
-    if not p.is_file():
-      return None
+    return None
   try:
-    return json.loads(p.read_text())
+    config = json.loads(p.read_text())
   except json.JSONDecodeError as e:
     raise ConvertError(f"{p} is not valid JSON ({e}); pass a diffusers/transformers config.json") from e
+  if not isinstance(config, dict):
+    raise ConvertError(
+        f"{p} holds a JSON {type(config).__name__}, not an object of config fields; "
+        "pass a diffusers/transformers config.json"
+    )
+  return config
 
 
 def _ours_shape(tname: str, torch_shape) -> tuple[int, ...]:
