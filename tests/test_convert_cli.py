@@ -25,6 +25,7 @@ from iomm_jax.models.keymap import Rule
 from iomm_jax.models.processor import Processor
 from iomm_jax.convert import verify
 from iomm_jax.weights import io, orbax_io, transfer
+from iomm_jax.weights.components import ConvertError
 from torch_checkpoints import FLUX, MLLM, VAE, ZIMAGE, load_reference, perturb, run_cli, write_rqa
 
 
@@ -368,6 +369,28 @@ def test_verify_converted_and_tampered(ckpts, tmp_path, capsys):
   (tmp_path / "other" / "x").write_text("x")
   assert run_cli("verify", "--component", "transformer", "--src", flux, "--jax", tmp_path / "other") == 2
   assert f"--jax={tmp_path / 'other'} has no component.json" in capsys.readouterr().err  # the flag that named it
+
+
+def test_the_hint_for_a_folder_that_is_not_converted_writes_a_new_folder(ckpts, tmp_path, capsys):
+  """verify --jax / config.init.transformer given a PyTorch folder or a training workdir: the to-jax it suggests
+  writes a new folder, never into that folder itself."""
+  _, flux, _ = ckpts["mmdit"]
+  model, run = tmp_path / "model", tmp_path / "run"
+  shutil.copytree(flux, model)
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text('{"model": {}, "train": {}}')
+  assert run_cli("verify", "--component", "transformer", "--src", model, "--jax", model) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.endswith(f"--src {model} --dst {model}-jax, then give --jax={model}-jax") and "\n" not in err, err
+  (tmp_path / "model-jax").mkdir()  # the folder beside it is taken: a placeholder
+  with pytest.raises(ConvertError) as e:
+    orbax_io.read_meta(model, what="config.init.transformer")
+  assert str(e.value).endswith(f"--src {model} --dst NEW_FOLDER, then give config.init.transformer=NEW_FOLDER")
+  assert run_cli("verify", "--component", "transformer", "--src", model, "--jax", run) == 2
+  err = capsys.readouterr().err
+  assert "--src TORCH_PATH --dst NEW_FOLDER, then give --jax=NEW_FOLDER" in err and f"--dst {run}" not in err
+  with pytest.raises(ConvertError, match="It is a training workdir: start from one with config.init.workdir"):
+    orbax_io.read_meta(run, what="config.init.transformer")
 
 
 def test_to_jax_and_to_torch_do_not_import_torch(ckpts, tmp_path):

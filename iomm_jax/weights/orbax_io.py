@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -95,9 +96,7 @@ def read_meta(src: str | Path, *, what: str = "--src") -> dict:
     )
   if not f.is_file() or not (p / PARAMS_DIR).is_dir():
     raise ConvertError(
-        f"{what}={p} has no {META_FILE} and {PARAMS_DIR}/; it is not a component directory. "
-        "Convert the PyTorch checkpoint first: python -m iomm_jax.convert to-jax --component ... "
-        f"--src TORCH_PATH --dst {p}"
+        f"{what}={p} has no {META_FILE} and {PARAMS_DIR}/; it is not a component directory. {_to_jax_hint(p, what)}"
     )
   try:
     meta = json.loads(f.read_text())
@@ -106,6 +105,20 @@ def read_meta(src: str | Path, *, what: str = "--src") -> dict:
   if meta.get("format") != FORMAT:
     raise ConvertError(f"{f} is not an iomm_jax component file (format={meta.get('format')!r})")
   return meta
+
+
+def _to_jax_hint(p: Path, what: str) -> str:
+  """How to make the component directory `what` should name: to-jax into a NEW folder, never into `p` itself (a
+  PyTorch model folder or a training workdir given by mistake); from `p` when it looks like a PyTorch folder."""
+  src, dst, lead = "TORCH_PATH", "NEW_FOLDER", "Convert the PyTorch checkpoint into a new folder first"
+  if workdir_layout.is_run(p):
+    if what.startswith("config.init."):
+      lead = "It is a training workdir: start from one with config.init.workdir, or convert a PyTorch checkpoint"
+  elif (p / "config.json").is_file():  # a diffusers/transformers folder: suggest its converted copy beside it
+    beside = Path(os.path.abspath(p))
+    beside = beside.with_name(beside.name + "-jax")
+    src, dst, lead = str(p), "NEW_FOLDER" if beside.exists() else str(beside), "Convert it into a new folder first"
+  return f"{lead}: python -m iomm_jax.convert to-jax --component ... --src {src} --dst {dst}, then give {what}={dst}"
 
 
 def shapes(src: str | Path, *, what: str = "") -> dict[str, tuple[tuple[int, ...], Any]]:
