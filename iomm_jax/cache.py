@@ -23,7 +23,8 @@ barely compress).
 Resumable and atomic: each shard is written under a hidden temporary name and renamed when complete, after its
 stats file (``DIR/.cache_state/<shard>.json``); a rerun skips finished shards. ``DIR/.cache_state/plan.json`` holds
 what the cache was computed from (data, frozen model, dtype, shard layout); a rerun with anything different fails
-rather than mixing caches. Unreadable images are skipped and counted (nothing is written for them); caption-less
+rather than mixing caches, and a ``--dst`` holding anything else (a workdir, prepared image shards), or that is,
+holds or lies inside ``config.data.path``, is refused before the build (``data.shard_dir``). Unreadable images are skipped and counted (nothing is written for them); caption-less
 records are cached with ``caption=None`` (counted as ``uncaptioned``; pair recipes then skip or reject them).
 The last stdout line is a JSON summary: ``written``, ``skipped``, ``uncaptioned``, shards, dtype, seconds.
 """
@@ -54,6 +55,7 @@ PLAN_FILE = cache_reader.CACHE_PLAN_FILE
 SHARD_PATTERN = "features-{:05d}-of-{:05d}-{:05d}-of-{:05d}.array_record"
 WRITER_OPTIONS = "group_size:1,uncompressed"
 STORED_DTYPES = ("float16", "float32")  # what the records can hold (dtype_names' names); bfloat16 is not numpy's
+OWN_FILES = shard_dir.own_files(STATE_DIR, "features-*.array_record")  # all a --dst it resumes may hold
 
 
 def shard_name(process: int, process_count: int, shard: int, shards: int) -> str:
@@ -235,6 +237,9 @@ def write_cache(
     raise ValueError(f"{e}: bfloat16 cannot be stored, the record format keeps numpy dtypes") from None
   if shards <= 0:
     raise ValueError(f"--shards={shards} must be positive")
+  # --dst: new, empty or this cache's own earlier output, outside the images it reads; checked before the build
+  folder = dict(tool="the feature cache", source=config.data.path or None, source_flag="config.data.path")
+  shard_dir.check(dst, OWN_FILES, **folder)
   spec = cache_reader.image_spec(config.data)
   if run is None:
 
@@ -243,7 +248,7 @@ def write_cache(
   per_process = parallel.batch_size_per_process(batch, run.mesh)
   source = cache_reader.make_source(config.data, workdir)
   n, pid, nproc = len(source), jax.process_index(), jax.process_count()
-  dst = shard_dir.make(dst, STATE_DIR)
+  dst = shard_dir.make(dst, STATE_DIR, OWN_FILES, **folder)
   names = [shard_name(pid, nproc, s, shards) for s in range(shards)]
   all_names = {shard_name(p, nproc, s, shards) for p in range(nproc) for s in range(shards)}
   plan = fingerprint(config, n, nproc, shards, dtype)

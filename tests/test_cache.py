@@ -352,3 +352,43 @@ def test_the_cache_seed_matters_only_where_a_frozen_model_is_random(tmp_path):
       f"model autoencoder: cache {plan['model']['autoencoder']!r}, this run {cache_reader.feature_model(c)['autoencoder']!r}",
       f"model seed: cache 3, this run {c.seed}",
   ]
+
+
+def test_a_dst_holding_anything_but_the_caches_own_output_or_its_images_is_refused_before_the_build(
+    tmp_path, monkeypatch
+):
+  """The cache adds its shards only to a new or empty folder or its own earlier output: a training workdir, prepared
+  image shards, or a folder that is, holds or lies inside config.data.path are refused before anything is built."""
+  from iomm_jax.data import shard_dir
+
+  def no_build(*a, **k):
+    raise AssertionError("built the run before checking --dst")
+
+  monkeypatch.setattr(builder, "build", no_build)
+  images = tmp_path / "images"  # prepare's output: its state folder and shards
+  (images / ".prepare").mkdir(parents=True)
+  (images / "data-00000-of-00001.array_record").write_bytes(b"x")
+  workdir = tmp_path / "workdir"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  cfg = image_config(images)
+  for dst, says in (
+      (workdir, f"--dst={workdir} holds 'checkpoints', which the feature cache did not write"),
+      (images, f"--dst={images} is, holds or lies inside config.data.path={images}"),
+      (images / "features", f"--dst={images / 'features'} is, holds or lies inside config.data.path={images}"),
+      (tmp_path, f"--dst={tmp_path} is, holds or lies inside config.data.path={images}"),
+  ):
+    with pytest.raises(ValueError) as e:
+      cache.write_cache(cfg, dst, progress=False)
+    assert str(e.value).startswith(says) and "\n" not in str(e.value), e.value
+  other = tmp_path / "other"  # image shards copied elsewhere: not the cache's either
+  shutil.copytree(images, other)
+  with pytest.raises(ValueError, match=f"--dst={other} holds '.prepare', which the feature cache did not write"):
+    cache.write_cache(cfg, other, progress=False)
+  assert not (images / "features").exists() and not (workdir / cache.STATE_DIR).exists()
+  # Its own earlier output, with a kill's temporary in it, is resumed (the resume itself: the slow test above).
+  own = tmp_path / "own"
+  (own / cache.STATE_DIR).mkdir(parents=True)
+  (own / cache.shard_name(0, 1, 0, 2)).write_bytes(b"x")
+  (own / f".{cache.shard_name(0, 1, 1, 2)}.tmp-dead").write_bytes(b"half")
+  shard_dir.check(own, cache.OWN_FILES, tool="the feature cache", source=str(images), source_flag="config.data.path")

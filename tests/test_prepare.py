@@ -316,10 +316,9 @@ def test_a_run_that_writes_nothing_leaves_nothing_and_the_corrected_rerun_procee
   assert prepare.main(args) == 1  # every image under the default --min_size 64
   assert "wrote 0 of 6 images (6 too small)" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()  # it made the folder, so it removes it
-  (tmp_path / "keep").mkdir()
-  (tmp_path / "keep" / "notes.txt").write_text("mine")
+  (tmp_path / "keep").mkdir()  # a folder it did not make: emptied of what it wrote, and kept
   assert prepare.main([*args[:2], "--dst", str(tmp_path / "keep"), *args[4:]]) == 1
-  assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["notes.txt"]  # only what it wrote went
+  assert (tmp_path / "keep").is_dir() and not list((tmp_path / "keep").iterdir())
   assert prepare.main([*args, "--min_size", "32"]) == 0
   assert len(sources.ArrayRecordSource(tmp_path / "out")) == 6
 
@@ -364,3 +363,41 @@ def test_table_errors_name_the_file_and_the_keys_read(tmp_path, capsys):
   assert prepare.main([*args, "--caption_key", ""]) == 2
   assert 'such as {"path": "relative/path.png"}' in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
+
+
+def test_a_dst_holding_anything_but_prepares_own_output_or_the_source_is_refused_before_reading(tmp_path, capsys):
+  """prepare adds its shards only to a new or empty folder or its own earlier output: a training workdir, another
+  tool's shards or the images themselves are refused in one line naming --dst, and stay as they were."""
+  src = _small_folder(tmp_path / "src")
+  args = ["--shards", "2", "--min_size", "16", "--no_progress"]
+  workdir = tmp_path / "workdir"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  cache_out = tmp_path / "features"  # the feature cache's folder: its state folder and shards
+  (cache_out / ".cache_state").mkdir(parents=True)
+  (cache_out / "features-00000-of-00001-00000-of-00001.array_record").write_bytes(b"x")
+  for dst, says in (
+      (workdir, f"--dst={workdir} holds 'checkpoints', which prepare did not write"),
+      (cache_out, f"--dst={cache_out} holds '.cache_state', which prepare did not write"),
+      (src, f"--dst={src} is, holds or lies inside --src={src}"),
+      (src / "out", f"--dst={src / 'out'} is, holds or lies inside --src={src}"),
+      (tmp_path, f"--dst={tmp_path} is, holds or lies inside --src={src}"),
+  ):
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert prepare.main(["--src", str(src), "--dst", str(dst), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"prepare: error: {says}") and "\n" not in err, err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing written
+  with pytest.raises(ValueError, match="holds 'checkpoints'"):  # the API checks it too
+    prepare.write_shards(prepare_items.enumerate_items(str(src)), workdir, 1, min_size=16, progress=False)
+  # Its own earlier output (a kill's temporary left in it) resumes; so does an empty folder.
+  out = tmp_path / "out"
+  assert prepare.main(["--src", str(src), "--dst", str(out), *args]) == 0
+  (out / prepare.SHARD_PATTERN.format(1, 2)).unlink()
+  (out / f".{prepare.SHARD_PATTERN.format(1, 2)}.tmp-dead").write_bytes(b"half")
+  capsys.readouterr()
+  assert prepare.main(["--src", str(src), "--dst", str(out), *args]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert (summary["shards_written"], summary["shards_already_done"], summary["written"]) == (1, 1, 6)
+  (tmp_path / "empty").mkdir()
+  assert prepare.main(["--src", str(src), "--dst", str(tmp_path / "empty"), *args]) == 0

@@ -21,7 +21,8 @@ a caption: 0 means the caption column is not ``--caption_key``) and leaves nothi
 starts afresh. A write that fails (a full disk) stops the run with one line; finished shards stay and a rerun
 resumes. DIR holding shards of a run with other options (``--src``, ``--shards``, ``--min_size``, the keys read,
 ``--max_image_pixels``) is refused, the message naming each option's earlier and new value; such shards that hold
-no record are replaced (``prepare_plan``).
+no record are replaced (``prepare_plan``). A DIR holding anything but prepare's own files, or that is, holds or lies
+inside ``--src``, is refused before ``--src`` is read (``shard_dir``): the shards are never mixed into another folder.
 
 Each shard also gets a sizes sidecar, ``DIR/.prepare/<shard>.sizes.npy`` (int32 (n, 2): height, width of each record,
 in record order), written before the shard is renamed into place, so aspect-ratio buckets (``data.buckets``) need
@@ -54,6 +55,7 @@ from iomm_jax.data.prepare_plan import SHARD_PATTERN, STATE_DIR, sizes_path
 from iomm_jax.data import prepare_plan
 
 WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1 for random access; images are already compressed
+OWN_FILES = shard_dir.own_files(STATE_DIR, "data-*.array_record")  # all a --dst it resumes may hold
 
 
 def _write_sizes(shard: Path, sizes) -> None:
@@ -197,8 +199,12 @@ def write_shards(
     fingerprint: dict | None = None,
     progress: bool = True,
     max_pixels: int = data_kinds.MAX_IMAGE_PIXELS,
+    src: str | os.PathLike | None = None,
 ) -> dict:
   """Writes ``items`` into ``shards`` ArrayRecord shards under ``dst`` (resumable); returns the summary dict.
+
+  ``dst`` must be new, empty or this writer's own earlier output, and outside ``src`` (the --src the items come from;
+  ``shard_dir.check``).
 
   ``workers`` <= 1 writes in this process; more uses that many spawned processes, one shard per task. A run whose
   shards hold no record at all leaves nothing behind (``dst`` too, if this run made it; the summary says
@@ -211,7 +217,7 @@ def write_shards(
   if not items:
     raise ValueError("nothing to write: the source holds no items")
   made_dst = not Path(dst).exists()
-  dst = shard_dir.make(dst, STATE_DIR)
+  dst = shard_dir.make(dst, STATE_DIR, OWN_FILES, tool="prepare", source=src)
   names = [SHARD_PATTERN.format(s, shards) for s in range(shards)]
   plan_file = prepare_plan.adopt(dst, prepare_plan.plan_of(items, shards, min_size, fingerprint), names)
   for stale in dst.glob(".data-*.tmp-*"):  # leftovers of an interrupted run: never read, safe to drop
@@ -332,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       ap.error(f"--{flag}={getattr(a, flag)} must be 0 or more")
   t0 = time.time()
   try:
+    shard_dir.check(a.dst, OWN_FILES, tool="prepare", source=a.src)  # before reading a large --src
     items = prepare_items.enumerate_items(a.src, a.image_key, a.caption_key or None, a.split)
     summary = write_shards(
         items,
@@ -342,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         full_decode=not a.fast_verify,
         progress=not a.no_progress,
         max_pixels=a.max_image_pixels,
+        src=a.src,
         fingerprint={
             "src": os.path.abspath(os.path.expanduser(a.src)),
             **{k: getattr(a, k) for k in prepare_plan.PLAN_FLAGS if k != "src"},
