@@ -324,6 +324,11 @@ def main(argv) -> int:
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<field>=<value> to override fields")
+  if not flags.FLAGS.dst:  # a usage error, as argparse's: one line, exit status 2 (absl's `required` said "config")
+    print(
+        "cache: error: --dst is required; give the folder to write the feature shards to (--dst DIR)", file=sys.stderr
+    )
+    return 2
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)
@@ -362,7 +367,7 @@ def _define_flags():
   from ml_collections import config_flags
 
   config = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
-  flags.DEFINE_string("dst", None, "output folder for the feature shards", required=True)
+  flags.DEFINE_string("dst", None, "output folder for the feature shards (required)")
   flags.DEFINE_integer("shards", 1, "shards per process")
   flags.DEFINE_string("dtype", "float16", "storage dtype of ViT tokens and latents: float16 or float32 (fp16, fp32)")
   flags.DEFINE_integer("batch", 0, "global images per encoder call (0 = config.train.global_batch)")

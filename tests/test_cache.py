@@ -392,3 +392,10 @@ def test_a_dst_holding_anything_but_the_caches_own_output_or_its_images_is_refus
   (own / cache.shard_name(0, 1, 0, 2)).write_bytes(b"x")
   (own / f".{cache.shard_name(0, 1, 1, 2)}.tmp-dead").write_bytes(b"half")
   shard_dir.check(own, cache.OWN_FILES, tool="the feature cache", source=str(images), source_flag="config.data.path")
+
+
+def test_cache_without_dst_is_a_one_line_usage_error():
+  proc = run_app("iomm_jax.cache", f"--config={ROOT}/configs/tiny.py")
+  assert proc.returncode == 2, proc.stderr
+  err = proc.stderr.strip()
+  assert err == "cache: error: --dst is required; give the folder to write the feature shards to (--dst DIR)", err
