@@ -44,6 +44,12 @@ def _unwritable(folder: Path) -> str:
   return f"{folder} is on a full filesystem (no free space); free some or choose another folder" if free == 0 else ""
 
 
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+  """Whether the paths `a` and `b` are one folder, or one lies inside the other (links resolved)."""
+  a, b = (Path(os.path.abspath(os.path.expanduser(p))).resolve() for p in (a, b))
+  return a == b or a in b.parents or b in a.parents
+
+
 def replace_problem(
     dst: str | os.PathLike,
     *,
@@ -60,10 +66,8 @@ def replace_problem(
   if problem:
     return f"{flag}={dst}: {problem}"
   d = Path(os.path.abspath(os.path.expanduser(dst))).resolve()
-  if source is not None:
-    s = Path(os.path.abspath(os.path.expanduser(source))).resolve()
-    if d == s or s in d.parents or d in s.parents:
-      return f"{flag}={dst} is, holds or lies inside {source_flag}={source}; write the output to another folder"
+  if source is not None and overlaps(dst, source):
+    return f"{flag}={dst} is, holds or lies inside {source_flag}={source}; write the output to another folder"
   if d.is_dir() and any(d.iterdir()):
     if not overwrite:
       return f"{flag}={dst} exists and is not empty; choose a new folder or pass --overwrite"

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from iomm_jax import output_folder
+
 
 def own_files(state_dir: str, shard_glob: str) -> tuple[str, ...]:
   """The glob patterns of what a writer keeps in its folder: its state folder, its shards (`shard_glob`) and their
@@ -34,13 +36,10 @@ def check(
   dst = Path(dst)
   if dst.exists() and not dst.is_dir():
     raise ValueError(f"--dst={dst} exists and is not a folder; give a folder for the shards")
-  if source:
-    d = Path(os.path.abspath(os.path.expanduser(dst))).resolve()
-    s = Path(os.path.abspath(os.path.expanduser(source))).resolve()
-    if d == s or s in d.parents or d in s.parents:
-      raise ValueError(
-          f"--dst={dst} is, holds or lies inside {source_flag}={source}; write the shards to a folder outside it"
-      )
+  if source and output_folder.overlaps(dst, source):
+    raise ValueError(
+        f"--dst={dst} is, holds or lies inside {source_flag}={source}; write the shards to a folder outside it"
+    )
   if dst.is_dir():
     for p in sorted(dst.iterdir()):
       if not any(fnmatch.fnmatch(p.name, pattern) for pattern in own):
