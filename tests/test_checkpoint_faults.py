@@ -359,3 +359,19 @@ def test_low_space_warns_before_a_save(tmp_path, monkeypatch, capsys):
   ck.close()
   err = capsys.readouterr().err
   assert "warning: 100 bytes free" in err and "this save may fail" in err
+
+
+def test_a_failed_save_is_worded_by_its_cause(tmp_path):
+  """A full disk says how much space the save needs; another failure (a permission, an I/O error) says its cause and
+  not to free space, which would not help."""
+  ck = checkpoint.Checkpointer(str(tmp_path), with_data=False)
+  ck.save(10, _tree(1.0))
+  ck.check_save(wait=True)
+  full = RuntimeError("RESOURCE_EXHAUSTED: Error writing local file: [os_error_code='28']")  # as TensorStore says it
+  msg = ck._save_failure(20, full, _tree(2.0))
+  assert "needs about" in msg and "Free space or move --workdir" in msg and "checkpoint 10 is intact" in msg
+  denied = PermissionError(13, "Permission denied", str(tmp_path / "checkpoints" / "20"))
+  msg = ck._save_failure(20, denied, _tree(2.0))
+  assert "failed (" in msg and "Permission denied" in msg and "Fix that, then rerun to resume" in msg
+  assert "Free space" not in msg and "checkpoint 10 is intact" in msg
+  ck.close()

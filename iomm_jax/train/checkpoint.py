@@ -14,6 +14,7 @@ it) is not damage: it stays where it is and the run stops with one line (`Checkp
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -26,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from iomm_jax import workdir_layout
 from iomm_jax import orphaned_reads, restore_failure
-from iomm_jax import orbax_logs
+from iomm_jax import orbax_logs, write_failures
 from iomm_jax.train import iterator_state
 
 DAMAGED_DIR = workdir_layout.DAMAGED_CHECKPOINTS
@@ -123,11 +124,16 @@ class Checkpointer:
     cause = restore_failure.root_message(exc)
     previous = [s for s in self.steps_on_disk() if s != step]
     kept = f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint exists"
-    return (
-        f"checkpoint save of step {step} to {os.path.join(self.directory, str(step))} failed: needs about "
-        f"{need:,} bytes, {free:,} bytes free ({cause}); {kept}. Free space or move --workdir, then rerun to "
-        "resume"
-    )
+    where = os.path.join(self.directory, str(step))
+    # The errno of the innermost cause, whichever library reported it (Orbax's TensorStore words it in text).
+    root = restore_failure.chain(exc)[-1]
+    code = getattr(write_failures.as_oserror(root, where) or root, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free < need):
+      return (
+          f"checkpoint save of step {step} to {where} failed: needs about {need:,} bytes, {free:,} bytes free "
+          f"({cause}); {kept}. Free space or move --workdir, then rerun to resume"
+      )
+    return f"checkpoint save of step {step} to {where} failed ({cause}); {kept}. Fix that, then rerun to resume"
 
   def steps_on_disk(self) -> list[int]:
     """Finished checkpoint steps in the directory (Orbax's own list may already name a save that failed)."""
