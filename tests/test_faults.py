@@ -46,6 +46,23 @@ def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path):
     lock.release()
 
 
+def test_lock_of_a_killed_trainer_not_yet_reaped_is_taken_over(tmp_path):
+  """SIGKILLed, a trainer is a zombie until its parent reaps it (seconds, or for good where nothing does): signal 0
+  still reaches it, yet it holds nothing."""
+  zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    zombie.kill()
+    os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # dead, and left unreaped
+    (tmp_path / lock_lib.LOCK_NAME).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": zombie.pid, "start": "x"})
+    )
+    lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
+    assert lock.took_over and f"pid {zombie.pid}" in lock.took_over
+    lock.release()
+  finally:
+    zombie.wait()
+
+
 def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
   path = tmp_path / lock_lib.LOCK_NAME
   path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "start": "x"}))

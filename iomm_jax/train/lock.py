@@ -27,13 +27,20 @@ class WorkdirLockedError(RuntimeError):
 
 
 def _pid_alive(pid: int) -> bool:
+  """Whether process `pid` of this host runs. A zombie (killed, not yet reaped: seconds, or for good where nothing
+  reaps) does not: signal 0 still reaches it, so its state is read where /proc has it."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True
-  return True
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      state = f.read().rsplit(")", 1)[1].split()[0]  # the name in parentheses may hold spaces
+  except (OSError, IndexError):
+    return True
+  return state not in ("Z", "X")
 
 
 def _me() -> dict:
