@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-from iomm_jax import config_cli, distributed
+from iomm_jax import app_exit, config_cli, distributed
 from iomm_jax.config import ConfigError, base_config
 from iomm_jax.config_validation import unknown_field_message, validate
 from iomm_jax.train import dry_run
@@ -54,6 +54,8 @@ def main(argv):
     raise SystemExit(f"config error: {e}") from None
   except USER_ERRORS as e:
     raise SystemExit(f"error: {e}") from None
+  except OSError as e:  # a write that failed outside a checkpoint (config.json, a sample grid): checkpoints are whole
+    raise SystemExit(f"error: {app_exit.describe(e)}; then rerun the same command, which resumes") from None
   except preemption.Preempted as e:
     print(str(e), file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

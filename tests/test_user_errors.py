@@ -103,3 +103,29 @@ def test_sample_prompt_notes():
   assert len(notes) == 2
   assert "prompt 1 is empty" in notes[0] and "unconditional" in notes[0]
   assert "prompt 2" in notes[1] and "23 template tokens" in notes[1] and "first 8" in notes[1]
+
+
+def test_a_failed_write_outside_a_checkpoint_ends_training_in_one_line(tmp_path):
+  """config.json or a sample grid that cannot be written (a full disk) was a traceback; now one line naming the file,
+  and the rerun resumes from the newest checkpoint, which a failed save never replaces."""
+  import subprocess
+  import sys
+
+  from helpers import ROOT
+
+  code = (
+      "import sys\n"
+      "from iomm_jax.train import loop\n"
+      "def full(*a, **k):\n"
+      "  raise OSError(28, 'No space left on device', '/w/samples/step_0000015.png')\n"
+      "loop.train = full\n"
+      "from iomm_jax import main\n"
+      f"sys.argv = ['main', '--config=configs/tiny.py:pretrain,short', '--workdir={tmp_path / 'w'}']\n"
+      "sys.exit(main.run())\n"
+  )
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: /w/samples/step_0000015.png: No space left on device (free some space, or write the output "
+      "elsewhere); then rerun the same command, which resumes"
+  )
