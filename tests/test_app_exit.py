@@ -24,6 +24,22 @@ def test_ctrl_c_is_one_line_and_status_130():
   assert r.stderr.strip() == "stopped by Ctrl-C", r.stderr
 
 
+def test_sigterm_is_one_line_and_status_143_after_the_commands_cleanup(tmp_path):
+  """`kill` or a scheduler's stop unwinds like Ctrl-C: a temporary output folder being written is removed."""
+  dst = tmp_path / "out"
+  r = _run(
+      "from iomm_jax import output_folder\n"
+      "  import os, signal\n"
+      f"  with output_folder.replacing({str(dst)!r}) as tmp:\n"
+      "    (tmp / 'half.bin').write_bytes(b'x')\n"
+      "    os.kill(os.getpid(), signal.SIGTERM)\n"
+      "    raise AssertionError('SIGTERM did not stop the command')"
+  )
+  assert r.returncode == app_exit.EXIT_TERMINATED == 143
+  assert r.stderr.strip() == "stopped by SIGTERM", r.stderr
+  assert os.listdir(tmp_path) == []  # neither the temporary folder nor the parent it made
+
+
 def test_a_file_system_refusal_names_the_path_and_what_to_do():
   r = _run("raise OSError(28, 'No space left on device', '/out/grid.png')")
   assert r.returncode == 1 and "Traceback" not in r.stderr
