@@ -13,35 +13,45 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 
-def path_problem(path: str | os.PathLike, folder: bool, *, beside: bool = False) -> str:
+def path_problem(path: str | os.PathLike, folder: bool, *, beside: bool = False, needs: int = 0) -> str:
   """Why `path` cannot be written as a folder (`folder`) or a file: it, or a folder above it, is a file, or a file's
-  path is a folder, or the folder it would be written in is read-only or full; '' when it can. Checked before the
-  work, so a command does not compute for minutes and then fail to write. `beside`: an existing folder is replaced
-  by a sibling written next to it (so its parent must take writes), not written into."""
+  path is a folder, or the folder it would be written in is read-only, full, or has fewer than `needs` bytes free
+  (the output's size where the command can tell it: at least that much); '' when it can. Checked before the work,
+  so a command does not compute for minutes and then fail to write. `beside`: an existing folder is replaced by a
+  sibling written next to it (so its parent must take writes), not written into."""
   path = Path(os.path.abspath(os.path.expanduser(path)))
   if path.exists():
     if folder and not path.is_dir():
       return f"{path} exists and is not a folder; give a folder"
     if not folder and path.is_dir():
       return f"{path} is a folder; give a file path"
-    return _unwritable(path if folder and not beside else path.parent)  # a file is replaced from beside it too
+    return _unwritable(path if folder and not beside else path.parent, needs)  # a file is replaced from beside it too
   for parent in path.parents:  # the nearest existing folder above it must be a folder, or nothing can be made
     if parent.exists():
       if not parent.is_dir():
         return f"{parent} is a file, so {path} cannot be made; give a path under a folder"
-      return _unwritable(parent)
+      return _unwritable(parent, needs)
   return ""
 
 
-def _unwritable(folder: Path) -> str:
-  """Why nothing can be written in the existing `folder` (read-only, no permission, or no free space); ''."""
+def _unwritable(folder: Path, needs: int = 0) -> str:
+  """Why nothing (or not `needs` bytes) can be written in the existing `folder` (read-only, no permission, no free
+  space); ''."""
   if not os.access(folder, os.W_OK | os.X_OK):  # EROFS on a read-only filesystem, even for root
     return f"{folder} cannot be written to (read-only or no permission); choose a folder you can write to"
   try:
-    free = os.statvfs(folder).f_bavail
+    stat = os.statvfs(folder)
   except OSError:
     return ""
-  return f"{folder} is on a full filesystem (no free space); free some or choose another folder" if free == 0 else ""
+  free = stat.f_bavail * stat.f_frsize
+  if free == 0:
+    return f"{folder} is on a full filesystem (no free space); free some or choose another folder"
+  if free < needs:
+    return (
+        f"{folder} has {free:,} bytes free and the output needs at least {needs:,}; free some or choose another "
+        "folder"
+    )
+  return ""
 
 
 def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -58,11 +68,12 @@ def replace_problem(
     overwrite: bool = True,
     source: str | os.PathLike | None = None,
     source_flag: str = "--src",
+    needs: int = 0,
 ) -> str:
   """Why `dst` cannot become (or replace) this command's output folder; '' when it can. A non-empty `dst` is
   replaced only with `overwrite` and only when it holds one of `markers` (files only this command writes); `dst`
-  must neither be, hold nor lie inside `source` (the command's input)."""
-  problem = path_problem(dst, folder=True, beside=True)
+  must neither be, hold nor lie inside `source` (the command's input); `needs`: as path_problem's."""
+  problem = path_problem(dst, folder=True, beside=True, needs=needs)
   if problem:
     return f"{flag}={dst}: {problem}"
   d = Path(os.path.abspath(os.path.expanduser(dst))).resolve()

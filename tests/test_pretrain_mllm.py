@@ -240,6 +240,24 @@ def test_out_that_this_command_did_not_write_is_refused_before_training(tmp_path
   hf_folder.check_replaceable(tmp_path / "earlier")
 
 
+def test_out_without_room_for_the_weights_is_refused_before_training(tmp_path, monkeypatch):
+  """A filesystem with less free space than the fp32 weights: refused at start, not after minutes of training."""
+  from iomm_jax import output_folder
+  from iomm_jax.config import ConfigError
+  from iomm_jax.mllm_pretrain import trainer, vision_pretrain
+
+  monkeypatch.setattr(vision_pretrain, "pretrain_vision", lambda *a, **k: pytest.fail("training started"))
+  c = load_config("tiny_mllm", "short")
+  cfg, _ = trainer.model_config(c)
+  need = trainer._weights_bytes(cfg)
+  assert 1_000_000 < need < 2_000_000  # the tiny MLLM's 0.39M fp32 parameters
+  small = type("Statvfs", (), {"f_bavail": 1, "f_frsize": need // 2})  # half the weights' bytes free
+  monkeypatch.setattr(output_folder.os, "statvfs", lambda p: small)
+  with pytest.raises(ConfigError, match=rf"has {need // 2:,} bytes free and the output needs at least {need:,}"):
+    trainer.pretrain(c, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "section,field,value,needle",
     [

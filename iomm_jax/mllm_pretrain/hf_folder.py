@@ -17,10 +17,11 @@ from iomm_jax.models import keymap
 REPORT_FILE = "mllm_pretrain.json"  # training and caption-accuracy report, written beside the weights
 
 
-def check_replaceable(dst: str | os.PathLike) -> None:
-  """Refuse, before any training, an --out that cannot be made or is a non-empty folder this command did not write
-  (no REPORT_FILE): `write` replaces what is at dst, and --out=runs would take every run with it."""
-  problem = output_folder.replace_problem(dst, flag="--out", markers=(REPORT_FILE,))
+def check_replaceable(dst: str | os.PathLike, needs: int = 0) -> None:
+  """Refuse, before any training, an --out that cannot be made, lacks the `needs` bytes of the weights, or is a
+  non-empty folder this command did not write (no REPORT_FILE): `write` replaces what is at dst, and --out=runs
+  would take every run with it."""
+  problem = output_folder.replace_problem(dst, flag="--out", markers=(REPORT_FILE,), needs=needs)
   if problem:
     raise ConfigError(problem)
 

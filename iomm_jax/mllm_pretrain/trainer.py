@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -70,6 +71,12 @@ def model_config(config) -> tuple[InternVLConfig, Processor]:
   return cfg, processor
 
 
+def _weights_bytes(cfg: InternVLConfig) -> int:
+  """The size of the model's fp32 weights, what model.safetensors holds at least (no array is allocated)."""
+  abstract = nnx.eval_shape(lambda: InternVL(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
 def render_set(num: int, resolution: int, seed: int, processor: Processor) -> tuple[np.ndarray, list[str]]:
   """ViT inputs (num, S, S, 3) of shapes images rendered at `resolution`, and their captions."""
   pix, caps = [], []
@@ -115,8 +122,8 @@ def pretrain(config, out: str) -> dict:
   """Train, evaluate and write the -hf folder at `out`; returns the report (also saved in the folder)."""
   t0 = time.time()
   validate(config)
-  hf_folder.check_replaceable(out)
   cfg, processor = model_config(config)
+  hf_folder.check_replaceable(out, needs=_weights_bytes(cfg))  # minutes of training are not spent on a full disk
   builder = examples.SequenceBuilder(processor, config.data.max_len)
   d, t = config.data, config.train
   pixels, captions = render_set(d.num_images, d.resolution, d.seed, processor)
