@@ -21,7 +21,8 @@ compute dtype. Records are stored uncompressed (``group_size:1``: one random rea
 barely compress).
 
 Resumable and atomic: each shard is written under a hidden temporary name and renamed when complete, after its
-stats file (``DIR/.cache_state/<shard>.json``); a rerun skips finished shards. ``DIR/.cache_state/plan.json`` holds
+stats file (``DIR/.cache_state/<shard>.json``); a rerun skips finished shards, and until one finishes them all,
+training refuses DIR (``data.shard_dir.unfinished``). ``DIR/.cache_state/plan.json`` holds
 what the cache was computed from (data, frozen model, dtype, shard layout); a rerun with anything different fails
 rather than mixing caches, and a ``--dst`` holding anything else (a workdir, prepared image shards), or that is,
 holds or lies inside ``config.data.path``, is refused before the build (``data.shard_dir``). Unreadable images are skipped and counted (nothing is written for them); caption-less
@@ -52,14 +53,14 @@ from iomm_jax.config_validation import unknown_field_message, validate
 
 STATE_DIR = cache_reader.CACHE_STATE_DIR
 PLAN_FILE = cache_reader.CACHE_PLAN_FILE
-SHARD_PATTERN = "features-{:05d}-of-{:05d}-{:05d}-of-{:05d}.array_record"
+SHARD_PATTERN = shard_dir.CACHE.shard_pattern
 WRITER_OPTIONS = "group_size:1,uncompressed"
 STORED_DTYPES = ("float16", "float32")  # what the records can hold (dtype_names' names); bfloat16 is not numpy's
 OWN_FILES = shard_dir.own_files(STATE_DIR, "features-*.array_record")  # all a --dst it resumes may hold
 
 
 def shard_name(process: int, process_count: int, shard: int, shards: int) -> str:
-  return SHARD_PATTERN.format(process, process_count, shard, shards)
+  return shard_dir.CACHE.shard_name(shard, shards, process, process_count)
 
 
 def make_encoder(run) -> Any:
@@ -193,13 +194,6 @@ def _write_shard(dst: Path, name: str, batches, encode, run, dtype: np.dtype, ac
   return stats
 
 
-def _shard_done(dst: Path, name: str) -> bool:
-  stats = dst / STATE_DIR / f"{name}.json"
-  if not stats.exists():
-    return False
-  return (dst / name).exists() or json.loads(stats.read_text()).get("written", 0) == 0
-
-
 def _all_processes(flag: bool) -> bool:
   import jax
 
@@ -272,7 +266,7 @@ def write_cache(
     bar = tqdm(total=phi - plo, unit="img", desc=f"cache -> {dst}", file=sys.stderr, dynamic_ncols=True)
   done_before = written_now = 0
   for s, name in enumerate(names):
-    mine_done = _shard_done(dst, name)
+    mine_done = shard_dir.finished(dst, shard_dir.CACHE, name)
     if _all_processes(mine_done):  # every process must run the same encoder calls (collectives)
       done_before += 1
       if bar is not None:

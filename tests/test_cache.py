@@ -12,7 +12,7 @@ from flax import nnx
 
 from helpers import ROOT, run_app, tiny_config
 from iomm_jax import cache, metrics, parallel
-from iomm_jax.data import decode, pipeline, shapes, shapes_shards, sources
+from iomm_jax.data import data_config, decode, holdout, pipeline, records, shapes, shapes_shards, shard_dir, sources
 from iomm_jax.train import builder, checkpoint, loop, step as step_lib
 
 NUM = 40  # records in the procedural ArrayRecord set
@@ -392,6 +392,56 @@ def test_a_dst_holding_anything_but_the_caches_own_output_or_its_images_is_refus
   (own / cache.shard_name(0, 1, 0, 2)).write_bytes(b"x")
   (own / f".{cache.shard_name(0, 1, 1, 2)}.tmp-dead").write_bytes(b"half")
   shard_dir.check(own, cache.OWN_FILES, tool="the feature cache", source=str(images), source_flag="config.data.path")
+
+
+def _fake_cache(dst, processes, shards, empty=()):
+  """A feature cache folder as iomm_jax.cache leaves it (plan, per-shard stats, shards) without computing one: a
+  record per shard, none in the (process, shard) pairs `empty`, for which the cache writes stats but no file."""
+  from array_record.python import array_record_module as ar
+
+  (dst / cache.STATE_DIR).mkdir(parents=True)
+  plan = {"format": "iomm_jax.cache/1", "process_count": processes, "shards": shards}
+  (dst / cache.STATE_DIR / cache.PLAN_FILE).write_text(json.dumps(plan))
+  for p in range(processes):
+    for s in range(shards):
+      name, written = cache.shard_name(p, processes, s, shards), int((p, s) not in empty)
+      if written:
+        w = ar.ArrayRecordWriter(str(dst / name), cache.WRITER_OPTIONS)
+        w.write(
+            records.encode_feature_record(
+                id=f"{p}/{s}", vit_tokens=np.zeros((2, 4), np.float16), latent=np.zeros((2, 2, 3), np.float16)
+            )
+        )
+        w.close()
+      stats = {"written": written, "skipped": 0, "uncaptioned": written, "errors": []}
+      (dst / cache.STATE_DIR / f"{name}.json").write_text(json.dumps(stats))
+
+
+def test_training_refuses_a_cache_whose_run_did_not_finish(tmp_path):
+  """A cache stopped by a full disk or a kill keeps its finished shards, for the rerun to resume: data.cache_path (and
+  data.val_path) naming it is refused in one line with the counts and the rerun, not trained on in part. A shard
+  that held no readable image has stats and no file, and counts as finished; shards copied without .cache_state/
+  (another tool's) read as before."""
+  dst = tmp_path / "features"
+  _fake_cache(dst, processes=2, shards=2, empty={(0, 1)})
+  cached = lambda path, **kw: data_config.from_config(cached=True, cache_path=str(path), **kw)  # noqa: E731
+  assert len(sources.make_source(cached(dst))) == 3
+  assert shard_dir.finished(dst, shard_dir.CACHE, cache.shard_name(0, 2, 1, 2))  # what the writer's resume skips
+  foreign = tmp_path / "foreign"
+  shutil.copytree(dst, foreign, ignore=shutil.ignore_patterns(cache.STATE_DIR))
+  for s in range(2):  # process 1's shards never came (a kill, or a host that did not write to this folder)
+    (dst / cache.shard_name(1, 2, s, 2)).unlink()
+  (dst / cache.STATE_DIR / f"{cache.shard_name(1, 2, 1, 2)}.json").unlink()
+  for make, field in (
+      (lambda: sources.make_source(cached(dst)), "data.cache_path"),
+      (lambda: holdout.val_source(cached(tmp_path / "unused", val_path=str(dst))), "data.val_path"),
+  ):
+    with pytest.raises(pipeline.DataConfigError) as e:
+      make()
+    msg = str(e.value)
+    assert msg.startswith(f"config.{field}={str(dst)!r}: only 2 of the 4 shards that the feature cache planned"), msg
+    assert f"rerun the same `python -m iomm_jax.cache` command (--dst={dst})" in msg and "\n" not in msg, msg
+  assert len(sources.make_source(cached(foreign))) == 3
 
 
 def test_cache_without_dst_is_a_one_line_usage_error():

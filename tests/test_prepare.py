@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iomm_jax.data import data_config, pipeline, prepare, prepare_items, prepare_plan, records, shapes, shapes_shards, sources
+from iomm_jax.data import data_config, holdout, pipeline, prepare, prepare_items, prepare_plan, records, shapes, shapes_shards, sources
 
 
 def cfg(path, **kw):
@@ -207,7 +208,46 @@ def test_an_exception_mid_shard_leaves_only_finished_shards(tmp_path):
   with pytest.raises(_Interrupt):  # dies inside shard 1 (3 shards of 4 items)
     prepare.write_shards(items, dst, 3, min_size=0, progress=False)
   assert sorted(p.name for p in dst.iterdir()) == [".prepare", "data-00000-of-00003.array_record"]
-  assert len(sources.ArrayRecordSource(dst)) == 4
+  with pytest.raises(pipeline.DataConfigError, match="only 1 of the 3 shards"):  # not read as the whole dataset
+    sources.ArrayRecordSource(dst)
+  assert len(sources.ArrayRecordSource(dst / "data-00000-of-00003.array_record")) == 4  # the shard itself, asked for
+
+
+@pytest.mark.parametrize("lost", ["shard", "stats", "shard, no plan"])
+def test_training_refuses_a_prepared_folder_whose_run_did_not_finish(tmp_path, lost):
+  """A prepare stopped by a full disk or a kill keeps its finished shards, for the rerun to resume: data.path (and
+  data.val_path) naming that folder is refused in one line with the counts and the rerun, not trained on in part. A
+  finished folder, and a folder of shards another tool wrote (no .prepare/), read as before."""
+  dst = tmp_path / "out"
+  shapes_shards.write_arrayrecord(dst, 12, 16, shards=4, progress=False)
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  for p in dst.glob("*.array_record"):
+    shutil.copy(p, foreign / p.name)
+  assert len(sources.make_source(cfg(dst))) == len(sources.make_source(cfg(foreign))) == 12
+  name = prepare.SHARD_PATTERN.format(2, 4)
+  if lost.startswith("shard"):
+    (dst / name).unlink()
+  else:  # the shard is there, but not its stats file: the rerun takes it as unfinished and writes it again
+    (dst / prepare.STATE_DIR / f"{name}.json").unlink()
+  if lost.endswith("no plan"):  # a prepare from before plans: the names say how many shards there are
+    (dst / prepare.STATE_DIR / prepare_plan.PLAN_FILE).unlink()
+  rerun = f"rerun the same `python -m iomm_jax.data.prepare` command (--dst={dst})"
+  for make, field in (
+      (lambda: sources.make_source(cfg(dst)), "data.path"),
+      (lambda: holdout.val_source(cfg(tmp_path / "unused", val_path=str(dst))), "data.val_path"),
+      (lambda: pipeline.make_dataset(cfg(dst), global_batch=2), "data.path"),
+  ):
+    with pytest.raises(pipeline.DataConfigError) as e:
+      make()
+    msg = str(e.value)
+    assert msg.startswith(
+        f"config.{field}={str(dst)!r}: only 3 of the 4 shards that prepare planned there are finished"
+    )
+    assert rerun in msg and "\n" not in msg, msg
+  assert len(sources.make_source(cfg(foreign))) == 12  # no .prepare/: read as it is
+  prepare.write_shards(_good_items(), tmp_path / "other", 2, min_size=0, progress=False)  # a finished one
+  assert len(sources.make_source(cfg(tmp_path / "other"))) == 12
 
 
 @pytest.mark.parametrize("fails", ["stats", "shard"])
@@ -259,7 +299,9 @@ def test_sigkilled_prepare_leaves_no_readable_half_shard_and_resumes(tmp_path):
   leftovers = list(dst.glob(".data-00001-of-00003.array_record.tmp-*"))
   assert len(leftovers) == 1  # the half-written shard exists, under its temporary name only
   assert sorted(p.name for p in dst.glob("*.array_record")) == ["data-00000-of-00003.array_record"]
-  assert len(sources.ArrayRecordSource(dst)) == 4  # readers see only the finished shard
+  with pytest.raises(pipeline.DataConfigError, match="only 1 of the 3 shards"):  # readers refuse the folder
+    sources.ArrayRecordSource(dst)
+  assert len(sources.ArrayRecordSource(dst / "data-*.array_record")) == 4  # a glob sees only the finished shard
   s = prepare.write_shards(_good_items(), dst, 3, min_size=0, progress=False)
   assert (s["shards_written"], s["shards_already_done"], s["written"]) == (2, 1, 12)
   assert not list(dst.glob(".*.tmp-*"))

@@ -21,11 +21,11 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from iomm_jax.data import data_config, pipeline, sources
+from iomm_jax.data import data_config, pipeline, shard_dir, sources
 from iomm_jax.data.data_config import DataConfig
 
-CACHE_STATE_DIR = ".cache_state"  # beside the feature shards: the plan (what they were computed from) and stats
-CACHE_PLAN_FILE = "plan.json"
+CACHE_STATE_DIR = shard_dir.CACHE.state_dir  # beside the feature shards: the plan (what they were computed from), stats
+CACHE_PLAN_FILE = shard_dir.PLAN_FILE
 # What cached features depend on besides the records: the frozen models that computed them and the views they saw.
 FEATURE_DATA_FIELDS = ("resolution", "vit_size", "max_text_tokens")
 

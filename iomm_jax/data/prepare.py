@@ -10,7 +10,8 @@ Output: ``DIR/data-00000-of-000NN.array_record`` holding ``records.encode_image_
 unchanged, caption, width, height, id = sha1 of the source path/key). Items are sorted by key and cut into N
 contiguous blocks, so the assignment is deterministic. Each shard is written under a hidden temporary name and
 renamed when complete (the pipeline only reads ``*.array_record``), so an interrupted run leaves nothing half
-written that would be read, and a rerun skips finished shards. Each image is fully decoded by the training path
+written that would be read, and a rerun skips finished shards; until a rerun finishes them all, training refuses
+the folder (``shard_dir.unfinished``) rather than read part of the dataset. Each image is fully decoded by the training path
 (``decode.open_image``: a truncated JPEG is caught; ``--fast_verify`` checks the structure with PIL's ``verify`` only,
 about 5× faster on 512² JPEGs (bench/prepare.py) but blind to some truncations); unreadable ones, those with more
 than ``--max_image_pixels`` pixels and those with a short side under ``--min_size`` are skipped and counted.
@@ -227,9 +228,8 @@ def write_shards(
   todo, summary = [], {**dict.fromkeys(_STATS + (_CAPTIONED,), 0), "first_errors": []}
   done = 0
   for s, name in enumerate(names):
-    stats_file = dst / STATE_DIR / f"{name}.json"
-    if (dst / name).exists() and stats_file.exists():
-      _add_stats(summary, json.loads(stats_file.read_text()))
+    if shard_dir.finished(dst, shard_dir.PREPARE, name):
+      _add_stats(summary, json.loads((dst / STATE_DIR / f"{name}.json").read_text()))
       done += 1
       if not sizes_path(dst / name).exists():  # finished by a prepare from before sizes sidecars
         backfill_sizes(dst / name)

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Sequence
 
 from iomm_jax import output_folder
-from iomm_jax.data import prepare_items
+from iomm_jax.data import prepare_items, shard_dir
 
-SHARD_PATTERN = "data-{:05d}-of-{:05d}.array_record"
-STATE_DIR = ".prepare"  # plan + per-shard stats; hidden so shard globs never see it
+SHARD_PATTERN = shard_dir.PREPARE.shard_pattern
+STATE_DIR = shard_dir.PREPARE.state_dir  # plan + per-shard stats; hidden so shard globs never see it
 SIZES_SUFFIX = ".sizes.npy"  # per-shard sidecar in STATE_DIR: int32 (n, 2) = (height, width) per record
-PLAN_FILE = "plan.json"
+PLAN_FILE = shard_dir.PLAN_FILE
 # Fingerprint field → the flag that sets it, for the refusal message: what decides which records a shard holds, so a
 # resumed run with another value would mix two datasets in one folder.
 PLAN_FLAGS = {k: "--" + k for k in ("src", "image_key", "caption_key", "split", "max_image_pixels")}

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from iomm_jax import data_kinds
-from iomm_jax.data import corpus_files, data_config
+from iomm_jax.data import corpus_files, data_config, shard_dir
 from iomm_jax.data.data_config import DataConfigError
 from iomm_jax.data import decode
 from iomm_jax.data import shapes
@@ -187,9 +187,14 @@ class ParquetSource(_TableSource):
 
 def shard_paths(dir_or_glob: str | os.PathLike, field: str = "data.path / data.cache_path") -> list[str]:
   """ArrayRecord shard files of a directory (``*.array_record``), a glob pattern or a single file, sorted; ``field``
-  names the config field that points at them in the error."""
+  names the config field that points at them in the error. A directory that ``prepare`` or the feature cache was
+  stopped writing (its state folder plans shards not all finished: ``shard_dir.unfinished``) is refused, not read
+  as if it were the whole dataset; a glob or a file is read as given."""
   p = str(dir_or_glob)
   if os.path.isdir(p):
+    stopped = shard_dir.unfinished(p)
+    if stopped:
+      raise DataConfigError(f"config.{field}={p!r}: {stopped}")
     files = sorted(glob.glob(os.path.join(p, "*.array_record")))
   elif any(c in p for c in "*?["):
     files = sorted(glob.glob(p))
