@@ -56,7 +56,7 @@ PLAN_FILE = cache_reader.CACHE_PLAN_FILE
 SHARD_PATTERN = shard_dir.CACHE.shard_pattern
 WRITER_OPTIONS = "group_size:1,uncompressed"
 STORED_DTYPES = ("float16", "float32")  # what the records can hold (dtype_names' names); bfloat16 is not numpy's
-OWN_FILES = shard_dir.own_files(STATE_DIR, "features-*.array_record")  # all a --dst it resumes may hold
+OWN_FILES = shard_dir.CACHE.own_files  # all a --dst it resumes may hold
 
 
 def shard_name(process: int, process_count: int, shard: int, shards: int) -> str:

@@ -56,7 +56,7 @@ from iomm_jax.data.prepare_plan import SHARD_PATTERN, STATE_DIR, sizes_path
 from iomm_jax.data import prepare_plan
 
 WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1 for random access; images are already compressed
-OWN_FILES = shard_dir.own_files(STATE_DIR, "data-*.array_record")  # all a --dst it resumes may hold
+OWN_FILES = shard_dir.PREPARE.own_files  # all a --dst it resumes may hold
 
 
 def _write_sizes(shard: Path, sizes) -> None:

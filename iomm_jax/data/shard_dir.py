@@ -39,6 +39,14 @@ class Writer:
   per_process: bool = False
   keeps_empty_shards: bool = True  # else a finished shard that holds no record has stats but no file (the cache)
 
+  @property
+  def own_files(self) -> tuple[str, ...]:
+    """The glob patterns of what the writer keeps in its folder (all that a --dst it resumes may hold): its state
+    folder, its shards and their hidden temporaries (`output_folder.atomic_file(..., keep_suffix=False)`:
+    ``.NAME.tmp-*``)."""
+    shard_glob = self.shard_pattern.replace("{:05d}", "*")
+    return (self.state_dir, shard_glob, f".{shard_glob}.tmp-*")
+
   def shard_name(self, shard: int, shards: int, process: int = 0, process_count: int = 1) -> str:
     args = (process, process_count, shard, shards) if self.per_process else (shard, shards)
     return self.shard_pattern.format(*args)
@@ -119,12 +127,6 @@ def unfinished(folder: str | os.PathLike) -> str:
   return ""
 
 
-def own_files(state_dir: str, shard_glob: str) -> tuple[str, ...]:
-  """The glob patterns of what a writer keeps in its folder: its state folder, its shards (`shard_glob`) and their
-  hidden temporaries (`output_folder.atomic_file(..., keep_suffix=False)`: ``.NAME.tmp-*``)."""
-  return (state_dir, shard_glob, f".{shard_glob}.tmp-*")
-
-
 def check(
     dst: str | os.PathLike,
     own: Sequence[str],
@@ -135,7 +137,7 @@ def check(
 ) -> None:
   """Raises ValueError (one line naming --dst) unless `dst` can take `tool`'s shards: not a file, neither it nor a
   folder of it the input `source` (named by `source_flag`), and new, empty or holding only entries matching `own`
-  (own_files). Checked before any work, and again by `make`."""
+  (Writer.own_files). Checked before any work, and again by `make`."""
   dst = Path(dst)
   if dst.exists() and not dst.is_dir():
     raise ValueError(f"--dst={dst} exists and is not a folder; give a folder for the shards")
