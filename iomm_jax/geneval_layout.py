@@ -19,7 +19,6 @@ import fnmatch
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -133,15 +132,16 @@ class Writer:
   """Writes a GenEval sample folder; use as a context manager (commits on success, discards on error).
 
   An existing `out_dir` must hold only an earlier sample output (see check_out_dir; checked here, before any sample,
-  and again at commit); it is replaced at commit, its top-level files (REPORT_FILES and `also_own`) moved over into
-  the new folder.
+  and again at commit); it is replaced at commit, its top-level files (REPORT_FILES and `also_own`) carried over
+  (linked into the new folder before the swap, so a kill at any point loses none).
   """
 
   def __init__(self, out_dir: str | os.PathLike, also_own: tuple[str, ...] = ()):
     self.out_dir, self.also_own = Path(out_dir), tuple(also_own)
+    output_folder.clear_leftovers(self.out_dir)  # what a killed writer of it left: put back or removed
     check_out_dir(self.out_dir, self.also_own)
     self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    self.tmp = output_folder.sibling(self.out_dir, "tmp")
     self.tmp.mkdir()
     self.count = 0
 
@@ -161,20 +161,21 @@ class Writer:
     return self.out_dir / folder.name
 
   def commit(self) -> Path:
-    old = None
     if self.out_dir.exists():
       try:
         check_out_dir(self.out_dir, self.also_own)  # again: something may have been put there while sampling
-      except OutputPathError as e:
-        raise OutputPathError(f"{e} (this run's samples are kept in {self.tmp})") from None
+      except OutputPathError as e:  # the samples are kept under a name the next writer does not tidy away
+        kept = output_folder.sibling(self.out_dir, "kept")
+        os.rename(self.tmp, kept)
+        raise OutputPathError(f"{e} (this run's samples are kept in {kept})") from None
       for p in self.out_dir.iterdir():
-        if not _is_index(p.name):  # reports and the caller's own files (also_own): carried over
-          os.rename(p, self.tmp / p.name)
-      old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(self.out_dir, old)
-    os.rename(self.tmp, self.out_dir)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+        if _is_index(p.name):
+          continue
+        try:  # reports and the caller's own files (also_own): the old folder keeps them until the swap
+          os.link(p, self.tmp / p.name)
+        except OSError:
+          shutil.copy2(p, self.tmp / p.name)
+    output_folder.swap_in(self.tmp, self.out_dir)
     return self.out_dir
 
   def discard(self) -> None:

@@ -1,13 +1,20 @@
 """Output folders that commands write and may replace: checked before the work (so a mistake costs nothing), and
 written under a temporary sibling that takes the folder's place only when complete (so a failure leaves the old
 folder as it was, never half a new one). A command replaces only a folder it wrote itself, recognised by a marker
-file inside it; anything else — a training workdir, a user's folder, the command's own input — is refused."""
+file inside it; anything else — a training workdir, a user's folder, the command's own input — is refused.
+
+A replacement renames the old folder aside (``.NAME.old-PID-XXXXXXXX``), the new one (``.NAME.tmp-PID-XXXXXXXX``)
+into place, then removes the old one. What a killed writer (PID) leaves beside NAME is tidied by the next writer of
+NAME (:func:`clear_leftovers`): an old folder set aside with NAME missing (a kill between the two renames) is put
+back, the rest is removed."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -72,10 +79,12 @@ def replace_problem(
 ) -> str:
   """Why `dst` cannot become (or replace) this command's output folder; '' when it can. A non-empty `dst` is
   replaced only with `overwrite` and only when it holds one of `markers` (files only this command writes); `dst`
-  must neither be, hold nor lie inside `source` (the command's input); `needs`: as path_problem's."""
+  must neither be, hold nor lie inside `source` (the command's input); `needs`: as path_problem's. A killed earlier
+  replacement of `dst` is tidied first (clear_leftovers), so the answer is about the folder it left."""
   problem = path_problem(dst, folder=True, beside=True, needs=needs)
   if problem:
     return f"{flag}={dst}: {problem}"
+  clear_leftovers(dst)
   d = Path(os.path.abspath(os.path.expanduser(dst))).resolve()
   if source is not None and overlaps(dst, source):
     return f"{flag}={dst} is, holds or lies inside {source_flag}={source}; write the output to another folder"
@@ -99,7 +108,8 @@ def replacing(dst: str | os.PathLike) -> Iterator[Path]:
   dst = Path(os.path.abspath(os.path.expanduser(dst)))
   created = _missing_ancestors(dst.parent)
   dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+  clear_leftovers(dst)
+  tmp = sibling(dst, "tmp")
   tmp.mkdir()
   committed = False
   try:
@@ -110,19 +120,109 @@ def replacing(dst: str | os.PathLike) -> Iterator[Path]:
       if e.errno is None or names == [e.filename, e.filename2]:
         raise
       raise OSError(e.errno, e.strerror, names[0], None, names[1]) from None
-    if dst.exists():
-      old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(dst, old)
-      os.rename(tmp, dst)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, dst)
+    swap_in(tmp, dst)
     committed = True
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
     if not committed:
       _remove_if_empty(created)
+
+
+def sibling(dst: str | os.PathLike, kind: str) -> Path:
+  """A new name beside `dst` for this process's `kind` ("tmp": the new folder being written; "old": the folder it
+  replaces, set aside): ``.NAME.KIND-PID-XXXXXXXX``, the PID telling clear_leftovers whether its writer still runs."""
+  dst = Path(dst)
+  return dst.parent / f".{dst.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def swap_in(tmp: Path, dst: Path) -> None:
+  """Renames the folder `tmp` to `dst`. A folder at `dst` is renamed aside first (``sibling(dst, "old")``) and
+  removed last; a failed second rename puts it back, and a kill between the two leaves it for the next writer of
+  `dst` to put back (clear_leftovers)."""
+  if not dst.exists():
+    os.rename(tmp, dst)
+    return
+  old = sibling(dst, "old")
+  os.rename(dst, old)
+  try:
+    os.rename(tmp, dst)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.rename(old, dst)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+_LEFTOVER = re.compile(r"(?P<kind>tmp|old)-(?:(?P<pid>[1-9][0-9]*)-)?[0-9a-f]{8}")
+
+
+def writer_runs(pid: int) -> bool:
+  """Whether the process `pid` on this machine still runs (a zombie, dead but not yet reaped, does not)."""
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  except (OverflowError, ValueError, OSError):  # not a pid this system can have
+    return False
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      state = f.read().rpartition(")")[2].split()[0]  # after "(comm)", which may hold spaces and parentheses
+  except (OSError, IndexError):
+    return True
+  return state not in ("Z", "X")
+
+
+def clear_leftovers(dst: str | os.PathLike) -> None:
+  """Tidies what killed writers of the folder `dst` left beside it (``sibling`` names whose PID no longer runs).
+  When `dst` is missing, the folder a writer had set aside to swap its new one in (a kill between the two renames)
+  is renamed back, saying so in one line on stderr; the newest when there are several. Then the dead writers'
+  temporary folders, and their old folders once `dst` exists, are removed. A live writer's folders are never
+  touched, nor a name without a PID (written before names had one), except an old folder put back."""
+  dst = Path(os.path.abspath(os.path.expanduser(dst)))
+  prefix = f".{dst.name}."
+  try:
+    names = [n for n in os.listdir(dst.parent) if n.startswith(prefix)]
+  except OSError:  # no parent folder yet, or one that cannot be listed: nothing to tidy
+    return
+  dead = {"tmp": [], "old": []}
+  for name in names:
+    m = _LEFTOVER.fullmatch(name[len(prefix) :])
+    if m and (m["pid"] is None or not writer_runs(int(m["pid"]))):
+      dead[m["kind"]].append((m["pid"] is not None, dst.parent / name))
+  if not os.path.lexists(dst) and dead["old"]:
+    newest = max(dead["old"], key=lambda x: _ctime(x[1]))
+    try:
+      os.rename(newest[1], dst)
+    except OSError:
+      pass
+    else:
+      dead["old"].remove(newest)
+      print(
+          f"note: {dst} was missing (a run replacing it was stopped mid-swap); put back the earlier one from "
+          f"{newest[1].name}",
+          file=sys.stderr,
+      )
+  if not os.path.lexists(dst):
+    dead["old"] = []  # the earlier output, until one is in place
+  for has_pid, path in dead["tmp"] + dead["old"]:
+    if has_pid:
+      if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(OSError):
+          path.unlink()
+
+
+def _ctime(path: Path) -> float:
+  try:
+    return path.stat().st_ctime  # a rename sets it: the folder set aside last
+  except OSError:
+    return 0.0
 
 
 def _in_place_of(filename, tmp: Path, dst: Path):

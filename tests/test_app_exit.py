@@ -5,6 +5,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -154,3 +155,114 @@ def test_a_sole_writers_atomic_file_drops_a_killed_writers_leftovers(tmp_path):
     tmp.write_text("newer\n")
   assert target.read_text() == "newer\n"
   assert sorted(os.listdir(tmp_path)) == [".other.tmp-0badc0de.jsonl", "metrics.jsonl"]
+
+
+# Run as `python -c KILLED_AFTER_RENAME + body ARG`: the process is SIGKILLed right after its first os.rename whose
+# destination holds ARG, as a kill of the whole machine would stop it there.
+KILLED_AFTER_RENAME = """
+import os, signal, sys
+_rename = os.rename
+def _killing_rename(src, dst, *a, **kw):
+  _rename(src, dst, *a, **kw)
+  if sys.argv[1] in str(dst):
+    os.kill(os.getpid(), signal.SIGKILL)
+os.rename = _killing_rename
+"""
+
+
+def run_killed_after_rename(body: str, arg: str, *argv: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run(
+      [sys.executable, "-c", KILLED_AFTER_RENAME + body, arg, *argv], capture_output=True, text=True, cwd=ROOT, env=env
+  )
+
+
+def test_a_kill_between_the_swaps_renames_is_undone_by_the_next_writer(tmp_path, capsys):
+  dst = tmp_path / "export"
+  dst.mkdir()
+  (dst / "old.txt").write_text("old")
+  body = (
+      "from iomm_jax import output_folder\n"
+      f"with output_folder.replacing({str(dst)!r}) as tmp:\n"
+      "  (tmp / 'new.txt').write_text('new')\n"
+  )
+  r = run_killed_after_rename(body, ".export.old-")
+  assert r.returncode == -9, r.stderr
+  assert not dst.exists()  # set aside, the new one not yet in its place
+  assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".export.old", ".export.tmp"]
+  # The next writer's check puts it back first, so a rerun without --overwrite is refused as before the kill.
+  problem = output_folder.replace_problem(dst, flag="--dst", markers=("old.txt",), overwrite=False)
+  assert "exists and is not empty" in problem and (dst / "old.txt").read_text() == "old"
+  err = capsys.readouterr().err
+  assert (
+      err.count("\n") == 1 and f"note: {dst} was missing" in err and "put back the earlier one from .export.old-" in err
+  )
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # the killed run's temporary folder went too
+  # Without the check: replacing() alone puts it back, and then replaces it.
+  r = run_killed_after_rename(body, ".export.old-")
+  assert r.returncode == -9 and not dst.exists()
+  with output_folder.replacing(dst) as tmp:
+    assert (dst / "old.txt").read_text() == "old"
+    (tmp / "newer.txt").write_text("newer")
+  assert "put back the earlier one" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and os.listdir(dst) == ["newer.txt"]
+
+
+def test_a_failed_second_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+  dst = tmp_path / "export"
+  dst.mkdir()
+  (dst / "old.txt").write_text("old")
+  rename, calls = os.rename, []
+
+  def failing_second(src, target):
+    calls.append(target)
+    if len(calls) == 2:
+      raise OSError(errno.EIO, "Input/output error", str(src))
+    rename(src, target)
+
+  monkeypatch.setattr(os, "rename", failing_second)
+  with pytest.raises(OSError, match="Input/output error"):
+    with output_folder.replacing(dst) as tmp:
+      (tmp / "new.txt").write_text("new")
+  assert os.listdir(tmp_path) == ["export"] and os.listdir(dst) == ["old.txt"]
+
+
+def _dead_pids():
+  """The pid of a process that has exited and been reaped, and of one killed but not yet reaped (a zombie)."""
+  done = subprocess.Popen([sys.executable, "-c", "pass"])
+  done.wait()
+  zombie = subprocess.Popen(["sleep", "60"])
+  zombie.kill()
+  for _ in range(200):
+    with open(f"/proc/{zombie.pid}/stat") as f:
+      if f.read().rpartition(")")[2].split()[0] == "Z":
+        break
+    time.sleep(0.01)
+  return done.pid, zombie
+
+
+def test_dead_writers_leftovers_are_removed_and_a_live_writers_kept(tmp_path):
+  dead, zombie = _dead_pids()
+  try:
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "m").write_text("mine")
+    gone = [f".out.tmp-{dead}-0badc0de", f".out.tmp-{zombie.pid}-0badc0de", f".out.old-{dead}-0badc0de"]
+    kept = [
+        f".out.tmp-{os.getpid()}-0badc0de",  # a live writer's (this process's) folder
+        f".out.old-{os.getpid()}-0badc0de",
+        ".out.tmp-0badc0de",  # no pid: whose it is cannot be told
+        f".other.tmp-{dead}-0badc0de",  # another folder's
+        f".out.b.tmp-{dead}-0badc0de",
+    ]
+    for name in gone + kept:
+      (tmp_path / name).mkdir()
+      (tmp_path / name / "big").write_bytes(b"x" * 1000)
+    assert output_folder.writer_runs(os.getpid()) and not output_folder.writer_runs(dead)
+    assert not output_folder.writer_runs(zombie.pid)
+    with output_folder.replacing(dst) as tmp:
+      (tmp / "m").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out"])
+    assert (dst / "m").read_text() == "new"
+  finally:
+    zombie.wait()

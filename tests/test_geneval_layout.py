@@ -66,6 +66,31 @@ def test_rewriting_replaces_prompt_folders_and_keeps_other_files(tmp_path):
   assert _entries(tmp_path) == ["samples"]
 
 
+# A kill of a GenEval writer: as tests/test_app_exit.py's, with the layout's writer.
+WRITE_ONE = (
+    "import numpy as np\n"
+    "from iomm_jax import geneval_layout\n"
+    "geneval_layout.write(sys.argv[2], [{'prompt': 'new'}], [np.zeros((1, 8, 8, 3), np.uint8)])\n"
+)
+
+
+def test_a_kill_between_the_swaps_renames_is_undone_by_the_next_writer(tmp_path, capsys):
+  from test_app_exit import run_killed_after_rename
+
+  out = tmp_path / "g"
+  layout.write(out, META, [_images(1, 8, 0), _images(1, 8, 1)])
+  r = run_killed_after_rename(WRITE_ONE, ".g.old-", str(out))
+  assert r.returncode == -9, r.stderr
+  assert not out.exists() and sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".g.old", ".g.tmp"]
+  with layout.Writer(out) as w:  # the next writer puts the old samples back before anything else
+    assert [m for _, m, _ in layout.read(out)] == META
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"note: {out} was missing" in err
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".g.tmp", "g"]  # its own; the dead one's went
+    w.add(0, META[1], _images(1, 8, 2))
+  assert [m for _, m, _ in layout.read(out)] == META[1:] and _entries(tmp_path) == ["g"]
+
+
 def _tree(folder):
   return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
@@ -126,6 +151,13 @@ def test_a_failed_write_leaves_nothing(tmp_path):
   with pytest.raises(ValueError, match="uint8"):
     layout.write(out, META[:1], [np.zeros((1, 8, 8, 3), np.float32)])
   assert list(tmp_path.iterdir()) == []
+  with pytest.raises(layout.OutputPathError, match=r"holds 'mine.txt'.* samples are kept in .*/\.samples\.kept-"):
+    with layout.Writer(out) as w:
+      w.add(0, META[0], _images(2, 8, 0))
+      out.mkdir()
+      (out / "mine.txt").write_text("put there while sampling")
+  kept = next(tmp_path.glob(".samples.kept-*"))
+  assert [m for _, m, _ in layout.read(kept)] == META[:1] and _entries(out) == ["mine.txt"]
 
 
 def test_prompts_file_round_trip_keeps_order_and_fields(tmp_path):
