@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from iomm_jax import app_exit
-from iomm_jax import geneval_layout, output_folder, shapes_benchmark
+from iomm_jax import geneval_layout, output_folder, shapes_benchmark, write_failures
 from iomm_jax import sample as sample_lib
 from iomm_jax.train import restore
 from iomm_jax.train.generate import add_sampling_flags, check_sampling_flags
@@ -104,8 +104,7 @@ def picture(rows: list[tuple[str, np.ndarray, list[bool]]], path: str) -> None:
       x = text_w + j * cell_w
       draw.rectangle([x, y, x + w + 2 * frame - 1, y + h + 2 * frame - 1], fill=(40, 170, 60) if ok else (210, 40, 40))
       canvas.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (x + frame, y + frame))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with output_folder.atomic_file(path) as tmp:
+  with write_failures.writing(path), output_folder.atomic_file(path) as tmp:  # a full disk names `path`
     canvas.save(tmp, format="PNG")
 
 
@@ -140,7 +139,7 @@ def report(folder: str, json_path: str, png_path: str, extra: dict | None = None
       "picture": png_path,
   }
   full = {**summary, "picture_rows": [metadata[i]["prompt"] for i in rows], "per_prompt": res["per_prompt"]}
-  with output_folder.atomic_file(json_path) as tmp:
+  with write_failures.writing(json_path), output_folder.atomic_file(json_path) as tmp:
     tmp.write_text(json.dumps(full, indent=2))
   return summary
 
@@ -268,7 +267,8 @@ def main(argv=None) -> int:
 
   run, params, step = restore.load_for_inference(args.workdir, step=args.step, use_ema=args.use_ema)
   metadata = shapes_benchmark.prompt_set(args.phrasing)
-  try:
+  base = workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix)
+  try:  # the old report goes just before the new samples take their place: a kill after leaves none, not a wrong one
     sample_lib.write_geneval(
         run,
         params,
@@ -280,11 +280,11 @@ def main(argv=None) -> int:
         cfg_scale=args.cfg,
         prompt_of=(lambda m: "") if args.uncond else None,
         also_own=own,
+        reports=(base + ".json", base + ".png"),
+        with_prompts=True,
     )
-    geneval_layout.write_prompts(os.path.join(out, geneval_layout.PROMPTS_FILE), metadata)
   except geneval_layout.OutputPathError as e:  # something was put in --out while sampling: it is left alone
     raise SystemExit(f"--out: {e}" if args.out else str(e)) from None
-  base = workdir_layout.path(args.workdir, workdir_layout.EVAL_SHAPES + suffix)
   summary = report(
       out,
       base + ".json",

@@ -8,9 +8,9 @@ GenEval's evaluator reads every digit-named folder and every digit-named PNG in 
 GenEval metadata object per line with at least a string "prompt" (GenEval's `evaluation_metadata.jsonl`).
 :class:`Writer` builds the folder under a temporary sibling name and renames it into place only when complete, so a
 failed or killed run never leaves a half-written DIR. It replaces only its own earlier output (eval_shapes' reports
-there are carried over): a DIR that holds anything else (a digit-named folder that is not a sample folder, such as a
-workdir's checkpoints/10, or any other file) is refused before anything is sampled (:func:`check_out_dir`), so
-nothing the writer did not write is ever deleted.
+there, which scored the samples replaced, are dropped with them): a DIR that holds anything else (a digit-named folder
+that is not a sample folder, such as a workdir's checkpoints/10, or any other file) is refused before anything is
+sampled (:func:`check_out_dir`), so nothing the writer did not write is ever deleted.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def write_prompts(path: str | os.PathLike, metadata: list[dict]) -> Path:
   problem = output_folder.path_problem(path, folder=False)
   if problem:
     raise OutputPathError(problem)
-  with output_folder.atomic_file(path) as tmp:
+  with write_failures.writing(path), output_folder.atomic_file(path) as tmp:  # a full disk names `path`
     tmp.write_text("".join(json.dumps(m) + "\n" for m in metadata))
   return path
 
@@ -84,7 +84,8 @@ def _is_index(name: str) -> bool:
 
 METADATA_FILE, SAMPLES_DIR, GRID_FILE = "metadata.jsonl", "samples", "grid.png"  # a prompt folder's contents
 _SAMPLE_FOLDER = {METADATA_FILE, SAMPLES_DIR, GRID_FILE}  # what Writer.add puts in a prompt folder
-# What `eval_shapes --samples=DIR` writes into a sample folder it scores: part of that output, carried over on rewrite.
+# What `eval_shapes --samples=DIR` writes into a sample folder it scores: part of that output, replaced with it (the
+# scores of samples that are gone are dropped, not carried over beside new ones).
 REPORT_FILES = (workdir_layout.EVAL_SHAPES + "*.json", workdir_layout.EVAL_SHAPES + "*.png")
 
 
@@ -103,6 +104,10 @@ def _foreign(folder: Path) -> str:
   return f"a sample folder holding other files too ({', '.join(extra[:3])})" if extra else ""
 
 
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+  return any(fnmatch.fnmatch(name, pat) for pat in patterns)
+
+
 def check_out_dir(out_dir: str | os.PathLike, also_own: tuple[str, ...] = ()) -> None:
   """Raises OutputPathError (one line) unless `out_dir` can take a new sample folder: it is new, empty or holds only
   an earlier sample folder (digit-named prompt folders as Writer writes them, eval_shapes' REPORT_FILES, and top-level
@@ -117,7 +122,7 @@ def check_out_dir(out_dir: str | os.PathLike, also_own: tuple[str, ...] = ()) ->
   for p in sorted(out_dir.iterdir()):
     if _is_index(p.name):
       why = _foreign(p)
-    elif p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in also_own):
+    elif p.is_file() and _matches(p.name, also_own):
       why = ""
     else:
       why = "not part of a sample folder"
@@ -132,18 +137,28 @@ class Writer:
   """Writes a GenEval sample folder; use as a context manager (commits on success, discards on error).
 
   An existing `out_dir` must hold only an earlier sample output (see check_out_dir; checked here, before any sample,
-  and again at commit); it is replaced at commit, its top-level files (REPORT_FILES and `also_own`) carried over
-  (linked into the new folder before the swap, so a kill at any point loses none).
+  and again at commit); it is replaced at commit. Its reports (REPORT_FILES) go with it; its `also_own` files are
+  kept (linked into the new folder before the swap, so a kill at any point loses none) unless the new folder has one
+  of that name. `reports`: files elsewhere that describe the samples replaced (a workdir's eval_shapes.json), removed
+  just before the swap, so a kill after it leaves the new samples with no report rather than the old one.
   """
 
-  def __init__(self, out_dir: str | os.PathLike, also_own: tuple[str, ...] = ()):
-    self.out_dir, self.also_own = Path(out_dir), tuple(also_own)
+  def __init__(
+      self, out_dir: str | os.PathLike, also_own: tuple[str, ...] = (), reports: tuple[str | os.PathLike, ...] = ()
+  ):
+    self.out_dir, self.also_own, self.reports = Path(out_dir), tuple(also_own), tuple(reports)
     output_folder.clear_leftovers(self.out_dir)  # what a killed writer of it left: put back or removed
     check_out_dir(self.out_dir, self.also_own)
     self.out_dir.parent.mkdir(parents=True, exist_ok=True)
     self.tmp = output_folder.sibling(self.out_dir, "tmp")
     self.tmp.mkdir()
     self.count = 0
+
+  def write_prompts(self, metadata: list[dict]) -> Path:
+    """Writes the prompt set (PROMPTS_FILE) into the folder, committed with the samples."""
+    with write_failures.writing(self.out_dir / PROMPTS_FILE):
+      (self.tmp / PROMPTS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metadata))
+    return self.out_dir / PROMPTS_FILE
 
   def add(self, index: int, metadata: dict, images: np.ndarray) -> Path:
     """Writes prompt `index`: its metadata (unchanged) and its uint8 (n, H, W, 3) samples."""
@@ -169,12 +184,14 @@ class Writer:
         os.rename(self.tmp, kept)
         raise OutputPathError(f"{e} (this run's samples are kept in {kept})") from None
       for p in self.out_dir.iterdir():
-        if _is_index(p.name):
-          continue
-        try:  # reports and the caller's own files (also_own): the old folder keeps them until the swap
+        if _is_index(p.name) or _matches(p.name, REPORT_FILES) or (self.tmp / p.name).exists():
+          continue  # the samples replaced, their reports, and the caller's files written anew
+        try:  # the caller's own files (also_own): the old folder keeps them until the swap
           os.link(p, self.tmp / p.name)
         except OSError:
           shutil.copy2(p, self.tmp / p.name)
+    for report in self.reports:
+      Path(report).unlink(missing_ok=True)
     output_folder.swap_in(self.tmp, self.out_dir)
     return self.out_dir
 

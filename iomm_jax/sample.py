@@ -51,16 +51,22 @@ def write_geneval(
     cfg_scale=None,
     prompt_of=None,
     also_own: tuple[str, ...] = (),
+    reports: tuple[str, ...] = (),
+    with_prompts: bool = False,
 ) -> str:
   """Samples `num` images per metadata object (prompt i in list order, one generate call each) into GenEval's layout.
 
   Prompt i's noise is `fold_in(rng, i)`, so its samples do not depend on the other prompts. `prompt_of(metadata)`
   gives the text to condition on (default its "prompt"; "" samples unconditionally while the metadata stays).
   `out_dir` must be new, empty or an earlier sample folder (`geneval_layout.check_out_dir`; `also_own`: top-level
-  files there that are the caller's own), else OutputPathError before any sample.
+  files there that are the caller's own), else OutputPathError before any sample. `reports` (files describing the
+  earlier samples) are removed just before the new ones take their place; `with_prompts` writes the prompt set into
+  the folder with them (geneval_layout.PROMPTS_FILE).
   """
   prompt_of = prompt_of or (lambda m: m["prompt"])
-  with geneval_layout.Writer(out_dir, also_own) as w:
+  with geneval_layout.Writer(out_dir, also_own, reports) as w:
+    if with_prompts:
+      w.write_prompts(metadata)
     for i, m in enumerate(metadata):
       imgs = generate(
           run, params, prompts=[prompt_of(m)] * num, rng=jax.random.fold_in(rng, i), steps=steps, cfg_scale=cfg_scale

@@ -101,6 +101,73 @@ def test_output_paths_that_cannot_be_written_are_one_line_before_any_work(tmp_pa
   ]
 
 
+def _fake_model(monkeypatch, steps: list[int]):
+  """eval_shapes' sampling with no model: each run loads the next step of `steps`, draws noise, 2 prompts."""
+  from iomm_jax import sample as sample_lib
+
+  subset = bench.prompt_set()[:2]
+  monkeypatch.setattr(bench, "prompt_set", lambda phrasing="captions": subset)
+  monkeypatch.setattr(ev.restore, "load_for_inference", lambda *a, **kw: (None, None, steps.pop(0)))
+  rng = np.random.default_rng(0)
+  monkeypatch.setattr(sample_lib, "generate", lambda run, params, *, prompts, **kw: rng.uniform(-1, 1, (1, 16, 16, 3)))
+  return subset
+
+
+def test_a_kill_after_new_samples_leaves_no_report_rather_than_the_old_one(tmp_path, monkeypatch, capsys):
+  subset = _fake_model(monkeypatch, [10, 20, 20])
+  work = tmp_path / "w"
+  samples, report, picture = work / "eval_shapes" / "samples", work / "eval_shapes.json", work / "eval_shapes.png"
+  assert ev.main([f"--workdir={work}", "--num=1"]) == 0
+  assert json.loads(report.read_text())["checkpoint_step"] == 10 and picture.exists()
+  swap_in, at_swap = layout.output_folder.swap_in, []
+
+  def killed_after_swap(tmp, dst):
+    at_swap.append((report.exists(), picture.exists(), (tmp / layout.PROMPTS_FILE).exists()))
+    swap_in(tmp, dst)
+    raise KeyboardInterrupt  # stopped before the new report is written
+
+  monkeypatch.setattr(layout.output_folder, "swap_in", killed_after_swap)
+  with pytest.raises(KeyboardInterrupt):
+    ev.main([f"--workdir={work}", "--step=20", "--num=1"])
+  assert at_swap == [(False, False, True)]  # the old report gone first; the prompt set inside the new samples
+  assert not report.exists() and not picture.exists()  # step 20's samples never sit beside step 10's scores
+  assert layout.read_prompts(samples / layout.PROMPTS_FILE) == subset
+  monkeypatch.setattr(layout.output_folder, "swap_in", swap_in)
+  assert ev.main([f"--workdir={work}", "--step=20", "--num=1"]) == 0
+  assert json.loads(report.read_text())["checkpoint_step"] == 20 and picture.exists()
+  assert sorted(p.name for p in work.iterdir()) == ["eval_shapes", "eval_shapes.json", "eval_shapes.png"]
+  capsys.readouterr()
+
+
+def test_a_full_disk_while_writing_the_report_names_the_file(tmp_path, monkeypatch):
+  import errno
+  import pathlib
+
+  ps = bench.prompt_set()[:2]
+  layout.write(tmp_path / "s", ps, [np.zeros((1, 16, 16, 3), np.uint8)] * 2)
+  full = OSError(errno.ENOSPC, "No space left on device")  # as Pillow and write_text raise it: no file named
+
+  def no_space(*a, **kw):
+    raise full
+
+  with monkeypatch.context() as m:
+    m.setattr(Image.Image, "save", no_space)
+    with pytest.raises(OSError) as e:
+      ev.report(str(tmp_path / "s"), str(tmp_path / "r.json"), str(tmp_path / "r.png"))
+  assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "r.png")
+  write_text = pathlib.Path.write_text
+  monkeypatch.setattr(
+      pathlib.Path, "write_text", lambda self, *a, **kw: no_space() if ".json" in self.name else write_text(self, *a)
+  )
+  with pytest.raises(OSError) as e:
+    ev.report(str(tmp_path / "s"), str(tmp_path / "r.json"), str(tmp_path / "r.png"))
+  assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "r.json")
+  with pytest.raises(OSError) as e:
+    layout.write_prompts(tmp_path / "p.json", ps)
+  assert e.value.filename == str(tmp_path / "p.json")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png", "s"]  # no temporary file left
+
+
 def _o(colour, shape, x, y):
   return {"colour": colour, "shape": shape, "x": x, "y": y}
 

@@ -55,14 +55,40 @@ def test_layout_is_written_exactly_as_geneval_reads_it(tmp_path):
   ]
 
 
-def test_rewriting_replaces_prompt_folders_and_keeps_other_files(tmp_path):
+def test_rewriting_replaces_prompt_folders_drops_their_reports_and_keeps_the_callers_files(tmp_path):
   out = tmp_path / "samples"
   layout.write(out, [{"prompt": f"p{i}"} for i in range(5)], [_images(1, 8, i) for i in range(5)])
-  (out / "eval_shapes.json").write_text("{}")
-  layout.write(out, META, [_images(2, 8, 0), _images(2, 8, 1)])
-  assert _entries(out) == ["00000", "00001", "eval_shapes.json"]
+  (out / "eval_shapes.json").write_text("{}")  # `eval_shapes --samples` scored them: a report of samples now gone
+  (out / "eval_shapes.png").write_text("picture")
+  (out / "prompt_00.png").write_text("grid")  # `sample --prompt` wrote it there: its own, no report of these samples
+  layout.write(out, META, [_images(2, 8, 0), _images(2, 8, 1)], also_own=sample_lib.GRID_FILES)
+  assert _entries(out) == ["00000", "00001", "prompt_00.png"]
+  assert (out / "prompt_00.png").read_text() == "grid"
   assert _entries(out / "00000" / "samples") == ["0000.png", "0001.png"]
   assert json.loads((out / "00001" / "metadata.jsonl").read_text()) == META[1]
+  assert _entries(tmp_path) == ["samples"]
+
+
+def test_a_writers_reports_go_before_the_swap_and_its_prompt_set_with_the_samples(tmp_path, monkeypatch):
+  out, report = tmp_path / "samples", tmp_path / "eval_shapes.json"
+  layout.write(out, META, [_images(1, 8, 0), _images(1, 8, 1)])
+  (out / layout.PROMPTS_FILE).write_text("old prompt set\n")
+  report.write_text('{"checkpoint_step": 10}')
+  swap_in, at_swap = layout.output_folder.swap_in, []
+
+  def killed_after_swap(tmp, dst):
+    at_swap.append((report.exists(), (tmp / layout.PROMPTS_FILE).exists()))
+    swap_in(tmp, dst)
+    raise KeyboardInterrupt  # stopped before the caller writes the new report
+
+  monkeypatch.setattr(layout.output_folder, "swap_in", killed_after_swap)
+  with pytest.raises(KeyboardInterrupt):
+    with layout.Writer(out, (layout.PROMPTS_FILE,), reports=(report,)) as w:
+      w.write_prompts(META[:1])
+      w.add(0, META[0], _images(2, 8, 2))
+  assert at_swap == [(False, True)]  # the old report gone first; the prompt set inside the folder swapped in
+  assert not report.exists()  # new samples with no report, never with the old one
+  assert _entries(out) == ["00000", layout.PROMPTS_FILE] and layout.read_prompts(out / layout.PROMPTS_FILE) == META[:1]
   assert _entries(tmp_path) == ["samples"]
 
 
