@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 
-from iomm_jax import workdir_layout
+from iomm_jax import output_folder, workdir_layout
 
 LOCK_NAME = workdir_layout.LOCK
 HEARTBEAT_S = 30
@@ -24,23 +24,6 @@ STALE_AFTER_S = 300
 
 class WorkdirLockedError(RuntimeError):
   """Another live trainer holds the workdir; the message names it."""
-
-
-def _pid_alive(pid: int) -> bool:
-  """Whether process `pid` of this host runs. A zombie (killed, not yet reaped: seconds, or for good where nothing
-  reaps) does not: signal 0 still reaches it, so its state is read where /proc has it."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      state = f.read().rsplit(")", 1)[1].split()[0]  # the name in parentheses may hold spaces
-  except (OSError, IndexError):
-    return True
-  return state not in ("Z", "X")
 
 
 def _me() -> dict:
@@ -57,7 +40,7 @@ def stale_reason(holder: dict, age_s: float) -> str | None:
   here = socket.gethostname()
   if holder.get("host") == here and holder.get("pid") == os.getpid():
     return None  # never our own lock
-  if holder.get("host") == here and not _pid_alive(int(holder.get("pid", -1))):
+  if holder.get("host") == here and not output_folder.writer_runs(int(holder.get("pid", -1))):
     return f"its process {holder.get('pid')} on this host is gone"
   job = os.environ.get("SLURM_JOB_ID", "")
   if job and holder.get("slurm_job") == job:
