@@ -78,14 +78,17 @@ def flags_parser(
     unknown_field: Callable[..., str] | None = None,
     sections: tuple[str, ...] = (),
     example: str = "configs/tiny.py",
+    flag_values: flags.FlagValues | None = None,
 ) -> Callable[[list[str]], list[str]]:
   """An absl `flags_parser` for app.run that turns config problems into `SystemExit('config error: …')`.
 
   `unknown_field(field, config)` words the line for an override naming a field the config lacks, given the config
   file's own config (or None; the IOMM schema's `config_validation.unknown_field_message` lists the nearest known
   fields); without it the line names the field and the file. A config lacking one of `sections` is another command's (the MLLM's for training, or the reverse): the
-  line says so and names `example`, a config this command reads.
+  line says so and names `example`, a config this command reads. `flag_values`: the FlagValues `config_flag` was
+  defined in, when not absl's global FLAGS.
   """
+  parsed = flags.FLAGS if flag_values is None else flag_values
 
   def error_line(e: Exception, argv: list[str]) -> str:
     missing = missing_file_line(argv)  # a config file that is not there fails in several ways: name it first
@@ -106,7 +109,7 @@ def flags_parser(
 
   def parse(argv: list[str]) -> list[str]:
     try:
-      rest = flags.FLAGS(argv)
+      rest = parsed(argv)
       if config_flag.value is None:
         raise SystemExit("config error: --config=configs/<name>.py[:arg] is required")
       keys = set(config_flag.value.keys())  # a config file that failed to load raises only when first touched
