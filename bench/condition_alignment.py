@@ -26,8 +26,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from bench import _common  # noqa: E402
 
 # World draws no training run or other bench uses (IOMM trains on 0; the MLLM on 1, 2; the vision probe 11, 12).
 TRAIN_SEED, EVAL_SEED = 21, 22
@@ -38,8 +40,10 @@ def _define_flags():
   """The command line, defined only when run as a script (see oracle_condition._define_flags)."""
   global _CONFIG, _NUM_TRAIN, _NUM_EVAL
   _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] (MLLM, adapter; init.workdir)")
-  _NUM_TRAIN = flags.DEFINE_integer("num_train", 1400, "single-object scenes the probes are fitted on")
-  _NUM_EVAL = flags.DEFINE_integer("num_eval", 300, "held-out single-object scenes the image probes are scored on")
+  _NUM_TRAIN = flags.DEFINE_integer("num_train", 1400, "single-object scenes the probes are fitted on", lower_bound=1)
+  _NUM_EVAL = flags.DEFINE_integer(
+      "num_eval", 300, "held-out single-object scenes the image probes are scored on", lower_bound=1
+  )
 
 
 def alignment(train_x, train_y, image_x, image_y, text_x, text_y, num_classes: int) -> dict:
@@ -122,5 +126,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  _common.absl_run(main, _CONFIG)

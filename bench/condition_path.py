@@ -26,8 +26,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from bench import _common  # noqa: E402
 
 PATHS = ("caption", "image")
 EVAL_SEED_OFFSET = 12345  # the image path's held-out scenes: another seed of the world than training's
@@ -38,10 +40,12 @@ def _define_flags():
   global _CONFIG, _PATH, _STEPS, _EVAL_EVERY, _NUM, _IMAGES
   _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] (MLLM, adapter, DiT, training)")
   _PATH = flags.DEFINE_enum("path", "caption", PATHS, "the condition: captions through the MLLM, or masked images")
-  _STEPS = flags.DEFINE_integer("steps", 0, "training steps (0 = config.train.num_steps)")
-  _EVAL_EVERY = flags.DEFINE_integer("eval_every", 2000, "score the EMA weights every this many steps (and at the end)")
-  _NUM = flags.DEFINE_integer("num", 168, "samples per score")
-  _IMAGES = flags.DEFINE_integer("images", 4096, "single-object training images (rendered once)")
+  _STEPS = flags.DEFINE_integer("steps", 0, "training steps (0 = config.train.num_steps)", lower_bound=0)
+  _EVAL_EVERY = flags.DEFINE_integer(
+      "eval_every", 2000, "score the EMA weights every this many steps (and at the end)", lower_bound=1
+  )
+  _NUM = flags.DEFINE_integer("num", 168, "samples per score", lower_bound=1)
+  _IMAGES = flags.DEFINE_integer("images", 4096, "single-object training images (rendered once)", lower_bound=1)
 
 
 def views_of(images, resolution: int, vit_size: int):
@@ -160,5 +164,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  _common.absl_run(main, _CONFIG)

@@ -24,6 +24,10 @@ import tempfile
 import time
 import types
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import _common  # noqa: E402
+
 
 def _cfg(a, workers: int, path: str, cache_path: str = "") -> types.SimpleNamespace:
   if a.config_obj is not None:  # the config's data fields; workers/threads/prefetch from the flags
@@ -85,18 +89,18 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--source", choices=("shapes", "arrayrecord"), default="shapes")
   ap.add_argument("--path", default="", help="ArrayRecord dir/glob (default: write shapes into a temp dir)")
-  ap.add_argument("--num_images", type=int, default=512)
-  ap.add_argument("--resolution", type=int, default=64)
-  ap.add_argument("--vit_size", type=int, default=56)
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-  ap.add_argument("--steps", type=int, default=20, help="batches per timed window")
-  ap.add_argument("--windows", type=int, default=5)
-  ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--threads", type=int, default=2, help="reader threads per process")
-  ap.add_argument("--prefetch", type=int, default=4, help="prefetch buffer (batches)")
+  ap.add_argument("--num_images", type=_common.count(), default=512)
+  ap.add_argument("--resolution", type=_common.count(), default=64)
+  ap.add_argument("--vit_size", type=_common.count(), default=56)
+  ap.add_argument("--batch", type=_common.count(), default=32)
+  ap.add_argument("--workers", type=_common.counts(0), default="0,1,2", help="comma-separated worker counts")
+  ap.add_argument("--steps", type=_common.count(), default=20, help="batches per timed window")
+  ap.add_argument("--windows", type=_common.count(), default=5)
+  ap.add_argument("--warmup", type=_common.count(0), default=3)
+  ap.add_argument("--threads", type=_common.count(), default=2, help="reader threads per process")
+  ap.add_argument("--prefetch", type=_common.count(0), default=4, help="prefetch buffer (batches)")
   ap.add_argument("--recipe", default="mix")
-  ap.add_argument("--max_text_tokens", type=int, default=32)
+  ap.add_argument("--max_text_tokens", type=_common.count(), default=32)
   ap.add_argument(
       "--config",
       default="",
@@ -112,6 +116,8 @@ def main(argv=None) -> int:
   )
   argv = sys.argv[1:] if argv is None else list(argv)
   a, rest = ap.parse_known_args(argv)
+  if not a.workers:
+    ap.error("argument --workers: give one or more worker counts, such as 0,1,2")
 
   from absl import flags
 
@@ -139,7 +145,7 @@ def main(argv=None) -> int:
     }
     if a.config:
       out["config"] = a.config
-    for w in (int(x) for x in a.workers.split(",")):
+    for w in a.workers:
       out[f"workers_{w}"] = measure(a, w, path)
     if a.cached:
       cache_path = a.cache_path or _write_cache(a, path, os.path.join(tmp, "features"))
@@ -149,15 +155,18 @@ def main(argv=None) -> int:
 
 
 def _load_config(spec: str, overrides: list[str]):
-  """configs/X.py[:arg] plus --config.k=v overrides, parsed by ml_collections config_flags (as main does)."""
+  """configs/X.py[:arg] plus --config.k=v overrides, parsed by ml_collections config_flags and checked as training's
+  command line checks them (a missing file or an unknown field is one line)."""
   from absl import flags
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
   argv = ["bench", f"--config={spec}", *overrides]
-  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=False, sys_argv=argv)
-  fv(argv)
-  return fv.config
+  holder = config_flags.DEFINE_config_file(
+      "config", None, "config file", flag_values=fv, lock_config=False, sys_argv=argv
+  )
+  _common.config_parser(holder, flag_values=fv)(argv)
+  return holder.value
 
 
 def _write_cache(a, path: str, dst: str) -> str:
@@ -175,4 +184,4 @@ def _write_cache(a, path: str, dst: str) -> str:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_common.run(main))

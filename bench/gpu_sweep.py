@@ -21,10 +21,14 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import _common  # noqa: E402
+
+ROOT = _common.ROOT
 HERE = os.path.dirname(os.path.abspath(__file__))
 # bench/step.py writes one stderr line with this prefix as each start-up phase ends ("<prefix>build 1.2 s").
 PHASE_LOG = "bench/step.py: "
-ROOT = os.path.dirname(HERE)
 
 
 def plan(batches, attentions, remats, base_batch, default_attention, default_remat) -> list[dict]:
@@ -114,11 +118,13 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True, help="folder for points.jsonl and table.md")
   ap.add_argument("--config", default="configs/iomm_b.py")
-  ap.add_argument("--batches", default="8,16,32", help="global batches at the default attention and remat")
+  ap.add_argument(
+      "--batches", type=_common.counts(), default="8,16,32", help="global batches at the default attention and remat"
+  )
   ap.add_argument("--attention", default="auto,xla,cudnn", help="attention paths at --base_batch ('splash' on TPU)")
   ap.add_argument("--remat", default="none,dots_saveable,full", help="DiT remat policies at --base_batch")
-  ap.add_argument("--base_batch", type=int, default=16)
-  ap.add_argument("--steps", type=int, default=10, help="timed steps per point")
+  ap.add_argument("--base_batch", type=_common.count(), default=16)
+  ap.add_argument("--steps", type=_common.count(), default=10, help="timed steps per point")
   ap.add_argument(
       "--budget_s",
       type=float,
@@ -129,6 +135,9 @@ def main(argv=None) -> int:
   ap.add_argument("--allow_cpu", action="store_true", help="run on CPU (a smoke test: the figures mean nothing)")
   args, extra = ap.parse_known_args(argv)
   extra = [a for a in extra if a != "--"]
+  config_file = os.path.join(ROOT, args.config.partition(":")[0])
+  if not os.path.isfile(config_file):
+    ap.error(f"argument --config: {config_file} is not a config file; give one such as configs/iomm_b.py")
 
   import jax
 
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
     return 3
   cfg = _load_config(args.config)
   points = plan(
-      _csv(args.batches, int),
+      args.batches,
       _csv(args.attention),
       _csv(args.remat),
       args.base_batch,
@@ -186,8 +195,7 @@ def _load_config(path: str):
   """The config file's get_config(arg) for 'FILE[:arg]' (to read its default attention and remat)."""
   import importlib.util
 
-  sys.path.insert(0, ROOT)  # config files import configs.*
-  file, _, arg = path.partition(":")
+  file, _, arg = path.partition(":")  # config files import configs.*: ROOT is first on sys.path
   spec = importlib.util.spec_from_file_location("sweep_config", os.path.join(ROOT, file))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -195,4 +203,4 @@ def _load_config(path: str):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_common.run(main))

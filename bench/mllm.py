@@ -11,41 +11,61 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iomm_jax import dtype_names
-from iomm_jax.models.factory import DTYPES
-from iomm_jax.models.qwen2 import Qwen2Config, Qwen2Model
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench import _common  # noqa: E402
+from iomm_jax import dtype_names  # noqa: E402
+from iomm_jax.models.factory import DTYPES  # noqa: E402
+from iomm_jax.models.layer_stack import REMAT_POLICIES  # noqa: E402
+from iomm_jax.models.layers import ATTENTION_IMPLS  # noqa: E402
+from iomm_jax.models.qwen2 import Qwen2Config, Qwen2Model  # noqa: E402
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--hidden", type=int, default=256)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--kv_heads", type=int, default=2)
-  p.add_argument("--intermediate", type=int, default=0, help="FFN width; 0 = round(5.833 * hidden) as Qwen2.5")
-  p.add_argument("--seq", type=int, default=128, help="total sequence length (context + queries)")
-  p.add_argument("--queries", type=int, default=0, help="appended trainable query tokens; 0 = min(256, seq // 2)")
-  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--layers", type=_common.count(), default=2)
+  p.add_argument("--hidden", type=_common.count(), default=256)
+  p.add_argument("--heads", type=_common.count(), default=4)
+  p.add_argument("--kv_heads", type=_common.count(), default=2)
+  p.add_argument(
+      "--intermediate", type=_common.count(0), default=0, help="FFN width; 0 = round(5.833 * hidden) as Qwen2.5"
+  )
+  p.add_argument("--seq", type=_common.count(2), default=128, help="total sequence length (context + queries)")
+  p.add_argument(
+      "--queries", type=_common.count(0), default=0, help="appended trainable query tokens; 0 = min(256, seq // 2)"
+  )
+  p.add_argument("--batch", type=_common.count(), default=2)
   p.add_argument(
       "--dtype",
       type=dtype_names.argparse_type(tuple(DTYPES), "--dtype"),
       default="bfloat16",
       help="frozen weights + compute: bfloat16 or float32 (bf16, fp32)",
   )
-  p.add_argument("--remat", default="full,none", help="comma-separated remat modes to time")
-  p.add_argument("--attention", default="auto", help="attention implementation: one of models/layers.ATTENTION_IMPLS")
+  p.add_argument("--remat", default="full,none", help=f"comma-separated remat modes to time: {sorted(REMAT_POLICIES)}")
+  p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLS, help="attention implementation")
   p.add_argument("--no_mask", action="store_true", help="no padding mask (causal only)")
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--runs", type=int, default=5)
-  return p.parse_args(argv)
+  p.add_argument("--warmup", type=_common.count(0), default=2)
+  p.add_argument("--runs", type=_common.count(), default=5)
+  args = p.parse_args(argv)
+  unknown = [m for m in args.remat.split(",") if m not in REMAT_POLICIES]
+  if unknown or not args.remat:
+    p.error(f"argument --remat: give one or more of {sorted(REMAT_POLICIES)}, not {args.remat!r}")
+  if args.heads % args.kv_heads:
+    p.error(f"argument --heads: {args.heads} is not a multiple of --kv_heads={args.kv_heads}")
+  if args.hidden % args.heads:
+    p.error(f"argument --hidden: {args.hidden} is not a multiple of --heads={args.heads}")
+  if args.queries >= args.seq:
+    p.error(f"argument --queries: {args.queries} leaves no context in --seq={args.seq}; give fewer than --seq")
+  return args
 
 
 def _peak_bytes():
@@ -116,7 +136,7 @@ def time_mode(args, built, remat: str) -> dict:
   return out
 
 
-def main(argv=None):
+def main(argv=None) -> int:
   args = parse_args(argv)
   built = build(args)
   results = {mode: time_mode(args, built, mode) for mode in args.remat.split(",")}
@@ -140,7 +160,8 @@ def main(argv=None):
           }
       )
   )
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(_common.run(main))

@@ -29,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench import _common  # noqa: E402
 from iomm_jax.data import shapes  # noqa: E402
 from iomm_jax.models.internvl import InternVL  # noqa: E402
 from iomm_jax.models.internvl_keys import read_config  # noqa: E402
@@ -87,8 +88,8 @@ def probe(model: InternVL, processor: Processor, train, held) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--mllm", required=True, help="an InternVL -hf folder (e.g. pretrain_mllm's --out)")
-  p.add_argument("--num_train", type=int, default=1400, help="single-object scenes the probe is fitted on")
-  p.add_argument("--num_eval", type=int, default=300, help="held-out single-object scenes it is scored on")
+  p.add_argument("--num_train", type=_common.count(), default=1400, help="single-object scenes the probe is fitted on")
+  p.add_argument("--num_eval", type=_common.count(), default=300, help="held-out single-object scenes it is scored on")
   p.add_argument("--seed", type=int, default=0, help="init seed of the random baseline")
   args = p.parse_args(argv)
 
@@ -115,4 +116,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_common.run(main))

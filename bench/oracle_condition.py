@@ -22,8 +22,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from bench import _common  # noqa: E402
 
 
 def score(images, labels) -> dict:
@@ -50,10 +52,12 @@ def _define_flags():
   that could collide with another module's in the same process."""
   global _CONFIG, _STEPS, _EVAL_EVERY, _NUM, _IMAGES, _GRID
   _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg] (its DiT, training and sampler)")
-  _STEPS = flags.DEFINE_integer("steps", 0, "training steps (0 = config.train.num_steps)")
-  _EVAL_EVERY = flags.DEFINE_integer("eval_every", 600, "score the EMA weights every this many steps (and at the end)")
-  _NUM = flags.DEFINE_integer("num", 84, "samples per score: the 6 × 7 (shape, colour) pairs in turn")
-  _IMAGES = flags.DEFINE_integer("images", 4096, "single-object training images (rendered once)")
+  _STEPS = flags.DEFINE_integer("steps", 0, "training steps (0 = config.train.num_steps)", lower_bound=0)
+  _EVAL_EVERY = flags.DEFINE_integer(
+      "eval_every", 600, "score the EMA weights every this many steps (and at the end)", lower_bound=1
+  )
+  _NUM = flags.DEFINE_integer("num", 84, "samples per score: the 6 × 7 (shape, colour) pairs in turn", lower_bound=1)
+  _IMAGES = flags.DEFINE_integer("images", 4096, "single-object training images (rendered once)", lower_bound=1)
   _GRID = flags.DEFINE_string("grid", "", "write the last score's samples as a PNG grid here")
 
 
@@ -65,6 +69,7 @@ def main(argv):
   import optax
   from flax import nnx
 
+  from iomm_jax import config_validation, output_folder
   from iomm_jax.data import decode, shapes
   from iomm_jax.models import factory
   from iomm_jax.sampling import euler, guided
@@ -73,6 +78,10 @@ def main(argv):
   from iomm_jax.train.generate import to_uint8
 
   config = _CONFIG.value
+  config_validation.validate(config, needs_data=False)  # it reads no dataset: it renders its own scenes
+  problem = _GRID.value and output_folder.path_problem(_GRID.value, folder=False)
+  if problem:  # before the training, not after it
+    raise SystemExit(f"--grid: {problem}")
   t = config.train
   steps = _STEPS.value or int(t.num_steps)
   res, batch = int(config.data.resolution), int(t.global_batch)
@@ -169,5 +178,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  _common.absl_run(main, _CONFIG)

@@ -12,24 +12,29 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from iomm_jax.data import prepare, prepare_items
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench import _common  # noqa: E402
+from iomm_jax.data import prepare, prepare_items  # noqa: E402
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--num", type=int, default=200)
-  ap.add_argument("--size", type=int, default=512)
-  ap.add_argument("--repeats", type=int, default=3)
-  a = ap.parse_args()
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--num", type=_common.count(), default=200, help="images written and timed")
+  ap.add_argument("--size", type=_common.count(), default=512, help="their side in pixels")
+  ap.add_argument("--repeats", type=_common.count(), default=3)
+  a = ap.parse_args(argv)
   tmp = Path(tempfile.mkdtemp())
   try:
     rng = np.random.default_rng(0)
@@ -60,7 +65,8 @@ def main() -> None:
     )
   finally:
     shutil.rmtree(tmp)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(_common.run(main))

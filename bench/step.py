@@ -15,17 +15,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bench import _common  # noqa: E402
 from bench.gpu_sweep import PHASE_LOG  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]")
-_STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after warm-up)")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
+_STEPS = flags.DEFINE_integer("steps", 20, "timed steps (after warm-up)", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation", lower_bound=0)
 _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "random batch of the right shapes instead of the pipeline")
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False, "also time the same MM-DiT step in PyTorch (diffusers)")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "--compare_torch: alternating torch/JAX repeats (median of medians)")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 3, "--compare_torch: alternating torch/JAX repeats (median of medians)", lower_bound=1
+)
 _DIT_ONLY = flags.DEFINE_bool(
     "dit_only", False, "--compare_torch: skip the full IOMM step (its compile), time " "only the DiT-only comparison"
 )
@@ -64,6 +67,8 @@ def synthetic_batch(run, per_process: int):
 
 def main(argv):
   del argv
+  if _DIT_ONLY.value and not _COMPARE_TORCH.value:
+    raise SystemExit("--dit_only goes with --compare_torch")
   import tempfile
 
   import jax
@@ -74,8 +79,6 @@ def main(argv):
   config = _CONFIG.value
   validate(config)
   if _DIT_ONLY.value:
-    if not _COMPARE_TORCH.value:
-      raise SystemExit("--dit_only goes with --compare_torch")
     from bench import torch_step
 
     print(
@@ -126,7 +129,7 @@ def main(argv):
   compile_warm_s = time.perf_counter() - t0
   for _ in range(_WARMUP.value):
     state, m = compiled(state, run.frozen, batch)
-  jax.block_until_ready(m)
+  jax.block_until_ready(state)
   times = []
   for _ in range(_STEPS.value):
     t0 = time.perf_counter()
@@ -185,4 +188,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_run(main, _CONFIG)

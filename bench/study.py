@@ -32,12 +32,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import study_report  # noqa: E402
+from bench import _common, study_report  # noqa: E402
 from configs import tiny  # noqa: E402 — the stages' default lengths are the tiny config's own
 from iomm_jax.config import parse_variant, variant_word  # noqa: E402
 from iomm_jax.data_kinds import RECIPES  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = _common.ROOT
 CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 
 
@@ -213,25 +213,45 @@ def main(argv=None) -> int:
   ap.add_argument(
       "--mllm", default="", help="a tiny MLLM folder (pretrain_mllm --out); '' = train one into --out; 'random' = none"
   )
-  ap.add_argument("--seeds", default="0", help="comma-separated seeds; several give the spread")
+  ap.add_argument("--seeds", type=_common.counts(0), default="0", help="comma-separated seeds; several give the spread")
   steps = {stage: int(tiny.get_config(stage).train.num_steps) for stage in ("pretrain", "finetune")}
   ap.add_argument(
-      "--pretrain_steps", type=int, default=steps["pretrain"], help="stage 1 steps (default: configs/tiny.py's)"
+      "--pretrain_steps",
+      type=_common.count(),
+      default=steps["pretrain"],
+      help="stage 1 steps (default: configs/tiny.py's)",
   )
   ap.add_argument(
-      "--finetune_steps", type=int, default=steps["finetune"], help="stage 2 steps (default: configs/tiny.py's)"
+      "--finetune_steps",
+      type=_common.count(),
+      default=steps["finetune"],
+      help="stage 2 steps (default: configs/tiny.py's)",
   )
-  ap.add_argument("--curve_steps", default="200,400", help="extra fine-tuning steps scored in curve studies")
-  ap.add_argument("--eval_num", type=int, default=4, help="mini-GenEval samples per prompt")
-  ap.add_argument("--recon_num", type=int, default=16, help="held-out images of the reconstruction check")
-  ap.add_argument("--arms", default="", help="comma-separated arm indices to run (default all)")
+  ap.add_argument(
+      "--curve_steps", type=_common.counts(), default="200,400", help="extra fine-tuning steps scored in curve studies"
+  )
+  ap.add_argument("--eval_num", type=_common.count(), default=4, help="mini-GenEval samples per prompt")
+  ap.add_argument(
+      "--recon_num", type=_common.count(2), default=16, help="held-out images of the reconstruction check (2 or more)"
+  )
+  ap.add_argument("--arms", type=_common.counts(0), default="", help="comma-separated arm indices to run (default all)")
   args = ap.parse_args(argv)
-  args.curve_steps = tuple(int(s) for s in args.curve_steps.split(",") if s)
+  args.curve_steps = tuple(args.curve_steps)
+  if not args.seeds:
+    ap.error("argument --seeds: give one or more seeds, such as 0,1,2")
   chosen = arms(args.study)
+  past = [i for i in args.arms if i >= len(chosen)]
+  if past:
+    ap.error(f"argument --arms: {args.study} has arms 0 to {len(chosen) - 1}, not {', '.join(map(str, past))}")
   if args.arms:
-    chosen = [chosen[int(i)] for i in args.arms.split(",")]
+    chosen = [chosen[i] for i in args.arms]
+  if args.mllm not in ("", "random") and not os.path.isfile(os.path.join(args.mllm, "config.json")):
+    ap.error(
+        f"argument --mllm: {args.mllm} holds no MLLM (no config.json); give a pretrain_mllm --out folder, '' to "
+        "train one into --out, or 'random'"
+    )
   rows = []
-  for seed in (int(s) for s in args.seeds.split(",")):
+  for seed in args.seeds:
     args.seed = seed
     out = args.out
     args.out = os.path.join(out, f"seed{seed}")
@@ -247,4 +267,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_common.run(main))

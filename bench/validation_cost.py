@@ -17,9 +17,10 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bench import _common  # noqa: E402
 from iomm_jax import config as schema  # noqa: E402
 from iomm_jax import config_validation  # noqa: E402
 from iomm_jax import metrics  # noqa: E402
@@ -27,13 +28,20 @@ from iomm_jax.train import loop  # noqa: E402
 
 _DEFAULTS = schema.base_config().train
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "configs/<name>.py[:arg]")
-_STEPS = flags.DEFINE_integer("steps", 60, "training steps of the bench run")
-_EVERY = flags.DEFINE_integer("every", 20, "evaluate and sample every this many steps in the bench run")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", _DEFAULTS.eval_every, "the share is computed for this eval_every")
-_SAMPLE_EVERY = flags.DEFINE_integer("sample_every", _DEFAULTS.sample_every, "... and this sample_every")
+_STEPS = flags.DEFINE_integer("steps", 60, "training steps of the bench run (2 × --every or more)", lower_bound=1)
+_EVERY = flags.DEFINE_integer("every", 20, "evaluate and sample every this many steps in the bench run", lower_bound=1)
+_EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every", _DEFAULTS.eval_every, "the share is computed for this eval_every", lower_bound=1
+)
+_SAMPLE_EVERY = flags.DEFINE_integer("sample_every", _DEFAULTS.sample_every, "... and this sample_every", lower_bound=1)
 
 
 def main(_) -> None:
+  if _STEPS.value < 2 * _EVERY.value:  # the first evaluation, grid and logged window compile: medians need a second
+    raise SystemExit(
+        f"--steps={_STEPS.value} gives fewer than two evaluations at --every={_EVERY.value}; give --steps of "
+        f"{2 * _EVERY.value} or more (or a smaller --every)"
+    )
   c = _CONFIG.value
   config_validation.validate(c)
   every = _EVERY.value
@@ -69,4 +77,4 @@ def main(_) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_run(main, _CONFIG)
