@@ -9,6 +9,8 @@ during a save, SIGTERM (preemption save), odd images through `python -m iomm_jax
 Prints ONE JSON line: {faults_injected, survived, equal_to_uninterrupted, records_lost, cases: {...}, seconds}.
 `equal_to_uninterrupted` counts the training cases whose final parameters and per-step losses equal the reference
 run's; `records_lost` counts metrics rows missing from finished runs plus good images `prepare` did not write.
+Exit status 0 when every case run survived (a case this machine cannot set up, as full_disk without root, is
+skipped), else 1.
 """
 
 from __future__ import annotations
@@ -24,8 +26,25 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import _common  # noqa: E402
+
+ROOT = _common.ROOT
+# The cases by --cases name, in the order they run by default.
+CASES = {
+    "nan": lambda s: s.nan(),
+    "two_trainers": lambda s: s.two_trainers(),
+    "truncated": lambda s: s.damaged("truncated"),
+    "deleted": lambda s: s.damaged("deleted"),
+    "full_disk": lambda s: s.full_disk(),
+    "sigkill": lambda s: s.sigkill_during_save(),
+    "sigterm": lambda s: s.sigterm(),
+    "odd_images": lambda s: s.odd_images(),
+}
+# The cases checkpoint every 5 steps: a damaged checkpoint needs one at steps - 5, SIGKILL a second save, SIGTERM
+# a run still going at step 7.
+MIN_STEPS = 10
 
 
 def base_args(steps: int) -> list[str]:
@@ -268,28 +287,23 @@ def last_line(text: str) -> str:
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--steps", type=_common.count(MIN_STEPS), default=20, help=f"training steps ({MIN_STEPS} or more)")
   ap.add_argument("--keep", default=None, help="keep the workdirs in this folder (default: a temporary one)")
-  ap.add_argument("--cases", default="nan,two_trainers,truncated,deleted,full_disk,sigkill,sigterm,odd_images")
+  ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
   a = ap.parse_args(argv)
+  cases = [c for c in a.cases.split(",") if c]
+  unknown = [c for c in cases if c not in CASES]
+  if unknown or not cases:
+    what = f"unknown case {', '.join(unknown)}" if unknown else "no case given"
+    ap.error(f"argument --cases: {what}; give one or more of {', '.join(CASES)}")
   tmp = a.keep or tempfile.mkdtemp(prefix="iomm_faults_")
   os.makedirs(tmp, exist_ok=True)
   t0 = time.time()
   s = Suite(tmp, a.steps)
   s.reference()
-  run = {
-      "nan": s.nan,
-      "two_trainers": s.two_trainers,
-      "truncated": lambda: s.damaged("truncated"),
-      "deleted": lambda: s.damaged("deleted"),
-      "full_disk": s.full_disk,
-      "sigkill": s.sigkill_during_save,
-      "sigterm": s.sigterm,
-      "odd_images": s.odd_images,
-  }
-  for name in a.cases.split(","):
+  for name in cases:
     try:
-      run[name]()
+      CASES[name](s)
     except Exception as e:  # noqa: BLE001 — a case that crashes the suite counts as not survived
       s.cases[name] = {"survived": False, "error": f"{type(e).__name__}: {e}"[:300]}
   done = {k: v for k, v in s.cases.items() if "skipped" not in v}
@@ -307,8 +321,8 @@ def main(argv=None) -> int:
   )
   if not a.keep:
     shutil.rmtree(tmp, ignore_errors=True)
-  return 0
+  return 0 if all(v.get("survived") for v in done.values()) else 1
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_common.run(main))
