@@ -55,39 +55,23 @@ def counts(minimum: int = 1) -> Callable[[str], list[int]]:
 def run(main: Callable[..., int | None], *args) -> int | None:
   """`main(*args)` as the apps end: Ctrl-C and an OSError through `app_exit.run`, a config problem as 'config
   error: …' and the other user errors (`USER_ERRORS`: a missing data path, an unreadable MLLM folder, …) as
-  'error: …', each one line with exit status 1, as `iomm_jax.main` reports them."""
+  'error: …', each one line with exit status 1, as `iomm_jax.main` reports them (`user_errors.as_one_line`)."""
   from iomm_jax import app_exit
+  from iomm_jax.train import user_errors
 
   def guarded(*a):
-    try:
+    with user_errors.as_one_line():
       return main(*a)
-    except Exception as e:
-      from iomm_jax.config import ConfigError
-      from iomm_jax.train.user_errors import USER_ERRORS
-
-      if isinstance(e, ConfigError):
-        raise SystemExit(f"config error: {e}") from None
-      if isinstance(e, USER_ERRORS):
-        raise SystemExit(f"error: {e}") from None
-      raise
 
   return app_exit.run(guarded, *args)
 
 
 def config_parser(config_flag, flag_values=None):
-  """The absl `flags_parser` of training's command line (`iomm_jax.main.run`) for an IOMM `--config` flag: a missing
-  file, a failing get_config, an unknown `--config.<field>` override or another command's config is one line."""
-  from iomm_jax import config_cli
-  from iomm_jax.config import base_config
-  from iomm_jax.config_validation import unknown_field_message
+  """The absl `flags_parser` of training's command line for an IOMM `--config` flag
+  (`config_validation.run_flags_parser`)."""
+  from iomm_jax.config_validation import run_flags_parser
 
-  return config_cli.flags_parser(
-      config_flag,
-      unknown_field=unknown_field_message,
-      sections=tuple(base_config().keys()),
-      example="configs/tiny.py",
-      flag_values=flag_values,
-  )
+  return run_flags_parser(config_flag, flag_values)
 
 
 def absl_run(main: Callable, config_flag) -> None:

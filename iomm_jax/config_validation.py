@@ -86,6 +86,21 @@ def unknown_field_message(field: str, config: ml_collections.ConfigDict | None =
 CUDNN_DTYPES = tuple(d for d in DTYPES if d != "float32")  # cuDNN fused attention: the half-precision dtypes offered
 
 
+def run_flags_parser(config_flag, flag_values=None):
+  """The absl `flags_parser` of an IOMM run's `--config` (`python -m iomm_jax.main`, and the bench scripts that take
+  the same flag): a missing file, a failing get_config, an unknown `--config.<field>` override (with the nearest
+  known fields) or another command's config is one line, `config error: …`."""
+  from iomm_jax import config_cli
+
+  return config_cli.flags_parser(
+      config_flag,
+      unknown_field=unknown_field_message,
+      sections=tuple(base_config().keys()),
+      example="configs/tiny.py",
+      flag_values=flag_values,
+  )
+
+
 def _validate_attention(m: ml_collections.ConfigDict) -> None:
   """'cudnn' runs only on an NVIDIA GPU and in half precision: refused at start, not as a traceback at the first
   step after the workdir is written."""

@@ -12,12 +12,10 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
-from iomm_jax import app_exit, config_cli, distributed
-from iomm_jax.config import ConfigError, base_config
-from iomm_jax.config_validation import unknown_field_message, validate
+from iomm_jax import app_exit, distributed
+from iomm_jax.config_validation import run_flags_parser, validate
 from iomm_jax.train import dry_run
-from iomm_jax.train import loop, preemption
-from iomm_jax.train.user_errors import USER_ERRORS
+from iomm_jax.train import loop, preemption, user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
@@ -45,15 +43,13 @@ def main(argv):
   if not _DRY_RUN.value and not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   try:
-    validate(_CONFIG.value, needs_data=not _DRY_RUN.value)  # a dry run reads no data
-    if _DRY_RUN.value:
-      print(json.dumps(dry_run.report(_CONFIG.value)))
-      return 0
-    summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
-  except ConfigError as e:  # also what only the built run can check: the mesh against the devices, the batch split
-    raise SystemExit(f"config error: {e}") from None
-  except USER_ERRORS as e:
-    raise SystemExit(f"error: {e}") from None
+    # A ConfigError is also what only the built run can check: the mesh against the devices, the batch split.
+    with user_errors.as_one_line():
+      validate(_CONFIG.value, needs_data=not _DRY_RUN.value)  # a dry run reads no data
+      if _DRY_RUN.value:
+        print(json.dumps(dry_run.report(_CONFIG.value)))
+        return 0
+      summary = loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
   except OSError as e:  # a write that failed outside a checkpoint (config.json, a sample grid): checkpoints are whole
     raise SystemExit(f"error: {app_exit.describe(e)}; then rerun the same command, which resumes") from None
   except preemption.Preempted as e:
@@ -67,10 +63,7 @@ def main(argv):
 
 
 def run():
-  parser = config_cli.flags_parser(
-      _CONFIG, unknown_field=unknown_field_message, sections=tuple(base_config().keys()), example="configs/tiny.py"
-  )
-  app.run(main, flags_parser=parser)
+  app.run(main, flags_parser=run_flags_parser(_CONFIG))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The exceptions that describe a user's mistake — a path, weights or a workdir that do not fit the run — which every
 app reports as one line, without a traceback."""
 
+import contextlib
+
 from iomm_jax.config import ConfigError
 from iomm_jax.data.data_config import DataConfigError
 from iomm_jax.metrics import MetricsFileError, MetricsWriteError
@@ -28,3 +30,15 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     MetricsFileError,
     SavedConfigError,
 )
+
+
+@contextlib.contextmanager
+def as_one_line():
+  """A ConfigError as `SystemExit('config error: …')`, the other USER_ERRORS as `SystemExit('error: …')` (exit
+  status 1, no traceback): how training (`iomm_jax.main`) and the bench scripts report a user's mistake."""
+  try:
+    yield
+  except ConfigError as e:
+    raise SystemExit(f"config error: {e}") from None
+  except USER_ERRORS as e:
+    raise SystemExit(f"error: {e}") from None
