@@ -13,7 +13,7 @@ import os
 import jax
 import ml_collections
 
-from iomm_jax import data_kinds
+from iomm_jax import config_cli, data_kinds
 from iomm_jax.config import (
     LOSS_SPACES,
     LR_DECAYS,
@@ -90,8 +90,6 @@ def run_flags_parser(config_flag, flag_values=None):
   """The absl `flags_parser` of an IOMM run's `--config` (`python -m iomm_jax.main`, and the bench scripts that take
   the same flag): a missing file, a failing get_config, an unknown `--config.<field>` override (with the nearest
   known fields) or another command's config is one line, `config error: …`."""
-  from iomm_jax import config_cli
-
   return config_cli.flags_parser(
       config_flag,
       unknown_field=unknown_field_message,
