@@ -102,8 +102,10 @@ def flags_parser(
       if unknown_field is None:
         return f"config error: --config.{field}: {_config_file(argv)} sets no such field"
       return f"config error: {unknown_field(field, _config_as_written(argv))}"
-    if isinstance(e, flags.Error):
-      return f"config error: {flag_error_line(e)}"
+    if isinstance(e, flags.Error):  # a mistake in another flag (--max_steps=-3) is not a config error
+      line = flag_error_line(e)
+      name = re.match(r"flag --([\w.-]+)", line)
+      return f"{'config ' if name is None or name[1].split('.')[0] == 'config' else ''}error: {line}"
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]  # the config file failed to load (get_config)
     return f"config error: --config={_config_file(argv)} failed to load: {' '.join(lines)[:400]}"
 
