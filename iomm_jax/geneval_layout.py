@@ -65,7 +65,7 @@ def write_prompts(path: str | os.PathLike, metadata: list[dict]) -> Path:
   if problem:
     raise OutputPathError(problem)
   with write_failures.writing(path), output_folder.atomic_file(path) as tmp:  # a full disk names `path`
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metadata))
+    tmp.write_text(jsonl.text(metadata))
   return path
 
 
@@ -157,7 +157,7 @@ class Writer:
   def write_prompts(self, metadata: list[dict]) -> Path:
     """Writes the prompt set (PROMPTS_FILE) into the folder, committed with the samples."""
     with write_failures.writing(self.out_dir / PROMPTS_FILE):
-      (self.tmp / PROMPTS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metadata))
+      (self.tmp / PROMPTS_FILE).write_text(jsonl.text(metadata))
     return self.out_dir / PROMPTS_FILE
 
   def add(self, index: int, metadata: dict, images: np.ndarray) -> Path:

@@ -29,3 +29,8 @@ def objects(path: str | os.PathLike, example: str = "{...}") -> Iterator[tuple[i
     if not isinstance(obj, dict):
       raise JsonLinesError(f"{path}:{n}: a JSON {type(obj).__name__}, not an object such as {example}")
     yield n, obj
+
+
+def text(rows) -> str:
+  """`rows` (JSON-serialisable objects) as a JSON Lines file's text: one per line, each line ended."""
+  return "".join(json.dumps(r) + "\n" for r in rows)

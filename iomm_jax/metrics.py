@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from iomm_jax import output_folder, workdir_layout
+from iomm_jax import jsonl, output_folder, workdir_layout
 
 
 class MetricsWriteError(OSError):
@@ -64,7 +64,7 @@ class MetricsWriter:
     rows = read_metrics(os.path.dirname(self.path))
     keep = [r for r in rows if r["step"] <= step]
     with output_folder.atomic_file(self.path, sole_writer=True) as tmp:  # a kill leaves the old file whole
-      tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+      tmp.write_text(jsonl.text(keep))
     return len(rows) - len(keep)
 
   def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
