@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -122,6 +123,9 @@ def report(folder: str, json_path: str, png_path: str, extra: dict | None = None
   metadata, res = score_folder(folder)
   images = res.pop("images")
   rows = _grid_rows(metadata)
+  # The old report goes before the new picture: a kill between the two writes leaves no report, never an old one
+  # beside a picture it does not describe.
+  Path(json_path).unlink(missing_ok=True)
   picture([(metadata[i]["prompt"], images[i], res["per_prompt"][i]["correct"]) for i in rows], png_path)
   ch = shapes_benchmark.chance(metadata)
   summary = {

@@ -72,6 +72,29 @@ def test_a_kill_after_new_samples_leaves_no_report_rather_than_the_old_one(tmp_p
   capsys.readouterr()
 
 
+def test_a_kill_between_picture_and_report_of_a_samples_folder_leaves_no_old_report(tmp_path, monkeypatch):
+  ps = bench.prompt_set()[:2]
+  layout.write(tmp_path / "s", ps, [np.zeros((1, 16, 16, 3), np.uint8)] * 2)
+  json_path, png_path = tmp_path / "r.json", tmp_path / "r.png"
+  ev.report(str(tmp_path / "s"), str(json_path), str(png_path))
+  old = json.loads(json_path.read_text())
+  assert old["picture_rows"] == [m["prompt"] for m in ps]
+  layout.write(tmp_path / "s", ps[:1], [np.zeros((1, 16, 16, 3), np.uint8)])  # the folder now holds other samples
+  picture = ev.picture
+
+  def killed_after_picture(rows, path):
+    picture(rows, path)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(ev, "picture", killed_after_picture)
+  with pytest.raises(KeyboardInterrupt):
+    ev.report(str(tmp_path / "s"), str(json_path), str(png_path))
+  assert png_path.exists() and not json_path.exists()  # the new picture never sits beside the old folder's scores
+  monkeypatch.setattr(ev, "picture", picture)
+  assert ev.report(str(tmp_path / "s"), str(json_path), str(png_path))["prompts"] == 1
+  assert json.loads(json_path.read_text())["picture_rows"] == [ps[0]["prompt"]]
+
+
 def test_a_full_disk_while_writing_the_report_names_the_file(tmp_path, monkeypatch):
   import errno
   import pathlib
