@@ -169,6 +169,9 @@ def test_user_errors_exit_2(ckpts, tmp_path, capsys):
         ("vae_file", "block_out_channels", [8, "16"], 'block_out_channels=[8, "16"] must be a list of integers >= 1'),
         ("rqa", "num_heads", 2.0, "num_heads=2.0 must be an integer >= 1"),
         ("mllm", "text_config.num_hidden_layers", "one", 'text_config.num_hidden_layers="one" must be an integer'),
+        ("rqa", "mlp_ratio", 0, "mlp_ratio=0 must be a finite number > 0"),
+        ("vae_file", "scaling_factor", -0.3, "scaling_factor=-0.3 must be a finite number > 0"),
+        ("mllm", "text_config.rms_norm_eps", float("nan"), "text_config.rms_norm_eps=NaN must be a finite number > 0"),
     ],
 )
 def test_a_hand_edited_source_config_is_one_line_naming_its_file_and_field(
@@ -512,3 +515,13 @@ def test_export_takes_the_runs_own_ema_choice_unasked(tmp_path, monkeypatch, use
   with pytest.raises(components.ConvertError, match="stop here"):
     export.export_workdir(work, tmp_path / "out", use_ema=not use_ema)  # an explicit flag wins
   assert asked["use_ema"] is (not use_ema)
+
+
+def test_a_latent_shift_of_any_sign_is_not_refused(ckpts, tmp_path, capsys):
+  """The VAE's shift_factor centres latents and may be negative or 0, where every other number must be above 0."""
+  _, src, extra = ckpts["vae_file"]
+  config = json.loads(Path(extra[1]).read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**config, "shift_factor": -0.5}))
+  args = ("--component", "vae", "--src", src, "--config", tmp_path / "config.json")
+  assert run_cli("to-jax", *args, "--dst", tmp_path / "d") == 0, capsys.readouterr().err
+  assert json.loads((tmp_path / "d" / "component.json").read_text())["config"]["shift_factor"] == -0.5

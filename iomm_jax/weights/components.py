@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, Callable, Mapping
@@ -69,8 +70,9 @@ class Spec:
   torch_module: str = "diffusers"  # where `torch_class` is imported from (by the verifier; torch only there)
   # How the PyTorch config.json is checked before it is mapped (check_torch_config): its sections (a dotted prefix,
   # '' = the top level) and the config class whose field annotations type the section's fields of the same name;
-  # the fields typed otherwise there than in ours; and the integer fields that may be 0 (a depth of no blocks, a
-  # token id) where every other integer is a size, at least 1.
+  # the fields typed otherwise there than in ours; and the fields that may be 0: integers (a depth of no blocks, a
+  # token id) where every other integer is a size, at least 1, and numbers of any sign (the VAE's latent shift)
+  # where every other number is a scale, rate or epsilon, above 0.
   torch_sections: tuple[tuple[str, type], ...] = ()  # () = (('', config_cls),)
   torch_types: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   zero_ok: tuple[str, ...] = ()
@@ -203,6 +205,7 @@ def _specs() -> dict[str, Spec]:
           lambda cfg: vae_keys.KEY_TABLE,
           ("attention",),
           torch_types={"sample_size": int | tuple[int, ...]},  # diffusers writes [h, w] for some VAEs
+          zero_ok=("shift_factor",),
       ),
       "rqa": Spec(
           "rqa",
@@ -238,7 +241,7 @@ def _specs() -> dict[str, Spec]:
               "patch_size": int | tuple[int, ...],
               "num_key_value_heads": int | None,
           },
-          zero_ok=("image_token_id",),
+          zero_ok=("image_token_id", "layer_scale_init_value"),
       ),
   }
 
@@ -269,7 +272,7 @@ def kinds() -> tuple[str, ...]:
 def check_torch_config(spec: Spec, config: Mapping[str, Any], where) -> None:
   """Before a PyTorch config (the dict read from `where`, its config.json) is mapped and built: every architecture
   field it sets has the type its builder needs (integers that are not booleans, sizes of at least 1, lists where
-  lists go), else one ConvertError naming the file and the field. Fields ours does not know are left to
+  lists go, numbers finite and above 0 unless any sign is valid), else one ConvertError naming the file and the field. Fields ours does not know are left to
   `config_from_torch`, which names them, and so is a config whose `_class_name` is another model's (a wrong
   --component: its fields mean something else)."""
   if config.get("_class_name", spec.torch_class) != spec.torch_class:
@@ -303,8 +306,13 @@ def _fits(value, hint, least: int) -> bool:
     return isinstance(value, bool)
   if hint is int:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
-  if hint is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is float:  # JSON may hold NaN or Infinity (Python's json reads both): no field means either
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (least == 0 or value > 0)
+    )
   if hint is str:
     return isinstance(value, str)
   return True  # a nested config (InternVLConfig.vision): checked as its own section
@@ -320,7 +328,7 @@ def _describe(hint, least: int, plural: bool = False) -> str:
       type(None): ("null", "null"),
       bool: ("true or false", "true or false"),
       int: (f"an integer >= {least}", f"integers >= {least}"),
-      float: ("a number", "numbers"),
+      float: ("a finite number" + (" > 0" if least else ""), "finite numbers" + (" > 0" if least else "")),
       str: ("a string", "strings"),
   }
   return words.get(hint, ("an object", "objects"))[plural]
