@@ -1,5 +1,6 @@
 """Autoencoders: FluxVAE parity with diffusers.AutoencoderKL, conversion both ways, the identity and the factory."""
 
+import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -273,3 +274,33 @@ def test_run_loads_the_vae_from_a_diffusers_folder(tmp_path):
   save_file(sd, weights)
   with pytest.raises(keymap.KeyMismatchError, match="encoder.conv_in.bias"):
     builder.load_vae_weights(c, shardings, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        ({"latent_channels": 0}, "latent_channels=0 must be an integer >= 1"),
+        ({"scaling_factor": "0.36"}, 'scaling_factor="0.36" must be a finite number > 0'),
+        ({"block_out_channels": [8, 16.0]}, "block_out_channels=[8, 16.0] must be a list of integers >= 1"),
+    ],
+)
+def test_a_hand_edited_vae_config_is_one_line_naming_file_and_field(tmp_path, edit, says):
+  """model.autoencoder.path's config.json is checked as the converter checks it (models/config_json), and a
+  negative latent shift, valid, is kept."""
+  from helpers import tiny_config
+  from iomm_jax.config import ConfigError
+  from iomm_jax.models import factory
+
+  (tmp_path / "vae").mkdir()
+  cfg_file = tmp_path / "vae" / "config.json"
+  c = tiny_config()
+  c.model.autoencoder.kind, c.model.autoencoder.path = "flux_vae", str(tmp_path / "vae")
+  cfg_file.write_text(json.dumps({**TINY["flux_like"], "shift_factor": -0.2, **edit}))
+  with pytest.raises(ConfigError) as e:
+    factory.vae_config(c)
+  assert str(e.value).startswith(f"{cfg_file}: ") and says in str(e.value) and "\n" not in str(e.value), str(e.value)
+  cfg_file.write_text(json.dumps({**TINY["flux_like"], "shift_factor": -0.2}))
+  assert factory.vae_config(c).shift_factor == -0.2
+  cfg_file.write_text("[]")
+  with pytest.raises(ConfigError, match="config.json holds a JSON list, not an object of config fields"):
+    factory.vae_config(c)

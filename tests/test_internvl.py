@@ -301,6 +301,32 @@ def test_folders_a_researcher_may_point_at_are_refused_naming_what_is_wrong(tmp_
     load_internvl(shards)
 
 
+@pytest.mark.parametrize(
+    "section, field, value, says",
+    [
+        ("text_config", "hidden_size", "64", 'text_config.hidden_size="64" must be an integer >= 1'),
+        ("vision_config", "num_attention_heads", 0, "vision_config.num_attention_heads=0 must be an integer >= 1"),
+        ("text_config", "rms_norm_eps", -1e-6, "text_config.rms_norm_eps=-1e-06 must be a finite number > 0"),
+        ("vision_config", "patch_size", [14, "14"], 'vision_config.patch_size=[14, "14"] must be an integer >= 1 or'),
+        ("", "downsample_ratio", None, "downsample_ratio=null must be a finite number > 0"),
+    ],
+)
+def test_a_hand_edited_mllm_config_is_one_line_naming_file_and_field_before_any_build(
+    tmp_path, section, field, value, says
+):
+  """model.mllm.path's config.json is checked as the converter checks it (models/config_json): training and the
+  apps stop at start with the file and the field, not a shape error inside the build."""
+  config = internvl_keys.config_to_torch(InternVLConfig())
+  (config[section] if section else config)[field] = value
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(MLLMCheckpointError) as e:
+    internvl_keys.read_config(tmp_path)
+  assert str(e.value).startswith(f"{tmp_path / 'config.json'}: ") and says in str(e.value), str(e.value)
+  (tmp_path / "config.json").write_text("[1, 2]")
+  with pytest.raises(MLLMCheckpointError, match="config.json holds a JSON list, not an object"):
+    internvl_keys.read_config(tmp_path)
+
+
 @pytest.mark.slow
 def test_bf16_load_and_sharded_placement(checkpoints):
   spec, path, torch_model = checkpoints["ln_gqa3"]

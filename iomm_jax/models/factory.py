@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 
 import jax.numpy as jnp
 from flax import nnx
 
 from iomm_jax.config import ConfigError
-from iomm_jax.models import dit_families
+from iomm_jax.models import config_json, dit_families, vae_keys
 from iomm_jax.models.autoencoder import make_autoencoder
 from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.internvl import InternVL, InternVLConfig
@@ -155,9 +157,6 @@ def vae_config(config):
   if not path:
     with _config_fields("config.model"):
       return FluxVAEConfig(attention=config.model.attention)
-  import json
-  import os
-
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
     raise ConfigError(
@@ -165,7 +164,22 @@ def vae_config(config):
         "folder (config.json + diffusion_pytorch_model.safetensors), e.g. the FLUX.1 'vae' subfolder"
     )
   with open(cfg_file) as f, _config_fields(cfg_file):
-    return dataclasses.replace(FluxVAEConfig.from_diffusers(json.load(f)), attention=config.model.attention)
+    raw = json.load(f)
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{cfg_file} holds a JSON {type(raw).__name__}, not an object of config fields")
+  try:  # the same checks as the converter's: a hand-edited field is one line, not a build error
+    config_json.check(
+        (("", FluxVAEConfig),),
+        raw,
+        cfg_file,
+        types=vae_keys.JSON_TYPES,
+        zero_ok=vae_keys.JSON_ZERO_OK,
+        torch_class=vae_keys.TORCH_CLASS,
+    )
+  except config_json.FieldTypeError as e:
+    raise ConfigError(str(e)) from None
+  with _config_fields(cfg_file):
+    return dataclasses.replace(FluxVAEConfig.from_diffusers(raw), attention=config.model.attention)
 
 
 def make_processor(config, mcfg: InternVLConfig | None = None) -> Processor:

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from iomm_jax.models import config_json
 from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.internvl import InternVLConfig
 from iomm_jax.models.keymap import KeyTable
@@ -32,6 +33,18 @@ def key_table(with_lm_head: bool = False) -> KeyTable:
 
 
 KEY_TABLE = key_table(with_lm_head=False)
+
+# How a transformers InternVL config.json's fields are checked (models/config_json): its sections and the classes
+# that type them; transformers writes image/patch sizes as [h, w], a missing num_key_value_heads as null (= the
+# number of heads); the image token id may be 0, the ViT's layer-scale init (unused: the weights hold the scale)
+# of any sign.
+JSON_SECTIONS = (("", InternVLConfig), ("vision_config", InternViTConfig), ("text_config", Qwen2Config))
+JSON_TYPES = {
+    "image_size": int | tuple[int, ...],
+    "patch_size": int | tuple[int, ...],
+    "num_key_value_heads": int | None,
+}
+JSON_ZERO_OK = ("image_token_id", "layer_scale_init_value")
 
 _LAYOUT_RENAMES = (
     (re.compile(r"^model\."), ""),  # InternVLForConditionalGeneration
@@ -264,6 +277,13 @@ def read_config(path: str | Path, **overrides) -> "InternVLConfig":
     raw = json.loads(cfg_file.read_text())
   except json.JSONDecodeError as e:
     raise MLLMCheckpointError(f"{cfg_file} is not valid JSON ({e}); {EXPECTED_LAYOUT}") from e
+  if not isinstance(raw, dict):
+    raise MLLMCheckpointError(f"{cfg_file} holds a JSON {type(raw).__name__}, not an object; {EXPECTED_LAYOUT}")
+  if raw.get("model_type", "internvl") == "internvl":  # another model's folder: config_from_torch names it
+    try:
+      config_json.check(JSON_SECTIONS, raw, cfg_file, types=JSON_TYPES, zero_ok=JSON_ZERO_OK)
+    except config_json.FieldTypeError as e:
+      raise MLLMCheckpointError(str(e)) from None
   try:
     return config_from_torch(raw, **overrides)
   except UnsupportedMLLMConfig as e:  # an InternVL, but not one this port runs: no download advice

@@ -15,6 +15,13 @@ from iomm_jax.models.flux_vae import FluxVAEConfig
 
 KEY_TABLE = KeyTable(component="vae", rules=[])
 
+TORCH_CLASS = "AutoencoderKL"  # the diffusers class (a config.json's `_class_name`)
+
+# How an AutoencoderKL config.json's fields are checked (models/config_json): diffusers writes [h, w] as the
+# sample size of some VAEs; the latent shift may be 0 or negative.
+JSON_TYPES = {"sample_size": int | tuple[int, ...]}
+JSON_ZERO_OK = ("shift_factor",)
+
 
 def config_from_diffusers(config: Mapping[str, Any], **overrides) -> FluxVAEConfig:
   """diffusers AutoencoderKL config → FluxVAEConfig (`overrides` set our extra fields, e.g. attention)."""

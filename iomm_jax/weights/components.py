@@ -14,17 +14,13 @@ Kinds (a `--component` names one of the first column; `transformer` resolves to 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import types
-import typing
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 from flax import nnx
 
 from iomm_jax import tree_paths
-from iomm_jax.models import internvl_keys, keymap, mmdit_keys, rqa_keys, s3dit_keys, vae_keys
+from iomm_jax.models import config_json, internvl_keys, keymap, mmdit_keys, rqa_keys, s3dit_keys, vae_keys
 from iomm_jax.models.mmdit import MMDiT
 from iomm_jax.models.s3dit import S3DiT
 from iomm_jax.models.flux_vae import FluxVAE
@@ -32,9 +28,7 @@ from iomm_jax.models.rqa import RQA
 from iomm_jax.models.internvl import InternVL
 from iomm_jax.models.flux_vae import FluxVAEConfig
 from iomm_jax.models.internvl import InternVLConfig
-from iomm_jax.models.internvit import InternViTConfig
 from iomm_jax.models.mmdit import MMDiTConfig
-from iomm_jax.models.qwen2 import Qwen2Config
 from iomm_jax.models.rqa import RQAConfig
 from iomm_jax.models.s3dit import S3DiTConfig
 
@@ -68,11 +62,8 @@ class Spec:
   from_file_key: Callable[[str], str] = _same_key
   to_file_key: Callable[[str], str] = _same_key
   torch_module: str = "diffusers"  # where `torch_class` is imported from (by the verifier; torch only there)
-  # How the PyTorch config.json is checked before it is mapped (check_torch_config): its sections (a dotted prefix,
-  # '' = the top level) and the config class whose field annotations type the section's fields of the same name;
-  # the fields typed otherwise there than in ours; and the fields that may be 0: integers (a depth of no blocks, a
-  # token id) where every other integer is a size, at least 1, and numbers of any sign (the VAE's latent shift)
-  # where every other number is a scale, rate or epsilon, above 0.
+  # How the PyTorch config.json is checked before it is mapped (check_torch_config; the rules: models/config_json):
+  # its sections, the fields typed otherwise there than in ours, and the fields that may be 0 (or of any sign).
   torch_sections: tuple[tuple[str, type], ...] = ()  # () = (('', config_cls),)
   torch_types: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   zero_ok: tuple[str, ...] = ()
@@ -196,7 +187,7 @@ def _specs() -> dict[str, Spec]:
       "vae": Spec(
           "vae",
           "vae",
-          "AutoencoderKL",
+          vae_keys.TORCH_CLASS,
           "diffusion_pytorch_model",
           vae_keys.config_from_diffusers,
           vae_keys.config_to_diffusers,
@@ -204,8 +195,8 @@ def _specs() -> dict[str, Spec]:
           FluxVAEConfig,
           lambda cfg: vae_keys.KEY_TABLE,
           ("attention",),
-          torch_types={"sample_size": int | tuple[int, ...]},  # diffusers writes [h, w] for some VAEs
-          zero_ok=("shift_factor",),
+          torch_types=vae_keys.JSON_TYPES,
+          zero_ok=vae_keys.JSON_ZERO_OK,
       ),
       "rqa": Spec(
           "rqa",
@@ -234,14 +225,9 @@ def _specs() -> dict[str, Spec]:
           internvl_keys.normalize_torch_key,
           internvl_keys.to_checkpoint_key,
           torch_module="transformers",
-          torch_sections=(("", InternVLConfig), ("vision_config", InternViTConfig), ("text_config", Qwen2Config)),
-          # transformers writes image/patch sizes as [h, w]; a missing num_key_value_heads is null (= num heads)
-          torch_types={
-              "image_size": int | tuple[int, ...],
-              "patch_size": int | tuple[int, ...],
-              "num_key_value_heads": int | None,
-          },
-          zero_ok=("image_token_id", "layer_scale_init_value"),
+          torch_sections=internvl_keys.JSON_SECTIONS,
+          torch_types=internvl_keys.JSON_TYPES,
+          zero_ok=internvl_keys.JSON_ZERO_OK,
       ),
   }
 
@@ -271,67 +257,21 @@ def kinds() -> tuple[str, ...]:
 
 def check_torch_config(spec: Spec, config: Mapping[str, Any], where) -> None:
   """Before a PyTorch config (the dict read from `where`, its config.json) is mapped and built: every architecture
-  field it sets has the type its builder needs (integers that are not booleans, sizes of at least 1, lists where
-  lists go, numbers finite and above 0 unless any sign is valid), else one ConvertError naming the file and the field. Fields ours does not know are left to
+  field it sets fits our config classes (models/config_json: integers, sizes of at least 1, finite positive numbers,
+  lists where lists go), else one ConvertError naming the file and the field. Fields ours does not know are left to
   `config_from_torch`, which names them, and so is a config whose `_class_name` is another model's (a wrong
   --component: its fields mean something else)."""
-  if config.get("_class_name", spec.torch_class) != spec.torch_class:
-    return
-  for section, cls in spec.torch_sections or (("", spec.config_cls),):
-    fields = config.get(section) if section else config
-    if not isinstance(fields, Mapping):  # a missing or malformed section: config_from_torch says which
-      continue
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-      if f.name not in fields:
-        continue
-      value = fields[f.name]
-      hint, least = spec.torch_types.get(f.name, hints[f.name]), 0 if f.name in spec.zero_ok else 1
-      if not _fits(value, hint, least):
-        name = f"{section}.{f.name}" if section else f.name
-        raise ConvertError(
-            f"{where}: {name}={json.dumps(value)} must be {_describe(hint, least)}; correct that field of the config"
-        )
-
-
-def _fits(value, hint, least: int) -> bool:
-  """Whether a JSON value fits a config field annotated `hint` (integers: not booleans, at least `least`)."""
-  if typing.get_origin(hint) in (types.UnionType, typing.Union):
-    return any(_fits(value, h, least) for h in typing.get_args(hint))
-  if typing.get_origin(hint) is tuple:
-    return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0], least) for v in value)
-  if hint is type(None):
-    return value is None
-  if hint is bool:
-    return isinstance(value, bool)
-  if hint is int:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-  if hint is float:  # JSON may hold NaN or Infinity (Python's json reads both): no field means either
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (least == 0 or value > 0)
+  try:
+    config_json.check(
+        spec.torch_sections or (("", spec.config_cls),),
+        config,
+        where,
+        types=spec.torch_types,
+        zero_ok=spec.zero_ok,
+        torch_class=spec.torch_class,
     )
-  if hint is str:
-    return isinstance(value, str)
-  return True  # a nested config (InternVLConfig.vision): checked as its own section
-
-
-def _describe(hint, least: int, plural: bool = False) -> str:
-  """What `_fits` wants, in words: 'an integer >= 1', 'a list of integers >= 1 or null', ..."""
-  if typing.get_origin(hint) in (types.UnionType, typing.Union):
-    return " or ".join(_describe(h, least, plural) for h in typing.get_args(hint))
-  if typing.get_origin(hint) is tuple:
-    return ("lists" if plural else "a list") + " of " + _describe(typing.get_args(hint)[0], least, plural=True)
-  words = {
-      type(None): ("null", "null"),
-      bool: ("true or false", "true or false"),
-      int: (f"an integer >= {least}", f"integers >= {least}"),
-      float: ("a finite number" + (" > 0" if least else ""), "finite numbers" + (" > 0" if least else "")),
-      str: ("a string", "strings"),
-  }
-  return words.get(hint, ("an object", "objects"))[plural]
+  except config_json.FieldTypeError as e:
+    raise ConvertError(str(e)) from None
 
 
 _MMDIT_MARKERS = ("x_embedder.weight", "context_embedder.weight", "time_text_embed.")
