@@ -244,3 +244,19 @@ def test_one_component_of_a_workdir_exports_its_checkpoint_weights(trained_x, tm
       run_cli("to-torch", "--component", component, "--src", trained_x, "--dtype", "bf16", "--dst", tmp_path / "b") == 0
   )
   assert {dtype for _, dtype in io.tensor_specs(tmp_path / "b").values()} == {"BF16"}
+
+
+def test_an_export_whose_vae_config_was_edited_since_names_the_file_and_field(tmp_path):
+  """export reads the run's VAE folder through the converter's own check of config.json fields."""
+  from iomm_jax.convert import export
+  from iomm_jax.weights.components import ConvertError
+
+  (tmp_path / "vae").mkdir()
+  (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": -4}))
+  c = tiny_config()
+  c.model.autoencoder.kind, c.model.autoencoder.path = "flux_vae", str(tmp_path / "vae")
+  with pytest.raises(ConvertError, match=r"vae/config.json: latent_channels=-4 must be an integer >= 1"):
+    export._vae_config(c)
+  (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "num_layers": 2}))
+  with pytest.raises(ConvertError, match=r"does not describe a VAE .*unknown field\(s\) \['num_layers'\]"):
+    export._vae_config(c)

@@ -45,7 +45,14 @@ def _vae_config(config):
     raw = transfer.read_torch_config(path)
     if raw is None:
       raise ConvertError(f"config.model.autoencoder.path={path} has no config.json; cannot describe the VAE")
-    return components.spec("vae").config_from_torch(raw)
+    spec = components.spec("vae")
+    components.check_torch_config(spec, raw, transfer.torch_config_file(path))
+    try:
+      return spec.config_from_torch(raw)
+    except (TypeError, ValueError) as e:
+      raise ConvertError(
+          f"config.model.autoencoder.path={path}: its config.json does not describe a VAE ({e})"
+      ) from None
   return FluxVAEConfig()
 
 
