@@ -168,14 +168,7 @@ def vae_config(config):
   if not isinstance(raw, dict):
     raise ConfigError(f"{cfg_file} holds a JSON {type(raw).__name__}, not an object of config fields")
   try:  # the same checks as the converter's: a hand-edited field is one line, not a build error
-    config_json.check(
-        (("", FluxVAEConfig),),
-        raw,
-        cfg_file,
-        types=vae_keys.JSON_TYPES,
-        zero_ok=vae_keys.JSON_ZERO_OK,
-        torch_class=vae_keys.TORCH_CLASS,
-    )
+    vae_keys.check_config_json(raw, cfg_file)
   except config_json.FieldTypeError as e:
     raise ConfigError(str(e)) from None
   with _config_fields(cfg_file):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from iomm_jax.models import config_json
 from iomm_jax.models.keymap import KeyTable
 from iomm_jax.models.flux_vae import FluxVAEConfig
 
@@ -21,6 +22,13 @@ TORCH_CLASS = "AutoencoderKL"  # the diffusers class (a config.json's `_class_na
 # sample size of some VAEs; the latent shift may be 0 or negative.
 JSON_TYPES = {"sample_size": int | tuple[int, ...]}
 JSON_ZERO_OK = ("shift_factor",)
+
+
+def check_config_json(config: Mapping[str, Any], where) -> None:
+  """An AutoencoderKL config.json's fields against FluxVAEConfig (config_json.FieldTypeError naming `where`)."""
+  config_json.check(
+      (("", FluxVAEConfig),), config, where, types=JSON_TYPES, zero_ok=JSON_ZERO_OK, torch_class=TORCH_CLASS
+  )
 
 
 def config_from_diffusers(config: Mapping[str, Any], **overrides) -> FluxVAEConfig:
