@@ -11,12 +11,17 @@ import jax.numpy as jnp
 from iomm_jax.models import iomm
 
 
+def shift_time(t: jax.Array, shift: float = 1.0) -> jax.Array:
+  """The resolution shift of flow-matching times, t ← s·t / (1 + (s − 1)·t): s > 1 moves t towards 1 (noise). One
+  map for training's t draws (train/loss.sample_t) and the sampler's grid, so the two cannot disagree."""
+  if shift == 1.0:
+    return t
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
 def time_grid(steps: int, shift: float = 1.0) -> jax.Array:
   """steps + 1 times from 1 to 0 (uniform, optionally shifted like training's time_shift)."""
-  t = jnp.linspace(1.0, 0.0, steps + 1)
-  if shift != 1.0:
-    t = shift * t / (1.0 + (shift - 1.0) * t)
-  return t
+  return shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
 
 
 def euler(velocity_fn, z: jax.Array, steps: int, shift: float = 1.0) -> jax.Array:

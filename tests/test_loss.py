@@ -150,3 +150,17 @@ def test_the_training_step_adds_the_edge_term():
   plain_st = dataclasses.replace(st, loss_kwargs={**st.loss_kwargs, "edge_weight": 0.0})
   plain, _ = step_lib.compute_loss(plain_st, params, run.frozen, batch, jax.random.key(1))
   assert float(with_edges) > 1.05 * float(plain) > 0
+
+
+def test_uniform_t_draws_follow_the_shifted_uniform_distribution():
+  """Training's t under time_shift = s is the shift of a uniform draw: its quantiles are the shifted uniform's."""
+  t = np.asarray(loss_lib.sample_t(jax.random.key(0), 40000, kind="uniform", shift=3.0))
+  q = np.linspace(0.05, 0.95, 19)
+  np.testing.assert_allclose(np.quantile(t, q), 3.0 * q / (1.0 + 2.0 * q), atol=0.01)
+  assert 0.0 < t.min() and t.max() < 1.0
+
+
+def test_logit_normal_t_draws_have_the_configured_mean_and_spread():
+  t = np.asarray(loss_lib.sample_t(jax.random.key(1), 40000, kind="logit_normal", logit_mean=0.5, logit_std=0.3))
+  logit = np.log(t) - np.log1p(-t)
+  assert abs(logit.mean() - 0.5) < 0.01 and abs(logit.std() - 0.3) < 0.01

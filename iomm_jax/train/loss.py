@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from iomm_jax import sampling
 from iomm_jax.config import LOSS_SPACES, T_SAMPLINGS
 from iomm_jax.models import autoencoder
 
@@ -19,9 +20,7 @@ def sample_t(
     t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,), jnp.float32))
   else:
     raise ValueError(f"config.train.t_sampling={kind!r}: expected one of {T_SAMPLINGS}")
-  if shift != 1.0:
-    t = shift * t / (1.0 + (shift - 1.0) * t)
-  return t
+  return sampling.shift_time(t, shift)
 
 
 def interpolate(x, z, t):
