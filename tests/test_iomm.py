@@ -38,19 +38,21 @@ def test_templates(run):
 
 def test_condition_ids_selects_per_sample(run):
   tpl = run.templates
-  cap = np.zeros((3, 32), np.int32)
   ids = run.tokenize("a red circle")
+  cap = np.zeros((4, 32), np.int32)
   cap[:, : len(ids)] = ids
-  lens = jnp.full((3,), len(ids), jnp.int32)
+  lens = jnp.full((4,), len(ids), jnp.int32)
   out, valid, use = iomm.condition_ids(
-      tpl, jnp.asarray(cap), lens, jnp.array([True, False, False]), jnp.array([False, False, True])
+      tpl, jnp.asarray(cap), lens, jnp.array([True, False, False, True]), jnp.array([False, False, True, True])
   )
   out, valid = np.asarray(out), np.asarray(valid)
   np.testing.assert_array_equal(out[0], tpl.image_ids)
   np.testing.assert_array_equal(out[1][valid[1]], ids)  # caption, left-padded
   assert valid[1].sum() == len(ids) and valid[1][-1]
   np.testing.assert_array_equal(out[2], tpl.uncond_ids)  # dropped → empty prompt
-  np.testing.assert_array_equal(np.asarray(use), [True, False, False])
+  np.testing.assert_array_equal(out[3], tpl.uncond_ids)  # a dropped image sample: the empty prompt, no image
+  np.testing.assert_array_equal(valid[3], tpl.uncond_valid)
+  np.testing.assert_array_equal(np.asarray(use), [True, False, False, False])
 
 
 def test_splice_zeroes_masked_tokens_in_place(run):
@@ -163,3 +165,44 @@ def test_x_prediction_turns_the_dit_output_into_a_velocity():
   denom = np.maximum(np.asarray(t), iomm.X_PRED_T_MIN)[:, None, None, None]
   np.testing.assert_allclose(np.asarray(v), (np.asarray(x_t) - np.asarray(out)) / denom, rtol=1e-4, atol=1e-4)
   assert np.abs(np.asarray(out)).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_the_configs_mask_ratio_dropout_and_t_distribution_reach_the_step(monkeypatch):
+  """train.mask_ratio, train.p_uncond and the t distribution (t_sampling, logit mean/std, time_shift) are what the
+  step draws with: the kept fraction of image tokens, the dropped fraction of conditions, and sample_t's options."""
+  c = tiny_config(
+      train__mask_ratio=0.3,
+      train__p_uncond=0.4,
+      train__t_sampling="logit_normal",
+      train__logit_mean=0.2,
+      train__logit_std=0.7,
+      train__time_shift=2.5,
+  )
+  run = builder.build(c)
+  st = run.statics
+  rng = np.random.default_rng(0)
+  r, v, b = c.data.resolution, c.data.vit_size, 256
+  batch = {
+      "pixels": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)), jnp.float32),
+      "vit_pixels": jnp.asarray(rng.normal(size=(b, v, v, 3)), jnp.float32),
+      "caption_ids": jnp.zeros((b, c.data.max_text_tokens), jnp.int32),
+      "caption_len": jnp.zeros((b,), jnp.int32),
+      "is_image_only": jnp.ones((b,), bool),
+  }
+  mllm, ae = nnx.merge(st.mllm_def, run.frozen["mllm"]), nnx.merge(st.ae_def, run.frozen["ae"])
+  *_, keep, use_image = step_lib.condition_inputs(st, mllm, ae, batch, jax.random.key(3))
+  assert abs(float(1.0 - keep.mean()) - 0.3) < 0.02  # the mask ratio, not p_uncond
+  assert abs(float(1.0 - use_image.mean()) - 0.4) < 0.08  # condition dropout of image-only samples
+  seen = []
+  sample_t = step_lib.loss_lib.sample_t
+
+  def recording(rng, batch_size, **kw):
+    seen.append(kw)
+    return sample_t(rng, batch_size, **kw)
+
+  monkeypatch.setattr(step_lib.loss_lib, "sample_t", recording)
+  small = jax.tree.map(lambda x: x[:4], batch)
+  loss, _ = step_lib.compute_loss(st, run.init_state().params, run.frozen, small, jax.random.key(1))
+  assert np.isfinite(float(loss))
+  assert seen == [dict(kind="logit_normal", logit_mean=0.2, logit_std=0.7, shift=2.5)]
