@@ -203,3 +203,34 @@ def test_eval_recon_loads_the_checkpoint_and_weights_asked_for(tmp_path, monkeyp
     with pytest.raises(SystemExit):
       eval_recon.main([f"--workdir={tmp_path}", *argv])
     assert asked.pop() == dict(zip(("step", "use_ema"), want))
+
+
+def test_margin_stats_on_a_hand_matrix():
+  """Rows are samples, columns the images: the margin is the mean off-diagonal error over the mean diagonal one,
+  top-1 counts the samples whose nearest image (along the row) is their own."""
+  m = np.array([[1.0, 4.0, 5.0], [2.0, 1.0, 6.0], [9.0, 1.5, 2.0]])
+  stats = eval_recon.margin_stats(m)
+  assert stats["mse_to_condition"] == pytest.approx(4.0 / 3.0)
+  assert stats["mse_to_others"] == pytest.approx(27.5 / 6.0)
+  assert stats["margin"] == pytest.approx((27.5 / 6.0) / (4.0 / 3.0))
+  assert stats["top1_retrieval"] == pytest.approx(2.0 / 3.0)  # sample 2 is nearer image 1; every column's own is
+
+
+def test_perfect_reconstructions_score_zero_error_and_full_retrieval(monkeypatch):
+  """evaluate() compares the samples with its held-out images in the samples' range, [-1, 1]: a generator that
+  returns each conditioning image exactly scores error 0 and top-1 1.0, in batches of any size."""
+  from types import SimpleNamespace
+
+  from iomm_jax.data import decode
+  from iomm_jax.data.sources import heldout_shapes
+
+  c = tiny_config()
+  images, vit = heldout_shapes(c.data, 5, start=1000)
+  by_vit = {np.asarray(v).tobytes(): decode.to_signed_unit(img) for v, img in zip(vit, images)}
+
+  def perfect(run, params, *, vit_pixels, **kw):
+    return np.stack([by_vit[np.asarray(v).tobytes()] for v in vit_pixels])
+
+  monkeypatch.setattr(eval_recon.sample_lib, "generate", perfect)
+  stats = eval_recon.evaluate(SimpleNamespace(config=c), None, num=5, batch=2)
+  assert stats["mse_to_condition"] < 1e-12 and stats["top1_retrieval"] == 1.0 and stats["mse_to_others"] > 0.01
