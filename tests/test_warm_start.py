@@ -20,7 +20,7 @@ from iomm_jax.train.warm_start import WarmStartError
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
   work = tmp_path_factory.mktemp("stage1")
-  c = tiny_config("short", train__num_steps=6, train__ckpt_every=6, train__sample_every=0)
+  c = tiny_config("short", train__num_steps=6, train__ckpt_every=3, train__keep_checkpoints=2, train__sample_every=0)
   loop.train(c, str(work))
   return work
 
@@ -55,8 +55,12 @@ def test_ema_and_raw_weights_differ(stage1):
   _, raw, _ = restore.load_for_inference(str(stage1), use_ema=False)
   assert any(not np.array_equal(a, b) for a, b in zip(_leaves(ema), _leaves(raw)))
   # Unasked, the apps take the weights the run's own config.sample.use_ema names, as its training grids did.
-  _, default, _ = restore.load_for_inference(str(stage1))
+  _, default, step = restore.load_for_inference(str(stage1))
   assert all(np.array_equal(a, b) for a, b in zip(_leaves(default), _leaves(ema)))
+  # Unasked, the newest of its checkpoints (steps 3 and 6), which another --step does not equal.
+  assert step == 6 and sorted(os.listdir(stage1 / "checkpoints")) == ["3", "6"]
+  _, older, older_step = restore.load_for_inference(str(stage1), step=3)
+  assert older_step == 3 and any(not np.array_equal(a, b) for a, b in zip(_leaves(older), _leaves(ema)))
   config_file = stage1 / "config.json"
   saved = config_file.read_text()
   try:
@@ -160,6 +164,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it_and_what_to_do(stage1, tmp_p
   work = tmp_path / "stage1"
   shutil.copytree(stage1, work)
   ckpts = work / "checkpoints"
+  shutil.rmtree(ckpts / "3")
   shutil.copytree(ckpts / "6", ckpts / "2")  # an older checkpoint to fall back to
   for data in (ckpts / "6" / "state").rglob("d/*"):
     os.truncate(data, 10)
