@@ -119,6 +119,27 @@ def test_scoring_rules():
   assert bench.score(single, [_o("red" if c != "red" else "blue", s, 0.5, 0.5)])["single_object_shape"]
 
 
+def test_counting_asks_for_every_object_the_include_entries_count():
+  """An own-tag image is scored for counting against the sum of its entries' counts, not the number of entries."""
+  meta = {
+      "tag": "two_object",
+      "include": [{"class": "circle", "count": 2}, {"class": "square", "count": 1}],
+      "prompt": "two circles and a square",
+  }
+  three = [_o("red", "circle", 0.2, 0.5), _o("blue", "circle", 0.5, 0.5), _o("green", "square", 0.8, 0.5)]
+  assert bench.score(meta, three) == {"two_object": True, "counting": True}
+  assert bench.score(meta, three[1:]) == {"two_object": False, "counting": False}
+
+
+def test_left_to_right_order_needs_distinct_places():
+  """Three objects asked left to right: two at the same x are not in that order."""
+  three = next(p for p in bench.prompt_set() if p["tag"] == "three_object")
+  named = bench.parse_prompt(three["prompt"])[0]
+  assert bench.score(three, [_o(c, s, x, 0.5) for (c, s), x in zip(named, (0.2, 0.5, 0.8))])["three_object"]
+  tied = [_o(c, s, x, y) for (c, s), x, y in zip(named, (0.2, 0.5, 0.5), (0.5, 0.2, 0.8))]
+  assert not bench.score(three, tied)["three_object"]
+
+
 def test_chance_levels_match_the_dataset_distribution():
   ch = bench.chance(bench.prompt_set())
   # Objects per image are uniform on {1, 2, 3}; shapes are drawn with replacement, colours without.
