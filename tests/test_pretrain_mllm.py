@@ -158,6 +158,11 @@ def test_caption_accuracy_scores_attributes():
   ]  # the same scene described from the other object
   s = ca.score(pred, truth)
   assert s["exact"] == pytest.approx(3 / 4)
+  # Attributes match as multisets: a colour counts as often as both name it, and the chance levels are one in the
+  # world's colours, shapes and relations.
+  assert ca.score(["a red circle above a red circle"], ["a red star above a red square"])["colour"] == 1.0
+  assert ca.score(["a red star"], ["a red star above a red square"])["colour"] == 0.5
+  assert ca.chance_levels() == {"colour": 1 / 7, "shape": 1 / 6, "relation": 1 / 4}
   assert s["colour"] == 1.0
   assert s["shape"] == pytest.approx(7 / 8)
   assert s["relation"] == pytest.approx(1 / 2)
