@@ -36,6 +36,10 @@ def test_split_is_seeded_disjoint_and_complete():
   assert not np.array_equal(held, holdout.split_indices(1000, 0.05, seed=4)[1])  # data.seed changes the choice
   assert held.max() > 500  # a random choice, not the first records
   assert len(holdout.split_indices(10, 0.0, seed=0)[1]) == 0
+  # ⌈fraction·n⌉: a small fraction of a small dataset still holds out a record (not 0, which would score nothing)
+  assert len(holdout.split_indices(30, 0.01, seed=0)[1]) == 1 and len(holdout.split_indices(30, 0.1, seed=0)[1]) == 3
+  assert len(holdout.split_indices(7, 0.5, seed=0)[1]) == 4
+  assert len(holdout.split_indices(100, 0.07, seed=0)[1]) == 7  # not 8: 0.07 × 100 = 7.000000000000001 in binary
 
 
 def test_training_never_reads_the_held_out_records(folder):

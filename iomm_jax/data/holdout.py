@@ -64,7 +64,7 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
   """(training indices, held-out indices) of n records, each sorted: a seeded choice of ⌈fraction·n⌉ held out."""
   if not fraction:
     return np.arange(n, dtype=np.int64), np.zeros((0,), np.int64)
-  k = math.ceil(fraction * n)
+  k = math.ceil(round(fraction * n, 6))  # rounded first: 0.07 × 100 is 7.000000000000001 in floating point, not 8
   if k >= n:
     raise data_config.DataConfigError(
         f"config.data.val_fraction={fraction} holds out all {n} records of the dataset; lower it or set data.val_path"
