@@ -253,3 +253,12 @@ def test_sample_argument_mistakes_fail_in_one_line_before_any_model_is_loaded(tm
   assert e.value.code == 2
   assert message in capsys.readouterr().err.strip().splitlines()[-1]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_prompt_folders_are_numbered_by_their_names_not_their_places(tmp_path):
+  """GenEval numbers a prompt by its folder's name: folders 00002 and 7 are prompts 2 and 7, whatever else is there."""
+  for name, prompt in (("00002", "a red circle"), ("7", "a blue square")):
+    (tmp_path / name / "samples").mkdir(parents=True)
+    (tmp_path / name / "metadata.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+  got = layout.read(tmp_path)
+  assert [(i, m["prompt"]) for i, m, _ in got] == [(2, "a red circle"), (7, "a blue square")]

@@ -118,3 +118,20 @@ def test_write_folder_is_atomic_and_idempotent(tmp_path):
   assert [p.name for p in tmp_path.iterdir()] == ["shapes"]  # no temporary folder left behind
   with pytest.raises(ValueError, match="does not hold the shapes dataset"):
     shapes.write_folder(dst, 13, 32, seed=5)
+
+
+def test_scenes_keep_their_geometry_rules():
+  """Every scene of the world: objects apart (no overlap), a two-object relation unambiguous (the dominant axis at
+  least 1.5× the other), three objects at visibly different x (the left-to-right order their caption lists)."""
+  for i in range(600):
+    objs = shapes.scene(i, 0)["objects"]
+    for a in range(len(objs)):
+      for b in range(a):
+        oa, ob = objs[a], objs[b]
+        assert np.hypot(oa["x"] - ob["x"], oa["y"] - ob["y"]) > oa["r"] + ob["r"], (i, objs)
+    if len(objs) == 2:
+      dx, dy = abs(objs[1]["x"] - objs[0]["x"]), abs(objs[1]["y"] - objs[0]["y"])
+      assert max(dx, dy) >= 1.5 * min(dx, dy), (i, objs)
+    if len(objs) == 3:
+      xs = sorted(o["x"] for o in objs)
+      assert min(b - a for a, b in zip(xs, xs[1:])) > 0.06, (i, objs)
