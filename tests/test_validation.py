@@ -181,3 +181,22 @@ def test_folder_run_logs_validation_and_grids_and_resumes_exactly(folder, tmp_pa
   assert list((straight / "tensorboard").glob("events.*"))
   last = metrics.read_metrics(str(straight))[-1]  # one row per logged step: training, validation and grid figures
   assert last["step"] == 4 and {"loss", "val_loss_text", "grid_seconds"} <= set(last)
+
+
+def test_the_shapes_world_is_its_shapes_seed_alone_rendered_or_written(tmp_path):
+  """data.seed orders the data; the world (which images, which captions) is data.shapes_seed's, on the fly or written
+  to a folder, and a record's caption is the caption of its own image."""
+  from iomm_jax.data import shapes
+
+  worlds = []
+  for seed in (0, 7):
+    d = data_config.from_config(
+        source="shapes", num_images=4, resolution=16, vit_size=16, seed=seed, path=str(tmp_path / f"w{seed}")
+    )
+    src = sources.make_source(d)
+    worlds.append(sorted((src[i]["caption"], src[i]["image_bytes"]) for i in range(len(src))))
+  assert worlds[0] == worlds[1]  # the same pictures and captions
+  live = sources.ShapesSource(4, 16, data_config.from_config(source="shapes").shapes_seed)
+  assert [c for c, _ in worlds[0]] == sorted(live[i]["caption"] for i in range(4))
+  for i in range(4):
+    assert live.caption(i) == live[i]["caption"] == shapes.scene(i, live.seed)["caption"]
