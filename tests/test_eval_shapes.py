@@ -436,3 +436,14 @@ def test_dominant_colour_diagnostic():
   res = bench.score_images(meta, imgs)
   assert res["diagnostics"] == {"single_object_dominant_colour": 1.0}
   assert abs(bench.chance(meta)["single_object_dominant_colour"] - 1 / 7) < 0.08
+
+
+def test_detections_come_largest_first():
+  """Scoring takes an entry's first `count` matches, and the dominant-colour diagnostic the first object: the
+  detector lists objects by area, largest first, wherever they lie."""
+  objs = [
+      dict(shape="square", colour="blue", x=0.25, y=0.3, r=0.08),
+      dict(shape="circle", colour="red", x=0.65, y=0.65, r=0.22),
+  ]
+  found = sd.detect(shapes.render_objects(objs, RES, (230, 230, 230)))
+  assert [d.colour for d in found] == ["red", "blue"] and found[0].area > found[1].area
