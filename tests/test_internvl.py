@@ -411,3 +411,29 @@ def test_verify_mllm(checkpoints):
   report = verify_mllm(path, seed=1)
   assert report["passed"], report
   assert report["image_text"]["max_rel_diff"] <= 1e-4 and report["projector"]["max_abs_diff"] >= 0
+
+
+def test_defaults_for_omitted_fields_are_transformers_own():
+  """A config.json that omits a field means transformers' default: ours for every field we read equals the default
+  of the installed transformers (num_key_value_heads None = as many as the heads; rope_theta lives in
+  rope_parameters; head_dim None = hidden / heads)."""
+  import transformers
+
+  vision, text = transformers.InternVLVisionConfig(), transformers.Qwen2Config()
+  top = transformers.InternVLConfig()
+
+  def default(cfg, field):
+    value = getattr(cfg, field)
+    return tuple(value) if isinstance(value, list) else value
+
+  for field, ours in internvl_keys._HF_VISION.items():
+    assert default(vision, field) == ours, field
+  for field, ours in internvl_keys._HF_TOP.items():
+    assert default(top, field) == ours, field
+  special = {"num_key_value_heads", "head_dim", "rope_theta"}
+  for field, ours in internvl_keys._HF_TEXT.items():
+    if field not in special:
+      assert default(text, field) == ours, field
+  assert text.num_key_value_heads == text.num_attention_heads and internvl_keys._HF_TEXT["num_key_value_heads"] is None
+  assert text.rope_parameters["rope_theta"] == internvl_keys._HF_TEXT["rope_theta"]
+  assert getattr(text, "head_dim", None) in (None, text.hidden_size // text.num_attention_heads)
