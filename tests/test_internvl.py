@@ -193,6 +193,18 @@ def test_round_trip_bit_exact(checkpoints):
     np.testing.assert_array_equal(np.asarray(back[k]), ref[k], err_msg=k)
 
 
+def test_our_keys_in_the_file_layout_are_what_save_pretrained_writes(tmp_path):
+  """to_checkpoint_key puts every InternVLModel key and lm_head.weight where transformers' save_pretrained puts them,
+  so a folder we write is laid out as one transformers wrote (reading accepts both layouts; this pins the writing)."""
+  spec = CONFIGS["rms_qknorm_mha"]
+  config = _hf_config(spec)
+  config.tie_word_embeddings = False  # as our writer says: lm_head is then saved (tied, transformers drops it)
+  torch_model = InternVLForConditionalGeneration(config)
+  torch_model.save_pretrained(tmp_path)
+  ours = set(torch_model.model.state_dict()) | {internvl_keys.LM_HEAD}
+  assert {internvl_keys.to_checkpoint_key(k) for k in ours} == set(io.read_state_dict(tmp_path))
+
+
 def test_permuted_weight_breaks_parity(checkpoints, tmp_path):
   spec, path, torch_model = checkpoints["ln_gqa3"]
   sd = io.read_state_dict(path)
