@@ -91,6 +91,10 @@ def test_exif_orientation_is_applied_everywhere():
   assert prepare.probe_image(data) == (20, 40) and prepare.probe_image(data, full_decode=False) == (20, 40)
   px, _ = decode.views(decode.open_image(data), 8, 8, width=4)  # a tall crop of the upright image
   assert (px[:3, :, 0] > 0.9).all() and (px[-3:, :, 2] > 0.9).all()
+  for orientation in range(1, 9):  # 5–8 turn the picture a quarter (mirrored or not): the header size agrees
+    exif[0x0112] = orientation
+    data = png(Image.fromarray(arr), exif=exif.tobytes())
+    assert decode.header_size(data) == decode.open_image(data).size == ((20, 40) if orientation >= 5 else (40, 20))
 
 
 # ------------------------------------------------------------------------------------------- pixel limit
