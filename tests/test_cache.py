@@ -449,3 +449,20 @@ def test_cache_without_dst_is_a_one_line_usage_error():
   assert proc.returncode == 2, proc.stderr
   err = proc.stderr.strip()
   assert err == "cache: error: --dst is required; give the folder to write the feature shards to (--dst DIR)", err
+
+
+@pytest.mark.parametrize("field, other", [("resolution", 64), ("vit_size", 32), ("max_text_tokens", 7)])
+def test_a_cache_of_other_views_is_named_by_its_data_field(tmp_path, field, other):
+  """Features computed at another image size, ViT size or caption length do not fit the run: the mismatch names the
+  data field with both values."""
+  from iomm_jax.data import cache_reader
+
+  c = tiny_config()
+  state = tmp_path / cache_reader.CACHE_STATE_DIR
+  state.mkdir()
+  data = {k: c.data[k] for k in cache_reader.FEATURE_DATA_FIELDS}
+  plan = {"model": cache_reader.feature_model(c), "data": data}
+  (state / cache_reader.CACHE_PLAN_FILE).write_text(json.dumps(plan))
+  assert cache_reader.cache_mismatches(c, str(tmp_path)) == []
+  (state / cache_reader.CACHE_PLAN_FILE).write_text(json.dumps({**plan, "data": {**data, field: other}}))
+  assert cache_reader.cache_mismatches(c, str(tmp_path)) == [f"data.{field}: cache {other}, this run {c.data[field]}"]
