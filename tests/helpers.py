@@ -114,3 +114,19 @@ def assert_close(ours, theirs, tol=1e-4):
   """ours equals theirs (arrays of one shape) within diff_and_bound's bound."""
   diff, bound = diff_and_bound(ours, theirs, tol)
   assert diff <= bound, f"max|ours-theirs|={diff:.3g} > {bound:.3g}"
+
+
+def image_only_batch(c, b: int, seed: int = 0) -> dict:
+  """A batch of `b` image-only examples as the pipeline hands the step (random pixels and ViT views, no caption)
+  for config `c`."""
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(seed)
+  r, v = c.data.resolution, c.data.vit_size
+  return {
+      "pixels": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)), jnp.float32),
+      "vit_pixels": jnp.asarray(rng.normal(size=(b, v, v, 3)), jnp.float32),
+      "caption_ids": jnp.zeros((b, c.data.max_text_tokens), jnp.int32),
+      "caption_len": jnp.zeros((b,), jnp.int32),
+      "is_image_only": jnp.ones((b,), bool),
+  }

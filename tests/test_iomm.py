@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_config
+from helpers import image_only_batch, tiny_config
 from iomm_jax.models import iomm
 from iomm_jax.train import builder, step as step_lib
 
@@ -181,15 +181,7 @@ def test_the_configs_mask_ratio_dropout_and_t_distribution_reach_the_step(monkey
   )
   run = builder.build(c)
   st = run.statics
-  rng = np.random.default_rng(0)
-  r, v, b = c.data.resolution, c.data.vit_size, 256
-  batch = {
-      "pixels": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)), jnp.float32),
-      "vit_pixels": jnp.asarray(rng.normal(size=(b, v, v, 3)), jnp.float32),
-      "caption_ids": jnp.zeros((b, c.data.max_text_tokens), jnp.int32),
-      "caption_len": jnp.zeros((b,), jnp.int32),
-      "is_image_only": jnp.ones((b,), bool),
-  }
+  batch = image_only_batch(c, 256)
   mllm, ae = nnx.merge(st.mllm_def, run.frozen["mllm"]), nnx.merge(st.ae_def, run.frozen["ae"])
   *_, keep, use_image = step_lib.condition_inputs(st, mllm, ae, batch, jax.random.key(3))
   assert abs(float(1.0 - keep.mean()) - 0.3) < 0.02  # the mask ratio, not p_uncond

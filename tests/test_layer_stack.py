@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_config
+from helpers import image_only_batch, tiny_config
 from iomm_jax import parallel
 from iomm_jax.models import layer_stack, layers
 from iomm_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -195,15 +195,7 @@ def test_tiny_loss_and_grads_same_with_scan_and_remat():
     if not results:
       state = run.init_state()
       frozen = builder.load_frozen_weights(c, run)
-      rng = np.random.default_rng(4)
-      r, v = c.data.resolution, c.data.vit_size
-      batch = {
-          "pixels": jnp.asarray(rng.uniform(-1, 1, (4, r, r, 3)), jnp.float32),
-          "vit_pixels": jnp.asarray(rng.normal(size=(4, v, v, 3)), jnp.float32),
-          "caption_ids": jnp.zeros((4, c.data.max_text_tokens), jnp.int32),
-          "caption_len": jnp.zeros((4,), jnp.int32),
-          "is_image_only": jnp.ones((4,), bool),
-      }
+      batch = image_only_batch(c, 4, seed=4)
     fn = lambda p, statics=run.statics: step_lib.compute_loss(statics, p, frozen, batch, jax.random.key(5))[0]  # noqa: E731
     value, grads = jax.jit(jax.value_and_grad(fn)).lower(state.params).compile(FAST)(state.params)
     results.append((value, grads, str(jax.make_jaxpr(fn)(state.params))))

@@ -127,7 +127,7 @@ def test_the_training_step_adds_the_edge_term():
   """train.edge_weight reaches the step: the same params, batch and rng give the flow loss plus the edge term."""
   import dataclasses
 
-  from helpers import tiny_config
+  from helpers import image_only_batch, tiny_config
 
   from iomm_jax.train import builder
   from iomm_jax.train import step as step_lib
@@ -136,15 +136,7 @@ def test_the_training_step_adds_the_edge_term():
   run = builder.build(c)
   st = run.statics
   assert st.loss_kwargs == dict(space=c.train.loss_space, edge_weight=2.0, edge_unfold=2)
-  rng = np.random.default_rng(0)
-  r, v, b = c.data.resolution, c.data.vit_size, 4
-  batch = {
-      "pixels": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)), jnp.float32),
-      "vit_pixels": jnp.asarray(rng.normal(size=(b, v, v, 3)), jnp.float32),
-      "caption_ids": jnp.zeros((b, c.data.max_text_tokens), jnp.int32),
-      "caption_len": jnp.zeros((b,), jnp.int32),
-      "is_image_only": jnp.ones((b,), bool),
-  }
+  batch = image_only_batch(c, 4)
   params = run.init_state().params
   with_edges, _ = step_lib.compute_loss(st, params, run.frozen, batch, jax.random.key(1))
   plain_st = dataclasses.replace(st, loss_kwargs={**st.loss_kwargs, "edge_weight": 0.0})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import tiny_config, with_tiny_s3dit
+from helpers import image_only_batch, tiny_config, with_tiny_s3dit
 from iomm_jax import config as config_lib
 from iomm_jax import config_validation
 from iomm_jax.models import factory, repa
@@ -63,15 +63,7 @@ def test_features_come_from_the_same_forward_pass(kind):
 
 
 def _batch(c, seed, b=8):
-  rng = np.random.default_rng(seed)
-  r, v = c.data.resolution, c.data.vit_size
-  return {
-      "pixels": jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)), jnp.float32),
-      "vit_pixels": jnp.asarray(rng.normal(size=(b, v, v, 3)), jnp.float32),
-      "caption_ids": jnp.zeros((b, c.data.max_text_tokens), jnp.int32),
-      "caption_len": jnp.zeros((b,), jnp.int32),
-      "is_image_only": jnp.ones((b,), bool),
-  }
+  return image_only_batch(c, b, seed)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
+from helpers import image_only_batch, tiny_config
 from iomm_jax import parallel
 from iomm_jax.train import builder, step as step_lib
 
@@ -19,15 +19,7 @@ DECAY = 0.9
 
 
 def _batch(c):
-  rng = np.random.default_rng(0)
-  r, v = c.data.resolution, c.data.vit_size
-  return {
-      "pixels": jnp.asarray(rng.uniform(-1, 1, (B, r, r, 3)), jnp.float32),
-      "vit_pixels": jnp.asarray(rng.normal(size=(B, v, v, 3)), jnp.float32),
-      "caption_ids": jnp.zeros((B, c.data.max_text_tokens), jnp.int32),
-      "caption_len": jnp.zeros((B,), jnp.int32),
-      "is_image_only": jnp.ones((B,), bool),
-  }
+  return image_only_batch(c, B)
 
 
 def _perturbed(tree, seed, scale):
